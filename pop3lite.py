@@ -1,0 +1,2107 @@
+"""pop3lite: a strict, secure POP3 client in one file, standard library only.
+
+    import pop3lite
+    with pop3lite.POP3("pop.example.com") as pop:   # TLS on port 995, certificate verified
+        pop.login("user", "password")
+        for number, size in pop.list().items():
+            print(number, size, pop.message(number)["Subject"])
+
+Copy this file into a project or run it: ``python pop3lite.py HOST USER`` checks a mailbox.
+RFC 1939 (POP3), 2449 (CAPA, response codes, PIPELINING), 2595 and 8314 (TLS), 5034 (SASL),
+6856 (UTF8).
+"""
+# SPDX-License-Identifier: MIT
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import time
+from collections import deque
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    NoReturn,
+    overload,
+)
+
+if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
+    import logging
+    import ssl
+    from email.message import EmailMessage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POP3",
+    "Capabilities",
+    "Stat",
+    "Fetched",
+    "UIDList",
+    "Error",
+    "ServerError",
+    "TemporaryError",
+    "InUseError",
+    "LoginDelayError",
+    "PermanentError",
+    "AuthenticationError",
+    "ProtocolError",
+    "LimitExceeded",
+    "TruncatedResponse",
+    "NetworkError",
+    "TLSError",
+    "Timeout",
+    "InsecureError",
+    "SizeMismatchWarning",
+    "main",
+]
+
+
+# =============================================================================================
+# Constants
+# =============================================================================================
+
+POP3_PORT = 110
+POP3S_PORT = 995  # RFC 8314 section 7: implicit TLS
+
+DEFAULT_TIMEOUT = 30.0
+"""Seconds one operation may take. A deadline for the whole operation, not for each recv."""
+
+MIN_TRANSFER_RATE = 64 * 1024
+"""Octets per second that extend the deadline of a message transfer.
+
+A 50 MB message over a slow link needs more than DEFAULT_TIMEOUT, so every octet received adds
+1/MIN_TRANSFER_RATE seconds. A server trickling one byte a second gains nothing measurable."""
+
+MAX_COMMAND_LENGTH = 255
+"""RFC 2449 section 4: a command line is at most 255 octets including CRLF."""
+
+MAX_RESPONSE_LINE = 8192
+"""RFC 2449 section 4 caps status lines at 512 octets, but real servers send longer greetings
+and CAPA lines; 8 KiB is tolerant of them and still bounds memory."""
+
+MAX_SASL_LINE = 64 * 1024
+"""RFC 5034 section 4: challenges "may be of arbitrary length"; SCRAM and OAuth ones are short."""
+
+MAX_SASL_ROUNDS = 16
+"""No mechanism here needs more than three challenges; a server that keeps asking is broken."""
+
+DEFAULT_MAX_MESSAGE_SIZE = 100 * 1024 * 1024
+"""Largest message retr() or top() holds in memory; retr_to() streams and has no limit."""
+
+MAX_LISTING_SIZE = 64 * 1024 * 1024
+"""Largest LIST, UIDL or CAPA response: about three million messages."""
+
+MAX_UID_LENGTH = 70  # RFC 1939 section 7, UIDL
+
+PIPELINE_WINDOW = 256
+"""Commands in flight in retr_many() and friends when the server advertises PIPELINING."""
+
+PIPELINE_WINDOW_BYTES = 8 * 1024
+"""Octets of unanswered commands. Kept below the smallest socket buffers so a write never blocks
+while the server is blocked writing responses we are not reading: no deadlock."""
+
+STREAM_CHUNK = 256 * 1024
+"""retr_to() writes the message in pieces of about this size."""
+
+RECV_SIZE = 256 * 1024
+_LARGE_BODY = 1024 * 1024  # bodies announced larger than this get a buffer of their own
+
+TLS_MODES = ("auto", "implicit", "starttls", "none")
+
+_DEBUG = 10  # logging.DEBUG, without importing logging at module import time
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+class Error(Exception):
+    """Base class of every error pop3lite raises (besides ValueError for caller mistakes)."""
+
+
+class ServerError(Error):
+    """The server answered -ERR.
+
+    ``code`` is the RFC 2449 / RFC 3206 response code (``"IN-USE"``, ``"SYS/TEMP"``...) or None,
+    ``text`` the rest of the server's line, ``command`` the verb that failed (never arguments).
+    """
+
+    def __init__(self, text: str, code: str | None = None, command: str = "") -> None:
+        self.text = text
+        self.code = code
+        self.command = command
+        shown = f"[{code}] {text}" if code else text
+        where = f"to {command}" if command else ""
+        super().__init__((f"server said -ERR {where}: {shown}").replace("  ", " "))
+
+
+class TemporaryError(ServerError):
+    """[SYS/TEMP]: a transient condition; trying again later may work."""
+
+
+class InUseError(TemporaryError):
+    """[IN-USE]: the maildrop is locked by another session (RFC 2449 section 8.1.2)."""
+
+
+class LoginDelayError(TemporaryError):
+    """[LOGIN-DELAY]: logged in too soon after the last login (RFC 2449 section 8.1.1)."""
+
+
+class PermanentError(ServerError):
+    """[SYS/PERM]: a permanent condition; retrying will not help (RFC 3206)."""
+
+
+class AuthenticationError(ServerError):
+    """The credentials were refused ([AUTH], or -ERR to USER, PASS, APOP or AUTH)."""
+
+    details: dict[str, Any] | None = None
+    """The decoded JSON error an OAuth2 server sent, when there was one."""
+
+
+class ProtocolError(Error):
+    """The server sent bytes that are not POP3. ``data`` holds (the start of) those bytes."""
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        self.data = bytes(data[:200])
+        if data:
+            message = f"{message}: {self.data!r}"
+        super().__init__(message)
+
+
+class LimitExceeded(ProtocolError):
+    """A line or response exceeded a configured limit; the connection was closed."""
+
+
+class NetworkError(Error, ConnectionError):
+    """The connection failed, was closed, or is no longer usable."""
+
+
+class TruncatedResponse(ProtocolError, NetworkError):
+    """The server closed the connection in the middle of a response."""
+
+
+class TLSError(NetworkError):
+    """TLS could not be established or verified, or STLS was refused or tampered with."""
+
+
+class Timeout(Error, TimeoutError):
+    """An operation did not complete before its deadline; the connection was closed."""
+
+
+class InsecureError(Error):
+    """A password or token would cross an unencrypted link; pass tls="none" to allow it."""
+
+
+class SizeMismatchWarning(UserWarning):
+    """A message's length differs from the size the server announced for it."""
+
+
+_CODE_CLASSES: dict[str, type] = {
+    "IN-USE": InUseError,
+    "LOGIN-DELAY": LoginDelayError,
+    "SYS/TEMP": TemporaryError,
+    "SYS/PERM": PermanentError,
+    "AUTH": AuthenticationError,
+}
+_AUTH_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH"})
+
+
+def server_error(text: str, code: str | None, command: str) -> ServerError:
+    """The ServerError subclass that fits a -ERR's response code and command."""
+    cls = _CODE_CLASSES.get((code or "").upper())
+    if cls is None:
+        # RFC 3206 section 4: a code's first level decides when the rest is unknown.
+        top = (code or "").split("/")[0].upper()
+        if top == "SYS" and code:
+            cls = ServerError
+        elif command in _AUTH_COMMANDS:
+            cls = AuthenticationError
+        else:
+            cls = ServerError
+    error: ServerError = cls(text, code, command)
+    return error
+
+
+# =============================================================================================
+# Protocol core: bytes in, values out. Nothing here touches a socket.
+# =============================================================================================
+
+
+class Stat(NamedTuple):
+    """STAT: the number of messages and their total size in octets."""
+
+    count: int  # type: ignore[assignment]  # shadows tuple.count; the name users expect
+    size: int
+
+
+class Fetched(NamedTuple):
+    """One result of retr_many(), top_many() or dele_many(), in the order asked.
+
+    ``data`` is the message (None for DELE or after an error); ``error`` the -ERR, if any.
+    """
+
+    number: int
+    data: bytes | None
+    error: ServerError | None
+
+
+class UIDList(Dict[int, str]):
+    """UIDL: ``{number: uid}``. ``duplicates`` maps each UID that several messages share to
+    their numbers (RFC 1939 forbids it, real servers do it; inverting this dict would lose mail).
+    """
+
+    def __init__(self, items: Iterable[tuple[int, str]] = ()) -> None:
+        super().__init__(items)
+        seen: dict[str, list[int]] = {}
+        for number, uid in self.items():
+            seen.setdefault(uid, []).append(number)
+        self.duplicates: dict[str, list[int]] = {u: n for u, n in seen.items() if len(n) > 1}
+
+
+class Capabilities(Dict[str, List[str]]):
+    """CAPA (RFC 2449): ``{NAME: [arguments]}`` with names upper-cased, plus typed access."""
+
+    @property
+    def sasl(self) -> list[str]:
+        """The SASL mechanisms offered, upper-cased (RFC 5034 section 6)."""
+        return [m.upper() for m in self.get("SASL", [])]
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self
+
+    @property
+    def stls(self) -> bool:
+        return "STLS" in self
+
+    @property
+    def utf8(self) -> bool:
+        return "UTF8" in self
+
+    @property
+    def utf8_user(self) -> bool:
+        """UTF8 USER: UTF-8 user names and passwords are accepted (RFC 6856 section 2.2)."""
+        return "USER" in (a.upper() for a in self.get("UTF8", []))
+
+    @property
+    def login_delay(self) -> int | None:
+        """Minimum seconds between logins (RFC 2449 section 6.5), or None."""
+        args = self.get("LOGIN-DELAY", [])
+        return int(args[0]) if args and args[0].isdigit() else None
+
+    @property
+    def expire(self) -> str | None:
+        """Days the server keeps retrieved mail, "NEVER", or None (RFC 2449 section 6.7)."""
+        args = self.get("EXPIRE", [])
+        return args[0] if args else None
+
+    @property
+    def implementation(self) -> str | None:
+        args = self.get("IMPLEMENTATION")
+        return " ".join(args) if args else None
+
+
+# A printable-ASCII rendering of server text: no control character ever reaches a terminal.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def display_text(data: bytes) -> str:
+    """Server bytes as text safe to show: UTF-8 where valid, control characters escaped."""
+    text = data.decode("utf-8", "replace")
+    return _UNSAFE_TEXT.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def parse_status(line: bytes) -> tuple[bool, bytes]:
+    """Split a status line (its line end removed) into (is +OK, the text after the indicator).
+
+    RFC 1939 section 3: "+OK" or "-ERR", then optionally a space and text. Anything else
+    (``+ok``, ``+OKAY``, ``-ERROR``) is not POP3 and raises ProtocolError.
+    """
+    if line[:3] == b"+OK" and (len(line) == 3 or line[3:4] == b" "):
+        return True, line[4:]
+    if line[:4] == b"-ERR" and (len(line) == 4 or line[4:5] == b" "):
+        return False, line[5:]
+    raise ProtocolError("expected +OK or -ERR from the server", line)
+
+
+# RFC 2449 section 8: resp-code = "[" resp-level *("/" resp-level) "]"
+_RESP_CODE = re.compile(rb"\[([!-.0-Z\\^-~]+(?:/[!-.0-Z\\^-~]+)*)\] ?")
+
+
+def parse_response_code(text: bytes) -> tuple[str | None, bytes]:
+    """Split off an RFC 2449 response code: ``b"[IN-USE] busy"`` -> ("IN-USE", b"busy")."""
+    match = _RESP_CODE.match(text)
+    if match is None:
+        return None, text
+    return match.group(1).decode("ascii").upper(), text[match.end() :]
+
+
+# RFC 1939 section 5: "+OK" SP count SP size; some servers add text after the size.
+_STAT = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
+# RFC 1939 section 5: scan listing = msg-number SP size (RFC 2449 allows trailing text).
+_SCAN_LISTING = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
+# RFC 1939 section 7: unique-id listing = msg-number SP uid; uid is 1-70 chars 0x21-0x7E.
+_UID_LISTING = re.compile(rb"(\d{1,20}) ([!-~]{1,%d})\Z" % MAX_UID_LENGTH)
+_OCTETS = re.compile(rb"(\d{1,20}) octets", re.I)
+
+
+def parse_stat(text: bytes) -> Stat:
+    """The text of a STAT +OK (``b"2 10180"``) as Stat(count, size)."""
+    match = _STAT.match(text)
+    if match is None:
+        raise ProtocolError("malformed STAT response", text)
+    return Stat(int(match.group(1)), int(match.group(2)))
+
+
+def parse_scan_listing(line: bytes) -> tuple[int, int]:
+    """One LIST line (``b"1 5954"``) as (number, size)."""
+    match = _SCAN_LISTING.match(line)
+    if match is None or int(match.group(1)) < 1:
+        raise ProtocolError("malformed LIST line", line)
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_uid_listing(line: bytes) -> tuple[int, str]:
+    """One UIDL line (``b"1 whqtswO00WBw418f9t5JxYwZ"``) as (number, uid)."""
+    match = _UID_LISTING.match(line)
+    if match is None or int(match.group(1)) < 1:
+        raise ProtocolError("malformed UIDL line", line)
+    return int(match.group(1)), match.group(2).decode("ascii")
+
+
+def parse_capabilities(lines: Iterable[bytes]) -> Capabilities:
+    """CAPA lines as Capabilities. Tolerant: undecodable bytes are replaced, not fatal."""
+    caps = Capabilities()
+    for line in lines:
+        words = line.decode("utf-8", "replace").split()
+        if words:
+            caps[words[0].upper()] = words[1:]
+    return caps
+
+
+def parse_announced_size(text: bytes) -> int | None:
+    """The size a RETR +OK announces (``b"5954 octets"``), or None; informational only."""
+    match = _OCTETS.match(text)
+    return int(match.group(1)) if match else None
+
+
+# RFC 1939 section 7 requires the APOP timestamp to have the syntax of an RFC 822 msg-id.
+# Accepting only printable ASCII without spaces and angle brackets inside blocks the
+# CVE-2007-1558 attack, which needs a server-chosen timestamp with arbitrary bytes.
+_APOP_TIMESTAMP = re.compile(rb"<[!-;=?A-~]+@[!-;=?A-~]+>")
+
+
+def find_apop_timestamp(greeting: bytes) -> str | None:
+    """The APOP challenge in a greeting (``<1896.697170952@dbc.mtview.ca.us>``), or None.
+
+    Only the first ``<...>`` counts; if it does not have the msg-id shape there is no timestamp.
+    """
+    start = greeting.find(b"<")
+    end = greeting.find(b">", start)
+    if start < 0 or end < 0:
+        return None
+    candidate = greeting[start : end + 1]
+    if not _APOP_TIMESTAMP.fullmatch(candidate):
+        return None
+    return candidate.decode("ascii")
+
+
+def apop_digest(timestamp: str, password: str) -> str:
+    """RFC 1939 section 7: lower-case hex MD5 of the timestamp followed by the password."""
+    import hashlib
+
+    data = (timestamp + password).encode("utf-8")
+    try:  # APOP's MD5 is not a security primitive here: allow it on FIPS builds (3.9+)
+        digest = hashlib.md5(data, usedforsecurity=False)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        digest = hashlib.md5(data)
+    return digest.hexdigest()
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; no DNS, no ipaddress import."""
+    address = address.split("%")[0].lower()
+    if address.startswith("::ffff:"):
+        address = address[7:]
+    return address.startswith("127.") or address == "::1"
+
+
+def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
+    """One command line, CRLF-terminated. The only place that builds a command line.
+
+    Raises ValueError, before anything is sent, for CR, LF or NUL in any argument (they would
+    smuggle a second command onto the wire) and for lines over 255 octets (RFC 2449 section 4).
+    """
+    parts = [verb]
+    for arg in args:
+        if not isinstance(arg, str):
+            raise TypeError(f"POP3 arguments must be str, not {type(arg).__name__}")
+        if "\r" in arg or "\n" in arg or "\0" in arg:
+            raise ValueError(f"argument to {verb} contains CR, LF or NUL")
+        parts.append(arg)
+    try:
+        line = " ".join(parts).encode(encoding) + b"\r\n"
+    except UnicodeEncodeError:
+        raise ValueError(f"argument to {verb} is not {encoding}") from None
+    if len(line) > MAX_COMMAND_LENGTH:
+        raise ValueError(f"{verb} command is {len(line)} octets; POP3 allows {MAX_COMMAND_LENGTH}")
+    return line
+
+
+def message_number(number: int) -> str:
+    """A message number as a command argument; ValueError unless it is a positive int."""
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError(f"message number must be a positive integer, not {number!r}")
+    return str(number)
+
+
+def find_body_end(
+    buf: bytes | bytearray, start: int, search_from: int, eol: bytes, end: int | None = None
+) -> int:
+    """Where the body of a multi-line response that starts at ``start`` ends, or -1.
+
+    Returns the index just past the last body line's line end (the terminating ``.`` line
+    begins there). ``start`` must be at the start of a line; ``search_from`` lets a caller that
+    already searched part of the buffer skip it; nothing at or past ``end`` is looked at.
+    ``eol`` is CRLF, or LF for a bare-LF server.
+    """
+    if end is None:
+        end = len(buf)
+    dot_line = b"." + eol
+    if start + len(dot_line) <= end and buf[start : start + len(dot_line)] == dot_line:
+        return start
+    index = buf.find(eol + dot_line, max(start, search_from), end)
+    return -1 if index < 0 else index + len(eol)
+
+
+def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> bytes:
+    """Remove RFC 1939 section 3 byte-stuffing: a leading "." of a line that starts with ".".
+
+    Done in bulk with one replace; ``data`` must end at a line end (or hold no line end).
+    A line that starts with a single "." (a server bug) is kept as it is.
+    """
+    if at_line_start and data[:2] == b"..":
+        data = data[1:]
+    return data.replace(eol + b"..", eol + b".")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Bare-LF line ends as CRLF (for servers that send LF only)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def safe_cut(buf: bytes | bytearray, start: int, end: int, eol: bytes) -> tuple[int, bool]:
+    """Where a streaming reader may cut ``buf[start:end]`` without splitting a line end, a
+    stuffed dot or the terminator: (cut index, whether the cut is at the start of a line)."""
+    index = buf.rfind(eol, start, end)
+    if index >= 0:
+        return index + len(eol), True
+    # One long line: keep a trailing CR, which may begin the next line end.
+    cut = end - 1 if buf[end - 1 : end] == b"\r" else end
+    return cut, False
+
+
+# =============================================================================================
+# SASL mechanisms (RFC 4422, RFC 5034)
+# =============================================================================================
+
+#
+# Sans-I/O: a mechanism object turns server challenges into client responses. Both are raw
+# bytes; the transport base64-decodes the text after "+ " and base64-encodes what respond()
+# returns (RFC 5034 section 4). One object serves one AUTH exchange. The transport:
+#
+#   1. sends "AUTH <name>" with initial_response() on the same line when there is one and
+#      the line fits in 255 octets; otherwise sends "AUTH <name>" alone and, if there is an
+#      initial response, sends it as the answer to the server's first (empty) challenge;
+#   2. answers every further "+ <challenge>" with respond(challenge); when respond() raises,
+#      it cancels with "*" (RFC 5034 section 4) and re-raises once the server has answered;
+#   3. on "+OK" calls finish(), which raises if the server never proved itself (SCRAM).
+#
+# Secrets live only in private attributes; reprs and exception messages never show them.
+
+# Password mechanisms, strongest first. SCRAM never sends the password or anything a
+# passive listener can replay, and proves the server knows it (RFC 5802 section 1);
+# CRAM-MD5 sends no password but the server must store it in the clear (RFC 2195 section
+# 4); PLAIN and LOGIN send the password itself, LOGIN last as it is not even standardised.
+PASSWORD_MECHANISMS_BY_STRENGTH = ("SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN")
+
+# RFC 5802 section 5.1 and RFC 7677 section 4: servers SHOULD announce at least 4096 SCRAM
+# iterations, and the IANA SCRAM registry (RFC 7677 section 5) lists 4096 as the minimum.
+# The client enforces it because the server chooses the count: an impostor (no TLS, or a
+# MITM) that asks for i=1 receives a ClientProof it can test password guesses against at
+# one HMAC each instead of 4096. Override per mechanism with min_iterations= if a real
+# server is configured lower.
+SCRAM_MIN_ITERATIONS = 4096
+# RFC 5802 section 9: "A hostile server can perform a computational denial-of-service
+# attack on clients by sending a big iteration count value." PBKDF2 runs in C without
+# releasing control to a timeout, so cap it: a million rounds take about 0.4 s on a current
+# PC (seconds on a small board), and the cap still admits servers following today's advice
+# (OWASP suggests 600,000 for PBKDF2-SHA-256).
+SCRAM_MAX_ITERATIONS = 1_000_000
+
+
+def _protocol_error(message: str, data: bytes = b"") -> ProtocolError:
+    """The exception for a challenge that cannot be valid."""
+    return ProtocolError(message, data[:80])
+
+
+def _authentication_error(text: str) -> AuthenticationError:
+    """Build the exception for a failure the server reported inside the SASL exchange."""
+    return AuthenticationError(text, None, "AUTH")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """Encode to UTF-8; a lone surrogate is the caller's mistake (ValueError)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    # Raised outside the except block so the UnicodeEncodeError, whose .object is the
+    # whole string (perhaps a password), is not chained onto the traceback.
+    raise ValueError(f"{what} is not encodable as UTF-8 (lone surrogate)")
+
+
+def _require(value: str, what: str) -> None:
+    if not value:
+        raise ValueError(f"{what} is empty")
+
+
+def _reject(value: str, characters: str, what: str) -> None:
+    """ValueError if value holds a character the mechanism's syntax uses as a delimiter."""
+    for ch in characters:
+        if ch in value:
+            raise ValueError(f"{what} contains {ch!r}, which this mechanism cannot carry")
+
+
+def _check_token(token: str) -> None:
+    # RFC 6750 section 2.1: a bearer token (b64token) is printable ASCII without spaces;
+    # checking just that keeps %x01 (the key/value separator) and line ends out.
+    _require(token, "token")
+    if not all("\x21" <= ch <= "\x7e" for ch in token):
+        raise ValueError("token contains a character outside printable ASCII")
+
+
+def saslprep(text: str, *, what: str = "string", allow_unassigned: bool = True) -> str:
+    """Prepare a user name or password with SASLprep (RFC 4013); ValueError if prohibited.
+
+    `what` names the value in the error message, which never contains the value itself.
+    Unassigned code points are allowed by default ("query" strings, RFC 3454 section 7).
+    """
+    # Printable ASCII comes out unchanged: no such character is mapped (tables B.1, C.1.2),
+    # changed by NFKC, prohibited (C.2.1 holds only the controls) or right-to-left (D.1).
+    if all(" " <= ch <= "~" for ch in text):
+        return text
+    import stringprep
+    import unicodedata
+
+    # RFC 4013 section 2.1: non-ASCII spaces (C.1.2) map to SPACE, "commonly mapped to
+    # nothing" characters (B.1, such as SOFT HYPHEN) are removed.
+    mapped = "".join(
+        " " if stringprep.in_table_c12(ch) else ch for ch in text if not stringprep.in_table_b1(ch)
+    )
+    # Section 2.2: NFKC, with the Unicode 3.2 tables that stringprep (RFC 3454) is bound to,
+    # so that client and server agree whatever Unicode version each Python ships.
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    prohibited = (
+        stringprep.in_table_c12,  # non-ASCII space characters
+        stringprep.in_table_c21,  # ASCII control characters
+        stringprep.in_table_c22,  # non-ASCII control characters
+        stringprep.in_table_c3,  # private use
+        stringprep.in_table_c4,  # non-character code points
+        stringprep.in_table_c5,  # surrogate code points
+        stringprep.in_table_c6,  # inappropriate for plain text
+        stringprep.in_table_c7,  # inappropriate for canonical representation
+        stringprep.in_table_c8,  # change display properties or deprecated
+        stringprep.in_table_c9,  # tagging characters
+    )
+    for ch in prepared:
+        # Section 2.3 (prohibited output) and 2.5 (A.1, unassigned in Unicode 3.2).
+        if any(table(ch) for table in prohibited) or (
+            not allow_unassigned and stringprep.in_table_a1(ch)
+        ):
+            raise ValueError(f"{what} contains a character that SASLprep prohibits")
+    # Section 2.4, RFC 3454 section 6: a string with right-to-left characters (D.1) holds no
+    # left-to-right ones (D.2) and starts and ends with a right-to-left character.
+    if any(stringprep.in_table_d1(ch) for ch in prepared) and (
+        any(stringprep.in_table_d2(ch) for ch in prepared)
+        or not stringprep.in_table_d1(prepared[0])
+        or not stringprep.in_table_d1(prepared[-1])
+    ):
+        raise ValueError(f"{what} mixes text directions in a way SASLprep prohibits")
+    return prepared
+
+
+def _saslname(name: str) -> str:
+    # RFC 5802 section 5.1 and RFC 5801 section 4: "," and "=" are sent as "=2C" and "=3D"
+    # ("=" first, so the "=" of "=2C" is not escaped again).
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+class Mechanism:
+    """One SASL authentication exchange, without I/O (see the comment above)."""
+
+    name: ClassVar[str]
+    # True when the password or token crosses the wire as it is, so the client allows the
+    # mechanism only over TLS, to a loopback host, or with tls="none" (issue 5).
+    sends_secret: ClassVar[bool]
+
+    def __init__(self, user: str) -> None:
+        _require(user, "user name")
+        self.user = user
+
+    def initial_response(self) -> bytes | None:
+        """Return the first client response, or None when the server speaks first."""
+        return None
+
+    def respond(self, challenge: bytes) -> bytes:
+        """Return the response to a decoded challenge; ProtocolError if it cannot be valid."""
+        raise _protocol_error(f"unexpected {self.name} challenge", challenge)
+
+    def finish(self) -> None:
+        """Check the exchange once the server said +OK; raise if the server is unverified."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} user={self.user!r}>"
+
+
+class PlainMechanism(Mechanism):
+    """PLAIN (RFC 4616): authzid NUL authcid NUL password, in one message."""
+
+    name = "PLAIN"
+    sends_secret = True
+
+    def __init__(self, user: str, password: str, authzid: str = "") -> None:
+        super().__init__(user)
+        _require(password, "password")  # RFC 4616 section 2: passwd = 1*SAFE
+        # NUL separates the fields (section 2); the server applies SASLprep (section 2,
+        # "presented strings"), so the client sends the strings as they are.
+        for value, what in ((user, "user name"), (password, "password"), (authzid, "authzid")):
+            _reject(value, "\0", what)
+        self._message = b"\0".join(
+            (_utf8(authzid, "authzid"), _utf8(user, "user name"), _utf8(password, "password"))
+        )
+
+    def initial_response(self) -> bytes:
+        return self._message
+
+
+class LoginMechanism(Mechanism):
+    """LOGIN (draft-murchison-sasl-login): answers two prompts with user name, password."""
+
+    name = "LOGIN"
+    sends_secret = True
+
+    def __init__(self, user: str, password: str) -> None:
+        super().__init__(user)
+        _require(password, "password")
+        self._answers = (_utf8(user, "user name"), _utf8(password, "password"))
+        self._step = 0
+
+    def respond(self, challenge: bytes) -> bytes:
+        # Servers word the prompts differently ("Username:", "User Name", localised, or
+        # empty), so answer by position and ignore the text.
+        if self._step >= len(self._answers):
+            raise _protocol_error("unexpected third LOGIN challenge", challenge)
+        self._step += 1
+        return self._answers[self._step - 1]
+
+
+def _md5_usable() -> bool:
+    # Under a FIPS-enforcing OpenSSL, hmac.new(..., "md5") raises ValueError.
+    import hmac
+
+    try:
+        hmac.new(b"", b"", "md5")
+    except ValueError:
+        return False
+    return True
+
+
+class CramMD5Mechanism(Mechanism):
+    """CRAM-MD5 (RFC 2195): user name, space, lower-case hex HMAC-MD5 of the challenge."""
+
+    name = "CRAM-MD5"
+    sends_secret = False
+
+    def __init__(self, user: str, password: str) -> None:
+        super().__init__(user)
+        _require(password, "password")
+        # Checked here so the failure comes before anything is sent (see _md5_usable).
+        if not _md5_usable():
+            raise ValueError("CRAM-MD5 needs MD5, which this Python does not allow (FIPS mode)")
+        self._user = _utf8(user, "user name")
+        self._key = _utf8(password, "password")
+        self._answered = False
+
+    def respond(self, challenge: bytes) -> bytes:
+        # RFC 2195 section 2: one challenge (a msg-id such as "<1896.697170952@host>"; not
+        # enforced, as only its being non-empty matters to the digest), one response.
+        if self._answered or not challenge:
+            raise _protocol_error("unexpected CRAM-MD5 challenge", challenge)
+        self._answered = True
+        import hmac
+
+        # hexdigest() is lower case, as section 2 requires.
+        return self._user + b" " + hmac.new(self._key, challenge, "md5").hexdigest().encode()
+
+
+class ScramMechanism(Mechanism):
+    """SCRAM without channel binding (RFC 5802, RFC 7677); subclasses name the hash.
+
+    `_nonce` is for tests only (the RFC examples fix the client nonce); never pass it
+    otherwise, as a repeated nonce lets a recorded exchange be replayed.
+    """
+
+    sends_secret = False
+    hash_name: ClassVar[str]  # hashlib name of the mechanism's H and HMAC
+
+    def __init__(
+        self,
+        user: str,
+        password: str,
+        authzid: str = "",
+        *,
+        min_iterations: int = SCRAM_MIN_ITERATIONS,
+        max_iterations: int = SCRAM_MAX_ITERATIONS,
+        _nonce: str | None = None,
+    ) -> None:
+        super().__init__(user)
+        if not 1 <= min_iterations <= max_iterations:
+            raise ValueError("need 1 <= min_iterations <= max_iterations")
+        self._min_iterations = min_iterations
+        self._max_iterations = max_iterations
+        # RFC 5802 section 5.1: the user name goes through SASLprep as a query string and
+        # the exchange is abandoned when that fails or leaves nothing.
+        prepared_user = saslprep(user, what="user name")
+        _require(prepared_user, "user name after SASLprep")
+        # Section 2.2, Normalize(): the password goes through SASLprep too. That section
+        # calls it a "stored string" (unassigned code points prohibited); we allow them as
+        # for a query: Python's tables are Unicode 3.2, so "unassigned" would refuse every
+        # character added since 2002, and only the server can tell whether it matches.
+        self._password = _utf8(saslprep(password, what="password"), "password")
+        for value, what in ((user, "user name"), (authzid, "authzid")):
+            _reject(value, "\0", what)  # saslname excludes NUL (section 7)
+        if _nonce is None:
+            import secrets
+
+            # 24 random bytes as URL-safe base64: printable and free of "," (section 7).
+            _nonce = secrets.token_urlsafe(24)
+        elif not _nonce or not all("\x21" <= ch <= "\x7e" and ch != "," for ch in _nonce):
+            raise ValueError("_nonce must be non-empty printable ASCII without ','")
+        self._client_nonce = _nonce.encode("ascii")
+        # Section 7, gs2-header: "n" = the client does not support channel binding.
+        authzid_field = b"a=" + _utf8(_saslname(authzid), "authzid") if authzid else b""
+        self._gs2_header = b"n," + authzid_field + b","
+        username = _utf8(_saslname(prepared_user), "user name")
+        self._client_first_bare = b"n=" + username + b",r=" + self._client_nonce
+        self._server_signature = b""
+        self._state = "initial"  # -> "proved" -> "verified", or "failed"
+
+    def initial_response(self) -> bytes:
+        # SCRAM is client-first (section 5): client-first-message.
+        return self._gs2_header + self._client_first_bare
+
+    def respond(self, challenge: bytes) -> bytes:
+        state, self._state = self._state, "failed"  # stays "failed" if anything raises
+        if state == "initial":
+            response = self._client_final(challenge)
+            self._state = "proved"
+            return response
+        if state == "proved":
+            self._check_server_final(challenge)
+            self._state = "verified"
+            # POP3 has no additional data with +OK (RFC 5034 section 4), so the server-final
+            # message came as a challenge, and the empty response lets the server say +OK.
+            return b""
+        raise _protocol_error("unexpected challenge after the SCRAM exchange", challenge)
+
+    def finish(self) -> None:
+        # RFC 5802 section 5: the client authenticates the server by its ServerSignature;
+        # +OK without a valid one means the server never proved it knows the password.
+        if self._state != "verified":
+            self._state = "failed"
+            raise _protocol_error(
+                "server accepted SCRAM authentication without proving it knows the password"
+            )
+
+    def _attributes(self, message: bytes, what: str) -> list[tuple[str, str]]:
+        # Section 7: attr-val *("," attr-val), attr-val = ALPHA "=" value, UTF-8 throughout.
+        text: str | None
+        try:
+            text = message.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None:
+            raise _protocol_error(f"SCRAM {what} is not UTF-8", message)
+        attributes: list[tuple[str, str]] = []
+        for item in text.split(","):
+            if len(item) < 2 or item[1] != "=" or not ("a" <= item[0].lower() <= "z"):
+                raise _protocol_error(f"malformed SCRAM {what}", message)
+            attributes.append((item[0], item[2:]))
+        if attributes[0][0] == "m":
+            # Section 7, reserved-mext: a mandatory extension we cannot know; section 5.1
+            # says to fail the exchange.
+            raise _protocol_error(f"SCRAM {what} requires an unsupported extension", message)
+        if attributes[0][0] == "e":
+            # Section 7, server-error; the grammar puts it only in server-final, but an
+            # error is an error wherever a server sends it.
+            reason = attributes[0][1][:200]
+            raise _authentication_error(f"server rejected SCRAM authentication: {reason}")
+        return attributes
+
+    def _client_final(self, server_first: bytes) -> bytes:
+        # server-first-message = [reserved-mext ","] nonce "," salt "," iteration-count
+        #                        ["," extensions]                    (RFC 5802 section 7)
+        attributes = self._attributes(server_first, "server-first message")
+        if [key for key, _ in attributes[:3]] != ["r", "s", "i"]:
+            raise _protocol_error("malformed SCRAM server-first message", server_first)
+        nonce, salt_b64, count = (value for _, value in attributes[:3])
+        # Section 5.1, "r": the server appends its own nonce to ours; a nonce that does not
+        # extend ours belongs to another exchange (replay), one that adds nothing is no nonce.
+        nonce_bytes = nonce.encode("utf-8")
+        if (
+            not nonce_bytes.startswith(self._client_nonce)
+            or len(nonce_bytes) == len(self._client_nonce)
+            or not all(0x21 <= byte <= 0x7E for byte in nonce_bytes)
+        ):
+            raise _protocol_error("SCRAM nonce does not extend the client nonce", server_first)
+        salt = _b64decode(salt_b64)
+        if not salt:
+            raise _protocol_error("SCRAM salt is empty or not base64", server_first)
+        # posit-number = %x31-39 *DIGIT; ten digits already exceed any sane count, and the
+        # length check keeps int() from parsing a hostile megabyte of digits.
+        if not (count.isdigit() and count.isascii() and count[0] != "0" and len(count) <= 10):
+            raise _protocol_error("SCRAM iteration count is not a positive number", server_first)
+        iterations = int(count)
+        if iterations < self._min_iterations:
+            raise _protocol_error(
+                f"SCRAM iteration count {iterations} is below the minimum {self._min_iterations}"
+                " (a low count would make guessing the password from our proof cheap)"
+            )
+        if iterations > self._max_iterations:
+            raise _protocol_error(
+                f"SCRAM iteration count {iterations} is above the limit {self._max_iterations}"
+            )
+
+        import base64
+        import hashlib
+
+        # Section 3: SaltedPassword = Hi(Normalize(password), salt, i), Hi being PBKDF2.
+        salted = hashlib.pbkdf2_hmac(self.hash_name, self._password, salt, iterations)
+        self._password = b""  # no longer needed: drop our reference to it
+        client_key = self._hmac(salted, b"Client Key")
+        stored_key = hashlib.new(self.hash_name, client_key).digest()
+        # client-final-message-without-proof = channel-binding "," nonce; with gs2 flag "n"
+        # the channel binding input is the gs2 header alone ("n,," -> "c=biws").
+        without_proof = b"c=" + base64.b64encode(self._gs2_header) + b",r=" + nonce_bytes
+        auth_message = self._client_first_bare + b"," + server_first + b"," + without_proof
+        client_signature = self._hmac(stored_key, auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, client_signature))
+        self._server_signature = self._hmac(self._hmac(salted, b"Server Key"), auth_message)
+        return without_proof + b",p=" + base64.b64encode(proof)
+
+    def _check_server_final(self, server_final: bytes) -> None:
+        # server-final-message = (server-error / verifier) ["," extensions]   (section 7)
+        # A server-error "e=..." raises AuthenticationError in _attributes().
+        key, value = self._attributes(server_final, "server-final message")[0]
+        if key != "v":
+            raise _protocol_error("malformed SCRAM server-final message", server_final)
+        import hmac
+
+        # compare_digest: no timing hint about how much of a forged signature was right.
+        if not hmac.compare_digest(_b64decode(value), self._server_signature):
+            raise _protocol_error(
+                "SCRAM server signature is wrong: the server does not know the password"
+                " (or is an impostor)"
+            )
+
+    def _hmac(self, key: bytes, message: bytes) -> bytes:
+        import hmac
+
+        return hmac.new(key, message, self.hash_name).digest()
+
+
+def _b64decode(value: str) -> bytes:
+    """Decode canonical base64 only (RFC 4648 section 4); b"" when value is not that."""
+    import base64
+
+    try:
+        encoded = value.encode("ascii")
+        decoded = base64.b64decode(encoded, validate=True)
+    except ValueError:  # UnicodeEncodeError and binascii.Error are ValueErrors
+        return b""
+    # validate=True checks the alphabet only; before 3.13 b64decode also accepts padding
+    # in the wrong place or too much of it. Re-encoding catches both and non-zero pad bits.
+    return decoded if base64.b64encode(decoded) == encoded else b""
+
+
+class ScramSHA1Mechanism(ScramMechanism):
+    """SCRAM-SHA-1 (RFC 5802)."""
+
+    name = "SCRAM-SHA-1"
+    hash_name = "sha1"
+
+
+class ScramSHA256Mechanism(ScramMechanism):
+    """SCRAM-SHA-256 (RFC 7677)."""
+
+    name = "SCRAM-SHA-256"
+    hash_name = "sha256"
+
+
+def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
+    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
+    import json
+
+    try:
+        details = json.loads(challenge.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+        details = None
+    if not isinstance(details, dict):
+        raise _protocol_error(f"{mechanism} challenge is not a JSON error object", challenge)
+    return details
+
+
+class XOAuth2Mechanism(Mechanism):
+    """XOAUTH2 (Google's and Microsoft's format): user and bearer token in one message.
+
+    After a failure the server's JSON error (e.g. {"status": "401", ...}) is in
+    `error_details`.
+    """
+
+    name = "XOAUTH2"
+    sends_secret = True
+
+    def __init__(self, user: str, token: str) -> None:
+        super().__init__(user)
+        _reject(user, "\x01", "user name")  # %x01 ends the field
+        _check_token(token)
+        self._message = (
+            b"user=" + _utf8(user, "user name") + b"\x01auth=Bearer " + token.encode() + b"\x01\x01"
+        )
+        self.error_details: dict[str, Any] | None = None
+
+    def initial_response(self) -> bytes:
+        return self._message
+
+    def respond(self, challenge: bytes) -> bytes:
+        # A challenge after the initial response is the base64 JSON error; the documented
+        # answer is an empty response, after which the server sends the final -ERR.
+        if self.error_details is not None:
+            raise _protocol_error("unexpected XOAUTH2 challenge after the error", challenge)
+        self.error_details = _json_error(challenge, self.name)
+        return b""
+
+
+class OAuthBearerMechanism(Mechanism):
+    """OAUTHBEARER (RFC 7628) with a bearer token; host and port are optional.
+
+    The gs2 header names `authzid` if given, else `user`. After a failure the server's
+    JSON error (RFC 7628 section 3.2.2) is in `error_details`.
+    """
+
+    name = "OAUTHBEARER"
+    sends_secret = True
+
+    def __init__(
+        self,
+        user: str,
+        token: str,
+        authzid: str = "",
+        *,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(user)
+        _check_token(token)
+        identity = authzid or user
+        _reject(identity, "\0\x01", "authzid" if authzid else "user name")
+        # RFC 7628 section 3.1: gs2-header kvsep *kvpair kvsep, kvpair = key "=" value kvsep;
+        # the gs2 header is RFC 5801's, so the authzid is a saslname ("=2C", "=3D").
+        pairs: list[bytes] = []
+        if host is not None:
+            _require(host, "host")
+            _reject(host, "\0\x01\r\n", "host")
+            pairs.append(b"host=" + _utf8(host, "host"))
+        if port is not None:
+            # Section 3.1: "a decimal positive integer string without leading zeros".
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"port must be an integer from 1 to 65535, not {port!r}")
+            pairs.append(b"port=" + str(port).encode())
+        pairs.append(b"auth=Bearer " + token.encode())
+        gs2_header = b"n,a=" + _utf8(_saslname(identity), "user name") + b","
+        self._message = gs2_header + b"\x01" + b"".join(pair + b"\x01" for pair in pairs) + b"\x01"
+        self.error_details: dict[str, Any] | None = None
+
+    def initial_response(self) -> bytes:
+        return self._message
+
+    def respond(self, challenge: bytes) -> bytes:
+        # Section 3.2.3: the server's error arrives as a challenge and the client answers
+        # with a single %x01 so that the server can send the final -ERR.
+        if self.error_details is not None:
+            raise _protocol_error("unexpected OAUTHBEARER challenge after the error", challenge)
+        self.error_details = _json_error(challenge, self.name)
+        return b"\x01"
+
+
+# Every mechanism mechanism_for() builds (for error messages, a command line's help).
+SUPPORTED_MECHANISMS = (*PASSWORD_MECHANISMS_BY_STRENGTH, "XOAUTH2", "OAUTHBEARER")
+
+
+def mechanism_for(
+    name: str,
+    user: str,
+    password: str | None = None,
+    token: str | None = None,
+    authzid: str = "",
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> Mechanism:
+    """Return a new mechanism object for `name` (any case); ValueError if it cannot be built.
+
+    Password mechanisms need `password`, XOAUTH2 and OAUTHBEARER need `token`; `authzid` is
+    refused by the mechanisms that cannot carry one (LOGIN, CRAM-MD5, XOAUTH2); `host` and
+    `port` are sent by OAUTHBEARER only (RFC 7628 section 3.1).
+    """
+    # isascii() first: str.upper() maps some non-ASCII letters to ASCII ("\u017f" -> "S").
+    key = name.upper() if name.isascii() else ""
+    if key not in SUPPORTED_MECHANISMS:
+        supported = ", ".join(SUPPORTED_MECHANISMS)
+        raise ValueError(f"unsupported SASL mechanism {name!r}; supported: {supported}")
+    if key in ("XOAUTH2", "OAUTHBEARER"):
+        if token is None:
+            raise ValueError(f"{key} needs a token")
+        if key == "OAUTHBEARER":
+            return OAuthBearerMechanism(user, token, authzid, host=host, port=port)
+    elif password is None:
+        raise ValueError(f"{key} needs a password")
+    if key == "PLAIN":
+        return PlainMechanism(user, password or "", authzid)
+    if key == "SCRAM-SHA-256":
+        return ScramSHA256Mechanism(user, password or "", authzid)
+    if key == "SCRAM-SHA-1":
+        return ScramSHA1Mechanism(user, password or "", authzid)
+    if authzid:
+        raise ValueError(f"{key} cannot carry an authorization identity")
+    if key == "XOAUTH2":
+        return XOAuth2Mechanism(user, token or "")
+    if key == "LOGIN":
+        return LoginMechanism(user, password or "")
+    return CramMD5Mechanism(user, password or "")
+
+
+def choose_password_mechanism(offered: Iterable[str]) -> str | None:
+    """Return the strongest password mechanism in `offered` (any case), or None.
+
+    `offered` is the server's SASL capability arguments (RFC 2449 section 6.3); a single
+    string is split on white space. CRAM-MD5 is passed over where MD5 is disabled (FIPS).
+    Callers try only the mechanism returned: after a failure, trying a weaker one would
+    count twice towards a lockout and may send the password in a weaker form.
+    """
+    if isinstance(offered, str):
+        offered = offered.split()
+    available = {item.upper() for item in offered if item.isascii()}
+    for name in PASSWORD_MECHANISMS_BY_STRENGTH:
+        if name in available and (name != "CRAM-MD5" or _md5_usable()):
+            return name
+    return None
+
+
+# =============================================================================================
+# Transport: the only code that does I/O
+# =============================================================================================
+
+
+class _Transport:
+    """A socket with one receive buffer, a deadline per operation, and error translation.
+
+    The buffer belongs to this class, not to a file object, so STLS can tell whether the
+    server sent anything after its +OK, and pipelined responses are never lost.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self._sock: socket.socket | None = sock
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.buf = bytearray()
+        self.pos = 0
+        self.scratch = bytearray(RECV_SIZE)
+        self.closed_reason = ""
+
+    # -- lifetime, deadlines and errors ----------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._sock is not None
+
+    def sock(self) -> socket.socket:
+        """The live socket; a closed connection raises NetworkError saying why it closed."""
+        if self._sock is None:
+            raise NetworkError(f"connection closed ({self.closed_reason})")
+        return self._sock
+
+    def replace_socket(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def close(self, reason: str = "closed by the client") -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self.closed_reason = self.closed_reason or reason
+            sock.close()
+
+    def start_operation(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def remaining(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.fail(Timeout(f"no answer from the server within {self.timeout:g}s"))
+        return remaining
+
+    def fail(self, error: Error) -> NoReturn:
+        """Close the connection (the session is out of step) and raise ``error``."""
+        self.close(str(error))
+        raise error
+
+    def _translate(self, exc: OSError, doing: str) -> NoReturn:
+        if isinstance(exc, socket.timeout):
+            self.fail(Timeout(f"timed out {doing} after {self.timeout:g}s"))
+        ssl = sys.modules.get("ssl")
+        if ssl is not None and isinstance(exc, ssl.SSLError):
+            self.fail(TLSError(f"TLS error while {doing}: {exc}"))
+        self.fail(NetworkError(f"connection failed while {doing}: {exc}"))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        sock = self.sock()
+        try:
+            sock.settimeout(self.remaining())
+            sock.sendall(data)
+        except OSError as exc:
+            self._translate(exc, "sending")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _recv_into(self, target: bytearray, offset: int, doing: str) -> int:
+        """Receive into ``target[offset:]``; EOF raises. Every octet received lengthens the
+        deadline by 1/MIN_TRANSFER_RATE seconds, so big transfers are bounded by rate."""
+        sock = self.sock()
+        try:
+            sock.settimeout(self.remaining())
+            with memoryview(target) as view, view[offset:] as tail:
+                count = sock.recv_into(tail)
+        except OSError as exc:
+            self._translate(exc, doing)
+        if count == 0:
+            if offset or self.pending():
+                self.fail(
+                    TruncatedResponse(
+                        "server closed the connection in the middle of a response",
+                        bytes(self.buf[self.pos :]),
+                    )
+                )
+            self.fail(NetworkError("server closed the connection"))
+        self.deadline += count / MIN_TRANSFER_RATE
+        return count
+
+    def fill(self, doing: str = "reading a response") -> None:
+        """Receive more bytes onto the end of the buffer."""
+        count = self._recv_into(self.scratch, 0, doing)
+        with memoryview(self.scratch) as view, view[:count] as chunk:
+            self.buf += chunk
+
+    def compact(self) -> None:
+        """Drop consumed bytes once they make up most of the buffer (amortised O(1))."""
+        if self.pos > 65536 and self.pos * 2 > len(self.buf):
+            del self.buf[: self.pos]
+            self.pos = 0
+
+    def pending(self) -> int:
+        return len(self.buf) - self.pos
+
+    def read_line(self, limit: int) -> bytes:
+        """One line, its line end included. Bare CR, or a line over ``limit``, raises."""
+        search = self.pos
+        while True:
+            index = self.buf.find(b"\n", search)
+            if index >= 0:
+                break
+            if len(self.buf) - self.pos > limit:
+                break
+            search = len(self.buf)
+            self.fill()
+        if index < 0 or index + 1 - self.pos > limit:
+            self.fail(
+                LimitExceeded(
+                    f"server line longer than {limit} octets",
+                    bytes(self.buf[self.pos : self.pos + 80]),
+                )
+            )
+        line = bytes(self.buf[self.pos : index + 1])
+        self.pos = index + 1
+        if b"\r" in line[:-2]:
+            self.fail(ProtocolError("bare CR in a server line", line))
+        return line
+
+    def read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
+        """The rest of a multi-line response, dot-stuffing removed, terminator consumed."""
+        if announced is not None and announced > _LARGE_BODY:
+            return unstuff(self._read_large_body(limit, eol, min(announced, limit)), eol)
+        start = search = self.pos
+        terminator = len(eol) + 1
+        while True:
+            end = find_body_end(self.buf, start, search, eol)
+            if end >= 0:
+                break
+            if len(self.buf) - start > limit + terminator:
+                self.fail(LimitExceeded(f"response larger than {limit} octets"))
+            search = max(start, len(self.buf) - 2 * len(eol))
+            self.fill("reading a multi-line response")
+        if end - start > limit:
+            self.fail(LimitExceeded(f"response larger than {limit} octets"))
+        if end - start > _LARGE_BODY:
+            body = self._take_buffer(start, end, end + terminator)
+        else:
+            body = bytes(self.buf[start:end])
+            self.pos = end + terminator
+            self.compact()
+        return unstuff(body, eol)
+
+    def _take_buffer(self, start: int, end: int, after: int) -> bytes:
+        """Hand a large body over without a third copy: what follows it moves to a fresh buffer
+        and the old one is cut down to the body in place. Keeps peak memory near twice the body.
+        """
+        rest = bytearray(self.buf[after:])
+        del self.buf[end:]
+        del self.buf[:start]
+        body = bytes(self.buf)
+        self.buf = rest
+        self.pos = 0
+        return body
+
+    def _read_large_body(self, limit: int, eol: bytes, size_hint: int) -> bytes:
+        """read_body for a body announced as large: receive straight into one buffer of the
+        announced size (bounded by ``limit``), so the message is copied once, not per chunk."""
+        terminator = len(eol) + 1
+        start = self.pos
+        end = find_body_end(self.buf, start, start, eol)
+        if end >= 0:  # it has all arrived already
+            body = bytes(self.buf[start:end])
+            self.pos = end + terminator
+            return body
+        have = len(self.buf) - start
+        body_buf = bytearray(max(size_hint + 4096, have + 65536))
+        body_buf[:have] = self.buf[start:]
+        self.buf = bytearray()
+        self.pos = 0
+        filled = have
+        search = 0
+        while True:
+            end = find_body_end(body_buf, 0, search, eol, filled)
+            if end >= 0:
+                break
+            if filled > limit + terminator:
+                self.fail(LimitExceeded(f"response larger than {limit} octets"))
+            if filled == len(body_buf):  # the server's size was low: grow by half
+                body_buf += bytes(len(body_buf) // 2)
+            search = max(0, filled - 2 * len(eol))
+            filled += self._recv_into(body_buf, filled, "reading a multi-line response")
+        if end > limit:
+            self.fail(LimitExceeded(f"response larger than {limit} octets"))
+        self.buf = bytearray(body_buf[end + terminator : filled])
+        del body_buf[end:]
+        return bytes(body_buf)
+
+    def stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
+        """Pass a multi-line body to ``write`` in pieces of about STREAM_CHUNK octets, each
+        cut at a line end where possible, so memory stays constant whatever the size."""
+        terminator = eol + b"." + eol
+        at_line_start = True
+        search = self.pos
+        while True:
+            if at_line_start:
+                end = find_body_end(self.buf, self.pos, search, eol)
+            else:
+                index = self.buf.find(terminator, max(self.pos, search))
+                end = -1 if index < 0 else index + len(eol)
+            if end >= 0:
+                if end > self.pos:
+                    write(unstuff(bytes(self.buf[self.pos : end]), eol, at_line_start))
+                self.pos = end + len(eol) + 1
+                self.compact()
+                return
+            if len(self.buf) - self.pos >= STREAM_CHUNK:
+                cut, next_at_line_start = safe_cut(self.buf, self.pos, len(self.buf), eol)
+                if cut > self.pos:
+                    write(unstuff(bytes(self.buf[self.pos : cut]), eol, at_line_start))
+                    del self.buf[:cut]
+                    self.pos = 0
+                    at_line_start = next_at_line_start
+            search = max(self.pos, len(self.buf) - 2 * len(eol))
+            self.fill("reading a multi-line response")
+
+    def data_waiting(self) -> bool:
+        """True if any byte is buffered or already waiting on the socket (without blocking)."""
+        if self.pending():
+            return True
+        sock = self.sock()
+        try:
+            sock.setblocking(False)
+            try:
+                return bool(sock.recv(1, socket.MSG_PEEK))
+            finally:
+                sock.setblocking(True)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # a reset right after +OK is just as suspicious
+
+
+# =============================================================================================
+# Client
+# =============================================================================================
+
+
+def _get_logger() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("pop3lite")
+
+
+def _check_lines(lines: int) -> str:
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+        raise ValueError(f"lines must be a non-negative integer, not {lines!r}")
+    return str(lines)
+
+
+class POP3:
+    """A POP3 session. Connects, secures the link and reads the greeting on construction.
+
+    ``tls``: "auto" (the default: no port or port 995 means TLS from the first byte; any other
+    port means STLS, required unless the server is on a loopback address, where it is used if
+    offered), "implicit", "starttls" (STLS required) or "none" (plaintext: the explicit opt-in).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tls: str = "auto",
+        ssl_context: ssl.SSLContext | None = None,
+        source_address: tuple[str, int] | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        strict_size: bool = False,
+        pipeline_window: int = PIPELINE_WINDOW,
+    ) -> None:
+        if tls not in TLS_MODES:
+            raise ValueError("tls must be one of {}, not {!r}".format(", ".join(TLS_MODES), tls))
+        if not timeout or timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        if pipeline_window < 1:
+            raise ValueError("pipeline_window must be at least 1")
+        implicit = tls == "implicit" or (tls == "auto" and port in (None, POP3S_PORT))
+        if port is None:
+            port = POP3S_PORT if implicit else POP3_PORT
+        self.host = host
+        self.port = port
+        self.timeout = float(timeout)
+        self.max_message_size = max_message_size
+        self.strict_size = strict_size
+        self.pipeline_window = pipeline_window
+        self.greeting = ""
+        """The greeting's text after +OK, control characters escaped."""
+        self.timestamp: str | None = None
+        """The APOP challenge from the greeting, or None (also after STLS)."""
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.peer_certificate: dict[str, Any] | None = None
+        self.loopback = False
+        self._tls_mode = tls
+        self._ssl_context = ssl_context
+        self._log = _get_logger()
+        self._caps: Capabilities | None = None
+        self._eol = b"\r\n"
+        self._utf8 = False
+        self._authenticated = False
+        self._quit_sent = False
+        self._batch: _Pipeline | None = None
+
+        started = time.monotonic()
+        try:
+            sock = socket.create_connection((host, port), self.timeout, source_address)
+        except socket.timeout:
+            raise Timeout(f"timed out connecting to {host}:{port}") from None
+        except socket.gaierror as exc:
+            raise NetworkError(f"cannot resolve {host!r}: {exc.strerror}") from None
+        except OSError as exc:
+            raise NetworkError(f"cannot connect to {host}:{port}: {exc}") from None
+        self._transport = _Transport(sock, self.timeout)
+        self._transport.deadline = started + self.timeout
+        try:
+            self.loopback = is_loopback(str(sock.getpeername()[0]))
+            if implicit:
+                self._start_tls()
+            self._read_greeting()
+            if not implicit and tls in ("auto", "starttls"):
+                self._negotiate_stls(required=tls == "starttls" or not self.loopback)
+        except BaseException:
+            self._transport.close("failed during connection setup")
+            raise
+
+    # -- context manager and lifetime --------------------------------------------------------
+
+    def __enter__(self) -> POP3:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and self._transport.is_open and not self._quit_sent:
+            self.quit()
+        else:  # the block raised: close without QUIT, so nothing marked is deleted
+            self.abort()
+
+    def __repr__(self) -> str:
+        if not self._transport.is_open:
+            state = "closed"
+        else:
+            state = "transaction" if self._authenticated else "authorization"
+        link = self.tls_version or ("loopback" if self.loopback else "plaintext")
+        return f"<pop3lite.POP3 {self.host}:{self.port} {state} {link}>"
+
+    def close(self) -> None:
+        """Close without QUIT: messages marked for deletion stay on the server."""
+        self._transport.close("closed by the client")
+
+    def abort(self) -> None:
+        """Like close(), but shut the socket down first, so that a call blocked on it in
+        another thread returns at once."""
+        if self._transport.is_open:
+            try:
+                self._transport.sock().shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._transport.close("aborted by the client")
+
+    # -- the command/response cycle -----------------------------------------------------------
+
+    def _log_line(self, direction: str, line: bytes) -> None:
+        self._log.debug("%s %s", direction, display_text(line.rstrip(b"\r\n")))
+
+    def _send(self, verb: str, *args: str, secret: bool = False) -> None:
+        """Send one command. ``secret``: its arguments never reach the log."""
+        if self._batch is not None:
+            self._batch.absorb()
+        line = format_command(verb, *args, encoding="utf-8" if self._utf8 else "ascii")
+        self._transport.sock()  # a closed connection raises here, saying why it closed
+        self._transport.start_operation()
+        if self._log.isEnabledFor(_DEBUG):
+            self._log_line("C:", line if not secret else (verb + " ****").encode())
+        self._transport.send(line)
+
+    def _read_status(self, command: str) -> bytes:
+        """Read one status line: the text after +OK, or the fitting ServerError raised."""
+        line = self._transport.read_line(MAX_RESPONSE_LINE)
+        if self._log.isEnabledFor(_DEBUG):
+            self._log_line("S:", line)
+        try:
+            ok, text = parse_status(self._strip_eol(line))
+        except ProtocolError as exc:
+            self._transport.fail(exc)  # the session is out of step
+        if ok:
+            return text
+        code, rest = parse_response_code(text)
+        raise server_error(display_text(rest), code, command)
+
+    def _strip_eol(self, line: bytes) -> bytes:
+        if line.endswith(b"\r\n"):
+            return line[:-2]
+        # A bare-LF server: tolerated; multi-line bodies are converted to CRLF.
+        if self._eol != b"\n":
+            self._log.debug("server ends lines with a bare LF; tolerating it")
+            self._eol = b"\n"
+        return line[:-1]
+
+    def _check_in_step(self) -> None:
+        """Bytes left over after a complete response, with nothing in flight, mean the server
+        answered something nobody asked: the session is out of step and cannot be trusted."""
+        if self._transport.pending() and self._batch is None:
+            self._transport.fail(
+                ProtocolError(
+                    "server sent more than was asked for",
+                    bytes(self._transport.buf[self._transport.pos :]),
+                )
+            )
+
+    def _simple(self, verb: str, *args: str, secret: bool = False) -> bytes:
+        """A command with a one-line answer: the text after +OK."""
+        self._send(verb, *args, secret=secret)
+        text = self._read_status(verb)
+        self._check_in_step()
+        return text
+
+    def _body(self, limit: int, announced: int | None = None) -> bytes:
+        body = self._transport.read_body(limit, self._eol, announced)
+        if self._eol == b"\n":
+            body = to_crlf(body)
+        if self._log.isEnabledFor(_DEBUG):
+            self._log.debug("S: <%d octets, then .>", len(body))
+        return body
+
+    def _multiline(self, verb: str, *args: str, limit: int = MAX_LISTING_SIZE) -> list[bytes]:
+        """A command with a multi-line answer, as a list of lines without line ends."""
+        self._send(verb, *args)
+        self._read_status(verb)
+        lines = self._body(limit).split(b"\r\n")
+        self._check_in_step()
+        lines.pop()  # the body ends with CRLF, so the last item is empty
+        return lines
+
+    # -- connection setup: greeting, TLS, STLS -------------------------------------------------
+
+    def _read_greeting(self) -> None:
+        text = self._read_status("greeting")
+        self.greeting = display_text(text)
+        self.timestamp = find_apop_timestamp(text)
+        self._check_in_step()
+
+    def _context(self) -> ssl.SSLContext:
+        try:
+            import ssl
+        except ImportError:
+            raise TLSError("this Python has no ssl module, so TLS is unavailable") from None
+        if self._ssl_context is None:
+            # Certificate and host name verified; TLS 1.2 at least (RFC 8314 section 4.1).
+            context = ssl.create_default_context()
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _start_tls(self) -> None:
+        context = self._context()
+        import ssl
+
+        transport = self._transport
+        sock = transport.sock()
+        try:
+            sock.settimeout(transport.remaining())
+            wrapped = context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            transport.fail(
+                TLSError(f"certificate of {self.host} is not trusted: {exc.verify_message}")
+            )
+        except socket.timeout:
+            transport.fail(Timeout(f"TLS handshake with {self.host} timed out"))
+        except (ssl.SSLError, OSError) as exc:
+            transport.fail(TLSError(f"TLS handshake with {self.host} failed: {exc}"))
+        transport.replace_socket(wrapped)
+        self.tls_version = wrapped.version()
+        cipher = wrapped.cipher()
+        self.cipher = cipher[0] if cipher else None
+        self.peer_certificate = wrapped.getpeercert()
+        self._log.debug("TLS established: %s %s", self.tls_version, self.cipher)
+
+    def _negotiate_stls(self, required: bool) -> None:
+        if not self.capa().stls:
+            if required:
+                raise TLSError(
+                    f"{self.host}:{self.port} does not offer STLS; use implicit TLS (port 995), "
+                    "or pass tls='none' to send everything unencrypted"
+                )
+            return
+        if not required:
+            try:
+                import ssl  # noqa: F401
+            except ImportError:  # loopback, no ssl module: plaintext is allowed there
+                return
+        try:
+            self.stls()
+        except ServerError as exc:
+            if required:
+                self._transport.close("STLS refused")
+                raise TLSError(f"server refused STLS: {exc.text}") from None
+            # loopback: plaintext is allowed, carry on without TLS
+
+    def stls(self) -> str:
+        """STLS (RFC 2595): upgrade to TLS. Forgets the capabilities and the APOP timestamp
+        learned in plaintext and asks CAPA again. Returns the server's +OK text."""
+        if self.tls_version:
+            raise ValueError("the connection is already using TLS")
+        if self._utf8:
+            raise ValueError("STLS is not allowed after UTF8 (RFC 6856 section 2.1)")
+        self._context()
+        text = self._simple_unchecked("STLS")
+        # RFC 2595 section 4 / RFC 8314 section 4.4: bytes after +OK and before the handshake
+        # are a response-injection attempt; they must never be read as if they came over TLS.
+        if self._transport.data_waiting():
+            self._transport.fail(
+                TLSError(
+                    "server sent data after its STLS +OK (possible response injection); "
+                    "connection closed"
+                )
+            )
+        self._start_tls()
+        self._caps = None
+        self.timestamp = None
+        self.capa()
+        return display_text(text)
+
+    def _simple_unchecked(self, verb: str) -> bytes:
+        self._send(verb)
+        return self._read_status(verb)
+
+    # -- capabilities and modes -----------------------------------------------------------------
+
+    def capa(self) -> Capabilities:
+        """CAPA (RFC 2449) as ``{NAME: [args]}``; empty if the server has no CAPA.
+        Cached; asked again after STLS and after login (RFC 2449 section 5)."""
+        if self._caps is None:
+            try:
+                lines = self._multiline("CAPA")
+            except ServerError:
+                self._caps = Capabilities()
+            else:
+                self._caps = parse_capabilities(lines)
+        return self._caps
+
+    def utf8(self) -> str:
+        """UTF8 (RFC 6856): enter UTF-8 mode. Returns the server's +OK text."""
+        text = self._simple("UTF8")
+        self._utf8 = True
+        return display_text(text)
+
+    def lang(self, language: str | None = None) -> str | list[str]:
+        """LANG (RFC 6856 section 3): with a language range, switch to it and return the +OK
+        text; without, the languages offered (``["en English", ...]``)."""
+        if language is None:
+            return [display_text(line) for line in self._multiline("LANG")]
+        return display_text(self._simple("LANG", language))
+
+    # -- authentication -----------------------------------------------------------------------
+
+    def _require_private_link(self, what: str) -> None:
+        """The one check that every login path sending a password or token goes through."""
+        if self.tls_version or self.loopback or self._tls_mode == "none":
+            return
+        raise InsecureError(
+            f"refusing to send {what} over an unencrypted connection to {self.host}; "
+            "use TLS, or pass tls='none' to allow it"
+        )
+
+    def _check_credential(self, value: str, what: str) -> None:
+        """RFC 6856 section 2.2: non-ASCII credentials only if the server says UTF8 USER."""
+        if not isinstance(value, str):
+            raise TypeError(f"{what} must be str, not {type(value).__name__}")
+        if value.isascii():
+            return
+        if not self.capa().utf8_user:
+            raise ValueError(
+                f"the {what} is not ASCII and the server does not accept UTF-8 credentials "
+                "(no 'UTF8 USER' capability, RFC 6856 section 2.2)"
+            )
+        self._utf8 = True  # RFC 6856 allows UTF-8 credentials before the UTF8 command
+
+    def _logged_in(self) -> None:
+        self._authenticated = True
+        self._caps = None  # RFC 2449 section 5: capabilities may change after login
+
+    def login(self, user: str, password: str) -> str:
+        """USER and PASS. Returns the server's +OK text."""
+        self._require_private_link("a password")
+        self._check_credential(user, "user name")
+        self._check_credential(password, "password")
+        format_command("PASS", password, encoding="utf-8")  # a bad password fails before USER
+        self._simple("USER", user)
+        text = self._simple("PASS", password, secret=True)
+        self._logged_in()
+        return display_text(text)
+
+    def apop(self, user: str, password: str) -> str:
+        """APOP (RFC 1939 section 7) with the greeting's timestamp. The password is not sent,
+        but MD5 challenge-response is weak (CVE-2007-1558): prefer TLS with login() or SCRAM.
+        After STLS the timestamp (which came in plaintext) is discarded and APOP refused."""
+        if self.timestamp is None:
+            raise ValueError(
+                "no APOP timestamp: the greeting had none, it was not a valid msg-id, or it "
+                "came before STLS and was discarded"
+            )
+        self._check_credential(user, "user name")
+        self._check_credential(password, "password")
+        if self._utf8:  # RFC 6856 section 2.2: SASLprep, user as query, password as stored
+            user = saslprep(user)
+            password = saslprep(password, allow_unassigned=False)
+        digest = apop_digest(self.timestamp, password)
+        text = self._simple("APOP", user, digest, secret=True)
+        self._logged_in()
+        return display_text(text)
+
+    def auth(
+        self,
+        mechanism: str | Mechanism,
+        user: str = "",
+        password: str | None = None,
+        *,
+        token: str | None = None,
+        authzid: str = "",
+    ) -> str:
+        """SASL AUTH (RFC 5034) with a mechanism name or a Mechanism object."""
+        if isinstance(mechanism, str):
+            mech = mechanism_for(
+                mechanism,
+                user,
+                password=password,
+                token=token,
+                authzid=authzid,
+                host=self.host,
+                port=self.port,
+            )
+        else:
+            mech = mechanism
+        if mech.sends_secret:
+            self._require_private_link(f"a {mech.name} credential")
+        import base64
+
+        initial = mech.initial_response()
+        if initial is None:
+            first = None
+        else:  # RFC 5034 section 4: "=" is an empty initial response
+            first = base64.b64encode(initial).decode("ascii") or "="
+        # RFC 5034 section 4: the initial response rides on the AUTH line only if the whole
+        # line fits in 255 octets; otherwise it is sent after the server's empty challenge.
+        if first is not None and len(f"AUTH {mech.name} {first}\r\n") <= MAX_COMMAND_LENGTH:
+            self._send("AUTH", mech.name, first, secret=True)
+            first = None
+        else:
+            self._send("AUTH", mech.name)
+        for _ in range(MAX_SASL_ROUNDS):
+            line = self._transport.read_line(MAX_SASL_LINE)
+            if self._log.isEnabledFor(_DEBUG):
+                self._log_line("S:", line)
+            stripped = self._strip_eol(line)
+            if stripped[:1] != b"+" or stripped[:3] == b"+OK":
+                break
+            if first is not None:
+                response, first = first, None
+            else:
+                response = self._answer_challenge(mech, stripped[2:])
+            self._log.debug("C: ****")
+            self._transport.send(response.encode("ascii") + b"\r\n")
+        else:
+            self._transport.fail(ProtocolError("server kept sending SASL challenges"))
+        try:
+            ok, text = parse_status(stripped)
+        except ProtocolError as exc:
+            self._transport.fail(exc)
+        if not ok:
+            code, rest = parse_response_code(text)
+            error = server_error(display_text(rest), code, "AUTH")
+            if isinstance(error, AuthenticationError):
+                error.details = getattr(mech, "error_details", None)
+            raise error
+        self._check_in_step()
+        try:
+            mech.finish()
+        except Error as exc:
+            # +OK without proof that the server knows the password (SCRAM): it may be an
+            # impostor, so nothing more is sent on this session.
+            self._transport.fail(exc)
+        self._logged_in()
+        return display_text(text)
+
+    def _answer_challenge(self, mech: Mechanism, encoded: bytes) -> str:
+        """Decode a challenge strictly (RFC 5034 section 4) and encode the mechanism's answer;
+        on a challenge that cannot be valid, cancel with "*" and raise."""
+        import base64
+        import binascii
+
+        try:
+            challenge = base64.b64decode(encoded, validate=True)
+            return base64.b64encode(mech.respond(challenge)).decode("ascii")
+        except (binascii.Error, ValueError, Error) as exc:
+            self._transport.send(b"*\r\n")
+            self._log.debug("C: *")
+            try:
+                self._read_status("AUTH")
+            except ServerError:
+                pass
+            if isinstance(exc, Error):
+                raise
+            raise ProtocolError("server sent a challenge that is not base64", encoded) from None
+
+    def login_oauth2(
+        self, user: str, token: str | Callable[[], str], mechanism: str | None = None
+    ) -> str:
+        """OAuth 2.0: OAUTHBEARER (RFC 7628) if offered, else XOAUTH2 (Google, Microsoft).
+        ``token`` may be a callable returning a fresh token."""
+        value = token() if callable(token) else token
+        if mechanism is None:
+            mechanism = "OAUTHBEARER" if "OAUTHBEARER" in self.capa().sasl else "XOAUTH2"
+        return self.auth(mechanism, user, token=value)
+
+    def login_best(self, user: str, password: str) -> str:
+        """Log in with the strongest password mechanism offered (SCRAM-SHA-256, SCRAM-SHA-1,
+        CRAM-MD5, PLAIN, LOGIN, then USER/PASS) and return its name.
+
+        Exactly one mechanism is tried: a refusal raises rather than trying the next, so one
+        wrong password never counts twice towards a lockout. APOP is never chosen."""
+        choice = choose_password_mechanism(self.capa().sasl)
+        if choice is None:
+            self.login(user, password)
+            return "USER"
+        self.auth(choice, user, password)
+        return choice
+
+    # -- transaction commands -----------------------------------------------------------------
+
+    def stat(self) -> Stat:
+        """STAT: Stat(count, size) of the messages not marked as deleted."""
+        return parse_stat(self._simple("STAT"))
+
+    @overload
+    def list(self) -> dict[int, int]: ...
+
+    @overload
+    def list(self, number: int) -> int: ...
+
+    def list(self, number: int | None = None) -> dict[int, int] | int:
+        """LIST: ``{number: size}`` for every message, or one message's size."""
+        if number is not None:
+            return parse_scan_listing(self._simple("LIST", message_number(number)))[1]
+        return dict(parse_scan_listing(line) for line in self._multiline("LIST"))
+
+    @overload
+    def uidl(self) -> UIDList: ...
+
+    @overload
+    def uidl(self, number: int) -> str: ...
+
+    def uidl(self, number: int | None = None) -> UIDList | str:
+        """UIDL: ``{number: uid}`` as a UIDList (see its ``duplicates``), or one UID."""
+        if number is not None:
+            return parse_uid_listing(self._simple("UIDL", message_number(number)))[1]
+        uids = UIDList(parse_uid_listing(line) for line in self._multiline("UIDL"))
+        if uids.duplicates:
+            self._log.warning("server gave one UID to several messages: %r", uids.duplicates)
+        return uids
+
+    def retr(self, number: int) -> bytes:
+        """RETR: the whole message, CRLF line ends, dot-stuffing removed."""
+        self._send("RETR", message_number(number))
+        announced = parse_announced_size(self._read_status("RETR"))
+        body = self._body(self.max_message_size, announced)
+        self._check_in_step()
+        self._check_size(number, len(body), announced)
+        return body
+
+    def top(self, number: int, lines: int) -> bytes:
+        """TOP: the header and the first ``lines`` lines of the body."""
+        self._send("TOP", message_number(number), _check_lines(lines))
+        self._read_status("TOP")
+        body = self._body(self.max_message_size)
+        self._check_in_step()
+        return body
+
+    def retr_to(self, number: int, file: IO[bytes]) -> int:
+        """RETR into a binary file object in constant memory. Returns the octets written."""
+        self._send("RETR", message_number(number))
+        announced = parse_announced_size(self._read_status("RETR"))
+        written = 0
+        bare_lf = self._eol == b"\n"
+
+        def write(piece: bytes) -> None:
+            nonlocal written
+            if bare_lf:
+                piece = to_crlf(piece)
+            file.write(piece)
+            written += len(piece)
+
+        self._transport.stream_body(write, self._eol)
+        self._check_in_step()
+        self._check_size(number, written, announced)
+        return written
+
+    def _check_size(self, number: int, actual: int, announced: int | None) -> None:
+        """Compare with the size in RETR's "+OK 5954 octets". Exchange and others announce
+        sizes that differ from what they send, so by default a mismatch is a warning."""
+        if announced is None or announced == actual:
+            return
+        text = f"message {number} is {actual} octets but the server announced {announced}"
+        if self.strict_size:
+            raise ProtocolError(text)
+        import warnings
+
+        warnings.warn(text, SizeMismatchWarning, stacklevel=3)
+
+    def message(self, number: int) -> EmailMessage:
+        """RETR parsed as an ``email.message.EmailMessage`` (email.policy.default)."""
+        import email.policy
+        from email.parser import BytesParser
+
+        parsed = BytesParser(policy=email.policy.default).parsebytes(self.retr(number))
+        return parsed  # type: ignore[return-value,unused-ignore]
+
+    def dele(self, number: int) -> str:
+        """DELE: mark a message for deletion; only QUIT commits it."""
+        return display_text(self._simple("DELE", message_number(number)))
+
+    def rset(self) -> str:
+        """RSET: unmark every message marked for deletion."""
+        return display_text(self._simple("RSET"))
+
+    def noop(self) -> str:
+        """NOOP: keep the session alive."""
+        return display_text(self._simple("NOOP"))
+
+    def quit(self) -> str:
+        """QUIT: commit deletions and close. Returns the server's sign-off text."""
+        self._send("QUIT")
+        self._quit_sent = True
+        try:
+            text = self._read_status("QUIT")
+        finally:
+            self._transport.close("QUIT sent")
+        return display_text(text)
+
+    # -- batches, pipelined where the server allows it ------------------------------------------
+
+    def retr_many(self, numbers: Iterable[int]) -> Iterator[Fetched]:
+        """RETR each message; yields Fetched(number, data, error) in order. Pipelined, with a
+        bounded window, when the server advertises PIPELINING (RFC 2449 section 6.6)."""
+        return self._pipeline("RETR", numbers, ())
+
+    def top_many(self, numbers: Iterable[int], lines: int) -> Iterator[Fetched]:
+        """TOP for each message, as retr_many() does RETR."""
+        return self._pipeline("TOP", numbers, (_check_lines(lines),))
+
+    def dele_many(self, numbers: Iterable[int]) -> Iterator[Fetched]:
+        """DELE each message, as retr_many() does RETR; ``data`` is None."""
+        return self._pipeline("DELE", numbers, ())
+
+    def _pipeline(
+        self, verb: str, numbers: Iterable[int], extra: tuple[str, ...]
+    ) -> Iterator[Fetched]:
+        checked = [int(message_number(n)) for n in numbers]
+        window = self.pipeline_window if self.capa().pipelining else 1
+        return _Pipeline(self, verb, checked, extra, window)
+
+
+class _Pipeline:
+    """The iterator behind retr_many() and friends.
+
+    Keeps up to ``window`` commands, and PIPELINE_WINDOW_BYTES octets of them, in flight. If
+    the caller sends another command before the batch ends (a DELE after each RETR, say), the
+    responses in flight are read into a queue first, so the session never goes out of step.
+    """
+
+    def __init__(
+        self, client: POP3, verb: str, numbers: list[int], extra: tuple[str, ...], window: int
+    ) -> None:
+        self.client = client
+        self.verb = verb
+        self.numbers = numbers
+        self.extra = extra
+        self.multiline = verb != "DELE"
+        self.window = window
+        self.sent = 0
+        self.answered = 0
+        self.inflight_bytes: deque[int] = deque()
+        self.ready: deque[Fetched] = deque()
+
+    def __iter__(self) -> _Pipeline:
+        return self
+
+    def __next__(self) -> Fetched:
+        if self.ready:
+            return self.ready.popleft()
+        if self.answered >= len(self.numbers):
+            raise StopIteration
+        client = self.client
+        if client._batch is not self:
+            if client._batch is not None:
+                client._batch.absorb()
+            client._batch = self
+        self._top_up()
+        result = self._read_one()
+        if self.answered == self.sent:
+            client._batch = None  # nothing in flight: other commands need not wait for us
+        return result
+
+    def _top_up(self) -> None:
+        """Send more commands once half the window is free: fewer, larger writes."""
+        inflight = self.sent - self.answered
+        if self.sent >= len(self.numbers) or inflight * 2 > self.window:
+            return
+        encoding = "utf-8" if self.client._utf8 else "ascii"
+        used = sum(self.inflight_bytes)
+        lines = []
+        while self.sent < len(self.numbers) and self.sent - self.answered < self.window:
+            line = format_command(
+                self.verb, str(self.numbers[self.sent]), *self.extra, encoding=encoding
+            )
+            if used + len(line) > PIPELINE_WINDOW_BYTES and self.sent > self.answered:
+                break
+            lines.append(line)
+            used += len(line)
+            self.inflight_bytes.append(len(line))
+            self.sent += 1
+        client = self.client
+        client._transport.start_operation()
+        if client._log.isEnabledFor(_DEBUG):
+            for line in lines:
+                client._log_line("C:", line)
+        client._transport.send(b"".join(lines))
+
+    def _read_one(self) -> Fetched:
+        client = self.client
+        number = self.numbers[self.answered]
+        client._transport.start_operation()
+        try:
+            text = client._read_status(self.verb)
+        except ServerError as exc:
+            result = Fetched(number, None, exc)
+        else:
+            data = None
+            if self.multiline:
+                announced = parse_announced_size(text) if self.verb == "RETR" else None
+                data = client._body(client.max_message_size, announced)
+                if self.verb == "RETR":
+                    client._check_size(number, len(data), announced)
+            result = Fetched(number, data, None)
+        self.answered += 1
+        self.inflight_bytes.popleft()
+        return result
+
+    def absorb(self) -> None:
+        """Read every response in flight into the queue (before another command is sent)."""
+        while self.answered < self.sent:
+            self.ready.append(self._read_one())
+        if self.client._batch is self:
+            self.client._batch = None
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``python pop3lite.py HOST USER`` checks a mailbox."""
+    raise NotImplementedError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,908 @@
+"""Tests of pop3lite.py, in the module's order: errors, protocol core, transport, client.
+
+The pure core is fed whole inputs, byte by byte and with trailing data. Client behaviour is
+checked against a scripted peer (exact bytes both ways) and against fakeserver.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import pop3lite
+from pop3lite import (
+    Capabilities,
+    Stat,
+    apop_digest,
+    display_text,
+    find_apop_timestamp,
+    find_body_end,
+    format_command,
+    is_loopback,
+    message_number,
+    parse_announced_size,
+    parse_capabilities,
+    parse_response_code,
+    parse_scan_listing,
+    parse_stat,
+    parse_status,
+    parse_uid_listing,
+    safe_cut,
+    server_error,
+    to_crlf,
+    unstuff,
+)
+
+TIMEOUT = 5.0  # every socket in these tests gives up after this long
+
+
+# =============================================================================================
+# A scripted peer: one connection, exact bytes both ways
+# =============================================================================================
+
+
+class Peer:
+    """The server side of one connection, driven by a test's script function."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+        self.received: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        self.conn.sendall(data)
+
+    def send_bytewise(self, data: bytes) -> None:
+        for i in range(len(data)):
+            self.conn.sendall(data[i : i + 1])
+
+    def line(self) -> bytes:
+        """The next command line the client sent, CRLF included; b"" at EOF."""
+        deadline = time.monotonic() + TIMEOUT
+        while b"\n" not in self.buf:
+            if time.monotonic() > deadline:
+                raise AssertionError("client sent no complete line")
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                return b""
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        self.received.append(line + b"\n")
+        return line + b"\n"
+
+    def expect(self, command: bytes, reply: bytes) -> None:
+        got = self.line()
+        assert got == command, (got, command)
+        self.send(reply)
+
+    def eof(self) -> bool:
+        """True if the client closed the connection without sending anything more."""
+        if self.buf:
+            return False
+        try:
+            return self.conn.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+@contextlib.contextmanager
+def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
+    """Run ``script`` as the server of one loopback connection; yield the port.
+
+    An assertion or error in the script fails the test at the end of the block."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError as exc:
+            errors.append(exc)
+            return
+        with conn:
+            conn.settimeout(TIMEOUT)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                script(Peer(conn))
+            except BaseException as exc:  # reported in the test's thread
+                errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        thread.join(TIMEOUT * 2)
+        listener.close()
+    assert not thread.is_alive(), "scripted server did not finish"
+    if errors:
+        raise errors[0]
+
+
+GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
+
+
+def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
+    kwargs.setdefault("timeout", TIMEOUT)
+    kwargs.setdefault("tls", "none")
+    return pop3lite.POP3("127.0.0.1", port, **kwargs)
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+@pytest.mark.parametrize(
+    ("code", "command", "cls"),
+    [
+        ("IN-USE", "PASS", pop3lite.InUseError),
+        ("LOGIN-DELAY", "APOP", pop3lite.LoginDelayError),
+        ("SYS/TEMP", "RETR", pop3lite.TemporaryError),
+        ("SYS/PERM", "PASS", pop3lite.PermanentError),
+        ("AUTH", "PASS", pop3lite.AuthenticationError),
+        (None, "PASS", pop3lite.AuthenticationError),
+        (None, "USER", pop3lite.AuthenticationError),
+        (None, "AUTH", pop3lite.AuthenticationError),
+        (None, "RETR", pop3lite.ServerError),
+        ("SYS/OTHER", "PASS", pop3lite.ServerError),
+        ("UTF8", "RETR", pop3lite.ServerError),
+    ],
+)
+def test_server_error_class_follows_code_and_command(
+    code: str | None, command: str, cls: type
+) -> None:
+    error = server_error("text", code, command)
+    assert type(error) is cls
+    assert (error.code, error.text, error.command) == (code, "text", command)
+
+
+def test_error_hierarchy_matches_builtins() -> None:
+    assert issubclass(pop3lite.InUseError, pop3lite.TemporaryError)
+    assert issubclass(pop3lite.NetworkError, ConnectionError)
+    assert issubclass(pop3lite.TLSError, pop3lite.NetworkError)
+    assert issubclass(pop3lite.Timeout, TimeoutError)
+    assert issubclass(pop3lite.TruncatedResponse, pop3lite.ProtocolError)
+    assert issubclass(pop3lite.TruncatedResponse, ConnectionError)
+    for name in pop3lite.__all__:
+        obj = getattr(pop3lite, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and name != "SizeMismatchWarning":
+            assert issubclass(obj, pop3lite.Error), name
+
+
+def test_server_error_message_shows_code_and_text() -> None:
+    error = server_error("maildrop locked", "IN-USE", "PASS")
+    assert str(error) == "server said -ERR to PASS: [IN-USE] maildrop locked"
+
+
+# =============================================================================================
+# Protocol core
+# =============================================================================================
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"+OK", (True, b"")),
+        (b"+OK ", (True, b"")),
+        (b"+OK 2 10180", (True, b"2 10180")),
+        (b"-ERR", (False, b"")),
+        (b"-ERR [IN-USE] locked", (False, b"[IN-USE] locked")),
+    ],
+    ids=["ok-bare", "ok-space", "ok-text", "err-bare", "err-code"],
+)
+def test_parse_status(line: bytes, expected: tuple[bool, bytes]) -> None:
+    assert parse_status(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"+ok", b"+OKAY", b"-ERROR", b"-err x", b"OK", b"", b"+ OK", b"* OK", b"+OK\t1"],
+    ids=["lower-ok", "okay", "error", "lower-err", "no-sign", "empty", "space", "imap", "tab"],
+)
+def test_parse_status_rejects_what_is_not_pop3(line: bytes) -> None:
+    with pytest.raises(pop3lite.ProtocolError):
+        parse_status(line)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"[IN-USE] locked", ("IN-USE", b"locked")),
+        (b"[SYS/TEMP] try later", ("SYS/TEMP", b"try later")),
+        (b"[sys/perm]gone", ("SYS/PERM", b"gone")),
+        (b"[LOGIN-DELAY]", ("LOGIN-DELAY", b"")),
+        (b"no code here", (None, b"no code here")),
+        (b"[unclosed", (None, b"[unclosed")),
+        (b"[] empty", (None, b"[] empty")),
+        (b"[A B] space", (None, b"[A B] space")),
+    ],
+)
+def test_parse_response_code(text: bytes, expected: tuple[str | None, bytes]) -> None:
+    assert parse_response_code(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(b"2 10180", Stat(2, 10180)), (b"0 0", Stat(0, 0)), (b"1 5 extra words", Stat(1, 5))],
+)
+def test_parse_stat(text: bytes, expected: Stat) -> None:
+    result = parse_stat(text)
+    assert result == expected
+    count, size = result
+    assert (result.count, result.size) == (count, size)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"", b"2", b"-1 5", b"2  10180", b"a b", b"2 10180\r\n", b"1" * 21 + b" 5", b" 2 3"],
+)
+def test_parse_stat_rejects_malformed(text: bytes) -> None:
+    with pytest.raises(pop3lite.ProtocolError):
+        parse_stat(text)
+
+
+def test_parse_listings() -> None:
+    assert parse_scan_listing(b"1 5954") == (1, 5954)
+    assert parse_uid_listing(b"2 whqtswO00WBw418f9t5JxYwZ") == (2, "whqtswO00WBw418f9t5JxYwZ")
+    assert parse_uid_listing(b"3 " + b"~" * 70) == (3, "~" * 70)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"0 5", b"1", b"x 5", b"1 -5", b"1 5\x00", b"18446744073709551616000 1"],
+)
+def test_parse_scan_listing_rejects_malformed(line: bytes) -> None:
+    with pytest.raises(pop3lite.ProtocolError):
+        parse_scan_listing(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"1", b"0 abc", b"1 " + b"a" * 71, b"1 has space", b"1 caf\xc3\xa9", b"1 tab\t", b"1 a b"],
+    ids=["no-uid", "zero", "too-long", "space", "8bit", "tab", "two"],
+)
+def test_parse_uid_listing_enforces_rfc1939(line: bytes) -> None:
+    with pytest.raises(pop3lite.ProtocolError):
+        parse_uid_listing(line)
+
+
+def test_parse_capabilities() -> None:
+    caps = parse_capabilities(
+        [
+            b"TOP",
+            b"sasl SCRAM-SHA-256 plain",
+            b"LOGIN-DELAY 900",
+            b"EXPIRE NEVER",
+            b"PIPELINING",
+            b"UTF8 USER",
+            b"IMPLEMENTATION Caf\xe9 \xff server",
+            b"",
+        ]
+    )
+    assert isinstance(caps, Capabilities)
+    assert caps["SASL"] == ["SCRAM-SHA-256", "plain"]
+    assert caps.sasl == ["SCRAM-SHA-256", "PLAIN"]
+    assert caps.login_delay == 900
+    assert caps.expire == "NEVER"
+    assert caps.pipelining and caps.utf8 and caps.utf8_user and not caps.stls
+    assert caps.implementation == "Caf\ufffd \ufffd server"
+
+
+def test_parse_announced_size() -> None:
+    assert parse_announced_size(b"5954 octets") == 5954
+    assert parse_announced_size(b"message follows") is None
+    assert parse_announced_size(b"") is None
+
+
+def test_apop_rfc1939_example() -> None:
+    # RFC 1939 section 7: the example's digest.
+    timestamp = find_apop_timestamp(b"POP3 server ready <1896.697170952@dbc.mtview.ca.us>")
+    assert timestamp == "<1896.697170952@dbc.mtview.ca.us>"
+    assert apop_digest(timestamp, "tanstaaf") == "c4c9334bac560ecc979e58001b3e22fb"
+
+
+def test_apop_operamail_timestamp() -> None:
+    greeting = (
+        b"InterChange POP3 Server v3.62 Ready (X-INF-V1) <1BC07518.3C649B3F@operamail.com>"
+    )
+    assert find_apop_timestamp(greeting) == "<1BC07518.3C649B3F@operamail.com>"
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        b"ready",
+        b"ready <no-at-sign>",
+        b"ready <a@b",
+        b"ready <>",
+        b"ready <@>",
+        b"ready <a b@c>",
+        b"ready <\x80\x81@collision>",
+        b"ready <a@b\x00c>",
+        b"ready <a<b@c>",
+        b"ready <a@>",
+    ],
+    ids=["none", "no-at", "unclosed", "empty", "bare-at", "space", "8bit", "nul", "lt", "no-dom"],
+)
+def test_apop_timestamp_must_be_a_msg_id(greeting: bytes) -> None:
+    # CVE-2007-1558: a server-chosen timestamp with arbitrary bytes enables MD5 collisions.
+    assert find_apop_timestamp(greeting) is None
+
+
+def test_format_command() -> None:
+    assert format_command("STAT") == b"STAT\r\n"
+    assert format_command("TOP", "2", "5") == b"TOP 2 5\r\n"
+    assert format_command("PASS", "with space") == b"PASS with space\r\n"
+
+
+@pytest.mark.parametrize("bad", ["a\r\nDELE 1", "a\nb", "a\rb", "a\0b", "\r\n"])
+def test_format_command_refuses_line_breaks_and_nul(bad: str) -> None:
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        format_command("USER", bad)
+
+
+def test_format_command_enforces_255_octets() -> None:
+    assert len(format_command("USER", "u" * 248)) == 255
+    with pytest.raises(ValueError, match="256 octets"):
+        format_command("USER", "u" * 249)
+
+
+def test_format_command_encoding() -> None:
+    with pytest.raises(ValueError, match="not ascii"):
+        format_command("USER", "j\u00f6rg")
+    assert format_command("USER", "j\u00f6rg", encoding="utf-8") == b"USER j\xc3\xb6rg\r\n"
+    with pytest.raises(TypeError):
+        format_command("USER", b"bytes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1", None])
+def test_message_number_must_be_a_positive_int(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        message_number(bad)
+
+
+def test_display_text_escapes_control_characters() -> None:
+    assert display_text(b"ok \x1b[31mred\x07") == "ok \\x1b[31mred\\x07"
+    assert display_text(b"caf\xc3\xa9 \xff") == "caf\u00e9 \ufffd"
+    assert display_text(b"\xc2\x9b") == "\\x9b"  # C1 control (CSI) as UTF-8
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.1", False),
+        ("1.127.0.0", False),
+        ("::2", False),
+        ("fe80::1%lo", False),
+    ],
+)
+def test_is_loopback(address: str, expected: bool) -> None:
+    assert is_loopback(address) is expected
+
+
+# -- multi-line framing ---------------------------------------------------------------------
+
+FRAMING_CASES = {
+    "empty": (b".\r\n", b""),
+    "one-line": (b"hello\r\n.\r\n", b"hello\r\n"),
+    "stuffed": (b"..\r\n...x\r\nmid..dle\r\n..\r\n.\r\n", b".\r\n..x\r\nmid..dle\r\n.\r\n"),
+    "blank-lines": (b"\r\n\r\n.\r\n", b"\r\n\r\n"),
+    "dot-in-text": (b"a.\r\n.b\r\n.\r\n", b"a.\r\n.b\r\n"),
+    "stuffed-first": (b"..first\r\nsecond\r\n.\r\n", b".first\r\nsecond\r\n"),
+}
+
+
+def frame_whole(raw: bytes, eol: bytes = b"\r\n") -> tuple[bytes, int]:
+    end = find_body_end(raw, 0, 0, eol)
+    assert end >= 0
+    return unstuff(raw[:end], eol), end + len(eol) + 1
+
+
+@pytest.mark.parametrize(("raw", "body"), FRAMING_CASES.values(), ids=FRAMING_CASES.keys())
+def test_framing_whole_input_and_trailing_data(raw: bytes, body: bytes) -> None:
+    assert frame_whole(raw) == (body, len(raw))
+    # Trailing data (the next pipelined response) is not part of the body.
+    assert frame_whole(raw + b"+OK next\r\n.\r\n") == (body, len(raw))
+
+
+@pytest.mark.parametrize(("raw", "body"), FRAMING_CASES.values(), ids=FRAMING_CASES.keys())
+def test_framing_every_prefix_is_incomplete(raw: bytes, body: bytes) -> None:
+    for cut in range(len(raw)):
+        assert find_body_end(raw[:cut], 0, 0, b"\r\n") == -1, cut
+
+
+@pytest.mark.parametrize(("raw", "body"), FRAMING_CASES.values(), ids=FRAMING_CASES.keys())
+def test_framing_incremental_search_matches_whole(raw: bytes, body: bytes) -> None:
+    # Feed a byte at a time, searching only from where the last search left off (minus the
+    # overlap the transport keeps), as the transport does.
+    buf = b""
+    search = 0
+    for i in range(len(raw)):
+        buf += raw[i : i + 1]
+        end = find_body_end(buf, 0, search, b"\r\n")
+        if end >= 0:
+            assert i == len(raw) - 1
+            assert unstuff(buf[:end]) == body
+            break
+        search = max(0, len(buf) - 4)
+    else:
+        raise AssertionError("terminator never found")
+
+
+def test_framing_bare_lf() -> None:
+    raw = b"a\n..b\n.\n"
+    end = find_body_end(raw, 0, 0, b"\n")
+    assert to_crlf(unstuff(raw[:end], b"\n")) == b"a\r\n.b\r\n"
+
+
+def test_framing_respects_end_bound() -> None:
+    raw = b"abc\r\n.\r\n"
+    assert find_body_end(raw, 0, 0, b"\r\n", end=len(raw) - 1) == -1
+    assert find_body_end(raw, 0, 0, b"\r\n", end=len(raw)) == 5
+
+
+def test_unstuff_not_at_line_start() -> None:
+    assert unstuff(b"..tail\r\n..x\r\n", at_line_start=False) == b"..tail\r\n.x\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"abc\r\ndef\r\ngh", (10, True)),
+        (b"abc\r\n", (5, True)),
+        (b"abcdef", (6, False)),
+        (b"abcde\r", (5, False)),
+    ],
+)
+def test_safe_cut(data: bytes, expected: tuple[int, bool]) -> None:
+    assert safe_cut(data, 0, len(data), b"\r\n") == expected
+
+
+# =============================================================================================
+# Client against a scripted peer: exact bytes
+# =============================================================================================
+
+
+def test_greeting_and_timestamp() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.greeting == "POP3 ready <1896.697170952@dbc.mtview.ca.us>"
+        assert pop.timestamp == "<1896.697170952@dbc.mtview.ca.us>"
+        assert "127.0.0.1" in repr(pop) and "authorization" in repr(pop)
+
+
+def test_greeting_err_raises_typed_error() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(b"-ERR [SYS/TEMP] too many connections\r\n")
+
+    with scripted(script) as port, pytest.raises(pop3lite.TemporaryError) as info:
+        connect(port)
+    assert info.value.text == "too many connections"
+
+
+def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n", b"+OK maildrop ready\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.apop("mrose", "tanstaaf") == "maildrop ready"
+    assert "C: APOP ****" in caplog.text
+    assert "c4c9334b" not in caplog.text and "tanstaaf" not in caplog.text
+
+
+def test_apop_without_timestamp_refuses_before_sending() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(b"+OK no timestamp here\r\n")
+        assert peer.eof()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(ValueError, match="no APOP timestamp"):
+            pop.apop("user", "pw")
+        pop.close()
+
+
+def test_login_logs_are_redacted_and_errors_are_typed(caplog: pytest.LogCaptureFixture) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"USER alice\r\n", b"+OK\r\n")
+        peer.expect(b"PASS s3cret pass\r\n", b"-ERR [AUTH] invalid login\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with scripted(script) as port, connect(port) as pop:
+        with pytest.raises(pop3lite.AuthenticationError) as info:
+            pop.login("alice", "s3cret pass")
+        assert info.value.code == "AUTH"
+        assert "s3cret" not in str(info.value) and "s3cret" not in repr(pop)
+    assert "C: PASS ****" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["user", "password"])
+def test_crlf_injection_is_refused_before_anything_is_sent(field: str) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        assert peer.eof()  # nothing at all reached the wire
+
+    with scripted(script) as port:
+        pop = connect(port)
+        args = {"user": "alice", "password": "pw"}
+        args[field] = "x\r\nDELE 1"
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            pop.login(args["user"], args["password"])
+        pop.close()
+
+
+def test_stat_list_uidl_retr_top_dele_rset_noop_quit() -> None:
+    message = b"Subject: hi\r\n\r\n.leading dot\r\nbody\r\n"
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"STAT\r\n", b"+OK 2 320\r\n")
+        peer.expect(b"LIST\r\n", b"+OK 2 messages\r\n1 120\r\n2 200\r\n.\r\n")
+        peer.expect(b"LIST 2\r\n", b"+OK 2 200\r\n")
+        peer.expect(b"UIDL\r\n", b"+OK\r\n1 abc\r\n2 def\r\n.\r\n")
+        peer.expect(b"UIDL 1\r\n", b"+OK 1 abc\r\n")
+        peer.expect(b"RETR 1\r\n", b"+OK %d octets\r\n" % len(message) + stuffed + b".\r\n")
+        peer.expect(b"TOP 1 0\r\n", b"+OK\r\nSubject: hi\r\n\r\n.\r\n")
+        peer.expect(b"DELE 1\r\n", b"+OK message 1 deleted\r\n")
+        peer.expect(b"RSET\r\n", b"+OK reset\r\n")
+        peer.expect(b"NOOP\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK signing off\r\n")
+
+    with scripted(script) as port:
+        pop = connect(port)
+        assert pop.stat() == (2, 320)
+        assert pop.list() == {1: 120, 2: 200}
+        assert pop.list(2) == 200
+        assert pop.uidl() == {1: "abc", 2: "def"}
+        assert pop.uidl(1) == "abc"
+        assert pop.retr(1) == message
+        assert pop.top(1, 0) == b"Subject: hi\r\n\r\n"
+        assert pop.dele(1) == "message 1 deleted"
+        assert pop.rset() == "reset"
+        assert pop.noop() == ""
+        assert pop.quit() == "signing off"
+        with pytest.raises(pop3lite.NetworkError, match="connection closed"):
+            pop.noop()
+
+
+def test_uidl_reports_duplicates() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"UIDL\r\n", b"+OK\r\n1 same\r\n2 other\r\n3 same\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        uids = pop.uidl()
+        assert uids == {1: "same", 2: "other", 3: "same"}
+        assert uids.duplicates == {"same": [1, 3]}
+
+
+def test_body_sent_one_byte_at_a_time() -> None:
+    body = b"line one\r\n..dotted\r\n\r\n" + b"x" * 3000 + b"\r\n"
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        assert peer.line() == b"RETR 1\r\n"
+        peer.send_bytewise(b"+OK\r\n" + body + b".\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.retr(1) == body.replace(b"\r\n..", b"\r\n.")
+
+
+def test_bare_lf_server_is_tolerated_and_bodies_become_crlf() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(b"+OK hi\n")
+        peer.expect(b"RETR 1\r\n", b"+OK\nSubject: x\n\n..dot\n.\n")
+        peer.expect(b"QUIT\r\n", b"+OK\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.retr(1) == b"Subject: x\r\n\r\n.dot\r\n"
+
+
+def test_bare_cr_is_a_protocol_error() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(b"+OK hi\rthere\r\n")
+
+    with scripted(script) as port, pytest.raises(pop3lite.ProtocolError, match="bare CR"):
+        connect(port)
+
+
+def test_overlong_status_line_closes_the_connection() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK " + b"x" * (pop3lite.MAX_RESPONSE_LINE + 10))
+        assert peer.eof()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.LimitExceeded):
+            pop.noop()
+        with pytest.raises(pop3lite.NetworkError, match="connection closed"):
+            pop.noop()
+
+
+def test_message_over_the_size_limit_closes_the_connection() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK\r\n" + b"y" * 5000 + b"\r\n.\r\n")
+        assert peer.eof()
+
+    with scripted(script) as port:
+        pop = connect(port, max_message_size=4096)
+        with pytest.raises(pop3lite.LimitExceeded, match="4096"):
+            pop.retr(1)
+        assert "closed" in repr(pop)
+
+
+@pytest.mark.parametrize("cut", [b"+OK\r\npartial", b"+OK\r\npartial\r\n", b"+OK\r\n.."])
+def test_eof_inside_multiline_is_truncated_response(cut: bytes) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(cut)
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.TruncatedResponse) as info:
+            pop.retr(1)
+        assert isinstance(info.value, ConnectionError)
+
+
+def test_eof_instead_of_answer_is_network_error() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.NetworkError, match="closed the connection"):
+            pop.stat()
+
+
+def test_two_answers_to_one_command_close_the_connection() -> None:
+    # An extra response means the session is out of step: trusting the next line would
+    # pair every later answer with the wrong command.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"NOOP\r\n", b"+OK\r\n-ERR surprise\r\n")
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError, match="more than was asked"):
+            pop.noop()
+        with pytest.raises(pop3lite.NetworkError):
+            pop.stat()
+
+
+def test_trickling_server_cannot_stretch_the_deadline() -> None:
+    stop = threading.Event()
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK\r\n")
+        for _ in range(100):  # one byte every 50 ms: 5 s at most, far past the deadline
+            if stop.wait(0.05):
+                return
+            try:
+                peer.send(b"z")
+            except OSError:
+                return
+
+    with scripted(script) as port:
+        pop = connect(port, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(pop3lite.Timeout):
+            pop.retr(1)
+        elapsed = time.monotonic() - started
+        stop.set()
+    assert elapsed < 2.0, elapsed
+
+
+def test_silent_server_times_out() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.eof()  # wait for the client to give up
+
+    with scripted(script) as port:
+        pop = connect(port, timeout=0.3)
+        with pytest.raises(TimeoutError):
+            pop.stat()
+
+
+def test_context_manager_quits_on_success_and_aborts_on_error() -> None:
+    def clean(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(clean) as port, connect(port) as pop:
+        pop.dele(1)
+
+    def failing(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        assert peer.eof(), "QUIT must not be sent when the block raised"
+
+    with scripted(failing) as port, pytest.raises(RuntimeError):  # noqa: PT012
+        with connect(port) as pop:
+            pop.dele(1)
+            raise RuntimeError("disk full")
+
+
+def test_size_mismatch_warns_or_raises() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        for _ in range(2):
+            peer.expect(b"RETR 1\r\n", b"+OK 99 octets\r\nshort\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        with pytest.warns(pop3lite.SizeMismatchWarning, match="announced 99"):
+            assert pop.retr(1) == b"short\r\n"
+        pop.strict_size = True
+        with pytest.raises(pop3lite.ProtocolError, match="announced 99"):
+            pop.retr(1)
+
+
+def test_retr_to_streams_large_message_across_chunks() -> None:
+    lines = [b"..%06d" % i + b"." * (i % 7) for i in range(60000)]
+    message = b"".join(line[1:] + b"\r\n" for line in lines)  # unstuffed form
+    wire = b"".join(line + b"\r\n" for line in lines)
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"RETR 1\r\n", b"+OK %d octets\r\n" % len(message) + wire + b".\r\n")
+        peer.expect(b"RETR 1\r\n", b"+OK %d octets\r\n" % len(message) + wire + b".\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        out = io.BytesIO()
+        assert pop.retr_to(1, out) == len(message)
+        assert out.getvalue() == message
+        assert pop.retr(1) == message  # the large-body path of retr()
+
+
+def test_pipelining_sends_ahead_and_keeps_order() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        # All three commands arrive before any answer is sent: they were pipelined.
+        commands = [peer.line() for _ in range(3)]
+        assert commands == [b"RETR 1\r\n", b"RETR 2\r\n", b"RETR 3\r\n"]
+        peer.send(b"+OK\r\none\r\n.\r\n-ERR no such message\r\n+OK\r\nthree\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        results = list(pop.retr_many([1, 2, 3]))
+        assert [r.number for r in results] == [1, 2, 3]
+        assert results[0].data == b"one\r\n" and results[2].data == b"three\r\n"
+        assert results[1].data is None
+        assert isinstance(results[1].error, pop3lite.ServerError)
+        assert results[1].error.text == "no such message"
+
+
+def test_without_pipelining_batch_goes_one_at_a_time() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"-ERR unknown command\r\n")
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        peer.expect(b"DELE 2\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert [r.error for r in pop.dele_many([1, 2])] == [None, None]
+
+
+def test_command_inside_a_batch_keeps_the_session_in_step() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(2)] == [b"RETR 1\r\n", b"RETR 2\r\n"]
+        peer.send(b"+OK\r\none\r\n.\r\n+OK\r\ntwo\r\n.\r\n")
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        peer.expect(b"DELE 2\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        seen = []
+        for item in pop.retr_many([1, 2]):
+            seen.append(item.data)
+            pop.dele(item.number)  # interleaved: the batch's answers are queued first
+        assert seen == [b"one\r\n", b"two\r\n"]
+
+
+def test_abandoned_batch_is_drained_before_the_next_command() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(3)] == [b"TOP 1 0\r\n", b"TOP 2 0\r\n", b"TOP 3 0\r\n"]
+        peer.send(b"+OK\r\na\r\n.\r\n+OK\r\nb\r\n.\r\n+OK\r\nc\r\n.\r\n")
+        peer.expect(b"STAT\r\n", b"+OK 3 30\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        first = next(pop.top_many([1, 2, 3], 0))
+        assert first.data == b"a\r\n"
+        assert pop.stat() == (3, 30)
+
+
+def test_pipeline_window_bounds_commands_in_flight() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        # window=2: only two commands may be outstanding before the first answer.
+        assert [peer.line() for _ in range(2)] == [b"DELE 1\r\n", b"DELE 2\r\n"]
+        peer.conn.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            peer.conn.recv(1)
+        peer.conn.settimeout(TIMEOUT)
+        peer.send(b"+OK\r\n+OK\r\n")
+        assert [peer.line() for _ in range(2)] == [b"DELE 3\r\n", b"DELE 4\r\n"]
+        peer.send(b"+OK\r\n+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port, pipeline_window=2) as pop:
+        assert len(list(pop.dele_many([1, 2, 3, 4]))) == 4
+
+
+def test_calls_after_close_say_the_connection_is_closed() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+
+    with scripted(script) as port:
+        pop = connect(port)
+        pop.abort()
+        with pytest.raises(pop3lite.NetworkError, match="aborted by the client"):
+            pop.stat()
+        pop.close()  # closing twice is harmless
+
+
+def test_caller_mistakes_raise_value_error() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        assert peer.eof()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        for call in (
+            lambda: pop.retr(0),
+            lambda: pop.dele(-3),
+            lambda: pop.top(1, -1),
+            lambda: pop.list(True),
+            lambda: list(pop.retr_many([1, "2"])),  # type: ignore[list-item]
+        ):
+            with pytest.raises(ValueError):
+                call()
+        pop.close()
+    with pytest.raises(ValueError):
+        pop3lite.POP3("127.0.0.1", 1, tls="sometimes")

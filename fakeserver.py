@@ -1,0 +1,1840 @@
+"""A fake POP3 server for tests and demonstrations: RFC 1939 done right, plus faults on demand.
+
+By default it replays the OperaMail session of the project's seed (an InterChange POP3 server of
+2002, user ``hogehoge``, password ``fugafuga``, two Japanese newsletters)::
+
+    with FakeServer() as server:                  # 127.0.0.1, a free port, serving in a thread
+        pop = poplib.POP3(server.host, server.port, timeout=5)
+        pop.user("hogehoge"); pop.pass_("fugafuga")
+        assert pop.stat() == (2, 10180)
+    # leaving the block shuts the server down and re-raises the first error a session hit
+
+API (everything else is private):
+
+``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
+tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
+greeting=None)``
+    ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
+    ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
+    ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
+    ``users``: ``{name: Maildrop}``, replaces the preset's (the objects are used, not copied).
+    ``capabilities``: CAPA lines; None keeps the preset's, an empty sequence turns CAPA off. The
+    ``SASL`` line also selects the mechanisms AUTH accepts, ``UTF8`` enables the UTF8 command;
+    ``STLS`` is added or left out by the server (offered only with ``tls="stls"``, before TLS).
+    ``tls``: None, ``"stls"`` (RFC 2595) or ``"implicit"``; the certificate is the embedded one for
+    localhost, 127.0.0.1 and ::1, signed by ``CA_PEM``.
+    ``faults``: ``Fault`` objects (below). ``script``: a list of ``(expected_command, raw_reply)``
+    pairs that replaces the whole protocol (expected None: send without reading; the first pair is
+    usually ``(None, b"+OK hi\\r\\n")``); a different command fails the test at exit.
+    ``idle_timeout``: seconds of client silence before autologout (the connection closes without
+    a reply and without UPDATE, RFC 1939 section 3). ``max_sessions``: concurrent connections;
+    more get ``-ERR [SYS/TEMP]`` and are closed. ``oauth_token``: the bearer token that XOAUTH2
+    and OAUTHBEARER accept (preset "rfc": ``"fake-oauth-token"``). ``greeting``: the text after
+    ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp.
+
+Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
+``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
+/ ``"S: ..."`` strings per connection, in order of connection; each line is recorded before it is
+written; passwords and SASL responses appear as ``****``), ``errors`` (exceptions sessions hit),
+``start()``, ``close()`` (stop, then raise the first error), ``ssl_context_for_clients()``,
+context manager.
+
+``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
+uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
+``.from_eml_dir(...)``. Messages are stored with CRLF line ends and a final CRLF.
+
+``Fault(kind, command=None, value=None, times=None)``: ``command`` None selects every reply the
+kind can apply to; a verb (``"RETR"``) selects that command; a full command line
+(``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how often it fires.
+Kinds (``value`` in brackets):
+
+- transport: ``delay`` [seconds, default 1] before the reply; ``drop`` [N] closes the connection
+  after N bytes of the reply (command None: after N bytes of the whole connection); ``bytewise``
+  sends one byte per send call.
+- format: ``lf`` (LF-only line ends); ``long-line`` [octets, default 2048] (a single-line reply is
+  padded, a multi-line reply gets such a first line); ``no-terminator`` (no final ".", then
+  hang up); ``unstuffed-dot`` (body lines that start with "." are not dot-stuffed); ``8bit`` (8-bit
+  and NUL bytes appended to a single-line reply, or as an extra last line of a multi-line one);
+  ``wrong-octets`` [announced count, default size + 1] in ``+OK n octets`` of RETR;
+  ``huge-sizes`` [added octets, default 2**32] to the sizes of STAT and LIST.
+- response codes (the command is not executed; [text]): ``in-use``, ``login-delay``, ``auth``
+  (command None: PASS, APOP and AUTH), ``sys-temp``, ``sys-perm`` (command None: every command).
+- session: ``bad-timestamp`` [text, default an unterminated ``<...``] in the greeting;
+  ``stls-refused`` (STLS answered -ERR); ``stls-absent`` (STLS neither offered nor accepted);
+  ``stls-inject`` [bytes] sent in plaintext right after STLS's +OK; ``tls-stall`` (after STLS's
+  +OK, or on connect with implicit TLS, no handshake: the server waits silently);
+  ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
+  of its reply.
+
+``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` verifies the server.
+
+Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
+stdout is ``HOST:PORT``; Ctrl-C stops it.
+
+The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
+both cannot hide.
+"""
+# SPDX-License-Identifier: MIT
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import mailbox
+import os
+import re
+import socket
+import socketserver
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import (
+    Callable,
+    Iterable,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    cast,
+)
+
+__all__ = ["CA_PEM", "FAULT_KINDS", "Fault", "FakeServer", "Maildrop", "main"]
+
+logger = logging.getLogger("fakeserver")
+
+# ======================================================================================
+# Constants
+# ======================================================================================
+
+#: RFC 2449 section 4: a command line is at most 255 octets including the CRLF.
+MAX_COMMAND_LINE = 255
+#: RFC 5034 section 4 lifts the line limit for SASL responses; OAuth tokens run to a few KiB.
+MAX_SASL_LINE = 16384
+#: An over-long command line is skipped up to this many octets to stay in step; past it we hang up.
+MAX_DISCARD = 65536
+#: RFC 1939 section 3: an autologout timer must be at least 10 minutes.
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_MAX_SESSIONS = 50
+#: RFC 7677 section 4 recommends at least 4096 iterations for SCRAM-SHA-256.
+SCRAM_ITERATIONS = 4096
+#: How long a closing connection waits for the client to close its side (avoids a reset).
+LINGER_SECONDS = 1.0
+
+OPERAMAIL_TIMESTAMP = "<1BC07518.3C649B3F@operamail.com>"
+OAUTH_TOKEN = "fake-oauth-token"
+
+# ======================================================================================
+# Test certificates
+# ======================================================================================
+
+# BEGIN TEST CERTIFICATES (generated by tools/make_test_certs.sh; do not edit by hand)
+CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBuTCCAV6gAwIBAgIILevmvV5PFlUwCgYIKoZIzj0EAwIwPzEXMBUGA1UECgwO
+cG9wM2xpdGUgdGVzdHMxJDAiBgNVBAMMG3BvcDNsaXRlIGZha2VzZXJ2ZXIgdGVz
+dCBDQTAgFw0yNjExMjYxODA4NDZaGA8yMTI2MTEwMjE4MDg0NlowPzEXMBUGA1UE
+CgwOcG9wM2xpdGUgdGVzdHMxJDAiBgNVBAMMG3BvcDNsaXRlIGZha2VzZXJ2ZXIg
+dGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABAULBve5Ol/v/DIW0w6a
+z5lqrB780cDWs8R4D2Fkb/us9lQEXWN5nFZ5QRIs2ka9hPtRz1bQJwQbG7JhhEWy
+VJejQjBAMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMB0GA1UdDgQW
+BBRw+196RrHDE17fj2/+SE3m7Mn+lzAKBggqhkjOPQQDAgNJADBGAiEA1PEInrVy
+kHd6reCiZNBPjXrpxCZPEflxilMGRAOirIwCIQCRcWHzlXHLQ6jlE1jCSGqIDrhZ
+ONr5EBoMzXf4h7PX/A==
+-----END CERTIFICATE-----
+"""
+SERVER_CERT_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIICCjCCAa+gAwIBAgIII1948E3GG+AwCgYIKoZIzj0EAwIwPzEXMBUGA1UECgwO
+cG9wM2xpdGUgdGVzdHMxJDAiBgNVBAMMG3BvcDNsaXRlIGZha2VzZXJ2ZXIgdGVz
+dCBDQTAgFw0yNjExMjYxODA4NDdaGA8yMTI2MTEwMjE4MDg0N1owLTEXMBUGA1UE
+CgwOcG9wM2xpdGUgdGVzdHMxEjAQBgNVBAMMCWxvY2FsaG9zdDBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABC3UwzDvajYaqlaYPEtpnI7heL4a81ESDhjJz12ODk9a
+hOpi7oyCPEFGyRhkgVoZOVTKOpQYh2rU9cQ1q2xvvDijgaQwgaEwDAYDVR0TAQH/
+BAIwADAOBgNVHQ8BAf8EBAMCBaAwEwYDVR0lBAwwCgYIKwYBBQUHAwEwLAYDVR0R
+BCUwI4IJbG9jYWxob3N0hwR/AAABhxAAAAAAAAAAAAAAAAAAAAABMB0GA1UdDgQW
+BBRILhXV0BpWbic4UjBXPIuVLQwq/DAfBgNVHSMEGDAWgBRw+196RrHDE17fj2/+
+SE3m7Mn+lzAKBggqhkjOPQQDAgNJADBGAiEA+tAmYrWewjpbPqbKsohX3kU3ID5w
+bqyLFBdYoYXsQLcCIQDjN6XDhV8XwxgDZCg3fEtPFHuJTLk4d2GKclovthQVdQ==
+-----END CERTIFICATE-----
+"""
+SERVER_KEY_PEM = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgEwdKuQxAxkXaKCL5
+lPe1dpHqTC2IF+ZOYJdKJuWSEqehRANCAAQt1MMw72o2GqpWmDxLaZyO4Xi+GvNR
+Eg4Yyc9djg5PWoTqYu6MgjxBRskYZIFaGTlUyjqUGIdq1PXENatsb7w4
+-----END PRIVATE KEY-----
+"""
+# END TEST CERTIFICATES
+
+# ======================================================================================
+# Mail of the presets
+# ======================================================================================
+
+# The seed's two messages come from a web page that dropped white space. Three repairs, each the
+# least that makes the messages valid RFC 5322 again:
+# - folded header lines lost their leading white space: one space is restored on the lone ">" of
+#   message 1's Message-ID, on its three Subject continuation lines, and on the "+?=" of message
+#   2's Subject (a fold inside an encoded word: the real message was like that, clients must cope);
+# - the blank line between header and body is restored;
+# - the page shows four body lines of message 2 for "TOP 2 5", so it dropped one blank body line
+#   as well. We take it to be the fifth line (a blank line after the ad's banner), which keeps the
+#   seed's four lines at the start of the body; TOP 2 5 therefore returns them plus that blank line.
+# Message 1's "(以下省略)" is the page author's "(rest omitted)", not message content.
+# Message 2's Subject is base64 of Shift_JIS bytes labelled ISO-2022-JP: kept as the seed shows it.
+
+_ATMARKIT_HEADER = (
+    "Received: from www2.csc.ne.jp [203.141.151.50] (atmarkit-news-admin@atmarkit.co.jp) by"
+    " operamail.com; Sun, 20 Jan 2002 21:51:20 -0500",
+    "Received: from atmarkit-www.atmarkit.co.jp (atmarkit-www.atmarkit.co.jp [211.4.251.193])",
+    "    by www2.csc.ne.jp (8.11.1/8.11.1) with ESMTP id g0L2ou432332",
+    "    for <muller@csc.jp>; Mon, 21 Jan 2002 11:50:56 +0900 (JST)",
+    "    (envelope-from atmarkit-news-admin@atmarkit.co.jp)",
+    "Received: from atmarkit-www.atmarkit.co.jp (IDENT:root@atmarkit-www.atmarkit.co.jp"
+    " [211.4.251.193])",
+    "    by atmarkit-www.atmarkit.co.jp (8.9.3/8.9.3) with ESMTP id HAA21689",
+    "    for <muller@csc.jp>; Mon, 21 Jan 2002 07:26:05 +0900",
+    "Message-ID: <-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp",
+    " >",
+    "Date: Mon, 21 Jan 2002 07:26:05 +0900 (JST)",
+    "From: membership@atmarkit.co.jp",
+    "To: muller@csc.jp",
+    "Subject: =?iso-2022-jp?B?GyRCIXcbKEJJVBskQj83Q2VCLkpzGyhCIC0gMjA=?=",
+    " =?iso-2022-jp?B?MDIvMS8xORskQiEhGyhCMUZEIA==?=",
+    " =?iso-2022-jp?B?TGludXgbJEIkRzpuJGs5YjUhRz0laxsoQg==?=",
+    " =?iso-2022-jp?B?GyRCITwlPxsoQiAbJEIhTiUkJXMlOSVIITwla0pUIU8bKEI=?=",
+    "Mime-Version: 1.0",
+    "Content-Type: text/plain; charset=iso-2022-jp",
+    "Content-Transfer-Encoding: 7bit",
+)
+_ATMARKIT_START = (
+    "┏━┳━┳━┓",
+    "┃@┃I┃T┃ 新着速報 (2002/1/19)",
+    "┗━┻━┻━┛",
+    "@ITの新着記事をお届けします。",
+    "",
+)
+_ATMARKIT_SECTIONS = (
+    (
+        "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
+        "■Linux Square",
+        "  1FD Linuxで作る高機能ルータ［インストール編］",
+        "  フロッピー1枚で起動するLinuxで、使わなくなったPCをルータとして",
+        "  よみがえらせます。今回はインストールと基本設定の手順を解説します。",
+        "  http://www.atmarkit.co.jp/flinux/special/1fd/1fd02a.html",
+        "",
+    ),
+    (
+        "■Windows Server Insider",
+        "  Windows 2000 Serverのグループポリシーを使いこなす（第3回）",
+        "  クライアントのデスクトップ環境を一括して管理する方法を紹介します。",
+        "  http://www.atmarkit.co.jp/fwin2k/operation/gpolicy03/gpolicy03_01.html",
+        "",
+    ),
+    (
+        "■Java Solution",
+        "  サーブレットとJSPで作るWebアプリケーション入門（前編）",
+        "  セッション管理の考え方と、フォームの値を安全に扱う方法を学びます。",
+        "  http://www.atmarkit.co.jp/fjava/rensai/webapp01/webapp01.html",
+        "",
+    ),
+    (
+        "■Security & Trust",
+        "  今さら聞けないファイアウォールの基礎",
+        "  パケットフィルタリングとアプリケーションゲートウェイの違いを、",
+        "  図を使って分かりやすく説明します。",
+        "  http://www.atmarkit.co.jp/fsecurity/special/firewall/firewall01.html",
+        "",
+    ),
+    (
+        "■Master of IP Network",
+        "  ネットワーク管理者のためのDNS再入門（第2回）",
+        "  ゾーン転送の設定を見直して、不要な情報の漏えいを防ぎましょう。",
+        "  http://www.atmarkit.co.jp/fnetwork/rensai/dns02/dns02.html",
+        "",
+    ),
+    (
+        "■Database Expert",
+        "  PostgreSQLで始めるデータベース設計",
+        "  正規化の基本から、インデックスを張る場所の選び方までを扱います。",
+        "  http://www.atmarkit.co.jp/fdb/rensai/pgsql01/pgsql01.html",
+        "",
+    ),
+    (
+        "■XML & Web Services",
+        "  SOAPメッセージの中身を読んでみよう",
+        "  Webサービスの呼び出しで実際に流れるXMLを、一行ずつ追いかけます。",
+        "  http://www.atmarkit.co.jp/fxml/rensai/soap02/soap02.html",
+        "",
+    ),
+    (
+        "■System Insider",
+        "  ハードディスクの容量はどこまで増えるのか",
+        "  記録密度の向上を支える技術と、今後のロードマップを展望します。",
+        "  http://www.atmarkit.co.jp/fsys/zunouhoudan/hdd01/hdd01.html",
+        "",
+    ),
+    (
+        "■会議室から",
+        "  「Linux Square」会議室：カーネル2.4へ移行するときの注意点は？",
+        "  「Java Solution」会議室：Tomcatの文字化けを直すには",
+        "  http://www.atmarkit.co.jp/bbs/",
+        "",
+    ),
+    (
+        "■Web Site Design",
+        "  スタイルシートで作る、読みやすいページのレイアウト",
+        "  テーブルを使わずに段組みを実現するテクニックを紹介します。",
+        "  http://www.atmarkit.co.jp/fwebdesign/rensai/css02/css02.html",
+        "",
+    ),
+    (
+        "■Business Computing",
+        "  中堅企業のためのIT投資、失敗しないための5つのポイント",
+        "  導入前に確認しておきたい費用と効果の見積もり方を考えます。",
+        "  http://www.atmarkit.co.jp/fbiz/column/invest01/invest01.html",
+        "",
+    ),
+    (
+        "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
+        "■今週の特集",
+        "  2002年、エンジニアが押さえておきたい技術トレンド",
+        "  ブロードバンドの普及、無線LAN、Webサービス、そしてセキュリティ。",
+        "  各フォーラムの編集者が、今年注目すべき技術をそれぞれの視点から",
+        "  予想します。あなたの予想と比べてみてください。",
+        "  http://www.atmarkit.co.jp/news/special/trend2002/trend01.html",
+        "",
+    ),
+    (
+        "■イベント情報",
+        "  2月7日（木）　@IT主催セミナー「Linuxサーバ構築の実際」",
+        "  会場：東京・新宿　定員：100名（参加無料、事前登録制）",
+        "  http://www.atmarkit.co.jp/event/",
+        "",
+    ),
+    ("  ・今週のアクセスランキングは、トップページからご覧いただけます。", ""),
+    ("  ・読者アンケートへのご協力をお願いいたします。", ""),
+    ("  ・次号は1月26日に配信の予定です。", ""),
+    ("■バックナンバー",),
+)
+_ATMARKIT_FOOTER = (
+    "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
+    "このメールは、@IT会員の方にお送りしています。",
+    "配信の停止や登録内容の変更は、以下のページで行えます。",
+    "  http://www.atmarkit.co.jp/club/",
+    "発行：株式会社アットマーク・アイティ",
+    "Copyright (c) 2002 atmarkit.co.jp All rights reserved.",
+)
+
+_CSC_HEADER = (
+    "Received: from platz.jp [210.143.104.205] (adv@csc.ne.jp) by operamail.com;"
+    " Mon, 21 Jan 2002 02:45:53 -0500",
+    "Received: from adv (h133-191.tokyu-net.catv.ne.jp [210.149.133.191])",
+    "    by platz.jp (8.9.3/3.7Wpl201012312) with SMTP id QAA05582",
+    "    for <muller@operamail.com>; Mon, 21 Jan 2002 16:44:50 +0900",
+    "Date: Mon, 21 Jan 2002 16:44:50 +0900",
+    "Message-Id: <200201210744.QAA05582@platz.jp>",
+    "From: =?ISO-2022-JP?B?Q3liZXIgU3BhY2UgQ29tbXVuaXR5?=<adv@csc.ne.jp>",
+    "To: muller@operamail.com",
+    "Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI",
+    " +?=",
+    "X-Mailer: Personal_ML11F",
+    "Reply-To: adv@csc.ne.jp",
+    "Mime-Version: 1.0",
+    "Content-Type: text/plain; charset=iso-2022-jp",
+)
+_CSC_START = (
+    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
+    "Cyber Space Community <CSCからのお知らせ> powered by RAT Co.,Ltd.",
+    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
+    "※クライアント企業からの広告です。以下に耳より情報があります※",
+    "",
+)
+_CSC_SECTIONS = (
+    (
+        "「ＣＳＣからの耳よりなお知らせ」<出会い編>",
+        "",
+        "新しい年が始まりました。今年こそ新しい仲間を見つけたい、",
+        "そんなあなたにぴったりの趣味のコミュニティをご紹介します。",
+        "",
+    ),
+    (
+        "★趣味の仲間が見つかる「ホビーリンク」",
+        "  旅行、写真、料理、音楽など、百を超えるテーマの掲示板があります。",
+        "  同じ趣味を持つ全国の会員と、気軽にメッセージを交換できます。",
+        "  登録は無料、メールアドレスだけで今すぐ始められます。",
+        "",
+    ),
+    (
+        "★毎週末はオフ会を開催",
+        "  東京、大阪、名古屋、福岡の各地で、会員同士の交流会を開いています。",
+        "  初めての方でも安心して参加できるよう、スタッフがご案内します。",
+        "",
+    ),
+    (
+        "★今なら登録特典つき",
+        "  1月31日までにご登録の方には、プロフィール用の写真撮影を",
+        "  無料でご利用いただけるクーポンを差し上げます。",
+        "",
+    ),
+    (
+        "▼詳しくはこちら",
+        "  http://www.hobbylink.example.jp/csc/",
+        "",
+    ),
+    (
+        "※このお知らせの内容に関するお問い合わせは、広告主へ直接お願いします。",
+        "",
+    ),
+    (
+        "■□■　もうひとつの耳より情報　■□■",
+        "",
+        "★パソコン教室「はじめてのインターネット」",
+        "  メールの送り方からホームページの作り方まで、少人数で丁寧に教えます。",
+        "  平日の夜と土曜日のクラスがあり、お仕事帰りにも通えます。",
+        "  今なら体験レッスンが無料です。お気軽にお申し込みください。",
+        "",
+    ),
+    (
+        "★受講生の声",
+        "  「自分でデジカメの写真をメールで送れるようになりました」（60代男性）",
+        "  「子どもと一緒にホームページを作っています」（40代女性）",
+        "",
+    ),
+    (
+        "▼お申し込み・お問い合わせ",
+        "  http://www.pc-school.example.jp/csc/",
+        "  電話：03-0000-0000（受付時間　平日10時から19時まで）",
+        "",
+    ),
+    ("  ・会員情報の変更は、CSCのホームページから行えます。", ""),
+    ("  ・携帯電話向けのサービスも準備中です。", ""),
+    ("■今後のオフ会の予定",),
+)
+_CSC_FOOTER = (
+    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
+    "CSC (Cyber Space Community) http://www.csc.ne.jp/",
+    "このメールは、CSCにご登録いただいた方にお送りしています。",
+    "配信の停止をご希望の方は、adv@csc.ne.jp までご連絡ください。",
+    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
+)
+
+
+_WEEKDAYS = "月火水木金土日"
+
+
+def _back_numbers() -> list[tuple[str, ...]]:
+    """One line per earlier weekly issue of the @IT newsletter, newest first."""
+    day = datetime.date(2002, 1, 12)
+    items: list[tuple[str, ...]] = []
+    for _ in range(52):
+        items.append(
+            ("  %s号　http://www.atmarkit.co.jp/club/backnumber/%s.html"
+             % (day.strftime("%Y/%m/%d"), day.strftime("%y%m%d")),)
+        )
+        day -= datetime.timedelta(days=7)
+    return items
+
+
+def _meetings() -> list[tuple[str, ...]]:
+    """One line per planned CSC members' meeting, every Saturday and Sunday from late January."""
+    cities = ("東京・渋谷", "大阪・梅田", "名古屋・栄", "福岡・天神", "札幌・大通", "仙台・青葉")
+    day = datetime.date(2002, 1, 26)
+    items: list[tuple[str, ...]] = []
+    for index in range(52):
+        items.append(
+            ("  %d月%d日（%s）　%s会場　定員20名"
+             % (day.month, day.day, _WEEKDAYS[day.weekday()], cities[index % len(cities)]),)
+        )
+        day += datetime.timedelta(days=1 if day.weekday() == 5 else 6)
+    return items
+
+
+def _jis_lines(lines: Iterable[str]) -> bytes:
+    """Encode text lines in ISO-2022-JP, each ending in ASCII state and CRLF (RFC 1468)."""
+    return b"".join(line.encode("iso2022_jp") + b"\r\n" for line in lines)
+
+
+def _newsletter(
+    header: Sequence[str],
+    start: Sequence[str],
+    sections: Sequence[Sequence[str]],
+    footer: Sequence[str],
+    size: int,
+) -> bytes:
+    """Build a message of exactly `size` octets: header, blank line, `start`, as many `sections`
+    as fit (in order, skipping those that do not), ASCII rule lines for the rest, `footer`."""
+    data = "\r\n".join(header).encode("ascii") + b"\r\n\r\n" + _jis_lines(start)
+    tail = _jis_lines(footer)
+    for section in sections:
+        chunk = _jis_lines(section)
+        if len(data) + len(chunk) + len(tail) + 2 <= size:
+            data += chunk
+    gap = size - len(data) - len(tail)
+    if gap == 1 or gap < 0:
+        raise AssertionError("newsletter text does not fit %d octets" % size)
+    rules: list[str] = []
+    while gap > 0:
+        width = gap - 2 if gap <= 78 else 60
+        rules.append("-" * width)
+        gap -= width + 2
+    data += _jis_lines(rules) + tail
+    if len(data) != size:
+        raise AssertionError("newsletter is %d octets, not %d" % (len(data), size))
+    return data
+
+
+OPERAMAIL_MESSAGES = (
+    _newsletter(
+        _ATMARKIT_HEADER,
+        _ATMARKIT_START,
+        _ATMARKIT_SECTIONS + tuple(_back_numbers()),
+        _ATMARKIT_FOOTER,
+        5954,
+    ),
+    _newsletter(_CSC_HEADER, _CSC_START, _CSC_SECTIONS + tuple(_meetings()), _CSC_FOOTER, 4226),
+)
+# InterChange-style unique ids: the hex time of arrival and a serial number.
+OPERAMAIL_UIDS = ("3C4B82C800000001", "3C4BC6A100000002")
+
+RFC_MESSAGES = (
+    b"From: Alice Example <alice@example.org>\r\n"
+    b"To: hogehoge@example.org\r\n"
+    b"Subject: Hello\r\n"
+    b"Date: Tue, 01 Apr 2025 10:00:00 +0000\r\n"
+    b"Message-ID: <hello.1@example.org>\r\n"
+    b"\r\n"
+    b"Hello,\r\n"
+    b"\r\n"
+    b"this is the first test message.\r\n",
+    b"From: Bob Example <bob@example.org>\r\n"
+    b"To: hogehoge@example.org\r\n"
+    b"Subject: Dots\r\n"
+    b"Date: Tue, 01 Apr 2025 11:00:00 +0000\r\n"
+    b"Message-ID: <dots.2@example.org>\r\n"
+    b"\r\n"
+    b"The next lines start with a dot and must survive dot-stuffing:\r\n"
+    b".\r\n"
+    b"..\r\n"
+    b".hidden\r\n"
+    b". a dot and a space\r\n"
+    b"\r\n"
+    b"end\r\n",
+    b"From: =?utf-8?q?J=C3=B6rg?= <joerg@example.org>\r\n"
+    b"To: hogehoge@example.org\r\n"
+    b"Subject: =?utf-8?b?44GT44KT44Gr44Gh44Gv?=\r\n"
+    b"Date: Tue, 01 Apr 2025 12:00:00 +0000\r\n"
+    b"Message-ID: <utf8.3@example.org>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe, \xe3\x81\x93\xe3\x82\x93\xe3\x81\xab\xe3\x81\xa1\xe3\x81\xaf.\r\n",
+)
+
+# ======================================================================================
+# Maildrops
+# ======================================================================================
+
+_UID_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 section 7: unique-id
+
+
+def _crlf(data: bytes) -> bytes:
+    """Return `data` with CRLF line ends and a final CRLF (unless it is empty)."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+class Maildrop:
+    """One user's maildrop: a password and messages, shared by all sessions of a server."""
+
+    def __init__(
+        self, password: str, messages: Iterable[bytes] = (), *, uids: Iterable[str] | None = None
+    ) -> None:
+        self.password = password
+        self._lock = threading.Lock()
+        self._entries: list[tuple[str, bytes]] = []
+        self._in_use = False
+        uid_list = list(uids) if uids is not None else None
+        for index, data in enumerate(messages):
+            self.add(data, uid_list[index] if uid_list is not None else None)
+
+    def __repr__(self) -> str:  # no password here
+        return "<Maildrop of %d messages>" % len(self._entries)
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The current messages, in order (a copy)."""
+        with self._lock:
+            return [data for _, data in self._entries]
+
+    @property
+    def uids(self) -> list[str]:
+        """The unique ids of the current messages, in order (a copy)."""
+        with self._lock:
+            return [uid for uid, _ in self._entries]
+
+    def add(self, data: bytes, uid: str | None = None) -> None:
+        """Append a message (line ends become CRLF); `uid` defaults to a digest of the content."""
+        data = _crlf(bytes(data))
+        with self._lock:
+            taken = {old for old, _ in self._entries}
+            if uid is None:
+                base = hashlib.md5(data).hexdigest()
+                uid = next(
+                    candidate
+                    for candidate in itertools.chain(
+                        [base], ("%s-%d" % (base, n) for n in itertools.count(2))
+                    )
+                    if candidate not in taken
+                )
+            elif not _UID_RE.match(uid) or uid in taken:
+                raise ValueError("invalid or duplicate unique id %r" % uid)
+            self._entries.append((uid, data))
+
+    # The session side: an exclusive lock while a session is in TRANSACTION state.
+    def _acquire(self) -> list[tuple[str, bytes]] | None:
+        with self._lock:
+            if self._in_use:
+                return None
+            self._in_use = True
+            return list(self._entries)
+
+    def _release(self, expunge: Iterable[str] = ()) -> None:
+        gone = set(expunge)
+        with self._lock:
+            self._entries = [entry for entry in self._entries if entry[0] not in gone]
+            self._in_use = False
+
+    @classmethod
+    def from_maildir(cls, path: str | Path, password: str) -> Maildrop:
+        """The messages of a Maildir (new and cur), ordered by their keys; keys become uids."""
+        box = mailbox.Maildir(str(path), factory=None, create=False)
+        drop = cls(password)
+        for key in sorted(box.keys()):
+            drop.add(box.get_bytes(key), key if _UID_RE.match(key) else None)
+        return drop
+
+    @classmethod
+    def from_mbox(cls, path: str | Path, password: str) -> Maildrop:
+        """The messages of an mbox file, in file order, without their "From " lines."""
+        box = mailbox.mbox(str(path), factory=None, create=False)
+        drop = cls(password)
+        try:
+            for key in box.iterkeys():
+                drop.add(box.get_bytes(key))
+        finally:
+            box.close()
+        return drop
+
+    @classmethod
+    def from_eml_dir(cls, path: str | Path, password: str) -> Maildrop:
+        """The ``*.eml`` files of a folder, ordered by name; names without ".eml" become uids."""
+        drop = cls(password)
+        for file in sorted(Path(path).glob("*.eml")):
+            drop.add(file.read_bytes(), file.stem if _UID_RE.match(file.stem) else None)
+        return drop
+
+
+# ======================================================================================
+# Faults
+# ======================================================================================
+
+
+class Fault(NamedTuple):
+    """A deviation from the protocol, for client tests (kinds in the module docstring)."""
+
+    kind: str
+    command: str | None = None
+    value: object = None
+    times: int | None = None
+
+
+_LOGIN_VERBS = frozenset({"PASS", "APOP", "AUTH"})
+_CODE_KINDS = {
+    "in-use": "IN-USE",
+    "login-delay": "LOGIN-DELAY",
+    "auth": "AUTH",
+    "sys-temp": "SYS/TEMP",
+    "sys-perm": "SYS/PERM",
+}
+_CODE_TEXTS = {
+    "in-use": "maildrop already locked by another session",
+    "login-delay": "minimum time between logins not yet elapsed",
+    "auth": "authentication failed",
+    "sys-temp": "temporary system failure, try again later",
+    "sys-perm": "permanent system failure",
+}
+# For command=None: the verbs a kind applies to (None: every reply, greeting included).
+_SCOPE: dict[str, frozenset[str] | None] = {
+    "delay": None,
+    "drop": None,
+    "bytewise": None,
+    "lf": None,
+    "long-line": None,
+    "no-terminator": None,
+    "unstuffed-dot": None,
+    "8bit": None,
+    "raw": None,
+    "wrong-octets": frozenset({"RETR"}),
+    "huge-sizes": frozenset({"STAT", "LIST"}),
+    "in-use": _LOGIN_VERBS,
+    "login-delay": _LOGIN_VERBS,
+    "auth": _LOGIN_VERBS,
+    "sys-temp": None,
+    "sys-perm": None,
+    "bad-timestamp": frozenset({"GREETING"}),
+    "stls-refused": frozenset({"STLS"}),
+    "stls-absent": frozenset({"STLS", "CAPA"}),
+    "stls-inject": frozenset({"STLS"}),
+    "tls-stall": frozenset({"STLS", "TLS"}),
+}
+FAULT_KINDS = frozenset(_SCOPE)
+_FORMAT_KINDS = ("delay", "drop", "bytewise", "lf", "long-line", "no-terminator",
+                 "unstuffed-dot", "8bit", "raw")
+
+
+def _check_fault(fault: Fault) -> None:
+    if fault.kind not in FAULT_KINDS:
+        raise ValueError("unknown fault kind %r" % (fault.kind,))
+    if fault.kind == "raw" and (fault.command is None or not isinstance(fault.value, bytes)):
+        raise ValueError("a raw fault needs a command and bytes")
+
+
+def _fault_matches(fault: Fault, verb: str, line: str) -> bool:
+    """Whether `fault` selects the reply to `line` (its upper-case `verb`, or "GREETING")."""
+    if fault.command is None:
+        scope = _SCOPE[fault.kind]
+        if scope is None:
+            return verb != "GREETING" or fault.kind not in _CODE_KINDS
+        return verb in scope
+    want_verb, _, want_args = fault.command.strip().partition(" ")
+    if want_verb.upper() != verb:
+        return False
+    return not want_args or line == "%s %s" % (verb, want_args)
+
+
+# ======================================================================================
+# TLS
+# ======================================================================================
+
+_server_context: ssl.SSLContext | None = None
+_server_context_lock = threading.Lock()
+
+
+def _tls_server_context() -> ssl.SSLContext:
+    """The server's TLS context, built once from the embedded certificate and key."""
+    global _server_context
+    with _server_context_lock:
+        if _server_context is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            with tempfile.TemporaryDirectory(prefix="fakeserver-") as folder:
+                certfile = os.path.join(folder, "cert.pem")
+                keyfile = os.path.join(folder, "key.pem")
+                Path(certfile).write_text(SERVER_CERT_PEM + CA_PEM)
+                Path(keyfile).write_text(SERVER_KEY_PEM)
+                context.load_cert_chain(certfile, keyfile)
+            _server_context = context
+        return _server_context
+
+
+def client_context() -> ssl.SSLContext:
+    """A client context that trusts only the test CA (hostname checking stays on)."""
+    return ssl.create_default_context(cadata=CA_PEM)
+
+
+# ======================================================================================
+# Presets
+# ======================================================================================
+
+
+class _Preset(NamedTuple):
+    greeting: str
+    voice: Mapping[str, str]
+    capabilities: Sequence[str]
+    oauth_token: str | None
+    make_users: Callable[[], dict[str, Maildrop]]
+
+
+# Reply texts after "+OK " or "-ERR ". The OperaMail ones the seed shows are verbatim; the rest
+# are written in the same voice.
+_OPERAMAIL_VOICE = {
+    "user": "User {user} accepted, send PASS command for password validation",
+    "pass": "Password accepted",
+    "apop": "APOP authentication accepted",
+    "auth": "Authentication accepted",
+    "stat": "{count} {size}",
+    "list": "{count} messages {size} octets",
+    "list-marked": "{count} messages ({size} octets)",
+    "list-one": "{n} {size}",
+    "retr": "{size} octets",
+    "top": "",
+    "uidl": "",
+    "uidl-one": "{n} {uid}",
+    "dele": "message {n} deleted",
+    "rset": "Everything has been reset",
+    "noop": "",
+    "quit": "InterChange POP3 Server Signing Off",
+    "capa": "Capability list follows",
+    "stls": "Begin TLS negotiation",
+    "utf8": "UTF8 enabled",
+    "bad-login": "Invalid user name or password",
+    "unknown": "Unknown command",
+    "state": "Command not valid in this state",
+    "syntax": "Invalid command syntax",
+    "no-message": "No such message",
+    "deleted": "message {n} already deleted",
+    "too-long": "Command line too long",
+    "no-user": "send USER command first",
+    "no-apop": "APOP not available",
+    "no-tls": "TLS not available",
+    "tls-active": "TLS already active",
+    "mechanism": "Unsupported authentication mechanism",
+    "cancelled": "Authentication cancelled",
+    "base64": "Invalid base64 data",
+    "busy": "Too many sessions, try again later",
+    "in-use": "Mailbox is locked by another session",
+}
+_RFC_VOICE = dict(
+    _OPERAMAIL_VOICE,
+    user="send PASS",
+    **{
+        "pass": "maildrop locked and ready",
+        "apop": "maildrop locked and ready",
+        "auth": "maildrop locked and ready",
+        "list": "{count} messages ({size} octets)",
+        "rset": "maildrop has {count} messages ({size} octets)",
+        "quit": "fakeserver POP3 server signing off",
+        "uidl": "unique-id listing follows",
+        "top": "top of message follows",
+        "unknown": "unknown command",
+        "state": "command not valid in this state",
+        "syntax": "invalid arguments",
+        "no-message": "no such message",
+        "bad-login": "invalid user name or password",
+    }
+)
+
+_RFC_CAPABILITIES = (
+    "TOP",
+    "USER",
+    "UIDL",
+    "RESP-CODES",
+    "AUTH-RESP-CODE",
+    "PIPELINING",
+    "SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256 XOAUTH2 OAUTHBEARER",
+    "UTF8",
+    "EXPIRE NEVER",
+    "LOGIN-DELAY 0",
+    "IMPLEMENTATION fakeserver",
+)
+
+_PRESETS = {
+    # InterChange 3.62 (2002) predates wide CAPA support: it answers CAPA with -ERR, as RFC 2449
+    # expects of an old server, and it has no AUTH; UIDL and TOP work without being advertised.
+    "operamail": _Preset(
+        "InterChange POP3 Server v3.62 Ready (X-INF-V1) " + OPERAMAIL_TIMESTAMP,
+        _OPERAMAIL_VOICE,
+        (),
+        None,
+        lambda: {"hogehoge": Maildrop("fugafuga", OPERAMAIL_MESSAGES, uids=OPERAMAIL_UIDS)},
+    ),
+    "rfc": _Preset(
+        "fakeserver POP3 server ready {timestamp}",
+        _RFC_VOICE,
+        _RFC_CAPABILITIES,
+        OAUTH_TOKEN,
+        lambda: {"hogehoge": Maildrop("fugafuga", RFC_MESSAGES)},
+    ),
+}
+
+# ======================================================================================
+# Sessions
+# ======================================================================================
+
+
+class _HangUp(Exception):
+    """End the session now (no UPDATE)."""
+
+
+class _SaslFailure(Exception):
+    """End an AUTH exchange with -ERR and this reply text."""
+
+
+class _LineTooLong(Exception):
+    """A command line over the limit was read and skipped."""
+
+
+class _Reply:
+    """One reply: a status line and, for multi-line replies, the body lines (not yet stuffed)."""
+
+    __slots__ = ("status", "body", "after", "extra")
+
+    def __init__(self, status: bytes, body: list[bytes] | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.after: Callable[[], None] | None = None  # runs once the reply is sent
+        self.extra = b""  # raw bytes sent right after the reply, in the same send
+
+
+def _show(line: bytes) -> str:
+    return line.decode("utf-8", "backslashreplace")
+
+
+def _b64decode(text: bytes) -> bytes:
+    """Strict base64 (RFC 5034 section 4): any non-alphabet character or misplaced "=" fails."""
+    if text == b"=":
+        return b""
+    if len(text) % 4 or not re.match(rb"[A-Za-z0-9+/]*={0,2}\Z", text):
+        raise _SaslFailure("base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise _SaslFailure("base64") from None
+
+
+def _scram_name(value: str) -> str:
+    """Decode a SCRAM saslname (RFC 5802 section 5.1): "=2C" is ",", "=3D" is "="."""
+    if re.search(r"=(?!2C|3D)", value):
+        raise _SaslFailure("bad-login")
+    return value.replace("=2C", ",").replace("=3D", "=")
+
+
+class _Session(socketserver.BaseRequestHandler):
+    """One POP3 connection. Commands dispatch to ``cmd_<verb>``; every command gets one reply."""
+
+    server: FakeServer
+
+    def setup(self) -> None:
+        self.sock: socket.socket = self.request
+        self.buffer = bytearray()
+        self.transcript: list[str] = []
+        self.state = "AUTHORIZATION"
+        self.tls = False
+        self.utf8 = False
+        self.pending_user: str | None = None
+        self.timestamp: str | None = None
+        self.user: str | None = None
+        self.maildrop: Maildrop | None = None
+        self.entries: list[tuple[str, bytes]] = []
+        self.marked: set[int] = set()
+        self.sent = 0
+        self.faults: list[Fault] = []
+        self.verb = "GREETING"
+        self.line = ""
+
+    # ----- entry point -------------------------------------------------------------
+    def handle(self) -> None:
+        server = self.server
+        server._join(self)
+        try:
+            self.sock.settimeout(server.idle_timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not server._admit(self):
+                self.record("S: -ERR [SYS/TEMP] " + server.voice["busy"])
+                self.sock.sendall(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
+                return
+            if server.script is not None:
+                self.run_script(server.script)
+            else:
+                self.run()
+        except (_HangUp, OSError):
+            pass  # the peer went away, timed out, failed TLS, or a fault hung up: not our bug
+        finally:
+            if self.maildrop is not None:
+                self.maildrop._release()  # no UPDATE: only QUIT applies deletions
+                self.maildrop = None
+            server._leave(self)
+            self.linger()
+
+    def linger(self) -> None:
+        """Close our side, let the client close its side (so it sees no reset), then close."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(LINGER_SECONDS)
+            for _ in range(64):
+                if not self.sock.recv(4096):
+                    break
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def abort(self) -> None:
+        """Unblock this session's reads from another thread (server shutdown)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def record(self, line: str) -> None:
+        self.transcript.append(line)
+        logger.debug("[%s] %s", id(self) % 10000, line)
+
+    # ----- reading -----------------------------------------------------------------
+    def readline(self, limit: int) -> bytes | None:
+        """One line without its CRLF (or bare LF), None at the end of input.
+
+        A line longer than `limit` octets (line end included) raises _LineTooLong once its end has
+        been read and skipped, so the session stays in step; past MAX_DISCARD octets we hang up.
+        Bytes after the line stay buffered for the next command (pipelining)."""
+        skipped = 0
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 1]
+                if skipped or end + 1 > limit:
+                    raise _LineTooLong()
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self.buffer) > limit:
+                skipped += len(self.buffer)
+                del self.buffer[:]
+                if skipped > MAX_DISCARD:
+                    raise _HangUp()
+            data = self.sock.recv(4096)
+            if not data:
+                return None
+            self.buffer += data
+
+    # ----- writing -----------------------------------------------------------------
+    def transmit(self, data: bytes) -> None:
+        """Send bytes through the transport faults selected for the current reply."""
+        limit: int | None = None
+        for fault in self.faults:
+            if fault.kind == "delay":
+                time.sleep(float(cast(float, fault.value if fault.value is not None else 1.0)))
+            elif fault.kind == "drop":
+                budget = int(cast(int, fault.value or 0))
+                if fault.command is None:
+                    budget -= self.sent
+                limit = max(0, budget if limit is None else min(limit, budget))
+        cut = limit is not None and len(data) > limit
+        if cut:
+            data = data[: cast(int, limit)]
+        if any(fault.kind == "bytewise" for fault in self.faults):
+            for index in range(len(data)):
+                self.sock.sendall(data[index : index + 1])
+        else:
+            self.sock.sendall(data)
+        self.sent += len(data)
+        if cut:
+            raise _HangUp()
+
+    def send_line(self, line: bytes) -> None:
+        """Record and send one line outside the reply framing (SASL challenges)."""
+        self.record("S: " + _show(line))
+        self.transmit(line + b"\r\n")
+
+    def send_reply(self, reply: _Reply) -> None:
+        """Apply the format faults, record every line, then send the reply."""
+        multi = reply.body is not None
+        kinds = _FORMAT_KINDS if multi else tuple(
+            k for k in _FORMAT_KINDS if k not in ("no-terminator", "unstuffed-dot")
+        )
+        self.faults = self.server._take(kinds, self.verb, self.line)
+        raw = [f for f in self.faults if f.kind == "raw"]
+        if raw:
+            data = cast(bytes, raw[0].value)
+            for line in data.splitlines():
+                self.record("S: " + _show(line))
+            self.transmit(data)
+            return
+        kinds_on = {fault.kind for fault in self.faults}
+        status = reply.status
+        body = list(reply.body) if reply.body is not None else None
+        for fault in self.faults:
+            if fault.kind == "long-line":
+                width = int(cast(int, fault.value or 2048))
+                if body is None:
+                    status += b" " + b"x" * max(0, width - len(status) - 1)
+                else:
+                    body.insert(0, b"x" * width)
+            elif fault.kind == "8bit":
+                if body is None:
+                    status += b" 8bit:\xe9\xff\x80 nul:\x00"
+                else:
+                    body.append(b"8bit:\xe9\xff\x80 nul:\x00")
+        lines = [status]
+        if body is not None:
+            if "unstuffed-dot" in kinds_on:
+                lines += body
+            else:
+                lines += [b"." + line if line.startswith(b".") else line for line in body]
+            if "no-terminator" not in kinds_on:
+                lines.append(b".")
+        for line in lines + reply.extra.splitlines():
+            self.record("S: " + _show(line))
+        end = b"\n" if "lf" in kinds_on else b"\r\n"
+        self.transmit(b"".join(line + end for line in lines) + reply.extra)
+        if "no-terminator" in kinds_on:
+            raise _HangUp()
+
+    def ok(self, key: str, body: list[bytes] | None = None, **values: object) -> _Reply:
+        text = self.server.voice[key].format(**values)
+        return _Reply(b"+OK " + text.encode("utf-8") if text else b"+OK", body)
+
+    def err(self, key: str, code: str | None = None, **values: object) -> _Reply:
+        """-ERR with the voice's text for `key` (or `key` itself as the text)."""
+        voice = self.server.voice
+        text = voice[key].format(**values) if key in voice else key
+        if code is not None:
+            text = "[%s] %s" % (code, text)
+        return _Reply(b"-ERR " + text.encode("utf-8"))
+
+    # ----- the session -------------------------------------------------------------
+    def greeting(self) -> bytes:
+        text = self.server.greeting
+        if "{timestamp}" in text:
+            text = text.replace("{timestamp}", self.server._fresh_timestamp())
+        found = re.search(r"<[^<>\s]*@[^<>\s]*>", text)
+        self.timestamp = found.group(0) if found else None
+        for fault in self.server._take(("bad-timestamp",), "GREETING"):
+            bad = str(fault.value) if fault.value is not None else "<1896.697170952@localhost"
+            text = text.replace(self.timestamp, bad) if self.timestamp else text + " " + bad
+            self.timestamp = None
+        return ("+OK " + text).encode("utf-8")
+
+    def run(self) -> None:
+        server = self.server
+        if server.tls == "implicit":
+            self.start_tls("TLS")
+        self.verb, self.line = "GREETING", ""
+        self.send_reply(_Reply(self.greeting()))
+        while True:
+            try:
+                raw = self.readline(MAX_COMMAND_LINE)
+            except _LineTooLong:
+                self.record("C: (a command line over %d octets, skipped)" % MAX_COMMAND_LINE)
+                self.verb, self.line = "", ""
+                self.send_reply(self.err("too-long"))
+                continue
+            if raw is None:
+                return
+            text = raw.decode("utf-8", "surrogateescape")
+            verb, _, args = text.partition(" ")
+            verb = verb.upper()
+            self.verb, self.line = verb, verb + (" " + args if args else "")
+            self.record("C: " + self.redact(verb, raw))
+            reply = self.dispatch(verb, args)
+            self.send_reply(reply)
+            if reply.after is not None:
+                reply.after()
+
+    def redact(self, verb: str, raw: bytes) -> str:
+        if verb == "PASS":
+            return "PASS ****"
+        if verb == "AUTH":
+            parts = _show(raw).split(" ")
+            return " ".join(parts[:2] + ["****"] * (len(parts) > 2))
+        return _show(raw)
+
+    def dispatch(self, verb: str, args: str) -> _Reply:
+        pending, self.pending_user = self.pending_user, None
+        codes = self.server._take(tuple(_CODE_KINDS), verb, self.line)
+        if codes:
+            fault = codes[0]
+            text = str(fault.value) if fault.value is not None else _CODE_TEXTS[fault.kind]
+            return self.err(text, _CODE_KINDS[fault.kind])
+        method = getattr(self, "cmd_" + verb.lower(), None) if verb.isalpha() else None
+        if method is None:
+            return self.err("unknown")
+        states = _STATES.get(verb, ("AUTHORIZATION", "TRANSACTION"))
+        if self.state not in states:
+            return self.err("state")
+        if verb == "PASS":
+            return self.cmd_pass(args, pending)
+        return cast(Callable[[str], _Reply], method)(args)
+
+    # ----- AUTHORIZATION -----------------------------------------------------------
+    def cmd_user(self, args: str) -> _Reply:
+        if not args:
+            return self.err("syntax")
+        self.pending_user = args
+        return self.ok("user", user=args)
+
+    def cmd_pass(self, args: str, pending: str | None) -> _Reply:
+        if pending is None:
+            return self.err("no-user")
+        if not self.server._password_ok(pending, args):
+            return self.err("bad-login", self.auth_code())
+        return self.login(pending, "pass")
+
+    def cmd_apop(self, args: str) -> _Reply:
+        parts = args.split(" ")
+        if len(parts) != 2 or not parts[0]:
+            return self.err("syntax")
+        if self.timestamp is None:
+            return self.err("no-apop")
+        drop = self.server.maildrops.get(parts[0])
+        expected = hashlib.md5((self.timestamp + (drop.password if drop else "")).encode())
+        if drop is None or not hmac.compare_digest(expected.hexdigest(), parts[1].lower()):
+            return self.err("bad-login", self.auth_code())
+        return self.login(parts[0], "apop")
+
+    def auth_code(self) -> str | None:
+        return "AUTH" if "AUTH-RESP-CODE" in self.server.capabilities else None
+
+    def login(self, user: str, key: str) -> _Reply:
+        drop = self.server.maildrops[user]
+        entries = drop._acquire()
+        if entries is None:
+            return self.err("in-use", "IN-USE")
+        self.user, self.maildrop, self.entries = user, drop, entries
+        self.marked = set()
+        self.state = "TRANSACTION"
+        count, size = self.totals()
+        return self.ok(key, user=user, count=count, size=size)
+
+    def cmd_capa(self, args: str) -> _Reply:
+        lines = self.capabilities()
+        if not lines:
+            return self.err("unknown")
+        if args:
+            return self.err("syntax")
+        return self.ok("capa", [line.encode() for line in lines])
+
+    def capabilities(self) -> list[str]:
+        lines = [line for line in self.server.capabilities if line.upper() != "STLS"]
+        if not lines:
+            return []
+        if self.offers_stls():
+            lines.append("STLS")
+        return lines
+
+    def offers_stls(self) -> bool:
+        return (
+            self.server.tls == "stls"
+            and not self.tls
+            and not self.server._take(("stls-absent",), self.verb, self.line)
+        )
+
+    def cmd_stls(self, args: str) -> _Reply:
+        if self.tls:
+            return self.err("tls-active")
+        if not self.offers_stls():
+            return self.err("unknown")
+        if args:
+            return self.err("syntax")
+        refused = self.server._take(("stls-refused",), "STLS", self.line)
+        if refused:
+            return self.err(str(refused[0].value or self.server.voice["no-tls"]))
+        reply = self.ok("stls")
+        injected = self.server._take(("stls-inject",), "STLS", self.line)
+        if injected:
+            data = injected[0].value
+            extra = data if isinstance(data, bytes) else b"+OK injected before TLS\r\n"
+            reply.extra = extra
+        reply.after = lambda: self.start_tls("STLS")
+        return reply
+
+    def start_tls(self, verb: str) -> None:
+        """Discard plaintext the client sent after STLS (RFC 2595 section 4), then handshake."""
+        del self.buffer[:]
+        if self.server._take(("tls-stall",), verb, verb):
+            for _ in range(1024):
+                if not self.sock.recv(4096):
+                    break
+            raise _HangUp()
+        tls_sock = _tls_server_context().wrap_socket(self.sock, server_side=True)
+        self.sock = tls_sock
+        self.tls = True
+        self.pending_user = None
+
+    def cmd_utf8(self, args: str) -> _Reply:
+        if not any(line.split(" ")[0].upper() == "UTF8" for line in self.server.capabilities):
+            return self.err("unknown")
+        if args:
+            return self.err("syntax")
+        self.utf8 = True
+        return self.ok("utf8")
+
+    def cmd_quit(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+        if self.state == "TRANSACTION" and self.maildrop is not None:
+            # UPDATE: the only place where deletions are applied.
+            self.maildrop._release(self.entries[n - 1][0] for n in self.marked)
+            self.maildrop = None
+            self.state = "UPDATE"
+        reply = self.ok("quit")
+
+        def hang_up() -> None:
+            raise _HangUp()
+
+        reply.after = hang_up
+        return reply
+
+    # ----- SASL (RFC 5034) -----------------------------------------------------------
+    def mechanisms(self) -> list[str]:
+        for line in self.server.capabilities:
+            words = line.split()
+            if words and words[0].upper() == "SASL":
+                return [word.upper() for word in words[1:]]
+        return []
+
+    def cmd_auth(self, args: str) -> _Reply:
+        mechanisms = self.mechanisms()
+        if not mechanisms:
+            return self.err("unknown")
+        if not args:
+            return self.ok("capa", [m.encode() for m in mechanisms])
+        parts = args.split(" ")
+        if len(parts) > 2:
+            return self.err("syntax")
+        mechanism = parts[0].upper()
+        if mechanism not in mechanisms:
+            return self.err("mechanism")
+        step = getattr(self, "sasl_" + mechanism.replace("-", "_").lower(), None)
+        if step is None:
+            return self.err("mechanism")
+        # The AUTH reply's faults also shape the challenges.
+        self.faults = self.server._take(("delay", "drop", "bytewise"), self.verb, self.line)
+        try:
+            initial = _b64decode(parts[1].encode()) if len(parts) == 2 else None
+            user = cast(Callable[[Optional[bytes]], str], step)(initial)
+        except _SaslFailure as failure:
+            key = failure.args[0]
+            return self.err(key, self.auth_code() if key == "bad-login" else None)
+        return self.login(user, "auth")
+
+    def exchange(self, challenge: bytes) -> bytes:
+        """Send a challenge, return the decoded response; "*" cancels."""
+        self.send_line(b"+ " + base64.b64encode(challenge))
+        try:
+            raw = self.readline(MAX_SASL_LINE)
+        except _LineTooLong:
+            self.record("C: (a response over %d octets, skipped)" % MAX_SASL_LINE)
+            raise _SaslFailure("too-long") from None
+        if raw is None:
+            raise _HangUp()
+        if raw == b"*":
+            self.record("C: *")
+            raise _SaslFailure("cancelled")
+        self.record("C: ****")
+        return _b64decode(raw) if raw else b""
+
+    def check(self, user: str, password: str) -> str:
+        if not self.server._password_ok(user, password):
+            raise _SaslFailure("bad-login")
+        return user
+
+    def sasl_plain(self, initial: bytes | None) -> str:
+        message = initial if initial is not None else self.exchange(b"")
+        parts = message.split(b"\0")
+        if len(parts) != 3:
+            raise _SaslFailure("bad-login")
+        try:
+            authzid, authcid, password = (part.decode("utf-8") for part in parts)
+        except UnicodeDecodeError:
+            raise _SaslFailure("bad-login") from None
+        if authzid not in ("", authcid):
+            raise _SaslFailure("bad-login")
+        return self.check(authcid, password)
+
+    def sasl_login(self, initial: bytes | None) -> str:
+        user = initial if initial else self.exchange(b"Username:")
+        password = self.exchange(b"Password:")
+        return self.check(
+            user.decode("utf-8", "surrogateescape"), password.decode("utf-8", "surrogateescape")
+        )
+
+    def sasl_cram_md5(self, initial: bytes | None) -> str:
+        if initial is not None:
+            raise _SaslFailure("syntax")  # server-first: no initial response (RFC 5034 section 4)
+        challenge = self.server._fresh_timestamp().encode()
+        user, _, digest = self.exchange(challenge).decode("utf-8", "replace").rpartition(" ")
+        drop = self.server.maildrops.get(user)
+        if drop is None:
+            raise _SaslFailure("bad-login")
+        expected = hmac.new(drop.password.encode(), challenge, hashlib.md5).hexdigest()
+        if not hmac.compare_digest(expected, digest):
+            raise _SaslFailure("bad-login")
+        return user
+
+    def sasl_scram_sha_1(self, initial: bytes | None) -> str:
+        return self.scram("sha1", initial)
+
+    def sasl_scram_sha_256(self, initial: bytes | None) -> str:
+        return self.scram("sha256", initial)
+
+    def scram(self, hash_name: str, initial: bytes | None) -> str:
+        """RFC 5802 server side, without channel binding and without SASLprep."""
+        first = (initial if initial is not None else self.exchange(b"")).decode("utf-8", "replace")
+        match = re.match(r"([ny]),(?:a=[^,]*)?,(n=([^,]*),r=([\x21-\x2b\x2d-\x7e]+)(?:,.*)?)\Z",
+                         first)
+        if not match:
+            raise _SaslFailure("bad-login")
+        gs2_header = first[: len(first) - len(match.group(2))]
+        first_bare, user, client_nonce = match.group(2), _scram_name(match.group(3)), match.group(4)
+        drop = self.server.maildrops.get(user)
+        salt = hashlib.sha256(b"fakeserver salt " + user.encode()).digest()[:16]
+        nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
+        server_first = "r=%s,s=%s,i=%d" % (nonce, base64.b64encode(salt).decode(), SCRAM_ITERATIONS)
+        final = self.exchange(server_first.encode()).decode("utf-8", "replace")
+        without_proof, _, proof_b64 = final.rpartition(",p=")
+        expected_start = "c=%s,r=%s" % (base64.b64encode(gs2_header.encode()).decode(), nonce)
+        if drop is None or not (without_proof + ",").startswith(expected_start + ","):
+            raise _SaslFailure("bad-login")
+        try:
+            proof = base64.b64decode(proof_b64, validate=True)
+        except binascii.Error:
+            raise _SaslFailure("bad-login") from None
+        salted = hashlib.pbkdf2_hmac(hash_name, drop.password.encode(), salt, SCRAM_ITERATIONS)
+        client_key = hmac.new(salted, b"Client Key", hash_name).digest()
+        stored_key = hashlib.new(hash_name, client_key).digest()
+        auth_message = ",".join((first_bare, server_first, without_proof)).encode()
+        signature = hmac.new(stored_key, auth_message, hash_name).digest()
+        if len(proof) != len(signature):
+            raise _SaslFailure("bad-login")
+        recovered = bytes(a ^ b for a, b in zip(proof, signature))
+        if not hmac.compare_digest(hashlib.new(hash_name, recovered).digest(), stored_key):
+            raise _SaslFailure("bad-login")
+        server_key = hmac.new(salted, b"Server Key", hash_name).digest()
+        verifier = hmac.new(server_key, auth_message, hash_name).digest()
+        # RFC 5034: the server-final message is a challenge; the client answers with an empty line.
+        if self.exchange(b"v=" + base64.b64encode(verifier)) != b"":
+            raise _SaslFailure("bad-login")
+        return user
+
+    def sasl_xoauth2(self, initial: bytes | None) -> str:
+        message = initial if initial is not None else self.exchange(b"")
+        match = re.match(rb"user=([^\x01]*)\x01auth=Bearer ([^\x01]*)\x01\x01\Z", message)
+        user = match.group(1).decode("utf-8", "replace") if match else ""
+        token = match.group(2).decode("utf-8", "replace") if match else ""
+        error = {"status": "400", "schemes": "Bearer", "scope": "https://mail.google.com/"}
+        return self.bearer(user, token, error)
+
+    def sasl_oauthbearer(self, initial: bytes | None) -> str:
+        message = initial if initial is not None else self.exchange(b"")
+        match = re.match(rb"[ny],a=([^,]*),\x01((?:[^\x01]*\x01)*)\x01\Z", message)
+        user = _scram_name(match.group(1).decode("utf-8", "replace")) if match else ""
+        token = ""
+        for pair in match.group(2).split(b"\x01") if match else []:
+            if pair.startswith(b"auth=Bearer "):
+                token = pair[len(b"auth=Bearer ") :].decode("utf-8", "replace")
+        error = {
+            "status": "invalid_token",
+            "scope": "pop",
+            "openid-configuration": "https://localhost/.well-known/openid-configuration",
+        }
+        return self.bearer(user, token, error)
+
+    def bearer(self, user: str, token: str, error: Mapping[str, str]) -> str:
+        valid = self.server.oauth_token
+        if user in self.server.maildrops and valid is not None and hmac.compare_digest(
+            token.encode(), valid.encode()
+        ):
+            return user
+        # RFC 7628 section 3.2.2: an error challenge, to which the client answers %x01 (or, with
+        # XOAUTH2, an empty line); only then the -ERR.
+        self.exchange(json.dumps(error).encode())
+        raise _SaslFailure("bad-login")
+
+    # ----- TRANSACTION -------------------------------------------------------------
+    def totals(self) -> tuple[int, int]:
+        sizes = [len(data) for n, (_, data) in enumerate(self.entries, 1) if n not in self.marked]
+        return len(sizes), sum(sizes)
+
+    def huge(self) -> int:
+        faults = self.server._take(("huge-sizes",), self.verb, self.line)
+        return sum(int(cast(int, f.value if f.value is not None else 2**32)) for f in faults)
+
+    def number(self, text: str) -> int | None:
+        """A message number that exists and is not marked, else None."""
+        if not re.match(r"[0-9]{1,9}\Z", text):
+            return None
+        n = int(text)
+        return n if 1 <= n <= len(self.entries) else None
+
+    def message(self, args: str, count: int) -> int | _Reply:
+        parts = args.split()
+        if len(parts) != count:
+            return self.err("syntax")
+        n = self.number(parts[0])
+        if n is None:
+            return self.err("no-message")
+        if n in self.marked:
+            return self.err("deleted", n=n)
+        return n
+
+    def cmd_stat(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+        count, size = self.totals()
+        return self.ok("stat", count=count, size=size + self.huge())
+
+    def cmd_list(self, args: str) -> _Reply:
+        extra = self.huge()
+        if args:
+            n = self.message(args, 1)
+            if isinstance(n, _Reply):
+                return n
+            return self.ok("list-one", n=n, size=len(self.entries[n - 1][1]) + extra)
+        count, size = self.totals()
+        body = [
+            b"%d %d" % (n, len(data) + extra)
+            for n, (_, data) in enumerate(self.entries, 1)
+            if n not in self.marked
+        ]
+        key = "list-marked" if self.marked else "list"
+        return self.ok(key, body, count=count, size=size + extra * count)
+
+    def cmd_uidl(self, args: str) -> _Reply:
+        if args:
+            n = self.message(args, 1)
+            if isinstance(n, _Reply):
+                return n
+            return self.ok("uidl-one", n=n, uid=self.entries[n - 1][0])
+        body = [
+            b"%d %s" % (n, uid.encode())
+            for n, (uid, _) in enumerate(self.entries, 1)
+            if n not in self.marked
+        ]
+        return self.ok("uidl", body)
+
+    def cmd_retr(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.entries[n - 1][1]
+        size = len(data)
+        for fault in self.server._take(("wrong-octets",), self.verb, self.line):
+            size = int(cast(int, fault.value)) if fault.value is not None else size + 1
+        return self.ok("retr", data[:-2].split(b"\r\n") if data else [], size=size)
+
+    def cmd_top(self, args: str) -> _Reply:
+        parts = args.split()
+        if len(parts) != 2 or not re.match(r"[0-9]{1,9}\Z", parts[1]):
+            return self.err("syntax")
+        n = self.message(parts[0], 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.entries[n - 1][1]
+        lines = data[:-2].split(b"\r\n") if data else []
+        header_end = lines.index(b"") + 1 if b"" in lines else len(lines)
+        return self.ok("top", lines[: header_end + int(parts[1])])
+
+    def cmd_dele(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        self.marked.add(n)
+        return self.ok("dele", n=n)
+
+    def cmd_rset(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+        self.marked = set()
+        count, size = self.totals()
+        return self.ok("rset", count=count, size=size)
+
+    def cmd_noop(self, args: str) -> _Reply:
+        return self.err("syntax") if args else self.ok("noop")
+
+    # ----- scripted sessions -------------------------------------------------------
+    def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:
+        """Replay raw replies; each expected command must match exactly (else AssertionError)."""
+        for step, (expected, reply) in enumerate(script):
+            if expected is not None:
+                raw = self.readline(MAX_SASL_LINE)
+                if raw is None:
+                    return  # the client closed: what it sent so far is in the transcript
+                verb = _show(raw).partition(" ")[0].upper()
+                self.record("C: " + self.redact(verb, raw))
+                if _show(raw) != expected:
+                    raise AssertionError(
+                        "script step %d: expected %r, the client sent %r"
+                        % (step, expected, self.transcript[-1][3:])
+                    )
+            for line in reply.splitlines():
+                self.record("S: " + _show(line))
+            self.sock.sendall(reply)
+
+
+_STATES = {
+    "USER": ("AUTHORIZATION",),
+    "PASS": ("AUTHORIZATION",),
+    "APOP": ("AUTHORIZATION",),
+    "AUTH": ("AUTHORIZATION",),
+    "STLS": ("AUTHORIZATION",),
+    "UTF8": ("AUTHORIZATION",),
+    "STAT": ("TRANSACTION",),
+    "LIST": ("TRANSACTION",),
+    "UIDL": ("TRANSACTION",),
+    "RETR": ("TRANSACTION",),
+    "TOP": ("TRANSACTION",),
+    "DELE": ("TRANSACTION",),
+    "RSET": ("TRANSACTION",),
+    "NOOP": ("TRANSACTION",),
+}
+
+
+# ======================================================================================
+# The server
+# ======================================================================================
+
+
+class FakeServer(socketserver.ThreadingTCPServer):
+    """A POP3 server in a thread: ``with FakeServer(...) as server:`` (see the module docstring)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        preset: str = "operamail",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        users: Mapping[str, Maildrop] | None = None,
+        capabilities: Sequence[str] | None = None,
+        tls: str | None = None,
+        faults: Sequence[Fault] = (),
+        script: Sequence[tuple[str | None, bytes]] | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        oauth_token: str | None = None,
+        greeting: str | None = None,
+    ) -> None:
+        if preset not in _PRESETS:
+            raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
+        if tls not in (None, "stls", "implicit"):
+            raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
+        for fault in faults:
+            _check_fault(fault)
+        chosen = _PRESETS[preset]
+        self.preset = preset
+        self.voice = chosen.voice
+        self.greeting = chosen.greeting if greeting is None else greeting
+        self.capabilities = list(chosen.capabilities if capabilities is None else capabilities)
+        self.maildrops: dict[str, Maildrop] = (
+            chosen.make_users() if users is None else dict(users)
+        )
+        self.oauth_token = chosen.oauth_token if oauth_token is None else oauth_token
+        self.tls = tls
+        self.faults = list(faults)
+        self.script = list(script) if script is not None else None
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self.transcripts: list[list[str]] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._uses = [0] * len(self.faults)
+        self._sessions: list[_Session] = []
+        self._admitted: set[int] = set()
+        self._serials = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        if tls is not None:
+            _tls_server_context()  # a broken certificate fails here, not in a session
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Session)
+
+    # ----- public ------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        return str(self.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def start(self) -> FakeServer:
+        """Serve in a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                name="fakeserver %s:%d" % self.address,
+            )
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving, end every session, then raise the first exception a session hit."""
+        self._stop()
+        if self.errors:
+            raise self.errors[0]
+
+    def ssl_context_for_clients(self) -> ssl.SSLContext:
+        """A client context that trusts the test CA (equivalent to ``cadata=CA_PEM``)."""
+        return client_context()
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self._stop()
+        if exc_type is None and self.errors:
+            raise self.errors[0]
+
+    # ----- socketserver hooks and session bookkeeping -------------------------------
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if error is not None:
+            logger.error("session failed: %r", error)
+            with self._lock:
+                self.errors.append(error)
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
+        self.server_close()  # joins the session threads
+
+    def _join(self, session: _Session) -> None:
+        with self._lock:
+            self.transcripts.append(session.transcript)
+            self._sessions.append(session)
+            closing = self._closing
+        if closing:
+            session.abort()
+
+    def _admit(self, session: _Session) -> bool:
+        with self._lock:
+            if len(self._admitted) >= self.max_sessions:
+                return False
+            self._admitted.add(id(session))
+            return True
+
+    def _leave(self, session: _Session) -> None:
+        with self._lock:
+            self._sessions.remove(session)
+            self._admitted.discard(id(session))
+
+    def _take(self, kinds: Sequence[str], verb: str, line: str = "") -> list[Fault]:
+        """The faults of `kinds` that select this reply; each use counts against its `times`."""
+        found = []
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                if fault.kind not in kinds or not _fault_matches(fault, verb, line):
+                    continue
+                if fault.times is not None and self._uses[index] >= fault.times:
+                    continue
+                self._uses[index] += 1
+                found.append(fault)
+        return found
+
+    def _fresh_timestamp(self) -> str:
+        """A new APOP/CRAM-MD5 challenge (RFC 1939 section 7: unique per connection)."""
+        return "<%d.%d.%d@localhost>" % (os.getpid(), next(self._serials), time.time_ns())
+
+    def _password_ok(self, user: str, password: str) -> bool:
+        drop = self.maildrops.get(user)
+        given = password.encode("utf-8", "surrogateescape")
+        return drop is not None and hmac.compare_digest(given, drop.password.encode("utf-8"))
+
+
+# ======================================================================================
+# Command line
+# ======================================================================================
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fake server until Ctrl-C; the first line on stdout is HOST:PORT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fakeserver.py",
+        description="A fake POP3 server. By default it replays the OperaMail session of the "
+        "seed: user hogehoge, password fugafuga, two Japanese messages.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
+    parser.add_argument("--tls", choices=("none", "implicit", "stls"), default="none",
+                        help="TLS mode (none)")
+    parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
+                        help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--maildir", metavar="PATH", help="serve this Maildir")
+    source.add_argument("--mbox", metavar="PATH", help="serve this mbox file")
+    source.add_argument("--eml-dir", metavar="PATH", help="serve the *.eml files of a folder")
+    parser.add_argument("--user", default="hogehoge",
+                        help="user name for --maildir/--mbox/--eml-dir (hogehoge)")
+    parser.add_argument("--password", default="fugafuga",
+                        help="that user's password, a test password only (fugafuga)")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                        metavar="SECONDS", help="autologout after this much silence (600)")
+    parser.add_argument("--write-ca", metavar="FILE",
+                        help="write the test CA certificate (PEM) to FILE for a client to trust")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="do not print the C:/S: transcript on stderr")
+    args = parser.parse_args(argv)
+
+    users: dict[str, Maildrop] | None = None
+    try:
+        if args.maildir:
+            users = {args.user: Maildrop.from_maildir(args.maildir, args.password)}
+        elif args.mbox:
+            users = {args.user: Maildrop.from_mbox(args.mbox, args.password)}
+        elif args.eml_dir:
+            users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
+        if args.write_ca:
+            Path(args.write_ca).write_text(CA_PEM)
+        tls = None if args.tls == "none" else args.tls
+        server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
+                            idle_timeout=args.idle_timeout)
+    except (OSError, mailbox.Error) as error:
+        print("fakeserver: %s" % error, file=sys.stderr)
+        return 1
+    if not args.quiet:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    host = "[%s]" % server.host if ":" in server.host else server.host
+    where = "%s:%d" % (host, server.port)
+    user = args.user if users is not None else "hogehoge"
+    password = args.password if users is not None else "fugafuga"
+    try:
+        server.start()
+        print(where, flush=True)
+        print("fakeserver: POP3 (%s preset, TLS %s) for user %s, password %s"
+              % (args.preset, args.tls, user, password))
+        if tls is None:
+            print("try:  telnet %s %d" % (server.host, server.port))
+        else:
+            starttls = " -starttls pop3" if tls == "stls" else ""
+            print("try:  openssl s_client -connect %s%s -CAfile CA.pem  (CA.pem from --write-ca)"
+                  % (where, starttls))
+        client_tls = {"none": "none", "implicit": "implicit", "stls": "starttls"}[args.tls]
+        print("  or: python pop3lite.py %s %s --tls %s%s"
+              % (where, user, client_tls, "" if tls is None else " --cafile CA.pem"))
+        print("stop: Ctrl-C", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server._stop()
+    for failure in server.errors:
+        print("fakeserver: a session failed: %r" % (failure,), file=sys.stderr)
+    return 1 if server.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

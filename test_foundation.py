@@ -1,0 +1,77 @@
+"""Foundation tests (issues 2 and 7): pop3lite on a minimal Python, and the benchmark still runs."""
+
+# SPDX-License-Identifier: MIT
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import fakeserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Runs in a fresh interpreter where `ssl` and `email` (and their C parts) cannot be imported, as on
+# minimal Pythons built without OpenSSL or trimmed of the email package. The fake server imports
+# both, so it runs in the test process and only the client runs in the child.
+BLOCKED_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    BLOCKED = {"ssl", "_ssl", "email"}
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError("No module named %r (blocked by the test)" % name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    assert not BLOCKED & set(sys.modules), sorted(BLOCKED & set(sys.modules))
+    try:
+        import ssl  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("the import blocker does not work")
+
+    sys.path.insert(0, sys.argv[1])
+    import pop3lite
+
+    with pop3lite.POP3(sys.argv[2], int(sys.argv[3]), tls="none", timeout=10.0) as pop:
+        pop.login("hogehoge", "fugafuga")
+        stat = pop.stat()
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+    print("stat=%d,%d loaded=%s" % (stat[0], stat[1], ",".join(loaded) or "none"))
+    """
+)
+
+
+def test_plaintext_session_without_ssl_and_email() -> None:
+    with fakeserver.FakeServer() as server:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", BLOCKED_CHILD, HERE, server.host, str(server.port)],
+            capture_output=True,
+            timeout=60,
+        )
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    assert proc.stdout.decode().split() == ["stat=2,10180", "loaded=none"]
+    (transcript,) = server.transcripts
+    commands = [line for line in transcript if line.startswith("C: ")]
+    assert commands[0] == "C: USER hogehoge" and commands[-2:] == ["C: STAT", "C: QUIT"]
+
+
+def test_benchmark_self_check_runs() -> None:
+    # Tiny sizes, one round: checks that the benchmark's server and every client (poplib, the
+    # plain reader, pop3lite) still work and return the right bytes. No timing is asserted.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "bench", "bench.py"), "--self-check"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+        cwd=HERE,
+    )
+    output = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, output
+    assert "self-check: ok" in output, output

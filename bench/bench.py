@@ -390,7 +390,9 @@ class Plain:
             if i >= 0:
                 break
             scanned = max(self.end - self.start - 4, scanned)
-            self._recv(max(65536, hint + 5 - (self.end - self.start)))
+            # Room for the rest of the announced size, plus 1/32 for the stuffing dots (the
+            # announced size is before stuffing), so a big message needs one allocation.
+            self._recv(max(65536, hint + hint // 32 + 5 - (self.end - self.start)))
         with memoryview(self.buf) as view:
             data = bytes(view[self.start : i + 2])
         self.start = i + 5

@@ -1147,7 +1147,7 @@ class _Session(socketserver.BaseRequestHandler):
             fault = codes[0]
             text = str(fault.value) if fault.value is not None else _CODE_TEXTS[fault.kind]
             return self.err(text, _CODE_KINDS[fault.kind])
-        method = getattr(self, "cmd_" + verb.lower(), None) if verb.isalpha() else None
+        method = getattr(self, "cmd_" + verb.lower(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self.err("unknown")
         states = _STATES.get(verb, ("AUTHORIZATION", "TRANSACTION"))
@@ -1563,6 +1563,7 @@ class _Session(socketserver.BaseRequestHandler):
             self.sock.sendall(reply)
 
 
+_VERB_RE = re.compile(r"[A-Z0-9]{1,8}\Z")  # RFC 1939 keywords, RFC 2449 allows digits (UTF8)
 _STATES = {
     "USER": ("AUTHORIZATION",),
     "PASS": ("AUTHORIZATION",),
@@ -1589,7 +1590,10 @@ _STATES = {
 class FakeServer(socketserver.ThreadingTCPServer):
     """A POP3 server in a thread: ``with FakeServer(...) as server:`` (see the module docstring)."""
 
-    daemon_threads = True
+    # Session threads are joined by server_close() (block_on_close), so an exception a session
+    # hits is recorded before close() looks for one.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
 
     def __init__(
@@ -1813,8 +1817,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         print(where, flush=True)
+        # The demo password is the seed's, public on purpose; a password given on the command
+        # line is the user's own and is not repeated.
+        shown = password if password == "fugafuga" else "as given"
         print("fakeserver: POP3 (%s preset, TLS %s) for user %s, password %s"
-              % (args.preset, args.tls, user, password))
+              % (args.preset, args.tls, user, shown))
         if tls is None:
             print("try:  telnet %s %d" % (server.host, server.port))
         else:

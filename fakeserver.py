@@ -48,9 +48,9 @@ kind can apply to; a verb (``"RETR"``) selects that command; a full command line
 (``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how often it fires.
 Kinds (``value`` in brackets):
 
-- transport: ``delay`` [seconds, default 1] before the reply; ``drop`` [N] closes the connection
-  after N bytes of the reply (command None: after N bytes of the whole connection); ``bytewise``
-  sends one byte per send call.
+- transport: ``delay`` [seconds, default 1] before the reply; ``drop`` [N, default 0] closes the
+  connection after N bytes of the reply (command None: after N bytes of the whole connection; no
+  UPDATE); ``bytewise`` sends one byte per send call.
 - format: ``lf`` (LF-only line ends); ``long-line`` [octets, default 2048] (a single-line reply is
   padded, a multi-line reply gets such a first line); ``no-terminator`` (no final ".", then
   hang up); ``unstuffed-dot`` (body lines that start with "." are not dot-stuffed); ``8bit`` (8-bit
@@ -61,12 +61,15 @@ Kinds (``value`` in brackets):
   (command None: PASS, APOP and AUTH), ``sys-temp``, ``sys-perm`` (command None: every command).
 - session: ``bad-timestamp`` [text, default an unterminated ``<...``] in the greeting;
   ``stls-refused`` (STLS answered -ERR); ``stls-absent`` (STLS neither offered nor accepted);
-  ``stls-inject`` [bytes] sent in plaintext right after STLS's +OK; ``tls-stall`` (after STLS's
-  +OK, or on connect with implicit TLS, no handshake: the server waits silently);
+  ``stls-inject`` [bytes, default ``b"+OK injected before TLS\\r\\n"``] sent in plaintext in the
+  same write as STLS's +OK; ``tls-stall`` (after STLS's +OK, or on connect with implicit TLS,
+  no handshake: the server waits silently);
   ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
   of its reply.
 
-``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` verifies the server.
+``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` (or ``client_context()``)
+verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' messages (bytes).
+``FAULT_KINDS``: the kind names.
 
 Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
 stdout is ``HOST:PORT``; Ctrl-C stops it.
@@ -107,7 +110,17 @@ from typing import (
     cast,
 )
 
-__all__ = ["CA_PEM", "FAULT_KINDS", "Fault", "FakeServer", "Maildrop", "main"]
+__all__ = [
+    "CA_PEM",
+    "FAULT_KINDS",
+    "OPERAMAIL_MESSAGES",
+    "RFC_MESSAGES",
+    "FakeServer",
+    "Fault",
+    "Maildrop",
+    "client_context",
+    "main",
+]
 
 logger = logging.getLogger("fakeserver")
 
@@ -892,6 +905,16 @@ def _show(line: bytes) -> str:
     return line.decode("utf-8", "backslashreplace")
 
 
+def _for_terminal(line: str) -> str:
+    """A transcript line for a log: ISO-2022-JP decoded, other control characters escaped."""
+    if "\x1b" in line:
+        try:
+            line = line.encode("ascii").decode("iso2022_jp")
+        except UnicodeError:
+            pass
+    return re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", lambda m: "\\x%02x" % ord(m.group(0)), line)
+
+
 def _b64decode(text: bytes) -> bytes:
     """Strict base64 (RFC 5034 section 4): any non-alphabet character or misplaced "=" fails."""
     if text == b"=":
@@ -933,6 +956,7 @@ class _Session(socketserver.BaseRequestHandler):
         self.faults: list[Fault] = []
         self.verb = "GREETING"
         self.line = ""
+        self.serial = 0  # the connection's number, from 1, set by the server
 
     # ----- entry point -------------------------------------------------------------
     def handle(self) -> None:
@@ -980,7 +1004,8 @@ class _Session(socketserver.BaseRequestHandler):
 
     def record(self, line: str) -> None:
         self.transcript.append(line)
-        logger.debug("[%s] %s", id(self) % 10000, line)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("[%d] %s", self.serial, _for_terminal(line))
 
     # ----- reading -----------------------------------------------------------------
     def readline(self, limit: int) -> bytes | None:
@@ -1546,21 +1571,23 @@ class _Session(socketserver.BaseRequestHandler):
     # ----- scripted sessions -------------------------------------------------------
     def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:
         """Replay raw replies; each expected command must match exactly (else AssertionError)."""
+        challenged = False  # a SASL response follows a "+ " line: never shown
         for step, (expected, reply) in enumerate(script):
             if expected is not None:
                 raw = self.readline(MAX_SASL_LINE)
                 if raw is None:
                     return  # the client closed: what it sent so far is in the transcript
                 verb = _show(raw).partition(" ")[0].upper()
-                self.record("C: " + self.redact(verb, raw))
+                shown = "****" if challenged and raw != b"*" else self.redact(verb, raw)
+                self.record("C: " + shown)
                 if _show(raw) != expected:
                     raise AssertionError(
-                        "script step %d: expected %r, the client sent %r"
-                        % (step, expected, self.transcript[-1][3:])
+                        "script step %d: expected %r, the client sent %r" % (step, expected, shown)
                     )
             for line in reply.splitlines():
                 self.record("S: " + _show(line))
             self.sock.sendall(reply)
+            challenged = reply.startswith(b"+ ")
 
 
 _VERB_RE = re.compile(r"[A-Z0-9]{1,8}\Z")  # RFC 1939 keywords, RFC 2449 allows digits (UTF8)
@@ -1664,7 +1691,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         """Serve in a daemon thread; returns self."""
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                target=self.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
                 name="fakeserver %s:%d" % self.address,
             )
             self._thread.start()
@@ -1713,6 +1740,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
     def _join(self, session: _Session) -> None:
         with self._lock:
             self.transcripts.append(session.transcript)
+            session.serial = len(self.transcripts)
             self._sessions.append(session)
             closing = self._closing
         if closing:
@@ -1823,7 +1851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fakeserver: POP3 (%s preset, TLS %s) for user %s, password %s"
               % (args.preset, args.tls, user, shown))
         if tls is None:
-            print("try:  telnet %s %d" % (server.host, server.port))
+            print("try:  telnet %s %d   (or: nc -C %s %d)"
+                  % (server.host, server.port, server.host, server.port))
         else:
             starttls = " -starttls pop3" if tls == "stls" else ""
             print("try:  openssl s_client -connect %s%s -CAfile CA.pem  (CA.pem from --write-ca)"

@@ -1188,6 +1188,27 @@ def test_scripted_session_with_poplib() -> None:
     ]
 
 
+def test_scripted_sasl_responses_are_redacted() -> None:
+    script = [(None, b"+OK hi\r\n"), ("AUTH LOGIN", b"+ VXNlcm5hbWU6\r\n"),
+              ("Ym9i", b"+ UGFzc3dvcmQ6\r\n"), ("c2VjcmV0", b"+OK\r\n")]
+    with FakeServer(script=script) as server, Raw(server) as client:
+        client.line()
+        for command in ("AUTH LOGIN", "Ym9i", "c2VjcmV0"):
+            assert client.cmd(command).startswith("+")
+    assert server.transcripts[0][1:] == ["C: AUTH LOGIN", "S: + VXNlcm5hbWU6", "C: ****",
+                                         "S: + UGFzc3dvcmQ6", "C: ****", "S: +OK"]
+
+
+def test_custom_greeting() -> None:
+    with FakeServer(greeting="mail.example ready {timestamp}") as server:
+        with Raw(server) as first, Raw(server) as second:
+            one, two = first.line(), second.line()
+            assert one.startswith(b"+OK mail.example ready <") and one != two
+    with FakeServer("rfc", greeting="no timestamp here") as server, Raw(server) as client:
+        assert client.line() == b"+OK no timestamp here"
+        assert client.cmd("APOP hogehoge " + "0" * 32) == "-ERR APOP not available"
+
+
 def test_script_mismatch_fails_at_exit() -> None:
     script = [(None, b"+OK hi\r\n"), ("USER bob", b"+OK\r\n")]
     mismatch = pytest.raises(AssertionError, match="script step 1: expected 'USER bob'")

@@ -1304,7 +1304,9 @@ class _Transport:
             self.pos = end + terminator
             return body
         have = len(self.buf) - start
-        body_buf = bytearray(max(size_hint + 4096, have + 65536))
+        # The announced size is of the unstuffed message; allow 1/64 for stuffed dots and the
+        # terminator, and grow in steps of 1/16, so the buffer stays near the body's size.
+        body_buf = bytearray(max(size_hint + size_hint // 64 + 4096, have + 65536))
         body_buf[:have] = self.buf[start:]
         self.buf = bytearray()
         self.pos = 0
@@ -1316,8 +1318,8 @@ class _Transport:
                 break
             if filled > limit + terminator:
                 self.fail(LimitExceeded(f"response larger than {limit} octets"))
-            if filled == len(body_buf):  # the server's size was low: grow by half
-                body_buf += bytes(len(body_buf) // 2)
+            if filled == len(body_buf):  # the server's size was low
+                body_buf += bytes(len(body_buf) // 16)
             search = max(0, filled - 2 * len(eol))
             filled += self._recv_into(body_buf, filled, "reading a multi-line response")
         if end > limit:
@@ -1502,15 +1504,19 @@ class POP3:
     def _log_line(self, direction: str, line: bytes) -> None:
         self._log.debug("%s %s", direction, display_text(line.rstrip(b"\r\n")))
 
-    def _send(self, verb: str, *args: str, secret: bool = False) -> None:
-        """Send one command. ``secret``: its arguments never reach the log."""
+    def _send(self, verb: str, *args: str, public: int | None = None) -> None:
+        """Send one command. With ``public`` set, only that many leading arguments reach the
+        log; the rest (passwords, digests, SASL responses) are logged as ****."""
         if self._batch is not None:
             self._batch.absorb()
         line = format_command(verb, *args, encoding="utf-8" if self._utf8 else "ascii")
         self._transport.sock()  # a closed connection raises here, saying why it closed
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
-            self._log_line("C:", line if not secret else (verb + " ****").encode())
+            shown = line
+            if public is not None:
+                shown = " ".join((verb, *args[:public], "****")).encode()
+            self._log_line("C:", shown)
         self._transport.send(line)
 
     def _read_status(self, command: str) -> bytes:
@@ -1547,9 +1553,9 @@ class POP3:
                 )
             )
 
-    def _simple(self, verb: str, *args: str, secret: bool = False) -> bytes:
+    def _simple(self, verb: str, *args: str, public: int | None = None) -> bytes:
         """A command with a one-line answer: the text after +OK."""
-        self._send(verb, *args, secret=secret)
+        self._send(verb, *args, public=public)
         text = self._read_status(verb)
         self._check_in_step()
         return text
@@ -1726,7 +1732,7 @@ class POP3:
         self._check_credential(password, "password")
         format_command("PASS", password, encoding="utf-8")  # a bad password fails before USER
         self._simple("USER", user)
-        text = self._simple("PASS", password, secret=True)
+        text = self._simple("PASS", password, public=0)
         self._logged_in()
         return display_text(text)
 
@@ -1745,7 +1751,7 @@ class POP3:
             user = saslprep(user)
             password = saslprep(password, allow_unassigned=False)
         digest = apop_digest(self.timestamp, password)
-        text = self._simple("APOP", user, digest, secret=True)
+        text = self._simple("APOP", user, digest, public=1)
         self._logged_in()
         return display_text(text)
 
@@ -1783,7 +1789,7 @@ class POP3:
         # RFC 5034 section 4: the initial response rides on the AUTH line only if the whole
         # line fits in 255 octets; otherwise it is sent after the server's empty challenge.
         if first is not None and len(f"AUTH {mech.name} {first}\r\n") <= MAX_COMMAND_LENGTH:
-            self._send("AUTH", mech.name, first, secret=True)
+            self._send("AUTH", mech.name, first, public=1)
             first = None
         else:
             self._send("AUTH", mech.name)

@@ -507,7 +507,7 @@ def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -
     caplog.set_level(logging.DEBUG, logger="pop3lite")
     with scripted(script) as port, connect(port) as pop:
         assert pop.apop("mrose", "tanstaaf") == "maildrop ready"
-    assert "C: APOP ****" in caplog.text
+    assert "C: APOP mrose ****" in caplog.text
     assert "c4c9334b" not in caplog.text and "tanstaaf" not in caplog.text
 
 
@@ -906,3 +906,351 @@ def test_caller_mistakes_raise_value_error() -> None:
         pop.close()
     with pytest.raises(ValueError):
         pop3lite.POP3("127.0.0.1", 1, tls="sometimes")
+
+
+# =============================================================================================
+# Client against fakeserver.py: the seed's session, TLS, SASL, response codes
+# =============================================================================================
+
+import ssl  # noqa: E402  (the sections above must not need ssl)
+
+import fakeserver  # noqa: E402
+
+SEED_USER, SEED_PASSWORD = "hogehoge", "fugafuga"
+
+
+def client_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cadata=fakeserver.CA_PEM)
+
+
+def fake_connect(server: fakeserver.FakeServer, **kwargs: Any) -> pop3lite.POP3:
+    kwargs.setdefault("timeout", TIMEOUT)
+    if server_tls(server):
+        kwargs.setdefault("ssl_context", client_context())
+        host = "localhost"
+    else:
+        kwargs.setdefault("tls", "none")
+        host = server.host
+    return pop3lite.POP3(host, server.port, **kwargs)
+
+
+def server_tls(server: fakeserver.FakeServer) -> bool:
+    return bool(getattr(server, "tls", None))
+
+
+def test_seed_session_against_the_fake_operamail() -> None:
+    with fakeserver.FakeServer() as server:
+        with fake_connect(server) as pop:
+            assert pop.greeting.startswith("InterChange POP3 Server v3.62 Ready")
+            assert pop.timestamp == "<1BC07518.3C649B3F@operamail.com>"
+            assert pop.login(SEED_USER, SEED_PASSWORD) == "Password accepted"
+            assert pop.stat() == (2, 10180)
+            assert pop.list() == {1: 5954, 2: 4226}
+            top = pop.top(2, 5)
+            assert top.startswith(b"Received: from platz.jp")
+            first = pop.retr(1)
+            assert len(first) == 5954
+            assert pop.dele(1) == "message 1 deleted"
+            assert pop.list() == {2: 4226}
+            assert pop.rset() == "Everything has been reset"
+            assert pop.list() == {1: 5954, 2: 4226}
+            assert pop.message(1)["Subject"].startswith("\uff20IT\u65b0\u7740\u901f\u5831")
+        transcript = server.transcripts[0]
+    assert "C: PASS ****" in transcript
+    assert "S: +OK 1 messages (4226 octets)" in transcript
+    assert transcript[-1] == "S: +OK InterChange POP3 Server Signing Off"
+
+
+def test_apop_against_the_fake_operamail() -> None:
+    with fakeserver.FakeServer() as server, fake_connect(server) as pop:
+        assert pop.apop(SEED_USER, SEED_PASSWORD)
+        assert pop.stat() == (2, 10180)
+    with fakeserver.FakeServer() as server, fake_connect(server) as pop:
+        with pytest.raises(pop3lite.AuthenticationError):
+            pop.apop(SEED_USER, "wrong")
+
+
+def test_exception_inside_with_deletes_nothing() -> None:
+    with fakeserver.FakeServer() as server:
+        with pytest.raises(KeyError), fake_connect(server) as pop:
+            pop.login(SEED_USER, SEED_PASSWORD)
+            pop.dele(1)
+            raise KeyError("the caller's own bug")
+        with fake_connect(server) as pop:  # a second session sees both messages
+            pop.login(SEED_USER, SEED_PASSWORD)
+            assert pop.stat() == (2, 10180)
+            pop.dele(1)
+        with fake_connect(server) as pop:  # a clean exit sent QUIT: the deletion is committed
+            pop.login(SEED_USER, SEED_PASSWORD)
+            assert pop.list() == {1: 4226}
+
+
+def test_retr_many_against_the_rfc_preset() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server, fake_connect(server) as pop:
+        pop.login(SEED_USER, SEED_PASSWORD)
+        sizes = pop.list()
+        results = list(pop.retr_many([*sizes, 99]))
+        for number, size in sizes.items():
+            assert results[number - 1].data is not None
+            assert len(results[number - 1].data or b"") == size
+        assert results[-1].error is not None and results[-1].number == 99
+        assert [r.data for r in results[:-1]] == [pop.retr(n) for n in sizes]
+        stored = server.maildrops[SEED_USER].messages
+        assert [r.data for r in results[:-1]] == list(stored)  # dot lines came through intact
+        assert any(b"\r\n." in message for message in stored)
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def test_implicit_tls_verifies_the_certificate() -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="implicit") as server:
+        with fake_connect(server, tls="implicit") as pop:
+            assert pop.tls_version in ("TLSv1.2", "TLSv1.3")
+            assert pop.cipher
+            assert pop.peer_certificate and pop.peer_certificate.get("subjectAltName")
+            pop.login(SEED_USER, SEED_PASSWORD)
+            assert pop.stat().count == 3
+
+
+def test_untrusted_certificate_is_a_tls_error() -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="implicit") as server:
+        with pytest.raises(pop3lite.TLSError, match="not trusted"):
+            pop3lite.POP3("localhost", server.port, tls="implicit", timeout=TIMEOUT)
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert commands == []
+
+
+def test_default_context_verifies_host_names_and_needs_tls12() -> None:
+    default = pop3lite.POP3.__new__(pop3lite.POP3)
+    default._ssl_context = None
+    context = default._context()
+    assert context.check_hostname and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_stls_refreshes_capabilities_and_forgets_the_timestamp() -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
+        with fake_connect(server, tls="starttls") as pop:
+            assert pop.tls_version
+            assert pop.timestamp is None  # it came in plaintext
+            assert "STLS" not in pop.capa()
+            with pytest.raises(ValueError, match="APOP"):
+                pop.apop(SEED_USER, SEED_PASSWORD)
+            pop.login(SEED_USER, SEED_PASSWORD)
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert commands[:3] == ["C: CAPA", "C: STLS", "C: CAPA"]
+
+
+def test_auto_mode_uses_stls_on_loopback_when_offered() -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
+        pop = pop3lite.POP3("localhost", server.port, ssl_context=client_context(),
+                            timeout=TIMEOUT)
+        assert pop.tls_version
+        pop.quit()
+    with fakeserver.FakeServer(preset="rfc") as server:  # no STLS: loopback may stay plain
+        pop = pop3lite.POP3(server.host, server.port, timeout=TIMEOUT)
+        assert pop.tls_version is None
+        pop.login(SEED_USER, SEED_PASSWORD)
+        pop.quit()
+
+
+def test_auto_mode_requires_stls_for_remote_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pop3lite, "is_loopback", lambda address: False)
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with pytest.raises(pop3lite.TLSError, match="does not offer STLS"):
+            pop3lite.POP3(server.host, server.port, timeout=TIMEOUT)
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert commands == ["C: CAPA"]  # nothing else, certainly no credentials
+
+
+@pytest.mark.parametrize("kind", ["stls-refused", "stls-absent"])
+def test_required_stls_refused_or_absent_fails_before_credentials(kind: str) -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="stls", faults=[fakeserver.Fault(kind)]) as server:
+        with pytest.raises(pop3lite.TLSError):
+            pop3lite.POP3("localhost", server.port, tls="starttls", timeout=TIMEOUT,
+                          ssl_context=client_context())
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert not any(c.startswith(("C: USER", "C: PASS", "C: AUTH", "C: APOP")) for c in commands)
+
+
+def test_plaintext_injected_after_stls_aborts() -> None:
+    fault = fakeserver.Fault("stls-inject", value=b"+OK injected\r\n")
+    with fakeserver.FakeServer(preset="rfc", tls="stls", faults=[fault]) as server:
+        with pytest.raises(pop3lite.TLSError, match="injection"):
+            pop3lite.POP3("localhost", server.port, tls="starttls", timeout=TIMEOUT,
+                          ssl_context=client_context())
+
+
+def test_stalled_tls_handshake_times_out() -> None:
+    fault = fakeserver.Fault("tls-stall")
+    with fakeserver.FakeServer(preset="rfc", tls="implicit", faults=[fault]) as server:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            pop3lite.POP3("localhost", server.port, tls="implicit", timeout=0.5,
+                          ssl_context=client_context())
+        assert time.monotonic() - started < 3
+
+
+def test_no_stls_after_utf8() -> None:
+    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
+        pop = pop3lite.POP3(server.host, server.port, tls="none", timeout=TIMEOUT)
+        pop.utf8()
+        with pytest.raises(ValueError, match="UTF8"):
+            pop.stls()
+        pop.close()
+
+
+def test_password_never_crosses_plaintext_to_a_remote_host() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        pop = pop3lite.POP3(server.host, server.port, tls="auto", timeout=TIMEOUT)
+        pop.loopback = False  # as if the server were elsewhere and offered no STLS
+        for attempt in (
+            lambda: pop.login(SEED_USER, SEED_PASSWORD),
+            lambda: pop.auth("PLAIN", SEED_USER, SEED_PASSWORD),
+            lambda: pop.auth("LOGIN", SEED_USER, SEED_PASSWORD),
+            lambda: pop.login_oauth2(SEED_USER, "fake-oauth-token"),
+        ):
+            with pytest.raises(pop3lite.InsecureError, match="tls='none'"):
+                attempt()
+        # Challenge-response mechanisms never send the password: allowed.
+        assert pop.auth("SCRAM-SHA-256", SEED_USER, SEED_PASSWORD) is not None
+        pop.quit()
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert not any(c.startswith(("C: USER", "C: PASS")) for c in commands)
+
+
+# -- SASL ---------------------------------------------------------------------------------------
+
+PASSWORD_MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"]
+
+
+@pytest.mark.parametrize("mechanism", PASSWORD_MECHANISMS)
+def test_sasl_password_mechanisms(mechanism: str) -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            pop.auth(mechanism, SEED_USER, SEED_PASSWORD)
+            assert pop.stat().count == 3
+        with fake_connect(server) as pop, pytest.raises(pop3lite.AuthenticationError):
+            pop.auth(mechanism, SEED_USER, "wrong password")
+        text = "\n".join(server.transcripts[0])
+    assert SEED_PASSWORD not in text
+
+
+@pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
+def test_oauth2_mechanisms_and_their_json_errors(mechanism: str) -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            pop.login_oauth2(SEED_USER, lambda: "fake-oauth-token", mechanism=mechanism)
+        with fake_connect(server) as pop:
+            with pytest.raises(pop3lite.AuthenticationError) as info:
+                pop.login_oauth2(SEED_USER, "expired-token", mechanism=mechanism)
+            assert info.value.details is not None
+            assert "status" in info.value.details  # "401" (XOAUTH2) or "invalid_token" (RFC 7628)
+
+
+def test_long_initial_response_goes_after_the_empty_challenge() -> None:
+    # RFC 5034 section 4: an AUTH line over 255 octets must not carry the initial response.
+    token = "t" * 400
+    with fakeserver.FakeServer(preset="rfc", oauth_token=token) as server:
+        with fake_connect(server) as pop:
+            pop.login_oauth2(SEED_USER, token, mechanism="XOAUTH2")
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert "C: AUTH XOAUTH2" in commands
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            pop.login_oauth2(SEED_USER, "fake-oauth-token", mechanism="XOAUTH2")
+        commands = [line for line in server.transcripts[0] if line.startswith("C:")]
+    assert any(c.startswith("C: AUTH XOAUTH2 ") for c in commands)
+
+
+def test_login_best_picks_the_strongest_and_tries_once() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            assert pop.login_best(SEED_USER, SEED_PASSWORD) == "SCRAM-SHA-256"
+        with fake_connect(server) as pop, pytest.raises(pop3lite.AuthenticationError):
+            pop.login_best(SEED_USER, "wrong")
+        auth_lines = [c for c in server.transcripts[1] if c.startswith(("C: AUTH", "C: USER"))]
+    assert len(auth_lines) == 1
+    with fakeserver.FakeServer() as server, fake_connect(server) as pop:
+        assert pop.login_best(SEED_USER, SEED_PASSWORD) == "USER"  # OperaMail has no CAPA
+
+
+def test_scram_server_that_cannot_prove_itself_is_rejected() -> None:
+    script = [
+        (None, b"+OK ready\r\n"),
+        ("AUTH", b"+ \r\n"),
+    ]
+    del script  # the scripted peer is more precise for this: see below
+
+    def peer_script(peer: Peer) -> None:
+        peer.send(b"+OK ready\r\n")
+        line = peer.line()
+        assert line.startswith(b"AUTH SCRAM-SHA-256 ")
+        import base64
+
+        client_first = base64.b64decode(line.split()[2])
+        nonce = client_first.split(b"r=")[1]
+        server_first = b"r=" + nonce + b"srv,s=" + base64.b64encode(b"salt") + b",i=4096"
+        peer.send(b"+ " + base64.b64encode(server_first) + b"\r\n")
+        peer.line()  # client-final with the proof
+        peer.send(b"+ " + base64.b64encode(b"v=" + base64.b64encode(b"x" * 32)) + b"\r\n")
+        assert peer.line() == b"*\r\n"  # the client cancels on a wrong server signature
+        peer.send(b"-ERR cancelled\r\n")
+
+    with scripted(peer_script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError, match="server signature"):
+            pop.auth("SCRAM-SHA-256", SEED_USER, SEED_PASSWORD)
+        pop.close()
+
+
+def test_undecodable_challenge_is_cancelled_with_star() -> None:
+    def peer_script(peer: Peer) -> None:
+        peer.send(b"+OK ready\r\n")
+        assert peer.line() == b"AUTH CRAM-MD5\r\n"
+        peer.send(b"+ not*base64!\r\n")
+        assert peer.line() == b"*\r\n"
+        peer.send(b"-ERR authentication cancelled\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(peer_script) as port, connect(port) as pop:
+        with pytest.raises(pop3lite.ProtocolError, match="base64"):
+            pop.auth("CRAM-MD5", SEED_USER, SEED_PASSWORD)
+
+
+# -- response codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "cls", "code"),
+    [
+        ("in-use", pop3lite.InUseError, "IN-USE"),
+        ("login-delay", pop3lite.LoginDelayError, "LOGIN-DELAY"),
+        ("sys-temp", pop3lite.TemporaryError, "SYS/TEMP"),
+        ("sys-perm", pop3lite.PermanentError, "SYS/PERM"),
+        ("auth", pop3lite.AuthenticationError, "AUTH"),
+    ],
+)
+def test_response_codes_become_exception_classes(kind: str, cls: type, code: str) -> None:
+    fault = fakeserver.Fault(kind, command="PASS")
+    with fakeserver.FakeServer(preset="rfc", faults=[fault]) as server, fake_connect(server) as pop:
+        with pytest.raises(cls) as info:
+            pop.login(SEED_USER, SEED_PASSWORD)
+        assert info.value.code == code
+
+
+def test_maildrop_lock_is_in_use_for_a_second_session() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as first:
+            first.login(SEED_USER, SEED_PASSWORD)
+            with fake_connect(server) as second, pytest.raises(pop3lite.InUseError):
+                second.login(SEED_USER, SEED_PASSWORD)
+
+
+def test_utf8_credentials_need_the_utf8_user_capability() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server, fake_connect(server) as pop:
+        if pop.capa().utf8_user:
+            pytest.fail("the rfc preset is expected to say UTF8 without USER")
+        with pytest.raises(ValueError, match="UTF8 USER"):
+            pop.login("j\u00f6rg", "p\u00e4ss")

@@ -103,12 +103,14 @@ MAX_LISTING_SIZE = 64 * 1024 * 1024
 
 MAX_UID_LENGTH = 70  # RFC 1939 section 7, UIDL
 
-PIPELINE_WINDOW = 256
-"""Commands in flight in retr_many() and friends when the server advertises PIPELINING."""
+PIPELINE_WINDOW = 1024
+"""Commands in flight in retr_many() and friends when the server advertises PIPELINING: enough
+to cover a 10 ms round trip at the rate the client parses small messages."""
 
-PIPELINE_WINDOW_BYTES = 8 * 1024
-"""Octets of unanswered commands. Kept below the smallest socket buffers so a write never blocks
-while the server is blocked writing responses we are not reading: no deadlock."""
+PIPELINE_WINDOW_BYTES = 16 * 1024
+"""Octets of unanswered commands. Kept below the receive buffer of any common server (64 KiB
+and up) so a write never blocks while the server is blocked writing responses that we are not
+reading: no deadlock."""
 
 STREAM_CHUNK = 256 * 1024
 """retr_to() writes the message in pieces of about this size."""
@@ -2024,7 +2026,8 @@ class _Pipeline:
         self.window = window
         self.sent = 0
         self.answered = 0
-        self.inflight_bytes: deque[int] = deque()
+        self.inflight_sizes: deque[int] = deque()
+        self.inflight_bytes = 0
         self.ready: deque[Fetched] = deque()
 
     def __iter__(self) -> _Pipeline:
@@ -2047,12 +2050,15 @@ class _Pipeline:
         return result
 
     def _top_up(self) -> None:
-        """Send more commands once half the window is free: fewer, larger writes."""
+        """Send more commands once an eighth of the window (or all that is left) is free:
+        the window stays nearly full, in few, larger writes."""
         inflight = self.sent - self.answered
-        if self.sent >= len(self.numbers) or inflight * 2 > self.window:
+        unsent = len(self.numbers) - self.sent
+        wanted = max(1, min(self.window // 8, unsent))
+        if not unsent or (inflight and self.window - inflight < wanted):
             return
         encoding = "utf-8" if self.client._utf8 else "ascii"
-        used = sum(self.inflight_bytes)
+        used = self.inflight_bytes
         lines = []
         while self.sent < len(self.numbers) and self.sent - self.answered < self.window:
             line = format_command(
@@ -2062,8 +2068,9 @@ class _Pipeline:
                 break
             lines.append(line)
             used += len(line)
-            self.inflight_bytes.append(len(line))
+            self.inflight_sizes.append(len(line))
             self.sent += 1
+        self.inflight_bytes = used
         client = self.client
         client._transport.start_operation()
         if client._log.isEnabledFor(_DEBUG):
@@ -2088,7 +2095,7 @@ class _Pipeline:
                     client._check_size(number, len(data), announced)
             result = Fetched(number, data, None)
         self.answered += 1
-        self.inflight_bytes.popleft()
+        self.inflight_bytes -= self.inflight_sizes.popleft()
         return result
 
     def absorb(self) -> None:

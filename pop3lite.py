@@ -2109,11 +2109,1632 @@ class _Pipeline:
 # =============================================================================================
 # Command line
 # =============================================================================================
+#
+# ``python pop3lite.py HOST USER [ACTION]``: the quick check, retr/top/capa/uidl, save into a
+# Maildir or mbox, and an interactive shell. Everything beyond the client (argparse, getpass,
+# json, email, mailbox, unicodedata...) is imported inside the functions that need it, so
+# ``import pop3lite`` stays cheap. main() returns an exit status and never lets an expected
+# failure become a traceback.
+
+_EXIT_OK = 0
+_EXIT_LOCAL = 1  # a local file could not be read or written
+_EXIT_USAGE = 2  # bad arguments or no password available (argparse exits with 2 as well)
+_EXIT_AUTH = 3  # the credentials were refused
+_EXIT_CONNECTION = 4  # connection, TLS, timeout, or a password would cross an unencrypted link
+_EXIT_TEMPORARY = 5  # IN-USE, LOGIN-DELAY, SYS/TEMP: trying again later may work
+_EXIT_SERVER = 6  # any other -ERR, or bytes that are not POP3
+_EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+
+_ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell")
+_PASSWORD_VARIABLE = "POP3_PASSWORD"
+_DEMO_USER = "hogehoge"  # the seed's account on the fake OperaMail server
+_DEMO_PASSWORD = "fugafuga"  # handed to the login in-process, never through argv
+_TABLE_ROWS = 50  # rows the check shows by default; --json lists every message unless --limit
+_TOP_LINES = 10  # body lines `top N` shows by default
+_SECRET_FILE_LIMIT = 64 * 1024  # a password or token file larger than this is a mistake
+_SHELL_PROMPT = "pop3> "
+
+_USAGE = """\
+%(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
+       %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]"""
+
+_DESCRIPTION = """\
+Check a POP3 mailbox, fetch or save its messages, or talk POP3 by hand.
+
+actions:
+  check               the default: greeting, TLS and certificate, capabilities, login
+                      method, "N messages, M octets" and a table of number, size, UID,
+                      date, sender and subject (from TOP n 0). Never deletes anything.
+  retr N [N...]       print messages (decoded on a terminal, the raw bytes otherwise);
+                      -o FILE writes one message, -o DIR writes N.eml files
+  top N [LINES]       the header and the first LINES body lines (default 10) of message N
+  capa                the capabilities offered before login (needs no password)
+  uidl                the unique id of each message
+  save DIR|FILE.mbox  copy the messages into a Maildir (a directory) or an mbox file (a
+                      name ending in .mbox, or an existing file)
+  shell               an interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1,
+                      DELE 1, RSET, QUIT...; TLS and the login are done for you"""
+
+_EPILOG = """\
+password:
+  read from --password-file FILE (its first line), else $POP3_PASSWORD, else ~/.netrc
+  ("machine HOST login USER password ..."), else asked for without echo when stdin is a
+  terminal. Never from the command line, where other users could see it.
+
+examples:
+  %(prog)s --demo                     try it against the built-in fake server
+  %(prog)s --demo shell               the same, typing POP3 commands by hand
+  %(prog)s pop.example.com alice      check a mailbox (implicit TLS, port 995)
+  %(prog)s mail.example.com:110 alice --tls starttls --limit 10
+  %(prog)s pop.example.com alice --json
+  %(prog)s pop.example.com alice retr 3 -o message3.eml
+  %(prog)s pop.example.com alice save ~/Maildir --new
+  %(prog)s pop.example.com alice save mail.mbox --delete
+  %(prog)s pop.example.com alice shell --log session.txt
+
+check --json prints one object with these fields:
+  server        {"host", "port", "greeting"}
+  tls           null (plaintext) or {"version", "cipher", "verified", "subject", "san"}
+  capabilities  {NAME: [ARGUMENT...]} offered before login ({} without CAPA)
+  user, auth    the user name and the login method ("USER", "APOP", "SCRAM-SHA-256"...)
+  count, size   the number of messages and their total size in octets
+  messages      [{"number", "size", "uid", "date", "from", "subject"}], all of them
+                unless --limit N (then the last N); "date" is ISO 8601 when the Date
+                header can be parsed, else as written; unknown values are null
+capa --json prints the capabilities object, uidl --json [{"number", "uid"}].
+
+exit status:
+  0    success
+  1    a local file could not be read or written
+  2    usage error, or no password available
+  3    authentication failed
+  4    connection, TLS or timeout failure (or a password would cross an unencrypted link)
+  5    temporary server condition (mailbox in use, login delay, SYS/TEMP): try again later
+  6    other server or protocol error
+  130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted"""
+
+
+class _CommandLineError(Exception):
+    """A failure the command line reports in one line, with the exit status to return."""
+
+    def __init__(self, message: str, status: int = _EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Options:
+    """The parsed command line."""
+
+    def __init__(self) -> None:
+        self.host = ""
+        self.port: int | None = None
+        self.user = ""
+        self.action = "check"
+        self.numbers: list[int] = []
+        self.lines = _TOP_LINES
+        self.target = ""
+        self.tls = "auto"
+        self.cafile: str | None = None
+        self.insecure = False
+        self.timeout = DEFAULT_TIMEOUT
+        self.password_file: str | None = None
+        self.auth: str | None = None
+        self.apop = False
+        self.oauth2_token_file: str | None = None
+        self.limit: int | None = None
+        self.json = False
+        self.output: str | None = None
+        self.new = False
+        self.delete = False
+        self.log: str | None = None
+        self.verbose = False
+        self.demo = False
+        self.password: str | None = None  # set by --demo only; never from argv
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
+
+    @property
+    def target_name(self) -> str:
+        port = self.port or (POP3S_PORT if self.implicit_tls else POP3_PORT)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
+
+
+def _program_name() -> str:
+    """How the user started us, for usage lines: "python3 pop3lite.py" or "pop3lite"."""
+    import os
+
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return f"python3 {name}" if name.endswith(".py") else "pop3lite"
+
+
+def _split_host_port(text: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    port = ""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise _CommandLineError(f"bad host {text!r}: write an IPv6 address as [::1]:PORT")
+        port = rest[1:]
+        if rest and not port:
+            raise _CommandLineError(f"bad host {text!r}: the port is missing after ':'")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:  # a name, an IPv4 address, or an IPv6 address without a port
+        host = text
+    if not host:
+        raise _CommandLineError(f"bad host {text!r}: the host name is empty")
+    if not port:
+        return host, None
+    return host, _port_number(port)
+
+
+def _port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise _CommandLineError(f"bad port {text!r}: give a number from 1 to 65535")
+    return int(text)
+
+
+def _positive(text: str, what: str, minimum: int = 1) -> int:
+    if not text.isdigit() or int(text) < minimum:
+        raise _CommandLineError(f"{what} must be a whole number >= {minimum}, not {text!r}")
+    return int(text)
+
+
+def _parse_command_line(argv: list[str] | None) -> _Options:
+    """Parse ``argv``; raises SystemExit (from argparse) for --help, --version and errors."""
+    import argparse
+
+    prog = _program_name() if argv is None else "pop3lite"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage=_USAGE,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # "--password SECRET" must not pass for --password-file
+    )
+    parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+    link = parser.add_argument_group("connection")
+    link.add_argument("-p", "--port", help="port (default 995; 110 with --tls starttls or none)")
+    link.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        default="auto",
+        help="auto (default): implicit TLS on port 995, STLS on other ports (optional only "
+        "on loopback); implicit; starttls; none: plaintext, the password is sent in clear",
+    )
+    link.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE (PEM)")
+    link.add_argument(
+        "--insecure", action="store_true", help="do not verify the certificate (dangerous)"
+    )
+    link.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a silent server after SECONDS (default {DEFAULT_TIMEOUT:g})",
+    )
+    login = parser.add_argument_group("login")
+    login.add_argument("--password-file", metavar="FILE", help="read the password from FILE")
+    login.add_argument(
+        "--auth",
+        metavar="MECH",
+        help="log in with this SASL mechanism ({}), or USER for USER/PASS; default: the "
+        "strongest offered".format(", ".join(SUPPORTED_MECHANISMS)),
+    )
+    login.add_argument("--apop", action="store_true", help="log in with APOP")
+    login.add_argument(
+        "--oauth2-token-file",
+        metavar="FILE",
+        help="log in with the OAuth 2.0 access token in FILE (OAUTHBEARER, else XOAUTH2)",
+    )
+    shown = parser.add_argument_group("check, capa, uidl")
+    shown.add_argument(
+        "--limit",
+        metavar="N",
+        help=f"show the last N messages (default {_TABLE_ROWS}, all with --json; 0: all)",
+    )
+    shown.add_argument("--json", action="store_true", help="print JSON (fields below)")
+    fetch = parser.add_argument_group("retr, save, shell")
+    fetch.add_argument(
+        "-o", "--output", metavar="PATH", help="retr: write to this file (or directory)"
+    )
+    fetch.add_argument(
+        "--new", action="store_true", help="save: only messages not saved before (by UIDL)"
+    )
+    fetch.add_argument(
+        "--delete",
+        action="store_true",
+        help="save: delete on the server what was saved, once it is safely on disk",
+    )
+    fetch.add_argument("--log", metavar="FILE", help="shell: append the session to FILE")
+    other = parser.add_argument_group("other")
+    other.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the protocol exchange (C:/S:, secrets hidden) on stderr",
+    )
+    other.add_argument(
+        "--demo",
+        action="store_true",
+        help="run against a fake OperaMail server (fakeserver.py) as hogehoge",
+    )
+    other.add_argument("--version", action="version", version=f"pop3lite {__version__}")
+    ns = parser.parse_intermixed_args(argv)
+    try:
+        return _options_from(ns)
+    except _CommandLineError as exc:
+        parser.error(str(exc))
+        raise  # not reached: parser.error() exits
+
+
+def _options_from(ns: Any) -> _Options:
+    """Check the arguments argparse has collected and turn them into _Options."""
+    o = _Options()
+    words: list[str] = list(ns.words)
+    o.demo = bool(ns.demo)
+    if o.demo:
+        if words and words[0] not in _ACTIONS:
+            raise _CommandLineError(
+                f"--demo takes an action ({', '.join(_ACTIONS)}), not {words[0]!r}"
+            )
+        o.host, o.user, o.password = "127.0.0.1", _DEMO_USER, _DEMO_PASSWORD
+    elif not words:
+        raise _CommandLineError("give HOST and USER (or try --demo; --help shows more)")
+    elif len(words) < 2:
+        raise _CommandLineError(f"USER is missing after {words[0]}: give HOST USER")
+    else:
+        o.host, o.port = _split_host_port(words[0])
+        o.user = words[1]
+        words = words[2:]
+        if not o.user:
+            raise _CommandLineError("USER is empty")
+    if words:
+        if words[0] not in _ACTIONS:
+            raise _CommandLineError(
+                f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}"
+            )
+        o.action = words[0]
+        words = words[1:]
+    _action_arguments(o, words)
+    if ns.port is not None:
+        port = _port_number(ns.port)
+        if o.port is not None and o.port != port:
+            raise _CommandLineError(f"two ports given: {o.port} in HOST:PORT and {port} in -p")
+        o.port = port
+    o.tls = ns.tls
+    o.cafile = ns.cafile
+    o.insecure = bool(ns.insecure)
+    if o.insecure and o.cafile:
+        raise _CommandLineError("--insecure and --cafile contradict each other")
+    if o.insecure and o.tls == "none":
+        raise _CommandLineError("--insecure has no meaning with --tls none (there is no TLS)")
+    if not ns.timeout > 0:
+        raise _CommandLineError("--timeout must be a positive number of seconds")
+    o.timeout = ns.timeout
+    o.password_file = ns.password_file
+    o.oauth2_token_file = ns.oauth2_token_file
+    o.apop = bool(ns.apop)
+    if ns.auth is not None:
+        mechanism = ns.auth.upper() if ns.auth.isascii() else ns.auth
+        if mechanism not in (*SUPPORTED_MECHANISMS, "USER"):
+            raise _CommandLineError(
+                f"unknown --auth {ns.auth!r}; choose from {', '.join(SUPPORTED_MECHANISMS)}, USER"
+            )
+        o.auth = mechanism
+    oauth = o.auth in ("XOAUTH2", "OAUTHBEARER")
+    if o.apop and o.auth:
+        raise _CommandLineError("--apop and --auth are two login methods: choose one")
+    if o.oauth2_token_file and (o.apop or (o.auth and not oauth)):
+        raise _CommandLineError("--oauth2-token-file goes with --auth XOAUTH2 or OAUTHBEARER only")
+    if oauth and not o.oauth2_token_file:
+        raise _CommandLineError(f"--auth {o.auth} needs --oauth2-token-file FILE")
+    if o.password_file and o.oauth2_token_file:
+        raise _CommandLineError("--password-file and --oauth2-token-file: choose one")
+    o.json = bool(ns.json)
+    if ns.limit is not None:
+        o.limit = _positive(ns.limit, "--limit", 0)
+    o.output, o.new, o.delete, o.log = ns.output, bool(ns.new), bool(ns.delete), ns.log
+    o.verbose = bool(ns.verbose)
+    for given, flag, actions in (
+        (o.json, "--json", ("check", "capa", "uidl")),
+        (o.limit is not None, "--limit", ("check",)),
+        (o.output is not None, "-o/--output", ("retr",)),
+        (o.new, "--new", ("save",)),
+        (o.delete, "--delete", ("save",)),
+        (o.log is not None, "--log", ("shell",)),
+    ):
+        if given and o.action not in actions:
+            raise _CommandLineError(f"{flag} only goes with {' or '.join(actions)}")
+    return o
+
+
+def _action_arguments(o: _Options, words: list[str]) -> None:
+    """The arguments after the action: message numbers, a line count, a save target."""
+    import os
+
+    if o.action == "retr":
+        if not words:
+            raise _CommandLineError("usage: retr N [N...]")
+        o.numbers = [_positive(word, "a message number") for word in words]
+    elif o.action == "top":
+        if not 1 <= len(words) <= 2:
+            raise _CommandLineError("usage: top N [LINES]")
+        o.numbers = [_positive(words[0], "a message number")]
+        if len(words) == 2:
+            o.lines = _positive(words[1], "LINES", 0)
+    elif o.action == "save":
+        if len(words) != 1 or not words[0]:
+            raise _CommandLineError("usage: save DIR|FILE.mbox")
+        o.target = os.path.expanduser(words[0])
+    elif words:
+        raise _CommandLineError(f"{o.action} takes no arguments, but got {words[0]!r}")
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def _read_secret_file(path: str, what: str) -> str:
+    """The first line of ``path``, without its line end."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise _CommandLineError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > _SECRET_FILE_LIMIT:
+        raise _CommandLineError(f"{what} {path} is too large to hold a password or token")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _CommandLineError(f"{what} {path} is not UTF-8 text") from None
+    lines = text.splitlines()
+    value = lines[0] if lines else ""
+    if not value:
+        raise _CommandLineError(f"{what} {path} is empty (the secret goes on its first line)")
+    return value
+
+
+def _netrc_password(host: str, user: str) -> str | None:
+    """The password ~/.netrc holds for ``host`` and ``user``, if any."""
+    import netrc
+
+    try:
+        entries = netrc.netrc()
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as exc:
+        hint = " (chmod 600 ~/.netrc)" if "permissive" in str(exc) or "owned" in str(exc) else ""
+        raise _CommandLineError(f"cannot use ~/.netrc: {exc.msg}{hint}") from None
+    except OSError as exc:
+        raise _CommandLineError(f"cannot read ~/.netrc: {exc.strerror or exc}") from None
+    found = entries.authenticators(host)
+    if found is None:
+        return None
+    login, _, password = found
+    if login and login != user:
+        return None
+    return password or None
+
+
+def _password(o: _Options) -> str:
+    """The password: --password-file, $POP3_PASSWORD, ~/.netrc, or a prompt on a terminal."""
+    import os
+
+    if o.password is not None:
+        return o.password
+    if o.password_file:
+        return _read_secret_file(o.password_file, "password file")
+    from_environment = os.environ.get(_PASSWORD_VARIABLE)
+    if from_environment:
+        return from_environment
+    from_netrc = _netrc_password(o.host, o.user)
+    if from_netrc:
+        return from_netrc
+    stdin = sys.stdin
+    if stdin is None or not stdin.isatty():
+        raise _CommandLineError(
+            f"no password for {o.user} on {o.host}: use --password-file FILE, set "
+            f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+        )
+    import getpass
+
+    try:
+        typed = getpass.getpass(f"Password for {o.user} on {o.target_name}: ")
+    except EOFError:
+        typed = ""
+    except KeyboardInterrupt:
+        _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
+        raise
+    if not typed:
+        raise _CommandLineError("no password entered")
+    return typed
+
+
+# -- output helpers -------------------------------------------------------------------------------
+
+
+def _write(stream: IO[str], text: str) -> None:
+    """Write text; characters the stream cannot encode become escapes instead of errors."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
+def _out(text: str = "") -> None:
+    _write(sys.stdout, text + "\n")
+
+
+def _say(text: str) -> None:
+    """One line on stderr, prefixed with the program's name."""
+    _write(sys.stderr, f"pop3lite: {text}\n")
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    _say(f"warning: {message}")
+
+
+def _write_bytes(data: bytes) -> None:
+    """Raw bytes to stdout (through its binary buffer when it has one)."""
+    stdout = sys.stdout
+    buffer = getattr(stdout, "buffer", None)
+    if buffer is None:
+        _write(stdout, data.decode("utf-8", "replace"))
+        return
+    stdout.flush()
+    buffer.write(data)
+    buffer.flush()
+
+
+# Characters that must not reach a terminal as they are: C0 and C1 controls (escape sequences),
+# DEL, and the bidirectional overrides that can make text display in a misleading order.
+_UNSAFE_DISPLAY = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """Text safe to print on a terminal: control and bidi characters shown as escapes."""
+    return _UNSAFE_DISPLAY.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _escaped(data: bytes) -> str:
+    """Bytes shown as printable ASCII with \\xNN escapes (the shell's :raw view)."""
+    return data.decode("ascii", "backslashreplace").translate(_ESCAPE_CONTROLS)
+
+
+_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+
+# -- text decoding: RFC 2047 headers, charsets that lie ------------------------------------------
+
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+_BLANKS = re.compile("[ \t\r\n]+")  # folding white space; U+3000 and friends are text
+_JIS_ESCAPE = re.compile(rb"\x1b[$(][@BJ]")
+
+
+def _decode_text(data: bytes, charset: str | None = None) -> str:
+    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
+    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
+
+    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
+    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
+    almost never an accident, while cp932 decodes most byte strings without error."""
+    codecs: list[str] = []
+    declared = (charset or "").strip().strip('"').lower()
+    if declared and not ("2022" in declared and _HIGH_BYTE.search(data)):
+        codecs.append(declared)
+    if _JIS_ESCAPE.search(data):
+        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
+    codecs += ["utf-8", "cp932"]
+    for codec in codecs:
+        try:
+            return data.decode(codec)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", "replace")
+
+
+def _decode_header(raw: bytes) -> str:
+    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
+    text = _decode_text(raw)
+    if "=?" in text:
+        import email.errors
+        import email.header
+
+        try:
+            parts = email.header.decode_header(text)
+        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
+            parts = [(text, None)]
+        words = []
+        for value, charset in parts:
+            if isinstance(value, str):
+                words.append(value)
+            elif charset is None:  # decode_header encodes undecoded runs this way
+                try:
+                    words.append(value.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    words.append(value.decode("latin-1"))
+            else:
+                words.append(_decode_text(value, charset))
+        text = "".join(words)
+    return _printable(_BLANKS.sub(" ", text).strip(" "))
+
+
+def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
+    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        elif b":" in line:
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, [line]))
+    return fields
+
+
+def _field_value(lines: list[bytes]) -> bytes:
+    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
+    return b"".join(lines).split(b":", 1)[1].strip()
+
+
+def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
+    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    head, sep, body = data.partition(b"\r\n\r\n")
+    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
+
+
+# -- the quick check --------------------------------------------------------------------------
+
+
+class _Summary(NamedTuple):
+    """One row of the check's table."""
+
+    number: int
+    size: int
+    uid: str | None
+    date: str | None  # ISO 8601 when it parses, else as written
+    date_shown: str
+    sender: str | None
+    sender_shown: str
+    subject: str | None
+
+
+def _parse_date(text: str) -> tuple[str, str]:
+    """(ISO 8601, "YYYY-MM-DD HH:MM" in the sender's time zone), or the text twice."""
+    import datetime
+    import email.utils
+
+    try:
+        parsed = email.utils.parsedate_tz(text)
+        if parsed is None:
+            return text, text
+        zone = datetime.timezone(datetime.timedelta(seconds=parsed[9] or 0))
+        moment = datetime.datetime(*parsed[:6], tzinfo=zone)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return text, text
+    return moment.isoformat(), moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _summarise(number: int, size: int, uid: str | None, top: bytes | None) -> _Summary:
+    values: dict[str, str] = {}
+    if top is not None:
+        for name, lines in _header_fields(_split_message(top)[0]):
+            if name in ("date", "from", "subject") and name not in values:
+                values[name] = _decode_header(_field_value(lines))
+    date = values.get("date")
+    date_shown = ""
+    if date is not None:
+        date, date_shown = _parse_date(date)
+    sender = values.get("from")
+    sender_shown = sender or ""
+    if sender:
+        import email.utils
+
+        name, address = email.utils.parseaddr(sender)
+        sender_shown = name or address or sender
+    return _Summary(
+        number, size, uid, date, date_shown, sender, sender_shown, values.get("subject")
+    )
+
+
+def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Summary]:
+    """UIDL and TOP n 0 (pipelined when offered) for ``numbers``; either may be missing."""
+    caps = pop.capa()
+    uids: dict[int, str] = {}
+    if numbers and (not caps or "UIDL" in caps):
+        try:
+            uids = pop.uidl()
+        except ServerError:
+            pass  # no UIDL: the table has no UID column
+    headers: dict[int, bytes] = {}
+    if numbers and (not caps or "TOP" in caps):
+        try:  # one TOP first: a server without TOP then costs one -ERR, not one per message
+            headers[numbers[0]] = pop.top(numbers[0], 0)
+        except ServerError:
+            pass
+        else:
+            for fetched in pop.top_many(numbers[1:], 0):
+                if fetched.data is not None:
+                    headers[fetched.number] = fetched.data
+    return [_summarise(n, sizes.get(n, 0), uids.get(n), headers.get(n)) for n in numbers]
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _distinguished_name(rdns: Any) -> str:
+    short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU"}
+    parts = []
+    for rdn in rdns or ():
+        for key, value in rdn:
+            parts.append(f"{short.get(key, key)}={value}")
+    return ", ".join(parts)
+
+
+def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
+    if not pop.tls_version:
+        return None
+    certificate = pop.peer_certificate or {}
+    return {
+        "version": pop.tls_version,
+        "cipher": pop.cipher,
+        "verified": not o.insecure,
+        "subject": _distinguished_name(certificate.get("subject")) or None,
+        "san": [f"{kind}:{value}" for kind, value in certificate.get("subjectAltName", ())],
+    }
+
+
+def _security_line(pop: POP3, o: _Options) -> str:
+    tls = _tls_report(pop, o)
+    if tls is None:
+        if pop.loopback:
+            return "plaintext (loopback)"
+        return "PLAINTEXT: the password and the mail crossed the network unencrypted"
+    how = "implicit TLS" if o.implicit_tls else "STLS"
+    text = f"{tls['version']} ({how}, {tls['cipher']})"
+    if not tls["verified"]:
+        return text + ", certificate NOT verified (--insecure)"
+    text += f", certificate verified: {tls['subject'] or 'no subject'}"
+    if tls["san"]:
+        text += f" ({', '.join(tls['san'])})"
+    return text
+
+
+def _capabilities_line(caps: dict[str, list[str]]) -> str:
+    if not caps:
+        return "none announced (the server does not answer CAPA)"
+    return ", ".join(" ".join([name, *args]) for name, args in caps.items())
+
+
+def _method_name(method: str) -> str:
+    return "USER/PASS" if method == "USER" else method
+
+
+def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> int:
+    count, size = pop.stat()
+    sizes = pop.list() if count else {}
+    numbers = sorted(sizes)
+    limit = o.limit if o.limit is not None else (0 if o.json else _TABLE_ROWS)
+    shown = numbers[-limit:] if limit else numbers
+    rows = _summaries(pop, sizes, shown)
+    if o.json:
+        report = {
+            "server": {"host": o.host, "port": pop.port, "greeting": pop.greeting},
+            "tls": _tls_report(pop, o),
+            "capabilities": caps,
+            "user": o.user,
+            "auth": method,
+            "count": count,
+            "size": size,
+            "messages": [
+                {
+                    "number": row.number,
+                    "size": row.size,
+                    "uid": row.uid,
+                    "date": row.date,
+                    "from": row.sender,
+                    "subject": row.subject,
+                }
+                for row in rows
+            ],
+        }
+        _print_json(report)
+        return _EXIT_OK
+    _out(f"Server:        {o.target_name}")
+    _out(f"Greeting:      +OK {pop.greeting}")
+    _out(f"Security:      {_security_line(pop, o)}")
+    _out(f"Capabilities:  {_capabilities_line(caps)}")
+    _out(f"Login:         {_method_name(method)} as {_printable(o.user)}")
+    _out(f"Mailbox:       {_plural(count, 'message')}, {size} octets")
+    if rows:
+        _out()
+        for line in _table(rows, _terminal_width()):
+            _out(line)
+        if len(rows) < len(numbers):
+            _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
+    return _EXIT_OK
+
+
+def _print_json(value: Any) -> None:
+    import json
+
+    try:
+        _write_strict(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+    except UnicodeEncodeError:  # a stdout that cannot encode the text: JSON escapes then
+        _out(json.dumps(value, ensure_ascii=True, indent=2))
+
+
+def _write_strict(text: str) -> None:
+    sys.stdout.write(text)
+
+
+def _terminal_width() -> int:
+    """Columns to fit the table in: the terminal's, $COLUMNS, or 0 (no limit) for a pipe."""
+    import os
+    import shutil
+
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() else 0
+
+
+def _char_width(char: str) -> int:
+    """Terminal columns of one character: 2 for East Asian wide and fullwidth, 0 for marks."""
+    import unicodedata
+
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def _text_width(text: str) -> int:
+    return sum(_char_width(char) for char in text)
+
+
+def _fit(text: str, width: int, right: bool = False) -> str:
+    """``text`` in exactly ``width`` columns: padded, or cut with "..." at a character boundary."""
+    used = _text_width(text)
+    if used > width:
+        room = max(width - 3, 0)
+        kept, used = [], 0
+        for char in text:
+            w = _char_width(char)
+            if used + w > room:
+                break
+            kept.append(char)
+            used += w
+        text = "".join(kept) + "..."[: width - used]
+        used = _text_width(text)
+    padding = " " * (width - used)
+    return padding + text if right else text + padding
+
+
+def _table(rows: list[_Summary], width: int) -> list[str]:
+    """The check's table, each line at most ``width`` columns (0: no limit)."""
+    header = ("#", "Size", "UID", "Date", "From", "Subject")
+    cells = [
+        (str(r.number), str(r.size), r.uid or "", r.date_shown, r.sender_shown, r.subject or "")
+        for r in rows
+    ]
+    widths = [max(_text_width(c[i]) for c in [header, *cells]) for i in range(6)]
+    widths[2] = min(widths[2], 24)
+    widths[3] = min(widths[3], 16)
+    widths[4] = min(widths[4], 26)
+    show = [True, True, any(r.uid for r in rows), any(r.date_shown for r in rows), True, True]
+    if width:
+
+        def room() -> int:  # columns left for the sender and the subject
+            return width - sum(w + 2 for w, s in zip(widths[:4], show[:4]) if s) - 2
+
+        if room() < min(50, widths[4] + 2 + widths[5]):
+            show[2] = False  # a narrow terminal: the UID gives way (uidl and --json show it)
+        widths[4] = min(widths[4], max(8, room() // 3))
+        widths[5] = max(10, min(widths[5], room() - widths[4]))
+    lines = []
+    for cell in [header, *cells]:
+        parts = [_fit(cell[i], widths[i], right=i < 2) for i in range(6) if show[i]]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+# -- retr, top, capa, uidl -----------------------------------------------------------------------
+
+_CHARSET = re.compile(rb"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
+
+
+def _render_message(data: bytes, raw: bool = False) -> list[str]:
+    """A message (or TOP's part of it) as display lines: headers with RFC 2047 decoded, the
+    body in its declared charset (guessed when it lies), transfer encoding undone for a
+    single text part; with ``raw``, the bytes escaped instead. Lines starting with "." are
+    shown dot-stuffed, as on the wire, so none can be mistaken for the end of a response."""
+    if raw:
+        lines = [_escaped(line) for line in data.split(b"\r\n")]
+    else:
+        head, body = _split_message(data)
+        charset, encoding, text_part = None, "", True
+        lines = []
+        for name, field in _header_fields(head):
+            value = _field_value(field)
+            if name == "content-type":
+                found = _CHARSET.search(value)
+                charset = found.group(1).decode("ascii", "replace") if found else None
+                text_part = value.lower().startswith((b"text/", b"text;")) or value == b""
+            elif name == "content-transfer-encoding":
+                encoding = value.decode("ascii", "replace").lower()
+            if b"=?" in value:
+                lines.append(
+                    f"{field[0].split(b':', 1)[0].decode('ascii', 'replace')}: "
+                    + _decode_header(value)
+                )
+            else:
+                lines += [_printable(_decode_text(line)) for line in field]
+        if body is not None:
+            lines.append("")
+            if text_part and encoding in ("base64", "quoted-printable"):
+                body = _undo_transfer_encoding(body, encoding)
+            lines += [_printable(_decode_text(line, charset)) for line in body.split(b"\r\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the final CRLF
+    return ["." + line if line.startswith(".") else line for line in lines]
+
+
+def _undo_transfer_encoding(body: bytes, encoding: str) -> bytes:
+    import binascii
+
+    try:
+        if encoding == "base64":
+            decoded = binascii.a2b_base64(body)
+        else:
+            decoded = binascii.a2b_qp(body)
+    except (binascii.Error, ValueError):
+        return body
+    return decoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _show_messages(pop: POP3, o: _Options) -> int:
+    """retr without -o, and top: decoded on a terminal, the raw bytes for a pipe or file."""
+    terminal = sys.stdout.isatty()
+    if o.action == "top":
+        results = iter([Fetched(o.numbers[0], pop.top(o.numbers[0], o.lines), None)])
+    else:
+        results = pop.retr_many(o.numbers)
+    for fetched in results:
+        if fetched.error is not None:
+            raise fetched.error
+        data = fetched.data or b""
+        if not terminal:
+            _write_bytes(data)
+            continue
+        if len(o.numbers) > 1:
+            _out(f"--- message {fetched.number} ({len(data)} octets) ---")
+        for line in _render_message(data):
+            _out(line)
+    return _EXIT_OK
+
+
+def _retr_to_files(pop: POP3, o: _Options) -> int:
+    import os
+
+    output = o.output or ""
+    folder = os.path.isdir(output)
+    for number in o.numbers:
+        path = os.path.join(output, f"{number}.eml") if folder else output
+        written = _retr_to_file(pop, number, path)
+        _out(f"message {number}: {written} octets written to {path}")
+    return _EXIT_OK
+
+
+def _retr_to_file(pop: POP3, number: int, path: str) -> int:
+    """RETR into ``path`` through a temporary file beside it: no half-written file stays."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".pop3lite-", dir=folder)
+    except OSError as exc:
+        raise _CommandLineError(f"cannot write to {folder}: {exc.strerror}", _EXIT_LOCAL) from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            written = pop.retr_to(number, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+    return written
+
+
+def _capa(pop: POP3, o: _Options) -> int:
+    caps = pop.capa()
+    if o.json:
+        _print_json(caps)
+    elif not caps:
+        _out("The server announces no capabilities (it does not answer CAPA).")
+    else:
+        for name, args in caps.items():
+            _out(_printable(" ".join([name, *args])))
+    return _EXIT_OK
+
+
+def _uidl(pop: POP3, o: _Options) -> int:
+    try:
+        uids = pop.uidl()
+    except ServerError as exc:
+        raise _CommandLineError(
+            f"the server refused UIDL ({exc.text}): it has no unique ids", _EXIT_SERVER
+        ) from None
+    if o.json:
+        _print_json([{"number": n, "uid": uid} for n, uid in sorted(uids.items())])
+    else:
+        for number, uid in sorted(uids.items()):
+            _out(f"{number} {uid}")
+    return _EXIT_OK
+
+
+# -- save: Maildir or mbox, --new, --delete ------------------------------------------------------
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    """fsync a file (or a directory, where the platform allows it) by name."""
+    import os
+
+    if directory and os.name == "nt":
+        return  # Windows cannot open a directory to flush it; NTFS journals renames itself
+    descriptor = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _state_name(o: _Options) -> str:
+    """The UIDL state file's name part for this server and user, safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9.@_-]", "_", f"{o.user}@{o.target_name}")
+
+
+class _Store:
+    """Where save writes: a Maildir or an mbox. add() returns only once the message is on disk."""
+
+    def __init__(self, target: str, o: _Options) -> None:
+        import mailbox
+        import os
+
+        self.target = target
+        self.mbox = target.endswith(".mbox") or os.path.isfile(target)
+        self.kind = "mbox" if self.mbox else "Maildir"
+        self.box: mailbox.Mailbox[Any]
+        if self.mbox:
+            folder, name = os.path.split(os.path.abspath(target))
+            self.state_file = os.path.join(folder, f".{name}.pop3lite-{_state_name(o)}.json")
+            created = not os.path.exists(target)
+            self.box = mailbox.mbox(target, create=True)
+            self.box.lock()
+            if created:
+                _fsync_path(folder, directory=True)
+        else:
+            self.state_file = os.path.join(target, f".pop3lite-{_state_name(o)}.json")
+            layout = [os.path.join(target, sub) for sub in ("cur", "new", "tmp")]
+            if os.path.isdir(target) and not all(os.path.isdir(sub) for sub in layout):
+                if os.listdir(target):
+                    raise _CommandLineError(
+                        f"{target} is a directory but not a Maildir (no cur, new and tmp in it); "
+                        "give a new or empty directory, or a FILE.mbox",
+                        _EXIT_LOCAL,
+                    )
+                for sub in layout:
+                    os.mkdir(sub, 0o700)
+            self.box = mailbox.Maildir(target, factory=None, create=True)
+
+    def add(self, message: bytes) -> None:
+        import os
+
+        local = message.replace(b"\r\n", b"\n")  # mailbox writes os.linesep itself
+        key = self.box.add(local)
+        if self.mbox:
+            self.box.flush()  # writes and fsyncs what add() appended
+            _fsync_path(self.target)
+        else:
+            folder = os.path.join(self.target, "new")
+            _fsync_path(os.path.join(folder, key))
+            _fsync_path(folder, directory=True)
+
+    def close(self) -> None:
+        if self.mbox:
+            self.box.unlock()
+        self.box.close()
+
+
+def _load_state(path: str) -> set[str]:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            state = json.load(file)
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        raise _CommandLineError(
+            f"cannot read the state file {path} ({exc}); remove it to treat every message as new",
+            _EXIT_LOCAL,
+        ) from None
+    uids = state.get("uids") if isinstance(state, dict) else None
+    if not isinstance(uids, list) or not all(isinstance(uid, str) for uid in uids):
+        raise _CommandLineError(
+            f"the state file {path} is damaged; remove it to treat every message as new",
+            _EXIT_LOCAL,
+        )
+    return set(uids)
+
+
+def _write_state(path: str, o: _Options, uids: set[str]) -> None:
+    """Replace the state file atomically and durably."""
+    import json
+    import os
+
+    temporary = path + ".tmp"
+    state = {"server": o.target_name, "user": o.user, "uids": sorted(uids)}
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(state, file, indent=1)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+
+
+def _octets(count: int) -> str:
+    if count >= 10**6:
+        return f"{count / 10**6:.1f} MB"
+    return f"{count / 10**3:.1f} kB" if count >= 10**3 else f"{count} octets"
+
+
+class _Progress:
+    """A progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, count: int, octets: int) -> None:
+        self.count, self.octets = count, max(octets, 1)
+        self.done = self.done_octets = 0
+        self.enabled = count > 0 and sys.stderr.isatty()
+        self.drawn = 0.0
+
+    def update(self, octets: int) -> None:
+        self.done += 1
+        self.done_octets += octets
+        now = time.monotonic()
+        if self.enabled and (now - self.drawn > 0.1 or self.done == self.count):
+            self.drawn = now
+            filled = min(30, 30 * self.done_octets // self.octets)
+            _write(
+                sys.stderr,
+                f"\rsaving [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.count} "
+                f"messages, {_octets(self.done_octets)}",
+            )
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.drawn:
+            _write(sys.stderr, "\n")
+
+
+def _save(pop: POP3, o: _Options) -> int:
+    """Copy messages into the store; with --delete, DELE what was saved and QUIT at the end.
+
+    Any failure raises, so the ``with POP3`` block closes without QUIT and nothing is deleted."""
+    import mailbox
+
+    try:
+        store = _Store(o.target, o)
+    except (OSError, mailbox.Error) as exc:
+        raise _CommandLineError(f"cannot open {o.target}: {exc}", _EXIT_LOCAL) from None
+    try:
+        return _save_into(pop, o, store)
+    finally:
+        try:
+            store.close()
+        except (OSError, mailbox.Error):
+            pass
+
+
+def _save_into(pop: POP3, o: _Options, store: _Store) -> int:
+    import mailbox
+
+    count, _ = pop.stat()
+    sizes = pop.list() if count else {}
+    uids: dict[int, str] | None = None
+    duplicated: set[str] = set()
+    if sizes:
+        try:
+            listing = pop.uidl()
+        except ServerError as exc:
+            if o.new:
+                raise _CommandLineError(
+                    f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
+                    "from saved ones; leave --new out",
+                    _EXIT_SERVER,
+                ) from None
+        else:
+            uids = listing
+            duplicated = set(listing.duplicates)
+    seen = _load_state(store.state_file) if uids is not None else set()
+    numbers = sorted(sizes)
+    if o.new and uids is not None:
+        # A UID that several messages share cannot tell them apart: fetch those again
+        # rather than risk skipping one that was never saved.
+        numbers = [n for n in numbers if uids.get(n) not in seen or uids.get(n) in duplicated]
+    saved: list[int] = []
+    progress = _Progress(len(numbers), sum(sizes[n] for n in numbers))
+
+    def remember() -> None:
+        if uids is not None:
+            current = set(uids.values())
+            done = {uids[n] for n in saved if n in uids}
+            if done or seen - current:
+                _write_state(store.state_file, o, (seen & current) | done)
+
+    try:
+        for fetched in pop.retr_many(numbers):
+            if fetched.error is not None:
+                raise fetched.error
+            data = fetched.data or b""
+            try:
+                store.add(data)
+            except (OSError, mailbox.Error) as exc:
+                raise _CommandLineError(
+                    f"cannot write message {fetched.number} to {o.target}: {exc}", _EXIT_LOCAL
+                ) from None
+            saved.append(fetched.number)
+            progress.update(len(data))
+    except BaseException:
+        progress.finish()
+        try:
+            remember()  # what is on disk stays recorded, so --new will not fetch it twice
+        except OSError:
+            pass
+        raise
+    progress.finish()
+    try:
+        remember()
+    except OSError as exc:
+        raise _CommandLineError(
+            f"cannot write the state file {store.state_file}: {exc}", _EXIT_LOCAL
+        ) from None
+    octets = sum(sizes[n] for n in saved)
+    report = f"saved {_plural(len(saved), 'message')} ({octets} octets) to {o.target}"
+    report += f" ({store.kind})"
+    if o.new:
+        report += f"; {_plural(len(sizes) - len(numbers), 'message')} already saved before"
+    if o.delete and saved:
+        for fetched in pop.dele_many(saved):
+            if fetched.error is not None:
+                raise fetched.error
+        pop.quit()  # only now are the deletions committed
+        report += f"; deleted {_plural(len(saved), 'message')} on the server"
+    _out(report)
+    return _EXIT_OK
+
+
+# -- shell ----------------------------------------------------------------------------------------
+
+_SHELL_HELP = """\
+POP3 commands, sent to the server as you type them:
+  STAT              the number of messages and their total size
+  LIST [N]          the size of each message (or of message N)
+  UIDL [N]          the unique id of each message (or of message N)
+  TOP N LINES       the header and the first LINES body lines of message N
+  RETR N            the whole of message N
+  DELE N            mark message N for deletion (carried out at QUIT)
+  RSET              unmark every message marked for deletion
+  NOOP              do nothing (keeps the connection alive)
+  CAPA              the server's capabilities
+  QUIT              delete the marked messages and leave
+Shell commands:
+  help              this text
+  :raw              switch between decoded text and the raw bytes, escaped
+  exit, Ctrl-D      leave without QUIT: messages marked with DELE stay on the server
+USER, PASS, APOP, AUTH and STLS are not needed: TLS and the login were done at the start."""
+
+_LOGIN_VERBS = ("USER", "PASS", "APOP", "AUTH")
+
+
+def _open_log(path: str) -> IO[str]:
+    try:
+        return open(path, "a", encoding="utf-8", errors="backslashreplace")
+    except OSError as exc:
+        raise _CommandLineError(
+            f"cannot open the log {path}: {exc.strerror}", _EXIT_LOCAL
+        ) from None
+
+
+class _Shell:
+    """The seed's telnet session, done right: raw commands in, whole responses out."""
+
+    def __init__(self, pop: POP3, o: _Options, password: str | None, method: str) -> None:
+        self.pop = pop
+        self.o = o
+        self.method = method
+        self.raw = False
+        self.terminal = sys.stdin is not None and sys.stdin.isatty()
+        # Redacting a very short password would garble the log; it never reaches the screen
+        # unless typed as an argument to some command, which the login verbs are refused for.
+        self.secret = password if password and len(password) >= 4 else None
+        self.log: IO[str] | None = None
+
+    def show(self, text: str, echo: bool = True) -> None:
+        """A line for the screen (unless ``echo`` is false) and for the log."""
+        if echo:
+            _out(text)
+        if self.log is not None:
+            if self.secret:
+                text = text.replace(self.secret, "****")
+            self.log.write(text + "\n")
+            self.log.flush()
+
+    def run(self) -> int:
+        if not self.o.log:
+            return self.loop()
+        with _open_log(self.o.log) as log:
+            self.log = log
+            log.write(
+                f"# pop3lite shell, {self.o.user} on {self.o.target_name}, "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+            )
+            return self.loop()
+
+    def read(self) -> str | None:
+        """The next command line, or None at the end of input."""
+        if self.terminal:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+            try:
+                line = input(_SHELL_PROMPT)
+            except EOFError:
+                _out()
+                return None
+            except KeyboardInterrupt:
+                _out()  # leave the prompt's line before main() reports the interruption
+                raise
+            self.show(_SHELL_PROMPT + line, echo=False)
+            return line
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        line = line.rstrip("\r\n")
+        self.show(_SHELL_PROMPT + line)  # echoed, so the output reads like the session
+        return line
+
+    def loop(self) -> int:
+        pop = self.pop
+        self.show(f"Connected to {self.o.target_name}: {_security_line(pop, self.o)}")
+        self.show(f"+OK {pop.greeting}")
+        self.show(
+            f"Logged in as {_printable(self.o.user)} with {_method_name(self.method)} "
+            "(the password is never shown)."
+        )
+        self.show(
+            'Type POP3 commands (STAT, LIST, TOP 2 5, RETR 1, DELE 1, RSET, QUIT); "help" '
+            "lists them."
+        )
+        while True:
+            line = self.read()
+            if line is None or line.strip().lower() == "exit":
+                self.show("Leaving without QUIT: messages marked with DELE stay on the server.")
+                pop.abort()
+                return _EXIT_OK
+            words = line.split()
+            if not words:
+                continue
+            if words[0].lower() in ("help", "?"):
+                for text in _SHELL_HELP.splitlines():
+                    self.show(text)
+                continue
+            if words[0].lower() == ":raw":
+                self.raw = not self.raw
+                self.show(f"(showing {'raw bytes, escaped' if self.raw else 'decoded text'})")
+                continue
+            verb = words[0].upper()
+            if verb in _LOGIN_VERBS:
+                self.show(
+                    f"(not sent: {verb} is the login, already done for you, so no password is "
+                    "typed on screen or into the log; choose the method with --apop or --auth)"
+                )
+                continue
+            if verb == "STLS":
+                self.show("(not sent: TLS is chosen when the shell starts, with --tls)")
+                continue
+            if verb == "QUIT":
+                try:
+                    self.show(f"+OK {pop.quit()}")
+                except ServerError as exc:
+                    self.show(self.error_line(exc))
+                    return _EXIT_SERVER
+                return _EXIT_OK
+            self.command(verb, words[1:])
+
+    def error_line(self, exc: ServerError) -> str:
+        return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
+
+    def command(self, verb: str, args: list[str]) -> None:
+        pop = self.pop
+        try:
+            pop._send(verb, *args)
+        except ValueError as exc:
+            self.show(f"(not sent: {exc})")
+            return
+        try:
+            text = pop._read_status(verb)
+        except ServerError as exc:
+            self.show(self.error_line(exc))
+            return
+        shown = _escaped(text) if self.raw else display_text(text)
+        self.show(f"+OK {shown}".rstrip())
+        multiline = verb in ("RETR", "TOP", "CAPA") or (
+            verb in ("LIST", "UIDL", "LANG") and not args
+        )
+        if multiline:
+            message = verb in ("RETR", "TOP")
+            body = pop._body(pop.max_message_size if message else MAX_LISTING_SIZE)
+            if message:
+                lines = _render_message(body, self.raw)
+            elif self.raw:
+                lines = _render_message(body, raw=True)
+            else:
+                lines = [_printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
+            for line in lines:
+                self.show(line)
+            self.show(".")
+        pop._check_in_step()
+
+
+# -- running it all -------------------------------------------------------------------------------
+
+
+def _tls_context(o: _Options) -> ssl.SSLContext | None:
+    if not (o.cafile or o.insecure):
+        return None
+    try:
+        import ssl
+    except ImportError:
+        raise _CommandLineError("this Python has no ssl module", _EXIT_CONNECTION) from None
+    if o.insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context = ssl.create_default_context(cafile=o.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise _CommandLineError(f"cannot load --cafile {o.cafile}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _oauth2_mechanism(pop: POP3, o: _Options) -> str:
+    if o.auth:
+        return o.auth
+    return "OAUTHBEARER" if "OAUTHBEARER" in pop.capa().sasl else "XOAUTH2"
+
+
+def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> str:
+    """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
+    if token is not None:
+        mechanism = _oauth2_mechanism(pop, o)
+        pop.login_oauth2(o.user, token, mechanism)
+        return mechanism
+    assert password is not None
+    if o.apop:
+        if pop.timestamp is None:
+            raise _CommandLineError(
+                "the server's greeting has no APOP timestamp (or it came before STLS and was "
+                "discarded), so --apop cannot work; leave --apop out",
+                _EXIT_SERVER,
+            )
+        pop.apop(o.user, password)
+        return "APOP"
+    if o.auth == "USER":
+        pop.login(o.user, password)
+        return "USER"
+    if o.auth:
+        pop.auth(o.auth, o.user, password)
+        return o.auth
+    return pop.login_best(o.user, password)
+
+
+def _session(o: _Options) -> int:
+    """Connect, log in (except for capa), run the action; QUIT only if it succeeded."""
+    import os
+
+    if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
+        raise _CommandLineError("-o must name an existing directory for several messages")
+    password = token = None
+    if o.action != "capa":
+        if o.oauth2_token_file:
+            token = _read_secret_file(o.oauth2_token_file, "token file").strip()
+        else:
+            password = _password(o)
+    context = _tls_context(o)
+    if o.insecure:
+        _say(
+            f"WARNING: --insecure: the certificate of {o.host} is not checked; anyone on the "
+            "network path can pose as the server and read the password and the mail"
+        )
+    with POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context) as pop:
+        if not pop.tls_version and not pop.loopback:
+            _say("WARNING: --tls none: the password and the mail cross the network unencrypted")
+        if o.action == "capa":
+            return _capa(pop, o)
+        caps = dict(pop.capa())
+        method = _log_in(pop, o, password, token)
+        if o.action == "check":
+            return _check(pop, o, caps, method)
+        if o.action == "retr" and o.output:
+            return _retr_to_files(pop, o)
+        if o.action in ("retr", "top"):
+            return _show_messages(pop, o)
+        if o.action == "uidl":
+            return _uidl(pop, o)
+        if o.action == "save":
+            return _save(pop, o)
+        return _Shell(pop, o, password, method).run()
+
+
+def _import_fakeserver() -> Any:
+    """fakeserver.py from the import path, else from beside this file."""
+    try:
+        import fakeserver
+
+        return fakeserver
+    except ImportError:
+        pass
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakeserver.py")
+    spec = importlib.util.spec_from_file_location("fakeserver", path)
+    if spec is None or spec.loader is None or not os.path.isfile(path):
+        raise _CommandLineError(
+            "--demo needs fakeserver.py next to pop3lite.py (it comes with the pop3lite "
+            "repository)",
+            _EXIT_LOCAL,
+        )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fakeserver"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _demo(o: _Options) -> int:
+    fakeserver = _import_fakeserver()
+    with fakeserver.FakeServer() as server:
+        o.host, o.port, o.tls = server.host, server.port, "auto"
+        _say(f"demo: a fake OperaMail server (fakeserver.py) on {server.host}:{server.port}")
+        status = _session(o)
+    return status
+
+
+def _failure(exc: Error) -> tuple[int, str]:
+    """The exit status and the one line to print for a pop3lite error: what happened and
+    what to try."""
+    message = (
+        str(exc).replace("pass tls='none'", "use --tls none").replace("tls='none'", "--tls none")
+    )
+    if isinstance(exc, AuthenticationError):
+        said = f" (the server said: {exc.text})" if exc.text else ""
+        return _EXIT_AUTH, (
+            f"login refused{said}; check the user name and the password, or choose another "
+            "login method with --auth MECH or --apop"
+        )
+    if isinstance(exc, InUseError):
+        return _EXIT_TEMPORARY, (
+            f"the mailbox is in use by another session ({exc.text}); try again once the other "
+            "mail client has finished"
+        )
+    if isinstance(exc, LoginDelayError):
+        return _EXIT_TEMPORARY, (
+            f"the server wants more time between logins ({exc.text}); try again later"
+        )
+    if isinstance(exc, TemporaryError):
+        return _EXIT_TEMPORARY, f"temporary server problem ({exc.text}); try again later"
+    if isinstance(exc, ServerError):
+        return _EXIT_SERVER, message
+    if isinstance(exc, TLSError):
+        if "does not offer STLS" in message:
+            message = message.replace("use implicit TLS", "use --tls implicit")
+        elif "wrong version number" in message.lower():
+            message += (
+                "; the server does not speak TLS from the first byte on this port: try "
+                "--tls starttls, or the implicit TLS port (995)"
+            )
+        elif "not trusted" in message:
+            message += (
+                "; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
+                "check, which is unsafe)"
+            )
+        return _EXIT_CONNECTION, message
+    if isinstance(exc, Timeout):
+        return _EXIT_CONNECTION, f"{message}; check the host and port, or raise --timeout"
+    if isinstance(exc, NetworkError):
+        if message.startswith(("cannot connect", "cannot resolve")):
+            message += "; check the host name and the port (HOST:PORT or -p PORT)"
+        return _EXIT_CONNECTION, message
+    if isinstance(exc, InsecureError):
+        message = message.replace("use TLS,", "use TLS (--tls starttls or --tls implicit),")
+        return _EXIT_CONNECTION, message
+    if isinstance(exc, ProtocolError):
+        return _EXIT_SERVER, f"the server broke the protocol: {message}"
+    return _EXIT_SERVER, message
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``python pop3lite.py HOST USER`` checks a mailbox."""
-    raise NotImplementedError
+    """The command line: ``python pop3lite.py HOST USER [ACTION]`` (``--help`` tells the rest).
+
+    Returns the exit status: 0 success; 1 a local file could not be read or written; 2 usage
+    error or no password available; 3 authentication failed; 4 connection, TLS or timeout
+    failure; 5 temporary server condition (IN-USE, LOGIN-DELAY, SYS/TEMP); 6 another server or
+    protocol error; 130 interrupted by Ctrl-C (the connection is closed without QUIT).
+    """
+    import logging
+    import warnings
+
+    try:
+        o = _parse_command_line(argv)
+    except SystemExit as exc:  # argparse has printed the help, the version or the error
+        return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+    log = logging.getLogger("pop3lite")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    if o.verbose:
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SizeMismatchWarning)
+            warnings.showwarning = _show_warning
+            return _demo(o) if o.demo else _session(o)
+    except KeyboardInterrupt:
+        _say("interrupted; no QUIT was sent, so nothing was deleted")
+        return _EXIT_INTERRUPTED
+    except _CommandLineError as exc:
+        _say(str(exc))
+        return exc.status
+    except Error as exc:
+        status, message = _failure(exc)
+        _say(message)
+        return status
+    except ValueError as exc:  # a caller mistake the client caught before sending anything
+        _say(str(exc))
+        return _EXIT_USAGE
+    except BrokenPipeError:  # `| head` stopped reading: not worth a traceback
+        return _EXIT_LOCAL
+    except OSError as exc:
+        _say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return _EXIT_LOCAL
+    finally:
+        if o.verbose:
+            log.removeHandler(handler)
+            log.setLevel(level)
 
 
 if __name__ == "__main__":

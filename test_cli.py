@@ -1,0 +1,747 @@
+"""Tests of pop3lite's command line (issue 6): main() in-process against fakeserver."""
+
+from __future__ import annotations
+
+import io
+import json
+import mailbox
+import os
+import socket
+import stat
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import fakeserver
+import pop3lite
+from fakeserver import FakeServer, Fault
+
+ATMARKIT_SUBJECT = "＠IT新着速報 - 2002/1/19　1FD Linuxで作る高機能ルータ ［インストール編］"
+CSC_SUBJECT = "「ＣＳＣからの耳よりなお知らせ」<出会い編>"
+SEED_SESSION = "STAT\nLIST\nTOP 2 5\nRETR 1\nDELE 1\nLIST\nRSET\nLIST\nQUIT\n"
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No real ~/.netrc, no inherited password, a wide table, a stdin that is not a TTY."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    return home
+
+
+@pytest.fixture
+def password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    with FakeServer(idle_timeout=10) as running:
+        yield running
+
+
+def address(server: FakeServer) -> str:
+    return f"{server.host}:{server.port}"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = pop3lite.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+def messages_left(server: FakeServer, user: str = "hogehoge") -> int:
+    return len(server.maildrops[user].messages)
+
+
+def commands(server: FakeServer, session: int = -1) -> list[str]:
+    """The verbs (with arguments) the client sent in one session."""
+    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]
+
+
+def ca_file(tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    path.write_text(fakeserver.CA_PEM)
+    return str(path)
+
+
+def display_width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+# -- the quick check ---------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("password")
+def test_check_shows_the_seed_mailbox_with_decoded_subjects(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge")
+    assert status == 0, err
+    assert "+OK InterChange POP3 Server v3.62 Ready (X-INF-V1)" in out
+    assert "plaintext (loopback)" in out
+    assert "none announced" in out  # OperaMail answers CAPA with -ERR
+    assert "USER/PASS as hogehoge" in out
+    assert "2 messages, 10180 octets" in out
+    assert ATMARKIT_SUBJECT in out
+    assert CSC_SUBJECT in out  # Shift_JIS bytes inside an encoded word that says ISO-2022-JP
+    assert "3C4B82C800000001" in out and "3C4BC6A100000002" in out
+    assert "2002-01-21 07:26" in out and "membership@atmarkit.co.jp" in out
+    assert "Cyber Space Community" in out
+    sent = commands(server)
+    assert "TOP 1 0" in sent and "TOP 2 0" in sent
+    assert not [c for c in sent if c.startswith(("DELE", "RETR"))]
+    assert sent[-1] == "QUIT" and messages_left(server) == 2
+
+
+@pytest.mark.usefixtures("password")
+def test_check_table_fits_a_narrow_terminal_and_stays_aligned(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "72")
+    status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0
+    table = out.split("\n\n", 1)[1].splitlines()
+    assert table[0].startswith("#") and len(table) == 3
+    assert all(display_width(line) <= 72 for line in table)
+    assert "..." in table[1]  # the long subject is cut cleanly
+    # Every column starts at the same display column on every line.
+    starts = [display_width(line[: line.index(word)]) for line, word in zip(table, "#12")]
+    assert len(set(starts)) == 1
+    subject_column = display_width(table[0][: table[0].index("Subject")])
+    assert display_width(table[2][: table[2].index("「")]) == subject_column
+
+
+@pytest.mark.usefixtures("password")
+def test_check_json_has_the_documented_fields(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, _ = run(capsys, address(server), "hogehoge", "--json")
+    assert status == 0
+    report = json.loads(out)
+    assert set(report) == {
+        "server", "tls", "capabilities", "user", "auth", "count", "size", "messages"
+    }  # fmt: skip
+    assert report["server"]["port"] == server.port
+    assert report["server"]["greeting"].startswith("InterChange POP3 Server v3.62")
+    assert report["tls"] is None and report["capabilities"] == {}
+    assert (report["user"], report["auth"]) == ("hogehoge", "USER")
+    assert (report["count"], report["size"]) == (2, 10180)
+    first, second = report["messages"]
+    assert set(first) == {"number", "size", "uid", "date", "from", "subject"}
+    assert first == {
+        "number": 1,
+        "size": 5954,
+        "uid": "3C4B82C800000001",
+        "date": "2002-01-21T07:26:05+09:00",
+        "from": "membership@atmarkit.co.jp",
+        "subject": ATMARKIT_SUBJECT,
+    }
+    assert second["subject"] == CSC_SUBJECT
+
+
+@pytest.mark.usefixtures("password")
+def test_check_limit_shows_the_last_messages(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, _ = run(capsys, address(server), "hogehoge", "--json", "--limit", "1")
+    assert status == 0
+    report = json.loads(out)
+    assert report["count"] == 2 and [m["number"] for m in report["messages"]] == [2]
+    assert "TOP 1 0" not in commands(server)
+    status, out, _ = run(capsys, address(server), "hogehoge", "--limit", "1")
+    assert "(the last 1 of 2 shown; --limit 0 shows all)" in out
+
+
+@pytest.mark.usefixtures("password")
+def test_check_against_a_modern_server_uses_sasl_and_pipelined_top(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc") as server:
+        status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0
+    assert "SCRAM-SHA-256 as hogehoge" in out
+    assert "PIPELINING" in out and "SASL PLAIN LOGIN" in out
+    assert "3 messages" in out
+    assert "こんにちは" in out and "Jörg" in out and "Dots" in out
+    sent = commands(server)
+    assert sent.index("TOP 2 0") < sent.index("TOP 3 0")
+
+
+@pytest.mark.usefixtures("password")
+def test_check_degrades_when_the_server_has_no_uidl_and_no_top(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc", capabilities=["USER", "SASL PLAIN"]) as server:
+        status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0
+    assert "3 messages" in out
+    assert "UID" not in out.split("\n\n", 1)[1]
+    assert "Hello" not in out  # no TOP: no subjects, but the sizes are there
+    assert not [c for c in commands(server) if c.startswith(("TOP", "UIDL"))]
+
+
+@pytest.mark.usefixtures("password")
+def test_check_survives_top_refused_without_capa(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer(faults=[Fault("sys-perm", "TOP")]) as server:
+        status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0
+    assert "2 messages, 10180 octets" in out and "3C4BC6A100000002" in out
+    assert [c for c in commands(server) if c.startswith("TOP")] == ["TOP 1 0"]
+
+
+def test_header_decoding_falls_back_when_the_charset_lies() -> None:
+    lying = b"=?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI +?="
+    assert pop3lite._decode_header(lying) == CSC_SUBJECT
+    assert pop3lite._decode_header("件名".encode()) == "件名"
+    assert pop3lite._decode_header("件名".encode("cp932")) == "件名"
+    assert pop3lite._decode_header(b"=?utf-8?q?caf=C3=A9?= au lait") == "café au lait"
+    assert pop3lite._decode_header(b"=?x-unknown?q?caf=C3=A9?=") == "café"
+    assert pop3lite._decode_header(b"evil \x1b[2J\xe2\x80\xae") == "evil \\x1b[2J\\u202e"
+
+
+def test_fit_counts_wide_characters_twice() -> None:
+    assert pop3lite._fit("日本語", 8) == "日本語  "
+    assert pop3lite._fit("日本語のテキスト", 8) == "日本... "
+    assert display_width(pop3lite._fit("日本語のテキスト", 9)) == 9
+    assert pop3lite._fit("12", 5, right=True) == "   12"
+
+
+# -- retr, top, capa, uidl -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("password")
+def test_retr_writes_the_message_to_a_file(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "m1.eml"
+    status, out, _ = run(capsys, address(server), "hogehoge", "retr", "1", "-o", str(target))
+    assert status == 0
+    assert target.read_bytes() == fakeserver.OPERAMAIL_MESSAGES[0]
+    assert f"message 1: 5954 octets written to {target}" in out
+    assert messages_left(server) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "m1.eml"]  # no temporary left
+
+
+@pytest.mark.usefixtures("password")
+def test_retr_several_messages_into_a_directory(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    status, _, _ = run(capsys, address(server), "hogehoge", "retr", "1", "2", "-o", str(tmp_path))
+    assert status == 0
+    assert (tmp_path / "2.eml").read_bytes() == fakeserver.OPERAMAIL_MESSAGES[1]
+    status, _, err = run(capsys, address(server), "hogehoge", "retr", "1", "2", "-o", "x.eml")
+    assert status == 2 and "existing directory" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_retr_to_a_pipe_writes_the_raw_bytes(
+    capsysbinary: pytest.CaptureFixture[bytes], server: FakeServer
+) -> None:
+    assert pop3lite.main([address(server), "hogehoge", "retr", "2"]) == 0
+    assert capsysbinary.readouterr().out == fakeserver.OPERAMAIL_MESSAGES[1]
+
+
+@pytest.mark.usefixtures("password")
+def test_retr_of_a_missing_message_fails_with_status_6(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, err = run(capsys, address(server), "hogehoge", "retr", "9")
+    assert status == 6 and "RETR" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_top_prints_the_header_and_lines(
+    capsysbinary: pytest.CaptureFixture[bytes], server: FakeServer
+) -> None:
+    assert pop3lite.main([address(server), "hogehoge", "top", "2", "5"]) == 0
+    out = capsysbinary.readouterr().out
+    header, body = out.split(b"\r\n\r\n", 1)
+    assert b"Subject: =?ISO-2022-JP?B?gXWC" in header
+    assert len(body.split(b"\r\n")) == 6  # five lines, each ending in CRLF
+    assert "TOP 2 5" in commands(server)
+
+
+def test_message_rendering_decodes_for_a_terminal() -> None:
+    lines = pop3lite._render_message(fakeserver.OPERAMAIL_MESSAGES[1])
+    assert f"Subject: {CSC_SUBJECT}" in lines
+    assert "From: Cyber Space Community<adv@csc.ne.jp>" in lines
+    assert any(line.startswith("■□■□") for line in lines)
+    assert not any("\x1b" in line for line in lines)
+    raw = pop3lite._render_message(b"Subject: x\r\n\r\n\x1b$B$3\x1b(B\r\n.dot\r\n", raw=True)
+    assert raw == ["Subject: x", "", "\\x1b$B$3\\x1b(B", "..dot"]
+    encoded = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
+    encoded += b"\r\n44GT44KT44Gr44Gh44Gv\r\n"
+    assert pop3lite._render_message(encoded)[-1] == "こんにちは"
+
+
+def test_capa_needs_no_password(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer("rfc") as server:
+        status, out, _ = run(capsys, address(server), "hogehoge", "capa")
+        assert status == 0
+        assert "SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256 XOAUTH2 OAUTHBEARER" in out
+        assert "EXPIRE NEVER" in out.splitlines()
+        status, out, _ = run(capsys, address(server), "hogehoge", "capa", "--json")
+    assert json.loads(out)["EXPIRE"] == ["NEVER"]
+    assert not [c for c in commands(server) if c.startswith(("USER", "PASS", "AUTH"))]
+
+
+@pytest.mark.usefixtures("password")
+def test_uidl_lists_unique_ids(capsys: pytest.CaptureFixture[str], server: FakeServer) -> None:
+    status, out, _ = run(capsys, address(server), "hogehoge", "uidl")
+    assert status == 0
+    assert out.splitlines() == ["1 3C4B82C800000001", "2 3C4BC6A100000002"]
+    status, out, _ = run(capsys, address(server), "hogehoge", "uidl", "--json")
+    assert json.loads(out)[1] == {"number": 2, "uid": "3C4BC6A100000002"}
+
+
+# -- save ------------------------------------------------------------------------------------
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    box = mailbox.Maildir(str(path), factory=None, create=False)
+    return sorted(box.get_bytes(key) for key in box.iterkeys())
+
+
+def lf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n")
+
+
+@pytest.mark.usefixtures("password")
+def test_save_new_twice_fetches_nothing_the_second_time(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "Mail"
+    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    assert status == 0 and "saved 2 messages (10180 octets)" in out and "(Maildir)" in out
+    assert maildir_messages(target) == sorted(lf(m) for m in fakeserver.OPERAMAIL_MESSAGES)
+    state = [p for p in target.iterdir() if p.name.endswith(".json")]
+    assert len(state) == 1 and "hogehoge@127.0.0.1" in state[0].name
+    assert json.loads(state[0].read_text())["uids"] == list(fakeserver.OPERAMAIL_UIDS)
+
+    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    assert status == 0 and "saved 0 messages" in out and "2 messages already saved" in out
+    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert len(maildir_messages(target)) == 2 and messages_left(server) == 2
+
+    server.maildrops["hogehoge"].add(b"Subject: third\r\n\r\nnew mail\r\n", uid="third-uid")
+    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    assert "saved 1 message (" in out
+    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 3"]
+
+
+@pytest.mark.usefixtures("password")
+def test_save_delete_into_mbox_empties_the_server_after_writing(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    target = tmp_path / "seed.mbox"
+    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
+    assert status == 0 and "deleted 2 messages on the server" in out and "(mbox)" in out
+    box = mailbox.mbox(str(target))
+    assert [m["Message-ID"] for m in box] == [
+        "<-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp\n >",
+        "<200201210744.QAA05582@platz.jp>",
+    ]
+    assert messages_left(server) == 0
+    sent = commands(server)
+    last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
+    first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
+    assert last_retr < first_dele and sent[-1] == "QUIT"
+    state = f".seed.mbox.pop3lite-hogehoge@127.0.0.1_{server.port}.json"
+    assert (tmp_path / state).exists()
+
+
+@pytest.mark.usefixtures("password")
+def test_save_delete_deletes_nothing_when_the_connection_drops(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "Mail"
+    with FakeServer(faults=[Fault("drop", "RETR 2", 100, times=1)]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
+        assert status == 4 and "closed" in err
+        assert messages_left(server) == 2
+        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+        assert len(maildir_messages(target)) == 1  # message 1 was saved before the drop
+        status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    assert status == 0 and "saved 1 message" in out  # the state file remembered message 1
+    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 2"]
+
+
+@pytest.mark.usefixtures("password")
+def test_save_delete_deletes_nothing_when_a_write_fails(
+    capsys: pytest.CaptureFixture[str],
+    server: FakeServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = pop3lite._Store.add
+    calls = []
+
+    def failing_add(store: Any, message: bytes) -> None:
+        calls.append(message)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        original(store, message)
+
+    monkeypatch.setattr(pop3lite._Store, "add", failing_add)
+    status, _, err = run(
+        capsys, address(server), "hogehoge", "save", str(tmp_path / "M"), "--delete"
+    )
+    assert status == 1 and "No space left on device" in err
+    assert messages_left(server) == 2
+    assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+
+
+@pytest.mark.usefixtures("password")
+def test_save_refuses_a_directory_that_is_not_a_maildir(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    status, _, err = run(capsys, address(server), "hogehoge", "save", str(tmp_path), "--delete")
+    assert status == 1 and "not a Maildir" in err
+    assert messages_left(server) == 2
+    assert not [c for c in commands(server) if c.startswith(("RETR", "DELE"))]
+
+
+# -- passwords and login methods ---------------------------------------------------------------
+
+
+def test_password_from_a_file(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("fugafuga\nsecond line ignored\n")
+    status, out, _ = run(capsys, address(server), "hogehoge", "--password-file", str(secret))
+    assert status == 0 and "2 messages" in out
+
+
+def test_password_from_netrc(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
+) -> None:
+    netrc = environment / ".netrc"
+    netrc.write_text(f"machine {server.host} login hogehoge password fugafuga\n")
+    netrc.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0 and "2 messages" in out
+
+
+def test_no_password_without_a_terminal_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 2
+    assert "POP3_PASSWORD" in err and "--password-file" in err and "netrc" in err
+    assert server.transcripts == []  # nothing was even connected
+
+
+def test_password_prompt_on_a_terminal(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    import getpass
+
+    prompts = []
+
+    def fake_getpass(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return "fugafuga"
+
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr(getpass, "getpass", fake_getpass)
+    status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0 and "2 messages" in out
+    assert prompts == [f"Password for hogehoge on {address(server)}: "]
+
+
+def test_the_password_is_never_taken_from_argv(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, err = run(capsys, address(server), "hogehoge", "--password", "fugafuga")
+    assert status == 2 and "unrecognized arguments" in err
+    assert pop3lite.main(["--help"]) == 0
+    options = [w for w in capsys.readouterr().out.split() if w.startswith("--pass")]
+    assert options and set(options) == {"--password-file"}
+
+
+@pytest.mark.usefixtures("password")
+def test_apop_and_auth_and_oauth2(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    status, out, _ = run(capsys, address(server), "hogehoge", "--apop")
+    assert status == 0 and "Login:         APOP as hogehoge" in out
+    logins = [c for c in commands(server) if c.startswith(("APOP", "USER", "PASS"))]
+    assert len(logins) == 1 and logins[0].startswith("APOP hogehoge ")
+    with FakeServer("rfc") as modern:
+        status, out, _ = run(capsys, address(modern), "hogehoge", "--auth", "plain")
+        assert status == 0 and "PLAIN as hogehoge" in out
+        token = tmp_path / "token"
+        token.write_text("fake-oauth-token\n")
+        status, out, _ = run(
+            capsys, address(modern), "hogehoge", "--oauth2-token-file", str(token), "--json"
+        )
+    assert status == 0 and json.loads(out)["auth"] == "OAUTHBEARER"
+
+
+@pytest.mark.usefixtures("password")
+def test_verbose_prints_the_transcript_without_the_password(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, err = run(capsys, address(server), "hogehoge", "-v", "uidl")
+    assert status == 0
+    assert "C: USER hogehoge" in err and "C: PASS ****" in err and "S: +OK 2 10180" not in err
+    assert "C: UIDL" in err and "fugafuga" not in err
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("password")
+def test_implicit_tls_with_a_private_ca(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with FakeServer("rfc", tls="implicit") as server:
+        argv = [address(server), "hogehoge", "--tls", "implicit"]
+        status, out, _ = run(capsys, *argv, "--cafile", ca_file(tmp_path))
+        assert status == 0
+        assert "implicit TLS" in out and "certificate verified" in out and "DNS:localhost" in out
+        status, _, err = run(capsys, *argv)
+        assert status == 4 and "--cafile" in err
+        status, out, err = run(capsys, *argv, "--insecure", "--json")
+    assert status == 0 and "WARNING: --insecure" in err
+    assert json.loads(out)["tls"]["verified"] is False
+
+
+@pytest.mark.usefixtures("password")
+def test_starttls_required_but_not_offered_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, err = run(capsys, address(server), "hogehoge", "--tls", "starttls")
+    assert status == 4 and "STLS" in err and "--tls none" in err and "tls='none'" not in err
+
+
+@pytest.mark.usefixtures("password")
+def test_stls_upgrade_on_a_modern_server(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with FakeServer("rfc", tls="stls") as server:
+        argv = [address(server), "hogehoge", "--cafile", ca_file(tmp_path), "--json"]
+        status, out, _ = run(capsys, *argv)
+    assert status == 0 and json.loads(out)["tls"]["version"].startswith("TLSv1.")
+    assert commands(server)[:2] == ["CAPA", "STLS"]
+
+
+# -- failures and exit codes -------------------------------------------------------------------
+
+
+def test_bad_password_exits_3(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "wrong")
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 3 and "login refused" in err and "Invalid user name or password" in err
+    assert "wrong" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("password")
+def test_refused_connection_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as closed:  # bound but not listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        status, _, err = run(capsys, f"127.0.0.1:{port}", "hogehoge", "--timeout", "5")
+    assert status == 4 and "cannot connect" in err and "-p PORT" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_timeout_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer(faults=[Fault("delay", "GREETING", 0.6)]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge", "--timeout", "0.2")
+    assert status == 4 and "--timeout" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_mailbox_in_use_exits_5(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer(faults=[Fault("in-use", "PASS")]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 5 and "in use" in err and "try again" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_other_server_error_exits_6(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer(faults=[Fault("sys-perm", "STAT")]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 6 and "STAT" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_ctrl_c_closes_without_quit_and_exits_130(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(self: pop3lite.POP3) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pop3lite.POP3, "stat", interrupted)
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 130 and "no QUIT was sent" in err
+    assert "QUIT" not in commands(server)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["host"],
+        ["host", "user", "frobnicate"],
+        ["host", "user", "retr"],
+        ["host", "user", "retr", "0"],
+        ["host", "user", "top", "1", "2", "3"],
+        ["host", "user", "save"],
+        ["host", "user", "capa", "extra"],
+        ["host", "user", "--new"],
+        ["host", "user", "retr", "1", "--json"],
+        ["host:99999", "user"],
+        ["host:110", "user", "-p", "995"],
+        ["[::1", "user"],
+        ["host", "user", "--auth", "NTLM"],
+        ["host", "user", "--apop", "--auth", "PLAIN"],
+        ["host", "user", "--auth", "XOAUTH2"],
+        ["host", "user", "--insecure", "--tls", "none"],
+        ["host", "user", "--timeout", "0"],
+        ["--demo", "host"],
+    ],
+    ids=lambda argv: " ".join(argv) or "nothing",
+)
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and "error:" in err and out == ""
+
+
+def test_host_and_port_forms() -> None:
+    split = pop3lite._split_host_port
+    assert split("pop.example.com") == ("pop.example.com", None)
+    assert split("pop.example.com:110") == ("pop.example.com", 110)
+    assert split("[::1]:1110") == ("::1", 1110)
+    assert split("[::1]") == ("::1", None)
+    assert split("fe80::1") == ("fe80::1", None)
+
+
+def test_error_messages_name_the_command_line_option() -> None:
+    insecure = pop3lite.InsecureError(
+        "refusing to send a password over an unencrypted connection to h; use TLS, or pass "
+        "tls='none' to allow it"
+    )
+    status, message = pop3lite._failure(insecure)
+    assert status == 4 and "--tls none" in message and "tls='none'" not in message
+    assert pop3lite._failure(pop3lite.LoginDelayError("wait", "LOGIN-DELAY"))[0] == 5
+    assert pop3lite._failure(pop3lite.TemporaryError("busy", "SYS/TEMP"))[0] == 5
+    assert pop3lite._failure(pop3lite.ProtocolError("junk", b"\x00"))[0] == 6
+
+
+def test_help_shows_examples_exit_codes_and_json_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert pop3lite.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("examples:", "--demo", "save ~/Maildir --new", "exit status:", "130", "subject"):
+        assert text in out
+
+
+# -- shell --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("password")
+def test_shell_follows_the_seed_session(
+    capsys: pytest.CaptureFixture[str],
+    server: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(SEED_SESSION))
+    log = tmp_path / "session.log"
+    status, out, _ = run(capsys, address(server), "hogehoge", "shell", "--log", str(log))
+    assert status == 0
+    for text in (
+        "+OK InterChange POP3 Server v3.62 Ready",
+        "pop3> STAT\n+OK 2 10180\n",
+        "pop3> LIST\n+OK 2 messages 10180 octets\n1 5954\n2 4226\n.\n",
+        f"Subject: {CSC_SUBJECT}",
+        "※クライアント企業からの広告です。以下に耳より情報があります※",
+        "+OK 5954 octets",
+        "┃@┃I┃T┃ 新着速報 (2002/1/19)",
+        "pop3> DELE 1\n+OK message 1 deleted\n",
+        "pop3> LIST\n+OK 1 messages (4226 octets)\n2 4226\n.\n",
+        "pop3> RSET\n+OK Everything has been reset\n",
+        "pop3> QUIT\n+OK InterChange POP3 Server Signing Off\n",
+    ):
+        assert text in out
+    assert "\x1b" not in out
+    assert commands(server)[-9:] == [line for line in SEED_SESSION.splitlines()]
+    assert messages_left(server) == 2
+    logged = log.read_text(encoding="utf-8")
+    assert "pop3> TOP 2 5" in logged and "@ITの新着記事をお届けします。" in logged
+    assert "fugafuga" not in logged
+
+
+@pytest.mark.usefixtures("password")
+def test_shell_refuses_login_commands_and_leaves_without_quit_at_eof(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = "PASS fugafuga\nhelp\nDELE 1\nLIST 9\n:raw\nTOP 2 0\nNOOP\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    status, out, _ = run(capsys, address(server), "hogehoge", "shell")
+    assert status == 0
+    assert "(not sent: PASS is the login" in out
+    assert "RETR N" in out  # the help
+    assert "-ERR No such message" in out
+    assert (
+        "Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI\n" in out
+    )
+    assert "Leaving without QUIT" in out
+    sent = commands(server)
+    assert "PASS ****" in sent[:3] and sent[-1] == "NOOP" and "QUIT" not in sent
+    assert messages_left(server) == 2  # DELE 1 was never committed
+
+
+# -- demo and import cost ----------------------------------------------------------------------
+
+
+def test_demo_runs_the_check_against_the_fake_server(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "--demo")
+    assert status == 0
+    assert ATMARKIT_SUBJECT in out and CSC_SUBJECT in out and "2 messages, 10180 octets" in out
+    assert "fake OperaMail server" in err and "fugafuga" not in out + err
+
+
+def test_demo_shell(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("STAT\nQUIT\n"))
+    status, out, _ = run(capsys, "--demo", "shell")
+    assert status == 0 and "+OK 2 10180" in out and "Signing Off" in out
+
+
+def test_importing_pop3lite_does_not_import_the_command_line_modules() -> None:
+    code = (
+        "import sys, pop3lite\n"
+        "heavy = {'argparse', 'getpass', 'json', 'mailbox', 'email', 'unicodedata', 'netrc'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(os.path.abspath(pop3lite.__file__)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"

@@ -62,6 +62,7 @@ __all__ = [
     "Timeout",
     "InsecureError",
     "SizeMismatchWarning",
+    "repair_encoded_words",
     "main",
 ]
 
@@ -322,6 +323,49 @@ def display_text(data: bytes) -> str:
     """Server bytes as text safe to show: UTF-8 where valid, control characters escaped."""
     text = data.decode("utf-8", "replace")
     return _UNSAFE_TEXT.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+# RFC 2047 section 2: encoded-word = "=?" charset "?" encoding "?" encoded-text "?=". The
+# B-text may be broken by a fold, as real mailers did (the seed's message 2 does).
+_ENCODED_WORD = re.compile(rb"=\?([!-~]+?)\?([bB])\?([A-Za-z0-9+/=\r\n\t ]*?)\?=")
+_FALLBACK_CHARSETS = ("cp932", "utf-8")  # what Japanese mail mislabels most: Shift_JIS, UTF-8
+
+
+def repair_encoded_words(header: bytes) -> bytes:
+    """Relabel RFC 2047 B-encoded words whose bytes do not decode in their declared charset.
+
+    A Japanese mailer of 2002 sent Shift_JIS bytes labelled ISO-2022-JP; a reader shows
+    mojibake. A word that fails to decode strictly in its charset but decodes in CP932 or
+    UTF-8 is re-encoded with that label, and white space inside its base64 is dropped.
+    Words that decode as declared are left exactly as they are.
+    """
+    import base64
+    import binascii
+
+    def fix(match: re.Match[bytes]) -> bytes:
+        charset = match.group(1).split(b"*")[0].decode("ascii").lower()  # RFC 2231 language
+        text = re.sub(rb"\s+", b"", match.group(3))
+        try:
+            raw = base64.b64decode(text + b"=" * (-len(text) % 4))
+        except binascii.Error:
+            return match.group(0)
+        try:
+            raw.decode(charset)
+        except LookupError:
+            return match.group(0)
+        except UnicodeDecodeError:
+            for fallback in _FALLBACK_CHARSETS:
+                try:
+                    raw.decode(fallback)
+                except UnicodeDecodeError:
+                    continue
+                return b"=?%s?B?%s?=" % (fallback.encode(), base64.b64encode(raw))
+            return match.group(0)
+        if text == match.group(3):
+            return match.group(0)
+        return b"=?%s?B?%s?=" % (match.group(1), text)
+
+    return _ENCODED_WORD.sub(fix, header)
 
 
 def parse_status(line: bytes) -> tuple[bool, bytes]:
@@ -1955,11 +1999,16 @@ class POP3:
         warnings.warn(text, SizeMismatchWarning, stacklevel=3)
 
     def message(self, number: int) -> EmailMessage:
-        """RETR parsed as an ``email.message.EmailMessage`` (email.policy.default)."""
+        """RETR parsed as an ``email.message.EmailMessage`` (email.policy.default), with
+        mislabelled encoded words in the header repaired (see repair_encoded_words)."""
         import email.policy
         from email.parser import BytesParser
 
-        parsed = BytesParser(policy=email.policy.default).parsebytes(self.retr(number))
+        data = self.retr(number)
+        split = data.find(b"\r\n\r\n")
+        header_end = len(data) if split < 0 else split + 2
+        data = repair_encoded_words(data[:header_end]) + data[header_end:]
+        parsed = BytesParser(policy=email.policy.default).parsebytes(data)
         return parsed  # type: ignore[return-value,unused-ignore]
 
     def dele(self, number: int) -> str:

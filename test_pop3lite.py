@@ -395,6 +395,40 @@ def test_is_loopback(address: str, expected: bool) -> None:
     assert is_loopback(address) is expected
 
 
+# -- header repair --------------------------------------------------------------------------
+
+SEED_SUBJECT_2 = (
+    b"Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI\r\n"
+    b" +?=\r\n"
+)
+
+
+def test_repair_relabels_shift_jis_sent_as_iso_2022_jp() -> None:
+    import email.policy
+    from email.parser import BytesParser
+
+    repaired = pop3lite.repair_encoded_words(SEED_SUBJECT_2)
+    assert repaired.startswith(b"Subject: =?cp932?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5")
+    parsed = BytesParser(policy=email.policy.default).parsebytes(repaired + b"\r\n")
+    assert parsed["Subject"] == "\u300c\uff23\uff33\uff23\u304b\u3089\u306e\u8033\u3088\u308a" \
+        "\u306a\u304a\u77e5\u3089\u305b\u300d<\u51fa\u4f1a\u3044\u7de8>"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Subject: =?iso-2022-jp?B?GyRCIXcbKEJJVBskQj83Q2VCLkpzGyhCIC0gMjA=?=\r\n",
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\n",
+        b"Subject: =?x-unknown?B?gXWC?=\r\n",
+        b"Subject: plain text =? not a word ?=\r\n",
+        b"Subject: =?iso-2022-jp?B?not*base64?=\r\n",
+    ],
+    ids=["valid-jis", "q-encoding", "unknown-charset", "no-word", "bad-base64"],
+)
+def test_repair_leaves_good_or_unknown_words_alone(header: bytes) -> None:
+    assert pop3lite.repair_encoded_words(header) == header
+
+
 # -- multi-line framing ---------------------------------------------------------------------
 
 FRAMING_CASES = {
@@ -955,6 +989,8 @@ def test_seed_session_against_the_fake_operamail() -> None:
             assert pop.rset() == "Everything has been reset"
             assert pop.list() == {1: 5954, 2: 4226}
             assert pop.message(1)["Subject"].startswith("\uff20IT\u65b0\u7740\u901f\u5831")
+            # Message 2 labels Shift_JIS bytes as ISO-2022-JP; message() repairs that.
+            assert pop.message(2)["Subject"].startswith("\u300c\uff23\uff33\uff23")
         transcript = server.transcripts[0]
     assert "C: PASS ****" in transcript
     assert "S: +OK 1 messages (4226 octets)" in transcript

@@ -2649,12 +2649,14 @@ def _write_bytes(data: bytes) -> None:
 
 # Characters that must not reach a terminal as they are: C0 and C1 controls (escape sequences),
 # DEL, and the bidirectional overrides that can make text display in a misleading order.
-_UNSAFE_DISPLAY = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_DISPLAY = "[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 
 
 def _printable(text: str) -> str:
     """Text safe to print on a terminal: control and bidi characters shown as escapes."""
-    return _UNSAFE_DISPLAY.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return re.sub(
+        _UNSAFE_DISPLAY, lambda m: m.group().encode("unicode_escape").decode("ascii"), text
+    )
 
 
 def _escaped(data: bytes) -> str:
@@ -2667,9 +2669,10 @@ _ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
 
 # -- text decoding: RFC 2047 headers, charsets that lie ------------------------------------------
 
-_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
-_BLANKS = re.compile("[ \t\r\n]+")  # folding white space; U+3000 and friends are text
-_JIS_ESCAPE = re.compile(rb"\x1b[$(][@BJ]")
+# Patterns as strings: re compiles and caches them on first use, not at import time.
+_HIGH_BYTE = rb"[\x80-\xff]"
+_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
+_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
 
 
 def _decode_text(data: bytes, charset: str | None = None) -> str:
@@ -2681,9 +2684,9 @@ def _decode_text(data: bytes, charset: str | None = None) -> str:
     almost never an accident, while cp932 decodes most byte strings without error."""
     codecs: list[str] = []
     declared = (charset or "").strip().strip('"').lower()
-    if declared and not ("2022" in declared and _HIGH_BYTE.search(data)):
+    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
         codecs.append(declared)
-    if _JIS_ESCAPE.search(data):
+    if re.search(_JIS_ESCAPE, data):
         codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
     codecs += ["utf-8", "cp932"]
     for codec in codecs:
@@ -2717,7 +2720,7 @@ def _decode_header(raw: bytes) -> str:
             else:
                 words.append(_decode_text(value, charset))
         text = "".join(words)
-    return _printable(_BLANKS.sub(" ", text).strip(" "))
+    return _printable(re.sub(_BLANKS, " ", text).strip(" "))
 
 
 def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
@@ -2748,19 +2751,6 @@ def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
 # -- the quick check --------------------------------------------------------------------------
 
 
-class _Summary(NamedTuple):
-    """One row of the check's table."""
-
-    number: int
-    size: int
-    uid: str | None
-    date: str | None  # ISO 8601 when it parses, else as written
-    date_shown: str
-    sender: str | None
-    sender_shown: str
-    subject: str | None
-
-
 def _parse_date(text: str) -> tuple[str, str]:
     """(ISO 8601, "YYYY-MM-DD HH:MM" in the sender's time zone), or the text twice."""
     import datetime
@@ -2777,26 +2767,28 @@ def _parse_date(text: str) -> tuple[str, str]:
     return moment.isoformat(), moment.strftime("%Y-%m-%d %H:%M")
 
 
-def _summarise(number: int, size: int, uid: str | None, top: bytes | None) -> _Summary:
-    values: dict[str, str] = {}
-    if top is not None:
-        for name, lines in _header_fields(_split_message(top)[0]):
-            if name in ("date", "from", "subject") and name not in values:
-                values[name] = _decode_header(_field_value(lines))
-    date = values.get("date")
-    date_shown = ""
-    if date is not None:
-        date, date_shown = _parse_date(date)
-    sender = values.get("from")
-    sender_shown = sender or ""
-    if sender:
-        import email.utils
+class _Summary:
+    """One row of the check's table: what UIDL and TOP n 0 told about a message."""
 
-        name, address = email.utils.parseaddr(sender)
-        sender_shown = name or address or sender
-    return _Summary(
-        number, size, uid, date, date_shown, sender, sender_shown, values.get("subject")
-    )
+    def __init__(self, number: int, size: int, uid: str | None, top: bytes | None) -> None:
+        values: dict[str, str] = {}
+        if top is not None:
+            for name, lines in _header_fields(_split_message(top)[0]):
+                if name in ("date", "from", "subject") and name not in values:
+                    values[name] = _decode_header(_field_value(lines))
+        self.number, self.size, self.uid = number, size, uid
+        self.date = values.get("date")  # ISO 8601 when it parses, else as written
+        self.date_shown = ""
+        if self.date is not None:
+            self.date, self.date_shown = _parse_date(self.date)
+        self.sender = values.get("from")
+        self.sender_shown = self.sender or ""
+        if self.sender:
+            import email.utils
+
+            name, address = email.utils.parseaddr(self.sender)
+            self.sender_shown = name or address or self.sender
+        self.subject = values.get("subject")
 
 
 def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Summary]:
@@ -2818,7 +2810,7 @@ def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Su
             for fetched in pop.top_many(numbers[1:], 0):
                 if fetched.data is not None:
                     headers[fetched.number] = fetched.data
-    return [_summarise(n, sizes.get(n, 0), uids.get(n), headers.get(n)) for n in numbers]
+    return [_Summary(n, sizes.get(n, 0), uids.get(n), headers.get(n)) for n in numbers]
 
 
 def _plural(count: int, noun: str) -> str:
@@ -3003,7 +2995,7 @@ def _table(rows: list[_Summary], width: int) -> list[str]:
 
 # -- retr, top, capa, uidl -----------------------------------------------------------------------
 
-_CHARSET = re.compile(rb"""charset\s*=\s*["']?([^"';\s]+)""", re.I)
+_CHARSET = rb"""(?i)charset\s*=\s*["']?([^"';\s]+)"""
 
 
 def _render_message(data: bytes, raw: bool = False) -> list[str]:
@@ -3020,7 +3012,7 @@ def _render_message(data: bytes, raw: bool = False) -> list[str]:
         for name, field in _header_fields(head):
             value = _field_value(field)
             if name == "content-type":
-                found = _CHARSET.search(value)
+                found = re.search(_CHARSET, value)
                 charset = found.group(1).decode("ascii", "replace") if found else None
                 text_part = value.lower().startswith((b"text/", b"text;")) or value == b""
             elif name == "content-transfer-encoding":

@@ -3168,6 +3168,8 @@ class _Store:
             folder, name = os.path.split(os.path.abspath(target))
             self.state_file = os.path.join(folder, f".{name}.pop3lite-{_state_name(o)}.json")
             created = not os.path.exists(target)
+            if created:  # mail is private: the new file is the user's alone (mailbox: 0o666)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self.box = mailbox.mbox(target, create=True)
             self.box.lock()
             if created:
@@ -3362,7 +3364,7 @@ def _save_into(pop: POP3, o: _Options, store: _Store) -> int:
     octets = sum(sizes[n] for n in saved)
     report = f"saved {_plural(len(saved), 'message')} ({octets} octets) to {o.target}"
     report += f" ({store.kind})"
-    if o.new:
+    if len(numbers) < len(sizes):
         report += f"; {_plural(len(sizes) - len(numbers), 'message')} already saved before"
     if o.delete and saved:
         for fetched in pop.dele_many(saved):

@@ -354,6 +354,8 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
         "<200201210744.QAA05582@platz.jp>",
     ]
     assert messages_left(server) == 0
+    if os.name == "posix":
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600  # mail is private
     sent = commands(server)
     last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
     first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))

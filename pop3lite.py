@@ -2321,13 +2321,13 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
 
 
 def _port_number(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise _CommandLineError(f"bad port {text!r}: give a number from 1 to 65535")
     return int(text)
 
 
 def _positive(text: str, what: str, minimum: int = 1) -> int:
-    if not text.isdigit() or int(text) < minimum:
+    if not (text.isascii() and text.isdigit()) or int(text) < minimum:
         raise _CommandLineError(f"{what} must be a whole number >= {minimum}, not {text!r}")
     return int(text)
 
@@ -2462,8 +2462,8 @@ def _options_from(ns: Any) -> _Options:
         raise _CommandLineError("--insecure and --cafile contradict each other")
     if o.insecure and o.tls == "none":
         raise _CommandLineError("--insecure has no meaning with --tls none (there is no TLS)")
-    if not ns.timeout > 0:
-        raise _CommandLineError("--timeout must be a positive number of seconds")
+    if not 0 < ns.timeout <= 86400:  # also refuses nan and inf, which sockets cannot take
+        raise _CommandLineError("--timeout must be a number of seconds, at most 86400")
     o.timeout = ns.timeout
     o.password_file = ns.password_file
     o.oauth2_token_file = ns.oauth2_token_file
@@ -2559,6 +2559,8 @@ def _netrc_password(host: str, user: str) -> str | None:
         hint = " (chmod 600 ~/.netrc)" if "permissive" in str(exc) or "owned" in str(exc) else ""
         raise _CommandLineError(f"cannot use ~/.netrc: {exc.msg}{hint}") from None
     except OSError as exc:
+        if exc.errno is None:  # no home directory to look in (Python 3.7-3.9 raise this)
+            return None
         raise _CommandLineError(f"cannot read ~/.netrc: {exc.strerror or exc}") from None
     found = entries.authenticators(host)
     if found is None:
@@ -2673,6 +2675,7 @@ _ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
 _HIGH_BYTE = rb"[\x80-\xff]"
 _BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
 _JIS_ESCAPE = rb"\x1b[$(][@BJ]"
+_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest is noise
 
 
 def _decode_text(data: bytes, charset: str | None = None) -> str:
@@ -2699,7 +2702,7 @@ def _decode_text(data: bytes, charset: str | None = None) -> str:
 
 def _decode_header(raw: bytes) -> str:
     """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
-    text = _decode_text(raw)
+    text = _decode_text(raw[:_HEADER_LIMIT])
     if "=?" in text:
         import email.errors
         import email.header
@@ -2834,8 +2837,10 @@ def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
         "version": pop.tls_version,
         "cipher": pop.cipher,
         "verified": not o.insecure,
-        "subject": _distinguished_name(certificate.get("subject")) or None,
-        "san": [f"{kind}:{value}" for kind, value in certificate.get("subjectAltName", ())],
+        "subject": _printable(_distinguished_name(certificate.get("subject"))) or None,
+        "san": [
+            _printable(f"{kind}:{value}") for kind, value in certificate.get("subjectAltName", ())
+        ],
     }
 
 
@@ -2858,7 +2863,7 @@ def _security_line(pop: POP3, o: _Options) -> str:
 def _capabilities_line(caps: dict[str, list[str]]) -> str:
     if not caps:
         return "none announced (the server does not answer CAPA)"
-    return ", ".join(" ".join([name, *args]) for name, args in caps.items())
+    return _printable(", ".join(" ".join([name, *args]) for name, args in caps.items()))
 
 
 def _method_name(method: str) -> str:
@@ -2914,13 +2919,9 @@ def _print_json(value: Any) -> None:
     import json
 
     try:
-        _write_strict(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
     except UnicodeEncodeError:  # a stdout that cannot encode the text: JSON escapes then
         _out(json.dumps(value, ensure_ascii=True, indent=2))
-
-
-def _write_strict(text: str) -> None:
-    sys.stdout.write(text)
 
 
 def _terminal_width() -> int:
@@ -2931,7 +2932,7 @@ def _terminal_width() -> int:
     if sys.stdout.isatty():
         return shutil.get_terminal_size().columns
     columns = os.environ.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() else 0
+    return int(columns) if columns.isascii() and columns.isdigit() else 0
 
 
 def _char_width(char: str) -> int:
@@ -3018,10 +3019,8 @@ def _render_message(data: bytes, raw: bool = False) -> list[str]:
             elif name == "content-transfer-encoding":
                 encoding = value.decode("ascii", "replace").lower()
             if b"=?" in value:
-                lines.append(
-                    f"{field[0].split(b':', 1)[0].decode('ascii', 'replace')}: "
-                    + _decode_header(value)
-                )
+                field_name = _printable(field[0].split(b":", 1)[0].decode("ascii", "replace"))
+                lines.append(f"{field_name}: {_decode_header(value)}")
             else:
                 lines += [_printable(_decode_text(line)) for line in field]
         if body is not None:
@@ -3171,7 +3170,11 @@ class _Store:
             if created:  # mail is private: the new file is the user's alone (mailbox: 0o666)
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self.box = mailbox.mbox(target, create=True)
-            self.box.lock()
+            try:
+                self.box.lock()  # against a mail client or delivery agent writing it too
+            except BaseException:
+                self.box.close()
+                raise
             if created:
                 _fsync_path(folder, directory=True)
         else:

@@ -328,7 +328,7 @@ def display_text(data: bytes) -> str:
 # RFC 2047 section 2: encoded-word = "=?" charset "?" encoding "?" encoded-text "?=". The
 # B-text may be broken by a fold, as real mailers did (the seed's message 2 does).
 _ENCODED_WORD = re.compile(rb"=\?([!-~]+?)\?([bB])\?([A-Za-z0-9+/=\r\n\t ]*?)\?=")
-_FALLBACK_CHARSETS = ("cp932", "utf-8")  # what Japanese mail mislabels most: Shift_JIS, UTF-8
+_FALLBACK_CHARSETS = ("utf-8", "cp932")  # valid UTF-8 is rarely an accident; then Shift_JIS
 
 
 def repair_encoded_words(header: bytes) -> bytes:

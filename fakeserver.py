@@ -653,6 +653,8 @@ class Maildrop:
     @classmethod
     def from_eml_dir(cls, path: str | Path, password: str) -> Maildrop:
         """The ``*.eml`` files of a folder, ordered by name; names without ".eml" become uids."""
+        if not Path(path).is_dir():
+            raise NotADirectoryError("not a folder: %s" % path)
         drop = cls(password)
         for file in sorted(Path(path).glob("*.eml")):
             drop.add(file.read_bytes(), file.stem if _UID_RE.match(file.stem) else None)
@@ -1830,6 +1832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = None if args.tls == "none" else args.tls
         server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
                             idle_timeout=args.idle_timeout)
+    except mailbox.NoSuchMailboxError as error:
+        print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
+        return 1
     except (OSError, mailbox.Error) as error:
         print("fakeserver: %s" % error, file=sys.stderr)
         return 1

@@ -1066,11 +1066,11 @@ def test_fault_huge_sizes() -> None:
         assert client.cmd("RETR 2") == "+OK 4226 octets"
 
 
-@pytest.mark.parametrize(
-    "kind, code",
-    [("in-use", "IN-USE"), ("login-delay", "LOGIN-DELAY"), ("auth", "AUTH"),
-     ("sys-temp", "SYS/TEMP"), ("sys-perm", "SYS/PERM")],
-)
+CODE_FAULTS = [("in-use", "IN-USE"), ("login-delay", "LOGIN-DELAY"), ("auth", "AUTH"),
+               ("sys-temp", "SYS/TEMP"), ("sys-perm", "SYS/PERM")]
+
+
+@pytest.mark.parametrize("kind, code", CODE_FAULTS)
 def test_fault_response_codes_on_login(kind: str, code: str) -> None:
     with FakeServer("rfc", faults=[Fault(kind, times=2)]) as server, Raw(server) as client:
         client.line()
@@ -1165,6 +1165,13 @@ def test_faults_on_auth_challenges() -> None:
         client.line()
         client.send(b"AUTH LOGIN\r\n")
         assert client.file.read() == b"+ V"
+
+
+def test_every_fault_kind_has_a_test() -> None:
+    source = Path(__file__).read_text(encoding="utf-8")
+    tested = set(re.findall(r'Fault\("([a-z0-9-]+)"', source))
+    tested |= {kind for kind, _ in CODE_FAULTS}  # parametrised
+    assert tested - {"no-such-fault"} == fakeserver.FAULT_KINDS
 
 
 def test_scripted_session_with_poplib() -> None:

@@ -1110,7 +1110,7 @@ class _Session(socketserver.BaseRequestHandler):
 
     def ok(self, key: str, body: list[bytes] | None = None, **values: object) -> _Reply:
         text = self.server.voice[key].format(**values)
-        return _Reply(b"+OK " + text.encode("utf-8") if text else b"+OK", body)
+        return _Reply(b"+OK " + text.encode("utf-8", "surrogateescape") if text else b"+OK", body)
 
     def err(self, key: str, code: str | None = None, **values: object) -> _Reply:
         """-ERR with the voice's text for `key` (or `key` itself as the text)."""
@@ -1118,7 +1118,7 @@ class _Session(socketserver.BaseRequestHandler):
         text = voice[key].format(**values) if key in voice else key
         if code is not None:
             text = "[%s] %s" % (code, text)
-        return _Reply(b"-ERR " + text.encode("utf-8"))
+        return _Reply(b"-ERR " + text.encode("utf-8", "surrogateescape"))
 
     # ----- the session -------------------------------------------------------------
     def greeting(self) -> bytes:
@@ -1206,7 +1206,8 @@ class _Session(socketserver.BaseRequestHandler):
             return self.err("no-apop")
         drop = self.server.maildrops.get(parts[0])
         expected = hashlib.md5((self.timestamp + (drop.password if drop else "")).encode())
-        if drop is None or not hmac.compare_digest(expected.hexdigest(), parts[1].lower()):
+        given = parts[1].lower().encode("utf-8", "surrogateescape")
+        if drop is None or not hmac.compare_digest(expected.hexdigest().encode(), given):
             return self.err("bad-login", self.auth_code())
         return self.login(parts[0], "apop")
 
@@ -1386,7 +1387,7 @@ class _Session(socketserver.BaseRequestHandler):
         if drop is None:
             raise _SaslFailure("bad-login")
         expected = hmac.new(drop.password.encode(), challenge, hashlib.md5).hexdigest()
-        if not hmac.compare_digest(expected, digest):
+        if not hmac.compare_digest(expected.encode(), digest.encode()):
             raise _SaslFailure("bad-login")
         return user
 

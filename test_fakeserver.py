@@ -427,6 +427,22 @@ def test_transaction_state_errors(command: str, reply: str) -> None:
         assert client.cmd("STAT") == "+OK 2 10180"  # still in step, still in TRANSACTION
 
 
+def test_non_ascii_and_invalid_utf8_arguments() -> None:
+    with FakeServer() as server, Raw(server) as client:
+        client.line()
+        client.send(b"USER \xff\xfe\r\n")
+        assert client.line().startswith(b"+OK User \xff\xfe accepted, send PASS")
+        assert client.cmd("APOP hogehoge ü" + "0" * 31) == "-ERR Invalid user name or password"
+        client.send(b"APOP hogehoge \xff" + b"0" * 31 + b"\r\n")
+        assert client.line() == b"-ERR Invalid user name or password"
+        assert server.transcripts[0][1] == "C: USER \\xff\\xfe"
+    with FakeServer("rfc") as server, Raw(server) as client:
+        client.line()
+        client.send(b"AUTH CRAM-MD5\r\n")
+        challenge(client)
+        assert client.cmd(b64("hogehoge ü".encode())).startswith("-ERR [AUTH]")
+
+
 def test_deleted_messages_and_stable_numbers() -> None:
     with FakeServer("rfc") as server, Raw(server) as client:
         login(client)

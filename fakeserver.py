@@ -1848,6 +1848,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = "%s:%d" % (host, server.port)
     user = args.user if users is not None else "hogehoge"
     password = args.password if users is not None else "fugafuga"
+    # A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops us.
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.start()
         print(where, flush=True)

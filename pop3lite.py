@@ -108,6 +108,10 @@ PIPELINE_WINDOW = 1024
 """Commands in flight in retr_many() and friends when the server advertises PIPELINING: enough
 to cover a 10 ms round trip at the rate the client parses small messages."""
 
+PIPELINE_MEMORY = 8 * 1024 * 1024
+"""Octets of responses a batch lets into flight (by LIST sizes when known, else by the average
+so far): the most an interrupted batch has to hold in memory, besides the message at hand."""
+
 PIPELINE_WINDOW_BYTES = 16 * 1024
 """Octets of unanswered commands. Kept below the receive buffer of any common server (64 KiB
 and up) so a write never blocks while the server is blocked writing responses that we are not
@@ -145,8 +149,8 @@ class ServerError(Error):
         self.code = code
         self.command = command
         shown = f"[{code}] {text}" if code else text
-        where = f"to {command}" if command else ""
-        super().__init__((f"server said -ERR {where}: {shown}").replace("  ", " "))
+        where = f" to {command}" if command else ""
+        super().__init__(f"server said -ERR{where}: {shown}")
 
 
 class TemporaryError(ServerError):
@@ -222,16 +226,17 @@ _AUTH_COMMANDS = frozenset({"USER", "PASS", "APOP", "AUTH"})
 
 def server_error(text: str, code: str | None, command: str) -> ServerError:
     """The ServerError subclass that fits a -ERR's response code and command."""
-    cls = _CODE_CLASSES.get((code or "").upper())
+    levels = (code or "").upper().split("/")
+    cls = None
+    # RFC 2449 section 8: "clients MUST ignore unknown hierarchical detail", so
+    # [SYS/TEMP/DB] is a SYS/TEMP and [IN-USE/x] an IN-USE: the longest known prefix decides.
+    for depth in range(len(levels), 0, -1):
+        cls = _CODE_CLASSES.get("/".join(levels[:depth]))
+        if cls is not None:
+            break
     if cls is None:
-        # RFC 3206 section 4: a code's first level decides when the rest is unknown.
-        top = (code or "").split("/")[0].upper()
-        if top == "SYS" and code:
-            cls = ServerError
-        elif command in _AUTH_COMMANDS:
-            cls = AuthenticationError
-        else:
-            cls = ServerError
+        system = levels[0] == "SYS"  # a system problem, not a credential one, whatever the verb
+        cls = AuthenticationError if command in _AUTH_COMMANDS and not system else ServerError
     error: ServerError = cls(text, code, command)
     return error
 
@@ -301,7 +306,7 @@ class Capabilities(Dict[str, List[str]]):
     def login_delay(self) -> int | None:
         """Minimum seconds between logins (RFC 2449 section 6.5), or None."""
         args = self.get("LOGIN-DELAY", [])
-        return int(args[0]) if args and args[0].isdigit() else None
+        return int(args[0]) if args and re.fullmatch("[0-9]{1,10}", args[0]) else None
 
     @property
     def expire(self) -> str | None:
@@ -316,7 +321,7 @@ class Capabilities(Dict[str, List[str]]):
 
 
 # A printable-ASCII rendering of server text: no control character ever reaches a terminal.
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f]")
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def display_text(data: bytes) -> str:
@@ -349,11 +354,15 @@ def repair_encoded_words(header: bytes) -> bytes:
             raw = base64.b64decode(text + b"=" * (-len(text) % 4))
         except binascii.Error:
             return match.group(0)
+        import codecs
+
         try:
+            if not codecs.lookup(charset)._is_text_encoding:  # e.g. "base64", "zlib"
+                return match.group(0)
             raw.decode(charset)
         except LookupError:
             return match.group(0)
-        except UnicodeDecodeError:
+        except UnicodeError:  # some codecs raise the parent class, not UnicodeDecodeError
             for fallback in _FALLBACK_CHARSETS:
                 try:
                     raw.decode(fallback)
@@ -382,7 +391,7 @@ def parse_status(line: bytes) -> tuple[bool, bytes]:
 
 
 # RFC 2449 section 8: resp-code = "[" resp-level *("/" resp-level) "]"
-_RESP_CODE = re.compile(rb"\[([!-.0-Z\\^-~]+(?:/[!-.0-Z\\^-~]+)*)\] ?")
+_RESP_CODE = re.compile(rb"\[([!-.0-\\^-~]+(?:/[!-.0-\\^-~]+)*)\] ?")
 
 
 def parse_response_code(text: bytes) -> tuple[str | None, bytes]:
@@ -393,10 +402,9 @@ def parse_response_code(text: bytes) -> tuple[str | None, bytes]:
     return match.group(1).decode("ascii").upper(), text[match.end() :]
 
 
-# RFC 1939 section 5: "+OK" SP count SP size; some servers add text after the size.
-_STAT = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
-# RFC 1939 section 5: scan listing = msg-number SP size (RFC 2449 allows trailing text).
-_SCAN_LISTING = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
+# RFC 1939 section 5: STAT's "+OK" SP count SP size, and a LIST "scan listing" msg-number SP
+# size; both may be followed by more text after a space (some servers add it).
+_TWO_NUMBERS = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
 # RFC 1939 section 7: unique-id listing = msg-number SP uid; uid is 1-70 chars 0x21-0x7E.
 _UID_LISTING = re.compile(rb"(\d{1,20}) ([!-~]{1,%d})\Z" % MAX_UID_LENGTH)
 _OCTETS = re.compile(rb"(\d{1,20}) octets", re.I)
@@ -404,7 +412,7 @@ _OCTETS = re.compile(rb"(\d{1,20}) octets", re.I)
 
 def parse_stat(text: bytes) -> Stat:
     """The text of a STAT +OK (``b"2 10180"``) as Stat(count, size)."""
-    match = _STAT.match(text)
+    match = _TWO_NUMBERS.match(text)
     if match is None:
         raise ProtocolError("malformed STAT response", text)
     return Stat(int(match.group(1)), int(match.group(2)))
@@ -412,7 +420,7 @@ def parse_stat(text: bytes) -> Stat:
 
 def parse_scan_listing(line: bytes) -> tuple[int, int]:
     """One LIST line (``b"1 5954"``) as (number, size)."""
-    match = _SCAN_LISTING.match(line)
+    match = _TWO_NUMBERS.match(line)
     if match is None or int(match.group(1)) < 1:
         raise ProtocolError("malformed LIST line", line)
     return int(match.group(1)), int(match.group(2))
@@ -431,8 +439,8 @@ def parse_capabilities(lines: Iterable[bytes]) -> Capabilities:
     caps = Capabilities()
     for line in lines:
         words = line.decode("utf-8", "replace").split()
-        if words:
-            caps[words[0].upper()] = words[1:]
+        if words:  # a repeated capability (two SASL lines) adds its arguments
+            caps.setdefault(words[0].upper(), []).extend(words[1:])
     return caps
 
 
@@ -499,7 +507,11 @@ def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     try:
         line = " ".join(parts).encode(encoding) + b"\r\n"
     except UnicodeEncodeError:
-        raise ValueError(f"argument to {verb} is not {encoding}") from None
+        line = b""
+    if not line:
+        # Raised outside the except block: the UnicodeEncodeError holds the whole line (maybe a
+        # password) and would ride along as __context__.
+        raise ValueError(f"argument to {verb} is not {encoding}")
     if len(line) > MAX_COMMAND_LENGTH:
         raise ValueError(f"{verb} command is {len(line)} octets; POP3 allows {MAX_COMMAND_LENGTH}")
     return line
@@ -699,8 +711,9 @@ class Mechanism:
 
     name: ClassVar[str]
     # True when the password or token crosses the wire as it is, so the client allows the
-    # mechanism only over TLS, to a loopback host, or with tls="none" (issue 5).
-    sends_secret: ClassVar[bool]
+    # mechanism only over TLS, to a loopback host, or with tls="none". True unless a
+    # mechanism says otherwise: a forgotten declaration must not weaken the check.
+    sends_secret: ClassVar[bool] = True
 
     def __init__(self, user: str) -> None:
         _require(user, "user name")
@@ -1012,7 +1025,7 @@ def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
 
     try:
         details = json.loads(challenge.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+    except (ValueError, RecursionError):  # Unicode/JSON errors; "[[[[..." nested too deep
         details = None
     if not isinstance(details, dict):
         raise _protocol_error(f"{mechanism} challenge is not a JSON error object", challenge)
@@ -1234,26 +1247,28 @@ class _Transport:
 
     def send(self, data: bytes) -> None:
         sock = self.sock()
+        remaining = self.remaining()  # outside the try: Timeout is an OSError too
         try:
-            sock.settimeout(self.remaining())
+            sock.settimeout(remaining)
             sock.sendall(data)
         except OSError as exc:
             self._translate(exc, "sending")
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _recv_into(self, target: bytearray, offset: int, doing: str) -> int:
+    def _recv_into(self, target: bytearray, offset: int, doing: str, in_body: bool) -> int:
         """Receive into ``target[offset:]``; EOF raises. Every octet received lengthens the
         deadline by 1/MIN_TRANSFER_RATE seconds, so big transfers are bounded by rate."""
         sock = self.sock()
+        remaining = self.remaining()  # outside the try: Timeout is an OSError too
         try:
-            sock.settimeout(self.remaining())
+            sock.settimeout(remaining)
             with memoryview(target) as view, view[offset:] as tail:
                 count = sock.recv_into(tail)
         except OSError as exc:
             self._translate(exc, doing)
         if count == 0:
-            if offset or self.pending():
+            if in_body or self.pending():
                 self.fail(
                     TruncatedResponse(
                         "server closed the connection in the middle of a response",
@@ -1264,15 +1279,24 @@ class _Transport:
         self.deadline += count / MIN_TRANSFER_RATE
         return count
 
-    def fill(self, doing: str = "reading a response") -> None:
+    def fill(self, doing: str = "reading a response", in_body: bool = False) -> None:
         """Receive more bytes onto the end of the buffer."""
-        count = self._recv_into(self.scratch, 0, doing)
+        count = self._recv_into(self.scratch, 0, doing, in_body)
         with memoryview(self.scratch) as view, view[:count] as chunk:
             self.buf += chunk
 
+    def take(self, start: int, end: int) -> bytes:
+        """``bytes(buf[start:end])`` with one copy instead of two."""
+        with memoryview(self.buf) as view, view[start:end] as part:
+            return bytes(part)
+
     def compact(self) -> None:
         """Drop consumed bytes once they make up most of the buffer (amortised O(1))."""
-        if self.pos > 65536 and self.pos * 2 > len(self.buf):
+        if self.pos == len(self.buf):
+            if self.pos:
+                self.buf.clear()
+                self.pos = 0
+        elif self.pos > 65536 and self.pos * 2 > len(self.buf):
             del self.buf[: self.pos]
             self.pos = 0
 
@@ -1281,6 +1305,37 @@ class _Transport:
 
     def read_line(self, limit: int) -> bytes:
         """One line, its line end included. Bare CR, or a line over ``limit``, raises."""
+        try:
+            return self._read_line(limit)
+        except BaseException:
+            self.interrupted()
+            raise
+
+    def read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
+        """The rest of a multi-line response, dot-stuffing removed, terminator consumed."""
+        try:
+            return self._read_body(limit, eol, announced)
+        except BaseException:
+            self.interrupted()
+            raise
+
+    def stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
+        """Pass a multi-line body to ``write`` in pieces of about STREAM_CHUNK octets, each
+        cut at a line end where possible, so memory stays constant whatever the size."""
+        try:
+            self._stream_body(write, eol)
+        except BaseException:
+            self.interrupted()
+            raise
+
+    def interrupted(self) -> None:
+        """A read ended in an exception (a pop3lite error, which already closed the
+        connection, or the caller's own: a failed write, Ctrl-C): the rest of the response is
+        still on its way, so the session is out of step and the connection is closed."""
+        self.close("a response was cut short")
+
+    def _read_line(self, limit: int) -> bytes:
+        self.compact()
         search = self.pos
         while True:
             index = self.buf.find(b"\n", search)
@@ -1299,12 +1354,11 @@ class _Transport:
             )
         line = bytes(self.buf[self.pos : index + 1])
         self.pos = index + 1
-        if b"\r" in line[:-2]:
+        if line.find(b"\r", 0, len(line) - 2) >= 0:
             self.fail(ProtocolError("bare CR in a server line", line))
         return line
 
-    def read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
-        """The rest of a multi-line response, dot-stuffing removed, terminator consumed."""
+    def _read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
         if announced is not None and announced > _LARGE_BODY:
             return unstuff(self._read_large_body(limit, eol, min(announced, limit)), eol)
         start = search = self.pos
@@ -1316,13 +1370,13 @@ class _Transport:
             if len(self.buf) - start > limit + terminator:
                 self.fail(LimitExceeded(f"response larger than {limit} octets"))
             search = max(start, len(self.buf) - 2 * len(eol))
-            self.fill("reading a multi-line response")
+            self.fill("reading a multi-line response", in_body=True)
         if end - start > limit:
             self.fail(LimitExceeded(f"response larger than {limit} octets"))
         if end - start > _LARGE_BODY:
             body = self._take_buffer(start, end, end + terminator)
         else:
-            body = bytes(self.buf[start:end])
+            body = self.take(start, end)
             self.pos = end + terminator
             self.compact()
         return unstuff(body, eol)
@@ -1346,7 +1400,7 @@ class _Transport:
         start = self.pos
         end = find_body_end(self.buf, start, start, eol)
         if end >= 0:  # it has all arrived already
-            body = bytes(self.buf[start:end])
+            body = self.take(start, end)
             self.pos = end + terminator
             return body
         have = len(self.buf) - start
@@ -1367,16 +1421,14 @@ class _Transport:
             if filled == len(body_buf):  # the server's size was low
                 body_buf += bytes(len(body_buf) // 16)
             search = max(0, filled - 2 * len(eol))
-            filled += self._recv_into(body_buf, filled, "reading a multi-line response")
+            filled += self._recv_into(body_buf, filled, "reading a multi-line response", True)
         if end > limit:
             self.fail(LimitExceeded(f"response larger than {limit} octets"))
         self.buf = bytearray(body_buf[end + terminator : filled])
         del body_buf[end:]
         return bytes(body_buf)
 
-    def stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
-        """Pass a multi-line body to ``write`` in pieces of about STREAM_CHUNK octets, each
-        cut at a line end where possible, so memory stays constant whatever the size."""
+    def _stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
         terminator = eol + b"." + eol
         at_line_start = True
         search = self.pos
@@ -1388,19 +1440,19 @@ class _Transport:
                 end = -1 if index < 0 else index + len(eol)
             if end >= 0:
                 if end > self.pos:
-                    write(unstuff(bytes(self.buf[self.pos : end]), eol, at_line_start))
+                    write(unstuff(self.take(self.pos, end), eol, at_line_start))
                 self.pos = end + len(eol) + 1
                 self.compact()
                 return
             if len(self.buf) - self.pos >= STREAM_CHUNK:
                 cut, next_at_line_start = safe_cut(self.buf, self.pos, len(self.buf), eol)
                 if cut > self.pos:
-                    write(unstuff(bytes(self.buf[self.pos : cut]), eol, at_line_start))
+                    write(unstuff(self.take(self.pos, cut), eol, at_line_start))
                     del self.buf[:cut]
                     self.pos = 0
                     at_line_start = next_at_line_start
             search = max(self.pos, len(self.buf) - 2 * len(eol))
-            self.fill("reading a multi-line response")
+            self.fill("reading a multi-line response", in_body=True)
 
     def data_waiting(self) -> bool:
         """True if any byte is buffered or already waiting on the socket (without blocking)."""
@@ -1463,6 +1515,8 @@ class POP3:
             raise ValueError("timeout must be a positive number of seconds")
         if pipeline_window < 1:
             raise ValueError("pipeline_window must be at least 1")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+            raise TypeError(f"port must be an int, not {type(port).__name__}")
         implicit = tls == "implicit" or (tls == "auto" and port in (None, POP3S_PORT))
         if port is None:
             port = POP3S_PORT if implicit else POP3_PORT
@@ -1489,6 +1543,7 @@ class POP3:
         self._authenticated = False
         self._quit_sent = False
         self._batch: _Pipeline | None = None
+        self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
 
         started = time.monotonic()
         try:
@@ -1502,7 +1557,11 @@ class POP3:
         self._transport = _Transport(sock, self.timeout)
         self._transport.deadline = started + self.timeout
         try:
-            self.loopback = is_loopback(str(sock.getpeername()[0]))
+            try:
+                peer = sock.getpeername()[0]
+            except OSError as exc:  # reset between connect and now
+                self._transport.fail(NetworkError(f"connection to {host}:{port} failed: {exc}"))
+            self.loopback = is_loopback(str(peer))
             if implicit:
                 self._start_tls()
             self._read_greeting()
@@ -1580,11 +1639,13 @@ class POP3:
         raise server_error(display_text(rest), code, command)
 
     def _strip_eol(self, line: bytes) -> bytes:
+        """The line without its line end. A response is framed with the line end its status
+        line used: CRLF, or (tolerated, and converted to CRLF) a bare LF."""
         if line.endswith(b"\r\n"):
+            self._eol = b"\r\n"
             return line[:-2]
-        # A bare-LF server: tolerated; multi-line bodies are converted to CRLF.
         if self._eol != b"\n":
-            self._log.debug("server ends lines with a bare LF; tolerating it")
+            self._log.debug("server ended a line with a bare LF; tolerating it")
             self._eol = b"\n"
         return line[:-1]
 
@@ -1649,8 +1710,9 @@ class POP3:
 
         transport = self._transport
         sock = transport.sock()
+        remaining = transport.remaining()  # outside the try: Timeout is an OSError too
         try:
-            sock.settimeout(transport.remaining())
+            sock.settimeout(remaining)
             wrapped = context.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             transport.fail(
@@ -1825,6 +1887,18 @@ class POP3:
             mech = mechanism
         if mech.sends_secret:
             self._require_private_link(f"a {mech.name} credential")
+        try:
+            text = self._sasl_exchange(mech)
+        except Error:
+            raise  # a -ERR (session in step), or the connection is already closed
+        except BaseException:
+            self._transport.close("authentication was interrupted")  # out of step
+            raise
+        self._logged_in()
+        return display_text(text)
+
+    def _sasl_exchange(self, mech: Mechanism) -> bytes:
+        """The AUTH command and its challenges; the text of the final +OK."""
         import base64
 
         initial = mech.initial_response()
@@ -1851,6 +1925,9 @@ class POP3:
             else:
                 response = self._answer_challenge(mech, stripped[2:])
             self._log.debug("C: ****")
+            # Each round gets the full timeout: SCRAM's key derivation on our side may take a
+            # while and must not eat into the time the server has to answer.
+            self._transport.start_operation()
             self._transport.send(response.encode("ascii") + b"\r\n")
         else:
             self._transport.fail(ProtocolError("server kept sending SASL challenges"))
@@ -1871,8 +1948,7 @@ class POP3:
             # +OK without proof that the server knows the password (SCRAM): it may be an
             # impostor, so nothing more is sent on this session.
             self._transport.fail(exc)
-        self._logged_in()
-        return display_text(text)
+        return text
 
     def _answer_challenge(self, mech: Mechanism, encoded: bytes) -> str:
         """Decode a challenge strictly (RFC 5034 section 4) and encode the mechanism's answer;
@@ -1884,12 +1960,15 @@ class POP3:
             challenge = base64.b64decode(encoded, validate=True)
             return base64.b64encode(mech.respond(challenge)).decode("ascii")
         except (binascii.Error, ValueError, Error) as exc:
+            self._transport.start_operation()
             self._transport.send(b"*\r\n")
             self._log.debug("C: *")
             try:
                 self._read_status("AUTH")
             except ServerError:
-                pass
+                pass  # RFC 5034 section 4: the server MUST answer "*" with -ERR
+            else:  # it logged us in after we cancelled: nobody knows the state any more
+                self._transport.fail(ProtocolError("server accepted a cancelled AUTH"))
             if isinstance(exc, Error):
                 raise
             raise ProtocolError("server sent a challenge that is not base64", encoded) from None
@@ -1933,7 +2012,9 @@ class POP3:
         """LIST: ``{number: size}`` for every message, or one message's size."""
         if number is not None:
             return parse_scan_listing(self._simple("LIST", message_number(number)))[1]
-        return dict(parse_scan_listing(line) for line in self._multiline("LIST"))
+        sizes = dict(parse_scan_listing(line) for line in self._multiline("LIST"))
+        self._sizes = sizes
+        return dict(sizes)
 
     @overload
     def uidl(self) -> UIDList: ...
@@ -1947,7 +2028,7 @@ class POP3:
             return parse_uid_listing(self._simple("UIDL", message_number(number)))[1]
         uids = UIDList(parse_uid_listing(line) for line in self._multiline("UIDL"))
         if uids.duplicates:
-            self._log.warning("server gave one UID to several messages: %r", uids.duplicates)
+            self._log.debug("server gave one UID to several messages: %r", uids.duplicates)
         return uids
 
     def retr(self, number: int) -> bytes:
@@ -1978,7 +2059,14 @@ class POP3:
             nonlocal written
             if bare_lf:
                 piece = to_crlf(piece)
-            file.write(piece)
+            rest = piece
+            while rest:  # a raw (unbuffered) file may take less than it was given
+                done = file.write(rest)
+                if done is None or done >= len(rest):
+                    break
+                if done <= 0:
+                    raise OSError("the file accepted no bytes")
+                rest = rest[done:]
             written += len(piece)
 
         self._transport.stream_body(write, self._eol)
@@ -2059,9 +2147,10 @@ class POP3:
 class _Pipeline:
     """The iterator behind retr_many() and friends.
 
-    Keeps up to ``window`` commands, and PIPELINE_WINDOW_BYTES octets of them, in flight. If
-    the caller sends another command before the batch ends (a DELE after each RETR, say), the
-    responses in flight are read into a queue first, so the session never goes out of step.
+    Keeps up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY
+    octets of expected responses in flight. If the caller sends another command before the
+    batch ends (a DELE after each RETR, say), the responses in flight are read into a queue
+    first, so the session never goes out of step; the response budget bounds that queue.
     """
 
     def __init__(
@@ -2075,8 +2164,10 @@ class _Pipeline:
         self.window = window
         self.sent = 0
         self.answered = 0
-        self.inflight_sizes: deque[int] = deque()
-        self.inflight_bytes = 0
+        self.received = 0  # octets of bodies so far, for the average response size
+        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
+        self.inflight_command_octets = 0
+        self.inflight_response_octets = 0
         self.ready: deque[Fetched] = deque()
 
     def __iter__(self) -> _Pipeline:
@@ -2098,6 +2189,18 @@ class _Pipeline:
             client._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
+    def _expected_octets(self, number: int) -> int:
+        """What the response for ``number`` will probably take: its LIST size if known, else
+        the average so far (at first, half the budget: two commands until we know more)."""
+        if not self.multiline:
+            return 0
+        sizes = self.client._sizes
+        if sizes is not None and number in sizes:  # TOP's answer is at most the message
+            return sizes[number]
+        if self.answered:
+            return self.received // self.answered
+        return PIPELINE_MEMORY // 2
+
     def _top_up(self) -> None:
         """Send more commands once an eighth of the window (or all that is left) is free:
         the window stays nearly full, in few, larger writes."""
@@ -2107,19 +2210,21 @@ class _Pipeline:
         if not unsent or (inflight and self.window - inflight < wanted):
             return
         encoding = "utf-8" if self.client._utf8 else "ascii"
-        used = self.inflight_bytes
         lines = []
         while self.sent < len(self.numbers) and self.sent - self.answered < self.window:
-            line = format_command(
-                self.verb, str(self.numbers[self.sent]), *self.extra, encoding=encoding
-            )
-            if used + len(line) > PIPELINE_WINDOW_BYTES and self.sent > self.answered:
+            number = self.numbers[self.sent]
+            line = format_command(self.verb, str(number), *self.extra, encoding=encoding)
+            expected = self._expected_octets(number)
+            if self.sent > self.answered and (
+                self.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
+                or self.inflight_response_octets + expected > PIPELINE_MEMORY
+            ):
                 break
             lines.append(line)
-            used += len(line)
-            self.inflight_sizes.append(len(line))
+            self.inflight.append((len(line), expected))
+            self.inflight_command_octets += len(line)
+            self.inflight_response_octets += expected
             self.sent += 1
-        self.inflight_bytes = used
         client = self.client
         client._transport.start_operation()
         if client._log.isEnabledFor(_DEBUG):
@@ -2131,21 +2236,25 @@ class _Pipeline:
         client = self.client
         number = self.numbers[self.answered]
         client._transport.start_operation()
+        data = announced = error = None
         try:
             text = client._read_status(self.verb)
         except ServerError as exc:
-            result = Fetched(number, None, exc)
+            error = exc
         else:
-            data = None
             if self.multiline:
                 announced = parse_announced_size(text) if self.verb == "RETR" else None
                 data = client._body(client.max_message_size, announced)
-                if self.verb == "RETR":
-                    client._check_size(number, len(data), announced)
-            result = Fetched(number, data, None)
+        # The books first: the size check below may raise, and the batch must stay in step.
         self.answered += 1
-        self.inflight_bytes -= self.inflight_sizes.popleft()
-        return result
+        command_octets, expected = self.inflight.popleft()
+        self.inflight_command_octets -= command_octets
+        self.inflight_response_octets -= expected
+        if data is not None:
+            self.received += len(data)
+            if self.verb == "RETR":
+                client._check_size(number, len(data), announced)
+        return Fetched(number, data, error)
 
     def absorb(self) -> None:
         """Read every response in flight into the queue (before another command is sent)."""
@@ -2153,7 +2262,6 @@ class _Pipeline:
             self.ready.append(self._read_one())
         if self.client._batch is self:
             self.client._batch = None
-
 
 # =============================================================================================
 # Command line

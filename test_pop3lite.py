@@ -157,6 +157,10 @@ def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
         (None, "RETR", pop3lite.ServerError),
         ("SYS/OTHER", "PASS", pop3lite.ServerError),
         ("UTF8", "RETR", pop3lite.ServerError),
+        # RFC 2449 section 8: unknown hierarchical detail is ignored
+        ("SYS/TEMP/DB", "RETR", pop3lite.TemporaryError),
+        ("IN-USE/OTHER-CLIENT", "PASS", pop3lite.InUseError),
+        ("AUTH/EXPIRED", "RETR", pop3lite.AuthenticationError),
     ],
 )
 def test_server_error_class_follows_code_and_command(
@@ -226,6 +230,7 @@ def test_parse_status_rejects_what_is_not_pop3(line: bytes) -> None:
         (b"[unclosed", (None, b"[unclosed")),
         (b"[] empty", (None, b"[] empty")),
         (b"[A B] space", (None, b"[A B] space")),
+        (b"[A[B] bracket", ("A[B", b"bracket")),  # RFC 2449 rchar allows "["
     ],
 )
 def test_parse_response_code(text: bytes, expected: tuple[str | None, bytes]) -> None:
@@ -299,6 +304,13 @@ def test_parse_capabilities() -> None:
     assert caps.implementation == "Caf\ufffd \ufffd server"
 
 
+def test_parse_capabilities_merges_repeated_lines_and_ignores_odd_numbers() -> None:
+    caps = parse_capabilities([b"SASL PLAIN", b"SASL SCRAM-SHA-256", b"LOGIN-DELAY \xc2\xb2"])
+    assert caps.sasl == ["PLAIN", "SCRAM-SHA-256"]
+    assert caps.login_delay is None  # "²" is a digit to str.isdigit(), not to POP3
+    assert parse_capabilities([b"LOGIN-DELAY " + b"9" * 5000]).login_delay is None
+
+
 def test_parse_announced_size() -> None:
     assert parse_announced_size(b"5954 octets") == 5954
     assert parse_announced_size(b"message follows") is None
@@ -356,6 +368,13 @@ def test_format_command_enforces_255_octets() -> None:
     assert len(format_command("USER", "u" * 248)) == 255
     with pytest.raises(ValueError, match="256 octets"):
         format_command("USER", "u" * 249)
+
+
+def test_format_command_error_carries_no_password() -> None:
+    with pytest.raises(ValueError) as info:
+        format_command("PASS", "s3cret\ud800", encoding="utf-8")
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert "s3cret" not in str(info.value)
 
 
 def test_format_command_encoding() -> None:
@@ -426,6 +445,12 @@ def test_repair_relabels_shift_jis_sent_as_iso_2022_jp() -> None:
     ids=["valid-jis", "q-encoding", "unknown-charset", "no-word", "bad-base64"],
 )
 def test_repair_leaves_good_or_unknown_words_alone(header: bytes) -> None:
+    assert pop3lite.repair_encoded_words(header) == header
+
+
+@pytest.mark.parametrize("charset", [b"undefined", b"base64", b"zlib", b"rot13"])
+def test_repair_ignores_codecs_that_are_not_text_charsets(charset: bytes) -> None:
+    header = b"Subject: =?" + charset + b"?B?gXWC?=\r\n"
     assert pop3lite.repair_encoded_words(header) == header
 
 
@@ -659,6 +684,17 @@ def test_bare_lf_server_is_tolerated_and_bodies_become_crlf() -> None:
         assert pop.retr(1) == b"Subject: x\r\n\r\n.dot\r\n"
 
 
+def test_line_ends_are_judged_per_response() -> None:
+    # One LF-only greeting must not make the client expect LF framing forever after.
+    def script(peer: Peer) -> None:
+        peer.send(b"+OK hi\n")
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 5\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.list() == {1: 5}
+
+
 def test_bare_cr_is_a_protocol_error() -> None:
     def script(peer: Peer) -> None:
         peer.send(b"+OK hi\rthere\r\n")
@@ -708,6 +744,96 @@ def test_eof_inside_multiline_is_truncated_response(cut: bytes) -> None:
         with pytest.raises(pop3lite.TruncatedResponse) as info:
             pop.retr(1)
         assert isinstance(info.value, ConnectionError)
+
+
+@pytest.mark.parametrize("method", ["retr", "retr_to"])
+def test_eof_right_after_the_status_line_is_truncated_response(method: str) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK 5 octets\r\n")
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.TruncatedResponse):
+            if method == "retr":
+                pop.retr(1)
+            else:
+                pop.retr_to(1, io.BytesIO())
+
+
+def test_failed_write_in_retr_to_closes_the_connection() -> None:
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        # More than one streaming piece, no terminator yet: the client writes mid-response.
+        filler = b"x" * 998 + b"\r\n"
+        peer.expect(b"RETR 1\r\n", b"+OK\r\n+OK this line is message 1\r\n" + filler * 300)
+        assert peer.eof()  # the client hung up instead of waiting for the rest
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(OSError, match="No space"):
+            pop.retr_to(1, FullDisk())
+        # Without closing, RETR 2 would take message 1's "+OK this line..." as its answer.
+        with pytest.raises(pop3lite.NetworkError, match="connection closed"):
+            pop.retr(2)
+
+
+def test_retr_to_finishes_partial_writes() -> None:
+    class Trickle(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = b""
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            self.data += bytes(data[:3])
+            return min(3, len(data))
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"RETR 1\r\n", b"+OK\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        out = Trickle()
+        assert pop.retr_to(1, out) == len(b"Subject: x\r\n\r\nbody\r\n")
+        assert out.data == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_expired_deadline_is_a_timeout_on_every_python() -> None:
+    # On 3.7-3.9 socket.timeout is not TimeoutError; the deadline check must not be
+    # mistaken for a network failure.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.eof()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        pop._transport.deadline = time.monotonic() - 1
+        with pytest.raises(pop3lite.Timeout):
+            pop._transport.send(b"NOOP\r\n")
+
+
+def test_single_line_traffic_does_not_grow_the_buffer() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        for _ in range(300):
+            peer.expect(b"NOOP\r\n", b"+OK " + b"n" * 400 + b"\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        for _ in range(300):
+            pop.noop()
+        assert len(pop._transport.buf) < 4096
 
 
 def test_eof_instead_of_answer_is_network_error() -> None:
@@ -793,6 +919,22 @@ def test_context_manager_quits_on_success_and_aborts_on_error() -> None:
             raise RuntimeError("disk full")
 
 
+def test_strict_size_error_in_a_batch_keeps_numbers_right() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 9\r\n2 9\r\n.\r\n")
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(2)] == [b"RETR 1\r\n", b"RETR 2\r\n"]
+        peer.send(b"+OK 99 octets\r\none\r\n.\r\n+OK 5 octets\r\ntwo\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port, strict_size=True) as pop:
+        batch = pop.retr_many(pop.list())
+        with pytest.raises(pop3lite.ProtocolError, match="announced 99"):
+            next(batch)
+        assert next(batch) == (2, b"two\r\n", None)
+
+
 def test_size_mismatch_warns_or_raises() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
@@ -829,6 +971,7 @@ def test_retr_to_streams_large_message_across_chunks() -> None:
 def test_pipelining_sends_ahead_and_keeps_order() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 5\r\n2 5\r\n3 7\r\n.\r\n")
         peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
         # All three commands arrive before any answer is sent: they were pipelined.
         commands = [peer.line() for _ in range(3)]
@@ -837,7 +980,7 @@ def test_pipelining_sends_ahead_and_keeps_order() -> None:
         peer.expect(b"QUIT\r\n", b"+OK\r\n")
 
     with scripted(script) as port, connect(port) as pop:
-        results = list(pop.retr_many([1, 2, 3]))
+        results = list(pop.retr_many(pop.list()))
         assert [r.number for r in results] == [1, 2, 3]
         assert results[0].data == b"one\r\n" and results[2].data == b"three\r\n"
         assert results[1].data is None
@@ -878,6 +1021,7 @@ def test_command_inside_a_batch_keeps_the_session_in_step() -> None:
 def test_abandoned_batch_is_drained_before_the_next_command() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 10\r\n2 10\r\n3 10\r\n.\r\n")
         peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
         assert [peer.line() for _ in range(3)] == [b"TOP 1 0\r\n", b"TOP 2 0\r\n", b"TOP 3 0\r\n"]
         peer.send(b"+OK\r\na\r\n.\r\n+OK\r\nb\r\n.\r\n+OK\r\nc\r\n.\r\n")
@@ -885,9 +1029,34 @@ def test_abandoned_batch_is_drained_before_the_next_command() -> None:
         peer.expect(b"QUIT\r\n", b"+OK\r\n")
 
     with scripted(script) as port, connect(port) as pop:
-        first = next(pop.top_many([1, 2, 3], 0))
+        first = next(pop.top_many(pop.list(), 0))
         assert first.data == b"a\r\n"
         assert pop.stat() == (3, 30)
+
+
+def test_pipeline_keeps_expected_response_octets_within_budget() -> None:
+    # Messages of 5 MiB each (by LIST): with an 8 MiB budget only one RETR may be in flight
+    # beyond the first, so an interrupted batch never holds more than that in memory.
+    big = 5 * 1024 * 1024
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 %d\r\n2 %d\r\n3 %d\r\n.\r\n" % (big, big, big))
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert peer.line() == b"RETR 1\r\n"
+        peer.conn.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            peer.conn.recv(1)  # RETR 2 would exceed the budget: not sent yet
+        peer.conn.settimeout(TIMEOUT)
+        for number in (1, 2, 3):
+            peer.send(b"+OK\r\nsmall %d\r\n.\r\n" % number)
+            if number < 3:
+                assert peer.line() == b"RETR %d\r\n" % (number + 1)
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert [r.data for r in pop.retr_many(pop.list())] == [
+            b"small 1\r\n", b"small 2\r\n", b"small 3\r\n"]
 
 
 def test_pipeline_window_bounds_commands_in_flight() -> None:
@@ -1239,6 +1408,39 @@ def test_scram_server_that_cannot_prove_itself_is_rejected() -> None:
         with pytest.raises(pop3lite.ProtocolError, match="server signature"):
             pop.auth("SCRAM-SHA-256", SEED_USER, SEED_PASSWORD)
         pop.close()
+
+
+def test_hostile_oauth_error_json_is_a_protocol_error() -> None:
+    import base64
+
+    def peer_script(peer: Peer) -> None:
+        peer.send(b"+OK ready\r\n")
+        assert peer.line().startswith(b"AUTH XOAUTH2 ")
+        peer.send(b"+ " + base64.b64encode(b"[" * 20000) + b"\r\n")
+        assert peer.line() == b"*\r\n"
+        peer.send(b"-ERR cancelled\r\n")
+
+    with scripted(peer_script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError, match="JSON"):
+            pop.login_oauth2(SEED_USER, "token", mechanism="XOAUTH2")
+        pop.close()
+
+
+def test_server_that_accepts_a_cancelled_auth_is_dropped() -> None:
+    def peer_script(peer: Peer) -> None:
+        peer.send(b"+OK ready\r\n")
+        assert peer.line() == b"AUTH CRAM-MD5\r\n"
+        peer.send(b"+ %%%\r\n")
+        assert peer.line() == b"*\r\n"
+        peer.send(b"+OK welcome anyway\r\n")
+
+    with scripted(peer_script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError, match="cancelled"):
+            pop.auth("CRAM-MD5", SEED_USER, SEED_PASSWORD)
+        with pytest.raises(pop3lite.NetworkError):
+            pop.stat()
 
 
 def test_undecodable_challenge_is_cancelled_with_star() -> None:

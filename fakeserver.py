@@ -1417,7 +1417,7 @@ class _Session(socketserver.BaseRequestHandler):
             raise _SaslFailure("bad-login")
         try:
             proof = base64.b64decode(proof_b64, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str with non-ASCII characters
             raise _SaslFailure("bad-login") from None
         salted = hashlib.pbkdf2_hmac(hash_name, drop.password.encode(), salt, SCRAM_ITERATIONS)
         client_key = hmac.new(salted, b"Client Key", hash_name).digest()

@@ -915,6 +915,12 @@ def test_auth_scram_wrong_password(rfc_client: tuple[FakeServer, Raw]) -> None:
     assert client.cmd(b64((without_proof + ",p=" + proof).encode())) == (
         "-ERR [AUTH] invalid user name or password"
     )
+    # A proof that is not even ASCII gets the same one reply, not a failed session.
+    client.send(("AUTH SCRAM-SHA-256 " + b64(b"n,," + first_bare.encode()) + "\r\n").encode())
+    without_proof = "c=biws,r=" + challenge(client).decode().split(",")[0][2:]
+    assert client.cmd(b64((without_proof + ",p=\u00e9").encode())) == (
+        "-ERR [AUTH] invalid user name or password"
+    )
 
 
 def test_auth_xoauth2(rfc_client: tuple[FakeServer, Raw]) -> None:

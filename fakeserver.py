@@ -1275,8 +1275,14 @@ class _Session(socketserver.BaseRequestHandler):
                 if not self.sock.recv(4096):
                     break
             raise _HangUp()
-        tls_sock = _tls_server_context().wrap_socket(self.sock, server_side=True)
-        self.sock = tls_sock
+        # Handshake only once self.sock is the TLS socket, so abort() can unblock a client that
+        # never starts one (a plaintext client on the implicit TLS port waiting for a greeting).
+        self.sock = _tls_server_context().wrap_socket(
+            self.sock, server_side=True, do_handshake_on_connect=False
+        )
+        if self.server._closing:
+            raise _HangUp()  # abort() ran while the plain socket was being wrapped
+        self.sock.do_handshake()
         self.tls = True
         self.pending_user = None
 

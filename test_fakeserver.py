@@ -1166,6 +1166,22 @@ def test_fault_tls_stall() -> None:
                 fakeserver.client_context().wrap_socket(client.sock, server_hostname="localhost")
 
 
+@pytest.mark.parametrize("mode", ["implicit", "stls"])
+def test_close_does_not_wait_for_a_client_that_never_starts_tls(mode: str) -> None:
+    """A plaintext client on the implicit TLS port (telnet, or a client waiting for a greeting)
+    must not hold close() (or Ctrl-C on the command line) until the idle timeout."""
+    server = FakeServer("rfc", tls=mode, idle_timeout=60).start()
+    with Raw(server) as client:
+        if mode == "stls":
+            client.line()
+            assert client.cmd("STLS") == "+OK Begin TLS negotiation"
+        wait_until(lambda: bool(server.transcripts))
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < TIMEOUT
+        assert client.eof()
+
+
 def test_fault_raw_overrides() -> None:
     faults = [
         Fault("raw", "GREETING", b"+OK hello <1.2@x>\r\n"),

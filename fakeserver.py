@@ -1652,6 +1652,12 @@ class FakeServer(socketserver.ThreadingTCPServer):
             raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
         if tls not in (None, "stls", "implicit"):
             raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
+        if not 0 <= port <= 65535:
+            raise ValueError("the port must be 0-65535, not %r" % (port,))
+        if not 0 < idle_timeout < float("inf"):  # also refuses nan, which sockets cannot take
+            raise ValueError("the idle timeout must be a positive number of seconds")
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
         for fault in faults:
             _check_fault(fault)
         chosen = _PRESETS[preset]
@@ -1845,6 +1851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, mailbox.Error) as error:
         print("fakeserver: %s" % error, file=sys.stderr)
         return 1
+    except ValueError as error:  # a port or timeout out of range
+        parser.error(str(error))
     if not args.quiet:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -637,6 +637,25 @@ def test_session_cap() -> None:
             assert third.line().startswith(b"+OK")
 
 
+@pytest.mark.parametrize(
+    "setting", [{"port": 65536}, {"port": -1}, {"idle_timeout": 0}, {"idle_timeout": float("nan")},
+                {"max_sessions": 0}]
+)
+def test_settings_out_of_range_are_refused_up_front(setting: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        FakeServer(**setting)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--idle-timeout", "-1"]])
+def test_command_line_refuses_settings_out_of_range(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        fakeserver.main(argv)
+    assert exited.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
 def test_garbage_from_one_client_never_disturbs_another() -> None:
     junk = [b"\x00" * 300 + b"\r\n", b"\xff\xfe\r\n" * 50, b"A" * 70000, b"\r\n" * 100,
             b"RETR " + b"1" * 300 + b"\r\n", b"PASS\r\nAPOP\r\nAUTH\r\n"]

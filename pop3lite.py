@@ -2290,6 +2290,7 @@ _TABLE_ROWS = 50  # rows the check shows by default; --json lists every message 
 _TOP_LINES = 10  # body lines `top N` shows by default
 _SECRET_FILE_LIMIT = 64 * 1024  # a password or token file larger than this is a mistake
 _SHELL_PROMPT = "pop3> "
+_PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
 %(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
@@ -2521,6 +2522,14 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         help="run against a fake OperaMail server (fakeserver.py) as hogehoge",
     )
     other.add_argument("--version", action="version", version=f"pop3lite {__version__}")
+    for word in sys.argv[1:] if argv is None else argv:
+        option = word.split("=", 1)[0]
+        if option in _PASSWORD_OPTIONS:  # refused without echoing the value that follows
+            parser.error(
+                f"{option}: the password is never taken from the command line, "
+                "where other users can see it; use --password-file FILE, $POP3_PASSWORD, "
+                "~/.netrc, or type it when asked"
+            )
     ns = parser.parse_intermixed_args(argv)
     try:
         return _options_from(ns)
@@ -2648,8 +2657,10 @@ def _read_secret_file(path: str, what: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise _CommandLineError(f"{what} {path} is not UTF-8 text") from None
-    lines = text.splitlines()
-    value = lines[0] if lines else ""
+    # Only a line feed ends the line: str.splitlines() would also cut at \x0b, \x1c, U+2028...,
+    # which a password may contain.
+    value = text.split("\n", 1)[0]
+    value = value[:-1] if value.endswith("\r") else value
     if not value:
         raise _CommandLineError(f"{what} {path} is empty (the secret goes on its first line)")
     return value
@@ -2703,10 +2714,11 @@ def _password(o: _Options) -> str:
 
     try:
         typed = getpass.getpass(f"Password for {o.user} on {o.target_name}: ")
-    except EOFError:
+    except EOFError:  # Ctrl-D
+        _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
         typed = ""
     except KeyboardInterrupt:
-        _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
+        _write(sys.stderr, "\n")
         raise
     if not typed:
         raise _CommandLineError("no password entered")

@@ -428,6 +428,19 @@ def test_password_from_a_file(
     assert status == 0 and "2 messages" in out
 
 
+def test_password_file_line_ends_only_at_a_line_feed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    password = "fuga\x0bfuga\x1c!"  # str.splitlines() would cut at both
+    drop = fakeserver.Maildrop(password, fakeserver.RFC_MESSAGES)
+    secret = tmp_path / "secret"
+    secret.write_bytes(password.encode() + b"\r\nsecond line\n")
+    with FakeServer("rfc", users={"hogehoge": drop}) as server:
+        argv = [address(server), "hogehoge", "--password-file", str(secret), "--auth", "USER"]
+        status, out, _ = run(capsys, *argv)  # USER: SASLprep refuses control characters
+    assert status == 0 and "3 messages" in out
+
+
 def test_password_from_netrc(
     capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
 ) -> None:
@@ -468,12 +481,22 @@ def test_password_prompt_on_a_terminal(
     assert status == 0 and "2 messages" in out
     assert prompts == [f"Password for hogehoge on {address(server)}: "]
 
+    def end_of_input(prompt: str = "") -> str:
+        raise EOFError  # Ctrl-D at the prompt
+
+    monkeypatch.setattr(getpass, "getpass", end_of_input)
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 2 and err == "\npop3lite: no password entered\n"  # not after the prompt
+
 
 def test_the_password_is_never_taken_from_argv(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, err = run(capsys, address(server), "hogehoge", "--password", "fugafuga")
-    assert status == 2 and "unrecognized arguments" in err
+    for argv in (["--password", "fugafuga"], ["--password=fugafuga"], ["--pass", "fugafuga"]):
+        status, _, err = run(capsys, address(server), "hogehoge", *argv)
+        assert status == 2 and "never taken from the command line" in err
+        assert "fugafuga" not in err  # the usage error does not echo it
+    assert server.transcripts == []
     assert pop3lite.main(["--help"]) == 0
     options = [w for w in capsys.readouterr().out.split() if w.startswith("--pass")]
     assert options and set(options) == {"--password-file"}

@@ -2506,7 +2506,8 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
     fetch.add_argument(
         "--delete",
         action="store_true",
-        help="save: delete on the server what was saved, once it is safely on disk",
+        help="save: once every message is safely on disk, delete them on the server (with "
+        "--new, also those saved by earlier runs)",
     )
     fetch.add_argument("--log", metavar="FILE", help="shell: append the session to FILE")
     other = parser.add_argument_group("other")
@@ -3489,12 +3490,15 @@ def _save_into(pop: POP3, o: _Options, store: _Store) -> int:
     report += f" ({store.kind})"
     if len(numbers) < len(sizes):
         report += f"; {_plural(len(sizes) - len(numbers), 'message')} already saved before"
-    if o.delete and saved:
-        for fetched in pop.dele_many(saved):
+    if o.delete and sizes:
+        # Every message is on disk now: saved by this run, or skipped by --new because an
+        # earlier run saved it (a UID enters the state file only after the fsync) and then
+        # ran without --delete or ended before its QUIT. Left here, --new would skip it forever.
+        for fetched in pop.dele_many(sorted(sizes)):
             if fetched.error is not None:
                 raise fetched.error
         pop.quit()  # only now are the deletions committed
-        report += f"; deleted {_plural(len(saved), 'message')} on the server"
+        report += f"; deleted {_plural(len(sizes), 'message')} on the server"
     _out(report)
     return _EXIT_OK
 

@@ -340,6 +340,13 @@ def test_save_new_twice_fetches_nothing_the_second_time(
     assert "saved 1 message (" in out
     assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 3"]
 
+    # --delete also deletes what earlier runs saved, or --new would skip it forever.
+    argv = [address(server), "hogehoge", "save", str(target), "--new", "--delete"]
+    status, out, _ = run(capsys, *argv)
+    assert status == 0 and "saved 0 messages" in out and "deleted 3 messages" in out
+    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert messages_left(server) == 0 and len(maildir_messages(target)) == 3
+
 
 @pytest.mark.usefixtures("password")
 def test_save_delete_into_mbox_empties_the_server_after_writing(

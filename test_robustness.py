@@ -45,6 +45,11 @@ import fakeserver
 import pop3lite
 from fakeserver import FakeServer, Fault
 
+try:
+    import tracemalloc
+except ImportError:  # PyPy: memory bounds are not measured there, behaviour still is
+    tracemalloc = None  # type: ignore[assignment]
+
 SOAK = max(1, int(os.environ.get("POP3LITE_SOAK") or "1"))
 TIMEOUT = 5.0  # every socket in these tests gives up after this long
 STALL = 4.0  # a replayed client that sends nothing for this long is taken to be stuck
@@ -1230,3 +1235,495 @@ def test_mutated_sessions(replayer: Replayer, kind: str) -> None:
                   recorded.calls)
             count += 1
     assert count == len(VARIANTS) * 15 * SOAK
+
+
+# =============================================================================================
+# The client against a scripted raw peer: time and memory
+# =============================================================================================
+
+
+class Peer:
+    """The server side of one connection, driven by a test's script function."""
+
+    def __init__(self, conn: socket.socket, stop: threading.Event) -> None:
+        self.conn = conn
+        self.stop = stop  # set when the test is done: trickling scripts end
+        self.buf = b""
+
+    def send(self, data: bytes) -> bool:
+        """Send; False if the client has gone."""
+        try:
+            self.conn.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def line(self) -> bytes:
+        """The next command line (CRLF included), or b"" when the client closed."""
+        for _ in range(10000):
+            if b"\n" in self.buf:
+                line, _, self.buf = self.buf.partition(b"\n")
+                return line + b"\n"
+            try:
+                chunk = self.conn.recv(65536)
+            except OSError:
+                return b""
+            if not chunk:
+                return b""
+            self.buf += chunk
+        raise AssertionError("no line from the client")
+
+    def trickle(self, data: bytes, every: float = 0.02) -> None:
+        """Send ``data`` one byte at a time, then keep sending ``data[-1:]``, until stopped."""
+        for index in range(100000):
+            if self.stop.wait(every):
+                return
+            piece = data[index : index + 1] or data[-1:]
+            if not self.send(piece):
+                return
+
+    def hold(self) -> None:
+        """Say nothing more; wait until the test is done or the client closes."""
+        self.conn.settimeout(0.05)
+        while not self.stop.is_set():
+            try:
+                if not self.conn.recv(65536):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+
+@contextlib.contextmanager
+def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
+    """Run ``script`` as the server of one loopback connection; yield the port. An error in
+    the script fails the test at the end of the block."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(TIMEOUT)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                script(Peer(conn, stop))
+        except BaseException as exc:  # reported in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(TIMEOUT * 2)
+        listener.close()
+    assert not thread.is_alive(), "scripted server did not finish"
+    if errors:
+        raise errors[0]
+
+
+GREETING = b"+OK ready <1896.697170952@dbc.mtview.ca.us>\r\n"
+
+
+def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
+    kwargs.setdefault("timeout", TIMEOUT)
+    kwargs.setdefault("tls", "none")
+    return pop3lite.POP3("127.0.0.1", port, **kwargs)
+
+
+QUICK = 0.25  # the client timeout in the tests below
+SLACK = 2.0  # how far past its timeout a client may be (scheduling, not speed)
+
+
+def answer_then(reply: bytes, then: str = "hold") -> Callable[[Peer], None]:
+    """A script: greeting, read one command, send ``reply``, then hold or trickle."""
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        if peer.line():
+            if then == "trickle":
+                peer.trickle(reply)
+            else:
+                peer.send(reply)
+                peer.hold()
+
+    return script
+
+
+def pipelined_then_stall(peer: Peer) -> None:
+    peer.send(GREETING)
+    peer.line()
+    peer.send(b"+OK\r\nPIPELINING\r\n.\r\n")
+    peer.line()
+    peer.send(b"+OK\r\nfirst\r\n.\r\n+OK\r\nsecond, never end")
+    peer.hold()
+
+
+SLOW_SERVERS = {
+    # name: (script, the call that must time out)
+    "silent": (answer_then(b""), lambda pop: pop.stat()),
+    "stops mid-line": (answer_then(b"+OK 2 10"), lambda pop: pop.stat()),
+    "stops after the status line": (answer_then(b"+OK 12 octets\r\n"), lambda pop: pop.retr(1)),
+    "stops mid-body": (answer_then(b"+OK\r\nSubject: x\r\n\r\nbo"), lambda pop: pop.retr(1)),
+    "never sends the final dot": (answer_then(b"+OK\r\nbody\r\n"), lambda pop: pop.top(1, 0)),
+    "stops before the final CRLF": (answer_then(b"+OK\r\nbody\r\n."), lambda pop: pop.list()),
+    "trickles a status line": (answer_then(b"+OK 2 10180", "trickle"), lambda pop: pop.stat()),
+    "trickles a body": (answer_then(b"+OK\r\nSubject: x\r\n", "trickle"), lambda pop: pop.retr(1)),
+    "trickles body lines": (answer_then(b"+OK\r\nx\r\n", "trickle"), lambda pop: pop.uidl()),
+    "trickles into retr_to": (answer_then(b"+OK\r\nx\r\n", "trickle"),
+                              lambda pop: pop.retr_to(1, io.BytesIO())),
+    "trickles a SASL challenge": (answer_then(b"+ ", "trickle"),
+                                  lambda pop: pop.auth("PLAIN", "u", "p")),
+    "stalls inside a batch": (pipelined_then_stall, lambda pop: list(pop.retr_many([1, 2]))),
+}
+
+
+@pytest.mark.parametrize("name", list(SLOW_SERVERS))
+def test_a_slow_or_silent_server_cannot_outlast_the_timeout(name: str) -> None:
+    script, call = SLOW_SERVERS[name]
+    with scripted(script) as port:
+        pop = connect(port, timeout=QUICK)
+        started = time.monotonic()
+        with pytest.raises(pop3lite.Timeout) as info:
+            call(pop)
+        elapsed = time.monotonic() - started
+        assert isinstance(info.value, TimeoutError)
+        assert elapsed < QUICK + SLACK, elapsed
+        with pytest.raises(pop3lite.NetworkError, match="^connection closed"):
+            pop.noop()
+        pop.close()
+
+
+@pytest.mark.parametrize("greeting", [b"", b"+OK waiting", b"+OK trickled forever"])
+def test_a_greeting_that_never_ends_times_out(greeting: bytes) -> None:
+    def script(peer: Peer) -> None:
+        if greeting.endswith(b"forever"):
+            peer.trickle(greeting)
+        else:
+            peer.send(greeting)
+            peer.hold()
+
+    with scripted(script) as port:
+        started = time.monotonic()
+        with pytest.raises(pop3lite.Timeout):
+            connect(port, timeout=QUICK)
+        assert time.monotonic() - started < QUICK + SLACK
+
+
+@pytest.mark.parametrize("fault", [Fault("delay", "RETR", 0.75), Fault("tls-stall")])
+def test_fake_server_stalls_time_out(fault: Fault) -> None:
+    tls = "implicit" if fault.kind == "tls-stall" else None
+    with FakeServer(tls=tls, faults=[fault], idle_timeout=5) as server:
+        started = time.monotonic()
+        with pytest.raises(pop3lite.Timeout):
+            with pop3lite.POP3(server.host, server.port, timeout=QUICK, tls=tls or "none",
+                               ssl_context=fakeserver.client_context()) as pop:
+                pop.login("hogehoge", "fugafuga")
+                pop.retr(1)
+        assert time.monotonic() - started < QUICK + SLACK
+
+
+MiB = 1024 * 1024
+LINES = (b"y" * 78 + b"\r\n") * 13108  # about 1 MiB of body lines
+
+
+def endless(status: bytes, chunk: bytes = LINES, total: int | None = None,
+            capa: bool = False) -> Callable[[Peer], None]:
+    """A script: ``status``, then ``chunk`` again and again (``total`` octets, then hang up;
+    or until the client goes); with ``capa``, CAPA is answered first. Sends views of one
+    buffer, so it allocates nothing itself."""
+    view = memoryview(chunk)
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        if capa and peer.line():
+            peer.send(b"+OK\r\nPIPELINING\r\n.\r\n")
+        if not peer.line():
+            return
+        peer.send(status)
+        for _ in range(100000):
+            if peer.stop.is_set() or (total is not None and _ * len(chunk) >= total):
+                return
+            if not peer.send(view):
+                return
+
+    return script
+
+
+def later(status: bytes, rest: bytes) -> Callable[[Peer], None]:
+    """A script: ``status`` at once, ``rest`` a moment later (a slow server, not a wait)."""
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        if peer.line():
+            peer.send(status)
+            peer.stop.wait(0.05)
+            peer.send(rest)
+            peer.hold()
+
+    return script
+
+
+def peak_memory(call: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Call; return what it returned or raised, and the peak of memory allocated meanwhile
+    (None where tracemalloc is missing)."""
+    if tracemalloc is not None:
+        tracemalloc.start()
+    try:
+        try:
+            result: Any = call()
+        except pop3lite.Error as exc:
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1] if tracemalloc is not None else None
+    finally:
+        if tracemalloc is not None:
+            tracemalloc.stop()
+
+
+class NullFile:
+    """A binary file that keeps nothing."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        return len(data)
+
+
+HUGE = b"10737418240"  # 10 GB
+MEMORY_CASES = {
+    # name: (script, call, max_message_size, expected error or None, bound on the peak)
+    "10 GB announced, 7 octets sent": (
+        later(b"+OK " + HUGE + b" octets\r\nshort\r\n", b".\r\n"),
+        lambda pop: pop.retr(1), 8 * MiB, None, 8 * MiB * 1.05 + MiB),
+    "10 GB announced, endless body": (
+        endless(b"+OK " + HUGE + b" octets\r\n"), lambda pop: pop.retr(1), MiB,
+        pop3lite.LimitExceeded, MiB * 1.3 + MiB),
+    "endless body": (
+        endless(b"+OK\r\n"), lambda pop: pop.retr(1), MiB, pop3lite.LimitExceeded,
+        MiB * 1.3 + MiB),
+    "endless TOP": (
+        endless(b"+OK\r\n"), lambda pop: pop.top(1, 5), MiB, pop3lite.LimitExceeded,
+        MiB * 1.3 + MiB),
+    "endless batch item": (
+        endless(b"+OK\r\n", capa=True), lambda pop: list(pop.retr_many([1, 2])), MiB,
+        pop3lite.LimitExceeded, MiB * 1.3 + MiB),
+    "endless status line": (
+        endless(b"+OK ", b"z" * MiB), lambda pop: pop.stat(), MiB, pop3lite.LimitExceeded,
+        pop3lite.MAX_RESPONSE_LINE + MiB),
+    "endless SASL challenge": (
+        endless(b"+ ", b"z" * MiB), lambda pop: pop.auth("PLAIN", "u", "p"), MiB,
+        pop3lite.LimitExceeded, pop3lite.MAX_SASL_LINE + MiB),
+    "endless LIST": (
+        endless(b"+OK\r\n", b"1 2\r\n" * 200000), lambda pop: pop.list(), MiB,
+        pop3lite.LimitExceeded, pop3lite.MAX_LISTING_SIZE * 1.15 + MiB),
+    "32 MiB into retr_to, then hang up": (
+        endless(b"+OK " + HUGE + b" octets\r\n", total=32 * MiB),
+        lambda pop: pop.retr_to(1, NullFile()), MiB, pop3lite.TruncatedResponse,
+        pop3lite.STREAM_CHUNK * 3 + MiB),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CASES))
+def test_memory_stays_within_the_limits(name: str) -> None:
+    """A claimed 10 GB is trusted only up to max_message_size; endless lines and responses
+    stop at their limits (retr_to has none, but streams in constant memory)."""
+    script, call, limit, error, bound = MEMORY_CASES[name]
+    with scripted(script) as port:
+        pop = connect(port, max_message_size=limit)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pop3lite.SizeMismatchWarning)
+            result, peak = peak_memory(lambda: call(pop))
+        pop.close()
+    if error is None:
+        assert result == b"short\r\n"
+    else:
+        assert isinstance(result, error), result
+    assert peak is None or peak < bound, f"{peak / MiB:.1f} MiB"
+
+
+# =============================================================================================
+# The client against the fake server's faults: errors, and no deletion by accident
+# =============================================================================================
+
+
+def raw_login(server: FakeServer, user: str, password: str) -> bytes:
+    """USER and PASS over a raw socket; the answer to PASS. The connection is then dropped
+    (no QUIT, so no UPDATE)."""
+    with socket.create_connection(server.address, timeout=TIMEOUT) as sock:
+        with sock.makefile("rb") as sock_file:
+            assert sock_file.readline().startswith(b"+OK")
+            sock.sendall(b"USER %s\r\nPASS %s\r\n" % (user.encode(), password.encode()))
+            sock_file.readline()
+            return sock_file.readline()
+
+
+def unlocked(drop: fakeserver.Maildrop, user: str = "hogehoge") -> None:
+    """Poll until a login to ``drop`` succeeds (not -ERR [IN-USE]) on a second server without
+    faults that serves the same Maildrop object: the lock of a session that went is released."""
+    with FakeServer(users={user: drop}) as checker:
+        deadline = time.monotonic() + TIMEOUT
+        for _ in range(10000):
+            answer = raw_login(checker, user, drop.password)
+            if answer.startswith(b"+OK"):
+                return
+            assert answer.startswith(b"-ERR [IN-USE]"), answer
+            assert time.monotonic() < deadline, "the maildrop stayed locked"
+            time.sleep(0.005)
+
+
+def operamail_drop() -> fakeserver.Maildrop:
+    return fakeserver.Maildrop("fugafuga", fakeserver.OPERAMAIL_MESSAGES,
+                               uids=fakeserver.OPERAMAIL_UIDS)
+
+
+def fake_pop(server: FakeServer, **kwargs: Any) -> pop3lite.POP3:
+    kwargs.setdefault("timeout", TIMEOUT)
+    kwargs.setdefault("tls", "none")
+    kwargs.setdefault("ssl_context", fakeserver.client_context())
+    return pop3lite.POP3(server.host, server.port, **kwargs)
+
+
+RFC = {"preset": "rfc", "messages": fakeserver.RFC_MESSAGES}
+DOTS = fakeserver.RFC_MESSAGES[1]  # has a line that is a single ".": unstuffed, it ends the body
+FAULT_CASES: dict[str, tuple[dict[str, Any], list[Fault], Callable[[pop3lite.POP3], Any], Any]] = {
+    # name: (FakeServer arguments, faults, the call after DELE 2, the error or the value)
+    "drop in RETR": ({}, [Fault("drop", "RETR", 100)], lambda p: p.retr(1),
+                     pop3lite.TruncatedResponse),
+    "drop after a status line": ({}, [Fault("drop", "RETR", 17)], lambda p: p.retr(1),
+                                 pop3lite.NetworkError),
+    "no terminator": ({}, [Fault("no-terminator", "RETR")], lambda p: p.retr(1),
+                      pop3lite.TruncatedResponse),
+    "status line over the limit": ({}, [Fault("long-line", "NOOP", 10000)],
+                                   lambda p: p.noop(), pop3lite.LimitExceeded),
+    "long status line": ({}, [Fault("long-line", "STAT", 2048)], lambda p: p.stat(), (1, 5954)),
+    "long first LIST line": ({}, [Fault("long-line", "LIST", 300)], lambda p: p.list(),
+                             pop3lite.ProtocolError),
+    "bare LF everywhere": ({}, [Fault("lf")], lambda p: (p.list(), p.retr(1)),
+                           ({1: 5954}, fakeserver.OPERAMAIL_MESSAGES[0])),
+    "unstuffed dot line": ({"messages": [DOTS, *fakeserver.RFC_MESSAGES]},
+                           [Fault("unstuffed-dot")], lambda p: p.retr(1), pop3lite.ProtocolError),
+    "8-bit and NUL in a status line": ({}, [Fault("8bit", "NOOP")], lambda p: p.noop(),
+                                       "8bit:\ufffd\ufffd\ufffd nul:\\x00"),
+    "8-bit and NUL in a listing": ({}, [Fault("8bit", "UIDL")], lambda p: p.uidl(),
+                                   pop3lite.ProtocolError),
+    "8-bit in a message": (RFC, [Fault("8bit", "RETR")], lambda p: p.retr(1)[-16:],
+                           b"8bit:\xe9\xff\x80 nul:\x00\r\n"),
+    "huge sizes": ({}, [Fault("huge-sizes")], lambda p: (p.stat(), p.list()),
+                   ((1, 5954 + 2**32), {1: 5954 + 2**32})),
+    "temporary failure": ({}, [Fault("sys-temp", "RETR")], lambda p: p.retr(1),
+                          pop3lite.TemporaryError),
+    "permanent failure": ({}, [Fault("sys-perm", "STAT")], lambda p: p.stat(),
+                          pop3lite.PermanentError),
+    "two answers to NOOP": ({}, [Fault("raw", "NOOP", b"+OK\r\n+OK\r\n")], lambda p: p.noop(),
+                            pop3lite.ProtocolError),
+    "an answer and an -ERR": ({}, [Fault("raw", "NOOP", b"+OK\r\n-ERR surprise\r\n")],
+                              lambda p: p.noop(), pop3lite.ProtocolError),
+    "not POP3 at all": ({}, [Fault("raw", "NOOP", b"HTTP/1.1 400 Bad Request\r\n")],
+                        lambda p: p.noop(), pop3lite.ProtocolError),
+    "negative count": ({}, [Fault("raw", "STAT", b"+OK -1 5954\r\n")], lambda p: p.stat(),
+                       pop3lite.ProtocolError),
+    "UID too long": ({}, [Fault("raw", "UIDL", b"+OK\r\n1 " + b"u" * 71 + b"\r\n.\r\n")],
+                     lambda p: p.uidl(), pop3lite.ProtocolError),
+    "UID number zero": ({}, [Fault("raw", "UIDL", b"+OK 0 abc\r\n")], lambda p: p.uidl(1),
+                        pop3lite.ProtocolError),
+    "one byte at a time": ({}, [Fault("bytewise", "RETR")], lambda p: p.retr(1),
+                           fakeserver.OPERAMAIL_MESSAGES[0]),
+    "a short delay": ({}, [Fault("delay", "STAT", 0.05)], lambda p: p.stat(), (1, 5954)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAULT_CASES))
+def test_fake_server_faults(name: str) -> None:
+    """Each fault gives its documented outcome, and message 2, marked for deletion before the
+    fault, is gone afterwards exactly when the `with` block ended without an error (QUIT)."""
+    kwargs, faults, call, expected = FAULT_CASES[name]
+    kwargs = dict(kwargs)
+    messages = kwargs.pop("messages", fakeserver.OPERAMAIL_MESSAGES)
+    drop = fakeserver.Maildrop("fugafuga", messages)
+    with FakeServer(**kwargs, users={"hogehoge": drop}, faults=faults,
+                    idle_timeout=TIMEOUT) as server:
+        try:
+            with fake_pop(server) as pop, warnings.catch_warnings():
+                warnings.simplefilter("ignore", pop3lite.SizeMismatchWarning)
+                pop.login("hogehoge", "fugafuga")
+                pop.dele(2)
+                value = call(pop)
+        except pop3lite.Error as exc:
+            assert isinstance(expected, type) and isinstance(exc, expected), repr(exc)
+            unlocked(drop)
+            assert drop.messages == list(messages)  # no QUIT, no UPDATE
+        else:
+            assert value == expected
+            unlocked(drop)
+            assert drop.messages == [messages[0], *messages[2:]]
+    assert not server.errors
+
+
+def test_size_disagreement_warns_or_raises_and_the_session_goes_on() -> None:
+    with FakeServer(faults=[Fault("wrong-octets", "RETR", 9999)]) as server:
+        with fake_pop(server) as pop:
+            pop.login("hogehoge", "fugafuga")
+            with pytest.warns(pop3lite.SizeMismatchWarning, match="announced 9999"):
+                assert pop.retr(1) == fakeserver.OPERAMAIL_MESSAGES[0]
+            pop.strict_size = True
+            with pytest.raises(pop3lite.ProtocolError, match="announced 9999"):
+                pop.retr(2)
+            assert pop.stat() == (2, 10180)  # in step: the whole response was read
+
+
+def test_unstuffed_dots_are_kept_or_caught_by_the_size_check() -> None:
+    """A server that forgets dot-stuffing: a line starting with one "." is kept as it is (as
+    documented), a line starting with ".." loses a dot, which the octet count catches."""
+    message = b"Subject: dots\r\n\r\n..two dots\r\n.one dot\r\nend\r\n"
+    users = {"hogehoge": fakeserver.Maildrop("fugafuga", [message])}
+    with FakeServer(users=users, faults=[Fault("unstuffed-dot")]) as server:
+        with fake_pop(server) as pop:
+            pop.login("hogehoge", "fugafuga")
+            with pytest.warns(pop3lite.SizeMismatchWarning):
+                assert pop.retr(1) == message.replace(b"..two", b".two")
+            pop.strict_size = True
+            with pytest.raises(pop3lite.ProtocolError, match="announced"):
+                pop.retr(1)
+
+
+def test_a_connection_dropped_anywhere_commits_nothing() -> None:
+    """The fake server hangs up after N octets of the session, for N at every reply boundary
+    (and either side of it) and a sample: the session fails with a pop3lite.Error, and only a
+    QUIT that the server received commits the deletion."""
+    def session_bytes() -> int:
+        with FakeServer(users={"hogehoge": operamail_drop()}) as server:
+            with fake_pop(server) as pop:
+                pop.login("hogehoge", "fugafuga")
+                pop.dele(1)
+                pop.stat(), pop.list(), pop.retr(2)
+        return sum(len(line) - 1 for line in server.transcripts[0] if line.startswith("S: "))
+
+    total = session_bytes()
+    rng = random.Random("drop")
+    points = sorted({0, 1, total - 1, total, *rng.sample(range(total), 40 * SOAK)})
+    for budget in points:
+        drop = operamail_drop()
+        before = drop.messages
+        with FakeServer(users={"hogehoge": drop}, faults=[Fault("drop", None, budget)]) as server:
+            quit_sent = False
+            try:
+                with fake_pop(server) as pop:
+                    pop.login("hogehoge", "fugafuga")
+                    pop.dele(1)
+                    assert pop.stat() == (1, 4226)
+                    assert pop.list() == {2: 4226}
+                    assert pop.retr(2) == before[1]
+                    quit_sent = True
+            except pop3lite.Error:
+                pass
+        unlocked(drop)
+        assert drop.messages == (before[1:] if quit_sent else before), budget

@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None)``
+greeting=None, keep_transcripts=True)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -30,7 +30,9 @@ greeting=None)``
     a reply and without UPDATE, RFC 1939 section 3). ``max_sessions``: concurrent connections;
     more get ``-ERR [SYS/TEMP]`` and are closed. ``oauth_token``: the bearer token that XOAUTH2
     and OAUTHBEARER accept (preset "rfc": ``"fake-oauth-token"``). ``greeting``: the text after
-    ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp.
+    ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp. ``keep_transcripts``: False
+    forgets each connection's transcript when it ends (a long-running server; the log still
+    shows it).
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
@@ -1647,6 +1649,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         oauth_token: str | None = None,
         greeting: str | None = None,
+        keep_transcripts: bool = True,
     ) -> None:
         if preset not in _PRESETS:
             raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
@@ -1675,6 +1678,8 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.transcripts: list[list[str]] = []
+        self.keep_transcripts = keep_transcripts
+        self._connections = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._uses = [0] * len(self.faults)
@@ -1754,8 +1759,10 @@ class FakeServer(socketserver.ThreadingTCPServer):
 
     def _join(self, session: _Session) -> None:
         with self._lock:
-            self.transcripts.append(session.transcript)
-            session.serial = len(self.transcripts)
+            if self.keep_transcripts:
+                self.transcripts.append(session.transcript)
+            self._connections += 1
+            session.serial = self._connections
             self._sessions.append(session)
             closing = self._closing
         if closing:
@@ -1844,7 +1851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.write_ca).write_text(CA_PEM)
         tls = None if args.tls == "none" else args.tls
         server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
-                            idle_timeout=args.idle_timeout)
+                            idle_timeout=args.idle_timeout, keep_transcripts=False)
     except mailbox.NoSuchMailboxError as error:
         print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
         return 1

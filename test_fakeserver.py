@@ -13,6 +13,7 @@ import email.policy
 import hashlib
 import hmac
 import json
+import logging
 import mailbox
 import poplib
 import queue
@@ -688,6 +689,18 @@ def test_transcripts_are_recorded_before_writing_and_redacted() -> None:
         assert server.transcripts[0][-1] == "S: ."
         assert "S: .." in server.transcripts[0]  # the line as sent, stuffed
     assert "fugafuga" not in repr(server.transcripts)
+
+
+def test_a_long_running_server_can_forget_transcripts(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fakeserver")
+    with FakeServer(keep_transcripts=False) as server:
+        for _ in range(2):
+            with Raw(server) as client:
+                login(client)
+                assert client.cmd("QUIT").startswith("+OK")
+                assert client.eof()
+    assert server.transcripts == []
+    assert "[2] C: QUIT" in caplog.text  # the log still numbers and shows every session
 
 
 def test_fresh_timestamp_per_connection_outside_operamail() -> None:

@@ -2782,12 +2782,12 @@ def _printable(text: str) -> str:
     )
 
 
+_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+
+
 def _escaped(data: bytes) -> str:
     """Bytes shown as printable ASCII with \\xNN escapes (the shell's :raw view)."""
     return data.decode("ascii", "backslashreplace").translate(_ESCAPE_CONTROLS)
-
-
-_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
 
 
 # -- text decoding: RFC 2047 headers, charsets that lie ------------------------------------------
@@ -3665,10 +3665,8 @@ class _Shell:
         if multiline:
             message = verb in ("RETR", "TOP")
             body = pop._body(pop.max_message_size if message else MAX_LISTING_SIZE)
-            if message:
+            if message or self.raw:
                 lines = _render_message(body, self.raw)
-            elif self.raw:
-                lines = _render_message(body, raw=True)
             else:
                 lines = [_printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
             for line in lines:
@@ -3799,8 +3797,7 @@ def _demo(o: _Options) -> int:
     with fakeserver.FakeServer() as server:
         o.host, o.port, o.tls = server.host, server.port, "auto"
         _say(f"demo: a fake OperaMail server (fakeserver.py) on {server.host}:{server.port}")
-        status = _session(o)
-    return status
+        return _session(o)
 
 
 def _failure(exc: Error) -> tuple[int, str]:

@@ -18,7 +18,8 @@ greeting=None, keep_transcripts=True)``
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
     ``users``: ``{name: Maildrop}``, replaces the preset's (the objects are used, not copied).
-    ``capabilities``: CAPA lines; None keeps the preset's, an empty sequence turns CAPA off. The
+    ``capabilities``: CAPA lines; None keeps the preset's, an empty sequence turns CAPA off (but
+    with ``tls="stls"`` CAPA always lists STLS, as RFC 2595 requires). The
     ``SASL`` line also selects the mechanisms AUTH accepts, ``UTF8`` enables the UTF8 command;
     ``STLS`` is added or left out by the server (offered only with ``tls="stls"``, before TLS).
     ``tls``: None, ``"stls"`` (RFC 2595) or ``"implicit"``; the certificate is the embedded one for
@@ -989,6 +990,15 @@ class _Session(socketserver.BaseRequestHandler):
     def linger(self) -> None:
         """Close our side, let the client close its side (so it sees no reset), then close."""
         try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                # RFC 8446 section 6.1: end TLS with close_notify, so the client can tell a
+                # finished session from a cut one. unwrap() also waits (bounded) for the
+                # client's own close_notify, which most POP3 clients never send.
+                self.sock.settimeout(LINGER_SECONDS)
+                try:
+                    self.sock = self.sock.unwrap()
+                except (OSError, ValueError):
+                    pass
             self.sock.shutdown(socket.SHUT_WR)
             self.sock.settimeout(LINGER_SECONDS)
             for _ in range(64):
@@ -1237,8 +1247,8 @@ class _Session(socketserver.BaseRequestHandler):
 
     def capabilities(self) -> list[str]:
         lines = [line for line in self.server.capabilities if line.upper() != "STLS"]
-        if not lines:
-            return []
+        # RFC 2595 section 4: a server with STLS MUST have CAPA, so clients can find it. Even
+        # the OperaMail preset (its 2002 original knew neither) then lists STLS alone.
         if self.offers_stls():
             lines.append("STLS")
         return lines

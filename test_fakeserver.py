@@ -314,6 +314,40 @@ def test_poplib_stls_with_the_shipped_ca() -> None:
     assert server.transcripts[0][1:3] == ["C: CAPA", "S: +OK Capability list follows"]
 
 
+def test_operamail_preset_with_stls_lists_it_in_capa() -> None:
+    # RFC 2595 section 4: clients discover STLS through CAPA, so even the preset whose 2002
+    # original had no CAPA must answer it once it offers STLS (curl and fetchmail need it).
+    with FakeServer(tls="stls") as server:
+        pop = poplib.POP3(server.host, server.port, timeout=TIMEOUT)
+        assert pop.capa() == {"STLS": []}
+        pop.stls(context=server.ssl_context_for_clients())
+        with pytest.raises(poplib.error_proto):
+            pop.capa()  # after TLS: the preset's own answer again
+        pop.user("hogehoge")
+        pop.pass_("fugafuga")
+        assert pop.stat() == (2, 10180)
+        pop.quit()
+
+
+def test_tls_session_ends_with_close_notify() -> None:
+    # RFC 8446 section 6.1: after QUIT the server closes TLS properly, so a client can tell
+    # the end of the session from a connection cut in the middle.
+    with FakeServer(tls="implicit") as server:
+        sock = socket.create_connection(server.address, timeout=TIMEOUT)
+        context = fakeserver.client_context()
+        with context.wrap_socket(
+            sock, server_hostname="localhost", suppress_ragged_eofs=False
+        ) as tls:
+            received = b""
+            tls.sendall(b"QUIT\r\n")
+            for _ in range(100):  # bounded: a few records at most
+                chunk = tls.recv(4096)  # raises SSLEOFError if the server just hangs up
+                if not chunk:
+                    break
+                received += chunk
+            assert received.endswith(b"+OK InterChange POP3 Server Signing Off\r\n")
+
+
 def test_poplib_implicit_tls_with_ca_pem() -> None:
     with FakeServer(tls="implicit") as server:
         context = ssl.create_default_context(cadata=fakeserver.CA_PEM)

@@ -82,7 +82,7 @@ class Session(NamedTuple):
 
 def read_reply(sock_file: Any, multiline: bool) -> bytes:
     """One reply as raw bytes: a status line, and for a multi-line +OK the body up to "."."""
-    data = sock_file.readline(100000)
+    data: bytes = sock_file.readline(100000)
     assert data.endswith(b"\n"), data
     if multiline and data.startswith(b"+OK"):
         for _ in range(100000):
@@ -134,14 +134,16 @@ def scram() -> pop3lite.Mechanism:
     return pop3lite.ScramSHA256Mechanism("hogehoge", "fugafuga", _nonce=SCRAM_NONCE)
 
 
+OPERAMAIL_LINES = [b"USER hogehoge\r\n", b"PASS fugafuga\r\n", b"STAT\r\n", b"LIST\r\n",
+                   b"UIDL\r\n", b"RETR 1\r\n", b"TOP 2 5\r\n", b"LIST 2\r\n", b"UIDL 1\r\n",
+                   b"DELE 1\r\n", b"QUIT\r\n"]
+OPERAMAIL_CALLS = [("login", "hogehoge", "fugafuga"), ("stat",), ("list",), ("uidl",),
+                   ("retr", 1), ("top", 2, 5), ("list", 2), ("uidl", 1), ("dele", 1), ("quit",)]
+
+
 def operamail_session() -> Session:
-    lines = [b"USER hogehoge\r\n", b"PASS fugafuga\r\n", b"STAT\r\n", b"LIST\r\n", b"UIDL\r\n",
-             b"RETR 1\r\n", b"TOP 2 5\r\n", b"LIST 2\r\n", b"UIDL 1\r\n", b"DELE 1\r\n",
-             b"QUIT\r\n"]
-    calls = [("login", "hogehoge", "fugafuga"), ("stat",), ("list",), ("uidl",), ("retr", 1),
-             ("top", 2, 5), ("list", 2), ("uidl", 1), ("dele", 1), ("quit",)]
     with FakeServer() as server:
-        return Session("operamail", record(server, lines), calls)
+        return Session("operamail", record(server, OPERAMAIL_LINES), OPERAMAIL_CALLS)
 
 
 def rfc_session() -> Session:
@@ -167,9 +169,10 @@ def pipelined_session() -> Session:
 
 def scram_session() -> Session:
     mechanism = scram()
-    first = base64.b64encode(mechanism.initial_response())
-    lines = [b"AUTH SCRAM-SHA-256 " + first + CRLF, sasl_answer(mechanism),
-             sasl_answer(mechanism), b"STAT\r\n", b"UIDL 2\r\n", b"QUIT\r\n"]
+    first = base64.b64encode(mechanism.initial_response() or b"")
+    lines: list[bytes | Callable[[bytes], bytes]] = [
+        b"AUTH SCRAM-SHA-256 " + first + CRLF, sasl_answer(mechanism), sasl_answer(mechanism),
+        b"STAT\r\n", b"UIDL 2\r\n", b"QUIT\r\n"]
     calls = [("auth", "SCRAM-SHA-256"), ("stat",), ("uidl", 2), ("quit",)]
     with FakeServer("rfc") as server:
         return Session("scram", record(server, lines), calls)
@@ -180,9 +183,10 @@ def sasl_session() -> Session:
     cram = pop3lite.CramMD5Mechanism("hogehoge", "wrong")
     xoauth2 = pop3lite.XOAuth2Mechanism("hogehoge", "bad-token")
     plain = base64.b64encode(b"\0hogehoge\0fugafuga")
-    lines = [b"AUTH CRAM-MD5\r\n", sasl_answer(cram),
-             b"AUTH XOAUTH2 " + base64.b64encode(xoauth2.initial_response()) + CRLF,
-             sasl_answer(xoauth2), b"AUTH PLAIN " + plain + CRLF, b"LIST\r\n", b"QUIT\r\n"]
+    lines: list[bytes | Callable[[bytes], bytes]] = [
+        b"AUTH CRAM-MD5\r\n", sasl_answer(cram),
+        b"AUTH XOAUTH2 " + base64.b64encode(xoauth2.initial_response()) + CRLF,
+        sasl_answer(xoauth2), b"AUTH PLAIN " + plain + CRLF, b"LIST\r\n", b"QUIT\r\n"]
     calls = [("auth", "CRAM-MD5", "wrong"), ("auth", "XOAUTH2", "bad-token"),
              ("auth", "PLAIN", "fugafuga"), ("list",), ("quit",)]
     with FakeServer("rfc") as server:
@@ -191,14 +195,10 @@ def sasl_session() -> Session:
 
 def lf_session() -> Session:
     """The OperaMail session from a server that ends every line with a bare LF."""
-    session = operamail_session()
     with FakeServer(faults=[Fault("lf")]) as server:
-        lines = [b"USER hogehoge\r\n", b"PASS fugafuga\r\n", b"STAT\r\n", b"LIST\r\n",
-                 b"UIDL\r\n", b"RETR 1\r\n", b"TOP 2 5\r\n", b"LIST 2\r\n", b"UIDL 1\r\n",
-                 b"DELE 1\r\n", b"QUIT\r\n"]
-        replies = record(server, lines)
+        replies = record(server, OPERAMAIL_LINES)
     assert all(b"\r" not in reply for reply in replies)
-    return Session("lf", replies, session.calls)
+    return Session("lf", replies, OPERAMAIL_CALLS)
 
 
 _SESSIONS: dict[str, Session] = {}
@@ -233,6 +233,32 @@ def session(name: str) -> Session:
 # its next command) put the session out of step. Errors that put the session out of step close
 # the connection; the calls after it raise NetworkError("connection closed ...") without
 # touching the network.
+
+
+class Rules(NamedTuple):
+    """Where pop3lite today differs from what its documentation promises, the replayed cases
+    expect today's behaviour (``TODAY``) so that the rest is still checked; the promise
+    (``PROMISED``) is what a fixed pop3lite must do. When one is fixed, drop it from TODAY."""
+
+    leftover_after_err: bool = True
+    """Bytes after a -ERR are found out of step (today: read as the next command's reply)."""
+    leftover_after_batch: bool = True
+    """Bytes after a batch's last reply are found out of step (today: as above)."""
+    leftover_after_challenge: bool = True
+    """Bytes after a SASL challenge, or after the status that answers a cancelled exchange,
+    are found out of step (today: read as the server's next line)."""
+    large_limit_when_buffered: bool = True
+    """A body announced as over 1 MiB is held to max_message_size even when it arrived with
+    its status line (today: returned whatever its size)."""
+    closed_after_batch: bool = True
+    """After a batch failed and closed the connection, every call raises "connection closed"
+    (today: the unfinished batch goes on parsing the bytes left in the buffer)."""
+
+
+PROMISED = Rules()
+TODAY = Rules(leftover_after_err=False, leftover_after_batch=False,
+              leftover_after_challenge=False, large_limit_when_buffered=False,
+              closed_after_batch=False)
 
 
 class Outcome(NamedTuple):
@@ -271,28 +297,20 @@ class Model:
     answered; the model then tells a client that is about to send a command (the replayer waits
     for it) from one that waits for bytes which will never come (``stuck``: hang up).
 
-    ``leftover_after_err`` and ``leftover_after_batch``: whether bytes after a -ERR, or after
-    the last reply of a batch, are found to be out of step (the documented rule) or are read
-    as the reply to the next command. ``large_limit_when_buffered``: whether a body announced
-    as over 1 MiB is held to ``max_message_size`` when it arrived with its status line.
+    ``rules``: the documented behaviour, or today's where it differs (see Rules).
     """
 
     def __init__(self, data: bytes, ends: Sequence[int], max_message_size: int,
                  strict_size: bool = False, *, answered: int | None = None,
-                 leftover_after_err: bool = True, leftover_after_batch: bool = True,
-                 leftover_after_challenge: bool = True, large_limit_when_buffered: bool = True
-                 ) -> None:
+                 rules: Rules = PROMISED) -> None:
         self.data = data
         self.answered = answered
         self.sent = 0  # command lines the client has sent
         self.ends = list(ends)
         self.max_message_size = max_message_size
         self.strict_size = strict_size
-        self.leftover_after_err = leftover_after_err
-        self.leftover_after_batch = leftover_after_batch
-        self.leftover_after_challenge = leftover_after_challenge
+        self.rules = rules
         self.unknown = False  # from here on the client's reading depends on timing
-        self.large_limit_when_buffered = large_limit_when_buffered
         self.pos = 0
         self.eol = CRLF
         self.caps: dict[str, list[str]] | None = None
@@ -358,7 +376,7 @@ class Model:
             end = index + len(eol)
         buffered = end + len(terminator) <= self.available(start)
         skip_limit = (
-            not self.large_limit_when_buffered
+            not self.rules.large_limit_when_buffered
             and announced is not None
             and announced > LARGE_BODY
             and buffered
@@ -408,7 +426,7 @@ class Model:
         self.sent += 1
         ok, text = self.status()
         if not ok:
-            if self.leftover_after_err:
+            if self.rules.leftover_after_err:
                 self.in_step()
             return self.error(text, verb)
         self.in_step()
@@ -469,7 +487,7 @@ class Model:
         self.sent += 1
         ok, text = self.status()
         if not ok:
-            if self.leftover_after_err:
+            if self.rules.leftover_after_err:
                 self.in_step()
             return self.error(text, verb)
         answered, self.answered = self.answered, None  # CAPA decides on pipelining: decode
@@ -520,7 +538,7 @@ class Model:
         self.sent += 1
         ok, text = self.status()
         if not ok:
-            if self.leftover_after_err:
+            if self.rules.leftover_after_err:
                 self.in_step()
             return self.error(text, verb)
         announced = pop3lite.parse_announced_size(text) if verb == "RETR" else None
@@ -566,7 +584,7 @@ class Model:
                 return Outcome("partial", (items, "eof"))
             except _Fatal as exc:
                 return Outcome("partial", (items, exc.args[0]))
-        if self.leftover_after_batch:
+        if self.rules.leftover_after_batch:
             self.in_step()
         return Outcome("ok", items)
 
@@ -586,7 +604,7 @@ class Model:
             if line[:1] != b"+" or line[:3] == b"+OK":
                 break
             if self.available(self.pos) > self.pos:  # more than one challenge at a time
-                if self.leftover_after_challenge:
+                if self.rules.leftover_after_challenge:
                     raise _Fatal("protocol")
                 self.unknown = True
             self.sent += 1  # the answer to a challenge (or "*")
@@ -594,42 +612,16 @@ class Model:
             raise _Fatal("protocol")
         if line[:3] == b"+OK" and line[3:4] in (b"", b" "):
             if self.available(self.pos) > self.pos:
-                if self.leftover_after_challenge:
+                if self.rules.leftover_after_challenge:
                     raise _Fatal("protocol")
                 self.unknown = True  # today found only if the client had not cancelled
             self.caps = None
             return Outcome("auth", "+OK")
         if line[:4] == b"-ERR" and line[4:5] in (b"", b" "):
-            if self.leftover_after_err:
+            if self.rules.leftover_after_err:
                 self.in_step()
             return Outcome("auth", "-ERR")
         raise _Fatal("protocol")
-
-
-class Rules(NamedTuple):
-    """Where pop3lite today differs from what its documentation promises, the replayed cases
-    expect today's behaviour (``TODAY``); the failing tests handed to the lead expect the
-    promise (``PROMISED``). Set a field to True here once pop3lite is fixed."""
-
-    leftover_after_err: bool = True
-    """Bytes after a -ERR are found out of step (today: read as the next command's reply)."""
-    leftover_after_batch: bool = True
-    """Bytes after a batch's last reply are found out of step (today: as above)."""
-    leftover_after_challenge: bool = True
-    """Bytes after a SASL challenge, or after the status that answers a cancelled exchange,
-    are found out of step (today: read as the server's next line)."""
-    large_limit_when_buffered: bool = True
-    """A body announced as over 1 MiB is held to max_message_size even when it arrived with
-    its status line (today: returned whatever its size)."""
-    closed_after_batch: bool = True
-    """After a batch failed and closed the connection, every call raises "connection closed"
-    (today: the unfinished batch goes on parsing the bytes left in the buffer)."""
-
-
-PROMISED = Rules()
-TODAY = Rules(leftover_after_err=False, leftover_after_batch=False,
-              leftover_after_challenge=False, large_limit_when_buffered=False,
-              closed_after_batch=False)
 
 
 # =============================================================================================
@@ -907,10 +899,7 @@ def replay(replayer: Replayer, recorded: Session, *, replies: list[bytes] | None
 
     def model(data: bytes, ends: Sequence[int], answered: int | None = None) -> Model:
         return Model(data, ends, options.max_message_size, options.strict_size,
-                     answered=answered, leftover_after_err=rules.leftover_after_err,
-                     leftover_after_batch=rules.leftover_after_batch,
-                     leftover_after_challenge=rules.leftover_after_challenge,
-                     large_limit_when_buffered=rules.large_limit_when_buffered)
+                     answered=answered, rules=rules)
 
     def stuck(data: bytes, ends: list[int], answered: int) -> bool:
         key = (recorded.name, options, rules, hash(data), len(data), tuple(ends), answered)
@@ -1253,7 +1242,7 @@ class Peer:
         self.stop = stop  # set when the test is done: trickling scripts end
         self.buf = b""
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes | memoryview) -> bool:
         """Send; False if the client has gone."""
         try:
             self.conn.sendall(data)
@@ -1369,7 +1358,7 @@ def pipelined_then_stall(peer: Peer) -> None:
     peer.hold()
 
 
-SLOW_SERVERS = {
+SLOW_SERVERS: dict[str, tuple[Callable[[Peer], None], Callable[[pop3lite.POP3], Any]]] = {
     # name: (script, the call that must time out)
     "silent": (answer_then(b""), lambda pop: pop.stat()),
     "stops mid-line": (answer_then(b"+OK 2 10"), lambda pop: pop.stat()),
@@ -1451,8 +1440,8 @@ def endless(status: bytes, chunk: bytes = LINES, total: int | None = None,
         if not peer.line():
             return
         peer.send(status)
-        for _ in range(100000):
-            if peer.stop.is_set() or (total is not None and _ * len(chunk) >= total):
+        for count in range(100000):
+            if peer.stop.is_set() or (total is not None and count * len(chunk) >= total):
                 return
             if not peer.send(view):
                 return
@@ -1490,19 +1479,19 @@ def peak_memory(call: Callable[[], Any]) -> tuple[Any, int | None]:
             tracemalloc.stop()
 
 
-class NullFile:
+class NullFile(io.BytesIO):
     """A binary file that keeps nothing."""
 
-    def __init__(self) -> None:
-        self.written = 0
+    written = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
         self.written += len(data)
         return len(data)
 
 
 HUGE = b"10737418240"  # 10 GB
-MEMORY_CASES = {
+MEMORY_CASES: dict[str, tuple[Callable[[Peer], None], Callable[[pop3lite.POP3], Any], int,
+                              Any, float]] = {
     # name: (script, call, max_message_size, expected error or None, bound on the peak)
     "10 GB announced, 7 octets sent": (
         later(b"+OK " + HUGE + b" octets\r\nshort\r\n", b".\r\n"),
@@ -1699,21 +1688,26 @@ def test_unstuffed_dots_are_kept_or_caught_by_the_size_check() -> None:
 
 
 def test_a_connection_dropped_anywhere_commits_nothing() -> None:
-    """The fake server hangs up after N octets of the session, for N at every reply boundary
-    (and either side of it) and a sample: the session fails with a pop3lite.Error, and only a
-    QUIT that the server received commits the deletion."""
-    def session_bytes() -> int:
-        with FakeServer(users={"hogehoge": operamail_drop()}) as server:
-            with fake_pop(server) as pop:
-                pop.login("hogehoge", "fugafuga")
-                pop.dele(1)
-                pop.stat(), pop.list(), pop.retr(2)
-        return sum(len(line) - 1 for line in server.transcripts[0] if line.startswith("S: "))
-
-    total = session_bytes()
+    """The fake server hangs up after N octets of the session, for N at either edge of every
+    status line and a sample: the session fails with a pop3lite.Error, and only a QUIT that the
+    server received commits the deletion."""
+    with FakeServer(users={"hogehoge": operamail_drop()}) as server:
+        with fake_pop(server) as pop:
+            pop.login("hogehoge", "fugafuga")
+            pop.dele(1)
+            pop.stat(), pop.list(), pop.retr(2)
+    points: set[int] = set()
+    offset = 0
+    for line in server.transcripts[0]:
+        if line.startswith("S: "):  # the line as sent, without its CRLF (7-bit here)
+            end = offset + len(line) - 3 + 2
+            if line.startswith(("S: +OK", "S: -ERR")):
+                points.update((offset, offset + 1, end - 1, end))
+            offset = end
     rng = random.Random("drop")
-    points = sorted({0, 1, total - 1, total, *rng.sample(range(total), 40 * SOAK)})
-    for budget in points:
+    points.update(rng.sample(range(offset), 16 * SOAK))
+    assert len(points) > 40
+    for budget in sorted(points):
         drop = operamail_drop()
         before = drop.messages
         with FakeServer(users={"hogehoge": drop}, faults=[Fault("drop", None, budget)]) as server:
@@ -1811,6 +1805,7 @@ def well_behaved(server: FakeServer, tls: str | None = None) -> None:
     """A full correct session (poplib, not pop3lite: the server must be right on its own)."""
     import poplib
 
+    pop: poplib.POP3
     if tls == "implicit":
         pop = poplib.POP3_SSL(server.host, server.port, timeout=TIMEOUT,
                               context=fakeserver.client_context())
@@ -2127,7 +2122,7 @@ def vanish_mid_retr(client: Hostile) -> None:
     client.sock.recv(10)
 
 
-VANISHING = {
+VANISHING: dict[str, Callable[[Hostile], Any]] = {
     "holding the lock": lambda c: c.send(b"USER fuzz\r\nPASS pw\r\nDELE 1\r\nDELE 3\r\n"),
     "mid-command": lambda c: c.send(b"USER fuzz\r\nPASS pw\r\nDELE 1\r\nQU"),
     "while being sent messages": vanish_mid_retr,

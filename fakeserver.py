@@ -1348,7 +1348,10 @@ class _Session(socketserver.BaseRequestHandler):
         # The AUTH reply's faults also shape the challenges.
         self.faults = self.server._take(("delay", "drop", "bytewise"), self.verb, self.line)
         try:
-            initial = _b64decode(parts[1].encode()) if len(parts) == 2 else None
+            # The line was decoded with surrogateescape: undo it the same way (8-bit bytes are
+            # then simply not base64).
+            raw = parts[1].encode("utf-8", "surrogateescape") if len(parts) == 2 else None
+            initial = _b64decode(raw) if raw is not None else None
             user = cast(Callable[[Optional[bytes]], str], step)(initial)
         except _SaslFailure as failure:
             key = failure.args[0]
@@ -1643,6 +1646,9 @@ class FakeServer(socketserver.ThreadingTCPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    # socketserver's backlog of 5 makes a burst of clients wait for SYN retransmissions
+    # (seconds) before they even get "-ERR [SYS/TEMP]" from the session cap.
+    request_queue_size = 128
 
     def __init__(
         self,

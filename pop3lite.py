@@ -31,6 +31,7 @@ from typing import (
     List,
     NamedTuple,
     NoReturn,
+    TypeVar,
     overload,
 )
 
@@ -99,8 +100,8 @@ MAX_SASL_ROUNDS = 16
 DEFAULT_MAX_MESSAGE_SIZE = 100 * 1024 * 1024
 """Largest message retr() or top() holds in memory; retr_to() streams and has no limit."""
 
-MAX_LISTING_SIZE = 64 * 1024 * 1024
-"""Largest LIST, UIDL or CAPA response: about three million messages."""
+MAX_LISTING_SIZE = 16 * 1024 * 1024
+"""Largest LIST, UIDL or CAPA response: about a million messages (parsed, some 100 MB)."""
 
 MAX_UID_LENGTH = 70  # RFC 1939 section 7, UIDL
 
@@ -432,6 +433,20 @@ def parse_uid_listing(line: bytes) -> tuple[int, str]:
     if match is None or int(match.group(1)) < 1:
         raise ProtocolError("malformed UIDL line", line)
     return int(match.group(1)), match.group(2).decode("ascii")
+
+
+_Value = TypeVar("_Value")
+
+
+def unique_listing(pairs: Iterable[tuple[int, _Value]], what: str) -> dict[int, _Value]:
+    """LIST or UIDL lines as ``{number: value}``. A number listed twice is a ProtocolError:
+    a dict would silently keep only the last line."""
+    listing: dict[int, _Value] = {}
+    for number, value in pairs:
+        if number in listing:
+            raise ProtocolError(f"{what} lists message {number} twice")
+        listing[number] = value
+    return listing
 
 
 def parse_capabilities(lines: Iterable[bytes]) -> Capabilities:
@@ -1219,6 +1234,8 @@ class _Transport:
         sock, self._sock = self._sock, None
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
+            self.buf = bytearray()  # what is left belongs to a session that is over
+            self.pos = 0
             sock.close()
 
     def start_operation(self) -> None:
@@ -1260,9 +1277,11 @@ class _Transport:
         """Receive into ``target[offset:]``; EOF raises. Every octet received lengthens the
         deadline by 1/MIN_TRANSFER_RATE seconds, so big transfers are bounded by rate."""
         sock = self.sock()
-        remaining = self.remaining()  # outside the try: Timeout is an OSError too
+        # Outside the try (Timeout is an OSError too). The octets received so far extend the
+        # deadline, but silence is never allowed longer than ``timeout``.
+        wait = min(self.timeout, self.remaining())
         try:
-            sock.settimeout(remaining)
+            sock.settimeout(wait)
             with memoryview(target) as view, view[offset:] as tail:
                 count = sock.recv_into(tail)
         except OSError as exc:
@@ -1305,6 +1324,7 @@ class _Transport:
 
     def read_line(self, limit: int) -> bytes:
         """One line, its line end included. Bare CR, or a line over ``limit``, raises."""
+        self.sock()  # a closed connection has nothing more to say
         try:
             return self._read_line(limit)
         except BaseException:
@@ -1313,6 +1333,7 @@ class _Transport:
 
     def read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
         """The rest of a multi-line response, dot-stuffing removed, terminator consumed."""
+        self.sock()
         try:
             return self._read_body(limit, eol, announced)
         except BaseException:
@@ -1322,6 +1343,7 @@ class _Transport:
     def stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
         """Pass a multi-line body to ``write`` in pieces of about STREAM_CHUNK octets, each
         cut at a line end where possible, so memory stays constant whatever the size."""
+        self.sock()
         try:
             self._stream_body(write, eol)
         except BaseException:
@@ -1400,6 +1422,8 @@ class _Transport:
         start = self.pos
         end = find_body_end(self.buf, start, start, eol)
         if end >= 0:  # it has all arrived already
+            if end - start > limit:
+                self.fail(LimitExceeded(f"response larger than {limit} octets"))
             body = self.take(start, end)
             self.pos = end + terminator
             return body
@@ -1614,6 +1638,7 @@ class POP3:
         log; the rest (passwords, digests, SASL responses) are logged as ****."""
         if self._batch is not None:
             self._batch.absorb()
+        self._check_in_step()  # e.g. a surplus reply after a batch's last one
         line = format_command(verb, *args, encoding="utf-8" if self._utf8 else "ascii")
         self._transport.sock()  # a closed connection raises here, saying why it closed
         self._transport.start_operation()
@@ -1635,6 +1660,7 @@ class POP3:
             self._transport.fail(exc)  # the session is out of step
         if ok:
             return text
+        self._check_in_step()  # nothing follows a -ERR
         code, rest = parse_response_code(text)
         raise server_error(display_text(rest), code, command)
 
@@ -1649,10 +1675,11 @@ class POP3:
             self._eol = b"\n"
         return line[:-1]
 
-    def _check_in_step(self) -> None:
+    def _check_in_step(self, nothing_in_flight: bool = False) -> None:
         """Bytes left over after a complete response, with nothing in flight, mean the server
-        answered something nobody asked: the session is out of step and cannot be trusted."""
-        if self._transport.pending() and self._batch is None:
+        answered something nobody asked: the session is out of step and cannot be trusted.
+        (Outside a batch nothing is in flight between commands; a batch says so itself.)"""
+        if self._transport.pending() and (nothing_in_flight or self._batch is None):
             self._transport.fail(
                 ProtocolError(
                     "server sent more than was asked for",
@@ -1783,6 +1810,7 @@ class POP3:
     def capa(self) -> Capabilities:
         """CAPA (RFC 2449) as ``{NAME: [args]}``; empty if the server has no CAPA.
         Cached; asked again after STLS and after login (RFC 2449 section 5)."""
+        self._transport.sock()  # even a cached answer: nothing more after the connection closed
         if self._caps is None:
             try:
                 lines = self._multiline("CAPA")
@@ -1920,6 +1948,7 @@ class POP3:
             stripped = self._strip_eol(line)
             if stripped[:1] != b"+" or stripped[:3] == b"+OK":
                 break
+            self._check_in_step()  # the server must wait for our answer to its challenge
             if first is not None:
                 response, first = first, None
             else:
@@ -1935,6 +1964,7 @@ class POP3:
             ok, text = parse_status(stripped)
         except ProtocolError as exc:
             self._transport.fail(exc)
+        self._check_in_step()
         if not ok:
             code, rest = parse_response_code(text)
             error = server_error(display_text(rest), code, "AUTH")
@@ -2012,7 +2042,7 @@ class POP3:
         """LIST: ``{number: size}`` for every message, or one message's size."""
         if number is not None:
             return parse_scan_listing(self._simple("LIST", message_number(number)))[1]
-        sizes = dict(parse_scan_listing(line) for line in self._multiline("LIST"))
+        sizes = unique_listing(map(parse_scan_listing, self._multiline("LIST")), "LIST")
         self._sizes = sizes
         return dict(sizes)
 
@@ -2026,7 +2056,8 @@ class POP3:
         """UIDL: ``{number: uid}`` as a UIDList (see its ``duplicates``), or one UID."""
         if number is not None:
             return parse_uid_listing(self._simple("UIDL", message_number(number)))[1]
-        uids = UIDList(parse_uid_listing(line) for line in self._multiline("UIDL"))
+        lines = self._multiline("UIDL")
+        uids = UIDList(unique_listing(map(parse_uid_listing, lines), "UIDL").items())
         if uids.duplicates:
             self._log.debug("server gave one UID to several messages: %r", uids.duplicates)
         return uids
@@ -2048,8 +2079,12 @@ class POP3:
         self._check_in_step()
         return body
 
-    def retr_to(self, number: int, file: IO[bytes]) -> int:
-        """RETR into a binary file object in constant memory. Returns the octets written."""
+    def retr_to(self, number: int, file: IO[bytes], max_size: int | None = None) -> int:
+        """RETR into a binary file object in constant memory. Returns the octets written.
+
+        There is no size limit unless ``max_size`` is given (then a longer message raises
+        LimitExceeded and closes the connection); a server that streams without end is
+        otherwise stopped only when it slows below MIN_TRANSFER_RATE."""
         self._send("RETR", message_number(number))
         announced = parse_announced_size(self._read_status("RETR"))
         written = 0
@@ -2059,6 +2094,8 @@ class POP3:
             nonlocal written
             if bare_lf:
                 piece = to_crlf(piece)
+            if max_size is not None and written + len(piece) > max_size:
+                raise LimitExceeded(f"message {number} is larger than {max_size} octets")
             rest = piece
             while rest:  # a raw (unbuffered) file may take less than it was given
                 done = file.write(rest)
@@ -2209,6 +2246,8 @@ class _Pipeline:
         wanted = max(1, min(self.window // 8, unsent))
         if not unsent or (inflight and self.window - inflight < wanted):
             return
+        if not inflight:
+            self.client._check_in_step(nothing_in_flight=True)
         encoding = "utf-8" if self.client._utf8 else "ascii"
         lines = []
         while self.sent < len(self.numbers) and self.sent - self.answered < self.window:

@@ -235,32 +235,6 @@ def session(name: str) -> Session:
 # touching the network.
 
 
-class Rules(NamedTuple):
-    """Where pop3lite today differs from what its documentation promises, the replayed cases
-    expect today's behaviour (``TODAY``) so that the rest is still checked; the promise
-    (``PROMISED``) is what a fixed pop3lite must do. When one is fixed, drop it from TODAY."""
-
-    leftover_after_err: bool = True
-    """Bytes after a -ERR are found out of step (today: read as the next command's reply)."""
-    leftover_after_batch: bool = True
-    """Bytes after a batch's last reply are found out of step (today: as above)."""
-    leftover_after_challenge: bool = True
-    """Bytes after a SASL challenge, or after the status that answers a cancelled exchange,
-    are found out of step (today: read as the server's next line)."""
-    large_limit_when_buffered: bool = True
-    """A body announced as over 1 MiB is held to max_message_size even when it arrived with
-    its status line (today: returned whatever its size)."""
-    closed_after_batch: bool = True
-    """After a batch failed and closed the connection, every call raises "connection closed"
-    (today: the unfinished batch goes on parsing the bytes left in the buffer)."""
-
-
-PROMISED = Rules()
-TODAY = Rules(leftover_after_err=False, leftover_after_batch=False,
-              leftover_after_challenge=False, large_limit_when_buffered=False,
-              closed_after_batch=False)
-
-
 class Outcome(NamedTuple):
     """The result of one call: ``kind`` is "ok" (``value``), "server" (a -ERR; ``value`` is the
     ServerError class), "parse" (ProtocolError, the session still in step), "fatal" (``value``:
@@ -296,20 +270,16 @@ class Model:
     ``answered``: while the session is still going, how many command lines the server has
     answered; the model then tells a client that is about to send a command (the replayer waits
     for it) from one that waits for bytes which will never come (``stuck``: hang up).
-
-    ``rules``: the documented behaviour, or today's where it differs (see Rules).
     """
 
     def __init__(self, data: bytes, ends: Sequence[int], max_message_size: int,
-                 strict_size: bool = False, *, answered: int | None = None,
-                 rules: Rules = PROMISED) -> None:
+                 strict_size: bool = False, *, answered: int | None = None) -> None:
         self.data = data
         self.answered = answered
         self.sent = 0  # command lines the client has sent
         self.ends = list(ends)
         self.max_message_size = max_message_size
         self.strict_size = strict_size
-        self.rules = rules
         self.unknown = False  # from here on the client's reading depends on timing
         self.pos = 0
         self.eol = CRLF
@@ -328,6 +298,12 @@ class Model:
     def in_step(self) -> None:
         if self.available(self.pos) > self.pos:
             raise _Fatal("protocol")
+
+    def send(self, commands: int = 1) -> None:
+        """The client sends command lines: first it checks that nothing unasked-for arrived
+        (after a batch's last reply is the one place where that is not already checked)."""
+        self.in_step()
+        self.sent += commands
 
     def line(self, limit: int) -> bytes:
         """The first line of a reply (status line or SASL challenge), its line end removed."""
@@ -374,14 +350,7 @@ class Model:
                     raise _Fatal("limit")
                 raise _Incomplete()
             end = index + len(eol)
-        buffered = end + len(terminator) <= self.available(start)
-        skip_limit = (
-            not self.rules.large_limit_when_buffered
-            and announced is not None
-            and announced > LARGE_BODY
-            and buffered
-        )
-        if end - start > limit and not skip_limit:
+        if end - start > limit:
             raise _Fatal("limit")
         self.pos = end + len(terminator)
         if self.answered is not None:
@@ -423,11 +392,10 @@ class Model:
         return outcomes
 
     def simple(self, verb: str) -> Outcome:
-        self.sent += 1
+        self.send()
         ok, text = self.status()
         if not ok:
-            if self.rules.leftover_after_err:
-                self.in_step()
+            self.in_step()
             return self.error(text, verb)
         self.in_step()
         return Outcome("ok", text)
@@ -465,9 +433,10 @@ class Model:
         return self.text_call("DELE")
 
     def call_quit(self) -> Outcome:
-        self.sent += 1
+        self.send()
         ok, text = self.status()
         if not ok:
+            self.in_step()
             return self.error(text, "QUIT")
         return Outcome("ok", pop3lite.display_text(text))
 
@@ -484,11 +453,10 @@ class Model:
         return self.parsed(lambda: tuple(pop3lite.parse_stat(outcome.value)))
 
     def multiline(self, verb: str, limit: int = pop3lite.MAX_LISTING_SIZE) -> Outcome:
-        self.sent += 1
+        self.send()
         ok, text = self.status()
         if not ok:
-            if self.rules.leftover_after_err:
-                self.in_step()
+            self.in_step()
             return self.error(text, verb)
         answered, self.answered = self.answered, None  # CAPA decides on pipelining: decode
         try:
@@ -507,7 +475,9 @@ class Model:
         outcome = self.multiline("LIST")
         if outcome.kind != "ok":
             return outcome
-        return self.parsed(lambda: dict(pop3lite.parse_scan_listing(x) for x in outcome.value))
+        return self.parsed(
+            lambda: pop3lite.unique_listing(map(pop3lite.parse_scan_listing, outcome.value), "LIST")
+        )
 
     def call_uidl(self, number: int | None = None) -> Outcome:
         if number is not None:
@@ -520,7 +490,8 @@ class Model:
             return outcome
 
         def parse() -> Any:
-            uids = pop3lite.UIDList(pop3lite.parse_uid_listing(x) for x in outcome.value)
+            pairs = map(pop3lite.parse_uid_listing, outcome.value)
+            uids = pop3lite.UIDList(pop3lite.unique_listing(pairs, "UIDL").items())
             return dict(uids), uids.duplicates
 
         return self.parsed(parse)
@@ -538,8 +509,7 @@ class Model:
         self.sent += 1
         ok, text = self.status()
         if not ok:
-            if self.rules.leftover_after_err:
-                self.in_step()
+            self.in_step()
             return self.error(text, verb)
         announced = pop3lite.parse_announced_size(text) if verb == "RETR" else None
         body = self.body(limit if limit is not None else len(self.data), announced)
@@ -561,13 +531,13 @@ class Model:
     def batch(self, verb: str, numbers: Sequence[int]) -> Outcome:
         self.call_capa()
         pipelined = "PIPELINING" in (self.caps or {})
-        if pipelined:
-            self.sent += len(numbers)  # all at once: the window is far larger
         items: list[tuple[int, bytes | None, Any]] = []
-        for number in numbers:
-            if not pipelined:
-                self.sent += 1
+        for index, number in enumerate(numbers):
             try:
+                if not pipelined:
+                    self.send()
+                elif index == 0:
+                    self.send(len(numbers))  # all at once: the window is far larger
                 ok, text = self.status()
                 if not ok:
                     items.append((number, None, self.error(text, verb).value))
@@ -584,9 +554,7 @@ class Model:
                 return Outcome("partial", (items, "eof"))
             except _Fatal as exc:
                 return Outcome("partial", (items, exc.args[0]))
-        if self.rules.leftover_after_batch:
-            self.in_step()
-        return Outcome("ok", items)
+        return Outcome("ok", items)  # bytes after the last reply: found by the next command
 
     def call_retr_many(self, numbers: Sequence[int]) -> Outcome:
         return self.batch("RETR", numbers)
@@ -598,28 +566,23 @@ class Model:
         return self.batch("DELE", numbers)
 
     def call_auth(self, mechanism: str, secret: str = "") -> Outcome:
-        self.sent += 1
+        self.send()
         for _ in range(pop3lite.MAX_SASL_ROUNDS):
             line = self.line(pop3lite.MAX_SASL_LINE)
             if line[:1] != b"+" or line[:3] == b"+OK":
                 break
             if self.available(self.pos) > self.pos:  # more than one challenge at a time
-                if self.rules.leftover_after_challenge:
-                    raise _Fatal("protocol")
-                self.unknown = True
+                raise _Fatal("protocol")
             self.sent += 1  # the answer to a challenge (or "*")
         else:
             raise _Fatal("protocol")
         if line[:3] == b"+OK" and line[3:4] in (b"", b" "):
             if self.available(self.pos) > self.pos:
-                if self.rules.leftover_after_challenge:
-                    raise _Fatal("protocol")
-                self.unknown = True  # today found only if the client had not cancelled
+                raise _Fatal("protocol")
             self.caps = None
             return Outcome("auth", "+OK")
         if line[:4] == b"-ERR" and line[4:5] in (b"", b" "):
-            if self.rules.leftover_after_err:
-                self.in_step()
+            self.in_step()
             return Outcome("auth", "-ERR")
         raise _Fatal("protocol")
 
@@ -820,23 +783,15 @@ def perform_batch(pop: pop3lite.POP3, call: tuple[Any, ...]) -> Outcome:
     raise AssertionError("batch yielded more items than numbers")
 
 
-def observe(pop: pop3lite.POP3, call: tuple[Any, ...], strict_closed: bool = True) -> Outcome:
-    """One call's outcome as the client gave it. Anything but a pop3lite.Error propagates.
-    With ``strict_closed`` False, a call on a closed connection may raise any pop3lite.Error
-    (Rules.closed_after_batch)."""
+def observe(pop: pop3lite.POP3, call: tuple[Any, ...]) -> Outcome:
+    """One call's outcome as the client gave it. Anything but a pop3lite.Error propagates."""
     if is_closed(pop):
-        if call[0] == "capa":  # cached: no network needed
-            with contextlib.suppress(pop3lite.NetworkError):
-                return Outcome("ok", dict(pop.capa()))
-            return Outcome("closed")
-        expected: Any = pop3lite.NetworkError if strict_closed else pop3lite.Error
-        with pytest.raises(expected) as info:
+        with pytest.raises(pop3lite.NetworkError) as info:
             if call[0] in ("retr_many", "top_many", "dele_many"):
                 list(getattr(pop, call[0])(*call[1:]))
             else:
                 perform(pop, call)
-        if strict_closed:
-            assert str(info.value).startswith("connection closed"), info.value
+        assert str(info.value).startswith("connection closed"), info.value
         return Outcome("closed")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -859,8 +814,7 @@ def observe(pop: pop3lite.POP3, call: tuple[Any, ...], strict_closed: bool = Tru
     return outcome
 
 
-def drive(port: int, calls: Sequence[tuple[Any, ...]], options: Options,
-          rules: Rules = PROMISED) -> list[Outcome]:
+def drive(port: int, calls: Sequence[tuple[Any, ...]], options: Options) -> list[Outcome]:
     """Connect, make every call whatever happens, and return the outcomes (greeting first)."""
     try:
         pop = pop3lite.POP3("127.0.0.1", port, timeout=TIMEOUT, tls="none", **options._asdict())
@@ -870,11 +824,7 @@ def drive(port: int, calls: Sequence[tuple[Any, ...]], options: Options,
         return [Outcome("fatal", fatal_kind(exc))]
     try:
         outcomes = [Outcome("ok", (pop.greeting, pop.timestamp))]
-        batch_failed = False
-        for call in calls:
-            outcome = observe(pop, call, rules.closed_after_batch or not batch_failed)
-            batch_failed = batch_failed or outcome.kind == "partial"
-            outcomes.append(outcome)
+        outcomes += [observe(pop, call) for call in calls]
     finally:
         pop.close()
     return outcomes
@@ -892,17 +842,16 @@ class Case(NamedTuple):
 
 
 def replay(replayer: Replayer, recorded: Session, *, replies: list[bytes] | None = None,
-           budget: int | None = None, options: Options = DEFAULTS, label: str = "",
-           rules: Rules = TODAY) -> Case:
+           budget: int | None = None, options: Options = DEFAULTS, label: str = "") -> Case:
     """Replay a session (its replies, or changed ones) and model what the client had to do."""
     replies = recorded.replies if replies is None else replies
 
     def model(data: bytes, ends: Sequence[int], answered: int | None = None) -> Model:
         return Model(data, ends, options.max_message_size, options.strict_size,
-                     answered=answered, rules=rules)
+                     answered=answered)
 
     def stuck(data: bytes, ends: list[int], answered: int) -> bool:
-        key = (recorded.name, options, rules, hash(data), len(data), tuple(ends), answered)
+        key = (recorded.name, options, hash(data), len(data), tuple(ends), answered)
         if key not in _STUCK:
             checker = model(data, ends, answered)
             checker.run(recorded.calls)
@@ -912,7 +861,7 @@ def replay(replayer: Replayer, recorded: Session, *, replies: list[bytes] | None
     started = time.monotonic()
     try:
         served, got = replayer.run(
-            Job(replies, budget, stuck), lambda port: drive(port, recorded.calls, options, rules)
+            Job(replies, budget, stuck), lambda port: drive(port, recorded.calls, options)
         )
     except Exception as exc:  # anything but a pop3lite.Error, or a failed check
         raise AssertionError(f"{label or recorded.name}: {exc!r}") from exc
@@ -2163,3 +2112,213 @@ def test_a_handler_exception_is_surfaced_not_swallowed() -> None:
             with Hostile(server) as other:
                 assert other.sock.recv(100) == b"+OK hi\r\n"
             assert len(server.errors) == 1
+
+
+# =============================================================================================
+# pop3lite: surplus bytes are found, never taken as the next answer
+# =============================================================================================
+
+
+# Bytes that come after a -ERR (nothing follows one) would answer the next command.
+def test_bytes_after_an_err_put_the_session_out_of_step() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"-ERR no such message\r\n+OK 9 9\r\n")
+        if peer.line():
+            peer.send(b"+OK 2 320\r\n")
+        peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.Error):
+            pop.dele(7)
+        with pytest.raises(pop3lite.NetworkError, match="^connection closed"):
+            pop.stat()
+        pop.close()
+
+
+# The same after the -ERR that answers a cancelled AUTH ("*").
+def test_bytes_after_the_err_to_a_cancelled_auth() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()  # AUTH PLAIN <initial response>
+        peer.send(b"+ not base64!\r\n")
+        peer.line()  # "*"
+        peer.send(b"-ERR cancelled\r\n+OK 9 9\r\n")
+        if peer.line():
+            peer.send(b"+OK 2 320\r\n")
+        peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.Error):
+            pop.auth("PLAIN", "user", "password")
+        with pytest.raises(pop3lite.NetworkError, match="^connection closed"):
+            pop.stat()
+        pop.close()
+
+
+# A surplus reply after a batch's last one is found before the next command is sent.
+def test_bytes_after_a_batch_put_the_session_out_of_step() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK\r\nPIPELINING\r\n.\r\n")
+        peer.line()
+        peer.send(b"+OK\r\none\r\n.\r\n+OK 9 9\r\n")
+        if peer.line():
+            peer.send(b"+OK 2 320\r\n")
+        peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        assert [item.data for item in pop.retr_many([1])] == [b"one\r\n"]
+        with pytest.raises(pop3lite.Error):
+            pop.stat()
+        pop.close()
+
+
+# A server must wait for the answer to its challenge; anything after one is out of step.
+def test_bytes_after_a_sasl_challenge_put_the_session_out_of_step() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()  # AUTH LOGIN
+        peer.send(b"+ VXNlcm5hbWU6\r\n+OK logged in\r\n")
+        if peer.line():  # the user name
+            peer.send(b"+ UGFzc3dvcmQ6\r\n")
+        if peer.line():
+            peer.send(b"+OK 2 320\r\n")
+        peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError):
+            pop.auth("LOGIN", "user", "password")
+        pop.close()
+
+
+# Once a batch has failed and closed the connection, nothing left in the buffer is parsed.
+def test_a_failed_batch_yields_nothing_more() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+        peer.send(b"+OK\r\nPIPELINING\r\n.\r\n")
+        peer.line()
+        peer.send(b"+OK\r\none\r\n.\r\n+OKAY\r\n+OK\r\nforged\r\n.\r\n")
+        peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port, pipeline_window=1)
+        batch = pop.retr_many([1, 2, 3])
+        assert next(batch).data == b"one\r\n"
+        with pytest.raises(pop3lite.ProtocolError):
+            next(batch)
+        assert "closed" in repr(pop)
+        with pytest.raises(pop3lite.NetworkError, match="^connection closed"):
+            next(batch)
+        pop.close()
+
+# =============================================================================================
+# pop3lite: limits
+# =============================================================================================
+
+
+# A body announced as large and arriving with its status line is still held to the limit.
+def test_a_body_announced_as_large_is_still_held_to_the_limit() -> None:
+    body = b"x" * 4998 + b"\r\n"
+    with scripted(answer_then(b"+OK 2000000 octets\r\n" + body + b".\r\n")) as port:
+        pop = connect(port, max_message_size=1000)
+        with pytest.raises(pop3lite.LimitExceeded):
+            pop.retr(1)
+        pop.close()
+
+
+# Received octets extend the deadline, but silence never lasts longer than the timeout.
+def test_silence_after_a_burst_times_out() -> None:
+    chunk = (b"y" * 78 + b"\r\n") * 13108  # about 1 MiB
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        if peer.line():
+            peer.send(b"+OK\r\n" + chunk)
+            peer.hold()
+
+    with scripted(script) as port:
+        pop = connect(port, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(pop3lite.Timeout):
+            pop.retr(1)
+        assert time.monotonic() - started < 0.5 + SLACK
+        pop.close()
+
+
+# retr_to() streams without a limit unless given max_size; with it, an endless stream ends.
+def test_retr_to_against_an_endless_stream_ends() -> None:
+    chunk = memoryview((b"y" * 78 + b"\r\n") * 13108)
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        if peer.line():
+            peer.send(b"+OK\r\n")
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline and peer.send(chunk):
+                pass
+
+    with scripted(script) as port:
+        pop = connect(port, timeout=0.5, max_message_size=1024 * 1024)
+        started = time.monotonic()
+        with pytest.raises(pop3lite.LimitExceeded):
+            pop.retr_to(1, NullFile(), max_size=1024 * 1024)
+        assert time.monotonic() - started < 0.5 + SLACK
+        pop.close()
+
+
+# A message number listed twice is an error, not a silently merged dict entry.
+@pytest.mark.parametrize("verb", ["LIST", "UIDL"])
+def test_duplicate_message_numbers_are_not_silently_merged(verb: str) -> None:
+    body = b"1 100\r\n1 200\r\n.\r\n" if verb == "LIST" else b"1 aaa\r\n1 bbb\r\n.\r\n"
+    with scripted(answer_then(b"+OK\r\n" + body)) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.ProtocolError):
+            pop.list() if verb == "LIST" else pop.uidl()
+        pop.close()
+
+
+# =============================================================================================
+# fakeserver.py
+# =============================================================================================
+
+
+# 8-bit bytes in AUTH's initial response get -ERR, not a failed session.
+@pytest.mark.parametrize("mechanism", [b"PLAIN", b"XOAUTH2", b"plain"])
+def test_fakeserver_auth_initial_response_not_utf8(mechanism: bytes) -> None:
+    with fakeserver.FakeServer("rfc") as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            replies = sock.makefile("rb")
+            replies.readline()
+            sock.sendall(b"AUTH " + mechanism + b" \xff\xfe\r\n")
+            assert replies.readline().startswith(b"-ERR")
+            replies.close()
+
+
+# A burst of connections is answered at once (a listen backlog of 128, not 5).
+def test_fakeserver_answers_a_burst_of_connections_at_once() -> None:
+    with fakeserver.FakeServer(max_sessions=20) as server:
+        results: list[bytes] = []
+        lock = threading.Lock()
+
+        def connect_one() -> None:
+            with socket.create_connection(server.address, timeout=10) as sock:
+                first = sock.recv(100)
+                with lock:
+                    results.append(first)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=connect_one) for _ in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert len(results) == 100
+        assert time.monotonic() - started < 1.0

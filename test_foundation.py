@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import fakeserver
 
@@ -75,3 +78,46 @@ def test_benchmark_self_check_runs() -> None:
     output = proc.stdout.decode("utf-8", "replace")
     assert proc.returncode == 0, output
     assert "self-check: ok" in output, output
+
+
+def python_blocks(markdown: str) -> list[str]:
+    """The ```python code blocks of a Markdown text."""
+    blocks, current = [], None
+    for line in markdown.splitlines():
+        if current is None and line.strip() == "```python":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_readme_library_tour_runs_as_written(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's first example, run against the fake server holding the seed's mail."""
+    import pop3lite
+
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        tour = python_blocks(f.read())[0]
+    assert 'pop3lite.POP3("pop.example.com")' in tour
+    users = {"alice": fakeserver.Maildrop("secret", fakeserver.OPERAMAIL_MESSAGES)}
+    saved: dict[int, bytes] = {}
+    with fakeserver.FakeServer(users=users) as server:
+        real = pop3lite.POP3
+        monkeypatch.setattr(
+            pop3lite,
+            "POP3",
+            lambda host, *args, **kwargs: real(server.host, server.port, tls="none", timeout=10),
+        )
+        monkeypatch.chdir(tmp_path)
+        exec(tour, {"password": "secret", "save": saved.__setitem__})
+        assert users["alice"].messages == []  # every message deleted, by the clean exit's QUIT
+    printed = capsys.readouterr().out
+    assert printed.strip() == "\u300c\uff23\uff33\uff23\u304b\u3089\u306e\u8033\u3088\u308a" \
+        "\u306a\u304a\u77e5\u3089\u305b\u300d<\u51fa\u4f1a\u3044\u7de8>"
+    assert saved == dict(enumerate(fakeserver.OPERAMAIL_MESSAGES, 1))
+    with open("big.eml", "rb") as f:
+        assert f.read() == fakeserver.OPERAMAIL_MESSAGES[0]

@@ -51,31 +51,37 @@ TIMEOUT = 5.0  # every socket in these tests gives up after this long
 class Peer:
     """The server side of one connection, driven by a test's script function."""
 
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, stop: threading.Event) -> None:
         self.conn = conn
+        self.stop = stop  # set when the test is done: trickling and holding scripts end
         self.buf = b""
-        self.received: list[bytes] = []
 
-    def send(self, data: bytes) -> None:
-        self.conn.sendall(data)
+    def send(self, data: bytes | memoryview) -> bool:
+        """Send; False if the client has gone."""
+        try:
+            self.conn.sendall(data)
+        except OSError:
+            return False
+        return True
 
     def send_bytewise(self, data: bytes) -> None:
         for i in range(len(data)):
             self.conn.sendall(data[i : i + 1])
 
     def line(self) -> bytes:
-        """The next command line the client sent, CRLF included; b"" at EOF."""
-        deadline = time.monotonic() + TIMEOUT
-        while b"\n" not in self.buf:
-            if time.monotonic() > deadline:
-                raise AssertionError("client sent no complete line")
-            chunk = self.conn.recv(65536)
+        """The next command line (CRLF included), or b"" when the client closed."""
+        for _ in range(10000):
+            if b"\n" in self.buf:
+                line, _, self.buf = self.buf.partition(b"\n")
+                return line + b"\n"
+            try:
+                chunk = self.conn.recv(65536)
+            except OSError:
+                return b""
             if not chunk:
                 return b""
             self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        self.received.append(line + b"\n")
-        return line + b"\n"
+        raise AssertionError("no line from the client")
 
     def expect(self, command: bytes, reply: bytes) -> None:
         got = self.line()
@@ -91,6 +97,27 @@ class Peer:
         except ConnectionResetError:
             return True
 
+    def trickle(self, data: bytes, every: float = 0.02) -> None:
+        """Send ``data`` one byte at a time, then keep sending ``data[-1:]``, until stopped."""
+        for index in range(100000):
+            if self.stop.wait(every):
+                return
+            piece = data[index : index + 1] or data[-1:]
+            if not self.send(piece):
+                return
+
+    def hold(self) -> None:
+        """Say nothing more; wait until the test is done or the client closes."""
+        self.conn.settimeout(0.05)
+        while not self.stop.is_set():
+            try:
+                if not self.conn.recv(65536):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
 
 @contextlib.contextmanager
 def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
@@ -101,27 +128,25 @@ def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.settimeout(TIMEOUT)
+    stop = threading.Event()
     errors: list[BaseException] = []
 
     def serve() -> None:
         try:
             conn, _ = listener.accept()
-        except OSError as exc:
+            with conn:
+                conn.settimeout(TIMEOUT)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                script(Peer(conn, stop))
+        except BaseException as exc:  # reported in the test's thread
             errors.append(exc)
-            return
-        with conn:
-            conn.settimeout(TIMEOUT)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                script(Peer(conn))
-            except BaseException as exc:  # reported in the test's thread
-                errors.append(exc)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
         yield listener.getsockname()[1]
     finally:
+        stop.set()
         thread.join(TIMEOUT * 2)
         listener.close()
     assert not thread.is_alive(), "scripted server did not finish"

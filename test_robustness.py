@@ -45,6 +45,7 @@ import pytest
 import fakeserver
 import pop3lite
 from fakeserver import FakeServer, Fault
+from test_pop3lite import Peer, connect, scripted  # the scripted raw peer both suites use
 
 try:
     import tracemalloc
@@ -1183,100 +1184,7 @@ def test_mutated_sessions(replayer: Replayer, kind: str) -> None:
 # =============================================================================================
 
 
-class Peer:
-    """The server side of one connection, driven by a test's script function."""
-
-    def __init__(self, conn: socket.socket, stop: threading.Event) -> None:
-        self.conn = conn
-        self.stop = stop  # set when the test is done: trickling scripts end
-        self.buf = b""
-
-    def send(self, data: bytes | memoryview) -> bool:
-        """Send; False if the client has gone."""
-        try:
-            self.conn.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def line(self) -> bytes:
-        """The next command line (CRLF included), or b"" when the client closed."""
-        for _ in range(10000):
-            if b"\n" in self.buf:
-                line, _, self.buf = self.buf.partition(b"\n")
-                return line + b"\n"
-            try:
-                chunk = self.conn.recv(65536)
-            except OSError:
-                return b""
-            if not chunk:
-                return b""
-            self.buf += chunk
-        raise AssertionError("no line from the client")
-
-    def trickle(self, data: bytes, every: float = 0.02) -> None:
-        """Send ``data`` one byte at a time, then keep sending ``data[-1:]``, until stopped."""
-        for index in range(100000):
-            if self.stop.wait(every):
-                return
-            piece = data[index : index + 1] or data[-1:]
-            if not self.send(piece):
-                return
-
-    def hold(self) -> None:
-        """Say nothing more; wait until the test is done or the client closes."""
-        self.conn.settimeout(0.05)
-        while not self.stop.is_set():
-            try:
-                if not self.conn.recv(65536):
-                    return
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-
-@contextlib.contextmanager
-def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
-    """Run ``script`` as the server of one loopback connection; yield the port. An error in
-    the script fails the test at the end of the block."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(TIMEOUT)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(TIMEOUT)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                script(Peer(conn, stop))
-        except BaseException as exc:  # reported in the test's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(TIMEOUT * 2)
-        listener.close()
-    assert not thread.is_alive(), "scripted server did not finish"
-    if errors:
-        raise errors[0]
-
-
 GREETING = b"+OK ready <1896.697170952@dbc.mtview.ca.us>\r\n"
-
-
-def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
-    kwargs.setdefault("timeout", TIMEOUT)
-    kwargs.setdefault("tls", "none")
-    return pop3lite.POP3("127.0.0.1", port, **kwargs)
 
 
 QUICK = 0.25  # the client timeout in the tests below

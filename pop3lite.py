@@ -1047,7 +1047,30 @@ def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
     return details
 
 
-class XOAuth2Mechanism(Mechanism):
+class _BearerMechanism(Mechanism):
+    """A bearer-token mechanism: one message with the token, then at most one challenge, the
+    server's JSON error, kept in ``error_details`` and answered with ``error_answer`` so the
+    server can send its final -ERR."""
+
+    sends_secret = True
+    error_answer: ClassVar[bytes]
+
+    def __init__(self, user: str) -> None:
+        super().__init__(user)
+        self._message = b""
+        self.error_details: dict[str, Any] | None = None
+
+    def initial_response(self) -> bytes:
+        return self._message
+
+    def respond(self, challenge: bytes) -> bytes:
+        if self.error_details is not None:
+            raise _protocol_error(f"unexpected {self.name} challenge after the error", challenge)
+        self.error_details = _json_error(challenge, self.name)
+        return self.error_answer
+
+
+class XOAuth2Mechanism(_BearerMechanism):
     """XOAUTH2 (Google's and Microsoft's format): user and bearer token in one message.
 
     After a failure the server's JSON error (e.g. {"status": "401", ...}) is in
@@ -1055,7 +1078,8 @@ class XOAuth2Mechanism(Mechanism):
     """
 
     name = "XOAUTH2"
-    sends_secret = True
+    # The documented answer to the error challenge is an empty response.
+    error_answer = b""
 
     def __init__(self, user: str, token: str) -> None:
         super().__init__(user)
@@ -1064,21 +1088,9 @@ class XOAuth2Mechanism(Mechanism):
         self._message = (
             b"user=" + _utf8(user, "user name") + b"\x01auth=Bearer " + token.encode() + b"\x01\x01"
         )
-        self.error_details: dict[str, Any] | None = None
-
-    def initial_response(self) -> bytes:
-        return self._message
-
-    def respond(self, challenge: bytes) -> bytes:
-        # A challenge after the initial response is the base64 JSON error; the documented
-        # answer is an empty response, after which the server sends the final -ERR.
-        if self.error_details is not None:
-            raise _protocol_error("unexpected XOAUTH2 challenge after the error", challenge)
-        self.error_details = _json_error(challenge, self.name)
-        return b""
 
 
-class OAuthBearerMechanism(Mechanism):
+class OAuthBearerMechanism(_BearerMechanism):
     """OAUTHBEARER (RFC 7628) with a bearer token; host and port are optional.
 
     The gs2 header names `authzid` if given, else `user`. After a failure the server's
@@ -1086,7 +1098,8 @@ class OAuthBearerMechanism(Mechanism):
     """
 
     name = "OAUTHBEARER"
-    sends_secret = True
+    # RFC 7628 section 3.2.3: the client answers the error challenge with a single %x01.
+    error_answer = b"\x01"
 
     def __init__(
         self,
@@ -1116,18 +1129,6 @@ class OAuthBearerMechanism(Mechanism):
         pairs.append(b"auth=Bearer " + token.encode())
         gs2_header = b"n,a=" + _utf8(_saslname(identity), "user name") + b","
         self._message = gs2_header + b"\x01" + b"".join(pair + b"\x01" for pair in pairs) + b"\x01"
-        self.error_details: dict[str, Any] | None = None
-
-    def initial_response(self) -> bytes:
-        return self._message
-
-    def respond(self, challenge: bytes) -> bytes:
-        # Section 3.2.3: the server's error arrives as a challenge and the client answers
-        # with a single %x01 so that the server can send the final -ERR.
-        if self.error_details is not None:
-            raise _protocol_error("unexpected OAUTHBEARER challenge after the error", challenge)
-        self.error_details = _json_error(challenge, self.name)
-        return b"\x01"
 
 
 # Every mechanism mechanism_for() builds (for error messages, a command line's help).

@@ -32,6 +32,8 @@ from typing import (
     NamedTuple,
     NoReturn,
     TypeVar,
+    Union,
+    cast,
     overload,
 )
 
@@ -64,6 +66,16 @@ __all__ = [
     "InsecureError",
     "SizeMismatchWarning",
     "repair_encoded_words",
+    "create_tls_context",
+    "Response",
+    "ReplyReader",
+    "Expected",
+    "StatusLine",
+    "Challenge",
+    "BodyPiece",
+    "BodyEnd",
+    "NEED_DATA",
+    "SaslExchange",
     "main",
 ]
 
@@ -135,7 +147,20 @@ _DEBUG = 10  # logging.DEBUG, without importing logging at module import time
 
 
 class Error(Exception):
-    """Base class of every error pop3lite raises (besides ValueError for caller mistakes)."""
+    """Base class of every error pop3lite raises (besides ValueError for caller mistakes).
+
+    ``reason`` is a short fixed word saying why, for programs to act on (the message is for
+    people and may change): e.g. TLSError "certificate", "hostname", "not-tls", "no-stls";
+    NetworkError "resolve", "connect", "closed"; Timeout "connect", "handshake", "read".
+    Empty where the class says it all.
+    """
+
+    reason: str = ""
+
+    def __init__(self, *args: Any, reason: str = "") -> None:
+        super().__init__(*args)
+        if reason:
+            self.reason = reason
 
 
 class ServerError(Error):
@@ -145,13 +170,22 @@ class ServerError(Error):
     ``text`` the rest of the server's line, ``command`` the verb that failed (never arguments).
     """
 
-    def __init__(self, text: str, code: str | None = None, command: str = "") -> None:
+    def __init__(
+        self,
+        text: str,
+        code: str | None = None,
+        command: str = "",
+        *,
+        message: str | None = None,
+    ) -> None:
         self.text = text
         self.code = code
         self.command = command
         shown = f"[{code}] {text}" if code else text
         where = f" to {command}" if command else ""
-        super().__init__(f"server said -ERR{where}: {shown}")
+        # ``message`` is for a refusal that did not come as a -ERR line (a SCRAM "e=" inside
+        # the exchange): the message never claims the server said what it did not.
+        super().__init__(message or f"server said -ERR{where}: {shown}")
 
 
 class TemporaryError(ServerError):
@@ -180,11 +214,11 @@ class AuthenticationError(ServerError):
 class ProtocolError(Error):
     """The server sent bytes that are not POP3. ``data`` holds (the start of) those bytes."""
 
-    def __init__(self, message: str, data: bytes = b"") -> None:
+    def __init__(self, message: str, data: bytes = b"", *, reason: str = "") -> None:
         self.data = bytes(data[:200])
         if data:
             message = f"{message}: {self.data!r}"
-        super().__init__(message)
+        super().__init__(message, reason=reason)
 
 
 class LimitExceeded(ProtocolError):
@@ -208,7 +242,13 @@ class Timeout(Error, TimeoutError):
 
 
 class InsecureError(Error):
-    """A password or token would cross an unencrypted link; pass tls="none" to allow it."""
+    """A password or token would cross an unencrypted link; pass tls="none" to allow it.
+
+    ``what`` names what would have crossed in clear ("a password", "a PLAIN credential")."""
+
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message, reason="plaintext")
+        self.what = what
 
 
 class SizeMismatchWarning(UserWarning):
@@ -585,6 +625,308 @@ def safe_cut(buf: bytes | bytearray, start: int, end: int, eol: bytes) -> tuple[
     return cut, False
 
 
+# -- Framing: a sans-I/O reader of server replies -----------------------------------------
+#
+# RFC 1939 section 3: a reply is a status line ("+OK" or "-ERR", text, CRLF); after +OK some
+# commands send a multi-line body, ended by a line holding a single "."; a body line that
+# starts with "." is sent with one more "." in front (byte-stuffing). RFC 5034 section 4 adds
+# the SASL continuation, "+" SP base64 CRLF, which asks the client for an answer.
+#
+# ReplyReader knows all of that and nothing about sockets: the caller says which replies it
+# expects (expect()), puts the server's bytes into the reader (feed(), or receive_buffer()
+# and received() to receive straight into it) and asks for events (next_event()) until the
+# reply it wants is complete. Every framing rule is enforced here, once: line limits, bare
+# CR, bare-LF servers, dot-unstuffing, body limits, and "nothing may follow": bytes beyond
+# the replies that were asked for mean the server and the client are out of step.
+
+
+class StatusLine(NamedTuple):
+    """A reply's status line: ``ok`` for +OK, ``text`` what follows the indicator."""
+
+    ok: bool
+    text: bytes
+
+
+class Challenge(NamedTuple):
+    """A SASL continuation line (RFC 5034 section 4): ``data`` is the base64 after "+ "."""
+
+    data: bytes
+
+
+class BodyPiece(NamedTuple):
+    """Part of a multi-line body, dot-stuffing removed, CRLF line ends; in order."""
+
+    data: bytes
+
+
+class BodyEnd(NamedTuple):
+    """The multi-line body is complete; ``octets`` is its size as delivered."""
+
+    octets: int
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""next_event()'s answer when the reader needs more bytes from the server."""
+
+ReplyEvent = Union[StatusLine, Challenge, BodyPiece, BodyEnd]
+
+
+class Expected(NamedTuple):
+    """One reply the reader is to expect, in the order the commands were sent.
+
+    ``multiline``: a body follows a +OK. ``sasl``: the reply may be a continuation.
+    ``limit``: the longest body accepted. ``stream``: deliver the body in pieces of about
+    STREAM_CHUNK octets instead of whole (memory stays flat). ``last``: the session ends with
+    this reply (QUIT), so whatever follows it is never read and does not matter.
+    """
+
+    multiline: bool = False
+    sasl: bool = False
+    limit: int = MAX_LISTING_SIZE
+    stream: bool = False
+    last: bool = False
+
+
+_ZEROS = bytes(RECV_SIZE)  # what the reader's buffer grows by
+_MIN_RECEIVE = 4096  # less free space than this, and the reader makes room
+_SINGLE_LINE = Expected()
+_SASL_REPLY = Expected(sasl=True)
+_LAST_REPLY = Expected(last=True)
+
+
+class ReplyReader:
+    """Turns the server's bytes into reply events. Never touches a socket.
+
+    Errors it raises (ProtocolError, LimitExceeded) mean the session is out of step: the
+    caller must close the connection. The reader's state is then undefined.
+    """
+
+    def __init__(self) -> None:
+        self.eol = b"\r\n"
+        """The line end of the last status line: CRLF, or LF for a server that sends bare LF
+        (tolerated: its bodies are framed with LF and delivered with CRLF)."""
+        self._buf = bytearray(RECV_SIZE)  # capacity; bytes [_start:_end] are unread
+        self._start = 0
+        self._end = 0
+        self._search = 0  # where the next search for a line end or terminator begins
+        self._expected: deque[Expected] = deque()
+        self._in_body = False
+        self._at_line_start = True  # (streaming) the next unread byte begins a body line
+        self._octets = 0
+        self._stream = False
+        self._limit = 0
+        self._end_event: BodyEnd | None = None
+
+    # -- what to expect, and what is left ---------------------------------------------------
+
+    def expect(self, expected: Expected = _SINGLE_LINE) -> None:
+        """Note that one more command was sent, and the shape of the reply it will get."""
+        self._expected.append(expected)
+
+    @property
+    def awaiting(self) -> int:
+        """Replies expected and not yet complete (the one being read included)."""
+        return len(self._expected)
+
+    @property
+    def pending(self) -> int:
+        """Octets received and not yet read."""
+        return self._end - self._start
+
+    def unread(self) -> bytes:
+        """The octets received and not yet read (for error messages and STLS)."""
+        return bytes(self._buf[self._start : self._end])
+
+    def in_reply(self) -> bool:
+        """True when part of a reply has been read or received: stopping now, the rest of it
+        is still on its way (the session would be out of step)."""
+        return self._in_body or self._end > self._start
+
+    def connection_closed(self) -> NetworkError:
+        """The error that fits the server closing the connection now."""
+        if self.in_reply():
+            return TruncatedResponse(
+                "server closed the connection in the middle of a response", self.unread()
+            )
+        return NetworkError("server closed the connection")
+
+    # -- putting bytes in -----------------------------------------------------------------
+
+    def receive_buffer(self) -> memoryview:
+        """Free space at the end of the buffer to receive into; then call received(n). Release
+        the view before calling anything else (a bytearray with a view cannot be resized)."""
+        if len(self._buf) - self._end < _MIN_RECEIVE:
+            self._make_room(RECV_SIZE // 4)
+        return memoryview(self._buf)[self._end :]
+
+    def received(self, count: int) -> None:
+        """``count`` octets were written at the start of the last receive_buffer()."""
+        if not 0 <= count <= len(self._buf) - self._end:
+            raise ValueError("received() count outside the receive buffer")
+        self._end += count
+
+    def feed(self, data: bytes) -> None:
+        """Append ``data`` (bytes from the server) to what the reader holds."""
+        while data:
+            with self.receive_buffer() as space:
+                count = min(len(space), len(data))
+                space[:count] = data[:count]
+            self.received(count)
+            data = data[count:]
+
+    def _make_room(self, want: int) -> None:
+        """Make ``want`` octets of free space after the unread bytes. Consumed bytes are
+        dropped from the front and never copied again. For a large body of known size the
+        buffer is replaced by one of that size; otherwise it grows in RECV_SIZE steps (the
+        bytearray over-allocates by an eighth), so a body costs little more than its size."""
+        unread = self._end - self._start
+        if unread + want > 2 * len(self._buf):
+            fresh = bytearray(unread + want)
+            with memoryview(self._buf) as view, view[self._start : self._end] as part:
+                fresh[:unread] = part
+            self._buf = fresh
+        else:
+            if self._start:  # the unread part of a reply: small, or moved once per reply
+                self._buf[:unread] = self._buf[self._start : self._end]
+            while len(self._buf) - unread < want:
+                self._buf += _ZEROS
+        self._search -= self._start
+        self._start = 0
+        self._end = unread
+
+    def _shrink(self) -> None:
+        """Between replies: start the buffer over when all is read, and give back the memory
+        of a large body."""
+        if self._start == self._end:
+            self._start = self._end = self._search = 0
+        if len(self._buf) > 4 * RECV_SIZE and self.pending < RECV_SIZE:
+            fresh = bytearray(RECV_SIZE)
+            fresh[: self.pending] = self._buf[self._start : self._end]
+            self._search -= self._start
+            self._end -= self._start
+            self._start = 0
+            self._buf = fresh
+
+    @property
+    def capacity(self) -> int:
+        """Octets of memory the receive buffer holds now."""
+        return len(self._buf)
+
+    # -- taking events out ----------------------------------------------------------------
+
+    def next_event(self) -> ReplyEvent | _NeedData:
+        """The next event of the reply being read, or NEED_DATA."""
+        if self._end_event is not None:
+            event, self._end_event = self._end_event, None
+            self._complete()
+            return event
+        if not self._expected:
+            raise RuntimeError("next_event() with no reply expected")
+        if self._in_body:
+            return self._body_event()
+        return self._status_event()
+
+    def _status_event(self) -> ReplyEvent | _NeedData:
+        expected = self._expected[0]
+        limit = MAX_SASL_LINE if expected.sasl else MAX_RESPONSE_LINE
+        index = self._buf.find(b"\n", self._search, self._end)
+        if index < 0 or index + 1 - self._start > limit:
+            if self._end - self._start > limit or index >= 0:
+                raise LimitExceeded(
+                    f"server line longer than {limit} octets",
+                    bytes(self._buf[self._start : self._start + 80]),
+                )
+            self._search = self._end
+            return NEED_DATA
+        line = bytes(self._buf[self._start : index + 1])
+        self._start = self._search = index + 1
+        if line.find(b"\r", 0, len(line) - 2) >= 0:
+            raise ProtocolError("bare CR in a server line", line)
+        if line.endswith(b"\r\n"):
+            self.eol, line = b"\r\n", line[:-2]
+        else:
+            self.eol, line = b"\n", line[:-1]
+        # "+" alone or "+ <base64>" is a continuation; "+OK" (or "+OKAY") is a status line.
+        if expected.sasl and line[:1] == b"+" and line[:3] != b"+OK":
+            self._complete()  # the server now waits for our answer: nothing may follow
+            return Challenge(line[2:])
+        ok, text = parse_status(line)
+        if ok and expected.multiline:
+            self._start_body(expected, text)
+        else:
+            self._complete()
+        return StatusLine(ok, text)
+
+    def _start_body(self, expected: Expected, status_text: bytes) -> None:
+        self._in_body = True
+        self._stream = expected.stream
+        self._limit = expected.limit
+        self._at_line_start = True
+        self._octets = 0
+        announced = parse_announced_size(status_text) or 0
+        if not self._stream and announced > RECV_SIZE:
+            # Receive a large message into one buffer of about its size (the announced size is
+            # of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit.
+            size = min(announced, expected.limit)
+            self._make_room(size + size // 64 + 4096)
+
+    def _body_event(self) -> ReplyEvent | _NeedData:
+        buf, start, end, eol = self._buf, self._start, self._end, self.eol
+        if self._at_line_start:
+            body_end = find_body_end(buf, start, self._search, eol, end)
+        else:  # a stream cut inside a long line: the terminator needs a line end before it
+            index = buf.find(eol + b"." + eol, max(start, self._search), end)
+            body_end = -1 if index < 0 else index + len(eol)
+        if body_end >= 0:
+            self._start = self._search = body_end + len(eol) + 1
+            self._end_event = BodyEnd(self._octets)
+            if body_end == start:
+                return self.next_event()
+            return self._piece(start, body_end, self._at_line_start)
+        unread = end - start
+        if not self._stream:
+            if unread > self._limit + len(eol) + 1:
+                raise LimitExceeded(f"response larger than {self._limit} octets")
+        elif unread >= STREAM_CHUNK:
+            cut, at_line_start = safe_cut(buf, start, end, eol)
+            if cut > start:
+                piece = self._piece(start, cut, self._at_line_start)
+                self._start = self._search = cut
+                self._at_line_start = at_line_start
+                return piece
+        self._search = max(start, end - 2 * len(eol))
+        return NEED_DATA
+
+    def _piece(self, start: int, end: int, at_line_start: bool) -> BodyPiece:
+        with memoryview(self._buf) as view, view[start:end] as part:
+            data = unstuff(bytes(part), self.eol, at_line_start)
+        if self.eol == b"\n":
+            data = to_crlf(data)
+        self._octets += len(data)
+        if not self._stream and self._octets > self._limit:
+            raise LimitExceeded(f"response larger than {self._limit} octets")
+        if self._end_event is not None:
+            self._end_event = BodyEnd(self._octets)
+        return BodyPiece(data)
+
+    def _complete(self) -> None:
+        """The reply at the head of the queue is complete."""
+        last = self._expected.popleft().last
+        self._in_body = False
+        self._shrink()
+        # Nothing may follow a reply nobody asked for: surplus bytes mean the server answered
+        # something else (or injected a reply), and every later reply would be misread.
+        if not self._expected and self._end > self._start and not last:
+            raise ProtocolError(
+                "server sent more than was asked for", self.unread(), reason="surplus"
+            )
+
+
 # =============================================================================================
 # SASL mechanisms (RFC 4422, RFC 5034)
 # =============================================================================================
@@ -630,8 +972,9 @@ def _protocol_error(message: str, data: bytes = b"") -> ProtocolError:
 
 
 def _authentication_error(text: str) -> AuthenticationError:
-    """Build the exception for a failure the server reported inside the SASL exchange."""
-    return AuthenticationError(text, None, "AUTH")
+    """Build the exception for a failure the server reported inside the SASL exchange (not
+    as a -ERR line, so the message does not say it was one)."""
+    return AuthenticationError(text, None, "AUTH", message=text)
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -1195,295 +1538,235 @@ def choose_password_mechanism(offered: Iterable[str]) -> str | None:
     return None
 
 
+def choose_oauth2_mechanism(offered: Iterable[str]) -> str:
+    """OAUTHBEARER (RFC 7628, the standard) when offered, else XOAUTH2 (Google, Microsoft)."""
+    return "OAUTHBEARER" if "OAUTHBEARER" in (m.upper() for m in offered) else "XOAUTH2"
+
+
+class SaslExchange:
+    """The client's side of one AUTH exchange (RFC 5034 section 4), without I/O.
+
+    ``arguments`` are what follows "AUTH"; answer() turns each challenge (the base64 text
+    after "+ ") into the line to send back; finish() judges the final status line. A challenge
+    that cannot be valid is answered with "*", which cancels the exchange (RFC 5034 section 4);
+    finish() then raises the reason once the server has answered the cancel.
+    """
+
+    def __init__(self, mechanism: Mechanism) -> None:
+        import base64
+
+        self.mechanism = mechanism
+        self._pending_initial: bytes | None = None
+        self._failure: Error | None = None
+        self.rounds = 0
+        initial = mechanism.initial_response()
+        if initial is None:
+            self.arguments: tuple[str, ...] = (mechanism.name,)
+            return
+        first = base64.b64encode(initial) or b"="  # RFC 5034 section 4: "=" is empty
+        # RFC 5034 section 4: the initial response rides on the AUTH line only if the whole
+        # line fits in 255 octets; otherwise it answers the server's first, empty challenge.
+        if len(b"AUTH %s %s\r\n" % (mechanism.name.encode(), first)) <= MAX_COMMAND_LENGTH:
+            self.arguments = (mechanism.name, first.decode("ascii"))
+        else:
+            self.arguments = (mechanism.name,)
+            self._pending_initial = first
+
+    @property
+    def cancelled(self) -> bool:
+        return self._failure is not None
+
+    def answer(self, challenge: bytes) -> bytes:
+        """The line (without CRLF) that answers a challenge: base64, or b"*" to cancel."""
+        import base64
+        import binascii
+
+        self.rounds += 1
+        if self.rounds > MAX_SASL_ROUNDS:
+            raise ProtocolError("server kept sending SASL challenges")
+        if self._pending_initial is not None:
+            first, self._pending_initial = self._pending_initial, None
+            return first
+        try:
+            decoded = base64.b64decode(challenge, validate=True)
+        except (binascii.Error, ValueError):
+            self._failure = ProtocolError("server sent a challenge that is not base64", challenge)
+            return b"*"
+        try:
+            return base64.b64encode(self.mechanism.respond(decoded))
+        except Error as exc:
+            self._failure = exc
+            return b"*"
+
+    def finish(self, ok: bool, text: bytes) -> bytes:
+        """Judge the final status line; returns the +OK text or raises.
+
+        A refusal raises the ServerError that fits it (with the OAuth2 JSON error, if any);
+        +OK to a cancelled exchange means nobody knows the state any more (ProtocolError);
+        +OK without the server's proof (SCRAM) may come from an impostor (ProtocolError)."""
+        if self._failure is not None:
+            if ok:
+                raise ProtocolError("server accepted a cancelled AUTH")
+            raise self._failure  # RFC 5034 section 4: the server MUST answer "*" with -ERR
+        if not ok:
+            code, rest = parse_response_code(text)
+            error = server_error(display_text(rest), code, "AUTH")
+            if isinstance(error, AuthenticationError):
+                error.details = getattr(self.mechanism, "error_details", None)
+            raise error
+        self.mechanism.finish()
+        return text
+
+
 # =============================================================================================
-# Transport: the only code that does I/O
+# Transport: the only code that touches a socket
 # =============================================================================================
+
+
+def create_tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """The TLS settings pop3lite uses unless given others: the certificate and the host name
+    verified (against the system's CAs, or ``cafile``), TLS 1.2 at least (RFC 8314 section
+    4.1). Raises TLSError (reason "no-ssl") on a Python without the ssl module."""
+    try:
+        import ssl
+    except ImportError:
+        message = "this Python has no ssl module, so TLS is unavailable"
+        raise TLSError(message, reason="no-ssl") from None
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class _Transport:
-    """A socket with one receive buffer, a deadline per operation, and error translation.
+    """One connection: connect, TLS, send, receive into a ReplyReader, shut down, close.
 
-    The buffer belongs to this class, not to a file object, so STLS can tell whether the
-    server sent anything after its +OK, and pipelined responses are never lost.
+    Every socket call of the module is here, and so is the one place (``_error``) that turns
+    OSError and ssl.SSLError into pop3lite errors. Each operation has a deadline: ``timeout``
+    seconds from start_operation(), lengthened by 1/MIN_TRANSFER_RATE s per octet received.
+    Any failure closes the connection: the session is out of step and cannot be trusted.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self._sock: socket.socket | None = sock
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        source_address: tuple[str, int] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        self.buf = bytearray()
-        self.pos = 0
-        self.scratch = bytearray(RECV_SIZE)
         self.closed_reason = ""
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.peer_certificate: dict[str, Any] | None = None
+        self._sock: socket.socket | None = None
+        try:
+            self._sock = socket.create_connection((host, port), timeout, source_address)
+            self.peer_address = str(self._sock.getpeername()[0])
+        except OSError as exc:
+            self.fail(self._error(exc, "connecting"))
 
-    # -- lifetime, deadlines and errors ----------------------------------------------------
+    # -- lifetime and errors ----------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
         return self._sock is not None
 
-    def sock(self) -> socket.socket:
-        """The live socket; a closed connection raises NetworkError saying why it closed."""
+    def _live(self) -> socket.socket:
+        """The socket; a closed connection raises NetworkError saying why it closed."""
         if self._sock is None:
-            raise NetworkError(f"connection closed ({self.closed_reason})")
+            raise NetworkError(f"connection closed ({self.closed_reason})", reason="closed")
         return self._sock
 
-    def replace_socket(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def check_open(self) -> None:
+        self._live()
 
     def close(self, reason: str = "closed by the client") -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
-            self.buf = bytearray()  # what is left belongs to a session that is over
-            self.pos = 0
             sock.close()
 
-    def start_operation(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
-
-    def remaining(self) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            self.fail(Timeout(f"no answer from the server within {self.timeout:g}s"))
-        return remaining
+    def abort(self, reason: str = "aborted by the client") -> None:
+        """Shut the socket down first, so that a call blocked on it in another thread returns
+        at once, then close it."""
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.close(reason)
 
     def fail(self, error: Error) -> NoReturn:
         """Close the connection (the session is out of step) and raise ``error``."""
         self.close(str(error))
         raise error
 
-    def _translate(self, exc: OSError, doing: str) -> NoReturn:
-        if isinstance(exc, socket.timeout):
-            self.fail(Timeout(f"timed out {doing} after {self.timeout:g}s"))
+    def start_operation(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def _remaining(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.fail(
+                Timeout(f"no answer from the server within {self.timeout:g}s", reason="read")
+            )
+        return remaining
+
+    def _error(self, exc: OSError, doing: str) -> Error:
+        """The pop3lite error for a failed socket or TLS call: the one translation table."""
+        where = f"{self.host}:{self.port}"
         ssl = sys.modules.get("ssl")
+        if isinstance(exc, socket.timeout):  # not a TimeoutError subclass before 3.10
+            if doing == "connecting":
+                return Timeout(f"timed out connecting to {where}", reason="connect")
+            if doing == "handshake":
+                return Timeout(f"TLS handshake with {self.host} timed out", reason="handshake")
+            return Timeout(f"timed out {doing} after {self.timeout:g}s", reason="read")
+        if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+            # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: a valid certificate for another name.
+            reason = "hostname" if exc.verify_code == 62 else "certificate"
+            return TLSError(
+                f"certificate of {self.host} is not trusted: {exc.verify_message}", reason=reason
+            )
         if ssl is not None and isinstance(exc, ssl.SSLError):
-            self.fail(TLSError(f"TLS error while {doing}: {exc}"))
-        self.fail(NetworkError(f"connection failed while {doing}: {exc}"))
+            # WRONG_VERSION_NUMBER: the first bytes back were not TLS (a plaintext greeting).
+            reason = "not-tls" if exc.reason == "WRONG_VERSION_NUMBER" else "handshake"
+            if doing == "handshake":
+                return TLSError(f"TLS handshake with {self.host} failed: {exc}", reason=reason)
+            return TLSError(f"TLS error while {doing}: {exc}", reason="tls")
+        if doing == "connecting":
+            if isinstance(exc, socket.gaierror):
+                message = f"cannot resolve {self.host!r}: {exc.strerror}"
+                return NetworkError(message, reason="resolve")
+            return NetworkError(f"cannot connect to {where}: {exc}", reason="connect")
+        if doing == "handshake":
+            return TLSError(f"TLS handshake with {self.host} failed: {exc}", reason="handshake")
+        return NetworkError(f"connection failed while {doing}: {exc}", reason="io")
 
-    # -- writing ---------------------------------------------------------------------------
+    # -- TLS ----------------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        sock = self.sock()
-        remaining = self.remaining()  # outside the try: Timeout is an OSError too
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """Wrap the connection in TLS, verifying the server as ``context`` says, and record
+        the version, cipher and certificate."""
+        sock = self._live()
+        remaining = self._remaining()  # outside the try: Timeout is an OSError too
         try:
             sock.settimeout(remaining)
-            sock.sendall(data)
-        except OSError as exc:
-            self._translate(exc, "sending")
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def _recv_into(self, target: bytearray, offset: int, doing: str, in_body: bool) -> int:
-        """Receive into ``target[offset:]``; EOF raises. Every octet received lengthens the
-        deadline by 1/MIN_TRANSFER_RATE seconds, so big transfers are bounded by rate."""
-        sock = self.sock()
-        # Outside the try (Timeout is an OSError too). The octets received so far extend the
-        # deadline, but silence is never allowed longer than ``timeout``.
-        wait = min(self.timeout, self.remaining())
-        try:
-            sock.settimeout(wait)
-            with memoryview(target) as view, view[offset:] as tail:
-                count = sock.recv_into(tail)
-        except OSError as exc:
-            self._translate(exc, doing)
-        if count == 0:
-            if in_body or self.pending():
-                self.fail(
-                    TruncatedResponse(
-                        "server closed the connection in the middle of a response",
-                        bytes(self.buf[self.pos :]),
-                    )
-                )
-            self.fail(NetworkError("server closed the connection"))
-        self.deadline += count / MIN_TRANSFER_RATE
-        return count
-
-    def fill(self, doing: str = "reading a response", in_body: bool = False) -> None:
-        """Receive more bytes onto the end of the buffer."""
-        count = self._recv_into(self.scratch, 0, doing, in_body)
-        with memoryview(self.scratch) as view, view[:count] as chunk:
-            self.buf += chunk
-
-    def take(self, start: int, end: int) -> bytes:
-        """``bytes(buf[start:end])`` with one copy instead of two."""
-        with memoryview(self.buf) as view, view[start:end] as part:
-            return bytes(part)
-
-    def compact(self) -> None:
-        """Drop consumed bytes once they make up most of the buffer (amortised O(1))."""
-        if self.pos == len(self.buf):
-            if self.pos:
-                self.buf.clear()
-                self.pos = 0
-        elif self.pos > 65536 and self.pos * 2 > len(self.buf):
-            del self.buf[: self.pos]
-            self.pos = 0
-
-    def pending(self) -> int:
-        return len(self.buf) - self.pos
-
-    def read_line(self, limit: int) -> bytes:
-        """One line, its line end included. Bare CR, or a line over ``limit``, raises."""
-        self.sock()  # a closed connection has nothing more to say
-        try:
-            return self._read_line(limit)
-        except BaseException:
-            self.interrupted()
-            raise
-
-    def read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
-        """The rest of a multi-line response, dot-stuffing removed, terminator consumed."""
-        self.sock()
-        try:
-            return self._read_body(limit, eol, announced)
-        except BaseException:
-            self.interrupted()
-            raise
-
-    def stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
-        """Pass a multi-line body to ``write`` in pieces of about STREAM_CHUNK octets, each
-        cut at a line end where possible, so memory stays constant whatever the size."""
-        self.sock()
-        try:
-            self._stream_body(write, eol)
-        except BaseException:
-            self.interrupted()
-            raise
-
-    def interrupted(self) -> None:
-        """A read ended in an exception (a pop3lite error, which already closed the
-        connection, or the caller's own: a failed write, Ctrl-C): the rest of the response is
-        still on its way, so the session is out of step and the connection is closed."""
-        self.close("a response was cut short")
-
-    def _read_line(self, limit: int) -> bytes:
-        self.compact()
-        search = self.pos
-        while True:
-            index = self.buf.find(b"\n", search)
-            if index >= 0:
-                break
-            if len(self.buf) - self.pos > limit:
-                break
-            search = len(self.buf)
-            self.fill()
-        if index < 0 or index + 1 - self.pos > limit:
-            self.fail(
-                LimitExceeded(
-                    f"server line longer than {limit} octets",
-                    bytes(self.buf[self.pos : self.pos + 80]),
-                )
-            )
-        line = bytes(self.buf[self.pos : index + 1])
-        self.pos = index + 1
-        if line.find(b"\r", 0, len(line) - 2) >= 0:
-            self.fail(ProtocolError("bare CR in a server line", line))
-        return line
-
-    def _read_body(self, limit: int, eol: bytes, announced: int | None) -> bytes:
-        if announced is not None and announced > _LARGE_BODY:
-            return unstuff(self._read_large_body(limit, eol, min(announced, limit)), eol)
-        start = search = self.pos
-        terminator = len(eol) + 1
-        while True:
-            end = find_body_end(self.buf, start, search, eol)
-            if end >= 0:
-                break
-            if len(self.buf) - start > limit + terminator:
-                self.fail(LimitExceeded(f"response larger than {limit} octets"))
-            search = max(start, len(self.buf) - 2 * len(eol))
-            self.fill("reading a multi-line response", in_body=True)
-        if end - start > limit:
-            self.fail(LimitExceeded(f"response larger than {limit} octets"))
-        if end - start > _LARGE_BODY:
-            body = self._take_buffer(start, end, end + terminator)
-        else:
-            body = self.take(start, end)
-            self.pos = end + terminator
-            self.compact()
-        return unstuff(body, eol)
-
-    def _take_buffer(self, start: int, end: int, after: int) -> bytes:
-        """Hand a large body over without a third copy: what follows it moves to a fresh buffer
-        and the old one is cut down to the body in place. Keeps peak memory near twice the body.
-        """
-        rest = bytearray(self.buf[after:])
-        del self.buf[end:]
-        del self.buf[:start]
-        body = bytes(self.buf)
-        self.buf = rest
-        self.pos = 0
-        return body
-
-    def _read_large_body(self, limit: int, eol: bytes, size_hint: int) -> bytes:
-        """read_body for a body announced as large: receive straight into one buffer of the
-        announced size (bounded by ``limit``), so the message is copied once, not per chunk."""
-        terminator = len(eol) + 1
-        start = self.pos
-        end = find_body_end(self.buf, start, start, eol)
-        if end >= 0:  # it has all arrived already
-            if end - start > limit:
-                self.fail(LimitExceeded(f"response larger than {limit} octets"))
-            body = self.take(start, end)
-            self.pos = end + terminator
-            return body
-        have = len(self.buf) - start
-        # The announced size is of the unstuffed message; allow 1/64 for stuffed dots and the
-        # terminator, and grow in steps of 1/16, so the buffer stays near the body's size.
-        body_buf = bytearray(max(size_hint + size_hint // 64 + 4096, have + 65536))
-        body_buf[:have] = self.buf[start:]
-        self.buf = bytearray()
-        self.pos = 0
-        filled = have
-        search = 0
-        while True:
-            end = find_body_end(body_buf, 0, search, eol, filled)
-            if end >= 0:
-                break
-            if filled > limit + terminator:
-                self.fail(LimitExceeded(f"response larger than {limit} octets"))
-            if filled == len(body_buf):  # the server's size was low
-                body_buf += bytes(len(body_buf) // 16)
-            search = max(0, filled - 2 * len(eol))
-            filled += self._recv_into(body_buf, filled, "reading a multi-line response", True)
-        if end > limit:
-            self.fail(LimitExceeded(f"response larger than {limit} octets"))
-        self.buf = bytearray(body_buf[end + terminator : filled])
-        del body_buf[end:]
-        return bytes(body_buf)
-
-    def _stream_body(self, write: Callable[[bytes], object], eol: bytes) -> None:
-        terminator = eol + b"." + eol
-        at_line_start = True
-        search = self.pos
-        while True:
-            if at_line_start:
-                end = find_body_end(self.buf, self.pos, search, eol)
-            else:
-                index = self.buf.find(terminator, max(self.pos, search))
-                end = -1 if index < 0 else index + len(eol)
-            if end >= 0:
-                if end > self.pos:
-                    write(unstuff(self.take(self.pos, end), eol, at_line_start))
-                self.pos = end + len(eol) + 1
-                self.compact()
-                return
-            if len(self.buf) - self.pos >= STREAM_CHUNK:
-                cut, next_at_line_start = safe_cut(self.buf, self.pos, len(self.buf), eol)
-                if cut > self.pos:
-                    write(unstuff(self.take(self.pos, cut), eol, at_line_start))
-                    del self.buf[:cut]
-                    self.pos = 0
-                    at_line_start = next_at_line_start
-            search = max(self.pos, len(self.buf) - 2 * len(eol))
-            self.fill("reading a multi-line response", in_body=True)
+            wrapped = context.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            self.fail(self._error(exc, "handshake"))
+        self._sock = wrapped
+        self.tls_version = wrapped.version()
+        cipher = wrapped.cipher()
+        self.cipher = cipher[0] if cipher else None
+        self.peer_certificate = wrapped.getpeercert()
 
     def data_waiting(self) -> bool:
-        """True if any byte is buffered or already waiting on the socket (without blocking)."""
-        if self.pending():
-            return True
-        sock = self.sock()
+        """True if a byte is already waiting on the socket (looked at without blocking)."""
+        sock = self._live()
         try:
             sock.setblocking(False)
             try:
@@ -1494,6 +1777,35 @@ class _Transport:
             return False
         except OSError:
             return True  # a reset right after +OK is just as suspicious
+
+    # -- sending and receiving -------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        sock = self._live()
+        remaining = self._remaining()
+        try:
+            sock.settimeout(remaining)
+            sock.sendall(data)
+        except OSError as exc:
+            self.fail(self._error(exc, "sending"))
+
+    def receive(self, reader: ReplyReader, doing: str = "reading a response") -> None:
+        """Receive once, straight into the reader's buffer. The server closing the connection
+        raises the error the reader says fits (truncated, or just closed)."""
+        sock = self._live()
+        # Silence is never allowed longer than ``timeout``; the octets received so far extend
+        # the deadline of the whole operation.
+        wait = min(self.timeout, self._remaining())
+        try:
+            sock.settimeout(wait)
+            with reader.receive_buffer() as space:
+                count = sock.recv_into(space)
+        except OSError as exc:
+            self.fail(self._error(exc, doing))
+        if count == 0:
+            self.fail(reader.connection_closed())
+        reader.received(count)
+        self.deadline += count / MIN_TRANSFER_RATE
 
 
 # =============================================================================================
@@ -1511,6 +1823,80 @@ def _check_lines(lines: int) -> str:
     if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
         raise ValueError(f"lines must be a non-negative integer, not {lines!r}")
     return str(lines)
+
+
+class Response(NamedTuple):
+    """What command() returns: the text after +OK (raw bytes) and, for a multi-line reply,
+    the body (dot-stuffing removed, CRLF line ends), else None."""
+
+    text: bytes
+    body: bytes | None
+
+
+# Verbs that command() refuses, with the method that does them: they carry credentials that
+# must stay out of logs, or change the state of the session in ways the client must track.
+_OWN_METHOD_VERBS = {
+    "USER": "login()",
+    "PASS": "login()",
+    "APOP": "apop()",
+    "AUTH": "auth()",
+    "STLS": "stls()",
+    "UTF8": "utf8()",
+    "QUIT": "quit()",
+}
+# RFC 1939 section 5 and RFC 2449 section 5 / RFC 6856 section 3: these verbs answer with a
+# multi-line body after +OK (LIST, UIDL and LANG only without an argument).
+_MULTILINE_VERBS = frozenset({"RETR", "TOP", "CAPA"})
+_MULTILINE_WITHOUT_ARGUMENT = frozenset({"LIST", "UIDL", "LANG"})
+
+
+def is_multiline(verb: str, *args: str) -> bool:
+    """Whether a +OK to this command is followed by a multi-line body (for known verbs)."""
+    verb = verb.upper()
+    return verb in _MULTILINE_VERBS or (verb in _MULTILINE_WITHOUT_ARGUMENT and not args)
+
+
+class _Batch:
+    """The books of one pipelined batch (retr_many() and friends); POP3 drives it.
+
+    Up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY octets
+    of expected responses are in flight. If the caller sends another command before the batch
+    ends (a DELE after each RETR, say), the responses in flight are read into ``ready`` first,
+    so the session never goes out of step; the response budget bounds that queue.
+    """
+
+    def __init__(
+        self,
+        verb: str,
+        numbers: list[int],
+        extra: tuple[str, ...],
+        window: int,
+        step: Callable[[_Batch], Fetched],
+    ) -> None:
+        self.verb = verb
+        self.numbers = numbers
+        self.extra = extra
+        self.multiline = verb != "DELE"
+        self.window = window
+        self.sent = 0
+        self.answered = 0
+        self.received = 0  # octets of bodies so far, for the average response size
+        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
+        self.inflight_command_octets = 0
+        self.inflight_response_octets = 0
+        self.ready: deque[Fetched] = deque()
+
+        self._step = step
+
+    def __iter__(self) -> _Batch:
+        return self
+
+    def __next__(self) -> Fetched:
+        if self.ready:
+            return self.ready.popleft()
+        if self.answered >= len(self.numbers):
+            raise StopIteration
+        return self._step(self)
 
 
 class POP3:
@@ -1555,38 +1941,27 @@ class POP3:
         """The greeting's text after +OK, control characters escaped."""
         self.timestamp: str | None = None
         """The APOP challenge from the greeting, or None (also after STLS)."""
-        self.tls_version: str | None = None
-        self.cipher: str | None = None
-        self.peer_certificate: dict[str, Any] | None = None
         self.loopback = False
         self._tls_mode = tls
         self._ssl_context = ssl_context
         self._log = _get_logger()
+        self._reader = ReplyReader()
         self._caps: Capabilities | None = None
-        self._eol = b"\r\n"
+        self._caps_before_login: Capabilities | None = None
         self._utf8 = False
         self._authenticated = False
         self._quit_sent = False
-        self._batch: _Pipeline | None = None
+        self._batch: _Batch | None = None
         self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
+        # RFC 1939 section 8: the maildrop is locked for the session, so its messages keep
+        # their numbers; only DELE (undone by RSET) hides one. A listing that names a number
+        # beyond ``_highest`` is not a gap but a server out of step with itself.
+        self._marked: set[int] = set()
+        self._highest: int | None = None
 
-        started = time.monotonic()
+        self._transport = _Transport(host, port, self.timeout, source_address)
         try:
-            sock = socket.create_connection((host, port), self.timeout, source_address)
-        except socket.timeout:
-            raise Timeout(f"timed out connecting to {host}:{port}") from None
-        except socket.gaierror as exc:
-            raise NetworkError(f"cannot resolve {host!r}: {exc.strerror}") from None
-        except OSError as exc:
-            raise NetworkError(f"cannot connect to {host}:{port}: {exc}") from None
-        self._transport = _Transport(sock, self.timeout)
-        self._transport.deadline = started + self.timeout
-        try:
-            try:
-                peer = sock.getpeername()[0]
-            except OSError as exc:  # reset between connect and now
-                self._transport.fail(NetworkError(f"connection to {host}:{port} failed: {exc}"))
-            self.loopback = is_loopback(str(peer))
+            self.loopback = is_loopback(self._transport.peer_address)
             if implicit:
                 self._start_tls()
             self._read_greeting()
@@ -1595,6 +1970,20 @@ class POP3:
         except BaseException:
             self._transport.close("failed during connection setup")
             raise
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use ("TLSv1.3"), or None on a plaintext connection."""
+        return self._transport.tls_version
+
+    @property
+    def cipher(self) -> str | None:
+        return self._transport.cipher
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The server's certificate as ssl.SSLSocket.getpeercert() gives it, or None."""
+        return self._transport.peer_certificate
 
     # -- context manager and lifetime --------------------------------------------------------
 
@@ -1615,6 +2004,11 @@ class POP3:
         link = self.tls_version or ("loopback" if self.loopback else "plaintext")
         return f"<pop3lite.POP3 {self.host}:{self.port} {state} {link}>"
 
+    @property
+    def is_open(self) -> bool:
+        """True until the connection is closed (by quit(), close(), abort() or a failure)."""
+        return self._transport.is_open
+
     def close(self) -> None:
         """Close without QUIT: messages marked for deletion stay on the server."""
         self._transport.close("closed by the client")
@@ -1622,139 +2016,158 @@ class POP3:
     def abort(self) -> None:
         """Like close(), but shut the socket down first, so that a call blocked on it in
         another thread returns at once."""
-        if self._transport.is_open:
-            try:
-                self._transport.sock().shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._transport.close("aborted by the client")
+        self._transport.abort("aborted by the client")
 
-    # -- the command/response cycle -----------------------------------------------------------
+    # -- the command/reply cycle: every command and every reply passes here -----------------------
 
     def _log_line(self, direction: str, line: bytes) -> None:
         self._log.debug("%s %s", direction, display_text(line.rstrip(b"\r\n")))
 
-    def _send(self, verb: str, *args: str, public: int | None = None) -> None:
-        """Send one command. With ``public`` set, only that many leading arguments reach the
-        log; the rest (passwords, digests, SASL responses) are logged as ****."""
+    def _send(
+        self,
+        verb: str,
+        *args: str,
+        public: int | None = None,
+        expected: Expected = _SINGLE_LINE,
+    ) -> None:
+        """Send one command and note the reply it expects. With ``public`` set, only that many
+        leading arguments reach the log; the rest (passwords, digests, SASL responses) are
+        logged as ****."""
         if self._batch is not None:
-            self._batch.absorb()
-        self._check_in_step()  # e.g. a surplus reply after a batch's last one
+            self._absorb(self._batch)
         line = format_command(verb, *args, encoding="utf-8" if self._utf8 else "ascii")
-        self._transport.sock()  # a closed connection raises here, saying why it closed
+        self._transport.check_open()  # a closed connection raises here, saying why it closed
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
             shown = line
             if public is not None:
                 shown = " ".join((verb, *args[:public], "****")).encode()
             self._log_line("C:", shown)
+        self._reader.expect(expected)
         self._transport.send(line)
 
-    def _read_status(self, command: str) -> bytes:
-        """Read one status line: the text after +OK, or the fitting ServerError raised."""
-        line = self._transport.read_line(MAX_RESPONSE_LINE)
-        if self._log.isEnabledFor(_DEBUG):
-            self._log_line("S:", line)
+    def _event(self, doing: str = "reading a response") -> ReplyEvent:
+        """The next event of the reply being read: the one receive loop of the client."""
+        reader = self._reader
+        self._transport.check_open()  # after a failure the reader's state means nothing
         try:
-            ok, text = parse_status(self._strip_eol(line))
-        except ProtocolError as exc:
-            self._transport.fail(exc)  # the session is out of step
-        if ok:
-            return text
-        self._check_in_step()  # nothing follows a -ERR
-        code, rest = parse_response_code(text)
+            while True:
+                event = reader.next_event()
+                if not isinstance(event, _NeedData):
+                    return event
+                self._transport.receive(reader, doing)
+        except Error as exc:  # framing broke: the session is out of step
+            self._transport.fail(exc)
+        except BaseException:  # Ctrl-C, say: the rest of the reply is still on its way
+            self._transport.close("a response was cut short")
+            raise
+
+    def _status(self, command: str) -> bytes:
+        """Read one status line: the text after +OK, or the fitting ServerError raised."""
+        event = self._event()
+        if not isinstance(event, StatusLine):  # only an AUTH exchange expects a Challenge
+            self._transport.fail(ProtocolError(f"expected a status line, not {event!r}"))
+        self._log_status(event)
+        if event.ok:
+            return event.text
+        code, rest = parse_response_code(event.text)
         raise server_error(display_text(rest), code, command)
 
-    def _strip_eol(self, line: bytes) -> bytes:
-        """The line without its line end. A response is framed with the line end its status
-        line used: CRLF, or (tolerated, and converted to CRLF) a bare LF."""
-        if line.endswith(b"\r\n"):
-            self._eol = b"\r\n"
-            return line[:-2]
-        if self._eol != b"\n":
+    def _log_status(self, event: StatusLine) -> None:
+        if self._reader.eol == b"\n":
             self._log.debug("server ended a line with a bare LF; tolerating it")
-            self._eol = b"\n"
-        return line[:-1]
+        if self._log.isEnabledFor(_DEBUG):
+            indicator = b"+OK" if event.ok else b"-ERR"
+            self._log_line("S:", indicator + (b" " + event.text if event.text else b""))
 
-    def _check_in_step(self, nothing_in_flight: bool = False) -> None:
-        """Bytes left over after a complete response, with nothing in flight, mean the server
-        answered something nobody asked: the session is out of step and cannot be trusted.
-        (Outside a batch nothing is in flight between commands; a batch says so itself.)"""
-        if self._transport.pending() and (nothing_in_flight or self._batch is None):
-            self._transport.fail(
-                ProtocolError(
-                    "server sent more than was asked for",
-                    bytes(self._transport.buf[self._transport.pos :]),
-                )
-            )
-
-    def _simple(self, verb: str, *args: str, public: int | None = None) -> bytes:
-        """A command with a one-line answer: the text after +OK."""
-        self._send(verb, *args, public=public)
-        text = self._read_status(verb)
-        self._check_in_step()
-        return text
-
-    def _body(self, limit: int, announced: int | None = None) -> bytes:
-        body = self._transport.read_body(limit, self._eol, announced)
-        if self._eol == b"\n":
-            body = to_crlf(body)
+    def _body(self) -> bytes:
+        """Read a whole multi-line body (after its +OK)."""
+        pieces = []
+        while True:
+            event = self._event("reading a multi-line response")
+            if isinstance(event, BodyEnd):
+                break
+            pieces.append(cast(BodyPiece, event).data)
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
 
-    def _multiline(self, verb: str, *args: str, limit: int = MAX_LISTING_SIZE) -> list[bytes]:
+    def _stream(self, write: Callable[[bytes], object]) -> int:
+        """Pass a multi-line body (after its +OK) to ``write`` piece by piece, each about
+        STREAM_CHUNK octets and cut at a line end where possible. Returns its octets."""
+        try:
+            while True:
+                event = self._event("reading a multi-line response")
+                if isinstance(event, BodyEnd):
+                    break
+                write(cast(BodyPiece, event).data)
+        except BaseException:  # the caller's write failed (or Ctrl-C): out of step
+            self._transport.close("a response was cut short")
+            raise
+        if self._log.isEnabledFor(_DEBUG):
+            self._log.debug("S: <%d octets, then .>", event.octets)
+        return event.octets
+
+    def _simple(self, verb: str, *args: str, public: int | None = None) -> bytes:
+        """A command with a one-line answer: the text after +OK."""
+        self._send(verb, *args, public=public)
+        return self._status(verb)
+
+    def _multiline(self, verb: str, *args: str) -> list[bytes]:
         """A command with a multi-line answer, as a list of lines without line ends."""
-        self._send(verb, *args)
-        self._read_status(verb)
-        lines = self._body(limit).split(b"\r\n")
-        self._check_in_step()
+        self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
+        self._status(verb)
+        lines = self._body().split(b"\r\n")
         lines.pop()  # the body ends with CRLF, so the last item is empty
         return lines
+
+    def command(
+        self,
+        verb: str,
+        *args: str,
+        multiline: bool | None = None,
+        limit: int | None = None,
+    ) -> Response:
+        """Send any command and return its Response(text, body); -ERR raises ServerError.
+
+        ``multiline`` says whether a +OK brings a body; by default it is known for the verbs
+        of RFC 1939, 2449 and 6856 (RETR, TOP, CAPA; LIST, UIDL, LANG without an argument) and
+        False for any other. A body may be ``limit`` octets (default: max_message_size for
+        RETR and TOP, MAX_LISTING_SIZE otherwise). The same checks as every method apply:
+        CR, LF and NUL are refused in arguments, and so are the verbs with a method of their
+        own (USER, PASS, APOP, AUTH: credentials stay out of logs; STLS, UTF8, QUIT)."""
+        verb = verb.upper()
+        if verb in _OWN_METHOD_VERBS:
+            raise ValueError(f"use {_OWN_METHOD_VERBS[verb]} for {verb}, not command()")
+        if multiline is None:
+            multiline = is_multiline(verb, *args)
+        if limit is None:
+            limit = self.max_message_size if verb in ("RETR", "TOP") else MAX_LISTING_SIZE
+        self._send(verb, *args, expected=Expected(multiline=multiline, limit=limit))
+        text = self._status(verb)
+        body = self._body() if multiline else None
+        if verb == "DELE" and args and args[0].isdigit():
+            self._marked.add(int(args[0]))
+        elif verb == "RSET":
+            self._marked.clear()
+        return Response(text, body)
 
     # -- connection setup: greeting, TLS, STLS -------------------------------------------------
 
     def _read_greeting(self) -> None:
-        text = self._read_status("greeting")
+        self._reader.expect()
+        text = self._status("greeting")
         self.greeting = display_text(text)
         self.timestamp = find_apop_timestamp(text)
-        self._check_in_step()
 
     def _context(self) -> ssl.SSLContext:
-        try:
-            import ssl
-        except ImportError:
-            raise TLSError("this Python has no ssl module, so TLS is unavailable") from None
         if self._ssl_context is None:
-            # Certificate and host name verified; TLS 1.2 at least (RFC 8314 section 4.1).
-            context = ssl.create_default_context()
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._ssl_context = context
+            self._ssl_context = create_tls_context()
         return self._ssl_context
 
     def _start_tls(self) -> None:
-        context = self._context()
-        import ssl
-
-        transport = self._transport
-        sock = transport.sock()
-        remaining = transport.remaining()  # outside the try: Timeout is an OSError too
-        try:
-            sock.settimeout(remaining)
-            wrapped = context.wrap_socket(sock, server_hostname=self.host)
-        except ssl.SSLCertVerificationError as exc:
-            transport.fail(
-                TLSError(f"certificate of {self.host} is not trusted: {exc.verify_message}")
-            )
-        except socket.timeout:
-            transport.fail(Timeout(f"TLS handshake with {self.host} timed out"))
-        except (ssl.SSLError, OSError) as exc:
-            transport.fail(TLSError(f"TLS handshake with {self.host} failed: {exc}"))
-        transport.replace_socket(wrapped)
-        self.tls_version = wrapped.version()
-        cipher = wrapped.cipher()
-        self.cipher = cipher[0] if cipher else None
-        self.peer_certificate = wrapped.getpeercert()
+        self._transport.start_tls(self._context())
         self._log.debug("TLS established: %s %s", self.tls_version, self.cipher)
 
     def _negotiate_stls(self, required: bool) -> None:
@@ -1762,7 +2175,8 @@ class POP3:
             if required:
                 raise TLSError(
                     f"{self.host}:{self.port} does not offer STLS; use implicit TLS (port 995), "
-                    "or pass tls='none' to send everything unencrypted"
+                    "or pass tls='none' to send everything unencrypted",
+                    reason="no-stls",
                 )
             return
         if not required:
@@ -1775,7 +2189,7 @@ class POP3:
         except ServerError as exc:
             if required:
                 self._transport.close("STLS refused")
-                raise TLSError(f"server refused STLS: {exc.text}") from None
+                raise TLSError(f"server refused STLS: {exc.text}", reason="stls-refused") from None
             # loopback: plaintext is allowed, carry on without TLS
 
     def stls(self) -> str:
@@ -1786,32 +2200,33 @@ class POP3:
         if self._utf8:
             raise ValueError("STLS is not allowed after UTF8 (RFC 6856 section 2.1)")
         self._context()
-        text = self._simple_unchecked("STLS")
         # RFC 2595 section 4 / RFC 8314 section 4.4: bytes after +OK and before the handshake
         # are a response-injection attempt; they must never be read as if they came over TLS.
+        injection = TLSError(
+            "server sent data after its STLS +OK (possible response injection); "
+            "connection closed",
+            reason="injection",
+        )
+        try:
+            text = self._simple("STLS")
+        except ProtocolError as exc:
+            if exc.reason != "surplus":
+                raise
+            raise injection from None  # the reader found them with the +OK
         if self._transport.data_waiting():
-            self._transport.fail(
-                TLSError(
-                    "server sent data after its STLS +OK (possible response injection); "
-                    "connection closed"
-                )
-            )
+            self._transport.fail(injection)
         self._start_tls()
         self._caps = None
         self.timestamp = None
         self.capa()
         return display_text(text)
 
-    def _simple_unchecked(self, verb: str) -> bytes:
-        self._send(verb)
-        return self._read_status(verb)
-
     # -- capabilities and modes -----------------------------------------------------------------
 
     def capa(self) -> Capabilities:
         """CAPA (RFC 2449) as ``{NAME: [args]}``; empty if the server has no CAPA.
         Cached; asked again after STLS and after login (RFC 2449 section 5)."""
-        self._transport.sock()  # even a cached answer: nothing more after the connection closed
+        self._transport.check_open()  # even a cached answer: nothing after the connection closed
         if self._caps is None:
             try:
                 lines = self._multiline("CAPA")
@@ -1821,8 +2236,19 @@ class POP3:
                 self._caps = parse_capabilities(lines)
         return self._caps
 
+    def _may_pipeline(self) -> bool:
+        """PIPELINING offered. RFC 2449 section 5: "Capabilities available in the
+        AUTHORIZATION state MUST be announced in both states", so one seen before login still
+        holds after it, and the CAPA round trip after login is saved."""
+        before = self._caps_before_login
+        if self._caps is None and before is not None and before.pipelining:
+            return True
+        return self.capa().pipelining
+
     def utf8(self) -> str:
         """UTF8 (RFC 6856): enter UTF-8 mode. Returns the server's +OK text."""
+        if self._authenticated:  # checked here, so nothing is sent
+            raise ValueError("UTF8 is only allowed before login (RFC 6856 section 2)")
         text = self._simple("UTF8")
         self._utf8 = True
         return display_text(text)
@@ -1842,7 +2268,8 @@ class POP3:
             return
         raise InsecureError(
             f"refusing to send {what} over an unencrypted connection to {self.host}; "
-            "use TLS, or pass tls='none' to allow it"
+            "use TLS, or pass tls='none' to allow it",
+            what,
         )
 
     def _check_credential(self, value: str, what: str) -> None:
@@ -1860,7 +2287,10 @@ class POP3:
 
     def _logged_in(self) -> None:
         self._authenticated = True
-        self._caps = None  # RFC 2449 section 5: capabilities may change after login
+        # RFC 2449 section 5: capabilities may change after login, so CAPA is asked again
+        # when needed; what was announced before login still holds (see _may_pipeline).
+        self._caps_before_login = self._caps
+        self._caps = None
 
     def login(self, user: str, password: str) -> str:
         """USER and PASS. Returns the server's +OK text."""
@@ -1928,81 +2358,36 @@ class POP3:
 
     def _sasl_exchange(self, mech: Mechanism) -> bytes:
         """The AUTH command and its challenges; the text of the final +OK."""
-        import base64
-
-        initial = mech.initial_response()
-        if initial is None:
-            first = None
-        else:  # RFC 5034 section 4: "=" is an empty initial response
-            first = base64.b64encode(initial).decode("ascii") or "="
-        # RFC 5034 section 4: the initial response rides on the AUTH line only if the whole
-        # line fits in 255 octets; otherwise it is sent after the server's empty challenge.
-        if first is not None and len(f"AUTH {mech.name} {first}\r\n") <= MAX_COMMAND_LENGTH:
-            self._send("AUTH", mech.name, first, public=1)
-            first = None
-        else:
-            self._send("AUTH", mech.name)
-        for _ in range(MAX_SASL_ROUNDS):
-            line = self._transport.read_line(MAX_SASL_LINE)
-            if self._log.isEnabledFor(_DEBUG):
-                self._log_line("S:", line)
-            stripped = self._strip_eol(line)
-            if stripped[:1] != b"+" or stripped[:3] == b"+OK":
+        exchange = SaslExchange(mech)
+        self._send("AUTH", *exchange.arguments, public=1, expected=_SASL_REPLY)
+        while True:
+            event = self._event()
+            if isinstance(event, StatusLine):
                 break
-            self._check_in_step()  # the server must wait for our answer to its challenge
-            if first is not None:
-                response, first = first, None
-            else:
-                response = self._answer_challenge(mech, stripped[2:])
-            self._log.debug("C: ****")
+            if not isinstance(event, Challenge):  # pragma: no cover - the reader forbids it
+                self._transport.fail(ProtocolError("unexpected reply to AUTH"))
+            self._log_line("S:", b"+ " + event.data)
+            try:
+                line = exchange.answer(event.data)
+            except ProtocolError as exc:
+                self._transport.fail(exc)
+            self._log.debug("C: *" if line == b"*" else "C: ****")
             # Each round gets the full timeout: SCRAM's key derivation on our side may take a
             # while and must not eat into the time the server has to answer.
             self._transport.start_operation()
-            self._transport.send(response.encode("ascii") + b"\r\n")
-        else:
-            self._transport.fail(ProtocolError("server kept sending SASL challenges"))
+            self._reader.expect(_SASL_REPLY)
+            self._transport.send(line + b"\r\n")
+        self._log_status(event)
         try:
-            ok, text = parse_status(stripped)
-        except ProtocolError as exc:
-            self._transport.fail(exc)
-        self._check_in_step()
-        if not ok:
-            code, rest = parse_response_code(text)
-            error = server_error(display_text(rest), code, "AUTH")
-            if isinstance(error, AuthenticationError):
-                error.details = getattr(mech, "error_details", None)
-            raise error
-        self._check_in_step()
-        try:
-            mech.finish()
+            return exchange.finish(event.ok, event.text)
+        except ServerError:
+            raise  # refused: the session is in step
         except Error as exc:
-            # +OK without proof that the server knows the password (SCRAM): it may be an
+            if exchange.cancelled and not event.ok:
+                raise  # we cancelled, the server said -ERR: in step, and this is why
+            # +OK to a cancelled exchange, or without the server's proof: it may be an
             # impostor, so nothing more is sent on this session.
             self._transport.fail(exc)
-        return text
-
-    def _answer_challenge(self, mech: Mechanism, encoded: bytes) -> str:
-        """Decode a challenge strictly (RFC 5034 section 4) and encode the mechanism's answer;
-        on a challenge that cannot be valid, cancel with "*" and raise."""
-        import base64
-        import binascii
-
-        try:
-            challenge = base64.b64decode(encoded, validate=True)
-            return base64.b64encode(mech.respond(challenge)).decode("ascii")
-        except (binascii.Error, ValueError, Error) as exc:
-            self._transport.start_operation()
-            self._transport.send(b"*\r\n")
-            self._log.debug("C: *")
-            try:
-                self._read_status("AUTH")
-            except ServerError:
-                pass  # RFC 5034 section 4: the server MUST answer "*" with -ERR
-            else:  # it logged us in after we cancelled: nobody knows the state any more
-                self._transport.fail(ProtocolError("server accepted a cancelled AUTH"))
-            if isinstance(exc, Error):
-                raise
-            raise ProtocolError("server sent a challenge that is not base64", encoded) from None
 
     def login_oauth2(
         self, user: str, token: str | Callable[[], str], mechanism: str | None = None
@@ -2011,7 +2396,7 @@ class POP3:
         ``token`` may be a callable returning a fresh token."""
         value = token() if callable(token) else token
         if mechanism is None:
-            mechanism = "OAUTHBEARER" if "OAUTHBEARER" in self.capa().sasl else "XOAUTH2"
+            mechanism = choose_oauth2_mechanism(self.capa().sasl)
         return self.auth(mechanism, user, token=value)
 
     def login_best(self, user: str, password: str) -> str:
@@ -2031,7 +2416,26 @@ class POP3:
 
     def stat(self) -> Stat:
         """STAT: Stat(count, size) of the messages not marked as deleted."""
-        return parse_stat(self._simple("STAT"))
+        stat = parse_stat(self._simple("STAT"))
+        if self._highest is None:
+            self._highest = stat.count + len(self._marked)
+        return stat
+
+    def _check_listing(self, numbers: Iterable[int], what: str) -> None:
+        """A full LIST or UIDL names only messages the maildrop has (RFC 1939 section 8: it is
+        locked for the session). Raised after the whole listing was read: still in step."""
+        highest = max(numbers, default=0)
+        if self._highest is not None and highest > self._highest:
+            raise ProtocolError(
+                f"{what} lists message {highest}, but the maildrop has only {self._highest}"
+            )
+        if self._highest is None:
+            self._highest = max(highest, max(self._marked, default=0))
+
+    def _check_number(self, asked: int, answered: int, what: str) -> None:
+        """A LIST or UIDL for one message must answer for that message."""
+        if answered != asked:
+            raise ProtocolError(f"{what} {asked} was answered for message {answered}")
 
     @overload
     def list(self) -> dict[int, int]: ...
@@ -2042,8 +2446,11 @@ class POP3:
     def list(self, number: int | None = None) -> dict[int, int] | int:
         """LIST: ``{number: size}`` for every message, or one message's size."""
         if number is not None:
-            return parse_scan_listing(self._simple("LIST", message_number(number)))[1]
+            answered, size = parse_scan_listing(self._simple("LIST", message_number(number)))
+            self._check_number(number, answered, "LIST")
+            return size
         sizes = unique_listing(map(parse_scan_listing, self._multiline("LIST")), "LIST")
+        self._check_listing(sizes, "LIST")
         self._sizes = sizes
         return dict(sizes)
 
@@ -2056,29 +2463,34 @@ class POP3:
     def uidl(self, number: int | None = None) -> UIDList | str:
         """UIDL: ``{number: uid}`` as a UIDList (see its ``duplicates``), or one UID."""
         if number is not None:
-            return parse_uid_listing(self._simple("UIDL", message_number(number)))[1]
+            answered, uid = parse_uid_listing(self._simple("UIDL", message_number(number)))
+            self._check_number(number, answered, "UIDL")
+            return uid
         lines = self._multiline("UIDL")
         uids = UIDList(unique_listing(map(parse_uid_listing, lines), "UIDL").items())
+        self._check_listing(uids, "UIDL")
         if uids.duplicates:
             self._log.debug("server gave one UID to several messages: %r", uids.duplicates)
         return uids
 
+    def _message_reply(self, verb: str, *args: str, stream: bool = False) -> int | None:
+        """Send RETR or TOP and read its status line; the size RETR announced, if any."""
+        limit = self.max_message_size
+        self._send(verb, *args, expected=Expected(multiline=True, limit=limit, stream=stream))
+        text = self._status(verb)
+        return parse_announced_size(text) if verb == "RETR" else None
+
     def retr(self, number: int) -> bytes:
         """RETR: the whole message, CRLF line ends, dot-stuffing removed."""
-        self._send("RETR", message_number(number))
-        announced = parse_announced_size(self._read_status("RETR"))
-        body = self._body(self.max_message_size, announced)
-        self._check_in_step()
+        announced = self._message_reply("RETR", message_number(number))
+        body = self._body()
         self._check_size(number, len(body), announced)
         return body
 
     def top(self, number: int, lines: int) -> bytes:
         """TOP: the header and the first ``lines`` lines of the body."""
-        self._send("TOP", message_number(number), _check_lines(lines))
-        self._read_status("TOP")
-        body = self._body(self.max_message_size)
-        self._check_in_step()
-        return body
+        self._message_reply("TOP", message_number(number), _check_lines(lines))
+        return self._body()
 
     def retr_to(self, number: int, file: IO[bytes], max_size: int | None = None) -> int:
         """RETR into a binary file object in constant memory. Returns the octets written.
@@ -2086,29 +2498,17 @@ class POP3:
         There is no size limit unless ``max_size`` is given (then a longer message raises
         LimitExceeded and closes the connection); a server that streams without end is
         otherwise stopped only when it slows below MIN_TRANSFER_RATE."""
-        self._send("RETR", message_number(number))
-        announced = parse_announced_size(self._read_status("RETR"))
+        announced = self._message_reply("RETR", message_number(number), stream=True)
         written = 0
-        bare_lf = self._eol == b"\n"
 
         def write(piece: bytes) -> None:
             nonlocal written
-            if bare_lf:
-                piece = to_crlf(piece)
             if max_size is not None and written + len(piece) > max_size:
                 raise LimitExceeded(f"message {number} is larger than {max_size} octets")
-            rest = piece
-            while rest:  # a raw (unbuffered) file may take less than it was given
-                done = file.write(rest)
-                if done is None or done >= len(rest):
-                    break
-                if done <= 0:
-                    raise OSError("the file accepted no bytes")
-                rest = rest[done:]
+            _write_all(file, piece)
             written += len(piece)
 
-        self._transport.stream_body(write, self._eol)
-        self._check_in_step()
+        self._stream(write)
         self._check_size(number, written, announced)
         return written
 
@@ -2139,11 +2539,15 @@ class POP3:
 
     def dele(self, number: int) -> str:
         """DELE: mark a message for deletion; only QUIT commits it."""
-        return display_text(self._simple("DELE", message_number(number)))
+        text = self._simple("DELE", message_number(number))
+        self._marked.add(number)
+        return display_text(text)
 
     def rset(self) -> str:
         """RSET: unmark every message marked for deletion."""
-        return display_text(self._simple("RSET"))
+        text = self._simple("RSET")
+        self._marked.clear()
+        return display_text(text)
 
     def noop(self) -> str:
         """NOOP: keep the session alive."""
@@ -2151,10 +2555,10 @@ class POP3:
 
     def quit(self) -> str:
         """QUIT: commit deletions and close. Returns the server's sign-off text."""
-        self._send("QUIT")
+        self._send("QUIT", expected=_LAST_REPLY)
         self._quit_sent = True
         try:
-            text = self._read_status("QUIT")
+            text = self._status("QUIT")
         finally:
             self._transport.close("QUIT sent")
         return display_text(text)
@@ -2177,131 +2581,109 @@ class POP3:
     def _pipeline(
         self, verb: str, numbers: Iterable[int], extra: tuple[str, ...]
     ) -> Iterator[Fetched]:
-        checked = [int(message_number(n)) for n in numbers]
-        window = self.pipeline_window if self.capa().pipelining else 1
-        return _Pipeline(self, verb, checked, extra, window)
+        checked = [int(message_number(n)) for n in numbers]  # before anything is sent
+        window = self.pipeline_window if self._may_pipeline() else 1
+        return _Batch(verb, checked, extra, window, self._batch_step)
 
-
-class _Pipeline:
-    """The iterator behind retr_many() and friends.
-
-    Keeps up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY
-    octets of expected responses in flight. If the caller sends another command before the
-    batch ends (a DELE after each RETR, say), the responses in flight are read into a queue
-    first, so the session never goes out of step; the response budget bounds that queue.
-    """
-
-    def __init__(
-        self, client: POP3, verb: str, numbers: list[int], extra: tuple[str, ...], window: int
-    ) -> None:
-        self.client = client
-        self.verb = verb
-        self.numbers = numbers
-        self.extra = extra
-        self.multiline = verb != "DELE"
-        self.window = window
-        self.sent = 0
-        self.answered = 0
-        self.received = 0  # octets of bodies so far, for the average response size
-        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
-        self.inflight_command_octets = 0
-        self.inflight_response_octets = 0
-        self.ready: deque[Fetched] = deque()
-
-    def __iter__(self) -> _Pipeline:
-        return self
-
-    def __next__(self) -> Fetched:
-        if self.ready:
-            return self.ready.popleft()
-        if self.answered >= len(self.numbers):
-            raise StopIteration
-        client = self.client
-        if client._batch is not self:
-            if client._batch is not None:
-                client._batch.absorb()
-            client._batch = self
-        self._top_up()
-        result = self._read_one()
-        if self.answered == self.sent:
-            client._batch = None  # nothing in flight: other commands need not wait for us
+    def _batch_step(self, batch: _Batch) -> Fetched:
+        """The next result of a batch whose queue of ready results is empty."""
+        if self._batch is not batch:
+            if self._batch is not None:
+                self._absorb(self._batch)
+            self._batch = batch
+        self._top_up(batch)
+        result = self._read_batch_reply(batch)
+        if batch.answered == batch.sent:
+            self._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
-    def _expected_octets(self, number: int) -> int:
+    def _expected_octets(self, batch: _Batch, number: int) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
         the average so far (at first, half the budget: two commands until we know more)."""
-        if not self.multiline:
+        if not batch.multiline:
             return 0
-        sizes = self.client._sizes
-        if sizes is not None and number in sizes:  # TOP's answer is at most the message
-            return sizes[number]
-        if self.answered:
-            return self.received // self.answered
+        if self._sizes is not None and number in self._sizes:  # TOP's is at most that
+            return self._sizes[number]
+        if batch.answered:
+            return batch.received // batch.answered
         return PIPELINE_MEMORY // 2
 
-    def _top_up(self) -> None:
+    def _top_up(self, batch: _Batch) -> None:
         """Send more commands once an eighth of the window (or all that is left) is free:
         the window stays nearly full, in few, larger writes."""
-        inflight = self.sent - self.answered
-        unsent = len(self.numbers) - self.sent
-        wanted = max(1, min(self.window // 8, unsent))
-        if not unsent or (inflight and self.window - inflight < wanted):
+        inflight = batch.sent - batch.answered
+        unsent = len(batch.numbers) - batch.sent
+        wanted = max(1, min(batch.window // 8, unsent))
+        if not unsent or (inflight and batch.window - inflight < wanted):
             return
-        if not inflight:
-            self.client._check_in_step(nothing_in_flight=True)
-        encoding = "utf-8" if self.client._utf8 else "ascii"
+        encoding = "utf-8" if self._utf8 else "ascii"
+        expected = Expected(multiline=batch.multiline, limit=self.max_message_size)
         lines = []
-        while self.sent < len(self.numbers) and self.sent - self.answered < self.window:
-            number = self.numbers[self.sent]
-            line = format_command(self.verb, str(number), *self.extra, encoding=encoding)
-            expected = self._expected_octets(number)
-            if self.sent > self.answered and (
-                self.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
-                or self.inflight_response_octets + expected > PIPELINE_MEMORY
+        while batch.sent < len(batch.numbers) and batch.sent - batch.answered < batch.window:
+            number = batch.numbers[batch.sent]
+            line = format_command(batch.verb, str(number), *batch.extra, encoding=encoding)
+            octets = self._expected_octets(batch, number)
+            if batch.sent > batch.answered and (
+                batch.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
+                or batch.inflight_response_octets + octets > PIPELINE_MEMORY
             ):
                 break
             lines.append(line)
-            self.inflight.append((len(line), expected))
-            self.inflight_command_octets += len(line)
-            self.inflight_response_octets += expected
-            self.sent += 1
-        client = self.client
-        client._transport.start_operation()
-        if client._log.isEnabledFor(_DEBUG):
+            batch.inflight.append((len(line), octets))
+            batch.inflight_command_octets += len(line)
+            batch.inflight_response_octets += octets
+            batch.sent += 1
+            self._reader.expect(expected)
+        self._transport.start_operation()
+        if self._log.isEnabledFor(_DEBUG):
             for line in lines:
-                client._log_line("C:", line)
-        client._transport.send(b"".join(lines))
+                self._log_line("C:", line)
+        self._transport.send(b"".join(lines))
 
-    def _read_one(self) -> Fetched:
-        client = self.client
-        number = self.numbers[self.answered]
-        client._transport.start_operation()
+    def _read_batch_reply(self, batch: _Batch) -> Fetched:
+        number = batch.numbers[batch.answered]
+        self._transport.start_operation()
         data = announced = error = None
         try:
-            text = client._read_status(self.verb)
+            text = self._status(batch.verb)
         except ServerError as exc:
             error = exc
         else:
-            if self.multiline:
-                announced = parse_announced_size(text) if self.verb == "RETR" else None
-                data = client._body(client.max_message_size, announced)
+            if batch.multiline:
+                announced = parse_announced_size(text) if batch.verb == "RETR" else None
+                data = self._body()
+            elif batch.verb == "DELE":
+                self._marked.add(number)
         # The books first: the size check below may raise, and the batch must stay in step.
-        self.answered += 1
-        command_octets, expected = self.inflight.popleft()
-        self.inflight_command_octets -= command_octets
-        self.inflight_response_octets -= expected
+        batch.answered += 1
+        command_octets, octets = batch.inflight.popleft()
+        batch.inflight_command_octets -= command_octets
+        batch.inflight_response_octets -= octets
         if data is not None:
-            self.received += len(data)
-            if self.verb == "RETR":
-                client._check_size(number, len(data), announced)
+            batch.received += len(data)
+            if batch.verb == "RETR":
+                self._check_size(number, len(data), announced)
         return Fetched(number, data, error)
 
-    def absorb(self) -> None:
+    def _absorb(self, batch: _Batch) -> None:
         """Read every response in flight into the queue (before another command is sent)."""
-        while self.answered < self.sent:
-            self.ready.append(self._read_one())
-        if self.client._batch is self:
-            self.client._batch = None
+        while batch.answered < batch.sent:
+            batch.ready.append(self._read_batch_reply(batch))
+        if self._batch is batch:
+            self._batch = None
+
+
+def _write_all(file: IO[bytes], data: bytes) -> None:
+    """file.write(data) until all is written: a raw (unbuffered) file may take less."""
+    rest = data
+    while rest:
+        done = file.write(rest)
+        if done is None or done >= len(rest):
+            return
+        if done <= 0:
+            raise OSError("the file accepted no bytes")
+        rest = rest[done:]
+
 
 # =============================================================================================
 # Command line
@@ -3686,33 +4068,26 @@ class _Shell:
         return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
 
     def command(self, verb: str, args: list[str]) -> None:
-        pop = self.pop
         try:
-            pop._send(verb, *args)
+            response = self.pop.command(verb, *args)
         except ValueError as exc:
             self.show(f"(not sent: {exc})")
             return
-        try:
-            text = pop._read_status(verb)
         except ServerError as exc:
             self.show(self.error_line(exc))
             return
+        text = response.text
         shown = _escaped(text) if self.raw else display_text(text)
         self.show(f"+OK {shown}".rstrip())
-        multiline = verb in ("RETR", "TOP", "CAPA") or (
-            verb in ("LIST", "UIDL", "LANG") and not args
-        )
-        if multiline:
-            message = verb in ("RETR", "TOP")
-            body = pop._body(pop.max_message_size if message else MAX_LISTING_SIZE)
-            if message or self.raw:
+        body = response.body
+        if body is not None:
+            if verb in ("RETR", "TOP") or self.raw:
                 lines = _render_message(body, self.raw)
             else:
                 lines = [_printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
             for line in lines:
                 self.show(line)
             self.show(".")
-        pop._check_in_step()
 
 
 # -- running it all -------------------------------------------------------------------------------
@@ -3725,23 +4100,20 @@ def _tls_context(o: _Options) -> ssl.SSLContext | None:
         import ssl
     except ImportError:
         raise _CommandLineError("this Python has no ssl module", _EXIT_CONNECTION) from None
+    try:
+        context = create_tls_context(None if o.insecure else o.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise _CommandLineError(f"cannot load --cafile {o.cafile}: {exc}") from None
     if o.insecure:
-        context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    else:
-        try:
-            context = ssl.create_default_context(cafile=o.cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise _CommandLineError(f"cannot load --cafile {o.cafile}: {exc}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
 def _oauth2_mechanism(pop: POP3, o: _Options) -> str:
     if o.auth:
         return o.auth
-    return "OAUTHBEARER" if "OAUTHBEARER" in pop.capa().sasl else "XOAUTH2"
+    return choose_oauth2_mechanism(pop.capa().sasl)
 
 
 def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> str:

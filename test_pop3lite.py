@@ -858,7 +858,8 @@ def test_single_line_traffic_does_not_grow_the_buffer() -> None:
     with scripted(script) as port, connect(port) as pop:
         for _ in range(300):
             pop.noop()
-        assert len(pop._transport.buf) < 4096
+        assert pop._reader.pending == 0
+        assert pop._reader.capacity <= pop3lite.RECV_SIZE
 
 
 def test_eof_instead_of_answer_is_network_error() -> None:
@@ -1136,6 +1137,161 @@ def test_caller_mistakes_raise_value_error() -> None:
         pop3lite.POP3("127.0.0.1", 1, tls="sometimes")
 
 
+# -- wrong answers are not accepted (issue 13) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "command", "reply"),
+    [
+        (lambda pop: pop.list(1), b"LIST 1\r\n", b"+OK 99 1024\r\n"),
+        (lambda pop: pop.uidl(1), b"UIDL 1\r\n", b"+OK 99 101\r\n"),
+    ],
+    ids=["LIST", "UIDL"],
+)
+def test_a_reply_for_another_message_is_refused_in_step(
+    call: Callable[[pop3lite.POP3], Any], command: bytes, reply: bytes
+) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(command, reply)
+        peer.expect(b"NOOP\r\n", b"+OK still here\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        with pytest.raises(pop3lite.ProtocolError, match="answered for message 99"):
+            call(pop)
+        assert pop.noop() == "still here"  # the session stayed in step
+
+
+@pytest.mark.parametrize("verb", ["LIST", "UIDL"])
+def test_a_listing_beyond_the_maildrop_is_refused(verb: str) -> None:
+    line = b"8 8192" if verb == "LIST" else b"8 uid8"
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"STAT\r\n", b"+OK 7 7000\r\n")
+        peer.expect(verb.encode() + b"\r\n", b"+OK\r\n1 1\r\n" + line + b"\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.stat()
+        with pytest.raises(pop3lite.ProtocolError, match="message 8, but the maildrop"):
+            pop.list() if verb == "LIST" else pop.uidl()
+
+
+def test_a_listing_may_name_messages_hidden_by_dele_then_rset() -> None:
+    # STAT counts only messages not marked: after DELE 7 it says 6, yet 7 still exists.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"DELE 7\r\n", b"+OK\r\n")
+        peer.expect(b"STAT\r\n", b"+OK 6 6000\r\n")
+        peer.expect(b"RSET\r\n", b"+OK\r\n")
+        listing = b"".join(b"%d 1000\r\n" % n for n in range(1, 8))
+        peer.expect(b"LIST\r\n", b"+OK\r\n" + listing + b".\r\n")
+        peer.expect(b"UIDL\r\n", b"+OK\r\n1 a\r\n9 b\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.dele(7)
+        assert pop.stat() == (6, 6000)
+        pop.rset()
+        assert max(pop.list()) == 7
+        with pytest.raises(pop3lite.ProtocolError, match="message 9"):
+            pop.uidl()
+
+
+def test_an_earlier_listing_bounds_a_later_one() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 10\r\n2 20\r\n.\r\n")
+        peer.expect(b"UIDL\r\n", b"+OK\r\n1 a\r\n2 b\r\n3 c\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.list()
+        with pytest.raises(pop3lite.ProtocolError, match="message 3, but the maildrop has only"):
+            pop.uidl()
+
+
+def test_utf8_after_login_is_refused_without_sending() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"USER u\r\n", b"+OK\r\n")
+        peer.expect(b"PASS p\r\n", b"+OK\r\n")
+        peer.expect(b"NOOP\r\n", b"+OK\r\n")  # not UTF8: nothing was sent for it
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.login("u", "p")
+        with pytest.raises(ValueError, match="RFC 6856"):
+            pop.utf8()
+        pop.noop()
+
+
+# -- command(): any command, with the same checks ----------------------------------------------
+
+
+def test_command_single_and_multi_line() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"NOOP\r\n", b"+OK fine\r\n")
+        peer.expect(b"LIST\r\n", b"+OK 1 messages\r\n1 5\r\n.\r\n")
+        peer.expect(b"LIST 1\r\n", b"+OK 1 5\r\n")
+        peer.expect(b"TOP 1 0\r\n", b"+OK\r\n..dot\r\n.\r\n")
+        peer.expect(b"XTND XLST\r\n", b"+OK\r\na\r\n.\r\n")
+        peer.expect(b"DELE 9\r\n", b"-ERR [SYS/PERM] no such message\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.command("NOOP") == (b"fine", None)
+        assert pop.command("list") == (b"1 messages", b"1 5\r\n")
+        assert pop.command("LIST", "1") == (b"1 5", None)
+        assert pop.command("TOP", "1", "0").body == b".dot\r\n"
+        assert pop.command("XTND", "XLST", multiline=True) == (b"", b"a\r\n")
+        with pytest.raises(pop3lite.PermanentError) as caught:
+            pop.command("DELE", "9")
+        assert caught.value.command == "DELE"
+
+
+@pytest.mark.parametrize("verb", ["USER", "PASS", "APOP", "AUTH", "STLS", "UTF8", "QUIT"])
+def test_command_refuses_verbs_with_their_own_method(verb: str) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"NOOP\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        with pytest.raises(ValueError, match=r"\(\)"):
+            pop.command(verb.lower(), "x")
+        with pytest.raises(ValueError, match="CR, LF or NUL"):
+            pop.command("NOOP", "a\r\nDELE 1")
+        pop.noop()
+
+
+# -- errors carry reasons ---------------------------------------------------------------------------
+
+
+def test_network_errors_say_why_in_reason() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(pop3lite.NetworkError) as caught:
+            connect(port)
+    assert caught.value.reason == "connect"
+
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.line()
+
+    with scripted(script) as port:
+        pop = connect(port)
+        with pytest.raises(pop3lite.NetworkError) as caught:
+            pop.noop()
+        with pytest.raises(pop3lite.NetworkError) as again:
+            pop.noop()
+    assert again.value.reason == "closed"
+
+
 # =============================================================================================
 # Client against fakeserver.py: the seed's session, TLS, SASL, response codes
 # =============================================================================================
@@ -1200,14 +1356,28 @@ def test_apop_against_the_fake_operamail() -> None:
             pop.apop(SEED_USER, "wrong")
 
 
+def login_when_free(server: fakeserver.FakeServer) -> pop3lite.POP3:
+    """A logged-in session; an aborted one may hold the maildrop lock until the server has
+    noticed the close (IN-USE is temporary: try again, a bounded number of times)."""
+    for _ in range(200):
+        pop = fake_connect(server)
+        try:
+            pop.login(SEED_USER, SEED_PASSWORD)
+        except pop3lite.InUseError:
+            pop.close()
+            time.sleep(0.01)
+            continue
+        return pop
+    raise AssertionError("the maildrop stayed locked")
+
+
 def test_exception_inside_with_deletes_nothing() -> None:
     with fakeserver.FakeServer() as server:
         with pytest.raises(KeyError), fake_connect(server) as pop:
             pop.login(SEED_USER, SEED_PASSWORD)
             pop.dele(1)
             raise KeyError("the caller's own bug")
-        with fake_connect(server) as pop:  # a second session sees both messages
-            pop.login(SEED_USER, SEED_PASSWORD)
+        with login_when_free(server) as pop:  # a second session sees both messages
             assert pop.stat() == (2, 10180)
             pop.dele(1)
         with fake_connect(server) as pop:  # a clean exit sent QUIT: the deletion is committed
@@ -1335,14 +1505,15 @@ def test_password_never_crosses_plaintext_to_a_remote_host() -> None:
     with fakeserver.FakeServer(preset="rfc") as server:
         pop = pop3lite.POP3(server.host, server.port, tls="auto", timeout=TIMEOUT)
         pop.loopback = False  # as if the server were elsewhere and offered no STLS
-        for attempt in (
-            lambda: pop.login(SEED_USER, SEED_PASSWORD),
-            lambda: pop.auth("PLAIN", SEED_USER, SEED_PASSWORD),
-            lambda: pop.auth("LOGIN", SEED_USER, SEED_PASSWORD),
-            lambda: pop.login_oauth2(SEED_USER, "fake-oauth-token"),
+        for attempt, what in (
+            (lambda: pop.login(SEED_USER, SEED_PASSWORD), "a password"),
+            (lambda: pop.auth("PLAIN", SEED_USER, SEED_PASSWORD), "a PLAIN credential"),
+            (lambda: pop.auth("LOGIN", SEED_USER, SEED_PASSWORD), "a LOGIN credential"),
+            (lambda: pop.login_oauth2(SEED_USER, "fake-oauth-token"), "a OAUTHBEARER credential"),
         ):
-            with pytest.raises(pop3lite.InsecureError, match="tls='none'"):
+            with pytest.raises(pop3lite.InsecureError, match="tls='none'") as caught:
                 attempt()
+            assert (caught.value.what, caught.value.reason) == (what, "plaintext")
         # Challenge-response mechanisms never send the password: allowed.
         assert pop.auth("SCRAM-SHA-256", SEED_USER, SEED_PASSWORD) is not None
         pop.quit()

@@ -285,6 +285,11 @@ class Model:
         self.pos = 0
         self.eol = CRLF
         self.caps: dict[str, list[str]] | None = None
+        self.caps_before_login: dict[str, list[str]] | None = None
+        # RFC 1939 section 8: the maildrop is locked, so a listing may not name a message
+        # beyond the highest number the session knows (from STAT, or from the first listing).
+        self.highest: int | None = None
+        self.marked: set[int] = set()
         self.stuck = False  # the data ended inside a reply the client was waiting for
 
     # -- the stream ---------------------------------------------------------------------------
@@ -301,8 +306,7 @@ class Model:
             raise _Fatal("protocol")
 
     def send(self, commands: int = 1) -> None:
-        """The client sends command lines: first it checks that nothing unasked-for arrived
-        (after a batch's last reply is the one place where that is not already checked)."""
+        """The client sends command lines: first it checks that nothing unasked-for arrived."""
         self.in_step()
         self.sent += commands
 
@@ -414,7 +418,7 @@ class Model:
             return outcome
         outcome = self.simple("PASS")
         if outcome.kind == "ok":
-            self.caps = None
+            self.caps_before_login, self.caps = self.caps, None
             return Outcome("ok", pop3lite.display_text(outcome.value))
         return outcome
 
@@ -428,10 +432,16 @@ class Model:
         return self.text_call("NOOP")
 
     def call_rset(self) -> Outcome:
-        return self.text_call("RSET")
+        outcome = self.text_call("RSET")
+        if outcome.kind == "ok":
+            self.marked.clear()
+        return outcome
 
     def call_dele(self, number: int) -> Outcome:
-        return self.text_call("DELE")
+        outcome = self.text_call("DELE")
+        if outcome.kind == "ok":
+            self.marked.add(number)
+        return outcome
 
     def call_quit(self) -> Outcome:
         self.send()
@@ -451,7 +461,25 @@ class Model:
         outcome = self.simple("STAT")
         if outcome.kind != "ok":
             return outcome
-        return self.parsed(lambda: tuple(pop3lite.parse_stat(outcome.value)))
+        result = self.parsed(lambda: tuple(pop3lite.parse_stat(outcome.value)))
+        if result.kind == "ok" and self.highest is None:
+            self.highest = result.value[0] + len(self.marked)
+        return result
+
+    def known(self, listing: Any) -> Any:
+        """The rule of a full listing: no message beyond the highest known number."""
+        highest = max(listing, default=0)
+        if self.highest is not None and highest > self.highest:
+            raise pop3lite.ProtocolError("beyond the maildrop")
+        if self.highest is None:
+            self.highest = max(highest, max(self.marked, default=0))
+        return listing
+
+    @staticmethod
+    def one(asked: int, pair: tuple[int, Any]) -> Any:
+        if pair[0] != asked:
+            raise pop3lite.ProtocolError("answered for another message")
+        return pair[1]
 
     def multiline(self, verb: str, limit: int = pop3lite.MAX_LISTING_SIZE) -> Outcome:
         self.send()
@@ -472,20 +500,20 @@ class Model:
             outcome = self.simple("LIST")
             if outcome.kind != "ok":
                 return outcome
-            return self.parsed(lambda: pop3lite.parse_scan_listing(outcome.value)[1])
+            return self.parsed(lambda: self.one(number, pop3lite.parse_scan_listing(outcome.value)))
         outcome = self.multiline("LIST")
         if outcome.kind != "ok":
             return outcome
-        return self.parsed(
-            lambda: pop3lite.unique_listing(map(pop3lite.parse_scan_listing, outcome.value), "LIST")
-        )
+        return self.parsed(lambda: self.known(
+            pop3lite.unique_listing(map(pop3lite.parse_scan_listing, outcome.value), "LIST")
+        ))
 
     def call_uidl(self, number: int | None = None) -> Outcome:
         if number is not None:
             outcome = self.simple("UIDL")
             if outcome.kind != "ok":
                 return outcome
-            return self.parsed(lambda: pop3lite.parse_uid_listing(outcome.value)[1])
+            return self.parsed(lambda: self.one(number, pop3lite.parse_uid_listing(outcome.value)))
         outcome = self.multiline("UIDL")
         if outcome.kind != "ok":
             return outcome
@@ -493,6 +521,7 @@ class Model:
         def parse() -> Any:
             pairs = map(pop3lite.parse_uid_listing, outcome.value)
             uids = pop3lite.UIDList(pop3lite.unique_listing(pairs, "UIDL").items())
+            self.known(uids)
             return dict(uids), uids.duplicates
 
         return self.parsed(parse)
@@ -530,8 +559,11 @@ class Model:
         return self.message("TOP", self.max_message_size)
 
     def batch(self, verb: str, numbers: Sequence[int]) -> Outcome:
-        self.call_capa()
-        pipelined = "PIPELINING" in (self.caps or {})
+        # RFC 2449 section 5: what was announced before login holds after it.
+        pipelined = self.caps is None and "PIPELINING" in (self.caps_before_login or {})
+        if not pipelined:
+            self.call_capa()
+            pipelined = "PIPELINING" in (self.caps or {})
         items: list[tuple[int, bytes | None, Any]] = []
         for index, number in enumerate(numbers):
             try:
@@ -541,21 +573,25 @@ class Model:
                     self.send(len(numbers))  # all at once: the window is far larger
                 ok, text = self.status()
                 if not ok:
-                    items.append((number, None, self.error(text, verb).value))
-                    continue
-                if verb == "DELE":
-                    items.append((number, None, None))
-                    continue
-                announced = pop3lite.parse_announced_size(text) if verb == "RETR" else None
-                body = self.body(self.max_message_size, announced)
-                mismatch = announced is not None and announced != len(body)
-                items.append((number, body, "warned" if mismatch else None))
+                    error = self.error(text, verb).value
+                    item: tuple[int, bytes | None, Any] = (number, None, error)
+                elif verb == "DELE":
+                    item = (number, None, None)
+                    self.marked.add(number)
+                else:
+                    announced = pop3lite.parse_announced_size(text) if verb == "RETR" else None
+                    body = self.body(self.max_message_size, announced)
+                    mismatch = announced is not None and announced != len(body)
+                    item = (number, body, "warned" if mismatch else None)
+                if not pipelined or index == len(numbers) - 1:
+                    self.in_step()  # nothing more is in flight: nothing may follow
+                items.append(item)
             except _Incomplete:
                 self.stuck = True
                 return Outcome("partial", (items, "eof"))
             except _Fatal as exc:
                 return Outcome("partial", (items, exc.args[0]))
-        return Outcome("ok", items)  # bytes after the last reply: found by the next command
+        return Outcome("ok", items)
 
     def call_retr_many(self, numbers: Sequence[int]) -> Outcome:
         return self.batch("RETR", numbers)
@@ -580,7 +616,7 @@ class Model:
         if line[:3] == b"+OK" and line[3:4] in (b"", b" "):
             if self.available(self.pos) > self.pos:
                 raise _Fatal("protocol")
-            self.caps = None
+            self.caps_before_login, self.caps = self.caps, None
             return Outcome("auth", "+OK")
         if line[:4] == b"-ERR" and line[4:5] in (b"", b" "):
             self.in_step()
@@ -2081,8 +2117,9 @@ def test_bytes_after_a_batch_put_the_session_out_of_step() -> None:
 
     with scripted(script) as port:
         pop = connect(port)
-        assert [item.data for item in pop.retr_many([1])] == [b"one\r\n"]
-        with pytest.raises(pop3lite.Error):
+        with pytest.raises(pop3lite.ProtocolError, match="more than was asked"):
+            list(pop.retr_many([1]))
+        with pytest.raises(pop3lite.NetworkError, match="^connection closed"):
             pop.stat()
         pop.close()
 
@@ -2117,7 +2154,7 @@ def test_a_failed_batch_yields_nothing_more() -> None:
         peer.hold()
 
     with scripted(script) as port:
-        pop = connect(port, pipeline_window=1)
+        pop = connect(port, pipeline_window=2)
         batch = pop.retr_many([1, 2, 3])
         assert next(batch).data == b"one\r\n"
         with pytest.raises(pop3lite.ProtocolError):

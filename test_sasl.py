@@ -232,8 +232,11 @@ def test_scram_iteration_limits_checked(limits: dict[str, int]) -> None:
 
 def test_scram_server_error_in_server_final() -> None:
     mech = sha1_after_first()
-    with pytest.raises(m.AuthenticationError, match="invalid-proof"):
+    with pytest.raises(m.AuthenticationError, match="invalid-proof") as caught:
         mech.respond(b"e=invalid-proof")
+    # The refusal came inside the exchange, not as a -ERR line: the message must not say so.
+    assert "-ERR" not in str(caught.value)
+    assert str(caught.value) == "server rejected SCRAM authentication: invalid-proof"
     with pytest.raises(m.ProtocolError):
         mech.finish()
 

@@ -1,0 +1,284 @@
+"""The sans-I/O reply reader (pop3lite.ReplyReader) on its own: no sockets.
+
+Every input is fed whole, one byte at a time, split at every position into two pieces, and
+with the next pipelined reply (or surplus bytes) after it; the events must be the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import pop3lite
+from pop3lite import (
+    NEED_DATA,
+    BodyEnd,
+    BodyPiece,
+    Challenge,
+    Expected,
+    ReplyReader,
+    StatusLine,
+)
+
+MULTI = Expected(multiline=True)
+SASL = Expected(sasl=True)
+
+
+def drain(reader: ReplyReader) -> list[Any]:
+    """Every event the reader can give now, whole bodies joined, until it needs data or
+    expects nothing more."""
+    events: list[Any] = []
+    while reader.awaiting:
+        event = reader.next_event()
+        if event is NEED_DATA:
+            break
+        if isinstance(event, BodyPiece) and events and isinstance(events[-1], BodyPiece):
+            events[-1] = BodyPiece(events[-1].data + event.data)  # pieces are cut anywhere
+        else:
+            events.append(event)
+    return events
+
+
+def read(pieces: list[bytes], *expected: Expected) -> list[Any]:
+    reader = ReplyReader()
+    for item in expected:
+        reader.expect(item)
+    events: list[Any] = []
+    for piece in pieces:
+        reader.feed(piece)
+        for event in drain(reader):
+            if events and isinstance(event, BodyPiece) and isinstance(events[-1], BodyPiece):
+                events[-1] = BodyPiece(events[-1].data + event.data)
+            else:
+                events.append(event)
+    assert reader.awaiting == 0, "the reply never completed"
+    return events
+
+
+def splits(raw: bytes) -> list[list[bytes]]:
+    """The ways to deliver ``raw``: whole, byte by byte, and cut once at every position."""
+    ways = [[raw], [raw[i : i + 1] for i in range(len(raw))]]
+    ways += [[raw[:cut], raw[cut:]] for cut in range(1, len(raw))]
+    return ways
+
+
+# name: (raw bytes, what is expected, the events)
+CASES = {
+    "ok": (b"+OK 2 320\r\n", [Expected()], [StatusLine(True, b"2 320")]),
+    "bare ok": (b"+OK\r\n", [Expected()], [StatusLine(True, b"")]),
+    "err with code": (
+        b"-ERR [IN-USE] locked\r\n",
+        [MULTI],
+        [StatusLine(False, b"[IN-USE] locked")],
+    ),
+    "multi-line": (
+        b"+OK\r\n1 5954\r\n2 4226\r\n.\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b"1 5954\r\n2 4226\r\n"), BodyEnd(16)],
+    ),
+    "empty body": (b"+OK\r\n.\r\n", [MULTI], [StatusLine(True, b""), BodyEnd(0)]),
+    "stuffed dots": (
+        b"+OK\r\n..\r\n...x\r\nmid..dle\r\n..\r\n.\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b".\r\n..x\r\nmid..dle\r\n.\r\n"), BodyEnd(21)],
+    ),
+    "stuffed first line": (
+        b"+OK\r\n..first\r\nsecond\r\n.\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b".first\r\nsecond\r\n"), BodyEnd(16)],
+    ),
+    "bare LF server": (
+        b"+OK\na\n..b\n.\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b"a\r\n.b\r\n"), BodyEnd(7)],
+    ),
+    "SASL challenge": (b"+ dXNlcg==\r\n", [SASL], [Challenge(b"dXNlcg==")]),
+    "SASL empty challenge": (b"+\r\n", [SASL], [Challenge(b"")]),
+    "SASL final": (b"+OK logged in\r\n", [SASL], [StatusLine(True, b"logged in")]),
+    "pipelined": (
+        b"+OK\r\none\r\n.\r\n-ERR no such message\r\n+OK 3 octets\r\nab\r\n.\r\n",
+        [MULTI, MULTI, MULTI],
+        [
+            StatusLine(True, b""), BodyPiece(b"one\r\n"), BodyEnd(5),
+            StatusLine(False, b"no such message"),
+            StatusLine(True, b"3 octets"), BodyPiece(b"ab\r\n"), BodyEnd(4),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_delivery_gives_the_same_events(name: str) -> None:
+    raw, expected, events = CASES[name]
+    for pieces in splits(raw):
+        assert read(pieces, *expected) == events, pieces
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_next_reply_is_left_for_its_command(name: str) -> None:
+    raw, expected, events = CASES[name]
+    following = b"+OK next\r\n"
+    for pieces in splits(raw + following):
+        assert read(pieces, *expected, Expected()) == [*events, StatusLine(True, b"next")]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n != "SASL challenge"])
+def test_bytes_nobody_asked_for_put_the_session_out_of_step(name: str) -> None:
+    raw, expected, _ = CASES[name]
+    reader = ReplyReader()
+    for item in expected:
+        reader.expect(item)
+    reader.feed(raw + b"+OK surplus\r\n")
+    with pytest.raises(pop3lite.ProtocolError, match="more than was asked") as caught:
+        drain(reader)
+    assert caught.value.reason == "surplus"
+
+
+def test_a_server_that_does_not_wait_for_the_answer_to_its_challenge() -> None:
+    reader = ReplyReader()
+    reader.expect(SASL)
+    reader.feed(b"+ VXNlcm5hbWU6\r\n+OK\r\n")
+    with pytest.raises(pop3lite.ProtocolError, match="more than was asked"):
+        drain(reader)
+
+
+def test_after_the_last_reply_nothing_is_read() -> None:
+    reader = ReplyReader()
+    reader.expect(Expected(last=True))
+    reader.feed(b"+OK bye\r\nwhatever follows\r\n")
+    assert drain(reader) == [StatusLine(True, b"bye")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"+OKAY\r\n", pop3lite.ProtocolError),
+        (b"+ok\r\n", pop3lite.ProtocolError),
+        (b"-ERROR\r\n", pop3lite.ProtocolError),
+        (b"+OK a\rb\r\n", pop3lite.ProtocolError),  # bare CR
+        (b"+OK " + b"x" * pop3lite.MAX_RESPONSE_LINE + b"\r\n", pop3lite.LimitExceeded),
+    ],
+    ids=["+OKAY", "+ok", "-ERROR", "bare CR", "long line"],
+)
+def test_status_lines_that_are_not_pop3(raw: bytes, error: type) -> None:
+    for pieces in ([raw], [raw[i : i + 1] for i in range(len(raw))]):
+        reader = ReplyReader()
+        reader.expect()
+        with pytest.raises(error):
+            for piece in pieces:
+                reader.feed(piece)
+                drain(reader)
+
+
+def test_a_line_without_end_is_stopped_at_the_limit_not_at_the_end_of_memory() -> None:
+    reader = ReplyReader()
+    reader.expect()
+    with pytest.raises(pop3lite.LimitExceeded):
+        for _ in range(100):  # bounded: the limit is 8 KiB, this feeds up to 100 KiB
+            reader.feed(b"+" * 1024)
+            drain(reader)
+
+
+def test_a_body_over_its_limit() -> None:
+    reader = ReplyReader()
+    reader.expect(Expected(multiline=True, limit=1000))
+    reader.feed(b"+OK\r\n")
+    assert drain(reader) == [StatusLine(True, b"")]
+    with pytest.raises(pop3lite.LimitExceeded):
+        for _ in range(10):
+            reader.feed(b"x" * 198 + b"\r\n")
+            drain(reader)
+
+
+def test_a_streamed_body_comes_in_pieces_and_memory_stays_flat() -> None:
+    reader = ReplyReader()
+    reader.expect(Expected(multiline=True, limit=1, stream=True))  # limits don't apply
+    reader.feed(b"+OK 99999999 octets\r\n")
+    assert drain(reader) == [StatusLine(True, b"99999999 octets")]
+    line = b"." * 999 + b"\r\n"  # every line stuffed
+    got = 0
+    pieces = 0
+    for _ in range(4000):  # 4 MB
+        reader.feed(line)
+        while True:
+            event = reader.next_event()
+            if event is NEED_DATA:
+                break
+            assert isinstance(event, BodyPiece)
+            assert event.data.startswith(b"." * 998 + b"\r\n")  # cut at a line end
+            got += len(event.data)
+            pieces += 1
+        assert reader.capacity <= 4 * pop3lite.RECV_SIZE
+    reader.feed(b".\r\n")
+    rest = drain(reader)
+    if isinstance(rest[0], BodyPiece):
+        got += len(rest.pop(0).data)
+    assert rest == [BodyEnd(4000 * 1000)]
+    assert got == 4000 * 1000
+    assert pieces > 4
+
+
+def test_a_stream_cut_inside_a_long_line_keeps_its_dots() -> None:
+    # A line longer than a piece is cut inside; a ".." later in it is data, not stuffing,
+    # and a CR at the cut may begin the line end.
+    body = b"a" * (pop3lite.STREAM_CHUNK + 10) + b"..b\r\n..c\r\n"
+    raw = b"+OK\r\n" + body.replace(b"\r\n..", b"\r\n...") + b".\r\n"
+    for size in (1000, 4096, pop3lite.STREAM_CHUNK + 7):
+        reader = ReplyReader()
+        reader.expect(Expected(multiline=True, stream=True))
+        data = b""
+        for start in range(0, len(raw), size):
+            reader.feed(raw[start : start + size])
+            for event in drain(reader):
+                if isinstance(event, BodyPiece):
+                    data += event.data
+        assert data == body.replace(b"\r\n...", b"\r\n.."), size
+        assert reader.awaiting == 0
+
+
+def test_a_large_announced_body_is_received_into_one_buffer() -> None:
+    size = 3 * pop3lite.RECV_SIZE
+    body = b"y" * (size - 2) + b"\r\n"
+    reader = ReplyReader()
+    reader.expect(MULTI)
+    reader.feed(b"+OK %d octets\r\n" % size)
+    drain(reader)
+    capacity = reader.capacity
+    assert capacity >= size  # sized from the announcement before the body arrives
+    with reader.receive_buffer() as space:
+        space[: len(body)] = body
+    reader.received(len(body))
+    reader.feed(b".\r\n")
+    assert reader.capacity == capacity  # never grown, never copied
+    assert drain(reader) == [BodyPiece(body), BodyEnd(size)]
+
+
+def test_single_lines_do_not_grow_the_buffer() -> None:
+    reader = ReplyReader()
+    capacity = reader.capacity
+    for _ in range(2000):
+        reader.expect()
+        reader.feed(b"+OK " + b"n" * 400 + b"\r\n")
+        assert drain(reader) == [StatusLine(True, b"n" * 400)]
+    assert reader.capacity == capacity and reader.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "message"),
+    [
+        (b"", pop3lite.NetworkError, "^server closed the connection$"),
+        (b"+OK par", pop3lite.TruncatedResponse, "in the middle"),
+        (b"+OK\r\nbody\r\n", pop3lite.TruncatedResponse, "in the middle"),
+    ],
+    ids=["between replies", "in a status line", "in a body"],
+)
+def test_what_a_closed_connection_means(raw: bytes, error: type, message: str) -> None:
+    reader = ReplyReader()
+    reader.expect(MULTI)
+    reader.feed(raw)
+    drain(reader)
+    closed = reader.connection_closed()
+    assert type(closed) is error
+    with pytest.raises(error, match=message):
+        raise closed

@@ -1268,7 +1268,7 @@ def test_command_refuses_verbs_with_their_own_method(verb: str) -> None:
         pop.noop()
 
 
-# -- errors carry reasons ---------------------------------------------------------------------------
+# -- errors carry reasons -----------------------------------------------------------------
 
 
 def test_network_errors_say_why_in_reason() -> None:

@@ -760,3 +760,94 @@ def test_exception_messages_hold_no_secrets() -> None:
         messages.append(str(info.value))
     assert len(messages) == 6
     assert not any("Secret" in text or "pencil" in text for text in messages)
+
+
+# ---- SaslExchange: the AUTH exchange without I/O ---------------------------------------------
+
+
+def test_exchange_scram_rfc5802_vector() -> None:
+    exchange = m.SaslExchange(sha1_scram())
+    name, first = exchange.arguments
+    assert name == "SCRAM-SHA-1"
+    assert base64.b64decode(first) == b"n,,n=user,r=" + SHA1_NONCE.encode()
+    answer = exchange.answer(base64.b64encode(SHA1_SERVER_FIRST))
+    assert base64.b64decode(answer) == SHA1_CLIENT_FINAL
+    assert exchange.answer(base64.b64encode(SHA1_SERVER_FINAL)) == b""
+    assert exchange.finish(True, b"welcome") == b"welcome"
+
+
+def test_exchange_initial_response_moves_off_a_long_auth_line() -> None:
+    # RFC 5034 section 4: the AUTH line with its initial response must fit in 255 octets.
+    short = m.SaslExchange(m.PlainMechanism("u", "p"))
+    assert len(short.arguments) == 2
+    long = m.SaslExchange(m.PlainMechanism("u", "p" * 200))
+    assert long.arguments == ("PLAIN",)
+    assert base64.b64decode(long.answer(b"")) == b"\0u\0" + b"p" * 200
+
+
+def test_exchange_empty_initial_response_is_an_equals_sign() -> None:
+    class Empty(m.Mechanism):
+        name = "X-EMPTY"
+
+        def initial_response(self) -> bytes:
+            return b""
+
+    assert m.SaslExchange(Empty("u")).arguments == ("X-EMPTY", "=")
+
+
+@pytest.mark.parametrize(
+    ("challenge", "error"),
+    [
+        (b"not base64!", m.ProtocolError),
+        (base64.b64encode(b"e=other-error"), m.AuthenticationError),
+    ],
+    ids=["not base64", "scram e="],
+)
+def test_exchange_cancels_with_a_star_and_raises_after_the_err(
+    challenge: bytes, error: type
+) -> None:
+    exchange = m.SaslExchange(sha1_scram())
+    if error is m.AuthenticationError:  # e= comes in place of the server-final message
+        exchange.answer(base64.b64encode(SHA1_SERVER_FIRST))
+    assert exchange.answer(challenge) == b"*"
+    assert exchange.cancelled
+    with pytest.raises(error):
+        exchange.finish(False, b"cancelled")
+
+
+def test_exchange_plus_ok_after_a_cancel_is_a_protocol_error() -> None:
+    exchange = m.SaslExchange(m.PlainMechanism("u", "p"))
+    assert exchange.answer(b"junk!") == b"*"
+    with pytest.raises(m.ProtocolError, match="accepted a cancelled AUTH"):
+        exchange.finish(True, b"")
+
+
+def test_exchange_refusal_is_an_authentication_error_with_the_oauth_details() -> None:
+    exchange = m.SaslExchange(m.XOAuth2Mechanism("u", TOKEN))
+    error_json = json.dumps({"status": "401", "schemes": "Bearer"}).encode()
+    assert exchange.answer(base64.b64encode(error_json)) == b""
+    with pytest.raises(m.AuthenticationError) as caught:
+        exchange.finish(False, b"[AUTH] invalid credentials")
+    assert caught.value.details == {"status": "401", "schemes": "Bearer"}
+    assert caught.value.code == "AUTH"
+
+
+def test_exchange_scram_ok_without_proof_is_refused() -> None:
+    exchange = m.SaslExchange(sha1_scram())
+    exchange.answer(base64.b64encode(SHA1_SERVER_FIRST))
+    with pytest.raises(m.ProtocolError, match="without proving"):
+        exchange.finish(True, b"")
+
+
+def test_exchange_stops_an_endless_series_of_challenges() -> None:
+    class Patient(m.Mechanism):
+        name = "X-PATIENT"
+
+        def respond(self, challenge: bytes) -> bytes:
+            return b"again"
+
+    exchange = m.SaslExchange(Patient("u"))
+    for _ in range(m.MAX_SASL_ROUNDS):
+        assert exchange.answer(base64.b64encode(b"more?")) == base64.b64encode(b"again")
+    with pytest.raises(m.ProtocolError, match="kept sending"):
+        exchange.answer(base64.b64encode(b"more?"))

@@ -3976,6 +3976,7 @@ class _Shell:
         if multiline:
             message = verb in ("RETR", "TOP")
             body = pop._body(pop.max_message_size if message else MAX_LISTING_SIZE)
+            lines: list[str] = []
             if message and not self.confirm_printing(len(body)):
                 self.show(f"(not shown: {_size(len(body))})")
             elif message or self.raw:
@@ -4021,7 +4022,8 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
-        _check_offered(pop, mechanism)
+        if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
+            _check_offered(pop, mechanism)
         pop.login_oauth2(o.user, token, mechanism)
         return mechanism
     assert password is not None

@@ -2574,13 +2574,13 @@ class _Server:
         # (alice@example.com@pop.example.com), while a host name never holds an "@".
         user, at, rest = rest.rpartition("@")
         if at:
+            if ":" in user:  # user:password@host, as in URLs
+                raise _CommandLineError(
+                    "the password is never taken from the command line, where other users "
+                    "can see it; use --password-file FILE, $POP3_PASSWORD, ~/.netrc, or type "
+                    "it when asked (a user name with a ':' in it goes in the USER word)"
+                )
             if self.scheme:
-                if ":" in user:  # pop3://user:password@host
-                    raise _CommandLineError(
-                        "the password is never taken from the command line, where other "
-                        "users can see it; use --password-file FILE, $POP3_PASSWORD, "
-                        "~/.netrc, or type it when asked"
-                    )
                 import urllib.parse
 
                 user = urllib.parse.unquote(user)  # RFC 3986: %40 for an "@" in a URL
@@ -3475,7 +3475,7 @@ def _show_messages(pop: POP3, o: _Options) -> int:
             _write_bytes(data)
             continue
         if len(o.numbers) > 1:
-            _out(f"--- message {fetched.number} ({_size(len(data))}) ---")
+            _out(f"--- message {fetched.number}: {_size(len(data))} ---")
         for line in _render_message(data, wire=False):
             _out(line)
     return _EXIT_OK

@@ -976,6 +976,7 @@ def test_host_forms_urls_and_user_at_host() -> None:
     "argv",
     [
         ["pop3://alice:secret@host"],
+        ["alice:secret@host"],
         ["pop3://host/1", "alice"],
         ["pop3s://host", "alice", "--tls", "starttls"],
         ["pop3://host", "alice", "--tls", "implicit"],

@@ -147,10 +147,11 @@ def commands(server: FakeServer) -> list[str]:
 
 def test_retr_on_a_terminal_shows_lines_starting_with_a_dot_as_they_are(spawn: Spawn) -> None:
     with FakeServer("rfc") as server:
-        terminal = spawn(address(server), "hogehoge", "retr", "2")
+        terminal = spawn(address(server), "hogehoge", "retr", "1", "2")  # several: fine here
         status, shown = terminal.wait()
     assert status == 0, shown
     lines = shown.decode().split("\r\n")
+    assert "--- message 2: 261 octets ---" in lines
     body = lines[lines.index("The next lines start with a dot and must survive dot-stuffing:") :]
     assert body[1:5] == [".", "..", ".hidden", ". a dot and a space"]
 

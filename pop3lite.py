@@ -3379,8 +3379,14 @@ def _table(rows: list[_Summary], width: int) -> list[str]:
     """The check's table, each line at most ``width`` columns (0: no limit)."""
     header = ("#", "Size", "UID", "Date", "From", "Subject")
     cells = [
-        (str(r.number), _human_size(r.size), r.uid or "", r.date_shown, r.sender_shown)
-        + (r.subject or "",)
+        (
+            str(r.number),
+            _human_size(r.size),
+            r.uid or "",
+            r.date_shown,
+            r.sender_shown,
+            r.subject or "",
+        )
         for r in rows
     ]
     widths = [max(_text_width(c[i]) for c in [header, *cells]) for i in range(6)]

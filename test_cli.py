@@ -818,6 +818,21 @@ def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
     assert commands(server)[-1] == "QUIT"
 
 
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    slow = [Fault("delay", "GREETING", 0.6)]
+    with FakeServer("rfc", tls="stls", faults=slow) as server:
+        argv = [address(server), "hogehoge", "--timeout", "20", "--cafile", ca_file(tmp_path)]
+        status, _, err = run(capsys, *argv)
+        assert status == 4 and "trying implicit TLS" in err
+        assert "speaks plaintext" in err and "--tls starttls" in err
+        status, out, err = run(capsys, *argv, "--tls", "starttls")  # what the hint says
+    assert status == 0 and "3 messages" in out and "TLS" not in err
+    assert commands(server)[:2] == ["CAPA", "STLS"]
+
+
 @pytest.mark.usefixtures("password")
 def test_tls_hints_on_a_plaintext_only_port_do_not_go_in_a_circle(
     capsys: pytest.CaptureFixture[str], server: FakeServer

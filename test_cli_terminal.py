@@ -162,10 +162,15 @@ def test_shell_ctrl_c_at_the_prompt_cancels_the_line_not_the_session(spawn: Spaw
         terminal.read_until(b"pop3> ")
         terminal.type(b"DELE 1")
         terminal.read_until(b"DELE 1")
-        terminal.type(b"\x03")  # Ctrl-C: the line discipline sends SIGINT
-        assert b"line cancelled" in terminal.read_until(b"pop3> ")
+        # Ctrl-C: the line discipline sends SIGINT. Then Enter: CPython's readline notices a
+        # signal only while it waits in select(), so one that lands while it is still echoing
+        # waits for the line to end, and then cancels that line all the same.
+        terminal.type(b"\x03")
+        terminal.type(b"\r")
+        terminal.read_until(b"line cancelled")
+        terminal.read_until(b"pop3> ")
         terminal.type(b"STAT\r")
-        assert b"+OK 3 " in terminal.read_until(b"pop3> ")
+        terminal.read_until(b"+OK 3 ")  # the session goes on
         terminal.type(b"QUIT\r")
         status, _ = terminal.wait()
     assert status == 0

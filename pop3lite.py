@@ -2910,21 +2910,20 @@ def _stored_password(o: _Options) -> str | None:
     one); notes in ``o.password_source`` where it came from."""
     import os
 
-    found: list[tuple[str, str | None]] = [("--demo", o.password)]
-    if o.password is None and o.password_file:
+    password: str | None
+    if o.password is not None:
+        source, password = "--demo", o.password
+    elif o.password_file:
         where = "stdin" if o.password_file == "-" else o.password_file
-        found.append(
-            (f"--password-file {where}", _read_secret_file(o.password_file, "password file"))
-        )
-    elif o.password is None:
-        found.append((f"${_PASSWORD_VARIABLE}", os.environ.get(_PASSWORD_VARIABLE) or None))
-        if found[-1][1] is None:
-            found.append(("~/.netrc", _netrc_password(o.host, o.user)))
-    for source, password in found:
-        if password is not None:
-            o.password_source = source
-            return password
-    return None
+        source = f"--password-file {where}"
+        password = _read_secret_file(o.password_file, "password file")
+    elif os.environ.get(_PASSWORD_VARIABLE):
+        source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
+    else:
+        source, password = "~/.netrc", _netrc_password(o.host, o.user)
+    if password is not None:
+        o.password_source = source
+    return password
 
 
 def _check_password_prompt(o: _Options) -> None:

@@ -987,6 +987,19 @@ def test_host_forms_urls_and_user_at_host() -> None:
     assert parsed("[::1]:110") == (None, "::1", 110, "")
 
 
+def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
+    def options(*argv: str) -> tuple[str, str, int | None, str]:
+        o = pop3lite._parse_command_line(list(argv))
+        return o.user, o.host, o.port, o.tls
+
+    assert options("pop3://alice@host") == ("alice", "host", 110, "auto")
+    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "auto")
+    assert options("pop3://host", "alice", "--tls", "none") == ("alice", "host", 110, "none")
+    assert options("pop3s://alice@host", "uidl") == ("alice", "host", None, "implicit")
+    assert options("pop3s://host:1995", "alice") == ("alice", "host", 1995, "implicit")
+    assert options("alice@host:1110", "check") == ("alice", "host", 1110, "auto")
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -4117,8 +4117,11 @@ def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
     is closed without a word): a silent one probably waits for a TLS ClientHello (RFC 8314
     section 3.3), so implicit TLS is tried, and said, instead of waiting out --timeout."""
     if _greeting_probe_applies(o):
+        log = _get_logger()  # so that -v does not show two greetings unexplained
+        log.debug("(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT)
         try:
             POP3(o.host, o.port, timeout=_GREETING_WAIT, tls="none").abort()
+            log.debug("(it does; connecting again for the session)")
         except Timeout:
             _say(
                 f"no plaintext greeting from {o.target_name} within {_GREETING_WAIT:g}s: the "

@@ -2587,6 +2587,8 @@ class _Server:
             if not user:
                 raise _CommandLineError(f"bad host {text!r}: the user name before '@' is empty")
             self.user = user
+        if not rest:
+            raise _CommandLineError(f"bad host {text!r}: the host name is missing")
         self.host, self.port = _split_host_port(rest)
 
 

@@ -1010,6 +1010,8 @@ def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
         ["pop3://host", "alice", "--tls", "implicit"],
         ["alice@host", "bob"],
         ["@host"],
+        ["alice@"],
+        ["pop3s://"],
     ],
     ids=lambda argv: " ".join(argv),
 )

@@ -858,10 +858,7 @@ class _Terminal(io.StringIO):
 
 
 def test_the_password_is_asked_for_once_the_server_is_reached(
-    capsys: pytest.CaptureFixture[str],
-    server: FakeServer,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import getpass
 

@@ -2712,11 +2712,19 @@ _TABLE_ROWS = 50  # rows the check shows by default; --json lists every message 
 _TOP_LINES = 10  # body lines `top N` shows by default
 _SECRET_FILE_LIMIT = 64 * 1024  # a password or token file larger than this is a mistake
 _SHELL_PROMPT = "pop3> "
+# Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
+# before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
+_GREETING_WAIT = 3.0
+_SHELL_PRINT_LIMIT = 1024 * 1024  # octets: the shell asks before printing a larger message
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
 %(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
-       %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]"""
+       %(prog)s USER@HOST[:PORT] [ACTION [ARGS...]] [OPTIONS]
+       %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]
+HOST may be a URL: pop3s://HOST[:PORT] (implicit TLS), pop3://HOST[:PORT] (STLS, port 110),
+with USER@ in it too; the last "@" ends the user name (alice@example.com@pop.example.com).
+ACTION --help shows the help of one action."""
 
 _DESCRIPTION = """\
 Check a POP3 mailbox, fetch or save its messages, or talk POP3 by hand.
@@ -2727,6 +2735,7 @@ actions:
                       date, sender and subject (from TOP n 0). Never deletes anything.
   retr N [N...]       print messages (decoded on a terminal, the raw bytes otherwise);
                       -o FILE writes one message, -o DIR writes N.eml files
+                      (several messages to a pipe or file need -o DIR)
   top N [LINES]       the header and the first LINES body lines (default 10) of message N
   capa                the capabilities offered before login (needs no password)
   uidl                the unique id of each message
@@ -2737,14 +2746,21 @@ actions:
 
 _EPILOG = """\
 password:
-  read from --password-file FILE (its first line), else $POP3_PASSWORD, else ~/.netrc
-  ("machine HOST login USER password ..."), else asked for without echo when stdin is a
-  terminal. Never from the command line, where other users could see it.
+  read from --password-file FILE (its first line; "-" reads a line of stdin), else
+  $POP3_PASSWORD, else ~/.netrc ("machine HOST login USER password ..."), else asked for
+  without echo when stdin is a terminal, once the server has been reached. Never from the
+  command line, where other users could see it. A refused login says where it came from.
+
+TLS:
+  --tls auto on a port other than 110 and 995 waits 3 seconds for a plaintext greeting; a
+  server that stays silent is taken to expect TLS from the first byte and implicit TLS is
+  tried instead (said on stderr). --tls implicit or --tls starttls skips that wait.
 
 examples:
   %(prog)s --demo                     try it against the built-in fake server
   %(prog)s --demo shell               the same, typing POP3 commands by hand
   %(prog)s pop.example.com alice      check a mailbox (implicit TLS, port 995)
+  %(prog)s pop3s://alice@pop.example.com
   %(prog)s mail.example.com:110 alice --tls starttls --limit 10
   %(prog)s pop.example.com alice --json
   %(prog)s pop.example.com alice retr 3 -o message3.eml
@@ -2772,6 +2788,72 @@ exit status:
   5    temporary server condition (mailbox in use, login delay, SYS/TEMP): try again later
   6    other server or protocol error
   130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted"""
+
+
+_ACTION_HELP = {
+    "check": (
+        "[check] [--limit N] [--json]",
+        """\
+The default action. Shows the greeting, the TLS version and certificate, the capabilities,
+the login method, "N messages, M octets" and a table of number, size, UID, date, sender
+and subject (from TOP n 0). Never deletes anything.
+
+  --limit N   show the last N messages (default 50, all with --json; 0: all)
+  --json      print one JSON object (its fields are listed in --help)""",
+    ),
+    "retr": (
+        "retr N [N...] [-o PATH]",
+        """\
+Print messages: decoded on a terminal (headers, charsets and transfer encodings undone),
+the raw bytes when stdout is a pipe or a file. Several messages go to a terminal one after
+the other, or with -o DIR into files; to a pipe or file they are refused, as raw messages
+have nothing between them (save FILE.mbox writes one mbox file).
+
+  -o FILE     write the one message N to FILE (through a temporary file: never half-written)
+  -o DIR      write each message to DIR/N.eml""",
+    ),
+    "top": (
+        "top N [LINES]",
+        """\
+The header and the first LINES body lines (default 10) of message N (POP3 TOP), decoded on
+a terminal, raw for a pipe or a file.""",
+    ),
+    "capa": (
+        "capa [--json]",
+        """\
+The capabilities the server offers before login (POP3 CAPA). Needs no password.
+
+  --json      print them as {NAME: [ARGUMENT...]}""",
+    ),
+    "uidl": (
+        "uidl [--json]",
+        """\
+The unique id of each message (POP3 UIDL), "NUMBER UID" per line.
+
+  --json      print [{"number", "uid"}]""",
+    ),
+    "save": (
+        "save DIR|FILE.mbox [--new] [--delete]",
+        """\
+Copy the messages into a Maildir (a directory) or an mbox file (a name ending in .mbox, or
+an existing file). A message counts as saved once it is on disk (fsync).
+
+  --new       only messages not saved before (remembered by UIDL in a state file)
+  --delete    once every message is safely on disk, delete them on the server (with
+              --new, also those saved by earlier runs)""",
+    ),
+    "shell": (
+        "shell [--log FILE]",
+        """\
+An interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1, DELE 1, RSET, QUIT... and see
+the server's answers (responses as on the wire; messages decoded, ":raw" shows the bytes).
+TLS and the login are done for you. Ctrl-C cancels the line being typed; Ctrl-D or exit
+leaves without QUIT (nothing is deleted); QUIT commits the deletions. On a terminal, RETR
+asks before printing a message larger than 1 MiB.
+
+  --log FILE  append the session to FILE (the password never appears in it)""",
+    ),
+}
 
 
 class _CommandLineError(Exception):
@@ -2810,6 +2892,8 @@ class _Options:
         self.verbose = False
         self.demo = False
         self.password: str | None = None  # set by --demo only; never from argv
+        self.password_source = ""  # where the password came from, for a refused login
+        self.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
 
     @property
     def implicit_tls(self) -> bool:
@@ -2849,6 +2933,45 @@ def _split_host_port(text: str) -> tuple[str, int | None]:
     if not port:
         return host, None
     return host, _port_number(port)
+
+
+class _Server:
+    """HOST as the user typed it: ``host[:port]``, ``[v6][:port]``, ``user@host[:port]``,
+    ``pop3://[user@]host[:port]`` or ``pop3s://[user@]host[:port]`` (as curl takes them)."""
+
+    def __init__(self, text: str) -> None:
+        self.scheme = ""
+        self.user: str | None = None
+        rest = text
+        for scheme in ("pop3", "pop3s"):
+            if text[: len(scheme) + 3].lower() == scheme + "://":
+                self.scheme, rest = scheme, text[len(scheme) + 3 :]
+        if self.scheme:
+            rest = rest[:-1] if rest.endswith("/") else rest
+            if any(mark in rest for mark in "/?#"):
+                raise _CommandLineError(
+                    f"bad URL {text!r}: give the action as a word (retr 1), not as a URL path"
+                )
+        # The last "@" ends the user name: user names are often mail addresses themselves
+        # (alice@example.com@pop.example.com), while a host name never holds an "@".
+        user, at, rest = rest.rpartition("@")
+        if at:
+            if ":" in user:  # user:password@host, as in URLs
+                raise _CommandLineError(
+                    "the password is never taken from the command line, where other users "
+                    "can see it; use --password-file FILE, $POP3_PASSWORD, ~/.netrc, or type "
+                    "it when asked (a user name with a ':' in it goes in the USER word)"
+                )
+            if self.scheme:
+                import urllib.parse
+
+                user = urllib.parse.unquote(user)  # RFC 3986: %40 for an "@" in a URL
+            if not user:
+                raise _CommandLineError(f"bad host {text!r}: the user name before '@' is empty")
+            self.user = user
+        if not rest:
+            raise _CommandLineError(f"bad host {text!r}: the host name is missing")
+        self.host, self.port = _split_host_port(rest)
 
 
 def _port_number(text: str) -> int:
@@ -2898,7 +3021,9 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         help=f"give up on a silent server after SECONDS (default {DEFAULT_TIMEOUT:g})",
     )
     login = parser.add_argument_group("login")
-    login.add_argument("--password-file", metavar="FILE", help="read the password from FILE")
+    login.add_argument(
+        "--password-file", metavar="FILE", help='read the password from FILE ("-": stdin)'
+    )
     login.add_argument(
         "--auth",
         metavar="MECH",
@@ -2953,6 +3078,16 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
                 "where other users can see it; use --password-file FILE, $POP3_PASSWORD, "
                 "~/.netrc, or type it when asked"
             )
+    words = sys.argv[1:] if argv is None else argv
+    if "-h" in words or "--help" in words:
+        # "retr --help": that action's help. The first word naming an action is taken, as
+        # a HOST or a USER called "retr" is not worth a worse help.
+        action = next((word for word in words if word in _ACTIONS), None)
+        if action is not None:
+            usage, text = _ACTION_HELP[action]
+            _out(f"usage: {prog} HOST[:PORT] USER {usage}\n\n{text}")
+            _out(f"\nConnection and login options: see {prog} --help.")
+            raise SystemExit(_EXIT_OK)
     ns = parser.parse_intermixed_args(argv)
     try:
         return _options_from(ns)
@@ -2974,12 +3109,24 @@ def _options_from(ns: Any) -> _Options:
         o.host, o.user, o.password = "127.0.0.1", _DEMO_USER, _DEMO_PASSWORD
     elif not words:
         raise _CommandLineError("give HOST and USER (or try --demo; --help shows more)")
-    elif len(words) < 2:
-        raise _CommandLineError(f"USER is missing after {words[0]}: give HOST USER")
     else:
-        o.host, o.port = _split_host_port(words[0])
-        o.user = words[1]
-        words = words[2:]
+        server = _Server(words[0])
+        o.host, o.port, o.scheme = server.host, server.port, server.scheme
+        if server.user is not None:
+            o.user = server.user
+            if len(words) > 1 and words[1] not in _ACTIONS:
+                raise _CommandLineError(
+                    f"unknown action {words[1]!r} (the user is already given in {words[0]}); "
+                    f"choose from {', '.join(_ACTIONS)}"
+                )
+            words = words[1:]
+        elif len(words) < 2:
+            raise _CommandLineError(
+                f"USER is missing after {words[0]}: give HOST USER (or USER@HOST)"
+            )
+        else:
+            o.user = words[1]
+            words = words[2:]
         if not o.user:
             raise _CommandLineError("USER is empty")
     if words:
@@ -2996,6 +3143,14 @@ def _options_from(ns: Any) -> _Options:
             raise _CommandLineError(f"two ports given: {o.port} in HOST:PORT and {port} in -p")
         o.port = port
     o.tls = ns.tls
+    if o.scheme == "pop3s":  # POP3 over TLS from the first byte (RFC 8314 section 3.3)
+        if o.tls in ("starttls", "none"):
+            raise _CommandLineError(f"pop3s:// means TLS from the first byte, not --tls {o.tls}")
+        o.tls = "implicit"
+    elif o.scheme == "pop3":  # POP3 on port 110: plaintext, upgraded with STLS
+        if o.tls == "implicit":
+            raise _CommandLineError("pop3:// means STLS on port 110; write pop3s:// instead")
+        o.port = o.port or POP3_PORT
     o.cafile = ns.cafile
     o.insecure = bool(ns.insecure)
     if o.insecure and o.cafile:
@@ -3068,12 +3223,16 @@ def _action_arguments(o: _Options, words: list[str]) -> None:
 
 
 def _read_secret_file(path: str, what: str) -> str:
-    """The first line of ``path``, without its line end."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(_SECRET_FILE_LIMIT + 1)
-    except OSError as exc:
-        raise _CommandLineError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    """The first line of ``path`` ("-": of stdin), without its line end."""
+    if path == "-":
+        data = _read_secret_line(what)
+        path = "on stdin"
+    else:
+        try:
+            with open(path, "rb") as file:
+                data = file.read(_SECRET_FILE_LIMIT + 1)
+        except OSError as exc:
+            raise _CommandLineError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if len(data) > _SECRET_FILE_LIMIT:
         raise _CommandLineError(f"{what} {path} is too large to hold a password or token")
     try:
@@ -3087,6 +3246,23 @@ def _read_secret_file(path: str, what: str) -> str:
     if not value:
         raise _CommandLineError(f"{what} {path} is empty (the secret goes on its first line)")
     return value
+
+
+def _read_secret_line(what: str) -> bytes:
+    """One line of stdin, for ``--password-file -``; the rest stays there (for the shell)."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise _CommandLineError(f"cannot read the {what} from stdin: there is none")
+    if stdin.isatty():  # a terminal would echo it: the prompt hides it instead
+        raise _CommandLineError(
+            f"the {what} - reads stdin, which is a terminal here (it would show the secret); "
+            "leave the option out to be asked for the password without echo"
+        )
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is not None:
+        data: bytes = buffer.readline(_SECRET_FILE_LIMIT + 1)
+        return data
+    return stdin.readline(_SECRET_FILE_LIMIT + 1).encode("utf-8", "surrogateescape")
 
 
 def _netrc_password(host: str, user: str) -> str | None:
@@ -3113,26 +3289,40 @@ def _netrc_password(host: str, user: str) -> str | None:
     return password or None
 
 
-def _password(o: _Options) -> str:
-    """The password: --password-file, $POP3_PASSWORD, ~/.netrc, or a prompt on a terminal."""
+def _stored_password(o: _Options) -> str | None:
+    """The password from --password-file, $POP3_PASSWORD or ~/.netrc (None if none holds
+    one); notes in ``o.password_source`` where it came from."""
     import os
 
+    password: str | None
     if o.password is not None:
-        return o.password
-    if o.password_file:
-        return _read_secret_file(o.password_file, "password file")
-    from_environment = os.environ.get(_PASSWORD_VARIABLE)
-    if from_environment:
-        return from_environment
-    from_netrc = _netrc_password(o.host, o.user)
-    if from_netrc:
-        return from_netrc
+        source, password = "--demo", o.password
+    elif o.password_file:
+        where = "stdin" if o.password_file == "-" else o.password_file
+        source = f"--password-file {where}"
+        password = _read_secret_file(o.password_file, "password file")
+    elif os.environ.get(_PASSWORD_VARIABLE):
+        source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
+    else:
+        source, password = "~/.netrc", _netrc_password(o.host, o.user)
+    if password is not None:
+        o.password_source = source
+    return password
+
+
+def _check_password_prompt(o: _Options) -> None:
+    """Fail before connecting when no password is stored and there is no terminal to ask."""
     stdin = sys.stdin
     if stdin is None or not stdin.isatty():
         raise _CommandLineError(
             f"no password for {o.user} on {o.host}: use --password-file FILE, set "
             f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
         )
+
+
+def _typed_password(o: _Options) -> str:
+    """The password, typed without echo: asked only once the server has been reached (as
+    mpop does), so a wrong port or a bad certificate costs no typing."""
     import getpass
 
     try:
@@ -3145,7 +3335,48 @@ def _password(o: _Options) -> str:
         raise
     if not typed:
         raise _CommandLineError("no password entered")
+    o.password_source = "the prompt"
     return typed
+
+
+def _password_problem(password: str, source: str, sasl: bool) -> str | None:
+    """Why the login cannot carry ``password`` (CR, LF or NUL, which no command line may hold;
+    with ``sasl``, also a character SASLprep (RFC 4013) prohibits), naming its position but
+    never the password; or None."""
+    position, char = 0, ""
+    for index, candidate in enumerate(password):
+        if candidate in "\r\n\0":
+            position, char = index + 1, candidate
+            break
+        if not sasl:
+            continue
+        try:
+            saslprep(candidate, what="password")
+        except ValueError:
+            position, char = index + 1, candidate
+            break
+    if not position:
+        try:
+            if sasl:
+                saslprep(password, what="password")
+        except ValueError:
+            return (
+                f"the password (from {source}) mixes right-to-left and left-to-right text, "
+                "which SASLprep (RFC 4013) prohibits"
+            )
+        return None
+    what = {"\n": "a line feed", "\r": "a carriage return", "\t": "a tab", "\0": "NUL"}
+    name = what.get(char, "a character that SASLprep (RFC 4013) prohibits")
+    problem = (
+        f"the password (from {source}) holds {name} (U+{ord(char):04X}) at character "
+        f"{position} of {len(password)}, which cannot be sent"
+    )
+    if source == f"${_PASSWORD_VARIABLE}" and position == len(password) and char in "\r\n":
+        problem += (
+            f"; a trailing newline in ${_PASSWORD_VARIABLE} is the usual cause (or a "
+            "carriage return, from a file with Windows line ends)"
+        )
+    return problem
 
 
 # -- output helpers -------------------------------------------------------------------------------
@@ -3359,6 +3590,24 @@ def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Su
     return [_Summary(n, sizes.get(n, 0), uids.get(n), headers.get(n)) for n in numbers]
 
 
+def _human_size(count: int) -> str:
+    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _size(count: int) -> str:
+    """Octets, exact, and in human units beside them once that says more: "10180 octets
+    (9.9 KiB)"."""
+    if count < 1024:
+        return _plural(count, "octet")
+    return f"{count} octets ({_human_size(count)})"
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -3448,7 +3697,7 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
     _out(f"Security:      {_security_line(pop, o)}")
     _out(f"Capabilities:  {_capabilities_line(caps)}")
     _out(f"Login:         {_method_name(method)} as {_printable(o.user)}")
-    _out(f"Mailbox:       {_plural(count, 'message')}, {size} octets")
+    _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
     if rows:
         _out()
         for line in _table(rows, _terminal_width()):
@@ -3513,7 +3762,14 @@ def _table(rows: list[_Summary], width: int) -> list[str]:
     """The check's table, each line at most ``width`` columns (0: no limit)."""
     header = ("#", "Size", "UID", "Date", "From", "Subject")
     cells = [
-        (str(r.number), str(r.size), r.uid or "", r.date_shown, r.sender_shown, r.subject or "")
+        (
+            str(r.number),
+            _human_size(r.size),
+            r.uid or "",
+            r.date_shown,
+            r.sender_shown,
+            r.subject or "",
+        )
         for r in rows
     ]
     widths = [max(_text_width(c[i]) for c in [header, *cells]) for i in range(6)]
@@ -3542,11 +3798,13 @@ def _table(rows: list[_Summary], width: int) -> list[str]:
 _CHARSET = rb"""(?i)charset\s*=\s*["']?([^"';\s]+)"""
 
 
-def _render_message(data: bytes, raw: bool = False) -> list[str]:
+def _render_message(data: bytes, raw: bool = False, wire: bool = True) -> list[str]:
     """A message (or TOP's part of it) as display lines: headers with RFC 2047 decoded, the
     body in its declared charset (guessed when it lies), transfer encoding undone for a
-    single text part; with ``raw``, the bytes escaped instead. Lines starting with "." are
-    shown dot-stuffed, as on the wire, so none can be mistaken for the end of a response."""
+    single text part; with ``raw``, the bytes escaped instead. With ``wire`` (the shell, which
+    shows the response's "." terminator), lines starting with "." are shown dot-stuffed, as
+    on the wire (RFC 1939 section 3), so none can be mistaken for the end of the response;
+    without it (retr), as the message holds them."""
     if raw:
         lines = [_escaped(line) for line in data.split(b"\r\n")]
     else:
@@ -3573,6 +3831,8 @@ def _render_message(data: bytes, raw: bool = False) -> list[str]:
             lines += [_printable(_decode_text(line, charset)) for line in body.split(b"\r\n")]
     if lines and lines[-1] == "":
         lines.pop()  # the final CRLF
+    if not wire:
+        return lines
     return ["." + line if line.startswith(".") else line for line in lines]
 
 
@@ -3604,8 +3864,8 @@ def _show_messages(pop: POP3, o: _Options) -> int:
             _write_bytes(data)
             continue
         if len(o.numbers) > 1:
-            _out(f"--- message {fetched.number} ({len(data)} octets) ---")
-        for line in _render_message(data):
+            _out(f"--- message {fetched.number}: {_size(len(data))} ---")
+        for line in _render_message(data, wire=False):
             _out(line)
     return _EXIT_OK
 
@@ -3618,7 +3878,7 @@ def _retr_to_files(pop: POP3, o: _Options) -> int:
     for number in o.numbers:
         path = os.path.join(output, f"{number}.eml") if folder else output
         written = _retr_to_file(pop, number, path)
-        _out(f"message {number}: {written} octets written to {path}")
+        _out(f"message {number}: {_size(written)} written to {path}")
     return _EXIT_OK
 
 
@@ -3943,6 +4203,7 @@ Shell commands:
   help              this text
   :raw              switch between decoded text and the raw bytes, escaped
   exit, Ctrl-D      leave without QUIT: messages marked with DELE stay on the server
+  Ctrl-C            cancel the line being typed (or stop a command: that ends the session)
 USER, PASS, APOP, AUTH and STLS are not needed: TLS and the login were done at the start."""
 
 _LOGIN_VERBS = ("USER", "PASS", "APOP", "AUTH")
@@ -3970,6 +4231,7 @@ class _Shell:
         # unless typed as an argument to some command, which the login verbs are refused for.
         self.secret = password if password and len(password) >= 4 else None
         self.log: IO[str] | None = None
+        self.interrupted = False  # Ctrl-C was pressed at the prompt (explained once)
 
     def show(self, text: str, echo: bool = True) -> None:
         """A line for the screen (unless ``echo`` is false) and for the log."""
@@ -4005,8 +4267,12 @@ class _Shell:
                 _out()
                 return None
             except KeyboardInterrupt:
-                _out()  # leave the prompt's line before main() reports the interruption
-                raise
+                # As in a shell: Ctrl-C cancels the line being typed, not the session.
+                _out()
+                if not self.interrupted:
+                    _out("(line cancelled; Ctrl-D or exit leaves, QUIT commits deletions)")
+                self.interrupted = True
+                return ""
             self.show(_SHELL_PROMPT + line, echo=False)
             return line
         line = sys.stdin.readline()
@@ -4064,6 +4330,18 @@ class _Shell:
                 return _EXIT_OK
             self.command(verb, words[1:])
 
+    def confirm_printing(self, octets: int) -> bool:
+        """On a terminal, ask before printing a message of more than _SHELL_PRINT_LIMIT
+        octets (the response has been read in full, so the session stays in step)."""
+        if octets <= _SHELL_PRINT_LIMIT or not (self.terminal and sys.stdout.isatty()):
+            return True
+        try:
+            answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            _out()
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
     def error_line(self, exc: ServerError) -> str:
         return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
 
@@ -4081,7 +4359,11 @@ class _Shell:
         self.show(f"+OK {shown}".rstrip())
         body = response.body
         if body is not None:
-            if verb in ("RETR", "TOP") or self.raw:
+            message = verb in ("RETR", "TOP")
+            lines: list[str] = []
+            if message and not self.confirm_printing(len(body)):
+                self.show(f"(not shown: {_size(len(body))})")
+            elif message or self.raw:
                 lines = _render_message(body, self.raw)
             else:
                 lines = [_printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
@@ -4120,9 +4402,63 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
+        if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
+            _check_offered(pop, mechanism)
         pop.login_oauth2(o.user, token, mechanism)
         return mechanism
     assert password is not None
+    caps = pop.capa()
+    if o.apop or o.auth == "USER":
+        sasl = False
+    elif o.auth:
+        sasl = True
+        _check_offered(pop, o.auth)
+    else:
+        sasl = choose_password_mechanism(caps.sasl) is not None
+    try:
+        return _log_in_with_password(pop, o, password)
+    except ValueError:
+        problem = _password_problem(password, o.password_source, sasl)
+        if problem is None:
+            raise
+        raise _CommandLineError(problem) from None
+    except (AuthenticationError, NetworkError) as exc:
+        if not o.auth or o.auth == "USER" or caps:
+            raise
+        # No CAPA, so nobody knows whether AUTH works here; such servers often answer an
+        # unknown AUTH with a bare -ERR, or by hanging up.
+        said = exc.text if isinstance(exc, AuthenticationError) else str(exc)
+        status = _failure(exc, o)[0]
+        raise _CommandLineError(
+            f"AUTH {o.auth} failed ({said}); the server announces no capabilities (it does not "
+            f"answer CAPA), so it may not support AUTH {o.auth}: leave --auth out to log in "
+            f"with USER/PASS, or check the password (from {o.password_source})",
+            status,
+        ) from None
+
+
+def _check_offered(pop: POP3, mechanism: str) -> None:
+    """Refuse, before sending anything, a SASL mechanism that the server's CAPA leaves out
+    (RFC 2449 section 6.3); without CAPA the server is given the benefit of the doubt."""
+    caps = pop.capa()
+    offered = caps.sasl
+    if not caps or mechanism in (name.upper() for name in offered if name.isascii()):
+        return
+    if offered:
+        listing = _printable(" ".join(offered))
+        hint = "choose one of them with --auth, or leave --auth out for the strongest"
+        raise _CommandLineError(
+            f"the server does not offer AUTH {mechanism}; it offers SASL {listing}: {hint}",
+            _EXIT_AUTH,
+        )
+    raise _CommandLineError(
+        f"the server does not offer AUTH {mechanism}: it announces no SASL mechanism at all; "
+        "leave --auth out (or give --auth USER) to log in with USER/PASS",
+        _EXIT_AUTH,
+    )
+
+
+def _log_in_with_password(pop: POP3, o: _Options, password: str) -> str:
     if o.apop:
         if pop.timestamp is None:
             raise _CommandLineError(
@@ -4141,30 +4477,72 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
     return pop.login_best(o.user, password)
 
 
+def _greeting_probe_applies(o: _Options) -> bool:
+    return (
+        o.tls == "auto"
+        and not o.implicit_tls
+        and o.port != POP3_PORT
+        and o.timeout > _GREETING_WAIT
+    )
+
+
+def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
+    """Connect as the options say. In auto mode on a port other than 110 and 995 the server
+    first gets _GREETING_WAIT seconds to greet in plaintext on a connection of its own (which
+    is closed without a word): a silent one probably waits for a TLS ClientHello (RFC 8314
+    section 3.3), so implicit TLS is tried, and said, instead of waiting out --timeout."""
+    if _greeting_probe_applies(o):
+        log = _get_logger()  # so that -v does not show two greetings unexplained
+        log.debug("(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT)
+        try:
+            POP3(o.host, o.port, timeout=_GREETING_WAIT, tls="none").abort()
+            log.debug("(it does; connecting again for the session)")
+        except Timeout:
+            _say(
+                f"no plaintext greeting from {o.target_name} within {_GREETING_WAIT:g}s: the "
+                "port may expect TLS from the first byte, so trying implicit TLS (--tls "
+                "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
+            )
+            o.tls = "implicit"
+    return POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context)
+
+
 def _session(o: _Options) -> int:
-    """Connect, log in (except for capa), run the action; QUIT only if it succeeded."""
+    """Connect, then ask for a password if none is stored, log in (except for capa), run the
+    action; QUIT only if it succeeded."""
     import os
 
     if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
         raise _CommandLineError("-o must name an existing directory for several messages")
+    if o.action == "retr" and not o.output and len(o.numbers) > 1 and not sys.stdout.isatty():
+        raise _CommandLineError(
+            "several messages to a pipe or a file would run together with nothing between "
+            "them: give -o DIR for one N.eml file each, use save FILE.mbox, or retr them one "
+            "at a time"
+        )
     password = token = None
     if o.action != "capa":
         if o.oauth2_token_file:
             token = _read_secret_file(o.oauth2_token_file, "token file").strip()
+            o.password_source = f"--oauth2-token-file {o.oauth2_token_file}"
         else:
-            password = _password(o)
+            password = _stored_password(o)
+            if password is None:
+                _check_password_prompt(o)
     context = _tls_context(o)
     if o.insecure:
         _say(
             f"WARNING: --insecure: the certificate of {o.host} is not checked; anyone on the "
             "network path can pose as the server and read the password and the mail"
         )
-    with POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context) as pop:
+    with _connect(o, context) as pop:
         if not pop.tls_version and not pop.loopback:
             _say("WARNING: --tls none: the password and the mail cross the network unencrypted")
         if o.action == "capa":
             return _capa(pop, o)
         caps = dict(pop.capa())
+        if password is None and token is None:
+            password = _typed_password(o)
         method = _log_in(pop, o, password, token)
         if o.action == "check":
             return _check(pop, o, caps, method)
@@ -4212,17 +4590,22 @@ def _demo(o: _Options) -> int:
         return _session(o)
 
 
-def _failure(exc: Error) -> tuple[int, str]:
+def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
     """The exit status and the one line to print for a pop3lite error: what happened and
-    what to try."""
+    what to try (``o``, when given, adds what the command line knows: where the password
+    came from, which TLS mode was used)."""
     message = (
         str(exc).replace("pass tls='none'", "use --tls none").replace("tls='none'", "--tls none")
     )
     if isinstance(exc, AuthenticationError):
         said = f" (the server said: {exc.text})" if exc.text else ""
+        secret = "token" if o is not None and o.oauth2_token_file else "password"
+        source = ""
+        if o is not None and o.password_source:
+            source = f" (the {secret} came from {o.password_source})"
         return _EXIT_AUTH, (
-            f"login refused{said}; check the user name and the password, or choose another "
-            "login method with --auth MECH or --apop"
+            f"login refused{said}; check the user name and the {secret}{source}, or choose "
+            "another login method with --auth MECH or --apop"
         )
     if isinstance(exc, InUseError):
         return _EXIT_TEMPORARY, (
@@ -4239,11 +4622,16 @@ def _failure(exc: Error) -> tuple[int, str]:
         return _EXIT_SERVER, message
     if isinstance(exc, TLSError):
         if "does not offer STLS" in message:
-            message = message.replace("use implicit TLS", "use --tls implicit")
+            # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with
+            # an error that sends the user back to --tls starttls (issue 13, a circle).
+            message = message.replace(
+                "use implicit TLS (port 995)",
+                "connect to its TLS port instead (HOST:995, or pop3s://HOST)",
+            )
         elif "wrong version number" in message.lower():
             message += (
-                "; the server does not speak TLS from the first byte on this port: try "
-                "--tls starttls, or the implicit TLS port (995)"
+                "; the server speaks plaintext, not TLS from the first byte, on this port: "
+                "try --tls starttls, or the implicit TLS port (995)"
             )
         elif "not trusted" in message:
             message += (
@@ -4252,7 +4640,10 @@ def _failure(exc: Error) -> tuple[int, str]:
             )
         return _EXIT_CONNECTION, message
     if isinstance(exc, Timeout):
-        return _EXIT_CONNECTION, f"{message}; check the host and port, or raise --timeout"
+        hint = "check the host and port, or raise --timeout"
+        if o is not None and not o.implicit_tls:
+            hint += "; if the port expects TLS from the first byte, use --tls implicit"
+        return _EXIT_CONNECTION, f"{message}; {hint}"
     if isinstance(exc, NetworkError):
         if message.startswith(("cannot connect", "cannot resolve")):
             message += "; check the host name and the port (HOST:PORT or -p PORT)"
@@ -4299,7 +4690,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(str(exc))
         return exc.status
     except Error as exc:
-        status, message = _failure(exc)
+        status, message = _failure(exc, o)
         _say(message)
         return status
     except ValueError as exc:  # a caller mistake the client caught before sending anything

@@ -229,7 +229,7 @@ def test_retr_writes_the_message_to_a_file(
     status, out, _ = run(capsys, address(server), "hogehoge", "retr", "1", "-o", str(target))
     assert status == 0
     assert target.read_bytes() == fakeserver.OPERAMAIL_MESSAGES[0]
-    assert f"message 1: 5954 octets written to {target}" in out
+    assert f"message 1: 5954 octets (5.8 KiB) written to {target}" in out
     assert messages_left(server) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "m1.eml"]  # no temporary left
 
@@ -782,3 +782,294 @@ def test_importing_pop3lite_does_not_import_the_command_line_modules() -> None:
         check=True,
     )
     assert result.stdout.strip() == "[]"
+
+
+# -- issue 13: what a new user runs into --------------------------------------------------------
+
+
+@pytest.fixture
+def short_greeting_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that does not greet within 0.3 s is taken to expect TLS from the first byte."""
+    monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 0.3)
+
+
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_an_implicit_tls_port_without_tls_implicit_is_tried_with_implicit_tls(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with FakeServer("rfc", tls="implicit") as server:
+        argv = [address(server), "hogehoge", "--timeout", "20"]
+        status, out, err = run(capsys, *argv, "--cafile", ca_file(tmp_path), "--json")
+        assert status == 0, err
+        assert "may expect TLS from the first byte" in err and "--tls implicit" in err
+        assert json.loads(out)["tls"]["verified"] is True
+        # A private CA: the first byte is TLS, so the hint is about the certificate.
+        status, _, err = run(capsys, *argv)
+    assert status == 4 and "trying implicit TLS" in err and "--cafile" in err
+
+
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge", "--timeout", "20")
+    assert status == 0 and "2 messages" in out
+    assert "TLS" not in err  # it greeted at once: no probing said
+    assert commands(server)[-1] == "QUIT"
+
+
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    slow = [Fault("delay", "GREETING", 0.6)]
+    with FakeServer("rfc", tls="stls", faults=slow) as server:
+        argv = [address(server), "hogehoge", "--timeout", "20", "--cafile", ca_file(tmp_path)]
+        status, _, err = run(capsys, *argv)
+        assert status == 4 and "trying implicit TLS" in err
+        assert "speaks plaintext" in err and "--tls starttls" in err
+        status, out, err = run(capsys, *argv, "--tls", "starttls")  # what the hint says
+    assert status == 0 and "3 messages" in out and "TLS" not in err
+    assert commands(server)[:2] == ["CAPA", "STLS"]
+
+
+@pytest.mark.usefixtures("password")
+def test_tls_hints_on_a_plaintext_only_port_do_not_go_in_a_circle(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, _, implicit = run(capsys, address(server), "hogehoge", "--tls", "implicit")
+    assert status == 4 and "--tls starttls" in implicit
+    status, _, starttls = run(capsys, address(server), "hogehoge", "--tls", "starttls")
+    assert status == 4 and "STLS" in starttls
+    assert "--tls implicit" not in starttls  # which would send the user back to the first
+    assert "995" in starttls and "--tls none" in starttls
+
+
+@pytest.mark.usefixtures("password")
+def test_a_silent_server_hint_mentions_implicit_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeServer(faults=[Fault("delay", "GREETING", 0.6)]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge", "--timeout", "0.2")
+    assert status == 4 and "--timeout" in err and "--tls implicit" in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_password_is_asked_for_once_the_server_is_reached(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import getpass
+
+    connected_at_prompt: list[int] = []
+
+    def fake_getpass(prompt: str = "") -> str:
+        connected_at_prompt.append(len(server.transcripts))
+        return "fugafuga"
+
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(getpass, "getpass", fake_getpass)
+    status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0 and "2 messages" in out
+    assert connected_at_prompt and connected_at_prompt[0] >= 1
+    with FakeServer("rfc", tls="implicit") as untrusted:  # a private CA, not passed
+        status, _, err = run(capsys, address(untrusted), "hogehoge", "--tls", "implicit")
+    assert status == 4 and "not trusted" in err
+    assert len(connected_at_prompt) == 1  # no password typed for a server never reached
+
+
+def test_a_refused_login_says_where_the_password_came_from(
+    capsys: pytest.CaptureFixture[str],
+    server: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    environment: Path,
+    tmp_path: Path,
+) -> None:
+    import getpass
+
+    def refused(*argv: str) -> str:
+        status, _, err = run(capsys, address(server), "hogehoge", *argv)
+        assert status == 3 and "login refused" in err and "bad-secret" not in err
+        return err
+
+    monkeypatch.setenv("POP3_PASSWORD", "bad-secret")
+    assert "(the password came from $POP3_PASSWORD)" in refused()
+    secret = tmp_path / "secret"
+    secret.write_text("bad-secret\n")
+    from_file = refused("--password-file", str(secret))
+    assert f"(the password came from --password-file {secret})" in from_file
+    monkeypatch.delenv("POP3_PASSWORD")
+    netrc = environment / ".netrc"
+    netrc.write_text(f"machine {server.host} login hogehoge password bad-secret\n")
+    netrc.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    assert "(the password came from ~/.netrc)" in refused()
+    netrc.unlink()
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": "bad-secret")
+    assert "(the password came from the prompt)" in refused()
+
+
+@pytest.mark.usefixtures("password")
+def test_several_messages_to_a_pipe_are_refused_before_connecting(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge", "retr", "1", "2")
+    assert status == 2 and out == ""
+    assert "-o DIR" in err and "save FILE.mbox" in err
+    assert server.transcripts == []
+    assert pop3lite.main(["retr", "--help"]) == 0
+    assert "to a pipe or file they are refused" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("password")
+def test_auth_with_a_mechanism_the_server_does_not_offer_lists_the_offered_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc", capabilities=["USER", "SASL PLAIN LOGIN"]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "CRAM-MD5")
+    assert status == 3 and "does not offer AUTH CRAM-MD5" in err and "SASL PLAIN LOGIN" in err
+    assert not [c for c in commands(server) if c.startswith(("AUTH", "USER", "PASS"))]
+    with FakeServer("rfc", capabilities=["USER"]) as server:
+        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+    assert status == 3 and "no SASL mechanism" in err and "USER/PASS" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_auth_on_a_server_without_capa_suggests_user_pass(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer() as server:  # OperaMail: no CAPA, and -ERR for AUTH
+        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+    assert status == 3 and "does not answer CAPA" in err and "leave --auth out" in err
+    assert "$POP3_PASSWORD" in err
+    with FakeServer(faults=[Fault("drop", "AUTH", 0)]) as server:  # hangs up instead
+        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+    assert status == 4 and "closed" in err and "leave --auth out" in err
+
+
+def test_a_password_saslprep_refuses_names_the_position_and_the_source(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "fugafuga\n")
+    with FakeServer("rfc") as server:  # SCRAM-SHA-256: SASLprep applies
+        status, _, err = run(capsys, address(server), "hogehoge")
+        assert status == 2 and "line feed (U+000A) at character 9 of 9" in err
+        assert "$POP3_PASSWORD" in err and "trailing newline" in err
+        assert "fugafuga" not in err
+        secret = tmp_path / "secret"
+        secret.write_text("fu\ue000ga\n", encoding="utf-8")  # a private-use character
+        argv = [address(server), "hogehoge", "--password-file", str(secret)]
+        status, _, err = run(capsys, *argv)
+        assert status == 2 and "(U+E000) at character 3 of 5" in err
+        assert f"--password-file {secret}" in err and "trailing newline" not in err
+    assert not [c for c in commands(server) if c.startswith(("AUTH", "PASS"))]
+
+
+def test_host_forms_urls_and_user_at_host() -> None:
+    def parsed(text: str) -> tuple[str | None, str, int | None, str]:
+        server = pop3lite._Server(text)
+        return server.user, server.host, server.port, server.scheme
+
+    assert parsed("alice@pop.example.com") == ("alice", "pop.example.com", None, "")
+    assert parsed("alice@example.com@pop.example.com:1110") == (
+        "alice@example.com", "pop.example.com", 1110, ""
+    )  # fmt: skip
+    assert parsed("pop3s://pop.example.com") == (None, "pop.example.com", None, "pop3s")
+    assert parsed("POP3://pop.example.com:1110/") == (None, "pop.example.com", 1110, "pop3")
+    assert parsed("pop3s://alice%40example.com@[::1]:1995") == (
+        "alice@example.com", "::1", 1995, "pop3s"
+    )  # fmt: skip
+    assert parsed("alice@[2001:db8::1]") == ("alice", "2001:db8::1", None, "")
+    assert parsed("[::1]:110") == (None, "::1", 110, "")
+
+
+def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
+    def options(*argv: str) -> tuple[str, str, int | None, str]:
+        o = pop3lite._parse_command_line(list(argv))
+        return o.user, o.host, o.port, o.tls
+
+    assert options("pop3://alice@host") == ("alice", "host", 110, "auto")
+    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "auto")
+    assert options("pop3://host", "alice", "--tls", "none") == ("alice", "host", 110, "none")
+    assert options("pop3s://alice@host", "uidl") == ("alice", "host", None, "implicit")
+    assert options("pop3s://host:1995", "alice") == ("alice", "host", 1995, "implicit")
+    assert options("alice@host:1110", "check") == ("alice", "host", 1110, "auto")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pop3://alice:secret@host"],
+        ["alice:secret@host"],
+        ["pop3://host/1", "alice"],
+        ["pop3s://host", "alice", "--tls", "starttls"],
+        ["pop3://host", "alice", "--tls", "implicit"],
+        ["alice@host", "bob"],
+        ["@host"],
+        ["alice@"],
+        ["pop3s://"],
+    ],
+    ids=lambda argv: " ".join(argv),
+)
+def test_host_forms_that_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and "error:" in err and out == "" and "secret" not in err
+
+
+@pytest.mark.usefixtures("password")
+def test_urls_and_user_at_host_reach_the_server(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
+) -> None:
+    status, out, _ = run(capsys, f"hogehoge@{address(server)}", "uidl")
+    assert status == 0 and out.splitlines()[0] == "1 3C4B82C800000001"
+    status, out, _ = run(capsys, f"pop3://hogehoge@{address(server)}", "--json")
+    assert status == 0 and json.loads(out)["user"] == "hogehoge"
+    with FakeServer("rfc", tls="implicit") as secure:
+        url = f"pop3s://{address(secure)}"
+        status, out, err = run(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
+    assert status == 0 and json.loads(out)["tls"]["verified"] is True
+    assert "may expect TLS" not in err  # pop3s:// says implicit TLS: nothing to probe
+
+
+def test_password_file_dash_reads_a_line_of_stdin(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("fugafuga\nSTAT\nQUIT\n"))
+    status, out, _ = run(capsys, address(server), "hogehoge", "--password-file", "-", "shell")
+    assert status == 0
+    assert "pop3> STAT\n+OK 2 10180\n" in out and "Signing Off" in out  # the rest: commands
+    monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))
+    status, _, err = run(capsys, address(server), "hogehoge", "--password-file", "-")
+    assert status == 2 and "terminal" in err
+
+
+def test_action_help_shows_that_actions_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, wanted in (
+        (["retr", "--help"], "retr N [N...] [-o PATH]"),
+        (["host", "alice", "save", "-h"], "--new"),
+        (["--help", "shell"], "Ctrl-C cancels the line"),
+    ):
+        status, out, err = run(capsys, *argv)
+        assert status == 0 and err == ""
+        assert out.startswith("usage: pop3lite HOST[:PORT] USER ") and wanted in out
+        assert "exit status:" not in out  # not the whole --help
+
+
+@pytest.mark.usefixtures("password")
+def test_sizes_are_shown_in_human_units_beside_octets(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, _ = run(capsys, address(server), "hogehoge")
+    assert status == 0 and "2 messages, 10180 octets (9.9 KiB)" in out
+    assert "5.8 KiB" in out.split("\n\n", 1)[1]  # the table
+    assert pop3lite._size(21_076_378) == "21076378 octets (20.1 MiB)"
+    assert pop3lite._size(1) == "1 octet" and pop3lite._size(1023) == "1023 octets"
+    assert pop3lite._human_size(512) == "512 B" and pop3lite._human_size(3 << 30) == "3.0 GiB"
+
+
+def test_message_rendering_keeps_dots_as_the_message_holds_them() -> None:
+    lines = pop3lite._render_message(fakeserver.RFC_MESSAGES[1], wire=False)
+    assert lines[-6:] == [".", "..", ".hidden", ". a dot and a space", "", "end"]
+    wire = pop3lite._render_message(fakeserver.RFC_MESSAGES[1])  # the shell's view
+    assert wire[-6:] == ["..", "...", "..hidden", ".. a dot and a space", "", "end"]

@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import hashlib
 import hmac
 import itertools
@@ -192,334 +191,467 @@ Eg4Yyc9djg5PWoTqYu6MgjxBRskYZIFaGTlUyjqUGIdq1PXENatsb7w4
 # END TEST CERTIFICATES
 
 # ======================================================================================
+# Transcript files
+# ======================================================================================
+
+# A transcript file holds what crossed the wire, one wire line per file line, so that a person can
+# read it and a replay can reproduce every byte:
+#
+#   "S: " (server) or "C: " (client), then the line without its CRLF. UTF-8 text stands for
+#   itself; "\\" is a backslash; "\xHH" is any other byte: C0 and C1 controls (ESC of
+#   ISO-2022-JP included), DEL, bytes that are not UTF-8, the Unicode line separators, and a space
+#   or tab at the end of a line (so that no editor can strip it). A line that did not end in CRLF
+#   keeps its real end in escapes ("\x0a" for a bare LF); a line that had no end at all (cut
+#   connection, or a chunk of an endless line) ends in a lone "\". Multi-line replies stay
+#   dot-stuffed as sent, so the line "." always ends one. Secrets are "****" (_redact_command).
+#   "#" starts a comment line; a line starting with "=" begins the next session (connection).
+
+TRANSCRIPT_HEADER = "# fakeserver transcript (format: fakeserver.py, section Transcript files)"
+_ESCAPED_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\\\\\u2028\u2029\ufeff\udc80-\udcff]")
+_TRAILING_BLANKS_RE = re.compile(r"[ \t]+\Z")
+_ESCAPE_RE = re.compile(r"\\(x[0-9A-Fa-f]{2}|\\|\Z)")
+
+
+def _escape_char(found: re.Match[str]) -> str:
+    char = found.group(0)
+    if char == "\\":
+        return "\\\\"
+    if "\udc80" <= char <= "\udcff":  # a byte that is not UTF-8 (surrogateescape)
+        return "\\x%02x" % (ord(char) - 0xDC00)
+    return "".join("\\x%02x" % byte for byte in char.encode("utf-8"))
+
+
+def transcript_line(direction: str, data: bytes) -> str:
+    """One file line for one wire line `data` (with its line end, if it had one)."""
+    if data.endswith(b"\r\n"):
+        data, end = data[:-2], ""
+    elif data.endswith(b"\n"):
+        end = ""  # the bare LF stays in the data and is escaped
+    else:
+        end = "\\"
+    text = _ESCAPED_RE.sub(_escape_char, data.decode("utf-8", "surrogateescape"))
+    blanks = _TRAILING_BLANKS_RE.search(text)
+    if blanks:
+        text = text[: blanks.start()] + "".join("\\x%02x" % ord(c) for c in blanks.group(0))
+    return "%s:%s%s%s" % (direction, " " if text or end else "", text, end)
+
+
+def _wire_bytes(text: str) -> bytes:
+    """The wire bytes of a transcript line's text (what follows "S: " or "C: ")."""
+    parts: list[bytes] = []
+    position = 0
+    ended = True
+    for found in _ESCAPE_RE.finditer(text):
+        parts.append(text[position : found.start()].encode("utf-8", "surrogateescape"))
+        code = found.group(1)
+        if code == "\\":
+            parts.append(b"\\")
+        elif code:
+            parts.append(bytes([int(code[1:], 16)]))
+        else:
+            ended = False  # the lone "\" at the end: this line had no line end
+        position = found.end()
+    rest = text[position:]
+    if "\\" in rest:
+        raise ValueError("a transcript line has a stray backslash: %r" % text)
+    parts.append(rest.encode("utf-8"))
+    data = b"".join(parts)
+    return data if not ended or data.endswith(b"\n") else data + b"\r\n"
+
+
+class Exchange(NamedTuple):
+    """One command and the server's bytes after it (after its last SASL response, for AUTH)."""
+
+    command: str  # as recorded: secrets are "****"
+    reply: bytes
+
+
+class RecordedSession(NamedTuple):
+    greeting: bytes
+    exchanges: list[Exchange]
+
+
+def parse_transcript(text: str) -> list[RecordedSession]:
+    """The sessions of a transcript file's text (see the format above)."""
+    sessions: list[RecordedSession] = []
+    greeting: list[bytes] = []
+    exchanges: list[Exchange] = []
+    command: str | None = None
+    reply: list[bytes] = []
+    started = False
+
+    def close_exchange() -> None:
+        if command is not None:
+            exchanges.append(Exchange(command, b"".join(reply)))
+
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line  # a file edited on Windows
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("="):
+            if started:
+                close_exchange()
+                sessions.append(RecordedSession(b"".join(greeting), exchanges))
+            greeting, exchanges, command, reply, started = [], [], None, [], True
+            continue
+        direction, colon, rest = line[:1], line[1:2], line[2:]
+        if direction not in ("S", "C") or colon != ":":
+            raise ValueError("transcript line %d is not S:, C:, # or =: %r" % (number, line))
+        started = True
+        rest = rest[1:] if rest.startswith(" ") else rest
+        try:
+            data = _wire_bytes(rest)
+        except ValueError as error:
+            raise ValueError("transcript line %d: %s" % (number, error)) from None
+        if direction == "S":
+            (greeting if command is None else reply).append(data)
+            continue
+        last = reply[-1] if reply else b""
+        if command is not None and command.upper().startswith("AUTH") and last.startswith(b"+ "):
+            reply = []  # a SASL response: the exchange goes on
+            continue
+        close_exchange()
+        command, reply = data.rstrip(b"\r\n").decode("utf-8", "surrogateescape"), []
+    if started:
+        close_exchange()
+        sessions.append(RecordedSession(b"".join(greeting), exchanges))
+    return sessions
+
+
+def load_transcript(path: str | Path) -> list[RecordedSession]:
+    """The sessions of a transcript file (UTF-8)."""
+    return parse_transcript(Path(path).read_text(encoding="utf-8"))
+
+
+def _redact_command(line: bytes, sasl_response: bool = False) -> bytes:
+    """A client line with its secrets replaced by ****: the argument of PASS, APOP's digest,
+    AUTH's initial response and every SASL response (RFC 5034: base64 of passwords, proofs,
+    OAuth tokens). "*" (the client cancels) is no secret."""
+    if sasl_response:
+        return line if line in (b"*", b"") else b"****"
+    parts = line.split(b" ")
+    verb = parts[0].upper()
+    if verb == b"PASS":
+        return b"PASS ****"
+    if verb in (b"APOP", b"AUTH") and len(parts) > 2:
+        return b" ".join(parts[:2] + [b"****"])
+    return line
+
+
+def _unstuff(lines: Iterable[bytes]) -> bytes:
+    """A message from the body lines of a multi-line reply (RFC 1939 section 3)."""
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+
+
+def _body_lines(reply: bytes) -> list[bytes]:
+    """The body lines of a recorded multi-line reply, as sent (without status and ".")."""
+    lines = reply.split(b"\r\n")
+    if len(lines) < 3 or lines[-2:] != [b".", b""]:
+        raise ValueError("not a multi-line reply: %r" % reply[:60])
+    return lines[1:-2]
+
+
+# ======================================================================================
 # Mail of the presets
 # ======================================================================================
 
-# The seed's two messages come from a web page that dropped white space. Three repairs, each the
-# least that makes the messages valid RFC 5322 again:
-# - folded header lines lost their leading white space: one space is restored on the lone ">" of
-#   message 1's Message-ID, on its three Subject continuation lines, and on the "+?=" of message
-#   2's Subject (a fold inside an encoded word: the real message was like that, clients must cope);
-# - the blank line between header and body is restored;
-# - the page shows four body lines of message 2 for "TOP 2 5", so it dropped one blank body line
-#   as well. We take it to be the fifth line (a blank line after the ad's banner), which keeps the
-#   seed's four lines at the start of the body; TOP 2 5 therefore returns them plus that blank line.
-# Message 1's "(以下省略)" is the page author's "(rest omitted)", not message content.
-# Message 2's Subject is base64 of Shift_JIS bytes labelled ISO-2022-JP: kept as the seed shows it.
-
-_ATMARKIT_HEADER = (
-    "Received: from www2.csc.ne.jp [203.141.151.50] (atmarkit-news-admin@atmarkit.co.jp) by"
-    " operamail.com; Sun, 20 Jan 2002 21:51:20 -0500",
-    "Received: from atmarkit-www.atmarkit.co.jp (atmarkit-www.atmarkit.co.jp [211.4.251.193])",
-    "    by www2.csc.ne.jp (8.11.1/8.11.1) with ESMTP id g0L2ou432332",
-    "    for <muller@csc.jp>; Mon, 21 Jan 2002 11:50:56 +0900 (JST)",
-    "    (envelope-from atmarkit-news-admin@atmarkit.co.jp)",
-    "Received: from atmarkit-www.atmarkit.co.jp (IDENT:root@atmarkit-www.atmarkit.co.jp"
-    " [211.4.251.193])",
-    "    by atmarkit-www.atmarkit.co.jp (8.9.3/8.9.3) with ESMTP id HAA21689",
-    "    for <muller@csc.jp>; Mon, 21 Jan 2002 07:26:05 +0900",
-    "Message-ID: <-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp",
-    " >",
-    "Date: Mon, 21 Jan 2002 07:26:05 +0900 (JST)",
-    "From: membership@atmarkit.co.jp",
-    "To: muller@csc.jp",
-    "Subject: =?iso-2022-jp?B?GyRCIXcbKEJJVBskQj83Q2VCLkpzGyhCIC0gMjA=?=",
-    " =?iso-2022-jp?B?MDIvMS8xORskQiEhGyhCMUZEIA==?=",
-    " =?iso-2022-jp?B?TGludXgbJEIkRzpuJGs5YjUhRz0laxsoQg==?=",
-    " =?iso-2022-jp?B?GyRCITwlPxsoQiAbJEIhTiUkJXMlOSVIITwla0pUIU8bKEI=?=",
-    "Mime-Version: 1.0",
-    "Content-Type: text/plain; charset=iso-2022-jp",
-    "Content-Transfer-Encoding: 7bit",
-)
-_ATMARKIT_START = (
-    "┏━┳━┳━┓",
-    "┃@┃I┃T┃ 新着速報 (2002/1/19)",
-    "┗━┻━┻━┛",
-    "@ITの新着記事をお届けします。",
-    "",
-)
-_ATMARKIT_SECTIONS = (
-    (
-        "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
-        "■Linux Square",
-        "  1FD Linuxで作る高機能ルータ［インストール編］",
-        "  フロッピー1枚で起動するLinuxで、使わなくなったPCをルータとして",
-        "  よみがえらせます。今回はインストールと基本設定の手順を解説します。",
-        "  http://www.atmarkit.co.jp/flinux/special/1fd/1fd02a.html",
-        "",
-    ),
-    (
-        "■Windows Server Insider",
-        "  Windows 2000 Serverのグループポリシーを使いこなす（第3回）",
-        "  クライアントのデスクトップ環境を一括して管理する方法を紹介します。",
-        "  http://www.atmarkit.co.jp/fwin2k/operation/gpolicy03/gpolicy03_01.html",
-        "",
-    ),
-    (
-        "■Java Solution",
-        "  サーブレットとJSPで作るWebアプリケーション入門（前編）",
-        "  セッション管理の考え方と、フォームの値を安全に扱う方法を学びます。",
-        "  http://www.atmarkit.co.jp/fjava/rensai/webapp01/webapp01.html",
-        "",
-    ),
-    (
-        "■Security & Trust",
-        "  今さら聞けないファイアウォールの基礎",
-        "  パケットフィルタリングとアプリケーションゲートウェイの違いを、",
-        "  図を使って分かりやすく説明します。",
-        "  http://www.atmarkit.co.jp/fsecurity/special/firewall/firewall01.html",
-        "",
-    ),
-    (
-        "■Master of IP Network",
-        "  ネットワーク管理者のためのDNS再入門（第2回）",
-        "  ゾーン転送の設定を見直して、不要な情報の漏えいを防ぎましょう。",
-        "  http://www.atmarkit.co.jp/fnetwork/rensai/dns02/dns02.html",
-        "",
-    ),
-    (
-        "■Database Expert",
-        "  PostgreSQLで始めるデータベース設計",
-        "  正規化の基本から、インデックスを張る場所の選び方までを扱います。",
-        "  http://www.atmarkit.co.jp/fdb/rensai/pgsql01/pgsql01.html",
-        "",
-    ),
-    (
-        "■XML & Web Services",
-        "  SOAPメッセージの中身を読んでみよう",
-        "  Webサービスの呼び出しで実際に流れるXMLを、一行ずつ追いかけます。",
-        "  http://www.atmarkit.co.jp/fxml/rensai/soap02/soap02.html",
-        "",
-    ),
-    (
-        "■System Insider",
-        "  ハードディスクの容量はどこまで増えるのか",
-        "  記録密度の向上を支える技術と、今後のロードマップを展望します。",
-        "  http://www.atmarkit.co.jp/fsys/zunouhoudan/hdd01/hdd01.html",
-        "",
-    ),
-    (
-        "■会議室から",
-        "  「Linux Square」会議室：カーネル2.4へ移行するときの注意点は？",
-        "  「Java Solution」会議室：Tomcatの文字化けを直すには",
-        "  http://www.atmarkit.co.jp/bbs/",
-        "",
-    ),
-    (
-        "■Web Site Design",
-        "  スタイルシートで作る、読みやすいページのレイアウト",
-        "  テーブルを使わずに段組みを実現するテクニックを紹介します。",
-        "  http://www.atmarkit.co.jp/fwebdesign/rensai/css02/css02.html",
-        "",
-    ),
-    (
-        "■Business Computing",
-        "  中堅企業のためのIT投資、失敗しないための5つのポイント",
-        "  導入前に確認しておきたい費用と効果の見積もり方を考えます。",
-        "  http://www.atmarkit.co.jp/fbiz/column/invest01/invest01.html",
-        "",
-    ),
-    (
-        "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
-        "■今週の特集",
-        "  2002年、エンジニアが押さえておきたい技術トレンド",
-        "  ブロードバンドの普及、無線LAN、Webサービス、そしてセキュリティ。",
-        "  各フォーラムの編集者が、今年注目すべき技術をそれぞれの視点から",
-        "  予想します。あなたの予想と比べてみてください。",
-        "  http://www.atmarkit.co.jp/news/special/trend2002/trend01.html",
-        "",
-    ),
-    (
-        "■イベント情報",
-        "  2月7日（木）　@IT主催セミナー「Linuxサーバ構築の実際」",
-        "  会場：東京・新宿　定員：100名（参加無料、事前登録制）",
-        "  http://www.atmarkit.co.jp/event/",
-        "",
-    ),
-    ("  ・今週のアクセスランキングは、トップページからご覧いただけます。", ""),
-    ("  ・読者アンケートへのご協力をお願いいたします。", ""),
-    ("  ・次号は1月26日に配信の予定です。", ""),
-    ("■バックナンバー",),
-)
-_ATMARKIT_FOOTER = (
-    "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━",
-    "このメールは、@IT会員の方にお送りしています。",
-    "配信の停止や登録内容の変更は、以下のページで行えます。",
-    "  http://www.atmarkit.co.jp/club/",
-    "発行：株式会社アットマーク・アイティ",
-    "Copyright (c) 2002 atmarkit.co.jp All rights reserved.",
-)
-
-_CSC_HEADER = (
-    "Received: from platz.jp [210.143.104.205] (adv@csc.ne.jp) by operamail.com;"
-    " Mon, 21 Jan 2002 02:45:53 -0500",
-    "Received: from adv (h133-191.tokyu-net.catv.ne.jp [210.149.133.191])",
-    "    by platz.jp (8.9.3/3.7Wpl201012312) with SMTP id QAA05582",
-    "    for <muller@operamail.com>; Mon, 21 Jan 2002 16:44:50 +0900",
-    "Date: Mon, 21 Jan 2002 16:44:50 +0900",
-    "Message-Id: <200201210744.QAA05582@platz.jp>",
-    "From: =?ISO-2022-JP?B?Q3liZXIgU3BhY2UgQ29tbXVuaXR5?=<adv@csc.ne.jp>",
-    "To: muller@operamail.com",
-    "Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI",
-    " +?=",
-    "X-Mailer: Personal_ML11F",
-    "Reply-To: adv@csc.ne.jp",
-    "Mime-Version: 1.0",
-    "Content-Type: text/plain; charset=iso-2022-jp",
-)
-_CSC_START = (
-    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
-    "Cyber Space Community <CSCからのお知らせ> powered by RAT Co.,Ltd.",
-    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
-    "※クライアント企業からの広告です。以下に耳より情報があります※",
-    "",
-)
-_CSC_SECTIONS = (
-    (
-        "「ＣＳＣからの耳よりなお知らせ」<出会い編>",
-        "",
-        "新しい年が始まりました。今年こそ新しい仲間を見つけたい、",
-        "そんなあなたにぴったりの趣味のコミュニティをご紹介します。",
-        "",
-    ),
-    (
-        "★趣味の仲間が見つかる「ホビーリンク」",
-        "  旅行、写真、料理、音楽など、百を超えるテーマの掲示板があります。",
-        "  同じ趣味を持つ全国の会員と、気軽にメッセージを交換できます。",
-        "  登録は無料、メールアドレスだけで今すぐ始められます。",
-        "",
-    ),
-    (
-        "★毎週末はオフ会を開催",
-        "  東京、大阪、名古屋、福岡の各地で、会員同士の交流会を開いています。",
-        "  初めての方でも安心して参加できるよう、スタッフがご案内します。",
-        "",
-    ),
-    (
-        "★今なら登録特典つき",
-        "  1月31日までにご登録の方には、プロフィール用の写真撮影を",
-        "  無料でご利用いただけるクーポンを差し上げます。",
-        "",
-    ),
-    (
-        "▼詳しくはこちら",
-        "  http://www.hobbylink.example.jp/csc/",
-        "",
-    ),
-    (
-        "※このお知らせの内容に関するお問い合わせは、広告主へ直接お願いします。",
-        "",
-    ),
-    (
-        "■□■　もうひとつの耳より情報　■□■",
-        "",
-        "★パソコン教室「はじめてのインターネット」",
-        "  メールの送り方からホームページの作り方まで、少人数で丁寧に教えます。",
-        "  平日の夜と土曜日のクラスがあり、お仕事帰りにも通えます。",
-        "  今なら体験レッスンが無料です。お気軽にお申し込みください。",
-        "",
-    ),
-    (
-        "★受講生の声",
-        "  「自分でデジカメの写真をメールで送れるようになりました」（60代男性）",
-        "  「子どもと一緒にホームページを作っています」（40代女性）",
-        "",
-    ),
-    (
-        "▼お申し込み・お問い合わせ",
-        "  http://www.pc-school.example.jp/csc/",
-        "  電話：03-0000-0000（受付時間　平日10時から19時まで）",
-        "",
-    ),
-    ("  ・会員情報の変更は、CSCのホームページから行えます。", ""),
-    ("  ・携帯電話向けのサービスも準備中です。", ""),
-    ("■今後のオフ会の予定",),
-)
-_CSC_FOOTER = (
-    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
-    "CSC (Cyber Space Community) http://www.csc.ne.jp/",
-    "このメールは、CSCにご登録いただいた方にお送りしています。",
-    "配信の停止をご希望の方は、adv@csc.ne.jp までご連絡ください。",
-    "■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□■□",
-)
-
-
-_WEEKDAYS = "月火水木金土日"
-
-
-def _back_numbers() -> list[tuple[str, ...]]:
-    """One line per earlier weekly issue of the @IT newsletter, newest first."""
-    day = datetime.date(2002, 1, 12)
-    items: list[tuple[str, ...]] = []
-    for _ in range(52):
-        items.append(
-            ("  %s号　http://www.atmarkit.co.jp/club/backnumber/%s.html"
-             % (day.strftime("%Y/%m/%d"), day.strftime("%y%m%d")),)
-        )
-        day -= datetime.timedelta(days=7)
-    return items
-
-
-def _meetings() -> list[tuple[str, ...]]:
-    """One line per planned CSC members' meeting, every Saturday and Sunday from late January."""
-    cities = ("東京・渋谷", "大阪・梅田", "名古屋・栄", "福岡・天神", "札幌・大通", "仙台・青葉")
-    day = datetime.date(2002, 1, 26)
-    items: list[tuple[str, ...]] = []
-    for index in range(52):
-        items.append(
-            ("  %d月%d日（%s）　%s会場　定員20名"
-             % (day.month, day.day, _WEEKDAYS[day.weekday()], cities[index % len(cities)]),)
-        )
-        day += datetime.timedelta(days=1 if day.weekday() == 5 else 6)
-    return items
-
-
-def _jis_lines(lines: Iterable[str]) -> bytes:
-    """Encode text lines in ISO-2022-JP, each ending in ASCII state and CRLF (RFC 1468)."""
-    return b"".join(line.encode("iso2022_jp") + b"\r\n" for line in lines)
-
-
-def _newsletter(
-    header: Sequence[str],
-    start: Sequence[str],
-    sections: Sequence[Sequence[str]],
-    footer: Sequence[str],
-    size: int,
-) -> bytes:
-    """Build a message of exactly `size` octets: header, blank line, `start`, as many `sections`
-    as fit (in order, skipping those that do not), ASCII rule lines for the rest, `footer`."""
-    data = "\r\n".join(header).encode("ascii") + b"\r\n\r\n" + _jis_lines(start)
-    tail = _jis_lines(footer)
-    for section in sections:
-        chunk = _jis_lines(section)
-        if len(data) + len(chunk) + len(tail) + 2 <= size:
-            data += chunk
-    gap = size - len(data) - len(tail)
-    if gap == 1 or gap < 0:
-        raise AssertionError("newsletter text does not fit %d octets" % size)
-    rules: list[str] = []
-    while gap > 0:
-        width = gap - 2 if gap <= 78 else 60
-        rules.append("-" * width)
-        gap -= width + 2
-    data += _jis_lines(rules) + tail
-    if len(data) != size:
-        raise AssertionError("newsletter is %d octets, not %d" % (len(data), size))
-    return data
+# The OperaMail session of the seed is a recording in the transcript format above, and the
+# operamail preset is built from it (greeting, messages, unique ids), so the preset and
+# FakeServer(replay=OPERAMAIL_RECORDING) serve the same bytes. It is embedded, not a file beside
+# the module, so that a copied fakeserver.py is complete. The seed (a web page) shows the session
+# with the messages cut short; tools/operamail_recording.py rebuilds them whole from readable
+# Japanese text, with the few repairs the page's lost white space needed, and wrote this text.
+OPERAMAIL_RECORDING = r'''# fakeserver transcript (format: fakeserver.py, section Transcript files)
+# The OperaMail session of the seed (InterChange POP3 3.62, 2002): user hogehoge, the
+# test password fugafuga; the two newsletters whole (the seed cut them short), written by
+# tools/operamail_recording.py. The operamail preset and FakeServer(replay=...) serve it.
+S: +OK InterChange POP3 Server v3.62 Ready (X-INF-V1) <1BC07518.3C649B3F@operamail.com>
+C: CAPA
+S: -ERR Unknown command
+C: USER hogehoge
+S: +OK User hogehoge accepted, send PASS command for password validation
+C: PASS ****
+S: +OK Password accepted
+C: STAT
+S: +OK 2 10180
+C: LIST
+S: +OK 2 messages 10180 octets
+S: 1 5954
+S: 2 4226
+S: .
+C: UIDL
+S: +OK
+S: 1 3C4B82C800000001
+S: 2 3C4BC6A100000002
+S: .
+C: TOP 2 5
+S: +OK
+S: Received: from platz.jp [210.143.104.205] (adv@csc.ne.jp) by operamail.com; Mon, 21 Jan 2002 02:45:53 -0500
+S: Received: from adv (h133-191.tokyu-net.catv.ne.jp [210.149.133.191])
+S:     by platz.jp (8.9.3/3.7Wpl201012312) with SMTP id QAA05582
+S:     for <muller@operamail.com>; Mon, 21 Jan 2002 16:44:50 +0900
+S: Date: Mon, 21 Jan 2002 16:44:50 +0900
+S: Message-Id: <200201210744.QAA05582@platz.jp>
+S: From: =?ISO-2022-JP?B?Q3liZXIgU3BhY2UgQ29tbXVuaXR5?=<adv@csc.ne.jp>
+S: To: muller@operamail.com
+S: Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI
+S:  +?=
+S: X-Mailer: Personal_ML11F
+S: Reply-To: adv@csc.ne.jp
+S: Mime-Version: 1.0
+S: Content-Type: text/plain; charset=iso-2022-jp
+S:
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: Cyber Space Community <CSC\x1b$B$+$i$N$*CN$i$;\x1b(B> powered by RAT Co.,Ltd.
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: \x1b$B"(%/%i%$%"%s%H4k6H$+$i$N9-9p$G$9!#0J2<$K<*$h$j>pJs$,$"$j$^$9"(\x1b(B
+S:
+S: .
+C: RETR 1
+S: +OK 5954 octets
+S: Received: from www2.csc.ne.jp [203.141.151.50] (atmarkit-news-admin@atmarkit.co.jp) by operamail.com; Sun, 20 Jan 2002 21:51:20 -0500
+S: Received: from atmarkit-www.atmarkit.co.jp (atmarkit-www.atmarkit.co.jp [211.4.251.193])
+S:     by www2.csc.ne.jp (8.11.1/8.11.1) with ESMTP id g0L2ou432332
+S:     for <muller@csc.jp>; Mon, 21 Jan 2002 11:50:56 +0900 (JST)
+S:     (envelope-from atmarkit-news-admin@atmarkit.co.jp)
+S: Received: from atmarkit-www.atmarkit.co.jp (IDENT:root@atmarkit-www.atmarkit.co.jp [211.4.251.193])
+S:     by atmarkit-www.atmarkit.co.jp (8.9.3/8.9.3) with ESMTP id HAA21689
+S:     for <muller@csc.jp>; Mon, 21 Jan 2002 07:26:05 +0900
+S: Message-ID: <-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp
+S:  >
+S: Date: Mon, 21 Jan 2002 07:26:05 +0900 (JST)
+S: From: membership@atmarkit.co.jp
+S: To: muller@csc.jp
+S: Subject: =?iso-2022-jp?B?GyRCIXcbKEJJVBskQj83Q2VCLkpzGyhCIC0gMjA=?=
+S:  =?iso-2022-jp?B?MDIvMS8xORskQiEhGyhCMUZEIA==?=
+S:  =?iso-2022-jp?B?TGludXgbJEIkRzpuJGs5YjUhRz0laxsoQg==?=
+S:  =?iso-2022-jp?B?GyRCITwlPxsoQiAbJEIhTiUkJXMlOSVIITwla0pUIU8bKEI=?=
+S: Mime-Version: 1.0
+S: Content-Type: text/plain; charset=iso-2022-jp
+S: Content-Transfer-Encoding: 7bit
+S:
+S: \x1b$B(.(,(3(,(3(,(/\x1b(B
+S: \x1b$B(-\x1b(B@\x1b$B(-\x1b(BI\x1b$B(-\x1b(BT\x1b$B(-\x1b(B \x1b$B?7CeB.Js\x1b(B (2002/1/19)
+S: \x1b$B(1(,(5(,(5(,(0\x1b(B
+S: @IT\x1b$B$N?7Ce5-;v$r$*FO$1$7$^$9!#\x1b(B
+S:
+S: \x1b$B(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,\x1b(B
+S: \x1b$B"#\x1b(BLinux Square
+S:   1FD Linux\x1b$B$G:n$k9b5!G=%k!<%?!N%$%s%9%H!<%kJT!O\x1b(B
+S:   \x1b$B%U%m%C%T!<\x1b(B1\x1b$BKg$G5/F0$9$k\x1b(BLinux\x1b$B$G!";H$o$J$/$J$C$?\x1b(BPC\x1b$B$r%k!<%?$H$7$F\x1b(B
+S:   \x1b$B$h$_$,$($i$;$^$9!#:#2s$O%$%s%9%H!<%k$H4pK\\@_Dj$N<j=g$r2r@b$7$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/flinux/special/1fd/1fd02a.html
+S:
+S: \x1b$B"#\x1b(BWindows Server Insider
+S:   Windows 2000 Server\x1b$B$N%0%k!<%W%]%j%7!<$r;H$$$3$J$9!JBh\x1b(B3\x1b$B2s!K\x1b(B
+S:   \x1b$B%/%i%$%"%s%H$N%G%9%/%H%C%W4D6-$r0l3g$7$F4IM}$9$kJ}K!$r>R2p$7$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fwin2k/operation/gpolicy03/gpolicy03_01.html
+S:
+S: \x1b$B"#\x1b(BJava Solution
+S:   \x1b$B%5!<%V%l%C%H$H\x1b(BJSP\x1b$B$G:n$k\x1b(BWeb\x1b$B%"%W%j%1!<%7%g%sF~Lg!JA0JT!K\x1b(B
+S:   \x1b$B%;%C%7%g%s4IM}$N9M$(J}$H!"%U%)!<%`$NCM$r0BA4$K07$&J}K!$r3X$S$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fjava/rensai/webapp01/webapp01.html
+S:
+S: \x1b$B"#\x1b(BSecurity & Trust
+S:   \x1b$B:#$5$iJ9$1$J$$%U%!%$%"%&%)!<%k$N4pAC\x1b(B
+S:   \x1b$B%Q%1%C%H%U%#%k%?%j%s%0$H%"%W%j%1!<%7%g%s%2!<%H%&%'%$$N0c$$$r!"\x1b(B
+S:   \x1b$B?^$r;H$C$FJ,$+$j$d$9$/@bL@$7$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fsecurity/special/firewall/firewall01.html
+S:
+S: \x1b$B"#\x1b(BMaster of IP Network
+S:   \x1b$B%M%C%H%o!<%/4IM}<T$N$?$a$N\x1b(BDNS\x1b$B:FF~Lg!JBh\x1b(B2\x1b$B2s!K\x1b(B
+S:   \x1b$B%>!<%sE>Aw$N@_Dj$r8+D>$7$F!"ITMW$J>pJs$NO3$($$$rKI$.$^$7$g$&!#\x1b(B
+S:   http://www.atmarkit.co.jp/fnetwork/rensai/dns02/dns02.html
+S:
+S: \x1b$B"#\x1b(BDatabase Expert
+S:   PostgreSQL\x1b$B$G;O$a$k%G!<%?%Y!<%9@_7W\x1b(B
+S:   \x1b$B@55,2=$N4pK\\$+$i!"%$%s%G%C%/%9$rD%$k>l=j$NA*$SJ}$^$G$r07$$$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fdb/rensai/pgsql01/pgsql01.html
+S:
+S: \x1b$B"#\x1b(BXML & Web Services
+S:   SOAP\x1b$B%a%C%;!<%8$NCf?H$rFI$s$G$_$h$&\x1b(B
+S:   Web\x1b$B%5!<%S%9$N8F$S=P$7$G<B:]$KN.$l$k\x1b(BXML\x1b$B$r!"0l9T$:$DDI$$$+$1$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fxml/rensai/soap02/soap02.html
+S:
+S: \x1b$B"#\x1b(BSystem Insider
+S:   \x1b$B%O!<%I%G%#%9%/$NMFNL$O$I$3$^$GA}$($k$N$+\x1b(B
+S:   \x1b$B5-O?L)EY$N8~>e$r;Y$($k5;=Q$H!":#8e$N%m!<%I%^%C%W$rE8K>$7$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fsys/zunouhoudan/hdd01/hdd01.html
+S:
+S: \x1b$B"#2q5D<<$+$i\x1b(B
+S:   \x1b$B!V\x1b(BLinux Square\x1b$B!W2q5D<<!'%+!<%M%k\x1b(B2.4\x1b$B$X0\\9T$9$k$H$-$NCm0UE@$O!)\x1b(B
+S:   \x1b$B!V\x1b(BJava Solution\x1b$B!W2q5D<<!'\x1b(BTomcat\x1b$B$NJ8;z2=$1$rD>$9$K$O\x1b(B
+S:   http://www.atmarkit.co.jp/bbs/
+S:
+S: \x1b$B"#\x1b(BWeb Site Design
+S:   \x1b$B%9%?%$%k%7!<%H$G:n$k!"FI$_$d$9$$%Z!<%8$N%l%$%"%&%H\x1b(B
+S:   \x1b$B%F!<%V%k$r;H$o$:$KCJAH$_$r<B8=$9$k%F%/%K%C%/$r>R2p$7$^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fwebdesign/rensai/css02/css02.html
+S:
+S: \x1b$B"#\x1b(BBusiness Computing
+S:   \x1b$BCf7x4k6H$N$?$a$N\x1b(BIT\x1b$BEj;q!"<:GT$7$J$$$?$a$N\x1b(B5\x1b$B$D$N%]%$%s%H\x1b(B
+S:   \x1b$BF3F~A0$K3NG'$7$F$*$-$?$$HqMQ$H8z2L$N8+@Q$b$jJ}$r9M$($^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/fbiz/column/invest01/invest01.html
+S:
+S: \x1b$B(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,\x1b(B
+S: \x1b$B"#:#=5$NFC=8\x1b(B
+S:   2002\x1b$BG/!"%(%s%8%K%"$,2!$5$($F$*$-$?$$5;=Q%H%l%s%I\x1b(B
+S:   \x1b$B%V%m!<%I%P%s%I$NIa5Z!"L5@~\x1b(BLAN\x1b$B!"\x1b(BWeb\x1b$B%5!<%S%9!"$=$7$F%;%-%e%j%F%#!#\x1b(B
+S:   \x1b$B3F%U%)!<%i%`$NJT=8<T$,!":#G/CmL\\$9$Y$-5;=Q$r$=$l$>$l$N;kE@$+$i\x1b(B
+S:   \x1b$BM=A[$7$^$9!#$"$J$?$NM=A[$HHf$Y$F$_$F$/$@$5$$!#\x1b(B
+S:   http://www.atmarkit.co.jp/news/special/trend2002/trend01.html
+S:
+S: \x1b$B"#%$%Y%s%H>pJs\x1b(B
+S:   2\x1b$B7n\x1b(B7\x1b$BF|!JLZ!K!!\x1b(B@IT\x1b$B<g:E%;%_%J!<!V\x1b(BLinux\x1b$B%5!<%P9=C[$N<B:]!W\x1b(B
+S:   \x1b$B2q>l!'El5~!&?7=I!!Dj0w!'\x1b(B100\x1b$BL>!J;22CL5NA!";vA0EPO?@)!K\x1b(B
+S:   http://www.atmarkit.co.jp/event/
+S:
+S:   \x1b$B!&:#=5$N%"%/%;%9%i%s%-%s%0$O!"%H%C%W%Z!<%8$+$i$4Mw$$$?$@$1$^$9!#\x1b(B
+S:
+S:   \x1b$B!&FI<T%"%s%1!<%H$X$N$46(NO$r$*4j$$$$$?$7$^$9!#\x1b(B
+S:
+S:   \x1b$B!&<!9f$O\x1b(B1\x1b$B7n\x1b(B26\x1b$BF|$KG[?.$NM=Dj$G$9!#\x1b(B
+S:
+S: \x1b$B"#%P%C%/%J%s%P!<\x1b(B
+S:   2002/01/12\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/020112.html
+S:   2002/01/05\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/020105.html
+S:   2001/12/29\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011229.html
+S:   2001/12/22\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011222.html
+S:   2001/12/15\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011215.html
+S:   2001/12/08\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011208.html
+S:   2001/12/01\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011201.html
+S:   2001/11/24\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011124.html
+S:   2001/11/17\x1b$B9f!!\x1b(Bhttp://www.atmarkit.co.jp/club/backnumber/011117.html
+S: --------------------------------------------------------------------------
+S: \x1b$B(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,(,\x1b(B
+S: \x1b$B$3$N%a!<%k$O!"\x1b(B@IT\x1b$B2q0w$NJ}$K$*Aw$j$7$F$$$^$9!#\x1b(B
+S: \x1b$BG[?.$NDd;_$dEPO?FbMF$NJQ99$O!"0J2<$N%Z!<%8$G9T$($^$9!#\x1b(B
+S:   http://www.atmarkit.co.jp/club/
+S: \x1b$BH/9T!'3t<02q<R%"%C%H%^!<%/!&%"%$%F%#\x1b(B
+S: Copyright (c) 2002 atmarkit.co.jp All rights reserved.
+S: .
+C: RETR 2
+S: +OK 4226 octets
+S: Received: from platz.jp [210.143.104.205] (adv@csc.ne.jp) by operamail.com; Mon, 21 Jan 2002 02:45:53 -0500
+S: Received: from adv (h133-191.tokyu-net.catv.ne.jp [210.149.133.191])
+S:     by platz.jp (8.9.3/3.7Wpl201012312) with SMTP id QAA05582
+S:     for <muller@operamail.com>; Mon, 21 Jan 2002 16:44:50 +0900
+S: Date: Mon, 21 Jan 2002 16:44:50 +0900
+S: Message-Id: <200201210744.QAA05582@platz.jp>
+S: From: =?ISO-2022-JP?B?Q3liZXIgU3BhY2UgQ29tbXVuaXR5?=<adv@csc.ne.jp>
+S: To: muller@operamail.com
+S: Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI
+S:  +?=
+S: X-Mailer: Personal_ML11F
+S: Reply-To: adv@csc.ne.jp
+S: Mime-Version: 1.0
+S: Content-Type: text/plain; charset=iso-2022-jp
+S:
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: Cyber Space Community <CSC\x1b$B$+$i$N$*CN$i$;\x1b(B> powered by RAT Co.,Ltd.
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: \x1b$B"(%/%i%$%"%s%H4k6H$+$i$N9-9p$G$9!#0J2<$K<*$h$j>pJs$,$"$j$^$9"(\x1b(B
+S:
+S: \x1b$B!V#C#S#C$+$i$N<*$h$j$J$*CN$i$;!W\x1b(B<\x1b$B=P2q$$JT\x1b(B>
+S:
+S: \x1b$B?7$7$$G/$,;O$^$j$^$7$?!#:#G/$3$=?7$7$$Cg4V$r8+$D$1$?$$!"\x1b(B
+S: \x1b$B$=$s$J$"$J$?$K$T$C$?$j$N<qL#$N%3%_%e%K%F%#$r$4>R2p$7$^$9!#\x1b(B
+S:
+S: \x1b$B!z<qL#$NCg4V$,8+$D$+$k!V%[%S!<%j%s%/!W\x1b(B
+S:   \x1b$BN99T!"<L??!"NAM}!"2;3Z$J$I!"I4$rD6$($k%F!<%^$N7G<(HD$,$"$j$^$9!#\x1b(B
+S:   \x1b$BF1$8<qL#$r;}$DA49q$N2q0w$H!"5$7Z$K%a%C%;!<%8$r8r49$G$-$^$9!#\x1b(B
+S:   \x1b$BEPO?$OL5NA!"%a!<%k%"%I%l%9$@$1$G:#$9$0;O$a$i$l$^$9!#\x1b(B
+S:
+S: \x1b$B!zKh=5Kv$O%*%U2q$r3+:E\x1b(B
+S:   \x1b$BEl5~!"Bg:e!"L>8E20!"J!2,$N3FCO$G!"2q0wF1;N$N8rN.2q$r3+$$$F$$$^$9!#\x1b(B
+S:   \x1b$B=i$a$F$NJ}$G$b0B?4$7$F;22C$G$-$k$h$&!"%9%?%C%U$,$40FFb$7$^$9!#\x1b(B
+S:
+S: \x1b$B!z:#$J$iEPO?FCE5$D$-\x1b(B
+S:   1\x1b$B7n\x1b(B31\x1b$BF|$^$G$K$4EPO?$NJ}$K$O!"%W%m%U%#!<%kMQ$N<L??;#1F$r\x1b(B
+S:   \x1b$BL5NA$G$4MxMQ$$$?$@$1$k%/!<%]%s$r:9$7>e$2$^$9!#\x1b(B
+S:
+S: \x1b$B"'>\\$7$/$O$3$A$i\x1b(B
+S:   http://www.hobbylink.example.jp/csc/
+S:
+S: \x1b$B"($3$N$*CN$i$;$NFbMF$K4X$9$k$*Ld$$9g$o$;$O!"9-9p<g$XD>@\\$*4j$$$7$^$9!#\x1b(B
+S:
+S: \x1b$B"#"""#!!$b$&$R$H$D$N<*$h$j>pJs!!"#"""#\x1b(B
+S:
+S: \x1b$B!z%Q%=%3%s65<<!V$O$8$a$F$N%$%s%?!<%M%C%H!W\x1b(B
+S:   \x1b$B%a!<%k$NAw$jJ}$+$i%[!<%`%Z!<%8$N:n$jJ}$^$G!">/?M?t$GCzG+$K65$($^$9!#\x1b(B
+S:   \x1b$BJ?F|$NLk$HEZMKF|$N%/%i%9$,$"$j!"$*;E;v5"$j$K$bDL$($^$9!#\x1b(B
+S:   \x1b$B:#$J$iBN83%l%C%9%s$,L5NA$G$9!#$*5$7Z$K$*?=$79~$_$/$@$5$$!#\x1b(B
+S:
+S: \x1b$B!z<u9V@8$N@<\x1b(B
+S:   \x1b$B!V<+J,$G%G%8%+%a$N<L??$r%a!<%k$GAw$l$k$h$&$K$J$j$^$7$?!W!J\x1b(B60\x1b$BBeCK@-!K\x1b(B
+S:   \x1b$B!V;R$I$b$H0l=o$K%[!<%`%Z!<%8$r:n$C$F$$$^$9!W!J\x1b(B40\x1b$BBe=w@-!K\x1b(B
+S:
+S: \x1b$B"'$*?=$79~$_!&$*Ld$$9g$o$;\x1b(B
+S:   http://www.pc-school.example.jp/csc/
+S:   \x1b$BEEOC!'\x1b(B03-0000-0000\x1b$B!J<uIU;~4V!!J?F|\x1b(B10\x1b$B;~$+$i\x1b(B19\x1b$B;~$^$G!K\x1b(B
+S:
+S:   \x1b$B!&2q0w>pJs$NJQ99$O!"\x1b(BCSC\x1b$B$N%[!<%`%Z!<%8$+$i9T$($^$9!#\x1b(B
+S:
+S:   \x1b$B!&7HBSEEOC8~$1$N%5!<%S%9$b=`HwCf$G$9!#\x1b(B
+S:
+S: \x1b$B"#:#8e$N%*%U2q$NM=Dj\x1b(B
+S:   1\x1b$B7n\x1b(B26\x1b$BF|!JEZ!K!!El5~!&=BC+2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   1\x1b$B7n\x1b(B27\x1b$BF|!JF|!K!!Bg:e!&G_ED2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B2\x1b$BF|!JEZ!K!!L>8E20!&1I2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B3\x1b$BF|!JF|!K!!J!2,!&E7?@2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B9\x1b$BF|!JEZ!K!!;%KZ!&BgDL2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B10\x1b$BF|!JF|!K!!@gBf!&@DMU2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B16\x1b$BF|!JEZ!K!!El5~!&=BC+2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B17\x1b$BF|!JF|!K!!Bg:e!&G_ED2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B23\x1b$BF|!JEZ!K!!L>8E20!&1I2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   2\x1b$B7n\x1b(B24\x1b$BF|!JF|!K!!J!2,!&E7?@2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B2\x1b$BF|!JEZ!K!!;%KZ!&BgDL2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B3\x1b$BF|!JF|!K!!@gBf!&@DMU2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B9\x1b$BF|!JEZ!K!!El5~!&=BC+2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B10\x1b$BF|!JF|!K!!Bg:e!&G_ED2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B16\x1b$BF|!JEZ!K!!L>8E20!&1I2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B17\x1b$BF|!JF|!K!!J!2,!&E7?@2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B23\x1b$BF|!JEZ!K!!;%KZ!&BgDL2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B24\x1b$BF|!JF|!K!!@gBf!&@DMU2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S:   3\x1b$B7n\x1b(B30\x1b$BF|!JEZ!K!!El5~!&=BC+2q>l!!Dj0w\x1b(B20\x1b$BL>\x1b(B
+S: ------------
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: CSC (Cyber Space Community) http://www.csc.ne.jp/
+S: \x1b$B$3$N%a!<%k$O!"\x1b(BCSC\x1b$B$K$4EPO?$$$?$@$$$?J}$K$*Aw$j$7$F$$$^$9!#\x1b(B
+S: \x1b$BG[?.$NDd;_$r$44uK>$NJ}$O!"\x1b(Badv@csc.ne.jp \x1b$B$^$G$4O"Mm$/$@$5$$!#\x1b(B
+S: \x1b$B"#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#"""#""\x1b(B
+S: .
+C: DELE 1
+S: +OK message 1 deleted
+C: LIST
+S: +OK 1 messages (4226 octets)
+S: 2 4226
+S: .
+C: RSET
+S: +OK Everything has been reset
+C: LIST
+S: +OK 2 messages 10180 octets
+S: 1 5954
+S: 2 4226
+S: .
+C: QUIT
+S: +OK InterChange POP3 Server Signing Off
+'''  # noqa: E501 (wire lines, verbatim)
 
 
-OPERAMAIL_MESSAGES = (
-    _newsletter(
-        _ATMARKIT_HEADER,
-        _ATMARKIT_START,
-        _ATMARKIT_SECTIONS + tuple(_back_numbers()),
-        _ATMARKIT_FOOTER,
-        5954,
-    ),
-    _newsletter(_CSC_HEADER, _CSC_START, _CSC_SECTIONS + tuple(_meetings()), _CSC_FOOTER, 4226),
-)
-# InterChange-style unique ids: the hex time of arrival and a serial number.
-OPERAMAIL_UIDS = ("3C4B82C800000001", "3C4BC6A100000002")
+def _from_recording(text: str) -> tuple[str, tuple[bytes, ...], tuple[str, ...]]:
+    """The greeting text, messages (RETR n) and unique ids (UIDL) of a recorded session."""
+    session = parse_transcript(text)[0]
+    replies = {exchange.command: exchange.reply for exchange in reversed(session.exchanges)}
+    uids = [line.split(b" ")[1].decode("ascii") for line in _body_lines(replies["UIDL"])]
+    messages = tuple(
+        _unstuff(_body_lines(replies["RETR %d" % n])) for n in range(1, len(uids) + 1)
+    )
+    greeting = session.greeting.decode("utf-8").rstrip("\r\n")
+    return greeting[len("+OK ") :], messages, tuple(uids)
+
+
+OPERAMAIL_GREETING, OPERAMAIL_MESSAGES, OPERAMAIL_UIDS = _from_recording(OPERAMAIL_RECORDING)
 
 RFC_MESSAGES = (
     b"From: Alice Example <alice@example.org>\r\n"
@@ -862,7 +994,7 @@ _PRESETS = {
     # InterChange 3.62 (2002) predates wide CAPA support: it answers CAPA with -ERR, as RFC 2449
     # expects of an old server, and it has no AUTH; UIDL and TOP work without being advertised.
     "operamail": _Preset(
-        "InterChange POP3 Server v3.62 Ready (X-INF-V1) " + OPERAMAIL_TIMESTAMP,
+        OPERAMAIL_GREETING,
         _OPERAMAIL_VOICE,
         (),
         None,

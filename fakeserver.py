@@ -1029,11 +1029,14 @@ class _LineTooLong(Exception):
 class _Reply:
     """One reply: a status line and, for multi-line replies, the body lines (not yet stuffed)."""
 
-    __slots__ = ("status", "body", "after", "extra")
+    __slots__ = ("status", "body", "after", "extra", "raw")
 
-    def __init__(self, status: bytes, body: list[bytes] | None = None) -> None:
+    def __init__(
+        self, status: bytes, body: list[bytes] | None = None, raw: bytes | None = None
+    ) -> None:
         self.status = status
         self.body = body
+        self.raw = raw  # a recorded reply: these exact bytes replace status and body
         self.after: Callable[[], None] | None = None  # runs once the reply is sent
         self.extra = b""  # raw bytes sent right after the reply, in the same send
 
@@ -1071,6 +1074,40 @@ def _scram_name(value: str) -> str:
     return value.replace("=2C", ",").replace("=3D", "=")
 
 
+class SessionLog:
+    """What one connection did, for a test to assert on (``FakeServer.sessions``)."""
+
+    def __init__(self) -> None:
+        self.number = 0  # from 1, in order of connection
+        self.transcript: list[str] = []  # "C: ..." / "S: ..." lines, secrets as ****
+        self.tls = False  # TLS was in use (implicit, or STLS completed)
+        self.login: str | None = None  # "USER" (USER/PASS), "APOP" or "AUTH" once logged in
+        self.mechanism: str | None = None  # the SASL mechanism of a successful AUTH
+        self.user: str | None = None
+        self.state = "AUTHORIZATION"  # then TRANSACTION; UPDATE after QUIT in TRANSACTION
+        self.quit = False  # the client sent QUIT and got its reply
+        self.closed = False  # the connection has ended
+        self.deleted: list[bytes] = []  # messages this session's QUIT removed (RFC 1939 UPDATE)
+
+    @property
+    def commands(self) -> list[str]:
+        """The command lines (and SASL responses) the client sent, secrets as ****."""
+        return [line[3:] for line in self.transcript if line.startswith("C: ")]
+
+    def __repr__(self) -> str:
+        return "<SessionLog %d: %s, user %r, %d commands>" % (
+            self.number, self.state, self.user, len(self.commands)
+        )
+
+
+class ReplayMismatch(NamedTuple):
+    """A command a replayed recording had no answer for (it got -ERR)."""
+
+    session: int  # SessionLog.number
+    command: str  # as received, secrets as ****
+    recorded: tuple[str, ...]  # the commands the recorded session has answers for
+
+
 class _Session(socketserver.BaseRequestHandler):
     """One POP3 connection. Commands dispatch to ``cmd_<verb>``; every command gets one reply."""
 
@@ -1079,7 +1116,8 @@ class _Session(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.sock: socket.socket = self.request
         self.buffer = bytearray()
-        self.transcript: list[str] = []
+        self.log = SessionLog()
+        self.transcript = self.log.transcript
         self.state = "AUTHORIZATION"
         self.tls = False
         self.utf8 = False
@@ -1094,6 +1132,7 @@ class _Session(socketserver.BaseRequestHandler):
         self.verb = "GREETING"
         self.line = ""
         self.serial = 0  # the connection's number, from 1, set by the server
+        self.replies: dict[str, list[bytes]] = {}  # replay: command -> recorded replies
 
     # ----- entry point -------------------------------------------------------------
     def handle(self) -> None:
@@ -1116,6 +1155,8 @@ class _Session(socketserver.BaseRequestHandler):
             if self.maildrop is not None:
                 self.maildrop._release()  # no UPDATE: only QUIT applies deletions
                 self.maildrop = None
+            self.log.state = self.state
+            self.log.closed = True
             server._leave(self)
             self.linger()
 
@@ -1216,8 +1257,8 @@ class _Session(socketserver.BaseRequestHandler):
         )
         self.faults = self.server._take(kinds, self.verb, self.line)
         raw = [f for f in self.faults if f.kind == "raw"]
-        if raw:
-            data = cast(bytes, raw[0].value)
+        if raw or reply.raw is not None:
+            data = cast(bytes, raw[0].value) if raw else cast(bytes, reply.raw)
             for line in data.splitlines():
                 self.record("S: " + _show(line))
             self.transmit(data)
@@ -1282,7 +1323,10 @@ class _Session(socketserver.BaseRequestHandler):
         if server.tls == "implicit":
             self.start_tls("TLS")
         self.verb, self.line = "GREETING", ""
-        self.send_reply(_Reply(self.greeting()))
+        if server.recording is not None:
+            self.start_replay(server.recording)
+        else:
+            self.send_reply(_Reply(self.greeting()))
         while True:
             try:
                 raw = self.readline(MAX_COMMAND_LINE)
@@ -1304,12 +1348,7 @@ class _Session(socketserver.BaseRequestHandler):
                 reply.after()
 
     def redact(self, verb: str, raw: bytes) -> str:
-        if verb == "PASS":
-            return "PASS ****"
-        if verb == "AUTH":
-            parts = _show(raw).split(" ")
-            return " ".join(parts[:2] + ["****"] * (len(parts) > 2))
-        return _show(raw)
+        return _show(_redact_command(raw))
 
     def dispatch(self, verb: str, args: str) -> _Reply:
         pending, self.pending_user = self.pending_user, None
@@ -1318,6 +1357,8 @@ class _Session(socketserver.BaseRequestHandler):
             fault = codes[0]
             text = str(fault.value) if fault.value is not None else _CODE_TEXTS[fault.kind]
             return self.err(text, _CODE_KINDS[fault.kind])
+        if self.server.recording is not None:
+            return self.replay(verb, args, pending)
         method = getattr(self, "cmd_" + verb.lower(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self.err("unknown")
@@ -1343,17 +1384,22 @@ class _Session(socketserver.BaseRequestHandler):
         return self.login(pending, "pass")
 
     def cmd_apop(self, args: str) -> _Reply:
+        user = self.apop_user(args)
+        return user if isinstance(user, _Reply) else self.login(user, "apop")
+
+    def apop_user(self, args: str) -> str | _Reply:
+        """The user an APOP command proves to be, or the -ERR (RFC 1939 section 7)."""
         parts = args.split(" ")
         if len(parts) != 2 or not parts[0]:
             return self.err("syntax")
         if self.timestamp is None:
             return self.err("no-apop")
-        drop = self.server.maildrops.get(parts[0])
+        drop = self.server._maildrop(parts[0])
         expected = hashlib.md5((self.timestamp + (drop.password if drop else "")).encode())
         given = parts[1].lower().encode("utf-8", "surrogateescape")
         if drop is None or not hmac.compare_digest(expected.hexdigest().encode(), given):
             return self.err("bad-login", self.auth_code())
-        return self.login(parts[0], "apop")
+        return parts[0]
 
     def auth_code(self) -> str | None:
         return "AUTH" if "AUTH-RESP-CODE" in self.server.capabilities else None
@@ -1365,9 +1411,14 @@ class _Session(socketserver.BaseRequestHandler):
             return self.err("in-use", "IN-USE")
         self.user, self.maildrop, self.entries = user, drop, entries
         self.marked = set()
-        self.state = "TRANSACTION"
+        self.logged_in(user, key)
         count, size = self.totals()
         return self.ok(key, user=user, count=count, size=size)
+
+    def logged_in(self, user: str, key: str) -> None:
+        self.state = self.log.state = "TRANSACTION"
+        self.log.user = user
+        self.log.login = "USER" if key == "pass" else key.upper()
 
     def cmd_capa(self, args: str) -> _Reply:
         lines = self.capabilities()
@@ -1427,7 +1478,7 @@ class _Session(socketserver.BaseRequestHandler):
         if self.server._closing:
             raise _HangUp()  # abort() ran while the plain socket was being wrapped
         self.sock.do_handshake()
-        self.tls = True
+        self.tls = self.log.tls = True
         self.pending_user = None
 
     def cmd_utf8(self, args: str) -> _Reply:
@@ -1444,11 +1495,16 @@ class _Session(socketserver.BaseRequestHandler):
         if self.state == "TRANSACTION" and self.maildrop is not None:
             # UPDATE: the only place where deletions are applied.
             self.maildrop._release(self.entries[n - 1][0] for n in self.marked)
+            self.log.deleted = [self.entries[n - 1][1] for n in sorted(self.marked)]
             self.maildrop = None
             self.state = "UPDATE"
-        reply = self.ok("quit")
+        return self.hang_up_after(self.ok("quit"))
+
+    def hang_up_after(self, reply: _Reply) -> _Reply:
+        """The reply to QUIT: once it is sent, the session ends."""
 
         def hang_up() -> None:
+            self.log.quit = True
             raise _HangUp()
 
         reply.after = hang_up
@@ -1468,6 +1524,12 @@ class _Session(socketserver.BaseRequestHandler):
             return self.err("unknown")
         if not args:
             return self.ok("capa", [m.encode() for m in mechanisms])
+        user = self.authenticate(args)
+        return user if isinstance(user, _Reply) else self.login(user, "auth")
+
+    def authenticate(self, args: str) -> str | _Reply:
+        """Run the SASL exchange of ``AUTH args``: the user it proves, or the -ERR."""
+        mechanisms = self.mechanisms()
         parts = args.split(" ")
         if len(parts) > 2:
             return self.err("syntax")
@@ -1488,7 +1550,8 @@ class _Session(socketserver.BaseRequestHandler):
         except _SaslFailure as failure:
             key = failure.args[0]
             return self.err(key, self.auth_code() if key == "bad-login" else None)
-        return self.login(user, "auth")
+        self.log.mechanism = mechanism
+        return user
 
     def exchange(self, challenge: bytes) -> bytes:
         """Send a challenge, return the decoded response; "*" cancels."""
@@ -1536,7 +1599,7 @@ class _Session(socketserver.BaseRequestHandler):
             raise _SaslFailure("syntax")  # server-first: no initial response (RFC 5034 section 4)
         challenge = self.server._fresh_timestamp().encode()
         user, _, digest = self.exchange(challenge).decode("utf-8", "replace").rpartition(" ")
-        drop = self.server.maildrops.get(user)
+        drop = self.server._maildrop(user)
         if drop is None:
             raise _SaslFailure("bad-login")
         expected = hmac.new(drop.password.encode(), challenge, hashlib.md5).hexdigest()
@@ -1559,7 +1622,7 @@ class _Session(socketserver.BaseRequestHandler):
             raise _SaslFailure("bad-login")
         gs2_header = first[: len(first) - len(match.group(2))]
         first_bare, user, client_nonce = match.group(2), _scram_name(match.group(3)), match.group(4)
-        drop = self.server.maildrops.get(user)
+        drop = self.server._maildrop(user)
         salt = hashlib.sha256(b"fakeserver salt " + user.encode()).digest()[:16]
         nonce = client_nonce + base64.b64encode(os.urandom(18)).decode()
         server_first = "r=%s,s=%s,i=%d" % (nonce, base64.b64encode(salt).decode(), SCRAM_ITERATIONS)
@@ -1614,7 +1677,7 @@ class _Session(socketserver.BaseRequestHandler):
 
     def bearer(self, user: str, token: str, error: Mapping[str, str]) -> str:
         valid = self.server.oauth_token
-        if user in self.server.maildrops and valid is not None and hmac.compare_digest(
+        if self.server._maildrop(user) is not None and valid is not None and hmac.compare_digest(
             token.encode(), valid.encode()
         ):
             return user
@@ -1724,6 +1787,66 @@ class _Session(socketserver.BaseRequestHandler):
     def cmd_noop(self, args: str) -> _Reply:
         return self.err("syntax") if args else self.ok("noop")
 
+    # ----- replayed sessions -------------------------------------------------------
+    def start_replay(self, sessions: Sequence[RecordedSession]) -> None:
+        """Send the greeting of this connection's recorded session (connection n gets session n,
+        later ones the last) and index its replies by command."""
+        recorded = sessions[min(self.serial, len(sessions)) - 1]
+        for exchange in recorded.exchanges:
+            self.replies.setdefault(_command_key(exchange.command), []).append(exchange.reply)
+        found = re.search(rb"<[^<>\s]*@[^<>\s]*>", recorded.greeting)
+        self.timestamp = found.group(0).decode("utf-8", "replace") if found else None
+        self.send_reply(_Reply(b"", raw=recorded.greeting))
+
+    def replay(self, verb: str, args: str, pending: str | None) -> _Reply:
+        """Answer with the recorded reply to this command. Credentials are checked against the
+        test password, not replayed; STLS is real when the server has ``tls="stls"``."""
+        states = _STATES.get(verb)
+        if states is not None and self.state not in states:
+            return self.err("state")
+        if verb == "USER":
+            if not args:
+                return self.err("syntax")
+            self.pending_user = args
+        elif verb in ("PASS", "APOP") or (verb == "AUTH" and args):
+            user: str | _Reply
+            if verb == "PASS":
+                user = pending if pending is not None else self.err("no-user")
+                if pending is not None and not self.server._password_ok(pending, args):
+                    user = self.err("bad-login", self.auth_code())
+            else:
+                user = self.apop_user(args) if verb == "APOP" else self.authenticate(args)
+            if isinstance(user, _Reply):
+                return user
+            reply = self.recorded(verb)
+            if reply.raw is not None and reply.raw.startswith(b"+OK"):
+                self.logged_in(user, verb.lower())
+            return reply
+        elif verb == "STLS" and self.server.tls == "stls":
+            return self.cmd_stls(args)
+        elif verb == "QUIT":
+            if self.state == "TRANSACTION":
+                self.state = "UPDATE"
+            return self.hang_up_after(self.recorded(verb))
+        return self.recorded(verb)
+
+    def recorded(self, verb: str) -> _Reply:
+        """The next recorded reply to the current command (the last one again once used up).
+        Names and credentials differ between a recording and a test, so USER, PASS, APOP, AUTH
+        (same mechanism) and QUIT fall back to any recorded command with the same verb."""
+        key = _command_key(self.redact(verb, self.line.encode("utf-8", "surrogateescape")))
+        replies = self.replies.get(key)
+        if replies is None and verb in ("USER", "PASS", "APOP", "AUTH", "QUIT"):
+            prefix = " ".join(key.split(" ")[: 2 if verb == "AUTH" else 1])
+            for known, answers in self.replies.items():
+                if known == prefix or known.startswith(prefix + " "):
+                    replies = answers
+                    break
+        if replies is None:
+            self.server._mismatch(ReplayMismatch(self.serial, key, tuple(self.replies)))
+            return self.err("no recorded answer to this command (fakeserver replay)")
+        return _Reply(b"", raw=replies.pop(0) if len(replies) > 1 else replies[0])
+
     # ----- scripted sessions -------------------------------------------------------
     def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:
         """Replay raw replies; each expected command must match exactly (else AssertionError)."""
@@ -1744,6 +1867,12 @@ class _Session(socketserver.BaseRequestHandler):
                 self.record("S: " + _show(line))
             self.sock.sendall(reply)
             challenged = reply.startswith(b"+ ")
+
+
+def _command_key(command: str) -> str:
+    """A command line as a replay looks it up: verb in upper case, arguments as sent."""
+    verb, space, args = command.partition(" ")
+    return verb.upper() + space + args
 
 
 _VERB_RE = re.compile(r"[A-Z0-9]{1,8}\Z")  # RFC 1939 keywords, RFC 2449 allows digits (UTF8)
@@ -1768,6 +1897,47 @@ _STATES = {
 # ======================================================================================
 # The server
 # ======================================================================================
+
+#: The password a replay accepts for every user name (the seed's, public on purpose).
+REPLAY_PASSWORD = "fugafuga"
+
+
+def _load_replay(replay: str | Path | Sequence[RecordedSession]) -> list[RecordedSession]:
+    """Sessions from a transcript file's path, a transcript's text, or parsed sessions."""
+    if isinstance(replay, Path) or (isinstance(replay, str) and "\n" not in replay):
+        sessions = load_transcript(replay)
+    elif isinstance(replay, str):
+        sessions = parse_transcript(replay)
+    else:
+        sessions = list(replay)
+    if not sessions:
+        raise ValueError("the recording to replay has no session")
+    return sessions
+
+
+def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
+    """The CAPA lines of a recording (for AUTH's mechanisms), plus a SASL line for mechanisms
+    the recording used with AUTH but CAPA did not list."""
+    lines: list[str] = []
+    used: list[str] = []
+    for session in sessions:
+        for exchange in session.exchanges:
+            words = exchange.command.split(" ")
+            if words[0].upper() == "CAPA" and exchange.reply.startswith(b"+OK") and not lines:
+                try:
+                    body = _body_lines(exchange.reply)
+                except ValueError:  # a cut recording: no capabilities then
+                    body = []
+                lines = [line.decode("utf-8", "replace") for line in body]
+            elif words[0].upper() == "AUTH" and len(words) > 1:
+                used.append(words[1].upper())
+    sasl = [line for line in lines if line.upper().startswith("SASL")]
+    offered = sasl[0].split()[1:] if sasl else []
+    missing = [name for name in dict.fromkeys(used) if name not in offered]
+    if missing:
+        lines = [line for line in lines if line not in sasl]
+        lines.append("SASL " + " ".join(offered + missing))
+    return lines
 
 
 class FakeServer(socketserver.ThreadingTCPServer):
@@ -1798,6 +1968,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         oauth_token: str | None = None,
         greeting: str | None = None,
         keep_transcripts: bool = True,
+        replay: str | Path | Sequence[RecordedSession] | None = None,
     ) -> None:
         if preset not in _PRESETS:
             raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
@@ -1811,21 +1982,30 @@ class FakeServer(socketserver.ThreadingTCPServer):
             raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
         for fault in faults:
             _check_fault(fault)
+        self.recording = _load_replay(replay) if replay is not None else None
+        if self.recording is not None and capabilities is None:
+            capabilities = _recorded_capabilities(self.recording)
         chosen = _PRESETS[preset]
         self.preset = preset
         self.voice = chosen.voice
         self.greeting = chosen.greeting if greeting is None else greeting
         self.capabilities = list(chosen.capabilities if capabilities is None else capabilities)
         self.maildrops: dict[str, Maildrop] = (
-            chosen.make_users() if users is None else dict(users)
+            dict(users) if users is not None else {} if replay is not None else chosen.make_users()
         )
-        self.oauth_token = chosen.oauth_token if oauth_token is None else oauth_token
+        # A replay checks credentials, not recorded ones: any user name with REPLAY_PASSWORD.
+        self._replay_password = REPLAY_PASSWORD if replay is not None and users is None else None
+        if oauth_token is None:
+            oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
+        self.oauth_token = oauth_token
         self.tls = tls
         self.faults = list(faults)
         self.script = list(script) if script is not None else None
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.transcripts: list[list[str]] = []
+        self.sessions: list[SessionLog] = []
+        self.mismatches: list[ReplayMismatch] = []
         self.keep_transcripts = keep_transcripts
         self._connections = 0
         self.errors: list[BaseException] = []
@@ -1871,6 +2051,18 @@ class FakeServer(socketserver.ThreadingTCPServer):
         if self.errors:
             raise self.errors[0]
 
+    @property
+    def commands(self) -> list[str]:
+        """Every command line clients sent, all sessions in order of connection (secrets ****)."""
+        with self._lock:
+            return [command for log in self.sessions for command in log.commands]
+
+    @property
+    def deleted(self) -> list[bytes]:
+        """The messages QUIT removed (RFC 1939 UPDATE), all sessions in order of connection."""
+        with self._lock:
+            return [data for log in self.sessions for data in log.deleted]
+
     def ssl_context_for_clients(self) -> ssl.SSLContext:
         """A client context that trusts the test CA (equivalent to ``cadata=CA_PEM``)."""
         return client_context()
@@ -1909,8 +2101,9 @@ class FakeServer(socketserver.ThreadingTCPServer):
         with self._lock:
             if self.keep_transcripts:
                 self.transcripts.append(session.transcript)
+                self.sessions.append(session.log)
             self._connections += 1
-            session.serial = self._connections
+            session.serial = session.log.number = self._connections
             self._sessions.append(session)
             closing = self._closing
         if closing:
@@ -1945,8 +2138,20 @@ class FakeServer(socketserver.ThreadingTCPServer):
         """A new APOP/CRAM-MD5 challenge (RFC 1939 section 7: unique per connection)."""
         return "<%d.%d.%d@localhost>" % (os.getpid(), next(self._serials), time.time_ns())
 
-    def _password_ok(self, user: str, password: str) -> bool:
+    def _maildrop(self, user: str) -> Maildrop | None:
         drop = self.maildrops.get(user)
+        if drop is None and self._replay_password is not None:
+            return Maildrop(self._replay_password)  # a replay accepts any user name
+        return drop
+
+    def _mismatch(self, mismatch: ReplayMismatch) -> None:
+        logger.warning("replay: no recorded answer to %r in session %d",
+                       mismatch.command, mismatch.session)
+        with self._lock:
+            self.mismatches.append(mismatch)
+
+    def _password_ok(self, user: str, password: str) -> bool:
+        drop = self._maildrop(user)
         given = password.encode("utf-8", "surrogateescape")
         return drop is not None and hmac.compare_digest(given, drop.password.encode("utf-8"))
 

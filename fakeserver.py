@@ -2157,6 +2157,339 @@ class FakeServer(socketserver.ThreadingTCPServer):
 
 
 # ======================================================================================
+# Recording proxy
+# ======================================================================================
+
+#: A wire line longer than this is written in chunks that end in a lone "\" (no line end).
+MAX_RECORDED_CHUNK = 65536
+
+
+def _multi_line(command: bytes) -> bool:
+    """Whether +OK to `command` starts a multi-line reply (RFC 1939, 2449, 5034)."""
+    words = command.rstrip(b"\r\n").split(b" ")
+    verb = words[0].upper()
+    if verb in (b"CAPA", b"RETR", b"TOP"):
+        return True
+    return verb in (b"LIST", b"UIDL", b"AUTH") and len(words) == 1
+
+
+class _Tap:
+    """The recorder's core, without sockets: fed the bytes each side sent, it writes transcript
+    lines in exchange order. A pipelined command is written right before its reply (replies
+    come in command order, RFC 2449 section 6.6), so a replay can pair them."""
+
+    def __init__(self, write: Callable[[str], None], headers_only: bool = False) -> None:
+        self.write = write
+        self.headers_only = headers_only
+        self.sent: list[bytes] = []  # client lines not yet answered, oldest first
+        self.client = bytearray()
+        self.server = bytearray()
+        self.greeted = False
+        self.command: bytes | None = None  # the command of the multi-line reply being read
+        self.in_header = True
+        self.cut = [0, 0]  # body lines and octets left out (headers_only)
+        self.sasl = False  # the server sent a "+ " challenge: the client's next line answers it
+
+    def from_client(self, data: bytes) -> list[bytes]:
+        """Take bytes from the client; return its complete lines (and chunks of endless ones)."""
+        self.client += data
+        lines = _split_lines(self.client)
+        self.sent += lines
+        return lines
+
+    def from_server(self, data: bytes) -> None:
+        self.server += data
+        for line in _split_lines(self.server):
+            self.server_line(line)
+
+    def server_line(self, line: bytes) -> None:
+        if not self.greeted:
+            self.greeted = True
+            self.write(transcript_line("S", line))
+        elif self.command is not None:
+            self.body_line(line)
+        else:
+            self.reply_start(line)
+
+    def reply_start(self, line: bytes) -> None:
+        if not self.sent:
+            self.write("# the server sent this line before any command:")
+            self.write(transcript_line("S", line))
+            return
+        command = self.sent.pop(0)
+        self.write(transcript_line("C", _redact_line(command, self.sasl)))
+        self.write(transcript_line("S", line))
+        verb = command.split()[0].upper() if command.split() else b""
+        self.sasl = line.startswith(b"+ ") and (self.sasl or verb == b"AUTH")
+        if line.startswith(b"+OK") and _multi_line(command) and not self.sasl:
+            self.command = command if verb in (b"RETR", b"TOP") else b""
+            self.in_header = True
+            self.cut = [0, 0]
+
+    def body_line(self, line: bytes) -> None:
+        if line in (b".\r\n", b".\n"):
+            if self.cut[0]:
+                self.write("# %d body lines (%d octets) not recorded (headers only)" % tuple(
+                    self.cut))
+            self.write(transcript_line("S", line))
+            self.command = None
+            return
+        if self.headers_only and self.command and not self.in_header:
+            self.cut[0] += 1
+            self.cut[1] += len(line)
+            return
+        if line in (b"\r\n", b"\n"):
+            self.in_header = False
+        self.write(transcript_line("S", line))
+
+    def finish(self) -> None:
+        """Write what is left when the connection ends: unanswered commands, a cut line."""
+        for command in self.sent:
+            self.write(transcript_line("C", _redact_line(command, self.sasl)))
+            self.sasl = False
+        for rest, direction in ((self.client, "C"), (self.server, "S")):
+            if rest:
+                data = bytes(rest)
+                self.write(transcript_line(direction, data if direction == "S" else
+                                           _redact_line(data, self.sasl)))
+        self.sent, self.client, self.server = [], bytearray(), bytearray()
+
+
+def _split_lines(buffer: bytearray) -> list[bytes]:
+    """Take the complete lines (LF-ended) out of `buffer`, and chunks of an endless line."""
+    lines: list[bytes] = []
+    while True:
+        end = buffer.find(b"\n")
+        if end < 0:
+            if len(buffer) >= MAX_RECORDED_CHUNK:
+                lines.append(bytes(buffer[:MAX_RECORDED_CHUNK]))
+                del buffer[:MAX_RECORDED_CHUNK]
+                continue
+            return lines
+        lines.append(bytes(buffer[: end + 1]))
+        del buffer[: end + 1]
+
+
+def _redact_line(line: bytes, sasl_response: bool) -> bytes:
+    """_redact_command for a line with its line end (kept as it was)."""
+    body = line.rstrip(b"\r\n")
+    return _redact_command(body, sasl_response) + line[len(body) :]
+
+
+def _parse_upstream(text: str) -> tuple[str, int | None]:
+    """HOST[:PORT], with [v6]:PORT."""
+    found = re.match(r"\[([^\]]+)\](?::(\d+))?\Z|([^:\[\]]+)(?::(\d+))?\Z", text)
+    if not found:
+        raise ValueError("not HOST[:PORT]: %r" % text)
+    host = found.group(1) or found.group(3)
+    port = found.group(2) or found.group(4)
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError("the port must be 1-65535, not %s" % port)
+    return host, int(port) if port else None
+
+
+class Recorder(socketserver.ThreadingTCPServer):
+    """A recording POP3 proxy on loopback: clients connect here in plaintext, the proxy talks to
+    the real server (TLS verified) and appends every session to a transcript file."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        upstream: str,
+        out: str | Path,
+        *,
+        tls: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        context: ssl.SSLContext | None = None,
+        headers_only: bool = False,
+        timeout: float = 60.0,
+    ) -> None:
+        server_host, server_port = _parse_upstream(upstream)
+        if tls is None:  # secure by default: TLS either way, implicit on the POP3S port
+            tls = "implicit" if server_port in (None, 995) else "stls"
+        if tls not in ("implicit", "stls", "none"):
+            raise ValueError('tls must be "implicit", "stls" or "none", not %r' % (tls,))
+        self.upstream = (server_host, server_port or (995 if tls == "implicit" else 110))
+        self.tls = tls
+        self.out = Path(out)
+        self.context = context
+        self.headers_only = headers_only
+        self.timeout = timeout
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._sessions = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        with self.out.open("w", encoding="utf-8") as file:
+            file.write("%s\n# recorded through fakeserver.py --record %s:%d (TLS %s) on %s\n"
+                       % (TRANSCRIPT_HEADER, self.upstream[0], self.upstream[1], tls,
+                          time.strftime("%Y-%m-%d %H:%M:%S %z")))
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _ProxySession)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return str(self.server_address[0]), int(self.server_address[1])
+
+    def start(self) -> Recorder:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.serve_forever,
+                                            kwargs={"poll_interval": 0.01}, daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop, wait for the sessions to end (each is in the file then)."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def __enter__(self) -> Recorder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if exc[0] is None and self.errors:
+            raise self.errors[0]
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if error is not None:
+            logger.error("recording session failed: %r", error)
+            with self._lock:
+                self.errors.append(error)
+
+    def _connect(self) -> socket.socket:
+        """A connection to the real server, TLS verified (STLS done here, RFC 2595)."""
+        host, port = self.upstream
+        sock = socket.create_connection((host, port), timeout=self.timeout)
+        context = self.context or ssl.create_default_context()
+        if self.tls == "implicit":
+            sock = context.wrap_socket(sock, server_hostname=host)
+        return sock
+
+    def _append(self, number: int, peer: str, lines: Iterable[str]) -> None:
+        with self._lock, self.out.open("a", encoding="utf-8") as file:
+            file.write("= session %d (client %s)\n" % (number, peer))
+            for line in lines:
+                file.write(line + "\n")
+
+
+class _ProxySession(socketserver.BaseRequestHandler):
+    server: Recorder
+
+    def handle(self) -> None:
+        recorder = self.server
+        number = next(recorder._sessions)
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            def write(line: str) -> None:
+                spool.write(line + "\n")
+
+            tap = _Tap(write, recorder.headers_only)
+            try:
+                self.relay(tap)
+            except (OSError, ValueError) as error:  # the peer went away, TLS failed, ...
+                tap.finish()
+                spool.write("# the session ended: %s\n" % (error,))
+                logger.warning("recording session %d ended: %s", number, error)
+            spool.seek(0)
+            recorder._append(number, "%s:%d" % self.client_address[:2],
+                             (line.rstrip("\n") for line in spool))
+
+    def relay(self, tap: _Tap) -> None:
+        import select
+
+        recorder = self.server
+        client: socket.socket = self.request
+        client.settimeout(recorder.timeout)
+        upstream = recorder._connect()
+        try:
+            if recorder.tls == "stls":
+                upstream = self.start_tls(upstream, tap)
+            sockets = [client, upstream]
+            while True:
+                pending = isinstance(upstream, ssl.SSLSocket) and upstream.pending()
+                ready = [upstream] if pending else select.select(
+                    sockets, [], [], recorder.timeout)[0]
+                if not ready:
+                    raise TimeoutError("no data either way for %s s" % recorder.timeout)
+                if upstream in ready:
+                    # Readable may mean a TLS record with no data in it (a TLS 1.3 session
+                    # ticket): a blocking read would then wait for data that only comes after
+                    # the client's next command, which this thread would never relay.
+                    upstream.setblocking(False)
+                    try:
+                        data = upstream.recv(65536)
+                    except (ssl.SSLWantReadError, BlockingIOError):
+                        data = None  # no application data yet
+                    finally:
+                        upstream.settimeout(recorder.timeout)
+                    if data == b"":
+                        break
+                    if data:
+                        tap.from_server(data)
+                        client.sendall(data)
+                if client in ready:
+                    data = client.recv(65536)
+                    if not data:
+                        break  # the client left: so do we (no QUIT, no UPDATE)
+                    for line in tap.from_client(data):
+                        if line.rstrip(b"\r\n").upper() == b"STLS" and len(tap.sent) == 1:
+                            # The client side is plaintext on loopback; the server side is
+                            # already what --tls says. Refuse locally rather than relay a
+                            # handshake we could not record.
+                            tap.sent.pop()
+                            tap.write("# the proxy refused the client's STLS (client side is "
+                                      "plaintext; the server side is TLS %s)" % recorder.tls)
+                            client.sendall(b"-ERR STLS is not relayed by the recording proxy\r\n")
+                            continue
+                        upstream.sendall(line)
+            tap.finish()
+        finally:
+            upstream.close()
+
+    def start_tls(self, upstream: socket.socket, tap: _Tap) -> socket.socket:
+        """Read the greeting, upgrade with STLS (RFC 2595), return the TLS socket."""
+        recorder = self.server
+        buffer = bytearray()
+        lines: list[bytes] = []
+        for _ in range(64):
+            data = upstream.recv(4096)
+            if not data:
+                raise ConnectionError("the server closed before STLS")
+            buffer += data
+            lines += _split_lines(buffer)
+            if lines:
+                break
+            if len(buffer) > 4096:
+                raise ValueError("no greeting line in the server's first 4 KiB")
+        if len(lines) != 1 or buffer:
+            raise ValueError("the server sent more than its greeting")
+        tap.from_server(lines[0])
+        upstream.sendall(b"STLS\r\n")
+        answer = bytearray()
+        while b"\n" not in answer and len(answer) < 4096:
+            data = upstream.recv(4096)
+            if not data:
+                raise ConnectionError("the server closed after STLS")
+            answer += data
+        if not answer.startswith(b"+OK") or not answer.endswith(b"\n"):
+            raise ValueError("the server refused STLS: %r" % bytes(answer[:200]))
+        context = recorder.context or ssl.create_default_context()
+        upstream = context.wrap_socket(upstream, server_hostname=recorder.upstream[0])
+        tap.write("# the proxy sent STLS, got %s and verified the server's certificate"
+                  % transcript_line("S", bytes(answer))[3:])
+        self.request.sendall(lines[0])
+        return upstream
+
+
+# ======================================================================================
 # Command line
 # ======================================================================================
 

@@ -103,6 +103,7 @@ import threading
 import time
 from pathlib import Path
 from typing import (
+    TYPE_CHECKING,
     Callable,
     Iterable,
     Mapping,
@@ -111,6 +112,9 @@ from typing import (
     Sequence,
     cast,
 )
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = [
     "CA_PEM",
@@ -2505,8 +2509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
-    parser.add_argument("--tls", choices=("none", "implicit", "stls"), default="none",
-                        help="TLS mode (none)")
+    parser.add_argument("--tls", choices=("none", "implicit", "stls"),
+                        help="TLS mode (none); with --record, to the real server (implicit on "
+                        "port 995 and when no port is given, else stls)")
     parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
                         help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
     source = parser.add_mutually_exclusive_group()
@@ -2523,7 +2528,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write the test CA certificate (PEM) to FILE for a client to trust")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="do not print the C:/S: transcript on stderr")
+    parser.add_argument("--replay", metavar="FILE",
+                        help="serve a recorded transcript (any user, password fugafuga)")
+    record = parser.add_argument_group(
+        "recording", "run a proxy that records sessions with a real server into a transcript")
+    record.add_argument("--record", metavar="HOST[:PORT]",
+                        help="the real server (TLS verified); point your client at this proxy "
+                        "in plaintext")
+    record.add_argument("--out", metavar="FILE", help="the transcript file to write")
+    record.add_argument("--cafile", metavar="FILE",
+                        help="trust these CA certificates for the real server (default: system)")
+    record.add_argument("--headers-only", action="store_true",
+                        help="record only the header of each RETR/TOP message")
     args = parser.parse_args(argv)
+    if args.record:
+        return _record(parser, args)
 
     users: dict[str, Maildrop] | None = None
     try:
@@ -2535,9 +2554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
         if args.write_ca:
             Path(args.write_ca).write_text(CA_PEM)
+        args.tls = args.tls or "none"
         tls = None if args.tls == "none" else args.tls
         server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
-                            idle_timeout=args.idle_timeout, keep_transcripts=False)
+                            idle_timeout=args.idle_timeout, keep_transcripts=False,
+                            replay=Path(args.replay) if args.replay else None)
     except mailbox.NoSuchMailboxError as error:
         print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
         return 1
@@ -2566,8 +2587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The demo password is the seed's, public on purpose; a password given on the command
         # line is the user's own and is not repeated.
         shown = password if password == "fugafuga" else "as given"
-        print("fakeserver: POP3 (%s preset, TLS %s) for user %s, password %s"
-              % (args.preset, args.tls, user, shown))
+        what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
+        print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
+              % (what, args.tls, "(any)" if args.replay else user, shown))
         if tls is None:
             print("try:  telnet %s %d   (or: nc -C %s %d)"
                   % (server.host, server.port, server.host, server.port))
@@ -2587,7 +2609,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         server._stop()
     for failure in server.errors:
         print("fakeserver: a session failed: %r" % (failure,), file=sys.stderr)
+    for mismatch in server.mismatches:
+        print("fakeserver: session %d: no recorded answer to %r"
+              % (mismatch.session, mismatch.command), file=sys.stderr)
     return 1 if server.errors else 0
+
+
+def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--record: run the recording proxy until Ctrl-C."""
+    import signal
+
+    if not args.out:
+        parser.error("--record needs --out FILE")
+    try:
+        context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
+        recorder = Recorder(args.record, args.out, tls=args.tls, host=args.host, port=args.port,
+                            context=context, headers_only=args.headers_only)
+    except ValueError as error:
+        parser.error(str(error))
+    except OSError as error:
+        print("fakeserver: %s" % error, file=sys.stderr)
+        return 1
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    host, port = recorder.address
+    try:
+        recorder.start()
+        print("%s:%d" % ("[%s]" % host if ":" in host else host, port), flush=True)
+        print("fakeserver: recording %s:%d (TLS %s) into %s; secrets are written as ****"
+              % (recorder.upstream[0], recorder.upstream[1], recorder.tls, args.out))
+        print("point your client at %s port %d without TLS; stop: Ctrl-C" % (host, port),
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        recorder.close()
+    return 0
 
 
 if __name__ == "__main__":

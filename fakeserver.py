@@ -104,8 +104,10 @@ import time
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
+    Any,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
     NamedTuple,
     Optional,
@@ -2491,6 +2493,156 @@ class _ProxySession(socketserver.BaseRequestHandler):
                   % transcript_line("S", bytes(answer))[3:])
         self.request.sendall(lines[0])
         return upstream
+
+
+# ======================================================================================
+# pytest plugin
+# ======================================================================================
+
+# pytest loads this module as a plugin through the pytest11 entry point of an installed pop3lite,
+# or through `pytest_plugins = ["fakeserver"]` in a conftest.py next to a copied fakeserver.py.
+# pytest itself is imported only in _pytest_plugin(), which only pytest calls: the module stays
+# standard-library-only for everyone else.
+
+
+def pytest_configure(config: Any) -> None:
+    """pytest hook: declare the marker and register the fixtures."""
+    config.addinivalue_line(
+        "markers",
+        "pop3_server(preset='rfc', **options): configure the pop3_server fixture's FakeServer "
+        "(the options of make_pop3_server)",
+    )
+    if not config.pluginmanager.has_plugin("fakeserver-fixtures"):
+        config.pluginmanager.register(_pytest_plugin(), "fakeserver-fixtures")
+
+
+def _mail_bytes(message: object) -> bytes:
+    """A message given as bytes, str or an email.message.Message (EmailMessage)."""
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, str):
+        return message.encode("utf-8")
+    as_bytes = getattr(message, "as_bytes", None)
+    if as_bytes is None:
+        raise TypeError("a message is bytes, str or an email Message, not %r" % (message,))
+    return cast(bytes, as_bytes())
+
+
+def _report_text(servers: Sequence[FakeServer]) -> str:
+    """The transcripts of a test's servers, for its failure report (secrets are ****)."""
+    parts: list[str] = []
+    for index, server in enumerate(servers, 1):
+        parts.append("server %d (%s:%d, %s%s): %d connection(s)" % (
+            index, server.host, server.port,
+            "replay" if server.recording is not None else "preset " + server.preset,
+            ", TLS " + server.tls if server.tls else "", len(server.sessions)))
+        for log in server.sessions:
+            parts.append("  connection %d: ended in %s%s%s%s" % (
+                log.number, log.state, ", TLS" if log.tls else "",
+                ", AUTH " + log.mechanism if log.mechanism else "",
+                ", QUIT" if log.quit else ", no QUIT"))
+            parts.extend("    " + _for_terminal(line) for line in log.transcript)
+        for mismatch in server.mismatches:
+            parts.append("  replay: connection %d sent %r, which the recording has no answer for"
+                         % (mismatch.session, mismatch.command))
+    return "\n".join(parts)
+
+
+def _pytest_plugin() -> object:
+    import traceback
+
+    import pytest
+
+    class FakeServerPlugin:
+        """Fixtures pop3_server, make_pop3_server and pop3_ca_file; transcripts in reports."""
+
+        def __init__(self) -> None:
+            # The servers of each running test (its node id): per process, so pytest-xdist
+            # workers share nothing, and every server has its own free port.
+            self.servers: dict[str, list[FakeServer]] = {}
+
+        @pytest.fixture
+        def make_pop3_server(self, request: Any) -> Iterator[Callable[..., FakeServer]]:
+            """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
+            mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
+            options)`` returns a started server; all are stopped when the test ends."""
+            servers = self.servers.setdefault(request.node.nodeid, [])
+
+            def make(
+                preset: str = "rfc",
+                *,
+                messages: Iterable[object] | None = None,
+                maildir: str | Path | None = None,
+                mbox: str | Path | None = None,
+                eml_dir: str | Path | None = None,
+                user: str = "hogehoge",
+                password: str = "fugafuga",
+                **options: Any,
+            ) -> FakeServer:
+                sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
+                if len(sources) > 1:
+                    raise ValueError("give one of messages, maildir, mbox and eml_dir")
+                drop: Maildrop | None = None
+                if messages is not None:
+                    drop = Maildrop(password, (_mail_bytes(m) for m in messages))
+                elif maildir is not None:
+                    drop = Maildrop.from_maildir(maildir, password)
+                elif mbox is not None:
+                    drop = Maildrop.from_mbox(mbox, password)
+                elif eml_dir is not None:
+                    drop = Maildrop.from_eml_dir(eml_dir, password)
+                if drop is not None:
+                    options["users"] = {user: drop}
+                server = FakeServer(preset, **options)
+                servers.append(server.start())
+                return server
+
+            yield make
+            for server in servers:
+                server._stop()  # errors were reported with the test (pytest_runtest_makereport)
+            self.servers.pop(request.node.nodeid, None)
+
+        @pytest.fixture
+        def pop3_server(self, request: Any, make_pop3_server: Callable[..., FakeServer]
+                        ) -> FakeServer:
+            """A started FakeServer (preset "rfc"), configured by a ``pop3_server`` marker."""
+            marker = request.node.get_closest_marker("pop3_server")
+            if marker is None:
+                return make_pop3_server()
+            return make_pop3_server(*marker.args, **marker.kwargs)
+
+        @pytest.fixture(scope="session")
+        def pop3_ca_file(self, tmp_path_factory: Any) -> Path:
+            """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
+            path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
+            path.write_text(CA_PEM)
+            return path
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_makereport(self, item: Any, call: Any) -> Iterator[None]:
+            outcome = yield
+            report = outcome.get_result()  # type: ignore[attr-defined]
+            servers = self.servers.get(item.nodeid)
+            if not servers:
+                return
+            if report.when == "call":
+                # The test is over: end its sessions, so that an exception one of them hit is
+                # known now and fails this test (not a later one, not only the teardown).
+                for server in servers:
+                    server._stop()
+                errors = [error for server in servers for error in server.errors]
+                if errors:
+                    text = "".join(traceback.format_exception(
+                        type(errors[0]), errors[0], errors[0].__traceback__))
+                    if report.passed:
+                        report.outcome = "failed"
+                        report.longrepr = "a fakeserver session raised:\n" + text
+                    else:
+                        report.sections.append(("fakeserver session error", text))
+            if report.failed:
+                report.sections.append(("fakeserver transcript", _report_text(servers)))
+
+    return FakeServerPlugin()
 
 
 # ======================================================================================

@@ -1503,14 +1503,15 @@ class _Session(socketserver.BaseRequestHandler):
             self.maildrop._release(self.entries[n - 1][0] for n in self.marked)
             self.log.deleted = [self.entries[n - 1][1] for n in sorted(self.marked)]
             self.maildrop = None
-            self.state = "UPDATE"
+            self.state = self.log.state = "UPDATE"
         return self.hang_up_after(self.ok("quit"))
 
     def hang_up_after(self, reply: _Reply) -> _Reply:
-        """The reply to QUIT: once it is sent, the session ends."""
+        """The reply to QUIT: once it is sent, the session ends. (The log is updated before the
+        reply goes out, so a client that has the reply sees it.)"""
+        self.log.quit = True
 
         def hang_up() -> None:
-            self.log.quit = True
             raise _HangUp()
 
         reply.after = hang_up
@@ -1832,7 +1833,7 @@ class _Session(socketserver.BaseRequestHandler):
             return self.cmd_stls(args)
         elif verb == "QUIT":
             if self.state == "TRANSACTION":
-                self.state = "UPDATE"
+                self.state = self.log.state = "UPDATE"
             return self.hang_up_after(self.recorded(verb))
         return self.recorded(verb)
 
@@ -2565,7 +2566,9 @@ def _pytest_plugin() -> object:
         def make_pop3_server(self, request: Any) -> Iterator[Callable[..., FakeServer]]:
             """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
             mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
-            options)`` returns a started server; all are stopped when the test ends."""
+            options)`` returns a started server; all are stopped when the test ends. Messages
+            are bytes, str or email Messages; with no mail source, `user` and `password` get
+            the preset's messages."""
             servers = self.servers.setdefault(request.node.nodeid, [])
 
             def make(
@@ -2575,24 +2578,29 @@ def _pytest_plugin() -> object:
                 maildir: str | Path | None = None,
                 mbox: str | Path | None = None,
                 eml_dir: str | Path | None = None,
-                user: str = "hogehoge",
-                password: str = "fugafuga",
+                user: str | None = None,
+                password: str | None = None,
                 **options: Any,
             ) -> FakeServer:
+                name = user if user is not None else "hogehoge"
+                secret = password if password is not None else "fugafuga"
                 sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
                 if len(sources) > 1:
                     raise ValueError("give one of messages, maildir, mbox and eml_dir")
                 drop: Maildrop | None = None
                 if messages is not None:
-                    drop = Maildrop(password, (_mail_bytes(m) for m in messages))
+                    drop = Maildrop(secret, (_mail_bytes(m) for m in messages))
                 elif maildir is not None:
-                    drop = Maildrop.from_maildir(maildir, password)
+                    drop = Maildrop.from_maildir(maildir, secret)
                 elif mbox is not None:
-                    drop = Maildrop.from_mbox(mbox, password)
+                    drop = Maildrop.from_mbox(mbox, secret)
                 elif eml_dir is not None:
-                    drop = Maildrop.from_eml_dir(eml_dir, password)
+                    drop = Maildrop.from_eml_dir(eml_dir, secret)
+                elif (user, password) != (None, None) and preset in _PRESETS:
+                    base = next(iter(_PRESETS[preset].make_users().values()))
+                    drop = Maildrop(secret, base.messages, uids=base.uids)
                 if drop is not None:
-                    options["users"] = {user: drop}
+                    options["users"] = {name: drop}
                 server = FakeServer(preset, **options)
                 servers.append(server.start())
                 return server

@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None, keep_transcripts=True)``
+greeting=None, keep_transcripts=True, replay=None)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -33,14 +33,43 @@ greeting=None, keep_transcripts=True)``
     and OAUTHBEARER accept (preset "rfc": ``"fake-oauth-token"``). ``greeting``: the text after
     ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp. ``keep_transcripts``: False
     forgets each connection's transcript when it ends (a long-running server; the log still
-    shows it).
+    shows it). ``replay``: a recording to serve instead of a preset (below).
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
 / ``"S: ..."`` strings per connection, in order of connection; each line is recorded before it is
 written; passwords and SASL responses appear as ``****``), ``errors`` (exceptions sessions hit),
 ``start()``, ``close()`` (stop, then raise the first error), ``ssl_context_for_clients()``,
-context manager.
+context manager. For assertions: ``sessions`` (a ``SessionLog`` per connection: ``number``,
+``transcript``, ``commands``, ``tls``, ``login`` ("USER", "APOP" or "AUTH"), ``mechanism`` (of
+AUTH), ``user``, ``state`` (the last: AUTHORIZATION, TRANSACTION, or UPDATE after QUIT), ``quit``,
+``closed``, ``deleted`` (the messages its QUIT removed)), ``commands`` (every session's command
+lines) and ``deleted`` (every message QUIT removed); ``mismatches`` (replay, below).
+
+Record and replay. ``Recorder(upstream="HOST[:PORT]", out=PATH, *, tls=None, host="127.0.0.1",
+port=0, context=None, headers_only=False, timeout=60.0)`` is a proxy: a client connects to its
+``address`` in plaintext, the proxy talks to the real server (``tls``: "implicit", the default on
+port 995 or with no port, "stls" (the proxy sends STLS) otherwise, or "none"; certificates are
+verified with ``context`` or the system's CAs) and appends each session to the transcript file
+(format: section "Transcript files" below), secrets as ``****``; ``headers_only`` keeps only the
+header of RETR and TOP messages. ``FakeServer(replay=...)`` (a file path, transcript text, or
+``parse_transcript()``'s sessions) serves a recording: connection n gets recorded session n (later
+ones the last); each command gets the next recorded reply to the same command line, whatever the
+order or pipelining; USER/PASS, APOP and AUTH are checked against ``REPLAY_PASSWORD`` (any user
+name; ``users=`` to choose) and then get the recorded reply; a command the recording has no
+answer for gets ``-ERR`` and a ``ReplayMismatch(session, command, recorded)`` in
+``mismatches``. ``OPERAMAIL_RECORDING`` is the seed session the operamail preset is built from.
+``transcript_line(direction, data)``, ``parse_transcript(text)`` and ``load_transcript(path)``
+(lists of ``RecordedSession(greeting, exchanges)``, each ``Exchange(command, reply)``) read and
+write the format.
+
+pytest plugin (``pytest11`` entry point of an installed pop3lite, or ``pytest_plugins =
+["fakeserver"]`` in a conftest): fixtures ``pop3_server`` (a started server, preset "rfc",
+configured by ``@pytest.mark.pop3_server(preset, **options)``), ``make_pop3_server(preset="rfc",
+*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``
+and ``pop3_ca_file`` (the test CA as a file). When a test fails, the transcripts of its servers
+appear in the report as the section "fakeserver transcript"; an exception in a session fails the
+test that was running.
 
 ``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
 uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
@@ -75,7 +104,9 @@ verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' m
 ``FAULT_KINDS``: the kind names.
 
 Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
-stdout is ``HOST:PORT``; Ctrl-C stops it.
+stdout is ``HOST:PORT``; Ctrl-C stops it. ``--replay FILE`` serves a recording;
+``--record HOST[:PORT] --out FILE [--tls implicit|stls|none] [--headers-only]`` runs the
+recording proxy.
 
 The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
 both cannot hide.
@@ -122,12 +153,22 @@ __all__ = [
     "CA_PEM",
     "FAULT_KINDS",
     "OPERAMAIL_MESSAGES",
+    "OPERAMAIL_RECORDING",
+    "REPLAY_PASSWORD",
     "RFC_MESSAGES",
+    "Exchange",
     "FakeServer",
     "Fault",
     "Maildrop",
+    "RecordedSession",
+    "Recorder",
+    "ReplayMismatch",
+    "SessionLog",
     "client_context",
+    "load_transcript",
     "main",
+    "parse_transcript",
+    "transcript_line",
 ]
 
 logger = logging.getLogger("fakeserver")

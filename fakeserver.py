@@ -1065,6 +1065,10 @@ class _HangUp(Exception):
     """End the session now (no UPDATE)."""
 
 
+def _hang_up() -> None:
+    raise _HangUp()
+
+
 class _SaslFailure(Exception):
     """End an AUTH exchange with -ERR and this reply text."""
 
@@ -1551,11 +1555,7 @@ class _Session(socketserver.BaseRequestHandler):
         """The reply to QUIT: once it is sent, the session ends. (The log is updated before the
         reply goes out, so a client that has the reply sees it.)"""
         self.log.quit = True
-
-        def hang_up() -> None:
-            raise _HangUp()
-
-        reply.after = hang_up
+        reply.after = _hang_up
         return reply
 
     # ----- SASL (RFC 5034) -----------------------------------------------------------
@@ -1893,7 +1893,10 @@ class _Session(socketserver.BaseRequestHandler):
         if replies is None:
             self.server._mismatch(ReplayMismatch(self.serial, key, tuple(self.replies)))
             return self.err("no recorded answer to this command (fakeserver replay)")
-        return _Reply(b"", raw=replies.pop(0) if len(replies) > 1 else replies[0])
+        reply = _Reply(b"", raw=replies.pop(0) if len(replies) > 1 else replies[0])
+        if not reply.raw:  # the recorded server never answered: the connection ended there
+            reply.after = _hang_up
+        return reply
 
     # ----- scripted sessions -------------------------------------------------------
     def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:

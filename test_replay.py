@@ -217,6 +217,17 @@ def test_replay_apop_uses_the_recorded_timestamp_and_the_test_password() -> None
     assert good not in repr(server.transcripts)
 
 
+def test_a_command_the_recorded_server_never_answered_ends_the_connection() -> None:
+    with FakeServer(replay="S: +OK hi\nC: XTND\nS: +OK\nC: CAPA\n") as server:
+        with socket.create_connection(server.address, timeout=TIMEOUT) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"XTND\r\nCAPA\r\n")
+            assert reader.readline() == b"+OK\r\n"
+            assert reader.read() == b""  # the connection ends, as it did when recorded
+    assert server.mismatches == []
+
+
 def test_replay_file_via_path_and_per_connection_sessions(tmp_path: Path) -> None:
     path = tmp_path / "two.txt"
     path.write_text("S: +OK first\nC: NOOP\nS: +OK 1\n= next\nS: +OK second\nC: NOOP\nS: +OK 2\n")

@@ -296,8 +296,10 @@ def test_poplib_apop_on_the_operamail_preset() -> None:
         assert pop.stat() == (2, 10180)
         assert pop.retr(1)[1][0].startswith(b"Received: from www2.csc.ne.jp")
         pop.quit()
+    # The digest can be cracked offline for a weak password: the transcript hides it.
     digest = hashlib.md5(b"<1BC07518.3C649B3F@operamail.com>fugafuga").hexdigest()
-    assert "C: APOP hogehoge " + digest in server.transcripts[0]
+    assert "C: APOP hogehoge ****" in server.transcripts[0]
+    assert digest not in repr(server.transcripts)
 
 
 def test_poplib_stls_with_the_shipped_ca() -> None:

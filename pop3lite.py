@@ -134,7 +134,8 @@ STREAM_CHUNK = 256 * 1024
 """retr_to() writes the message in pieces of about this size."""
 
 RECV_SIZE = 256 * 1024
-_LARGE_BODY = 1024 * 1024  # bodies announced larger than this get a buffer of their own
+"""Octets the reader's buffer starts with and grows by; a body announced as larger than this
+gets a buffer of its announced size (bounded by the limit), so it is received and copied once."""
 
 TLS_MODES = ("auto", "implicit", "starttls", "none")
 
@@ -546,12 +547,20 @@ def is_loopback(address: str) -> bool:
     return address.startswith("127.") or address == "::1"
 
 
+# RFC 2449 section 9: keyword = 3*4VCHAR. Checked so that no verb carries a space, a line end
+# or a second command; a few servers have longer extension verbs, so up to 40 are allowed.
+_KEYWORD = re.compile("[!-~]{3,40}")
+
+
 def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     """One command line, CRLF-terminated. The only place that builds a command line.
 
-    Raises ValueError, before anything is sent, for CR, LF or NUL in any argument (they would
-    smuggle a second command onto the wire) and for lines over 255 octets (RFC 2449 section 4).
+    Raises ValueError, before anything is sent, for a verb that is not a keyword, for CR, LF or
+    NUL in any argument (they would smuggle a second command onto the wire) and for lines over
+    255 octets (RFC 2449 section 4).
     """
+    if not _KEYWORD.fullmatch(verb):
+        raise ValueError(f"not a POP3 keyword: {verb[:8]!r}")
     parts = [verb]
     for arg in args:
         if not isinstance(arg, str):
@@ -692,8 +701,6 @@ class Expected(NamedTuple):
     last: bool = False
 
 
-_ZEROS = bytes(RECV_SIZE)  # what the reader's buffer grows by
-_MIN_RECEIVE = 4096  # less free space than this, and the reader makes room
 _SINGLE_LINE = Expected()
 _SASL_REPLY = Expected(sasl=True)
 _LAST_REPLY = Expected(last=True)
@@ -710,6 +717,10 @@ class ReplyReader:
         self.eol = b"\r\n"
         """The line end of the last status line: CRLF, or LF for a server that sends bare LF
         (tolerated: its bodies are framed with LF and delivered with CRLF)."""
+        # The sizes are read when the reader is made, so a test can make them tiny.
+        self._receive_size = RECV_SIZE
+        self._stream_chunk = STREAM_CHUNK
+        self._min_receive = min(4096, RECV_SIZE)  # less free space than this: make room
         self._buf = bytearray(RECV_SIZE)  # capacity; bytes [_start:_end] are unread
         self._start = 0
         self._end = 0
@@ -751,17 +762,19 @@ class ReplyReader:
         """The error that fits the server closing the connection now."""
         if self.in_reply():
             return TruncatedResponse(
-                "server closed the connection in the middle of a response", self.unread()
+                "server closed the connection in the middle of a response",
+                self.unread(),
+                reason="truncated",
             )
-        return NetworkError("server closed the connection")
+        return NetworkError("server closed the connection", reason="closed")
 
     # -- putting bytes in -----------------------------------------------------------------
 
     def receive_buffer(self) -> memoryview:
         """Free space at the end of the buffer to receive into; then call received(n). Release
         the view before calling anything else (a bytearray with a view cannot be resized)."""
-        if len(self._buf) - self._end < _MIN_RECEIVE:
-            self._make_room(RECV_SIZE // 4)
+        if len(self._buf) - self._end < self._min_receive:
+            self._make_room(max(self._min_receive, self._receive_size // 4))
         return memoryview(self._buf)[self._end :]
 
     def received(self, count: int) -> None:
@@ -793,8 +806,9 @@ class ReplyReader:
         else:
             if self._start:  # the unread part of a reply: small, or moved once per reply
                 self._buf[:unread] = self._buf[self._start : self._end]
-            while len(self._buf) - unread < want:
-                self._buf += _ZEROS
+            if len(self._buf) - unread < want:
+                steps = -(-(want - len(self._buf) + unread) // self._receive_size)
+                self._buf += bytes(self._receive_size) * steps
         self._search -= self._start
         self._start = 0
         self._end = unread
@@ -804,8 +818,8 @@ class ReplyReader:
         of a large body."""
         if self._start == self._end:
             self._start = self._end = self._search = 0
-        if len(self._buf) > 4 * RECV_SIZE and self.pending < RECV_SIZE:
-            fresh = bytearray(RECV_SIZE)
+        if len(self._buf) > 4 * self._receive_size and self.pending < self._receive_size:
+            fresh = bytearray(self._receive_size)
             fresh[: self.pending] = self._buf[self._start : self._end]
             self._search -= self._start
             self._end -= self._start
@@ -851,8 +865,9 @@ class ReplyReader:
             self.eol, line = b"\r\n", line[:-2]
         else:
             self.eol, line = b"\n", line[:-1]
-        # "+" alone or "+ <base64>" is a continuation; "+OK" (or "+OKAY") is a status line.
-        if expected.sasl and line[:1] == b"+" and line[:3] != b"+OK":
+        # RFC 5034 section 4: continue-req = "+" SP [base64] CRLF; a bare "+" is tolerated as
+        # an empty challenge. Anything else that starts with "+" must be a status line.
+        if expected.sasl and (line == b"+" or line[:2] == b"+ "):
             self._complete()  # the server now waits for our answer: nothing may follow
             return Challenge(line[2:])
         ok, text = parse_status(line)
@@ -869,9 +884,14 @@ class ReplyReader:
         self._at_line_start = True
         self._octets = 0
         announced = parse_announced_size(status_text) or 0
-        if not self._stream and announced > RECV_SIZE:
+        if (
+            not self._stream
+            and announced > self._receive_size
+            and find_body_end(self._buf, self._start, self._start, self.eol, self._end) < 0
+        ):
             # Receive a large message into one buffer of about its size (the announced size is
-            # of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit.
+            # of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit; not
+            # when the whole body is here already (a server may announce any size).
             size = min(announced, expected.limit)
             self._make_room(size + size // 64 + 4096)
 
@@ -890,9 +910,10 @@ class ReplyReader:
             return self._piece(start, body_end, self._at_line_start)
         unread = end - start
         if not self._stream:
-            if unread > self._limit + len(eol) + 1:
+            slack = len(eol) + 1  # the start of the terminator may be here already
+            if unread > self._limit + slack and self._unstuffed(start, end) > self._limit + slack:
                 raise LimitExceeded(f"response larger than {self._limit} octets")
-        elif unread >= STREAM_CHUNK:
+        elif unread >= self._stream_chunk:
             cut, at_line_start = safe_cut(buf, start, end, eol)
             if cut > start:
                 piece = self._piece(start, cut, self._at_line_start)
@@ -901,6 +922,14 @@ class ReplyReader:
                 return piece
         self._search = max(start, end - 2 * len(eol))
         return NEED_DATA
+
+    def _unstuffed(self, start: int, end: int) -> int:
+        """How long ``buf[start:end]`` (whole lines of a body) is once unstuffed: the limit is
+        on the message, so it must not depend on how many of its lines start with a dot."""
+        stuffed = self._buf.count(self.eol + b"..", start, end)
+        if self._at_line_start and self._buf[start : start + 2] == b"..":
+            stuffed += 1
+        return end - start - stuffed
 
     def _piece(self, start: int, end: int, at_line_start: bool) -> BodyPiece:
         with memoryview(self._buf) as view, view[start:end] as part:
@@ -1574,6 +1603,7 @@ class SaslExchange:
 
     @property
     def cancelled(self) -> bool:
+        """The client answered "*": the exchange can only end in -ERR."""
         return self._failure is not None
 
     def answer(self, challenge: bytes) -> bytes:
@@ -1584,6 +1614,8 @@ class SaslExchange:
         self.rounds += 1
         if self.rounds > MAX_SASL_ROUNDS:
             raise ProtocolError("server kept sending SASL challenges")
+        if self._failure is not None:  # RFC 5034 section 4: "*" MUST be answered with -ERR
+            raise ProtocolError("server sent a challenge after the client cancelled")
         if self._pending_initial is not None:
             first, self._pending_initial = self._pending_initial, None
             return first
@@ -1724,10 +1756,12 @@ class _Transport:
                 return Timeout(f"timed out connecting to {where}", reason="connect")
             if doing == "handshake":
                 return Timeout(f"TLS handshake with {self.host} timed out", reason="handshake")
-            return Timeout(f"timed out {doing} after {self.timeout:g}s", reason="read")
+            reason = "send" if doing == "sending" else "read"
+            return Timeout(f"timed out {doing} after {self.timeout:g}s", reason=reason)
         if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
-            # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: a valid certificate for another name.
-            reason = "hostname" if exc.verify_code == 62 else "certificate"
+            # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: a
+            # valid certificate, for another name or address.
+            reason = "hostname" if exc.verify_code in (62, 64) else "certificate"
             return TLSError(
                 f"certificate of {self.host} is not trusted: {exc.verify_message}", reason=reason
             )
@@ -1884,7 +1918,9 @@ class _Batch:
         self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
         self.inflight_command_octets = 0
         self.inflight_response_octets = 0
-        self.ready: deque[Fetched] = deque()
+        # Results read ahead while another command waited; a size error (strict_size) is kept
+        # in its place and raised when the caller reaches it, not from the other command.
+        self.ready: deque[Fetched | ProtocolError] = deque()
 
         self._step = step
 
@@ -1893,7 +1929,10 @@ class _Batch:
 
     def __next__(self) -> Fetched:
         if self.ready:
-            return self.ready.popleft()
+            item = self.ready.popleft()
+            if isinstance(item, ProtocolError):
+                raise item
+            return item
         if self.answered >= len(self.numbers):
             raise StopIteration
         return self._step(self)
@@ -2147,7 +2186,7 @@ class POP3:
         self._send(verb, *args, expected=Expected(multiline=multiline, limit=limit))
         text = self._status(verb)
         body = self._body() if multiline else None
-        if verb == "DELE" and args and args[0].isdigit():
+        if verb == "DELE" and args and args[0].isascii() and args[0].isdecimal():
             self._marked.add(int(args[0]))
         elif verb == "RSET":
             self._marked.clear()
@@ -2203,7 +2242,7 @@ class POP3:
         # RFC 2595 section 4 / RFC 8314 section 4.4: bytes after +OK and before the handshake
         # are a response-injection attempt; they must never be read as if they came over TLS.
         injection = TLSError(
-            "server sent data after its STLS +OK (possible response injection); "
+            "server sent data after its STLS reply (possible response injection); "
             "connection closed",
             reason="injection",
         )
@@ -2512,7 +2551,9 @@ class POP3:
         self._check_size(number, written, announced)
         return written
 
-    def _check_size(self, number: int, actual: int, announced: int | None) -> None:
+    def _check_size(
+        self, number: int, actual: int, announced: int | None, stacklevel: int = 3
+    ) -> None:
         """Compare with the size in RETR's "+OK 5954 octets". Exchange and others announce
         sizes that differ from what they send, so by default a mismatch is a warning."""
         if announced is None or announced == actual:
@@ -2522,7 +2563,7 @@ class POP3:
             raise ProtocolError(text)
         import warnings
 
-        warnings.warn(text, SizeMismatchWarning, stacklevel=3)
+        warnings.warn(text, SizeMismatchWarning, stacklevel=stacklevel)
 
     def message(self, number: int) -> EmailMessage:
         """RETR parsed as an ``email.message.EmailMessage`` (email.policy.default), with
@@ -2662,13 +2703,20 @@ class POP3:
         if data is not None:
             batch.received += len(data)
             if batch.verb == "RETR":
-                self._check_size(number, len(data), announced)
+                # The caller's next(): __next__, _batch_step, here, _check_size.
+                self._check_size(number, len(data), announced, stacklevel=5)
         return Fetched(number, data, error)
 
     def _absorb(self, batch: _Batch) -> None:
         """Read every response in flight into the queue (before another command is sent)."""
         while batch.answered < batch.sent:
-            batch.ready.append(self._read_batch_reply(batch))
+            try:
+                item: Fetched | ProtocolError = self._read_batch_reply(batch)
+            except ProtocolError as exc:
+                if not self._transport.is_open:
+                    raise  # out of step: nothing more can be read
+                item = exc  # a size mismatch: the session is in step
+            batch.ready.append(item)
         if self._batch is batch:
             self._batch = None
 

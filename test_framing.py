@@ -282,3 +282,38 @@ def test_what_a_closed_connection_means(raw: bytes, error: type, message: str) -
     assert type(closed) is error
     with pytest.raises(error, match=message):
         raise closed
+
+
+def test_the_body_limit_is_on_the_message_however_the_bytes_arrive() -> None:
+    # Ten lines "..x" are 40 octets once unstuffed: exactly the limit, in any delivery.
+    raw = b"+OK\r\n" + b"..x\r\n" * 10 + b".\r\n"
+    for pieces in splits(raw):
+        events = read(pieces, Expected(multiline=True, limit=40))
+        assert events[-1] == BodyEnd(40), pieces
+
+
+def test_a_challenge_needs_its_space() -> None:
+    reader = ReplyReader()
+    reader.expect(SASL)
+    reader.feed(b"+VXNlcm5hbWU6\r\n")  # not "+ ": not a continuation, and not +OK either
+    with pytest.raises(pop3lite.ProtocolError, match="expected \\+OK or -ERR"):
+        drain(reader)
+
+
+def test_a_size_announced_for_a_body_already_here_allocates_nothing() -> None:
+    reader = ReplyReader()
+    capacity = reader.capacity
+    for _ in range(50):
+        reader.expect(MULTI)
+        reader.feed(b"+OK 999999999999 octets\r\nhi\r\n.\r\n")
+        assert drain(reader)[-1] == BodyEnd(4)
+    assert reader.capacity == capacity
+
+
+def test_closed_connection_errors_carry_a_reason() -> None:
+    reader = ReplyReader()
+    reader.expect()
+    assert reader.connection_closed().reason == "closed"
+    reader.feed(b"+OK")
+    drain(reader)
+    assert reader.connection_closed().reason == "truncated"

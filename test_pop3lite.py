@@ -961,6 +961,25 @@ def test_strict_size_error_in_a_batch_keeps_numbers_right() -> None:
         assert next(batch) == (2, b"two\r\n", None)
 
 
+def test_strict_size_error_read_ahead_comes_from_the_batch_not_the_other_command() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"LIST\r\n", b"+OK\r\n1 9\r\n2 9\r\n.\r\n")
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(2)] == [b"RETR 1\r\n", b"RETR 2\r\n"]
+        peer.send(b"+OK 3 octets\r\na\r\n.\r\n+OK 99 octets\r\ntwo\r\n.\r\n")
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port, strict_size=True) as pop:
+        batch = pop.retr_many(pop.list())
+        assert next(batch) == (1, b"a\r\n", None)
+        assert pop.dele(1) == ""  # reads RETR 2's reply ahead; its size error waits in line
+        with pytest.raises(pop3lite.ProtocolError, match="announced 99"):
+            next(batch)
+        assert list(batch) == []
+
+
 def test_size_mismatch_warns_or_raises() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
@@ -1253,7 +1272,11 @@ def test_command_single_and_multi_line() -> None:
         assert caught.value.command == "DELE"
 
 
-@pytest.mark.parametrize("verb", ["USER", "PASS", "APOP", "AUTH", "STLS", "UTF8", "QUIT"])
+@pytest.mark.parametrize(
+    "verb",
+    ["USER", "PASS", "APOP", "AUTH", "STLS", "UTF8", "QUIT", "NOOP\r\nDELE", "PASS x", " QUIT"]
+    + ["Q"],
+)
 def test_command_refuses_verbs_with_their_own_method(verb: str) -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
@@ -1261,7 +1284,7 @@ def test_command_refuses_verbs_with_their_own_method(verb: str) -> None:
         peer.expect(b"QUIT\r\n", b"+OK\r\n")
 
     with scripted(script) as port, connect(port) as pop:
-        with pytest.raises(ValueError, match=r"\(\)"):
+        with pytest.raises(ValueError, match=r"\(\)|not a POP3 keyword"):
             pop.command(verb.lower(), "x")
         with pytest.raises(ValueError, match="CR, LF or NUL"):
             pop.command("NOOP", "a\r\nDELE 1")

@@ -1675,7 +1675,7 @@ def test_bodies_split_at_any_point(monkeypatch: pytest.MonkeyPatch, bare_lf: boo
                 peer.send(view[index : index + step])
                 index += step
 
-    for name, value in (("RECV_SIZE", 13), ("STREAM_CHUNK", 40), ("_LARGE_BODY", 64)):
+    for name, value in (("RECV_SIZE", 13), ("STREAM_CHUNK", 40)):
         monkeypatch.setattr(pop3lite, name, value)
     with scripted(script) as port, connect(port, max_message_size=MiB) as pop:
         with warnings.catch_warnings():

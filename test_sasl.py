@@ -851,3 +851,12 @@ def test_exchange_stops_an_endless_series_of_challenges() -> None:
         assert exchange.answer(base64.b64encode(b"more?")) == base64.b64encode(b"again")
     with pytest.raises(m.ProtocolError, match="kept sending"):
         exchange.answer(base64.b64encode(b"more?"))
+
+
+def test_exchange_refuses_a_challenge_after_the_cancel() -> None:
+    # RFC 5034 section 4: the server MUST answer "*" with -ERR; another challenge after it
+    # must not get a real answer (LOGIN would send the password next).
+    exchange = m.SaslExchange(m.LoginMechanism("u", PASSWORD))
+    assert exchange.answer(b"!") == b"*"
+    with pytest.raises(m.ProtocolError, match="after the client cancelled"):
+        exchange.answer(base64.b64encode(b"Password:"))

@@ -4337,10 +4337,19 @@ class _SaveProgress:
         text = (
             f"saving [{'#' * share}{'.' * (30 - share)}] {done}/{count} messages, "
             f"{_octets(octets)} of {_octets(total)}"
-        )[: max(10, _terminal_width() - 1)]
+        )[: max(10, self.columns() - 1)]
         _write(sys.stderr, "\r" + text.ljust(self.width))
         sys.stderr.flush()
         self.width = len(text)
+
+    @staticmethod
+    def columns() -> int:
+        import os
+
+        try:
+            return os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError, AttributeError):  # not a real terminal (a test's)
+            return 80
 
     def finish(self) -> None:
         if self.enabled and self.width:

@@ -2529,6 +2529,14 @@ def _fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
+def _sync_data(descriptor: int) -> None:
+    """fdatasync where there is one: the data and the size, not the times (on ext4 about a
+    quarter of an fsync's cost); the directory entry is made durable by a directory fsync."""
+    import os
+
+    getattr(os, "fdatasync", os.fsync)(descriptor)
+
+
 def _state_part(text: str) -> str:
     """``text`` made safe as part of a file name."""
     return re.sub(r"[^A-Za-z0-9.@_-]", "_", text)
@@ -2751,7 +2759,7 @@ class Maildir:
         self._sequence = 0
         self._tag = ""
         self._current: tuple[int, str, str] | None = None  # (descriptor, tmp path, new path)
-        self._renamed = 0
+        self._complete: list[tuple[int, str, str]] = []  # written, not yet synced and renamed
 
     def __repr__(self) -> str:
         return f"<pop3lite.Maildir {self.path!r}>"
@@ -2829,17 +2837,11 @@ class Maildir:
         return _LocalLines(write, False, count)
 
     def _finish(self, sink: _LocalLines, durable: bool) -> None:
-        import os
-
+        """The message is complete in tmp/; _sync() moves it into new/."""
         assert self._current is not None
         sink.finish()
-        descriptor, temporary, final = self._current
-        if durable:
-            os.fsync(descriptor)
-        os.close(descriptor)
-        os.rename(temporary, final)
+        self._complete.append(self._current)
         self._current = None
-        self._renamed += 1
 
     def _abandon(self) -> None:
         import os
@@ -2851,19 +2853,37 @@ class Maildir:
             os.unlink(temporary)
 
     def _sync(self, durable: bool) -> None:
-        """Make the renames since the last call durable (one fsync of new/)."""
+        """Deliver the complete messages: sync each file's data, rename it into new/, then one
+        fsync of new/. Syncing a batch together lets the file system commit its journal once
+        for many files (on ext4 several times faster than one file after another)."""
         import os
 
-        if durable and self._renamed:
+        complete, self._complete = self._complete, []
+        try:
+            while complete:
+                descriptor, temporary, final = complete[0]
+                if durable:
+                    _sync_data(descriptor)
+                os.close(descriptor)
+                complete.pop(0)
+                os.rename(temporary, final)  # the name carries the UID: the file is its record
+        finally:
+            for descriptor, _, _ in complete:  # a failed sync: left in tmp/, fetched again
+                os.close(descriptor)
+        if durable:
             _fsync_directory(os.path.join(self.path, "new"))
-        self._renamed = 0
 
     @property
     def _journal_per_message(self) -> bool:
         return False  # the file names are the record; the journal follows per batch
 
     def _close(self) -> None:
+        import os
+
         self._abandon()
+        complete, self._complete = self._complete, []
+        for descriptor, _, _ in complete:
+            os.close(descriptor)
 
 
 class Mbox:
@@ -3001,7 +3021,7 @@ class Mbox:
         # mboxrd: the message ends with a line end, then an empty line before the next From_.
         os.write(self._descriptor, b"\n" if sink.last == b"\n" else b"\n\n")
         if durable:
-            os.fsync(self._descriptor)
+            _sync_data(self._descriptor)
         self._sink = None
 
     def _abandon(self) -> None:
@@ -3222,8 +3242,8 @@ def _fetch(
     done = done_octets = 0
     in_message = 0
     sink: _LocalLines | None = None
-    batch: list[str] = []
-    batch_octets = 0
+    batch: list[str] = []  # UIDs of the messages since the last sync
+    batch_messages = batch_octets = 0
 
     def count(octets: int) -> None:
         nonlocal in_message
@@ -3239,11 +3259,12 @@ def _fetch(
         return cast(IO[bytes], sink)
 
     def flush_batch() -> None:
-        nonlocal batch_octets
-        destination._sync(durable)  # the renames are durable before their journal lines
-        journal.append(batch)
+        nonlocal batch_messages, batch_octets
+        if batch_messages:
+            destination._sync(durable)  # the messages are durable before their journal lines
+            journal.append(batch)
         batch.clear()
-        batch_octets = 0
+        batch_messages = batch_octets = 0
 
     try:
         for result in pop.retr_many_to(numbers, open_sink, max_size):
@@ -3260,9 +3281,10 @@ def _fetch(
             uid = uids.get(result.number) if uids is not None else None
             if uid is not None:
                 batch.append(uid)
+            batch_messages += 1
             batch_octets += result.octets
             if destination._journal_per_message or (
-                len(batch) >= _SYNC_BATCH or batch_octets >= _SYNC_BATCH_OCTETS
+                batch_messages >= _SYNC_BATCH or batch_octets >= _SYNC_BATCH_OCTETS
             ):
                 flush_batch()
             if progress is not None:

@@ -412,6 +412,8 @@ def test_fsyncs_once_per_message_where_needed_and_never_in_keep_mode(
     target = tmp_path / ("mail.mbox" if kind == "mbox" else "Mail")
     with server_with(make_messages(20, seed=2)) as server:
         monkeypatch.setattr(os, "fsync", counting)
+        if hasattr(os, "fdatasync"):
+            monkeypatch.setattr(os, "fdatasync", counting)
         report = save(server, target, new=new)
     assert report.saved == 20 and report.kind == kind
     assert len(calls) == expected

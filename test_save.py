@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,11 @@ import pytest
 import fakeserver
 import pop3lite
 from fakeserver import FakeServer, Fault, Maildrop
+
+try:
+    import tracemalloc
+except ImportError:  # PyPy: memory is not measured there; the behaviour still is
+    tracemalloc = None  # type: ignore[assignment]
 
 HERE = Path(__file__).resolve().parent
 PASSWORD = "secret-pw"
@@ -322,18 +326,21 @@ class LargeMessageServer:
         self.thread.join(30)
 
 
-def peak_memory_saving(size: int, target: Path) -> int:
+def peak_memory_saving(size: int, target: Path) -> int | None:
     server = LargeMessageServer(size)
     try:
         # A per-message memory limit far below the message: save must not be bound by it.
         with pop3lite.POP3("127.0.0.1", server.port, tls="none", max_message_size=1 << 20) as pop:
             pop.login("alice", PASSWORD)
-            tracemalloc.start()
-            try:
-                report = pop3lite.save(pop, str(target))
-                peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
+            if tracemalloc is None:
+                report, peak = pop3lite.save(pop, str(target)), None
+            else:
+                tracemalloc.start()
+                try:
+                    report = pop3lite.save(pop, str(target))
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
     finally:
         server.close()
     assert report.saved == 1 and report.octets == server.size
@@ -345,7 +352,8 @@ def peak_memory_saving(size: int, target: Path) -> int:
 def test_a_huge_message_is_saved_whole_in_the_memory_of_a_small_one(tmp_path: Path) -> None:
     small = peak_memory_saving(1024, tmp_path / "small")
     large = peak_memory_saving(64 << 20, tmp_path / "large")
-    assert large < small + (4 << 20)  # 64 MiB through a few MiB of buffers
+    if small is not None and large is not None:
+        assert large < small + (4 << 20)  # 64 MiB through a few MiB of buffers
 
 
 def test_retr_many_to_drains_a_message_over_max_size_and_goes_on() -> None:

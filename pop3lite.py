@@ -25,6 +25,7 @@ from typing import (
     Any,
     Callable,
     ClassVar,
+    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -49,6 +50,7 @@ __all__ = [
     "Capabilities",
     "Stat",
     "Fetched",
+    "Streamed",
     "UIDList",
     "Error",
     "ServerError",
@@ -76,6 +78,10 @@ __all__ = [
     "BodyEnd",
     "NEED_DATA",
     "SaslExchange",
+    "Maildir",
+    "Mbox",
+    "SaveReport",
+    "save",
     "main",
 ]
 
@@ -304,6 +310,16 @@ class Fetched(NamedTuple):
     number: int
     data: bytes | None
     error: ServerError | None
+
+
+class Streamed(NamedTuple):
+    """One result of retr_many_to(), in the order asked: the octets the server sent (CRLF line
+    ends, dot-stuffing removed) and the error, if any: a ServerError for a -ERR, LimitExceeded
+    for a message over ``max_size`` (read to its end and discarded; the batch goes on)."""
+
+    number: int
+    octets: int
+    error: Error | None
 
 
 class UIDList(Dict[int, str]):
@@ -1906,6 +1922,7 @@ class _Batch:
         extra: tuple[str, ...],
         window: int,
         step: Callable[[_Batch], Fetched],
+        sink: tuple[Callable[[int], IO[bytes]], int | None] | None = None,
     ) -> None:
         self.verb = verb
         self.numbers = numbers
@@ -1921,6 +1938,10 @@ class _Batch:
         # Results read ahead while another command waited; a size error (strict_size) is kept
         # in its place and raised when the caller reaches it, not from the other command.
         self.ready: deque[Fetched | ProtocolError] = deque()
+        # retr_many_to(): bodies go to open_sink(number), up to max_size octets each (the rest
+        # is read and dropped); (octets, LimitExceeded or None) per reply, in order.
+        self.sink = sink
+        self.streamed: deque[tuple[int, LimitExceeded | None]] = deque()
 
         self._step = step
 
@@ -1987,6 +2008,7 @@ class POP3:
         self._reader = ReplyReader()
         self._caps: Capabilities | None = None
         self._caps_before_login: Capabilities | None = None
+        self._user: str | None = None  # who logged in, once someone has
         self._utf8 = False
         self._authenticated = False
         self._quit_sent = False
@@ -2042,6 +2064,12 @@ class POP3:
             state = "transaction" if self._authenticated else "authorization"
         link = self.tls_version or ("loopback" if self.loopback else "plaintext")
         return f"<pop3lite.POP3 {self.host}:{self.port} {state} {link}>"
+
+    @property
+    def user(self) -> str | None:
+        """The user name the session logged in with (the SASL authentication identity), or
+        None before login."""
+        return self._user
 
     @property
     def is_open(self) -> bool:
@@ -2157,9 +2185,7 @@ class POP3:
         """A command with a multi-line answer, as a list of lines without line ends."""
         self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
         self._status(verb)
-        lines = self._body().split(b"\r\n")
-        lines.pop()  # the body ends with CRLF, so the last item is empty
-        return lines
+        return _lines(self._body())
 
     def command(
         self,
@@ -2324,8 +2350,9 @@ class POP3:
             )
         self._utf8 = True  # RFC 6856 allows UTF-8 credentials before the UTF8 command
 
-    def _logged_in(self) -> None:
+    def _logged_in(self, user: str) -> None:
         self._authenticated = True
+        self._user = user
         # RFC 2449 section 5: capabilities may change after login, so CAPA is asked again
         # when needed; what was announced before login still holds (see _may_pipeline).
         self._caps_before_login = self._caps
@@ -2339,7 +2366,7 @@ class POP3:
         format_command("PASS", password, encoding="utf-8")  # a bad password fails before USER
         self._simple("USER", user)
         text = self._simple("PASS", password, public=0)
-        self._logged_in()
+        self._logged_in(user)
         return display_text(text)
 
     def apop(self, user: str, password: str) -> str:
@@ -2358,7 +2385,7 @@ class POP3:
             password = saslprep(password, allow_unassigned=False)
         digest = apop_digest(self.timestamp, password)
         text = self._simple("APOP", user, digest, public=1)
-        self._logged_in()
+        self._logged_in(user)
         return display_text(text)
 
     def auth(
@@ -2392,7 +2419,7 @@ class POP3:
         except BaseException:
             self._transport.close("authentication was interrupted")  # out of step
             raise
-        self._logged_in()
+        self._logged_in(mech.user)
         return display_text(text)
 
     def _sasl_exchange(self, mech: Mechanism) -> bytes:
@@ -2455,10 +2482,26 @@ class POP3:
 
     def stat(self) -> Stat:
         """STAT: Stat(count, size) of the messages not marked as deleted."""
-        stat = parse_stat(self._simple("STAT"))
+        return self._stat_from(self._simple("STAT"))
+
+    def _stat_from(self, text: bytes) -> Stat:
+        stat = parse_stat(text)
         if self._highest is None:
             self._highest = stat.count + len(self._marked)
         return stat
+
+    def _sizes_from(self, lines: list[bytes]) -> dict[int, int]:
+        sizes = unique_listing(map(parse_scan_listing, lines), "LIST")
+        self._check_listing(sizes, "LIST")
+        self._sizes = sizes
+        return dict(sizes)
+
+    def _uids_from(self, lines: list[bytes]) -> UIDList:
+        uids = UIDList(unique_listing(map(parse_uid_listing, lines), "UIDL").items())
+        self._check_listing(uids, "UIDL")
+        if uids.duplicates:
+            self._log.debug("server gave one UID to several messages: %r", uids.duplicates)
+        return uids
 
     def _check_listing(self, numbers: Iterable[int], what: str) -> None:
         """A full LIST or UIDL names only messages the maildrop has (RFC 1939 section 8: it is
@@ -2488,10 +2531,7 @@ class POP3:
             answered, size = parse_scan_listing(self._simple("LIST", message_number(number)))
             self._check_number(number, answered, "LIST")
             return size
-        sizes = unique_listing(map(parse_scan_listing, self._multiline("LIST")), "LIST")
-        self._check_listing(sizes, "LIST")
-        self._sizes = sizes
-        return dict(sizes)
+        return self._sizes_from(self._multiline("LIST"))
 
     @overload
     def uidl(self) -> UIDList: ...
@@ -2505,12 +2545,46 @@ class POP3:
             answered, uid = parse_uid_listing(self._simple("UIDL", message_number(number)))
             self._check_number(number, answered, "UIDL")
             return uid
-        lines = self._multiline("UIDL")
-        uids = UIDList(unique_listing(map(parse_uid_listing, lines), "UIDL").items())
-        self._check_listing(uids, "UIDL")
-        if uids.duplicates:
-            self._log.debug("server gave one UID to several messages: %r", uids.duplicates)
-        return uids
+        return self._uids_from(self._multiline("UIDL"))
+
+    def scan(self) -> tuple[Stat, dict[int, int], UIDList | None]:
+        """STAT, LIST and UIDL: ``(stat, sizes, uids)``, in one round trip when the server
+        pipelines; ``uids`` is None when the server refuses UIDL (it is optional)."""
+        if not self._may_pipeline():
+            stat, sizes = self.stat(), self.list()
+            try:
+                return stat, sizes, self.uidl()
+            except ServerError:
+                return stat, sizes, None
+        if self._batch is not None:
+            self._absorb(self._batch)
+        self._transport.check_open()
+        self._transport.start_operation()
+        verbs = ("STAT", "LIST", "UIDL")
+        listing = Expected(multiline=True, limit=MAX_LISTING_SIZE)
+        for verb, expected in zip(verbs, (_SINGLE_LINE, listing, listing)):
+            if self._log.isEnabledFor(_DEBUG):
+                self._log_line("C:", verb.encode())
+            self._reader.expect(expected)
+        self._transport.send(b"".join(format_command(verb) for verb in verbs))
+        # Every reply is read before a -ERR is raised, so the session stays in step.
+        replies: list[bytes | ServerError] = []
+        for verb in verbs:
+            try:
+                text = self._status(verb)
+            except ServerError as exc:
+                replies.append(exc)
+                continue
+            replies.append(text if verb == "STAT" else self._body())
+        stat_reply, list_reply, uidl_reply = replies
+        for reply in (stat_reply, list_reply):
+            if isinstance(reply, ServerError):
+                raise reply
+        return (
+            self._stat_from(cast(bytes, stat_reply)),
+            self._sizes_from(_lines(cast(bytes, list_reply))),
+            None if isinstance(uidl_reply, ServerError) else self._uids_from(_lines(uidl_reply)),
+        )
 
     def _message_reply(self, verb: str, *args: str, stream: bool = False) -> int | None:
         """Send RETR or TOP and read its status line; the size RETR announced, if any."""
@@ -2619,12 +2693,32 @@ class POP3:
         """DELE each message, as retr_many() does RETR; ``data`` is None."""
         return self._pipeline("DELE", numbers, ())
 
+    def retr_many_to(
+        self,
+        numbers: Iterable[int],
+        open_sink: Callable[[int], IO[bytes]],
+        max_size: int | None = None,
+    ) -> Iterator[Streamed]:
+        """RETR each message into the binary file ``open_sink(number)`` returns (called once
+        its +OK arrived), in constant memory, pipelined as retr_many() is. Yields
+        Streamed(number, octets, error) in order; the caller closes each sink. A message over
+        ``max_size`` octets is read to its end and discarded (the batch goes on) and comes
+        with a LimitExceeded error; a -ERR comes as a ServerError; the sink may hold a part."""
+        batch = self._pipeline("RETR", numbers, (), sink=(open_sink, max_size))
+        for fetched in batch:
+            octets, over = batch.streamed.popleft()
+            yield Streamed(fetched.number, octets, fetched.error or over)
+
     def _pipeline(
-        self, verb: str, numbers: Iterable[int], extra: tuple[str, ...]
-    ) -> Iterator[Fetched]:
+        self,
+        verb: str,
+        numbers: Iterable[int],
+        extra: tuple[str, ...],
+        sink: tuple[Callable[[int], IO[bytes]], int | None] | None = None,
+    ) -> _Batch:
         checked = [int(message_number(n)) for n in numbers]  # before anything is sent
         window = self.pipeline_window if self._may_pipeline() else 1
-        return _Batch(verb, checked, extra, window, self._batch_step)
+        return _Batch(verb, checked, extra, window, self._batch_step, sink)
 
     def _batch_step(self, batch: _Batch) -> Fetched:
         """The next result of a batch whose queue of ready results is empty."""
@@ -2658,7 +2752,9 @@ class POP3:
         if not unsent or (inflight and batch.window - inflight < wanted):
             return
         encoding = "utf-8" if self._utf8 else "ascii"
-        expected = Expected(multiline=batch.multiline, limit=self.max_message_size)
+        expected = Expected(
+            multiline=batch.multiline, limit=self.max_message_size, stream=batch.sink is not None
+        )
         lines = []
         while batch.sent < len(batch.numbers) and batch.sent - batch.answered < batch.window:
             number = batch.numbers[batch.sent]
@@ -2684,28 +2780,54 @@ class POP3:
     def _read_batch_reply(self, batch: _Batch) -> Fetched:
         number = batch.numbers[batch.answered]
         self._transport.start_operation()
-        data = announced = error = None
+        data = announced = error = over = None
+        streamed = 0
         try:
             text = self._status(batch.verb)
         except ServerError as exc:
             error = exc
         else:
-            if batch.multiline:
-                announced = parse_announced_size(text) if batch.verb == "RETR" else None
+            if batch.verb == "RETR":
+                announced = parse_announced_size(text)
+            if batch.sink is not None:
+                open_sink, max_size = batch.sink
+                streamed, over = self._stream_into(open_sink(number), number, max_size)
+            elif batch.multiline:
                 data = self._body()
-            elif batch.verb == "DELE":
-                self._marked.add(number)
+            else:
+                self._marked.add(number)  # DELE
         # The books first: the size check below may raise, and the batch must stay in step.
         batch.answered += 1
-        command_octets, octets = batch.inflight.popleft()
+        command_octets, expected_octets = batch.inflight.popleft()
         batch.inflight_command_octets -= command_octets
-        batch.inflight_response_octets -= octets
-        if data is not None:
-            batch.received += len(data)
-            if batch.verb == "RETR":
-                # The caller's next(): __next__, _batch_step, here, _check_size.
-                self._check_size(number, len(data), announced, stacklevel=5)
+        batch.inflight_response_octets -= expected_octets
+        if batch.sink is not None:
+            batch.streamed.append((streamed, over))
+        size = streamed if data is None else len(data)
+        batch.received += size
+        if error is None and over is None and batch.verb == "RETR":
+            # The caller's next(): __next__, _batch_step, here, _check_size.
+            self._check_size(number, size, announced, stacklevel=5)
         return Fetched(number, data, error)
+
+    def _stream_into(
+        self, sink: IO[bytes], number: int, max_size: int | None
+    ) -> tuple[int, LimitExceeded | None]:
+        """A body into ``sink``: (its octets, LimitExceeded if over ``max_size``). Past the
+        limit the rest is read and dropped, so the session stays in step."""
+        received = 0
+        over: LimitExceeded | None = None
+
+        def write(piece: bytes) -> None:
+            nonlocal received, over
+            received += len(piece)
+            if over is None and max_size is not None and received > max_size:
+                over = LimitExceeded(f"message {number} is larger than {max_size} octets")
+            if over is None:
+                _write_all(sink, piece)
+
+        self._stream(write)
+        return received, over
 
     def _absorb(self, batch: _Batch) -> None:
         """Read every response in flight into the queue (before another command is sent)."""
@@ -2721,6 +2843,13 @@ class POP3:
             self._batch = None
 
 
+def _lines(body: bytes) -> list[bytes]:
+    """A listing's body (CRLF line ends) as its lines, without line ends."""
+    lines = body.split(b"\r\n")
+    lines.pop()  # the body ends with CRLF, so the last item is empty
+    return lines
+
+
 def _write_all(file: IO[bytes], data: bytes) -> None:
     """file.write(data) until all is written: a raw (unbuffered) file may take less."""
     rest = data
@@ -2731,6 +2860,842 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
         if done <= 0:
             raise OSError("the file accepted no bytes")
         rest = rest[done:]
+
+
+
+# =============================================================================================
+# Delivery: save a mailbox into a Maildir or an mbox, crash-safe and in constant memory
+# =============================================================================================
+#
+#     with pop3lite.POP3("pop.example.com") as pop:
+#         pop.login("alice", password)
+#         pop3lite.save(pop, "~/Maildir", new=True, delete=True)
+#
+# What may be lost or doubled, and why:
+# - A message is DELEd only once its data and its record are durable, and the deletions are
+#   committed (QUIT) only after every write succeeded; any failure leaves without QUIT.
+# - Maildir: each message is written to tmp/, fsync'd, and renamed into new/ under a name that
+#   carries the account's tag and the message's UID. So a complete file is its own record: the
+#   next run rebuilds the journal from the file names, and a kill between the rename and the
+#   journal line doubles nothing. A file still in tmp/ is incomplete and removed.
+# - mbox: one file, so a message is its record only once the journal says so. It is appended,
+#   fsync'd, then journaled: a kill between the two saves that one message again next time.
+#   A failure the process survives (an error, a signal) cuts the mbox back to its old end.
+# - The journal is append-only: one line per message after the message is durable; it is
+#   rewritten (atomically) only at the start of a run, when most of it names gone messages.
+# - Without new= or delete= nothing depends on the records (the server keeps everything), so
+#   nothing is fsync'd: the work is left to the kernel's own writeback.
+
+_JOURNAL_MAGIC = "pop3lite-journal 1"
+_SYNC_BATCH = 64  # Maildir messages per directory fsync and journal write
+_SYNC_BATCH_OCTETS = 16 * 1024 * 1024
+_HEADER_LIMIT = 64 * 1024  # octets of header an mbox From_ line is looked for in
+_STALE_LOCK_AGE = 1024  # seconds after which a lock without a live pid is stale (procmail's)
+_LOCK_ATTEMPTS = 10
+_SAFE_UID = re.compile(r"[A-Za-z0-9._-]{1,70}")
+_MAILDIR_RECORD = re.compile(r",I=([0-9a-f]{8}),(?:U=([A-Za-z0-9._-]+)|X=([0-9a-f]+))(?::|$)")
+# mboxrd (see the README): a line that matches >*From gets one more ">", so reading removes it.
+_FROM_LINE = re.compile(rb"^>*From ", re.MULTILINE)
+_FROM_PREFIX = re.compile(rb">*(?:F(?:r(?:o(?:m)?)?)?)?")
+
+
+class SaveReport(NamedTuple):
+    """What save() did: ``saved`` messages of ``octets`` octets (as the server sent them);
+    ``already`` skipped as saved by an earlier run; ``skipped`` ``(number, size)`` of those
+    over ``max_size`` (neither saved nor deleted); ``deleted`` on the server; ``kind`` of the
+    destination ("Maildir" or "mbox")."""
+
+    saved: int
+    octets: int
+    already: int
+    skipped: list[tuple[int, int]]
+    deleted: int
+    kind: str
+
+
+def _fsync_directory(path: str) -> None:
+    import os
+
+    if os.name == "nt":
+        return  # a directory cannot be opened on Windows; NTFS journals renames itself
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sync_data(descriptor: int) -> None:
+    """fdatasync where there is one: the data and the size, not the times (on ext4 about a
+    quarter of an fsync's cost); the directory entry is made durable by a directory fsync."""
+    import os
+
+    getattr(os, "fdatasync", os.fsync)(descriptor)
+
+
+def _state_part(text: str) -> str:
+    """``text`` made safe as part of a file name."""
+    return re.sub(r"[^A-Za-z0-9.@_-]", "_", text)
+
+
+def _flock(descriptor: int, what: str) -> None:
+    """An exclusive advisory lock, or OSError naming ``what`` when another process has it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; the dot lock still guards mboxes
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BlockingIOError(f"{what} is in use by another process") from None
+
+
+class _Journal:
+    """The append-only record of the UIDs saved for one account (see the section comment)."""
+
+    def __init__(self, path: str, identity: str) -> None:
+        self.path = path
+        self.identity = identity
+        self.descriptor = -1
+        self.lines = 0
+
+    def open(self, durable: bool) -> set[str]:
+        """Lock the journal (creating it) and return the UIDs it records."""
+        import os
+
+        for _ in range(_LOCK_ATTEMPTS):
+            created = not os.path.exists(self.path)
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                _flock(descriptor, f"the state file {self.path}")
+                # A compaction may have replaced the file between open and lock: retry.
+                if os.path.exists(self.path) and os.path.samestat(
+                    os.fstat(descriptor), os.stat(self.path)
+                ):
+                    break
+            except BaseException:
+                os.close(descriptor)
+                raise
+            os.close(descriptor)
+        else:
+            raise BlockingIOError(f"the state file {self.path} keeps changing")
+        self.descriptor = descriptor
+        if os.fstat(descriptor).st_size == 0:
+            os.write(descriptor, f"{_JOURNAL_MAGIC} {self.identity}\n".encode())
+            if created and durable:
+                _fsync_directory(os.path.dirname(self.path))
+        return self._read()
+
+    def _read(self) -> set[str]:
+        import os
+
+        chunks = []
+        os.lseek(self.descriptor, 0, os.SEEK_SET)
+        while True:
+            chunk = os.read(self.descriptor, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        text = b"".join(chunks)
+        if not text.startswith(_JOURNAL_MAGIC.encode()):
+            raise OSError(f"{self.path} is not a pop3lite state file; move it away")
+        if not text.endswith(b"\n"):  # a line cut short by a crash: the record never was
+            os.ftruncate(self.descriptor, text.rfind(b"\n") + 1)
+        uids = set()
+        lines = text.split(b"\n")[1:-1]
+        for line in lines:
+            if line.startswith(b"+ "):
+                uids.add(line[2:].decode("ascii", "replace"))
+        self.lines = len(lines)
+        return uids
+
+    def append(self, uids: Iterable[str], sync: bool = False) -> None:
+        """Record ``uids`` in one write (a kill cannot split a line from the next)."""
+        import os
+
+        data = "".join(f"+ {uid}\n" for uid in uids).encode("ascii")
+        if data:
+            os.write(self.descriptor, data)
+            self.lines += data.count(b"\n")
+        if sync:
+            os.fsync(self.descriptor)
+
+    def compact(self, keep: set[str], durable: bool) -> None:
+        """Rewrite the journal with ``keep`` only, atomically, when it has grown mostly stale."""
+        import os
+
+        if self.lines <= 2 * len(keep) + 256:
+            return
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w", encoding="ascii") as file:
+            file.write(f"{_JOURNAL_MAGIC} {self.identity}\n")
+            file.writelines(f"+ {uid}\n" for uid in sorted(keep))
+            file.flush()
+            if durable:
+                os.fsync(file.fileno())
+        new = os.open(temporary, os.O_RDWR | os.O_APPEND)
+        try:
+            _flock(new, f"the state file {self.path}")
+            os.replace(temporary, self.path)
+        except BaseException:
+            os.close(new)
+            raise
+        if durable:
+            _fsync_directory(os.path.dirname(self.path))
+        os.close(self.descriptor)
+        self.descriptor = new
+        self.lines = len(keep)
+
+    def close(self) -> None:
+        import os
+
+        if self.descriptor >= 0:
+            os.close(self.descriptor)
+            self.descriptor = -1
+
+
+def _legacy_state(path: str) -> set[str]:
+    """The UIDs of a state file of pop3lite 0.1 (JSON, rewritten whole at the end of a run)."""
+    import json
+
+    with open(path, encoding="utf-8") as file:
+        state = json.load(file)
+    uids = state.get("uids") if isinstance(state, dict) else None
+    if not isinstance(uids, list) or not all(isinstance(uid, str) for uid in uids):
+        raise ValueError("no list of UIDs in it")
+    return set(uids)
+
+
+class _LocalLines:
+    """A binary sink that stores a message as local files hold it: CRLF becomes LF (also
+    when a CRLF is split between two pieces) and, for an mbox, mboxrd quoting of >*From lines.
+    ``header`` collects the message's first octets until its header ends (for the From_ line).
+    """
+
+    def __init__(
+        self, write: Callable[[bytes], None], quote_from: bool, counted: Callable[[int], None]
+    ) -> None:
+        self._write = write
+        self._quote_from = quote_from
+        self._counted = counted
+        self._held = b""  # a CR that may start a CRLF, or a line start that may become >From
+        self._at_line_start = True
+        self.last = b"\n"  # the last octet passed on
+
+    def write(self, data: bytes) -> int:
+        self._counted(len(data))
+        self._pass(self._held + data, final=False)
+        return len(data)
+
+    def finish(self) -> None:
+        held, self._held = self._held, b""
+        self._pass(held, final=True)
+
+    def _pass(self, data: bytes, final: bool) -> None:
+        self._held = b""
+        if not final and data.endswith(b"\r"):
+            data, self._held = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n")
+        if self._quote_from:
+            if not final:  # hold back a line start that may yet become ">*From "
+                cut = data.rfind(b"\n") + 1
+                tail = data[cut:]
+                at_line_start = cut > 0 or self._at_line_start
+                if at_line_start and len(tail) < 4096 and _FROM_PREFIX.fullmatch(tail):
+                    data, self._held = data[:cut], tail + self._held
+            if self._at_line_start:
+                data = _FROM_LINE.sub(b">\\g<0>", data)
+            else:
+                split = data.find(b"\n") + 1
+                if split:
+                    data = data[:split] + _FROM_LINE.sub(b">\\g<0>", data[split:])
+        if data:
+            self._write(data)
+            self._at_line_start = data.endswith(b"\n")
+            self.last = data[-1:]
+
+
+class _MboxMessage:
+    """Writes one message into an mbox: its From_ line first, made from the header, so the
+    header (up to _HEADER_LIMIT octets) is held until it is complete."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._header = bytearray()
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if self._started:
+            self._write(data)
+            return
+        self._header += data
+        end = self._header.find(b"\n\n")
+        if end >= 0 or len(self._header) >= _HEADER_LIMIT:
+            self._start(end)
+
+    def close(self) -> None:
+        if not self._started:
+            self._start(-1)
+
+    def _start(self, end: int) -> None:
+        self._started = True
+        held, self._header = bytes(self._header), bytearray()
+        self._write(_from_line(held[:end] if end >= 0 else held) + held)
+
+
+class Maildir:
+    """A Maildir destination for save() (created if missing, as cur, new and tmp)."""
+
+    kind = "Maildir"
+
+    def __init__(self, path: str) -> None:
+        import os
+
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self._sequence = 0
+        self._tag = ""
+        self._current: tuple[int, str, str] | None = None  # (descriptor, tmp path, new path)
+        self._complete: list[tuple[int, str, str]] = []  # written, not yet synced and renamed
+
+    def __repr__(self) -> str:
+        return f"<pop3lite.Maildir {self.path!r}>"
+
+    def _open(self, durable: bool) -> None:
+        import os
+
+        layout = [os.path.join(self.path, sub) for sub in ("cur", "new", "tmp")]
+        partial = os.path.isdir(self.path) and not all(os.path.isdir(sub) for sub in layout)
+        if partial and os.listdir(self.path):
+            raise OSError(
+                f"{self.path} is a directory but not a Maildir (no cur, new and tmp in it); "
+                "give a new or empty directory, or a FILE.mbox"
+            )
+        created = not os.path.isdir(self.path)
+        os.makedirs(self.path, 0o700, exist_ok=True)
+        for sub in layout:
+            if not os.path.isdir(sub):
+                os.mkdir(sub, 0o700)
+                created = True
+        if created and durable:
+            for sub in layout:
+                _fsync_directory(sub)
+            _fsync_directory(self.path)
+            _fsync_directory(os.path.dirname(self.path))
+
+    def _state_paths(self, identity: str, legacy: str) -> tuple[str, str]:
+        import os
+
+        return (
+            os.path.join(self.path, f".pop3lite-{_state_part(identity)}.journal"),
+            os.path.join(self.path, f".pop3lite-{_state_part(legacy)}.json"),
+        )
+
+    def _recorded(self, tag: str) -> set[str]:
+        """UIDs of this account's messages in new/ and cur/; its leftovers in tmp/ removed."""
+        import os
+
+        self._tag = tag
+        uids = set()
+        for sub in ("new", "cur"):
+            for name in os.listdir(os.path.join(self.path, sub)):
+                match = _MAILDIR_RECORD.search(name)
+                if match and match.group(1) == tag:
+                    uid = match.group(2) or bytes.fromhex(match.group(3)).decode("ascii", "replace")
+                    uids.add(uid)
+        tmp = os.path.join(self.path, "tmp")
+        for name in os.listdir(tmp):
+            match = _MAILDIR_RECORD.search(name)
+            if match and match.group(1) == tag:  # ours, cut short: we hold the journal lock
+                os.unlink(os.path.join(tmp, name))
+        return uids
+
+    def _begin(self, uid: str | None, count: Callable[[int], None]) -> _LocalLines:
+        import os
+
+        self._sequence += 1
+        now = time.time()
+        host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        host = host.replace(",", "\\054")
+        when = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
+        unique = f"{when}Q{self._sequence}R{os.urandom(4).hex()}.{host}"
+        if uid is not None and self._tag:
+            record = f"U={uid}" if _SAFE_UID.fullmatch(uid) else f"X={uid.encode().hex()}"
+            unique += f",I={self._tag},{record}"
+        temporary = os.path.join(self.path, "tmp", unique)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._current = (descriptor, temporary, os.path.join(self.path, "new", unique))
+
+        def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view) :]
+
+        return _LocalLines(write, False, count)
+
+    def _finish(self, sink: _LocalLines, durable: bool) -> None:
+        """The message is complete in tmp/; _sync() moves it into new/."""
+        assert self._current is not None
+        sink.finish()
+        self._complete.append(self._current)
+        self._current = None
+
+    def _abandon(self) -> None:
+        import os
+
+        if self._current is not None:
+            descriptor, temporary, _ = self._current
+            self._current = None
+            os.close(descriptor)
+            os.unlink(temporary)
+
+    def _sync(self, durable: bool) -> None:
+        """Deliver the complete messages: sync each file's data, rename it into new/, then one
+        fsync of new/. Syncing a batch together lets the file system commit its journal once
+        for many files (on ext4 several times faster than one file after another)."""
+        import os
+
+        complete, self._complete = self._complete, []
+        try:
+            while complete:
+                descriptor, temporary, final = complete[0]
+                if durable:
+                    _sync_data(descriptor)
+                os.close(descriptor)
+                complete.pop(0)
+                os.rename(temporary, final)  # the name carries the UID: the file is its record
+        finally:
+            for descriptor, _, _ in complete:  # a failed sync: left in tmp/, fetched again
+                os.close(descriptor)
+        if durable:
+            _fsync_directory(os.path.join(self.path, "new"))
+
+    @property
+    def _journal_per_message(self) -> bool:
+        return False  # the file names are the record; the journal follows per batch
+
+    def _close(self) -> None:
+        import os
+
+        self._abandon()
+        complete, self._complete = self._complete, []
+        for descriptor, _, _ in complete:
+            os.close(descriptor)
+
+
+class Mbox:
+    """An mbox destination for save() (mboxrd, see the README), dot-locked and flock'd while
+    save() runs. A lock left by a dead process is taken over with a warning."""
+
+    kind = "mbox"
+
+    def __init__(self, path: str) -> None:
+        import os
+
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self._descriptor = -1
+        self._locked = False
+        self._start = 0  # where the message being written begins, to cut a failed one off
+        self._sink: _LocalLines | None = None
+        self._message: _MboxMessage | None = None
+
+    def __repr__(self) -> str:
+        return f"<pop3lite.Mbox {self.path!r}>"
+
+    def _open(self, durable: bool) -> None:
+        import os
+
+        self._lock()
+        try:
+            created = not os.path.exists(self.path)
+            # Mail is private: a new mbox is the user's alone.
+            self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            _flock(self._descriptor, self.path)
+            if created and durable:
+                _fsync_directory(os.path.dirname(self.path))
+            size = os.lseek(self._descriptor, 0, os.SEEK_END)
+            if size:  # a new From_ line must follow an empty line
+                os.lseek(self._descriptor, max(0, size - 2), os.SEEK_SET)
+                end = os.read(self._descriptor, 2)
+                if not end.endswith(b"\n"):
+                    os.write(self._descriptor, b"\n\n")
+                elif end != b"\n\n" and size > 1:
+                    os.write(self._descriptor, b"\n")
+        except BaseException:
+            self._close()
+            raise
+
+    def _lock(self) -> None:
+        """The dot lock (DEST.lock holding our pid), taking over one left by a dead process."""
+        import os
+        import warnings
+
+        lock = f"{self.path}.lock"
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                stale = self._stale_lock(lock)
+                if stale is None:
+                    continue  # it went away meanwhile: try again
+                os.unlink(lock)
+                warnings.warn(f"took over the stale lock {lock} ({stale})", stacklevel=4)
+                continue
+            try:
+                os.write(descriptor, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(descriptor)
+            self._locked = True
+            return
+        raise BlockingIOError(f"cannot take the lock {lock}: it keeps coming back")
+
+    @staticmethod
+    def _stale_lock(lock: str) -> str | None:
+        """Why the existing ``lock`` is stale; OSError naming its holder if it is live."""
+        import os
+
+        try:
+            with open(lock, "rb") as file:
+                content = file.read(64)
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return None
+        words = content.split()
+        pid = int(words[0]) if words and words[0].isdigit() else None
+        if pid is not None and pid > 0:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"process {pid} that made it no longer runs; {age:.0f} s old"
+            except PermissionError:
+                pass  # alive, another user's
+            except OSError:  # Windows: no such signal check
+                pass
+            raise BlockingIOError(
+                f"{lock} is held by process {pid}, which is still running (lock {age:.0f} s "
+                "old); try again once it has finished"
+            )
+        if age > _STALE_LOCK_AGE:
+            return f"no process id in it, {age:.0f} s old"
+        raise BlockingIOError(
+            f"{lock} exists ({age:.0f} s old, no process id in it): another program is writing "
+            f"the mbox; it counts as stale after {_STALE_LOCK_AGE} s"
+        )
+
+    def _state_paths(self, identity: str, legacy: str) -> tuple[str, str]:
+        import os
+
+        folder, name = os.path.split(self.path)
+        return (
+            os.path.join(folder, f".{name}.pop3lite-{_state_part(identity)}.journal"),
+            os.path.join(folder, f".{name}.pop3lite-{_state_part(legacy)}.json"),
+        )
+
+    def _recorded(self, tag: str) -> set[str]:
+        return set()  # an mbox carries no records: the journal alone says what was saved
+
+    def _begin(self, uid: str | None, count: Callable[[int], None]) -> _LocalLines:
+        import os
+
+        self._start = os.lseek(self._descriptor, 0, os.SEEK_END)
+        descriptor = self._descriptor
+
+        def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(descriptor, view) :]
+
+        self._message = _MboxMessage(write)
+        self._sink = _LocalLines(self._message.write, True, count)
+        return self._sink
+
+    def _finish(self, sink: _LocalLines, durable: bool) -> None:
+        import os
+
+        sink.finish()
+        assert self._message is not None
+        self._message.close()
+        # mboxrd: the message ends with a line end, then an empty line before the next From_.
+        os.write(self._descriptor, b"\n" if sink.last == b"\n" else b"\n\n")
+        if durable:
+            _sync_data(self._descriptor)
+        self._sink = None
+
+    def _abandon(self) -> None:
+        import os
+
+        if self._sink is not None and self._descriptor >= 0:
+            self._sink = self._message = None
+            os.ftruncate(self._descriptor, self._start)  # we hold the lock: nothing came after
+
+    def _sync(self, durable: bool) -> None:
+        pass  # each message was fsync'd by _finish
+
+    @property
+    def _journal_per_message(self) -> bool:
+        return True
+
+    def _close(self) -> None:
+        import os
+
+        try:
+            self._abandon()
+        finally:
+            if self._descriptor >= 0:
+                os.close(self._descriptor)
+                self._descriptor = -1
+            if self._locked:
+                self._locked = False
+                try:
+                    os.unlink(f"{self.path}.lock")
+                except FileNotFoundError:
+                    pass
+
+
+def _from_line(header: bytes) -> bytes:
+    """The mbox separator for a message with this header (LF line ends): "From SENDER DATE"
+    with the envelope sender (Return-Path, else From) and the Date header in UTC, in the
+    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing."""
+    sender, when = "MAILER-DAEMON", time.time()
+    try:
+        from email.utils import mktime_tz, parseaddr, parsedate_tz
+    except ImportError:  # a Python without the email package: the plain separator
+        return f"From {sender} {time.asctime(time.gmtime(when))}\n".encode("ascii")
+    fields: dict[str, str] = {}
+    name = ""
+    for line in header.split(b"\n"):
+        text = line.decode("latin-1")
+        if text[:1] in (" ", "\t") and name:
+            fields[name] += " " + text.strip()
+        elif ":" in text:
+            name, _, value = text.partition(":")
+            name = name.strip().lower()
+            if name in fields:
+                name = ""  # the first occurrence counts (Return-Path: the newest hop's)
+            else:
+                fields[name] = value.strip()
+        else:
+            name = ""
+    if fields.get("return-path", "").replace(" ", "") != "<>":  # <>: a bounce, MAILER-DAEMON
+        for field in ("return-path", "from"):
+            address = parseaddr(fields.get(field, ""))[1]
+            if address and re.fullmatch(r"[!-~]{1,255}", address):
+                sender = address
+                break
+    parsed = parsedate_tz(fields.get("date", ""))
+    if parsed is not None:
+        try:
+            when = float(mktime_tz(parsed))
+        except (OverflowError, ValueError):
+            pass
+    try:
+        stamp = time.asctime(time.gmtime(when))
+    except (OverflowError, ValueError, OSError):
+        stamp = time.asctime(time.gmtime())
+    return f"From {sender} {stamp}\n".encode("ascii")
+
+
+def _server_identity(pop: POP3) -> str:
+    """What names the server whatever name or port reached it: the first DNS name of its
+    (verified) certificate; "localhost" on a loopback address; else the canonical DNS name."""
+    certificate = pop.peer_certificate or {}
+    for kind, value in certificate.get("subjectAltName", ()):
+        if kind == "DNS" and isinstance(value, str):
+            return value.lower()
+    if pop.loopback:
+        return "localhost"
+    try:
+        for *_, canonical, _ in socket.getaddrinfo(
+            pop.host, pop.port, type=socket.SOCK_STREAM, flags=socket.AI_CANONNAME
+        ):
+            if canonical:
+                return canonical.lower()
+    except OSError:
+        pass
+    return pop.host.lower()
+
+
+def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
+    """A path names an mbox when it ends in .mbox or is an existing file, else a Maildir."""
+    import os
+
+    if isinstance(dest, (Maildir, Mbox)):
+        return dest
+    path = os.path.expanduser(dest)
+    return Mbox(path) if path.endswith(".mbox") or os.path.isfile(path) else Maildir(path)
+
+
+def save(
+    pop: POP3,
+    dest: str | Maildir | Mbox,
+    *,
+    new: bool = False,
+    delete: bool = False,
+    max_size: int | None = None,
+    progress: Callable[[int, int, int, int], None] | None = None,
+    user: str | None = None,
+) -> SaveReport:
+    """Save the mailbox into ``dest`` (a Maildir, an Mbox, or a path: FILE.mbox or an existing
+    file is an mbox, anything else a Maildir), streaming, crash-safe (see the README).
+
+    ``new``: only messages no earlier run saved (by UIDL). ``delete``: once everything is
+    durable, DELE what is saved (with ``new``, also what earlier runs saved) and QUIT.
+    ``max_size``: skip (and report) messages larger than this. ``progress(messages_done,
+    messages, octets_done, octets)`` is called as octets arrive. ``user`` names the account in
+    the state (default: the user name of the login). Local failures raise OSError."""
+    import hashlib
+
+    destination = _destination(dest)
+    account = user if user is not None else pop.user
+    if not account:
+        raise ValueError("save() needs the user name: log in first, or pass user=")
+    durable = new or delete
+    _, sizes, uids = pop.scan()
+    if new and uids is None and sizes:
+        pop.uidl()  # raises the server's refusal: without UIDs "new" has no meaning
+    identity = f"{account}@{_server_identity(pop)}"
+    tag = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:8]
+    host = f"[{pop.host}]" if ":" in pop.host else pop.host
+    destination._open(durable)
+    journal: _Journal | None = None
+    try:
+        legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
+        journal_path, legacy_path = destination._state_paths(identity, legacy)
+        journal = _Journal(journal_path, identity)
+        seen = journal.open(durable)
+        _migrate(journal, legacy_path, seen)
+        found = destination._recorded(tag) - seen
+        if found:  # saved, but killed before the journal line: the file names say so
+            journal.append(sorted(found), sync=durable)
+            seen |= found
+        current = set(uids.values()) if uids is not None else set()
+        if uids is not None:
+            journal.compact(seen & current, durable)
+        numbers = sorted(sizes)
+        if new and uids is not None:
+            # A UID that several messages share cannot tell them apart: fetch those again
+            # rather than risk skipping one that was never saved.
+            numbers = [n for n in numbers if uids[n] not in seen or uids[n] in uids.duplicates]
+        skipped = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
+        too_big = {n for n, _ in skipped}
+        fetch = [n for n in numbers if n not in too_big]
+        saved, octets = _fetch(
+            pop, destination, journal, fetch, sizes, uids, durable, max_size, progress, skipped
+        )
+    finally:
+        try:
+            if journal is not None:
+                journal.close()
+        finally:
+            destination._close()
+    deleted = 0
+    if delete and sizes:
+        # Every message not skipped is on disk now: saved by this run, or skipped by new=True
+        # because an earlier run saved it and then ran without delete= or ended before QUIT.
+        # Left on the server, new=True would skip it forever.
+        kept = {n for n, _ in skipped}
+        doomed = [n for n in sorted(sizes) if n not in kept]
+        for fetched in pop.dele_many(doomed):
+            if fetched.error is not None:
+                raise fetched.error
+        pop.quit()  # only now are the deletions committed
+        deleted = len(doomed)
+    return SaveReport(saved, octets, len(sizes) - len(numbers), skipped, deleted, destination.kind)
+
+
+def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
+    """Fold a pop3lite 0.1 state file (named after the host and port as typed) into the
+    journal once, so an upgrade does not fetch everything again."""
+    import os
+
+    if not os.path.exists(legacy_path):
+        return
+    try:
+        uids = _legacy_state(legacy_path)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"cannot read the old state file {legacy_path} ({exc}); remove it to treat every "
+            "message as new"
+        ) from None
+    journal.append(sorted(uids - seen), sync=True)
+    seen |= uids
+    os.unlink(legacy_path)
+
+
+def _fetch(
+    pop: POP3,
+    destination: Maildir | Mbox,
+    journal: _Journal,
+    numbers: list[int],
+    sizes: dict[int, int],
+    uids: UIDList | None,
+    durable: bool,
+    max_size: int | None,
+    progress: Callable[[int, int, int, int], None] | None,
+    skipped: list[tuple[int, int]],
+) -> tuple[int, int]:
+    """RETR ``numbers`` into ``destination``, journaling each; returns (saved, octets)."""
+    total = sum(sizes[n] for n in numbers)
+    done = done_octets = 0
+    in_message = 0
+    sink: _LocalLines | None = None
+    batch: list[str] = []  # UIDs of the messages since the last sync
+    batch_messages = batch_octets = 0
+
+    def count(octets: int) -> None:
+        nonlocal in_message
+        in_message += octets
+        if progress is not None:
+            progress(done, len(numbers), done_octets + in_message, total)
+
+    def open_sink(number: int) -> IO[bytes]:
+        nonlocal sink, in_message
+        in_message = 0
+        uid = uids.get(number) if uids is not None else None
+        sink = destination._begin(uid, count)
+        return cast(IO[bytes], sink)
+
+    def flush_batch() -> None:
+        nonlocal batch_messages, batch_octets
+        if batch_messages:
+            destination._sync(durable)  # the messages are durable before their journal lines
+            journal.append(batch)
+        batch.clear()
+        batch_messages = batch_octets = 0
+
+    try:
+        for result in pop.retr_many_to(numbers, open_sink, max_size):
+            if result.error is not None:
+                destination._abandon()
+                if isinstance(result.error, LimitExceeded):
+                    skipped.append((result.number, result.octets))
+                    continue
+                raise result.error
+            assert sink is not None
+            destination._finish(sink, durable)
+            done += 1
+            done_octets += result.octets
+            uid = uids.get(result.number) if uids is not None else None
+            if uid is not None:
+                batch.append(uid)
+            batch_messages += 1
+            batch_octets += result.octets
+            if destination._journal_per_message or (
+                batch_messages >= _SYNC_BATCH or batch_octets >= _SYNC_BATCH_OCTETS
+            ):
+                flush_batch()
+            if progress is not None:
+                progress(done, len(numbers), done_octets, total)
+        flush_batch()
+        journal.append((), sync=durable)  # the records are durable before any DELE
+    except BaseException:
+        destination._abandon()
+        try:  # what is on disk stays recorded (Maildir's file names would say so anyway)
+            flush_batch()
+        except OSError:
+            pass
+        raise
+    skipped.sort()
+    return done, done_octets
 
 
 # =============================================================================================
@@ -2750,7 +3715,8 @@ _EXIT_AUTH = 3  # the credentials were refused
 _EXIT_CONNECTION = 4  # connection, TLS, timeout, or a password would cross an unencrypted link
 _EXIT_TEMPORARY = 5  # IN-USE, LOGIN-DELAY, SYS/TEMP: trying again later may work
 _EXIT_SERVER = 6  # any other -ERR, or bytes that are not POP3
-_EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+_EXIT_SKIPPED = 7  # save: messages over --max-size were left on the server, the rest saved
+_EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
 
 _ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell")
 _PASSWORD_VARIABLE = "POP3_PASSWORD"
@@ -2835,7 +3801,9 @@ exit status:
   4    connection, TLS or timeout failure (or a password would cross an unencrypted link)
   5    temporary server condition (mailbox in use, login delay, SYS/TEMP): try again later
   6    other server or protocol error
-  130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted"""
+  7    save: messages larger than --max-size were skipped (the rest were saved)
+  130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted;
+       143 (SIGTERM) and 129 (SIGHUP) the same"""
 
 
 _ACTION_HELP = {
@@ -2936,8 +3904,10 @@ class _Options:
         self.output: str | None = None
         self.new = False
         self.delete = False
+        self.max_size: int | None = None
         self.log: str | None = None
         self.verbose = False
+        self.quiet = False
         self.demo = False
         self.password: str | None = None  # set by --demo only; never from argv
         self.password_source = ""  # where the password came from, for a refused login
@@ -3104,6 +4074,12 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         help="save: once every message is safely on disk, delete them on the server (with "
         "--new, also those saved by earlier runs)",
     )
+    fetch.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="save: leave messages larger than SIZE (octets, or with K, M, G) on the server "
+        "and report them (exit status 7); default: no limit",
+    )
     fetch.add_argument("--log", metavar="FILE", help="shell: append the session to FILE")
     other = parser.add_argument_group("other")
     other.add_argument(
@@ -3111,6 +4087,13 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         "--verbose",
         action="store_true",
         help="print the protocol exchange (C:/S:, secrets hidden) on stderr",
+    )
+    other.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing on success but what the action exists to print (messages, "
+        "listings, --json): no report, notice or progress; errors still go to stderr (cron)",
     )
     other.add_argument(
         "--demo",
@@ -3232,12 +4215,18 @@ def _options_from(ns: Any) -> _Options:
         o.limit = _positive(ns.limit, "--limit", 0)
     o.output, o.new, o.delete, o.log = ns.output, bool(ns.new), bool(ns.delete), ns.log
     o.verbose = bool(ns.verbose)
+    o.quiet = bool(ns.quiet)
+    if o.quiet and o.verbose:
+        raise _CommandLineError("-q and -v contradict each other")
+    if ns.max_size is not None:
+        o.max_size = _parse_size(ns.max_size)
     for given, flag, actions in (
         (o.json, "--json", ("check", "capa", "uidl")),
         (o.limit is not None, "--limit", ("check",)),
         (o.output is not None, "-o/--output", ("retr",)),
         (o.new, "--new", ("save",)),
         (o.delete, "--delete", ("save",)),
+        (o.max_size is not None, "--max-size", ("save",)),
         (o.log is not None, "--log", ("shell",)),
     ):
         if given and o.action not in actions:
@@ -3443,9 +4432,13 @@ def _out(text: str = "") -> None:
     _write(sys.stdout, text + "\n")
 
 
+_quiet = False  # -q: notices are not shown (errors are: main() turns this off to report one)
+
+
 def _say(text: str) -> None:
-    """One line on stderr, prefixed with the program's name."""
-    _write(sys.stderr, f"pop3lite: {text}\n")
+    """One line on stderr, prefixed with the program's name (not under -q)."""
+    if not _quiet:
+        _write(sys.stderr, f"pop3lite: {text}\n")
 
 
 def _show_warning(
@@ -3982,254 +4975,106 @@ def _uidl(pop: POP3, o: _Options) -> int:
     return _EXIT_OK
 
 
-# -- save: Maildir or mbox, --new, --delete ------------------------------------------------------
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    """fsync a file (or a directory, where the platform allows it) by name."""
-    import os
-
-    if directory and os.name == "nt":
-        return  # Windows cannot open a directory to flush it; NTFS journals renames itself
-    descriptor = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _state_name(o: _Options) -> str:
-    """The UIDL state file's name part for this server and user, safe in a file name."""
-    return re.sub(r"[^A-Za-z0-9.@_-]", "_", f"{o.user}@{o.target_name}")
-
-
-class _Store:
-    """Where save writes: a Maildir or an mbox. add() returns only once the message is on disk."""
-
-    def __init__(self, target: str, o: _Options) -> None:
-        import mailbox
-        import os
-
-        self.target = target
-        self.mbox = target.endswith(".mbox") or os.path.isfile(target)
-        self.kind = "mbox" if self.mbox else "Maildir"
-        self.box: mailbox.Mailbox[Any]
-        if self.mbox:
-            folder, name = os.path.split(os.path.abspath(target))
-            self.state_file = os.path.join(folder, f".{name}.pop3lite-{_state_name(o)}.json")
-            created = not os.path.exists(target)
-            if created:  # mail is private: the new file is the user's alone (mailbox: 0o666)
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            self.box = mailbox.mbox(target, create=True)
-            try:
-                self.box.lock()  # against a mail client or delivery agent writing it too
-            except BaseException:
-                self.box.close()
-                raise
-            if created:
-                _fsync_path(folder, directory=True)
-        else:
-            self.state_file = os.path.join(target, f".pop3lite-{_state_name(o)}.json")
-            layout = [os.path.join(target, sub) for sub in ("cur", "new", "tmp")]
-            if os.path.isdir(target) and not all(os.path.isdir(sub) for sub in layout):
-                if os.listdir(target):
-                    raise _CommandLineError(
-                        f"{target} is a directory but not a Maildir (no cur, new and tmp in it); "
-                        "give a new or empty directory, or a FILE.mbox",
-                        _EXIT_LOCAL,
-                    )
-                for sub in layout:
-                    os.mkdir(sub, 0o700)
-            self.box = mailbox.Maildir(target, factory=None, create=True)
-
-    def add(self, message: bytes) -> None:
-        import os
-
-        local = message.replace(b"\r\n", b"\n")  # mailbox writes os.linesep itself
-        key = self.box.add(local)
-        if self.mbox:
-            self.box.flush()  # writes and fsyncs what add() appended
-            _fsync_path(self.target)
-        else:
-            folder = os.path.join(self.target, "new")
-            _fsync_path(os.path.join(folder, key))
-            _fsync_path(folder, directory=True)
-
-    def close(self) -> None:
-        if self.mbox:
-            self.box.unlock()
-        self.box.close()
-
-
-def _load_state(path: str) -> set[str]:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as file:
-            state = json.load(file)
-    except FileNotFoundError:
-        return set()
-    except (OSError, ValueError) as exc:
-        raise _CommandLineError(
-            f"cannot read the state file {path} ({exc}); remove it to treat every message as new",
-            _EXIT_LOCAL,
-        ) from None
-    uids = state.get("uids") if isinstance(state, dict) else None
-    if not isinstance(uids, list) or not all(isinstance(uid, str) for uid in uids):
-        raise _CommandLineError(
-            f"the state file {path} is damaged; remove it to treat every message as new",
-            _EXIT_LOCAL,
-        )
-    return set(uids)
-
-
-def _write_state(path: str, o: _Options, uids: set[str]) -> None:
-    """Replace the state file atomically and durably."""
-    import json
-    import os
-
-    temporary = path + ".tmp"
-    state = {"server": o.target_name, "user": o.user, "uids": sorted(uids)}
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(state, file, indent=1)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)), directory=True)
+# -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
 
 
 def _octets(count: int) -> str:
-    if count >= 10**6:
-        return f"{count / 10**6:.1f} MB"
-    return f"{count / 10**3:.1f} kB" if count >= 10**3 else f"{count} octets"
+    """A size for people: 512 octets, 20.1 KiB, 3.0 MiB, 1.2 GiB."""
+    if count < 1024:
+        return f"{count} octets"
+    for unit in ("KiB", "MiB", "GiB"):
+        count_in_unit = count / 1024.0
+        if count_in_unit < 1024 or unit == "GiB":
+            return f"{count_in_unit:.1f} {unit}"
+        count = int(count_in_unit)
+    return f"{count} octets"  # not reached
 
 
-class _Progress:
-    """A progress bar on stderr, drawn only when stderr is a terminal."""
+def _parse_size(text: str) -> int:
+    """--max-size: octets, or a number with K, M or G (KiB, MiB, GiB)."""
+    match = re.fullmatch(r"([0-9]{1,15})([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise _CommandLineError(f"--max-size must be a size like 500000, 800K or 20M, not {text!r}")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
-    def __init__(self, count: int, octets: int) -> None:
-        self.count, self.octets = count, max(octets, 1)
-        self.done = self.done_octets = 0
-        self.enabled = count > 0 and sys.stderr.isatty()
+
+class _SaveProgress:
+    """One line on stderr that moves as octets arrive, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.drawn = 0.0
+        self.width = 0  # of the line on screen, so a shorter one covers it completely
 
-    def update(self, octets: int) -> None:
-        self.done += 1
-        self.done_octets += octets
+    def __call__(self, done: int, count: int, octets: int, total: int) -> None:
         now = time.monotonic()
-        if self.enabled and (now - self.drawn > 0.1 or self.done == self.count):
-            self.drawn = now
-            filled = min(30, 30 * self.done_octets // self.octets)
-            _write(
-                sys.stderr,
-                f"\rsaving [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.count} "
-                f"messages, {_octets(self.done_octets)}",
-            )
-            sys.stderr.flush()
+        if not self.enabled or (now - self.drawn < 0.1 and done < count):
+            return
+        self.drawn = now
+        share = min(30, 30 * octets // max(total, 1))
+        text = (
+            f"saving [{'#' * share}{'.' * (30 - share)}] {done}/{count} messages, "
+            f"{_octets(octets)} of {_octets(total)}"
+        )[: max(10, self.columns() - 1)]
+        _write(sys.stderr, "\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(text)
+
+    @staticmethod
+    def columns() -> int:
+        import os
+
+        try:
+            return os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError, AttributeError):  # not a real terminal (a test's)
+            return 80
 
     def finish(self) -> None:
-        if self.enabled and self.drawn:
-            _write(sys.stderr, "\n")
+        if self.enabled and self.width:
+            _write(sys.stderr, "\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
 
 
 def _save(pop: POP3, o: _Options) -> int:
-    """Copy messages into the store; with --delete, DELE what was saved and QUIT at the end.
-
-    Any failure raises, so the ``with POP3`` block closes without QUIT and nothing is deleted."""
-    import mailbox
-
+    """save() with the options; any failure raises, so the ``with POP3`` block closes without
+    QUIT and nothing is deleted."""
+    progress = _SaveProgress(sys.stderr.isatty() and not _quiet)
     try:
-        store = _Store(o.target, o)
-    except (OSError, mailbox.Error) as exc:
-        raise _CommandLineError(f"cannot open {o.target}: {exc}", _EXIT_LOCAL) from None
-    try:
-        return _save_into(pop, o, store)
-    finally:
-        try:
-            store.close()
-        except (OSError, mailbox.Error):
-            pass
-
-
-def _save_into(pop: POP3, o: _Options, store: _Store) -> int:
-    import mailbox
-
-    count, _ = pop.stat()
-    sizes = pop.list() if count else {}
-    uids: dict[int, str] | None = None
-    duplicated: set[str] = set()
-    if sizes:
-        try:
-            listing = pop.uidl()
-        except ServerError as exc:
-            if o.new:
-                raise _CommandLineError(
-                    f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
-                    "from saved ones; leave --new out",
-                    _EXIT_SERVER,
-                ) from None
-        else:
-            uids = listing
-            duplicated = set(listing.duplicates)
-    seen = _load_state(store.state_file) if uids is not None else set()
-    numbers = sorted(sizes)
-    if o.new and uids is not None:
-        # A UID that several messages share cannot tell them apart: fetch those again
-        # rather than risk skipping one that was never saved.
-        numbers = [n for n in numbers if uids.get(n) not in seen or uids.get(n) in duplicated]
-    saved: list[int] = []
-    progress = _Progress(len(numbers), sum(sizes[n] for n in numbers))
-
-    def remember() -> None:
-        if uids is not None:
-            current = set(uids.values())
-            done = {uids[n] for n in saved if n in uids}
-            if done or seen - current:
-                _write_state(store.state_file, o, (seen & current) | done)
-
-    try:
-        for fetched in pop.retr_many(numbers):
-            if fetched.error is not None:
-                raise fetched.error
-            data = fetched.data or b""
-            try:
-                store.add(data)
-            except (OSError, mailbox.Error) as exc:
-                raise _CommandLineError(
-                    f"cannot write message {fetched.number} to {o.target}: {exc}", _EXIT_LOCAL
-                ) from None
-            saved.append(fetched.number)
-            progress.update(len(data))
-    except BaseException:
-        progress.finish()
-        try:
-            remember()  # what is on disk stays recorded, so --new will not fetch it twice
-        except OSError:
-            pass
+        report = save(
+            pop, o.target, new=o.new, delete=o.delete, max_size=o.max_size, progress=progress
+        )
+    except ServerError as exc:
+        if o.new and exc.command == "UIDL":
+            raise _CommandLineError(
+                f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
+                "from saved ones; leave --new out",
+                _EXIT_SERVER,
+            ) from None
         raise
-    progress.finish()
-    try:
-        remember()
     except OSError as exc:
+        if isinstance(exc, Error):  # the connection, not the disk
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
         raise _CommandLineError(
-            f"cannot write the state file {store.state_file}: {exc}", _EXIT_LOCAL
+            f"cannot save into {o.target}: {exc.strerror or exc}{where}", _EXIT_LOCAL
         ) from None
-    octets = sum(sizes[n] for n in saved)
-    report = f"saved {_plural(len(saved), 'message')} ({octets} octets) to {o.target}"
-    report += f" ({store.kind})"
-    if len(numbers) < len(sizes):
-        report += f"; {_plural(len(sizes) - len(numbers), 'message')} already saved before"
-    if o.delete and sizes:
-        # Every message is on disk now: saved by this run, or skipped by --new because an
-        # earlier run saved it (a UID enters the state file only after the fsync) and then
-        # ran without --delete or ended before its QUIT. Left here, --new would skip it forever.
-        for fetched in pop.dele_many(sorted(sizes)):
-            if fetched.error is not None:
-                raise fetched.error
-        pop.quit()  # only now are the deletions committed
-        report += f"; deleted {_plural(len(sizes), 'message')} on the server"
-    _out(report)
+    finally:
+        progress.finish()
+    line = f"saved {_plural(report.saved, 'message')} ({report.octets} octets) to {o.target}"
+    line += f" ({report.kind})"
+    if report.already:
+        line += f"; {_plural(report.already, 'message')} already saved before"
+    if report.deleted:
+        line += f"; deleted {_plural(report.deleted, 'message')} on the server"
+    _out(line)
+    if report.skipped:
+        listed = ", ".join(f"{n} ({_octets(size)})" for n, size in report.skipped)
+        _say(
+            f"skipped {_plural(len(report.skipped), 'message')} larger than --max-size "
+            f"{_octets(o.max_size or 0)}, left on the server: {listed}"
+        )
+        return _EXIT_SKIPPED
     return _EXIT_OK
 
 
@@ -4592,6 +5437,9 @@ def _session(o: _Options) -> int:
         if password is None and token is None:
             password = _typed_password(o)
         method = _log_in(pop, o, password, token)
+        if o.action == "check" and o.quiet:  # the exit status says it all
+            with _no_stdout():
+                return _check(pop, o, caps, method)
         if o.action == "check":
             return _check(pop, o, caps, method)
         if o.action == "retr" and o.output:
@@ -4600,9 +5448,20 @@ def _session(o: _Options) -> int:
             return _show_messages(pop, o)
         if o.action == "uidl":
             return _uidl(pop, o)
+        if o.action == "save" and o.quiet:
+            with _no_stdout():
+                return _save(pop, o)
         if o.action == "save":
             return _save(pop, o)
         return _Shell(pop, o, password, method).run()
+
+
+def _no_stdout() -> ContextManager[object]:
+    """-q: a report nobody reads goes nowhere."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _import_fakeserver() -> Any:
@@ -4704,14 +5563,74 @@ def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
     return _EXIT_SERVER, message
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, to end it as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _catch_signals() -> Callable[[], None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into exceptions (the first one only: a second signal
+    must not interrupt the cleanup). Returns the function that restores the old handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # only the main thread may set handlers (main() run by a test)
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    numbers = [getattr(signal, name) for name in names if hasattr(signal, name)]
+    previous = {number: signal.getsignal(number) for number in numbers}
+
+    def handle(signum: int, frame: object) -> None:
+        for number in numbers:
+            signal.signal(number, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Signalled(signum)
+
+    for number in numbers:
+        if previous[number] is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(number, handle)
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: ``python pop3lite.py HOST USER [ACTION]`` (``--help`` tells the rest).
 
     Returns the exit status: 0 success; 1 a local file could not be read or written; 2 usage
     error or no password available; 3 authentication failed; 4 connection, TLS or timeout
     failure; 5 temporary server condition (IN-USE, LOGIN-DELAY, SYS/TEMP); 6 another server or
-    protocol error; 130 interrupted by Ctrl-C (the connection is closed without QUIT).
+    protocol error; 7 save skipped messages over --max-size; 130 interrupted by Ctrl-C, 143 by
+    SIGTERM, 129 by SIGHUP (the connection is closed without QUIT).
     """
+    global _quiet
+    restore = _catch_signals()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:  # wherever it came: parsing, a prompt, the cleanup
+        _quiet = False
+        if isinstance(exc, _Signalled):
+            import signal
+
+            name = signal.Signals(exc.signum).name
+            _say(f"stopped by {name}; no QUIT was sent, so nothing was deleted")
+            return 128 + exc.signum
+        _say("interrupted; no QUIT was sent, so nothing was deleted")
+        return _EXIT_INTERRUPTED
+    finally:
+        _quiet = False
+        restore()
+
+
+def _main(argv: list[str] | None) -> int:
+    global _quiet
     import logging
     import warnings
 
@@ -4726,14 +5645,15 @@ def main(argv: list[str] | None = None) -> int:
     if o.verbose:
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
+    _quiet = o.quiet
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", SizeMismatchWarning)
-            warnings.showwarning = _show_warning
-            return _demo(o) if o.demo else _session(o)
-    except KeyboardInterrupt:
-        _say("interrupted; no QUIT was sent, so nothing was deleted")
-        return _EXIT_INTERRUPTED
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SizeMismatchWarning)
+                warnings.showwarning = _show_warning
+                return _demo(o) if o.demo else _session(o)
+        finally:
+            _quiet = False  # from here on only errors are said, and they always are
     except _CommandLineError as exc:
         _say(str(exc))
         return exc.status

@@ -326,9 +326,10 @@ def test_save_new_twice_fetches_nothing_the_second_time(
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 2 messages (10180 octets)" in out and "(Maildir)" in out
     assert maildir_messages(target) == sorted(lf(m) for m in fakeserver.OPERAMAIL_MESSAGES)
-    state = [p for p in target.iterdir() if p.name.endswith(".json")]
-    assert len(state) == 1 and "hogehoge@127.0.0.1" in state[0].name
-    assert json.loads(state[0].read_text())["uids"] == list(fakeserver.OPERAMAIL_UIDS)
+    state = [p for p in target.iterdir() if p.name.endswith(".journal")]
+    assert len(state) == 1 and "hogehoge@localhost" in state[0].name  # not by host:port
+    recorded = [line[2:] for line in state[0].read_text().splitlines()[1:]]
+    assert recorded == list(fakeserver.OPERAMAIL_UIDS)
 
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 0 messages" in out and "2 messages already saved" in out
@@ -367,8 +368,7 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
     last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
     first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
     assert last_retr < first_dele and sent[-1] == "QUIT"
-    state = f".seed.mbox.pop3lite-hogehoge@127.0.0.1_{server.port}.json"
-    assert (tmp_path / state).exists()
+    assert (tmp_path / ".seed.mbox.pop3lite-hogehoge@localhost.journal").exists()
 
 
 @pytest.mark.usefixtures("password")
@@ -394,16 +394,16 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = pop3lite._Store.add
+    original = pop3lite.Maildir._finish
     calls = []
 
-    def failing_add(store: Any, message: bytes) -> None:
-        calls.append(message)
+    def failing_finish(store: Any, sink: Any, durable: bool) -> None:
+        calls.append(sink)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(store, message)
+        original(store, sink, durable)
 
-    monkeypatch.setattr(pop3lite._Store, "add", failing_add)
+    monkeypatch.setattr(pop3lite.Maildir, "_finish", failing_finish)
     status, _, err = run(
         capsys, address(server), "hogehoge", "save", str(tmp_path / "M"), "--delete"
     )

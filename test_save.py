@@ -1,0 +1,553 @@
+"""Tests of save (issue 12): the Delivery section of pop3lite and the command line's save.
+
+Kill tests run ``python pop3lite.py ... save`` as a subprocess against a fake server in this
+process and signal it at seeded random moments; the rest drive pop3lite.save() in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fakeserver
+import pop3lite
+from fakeserver import FakeServer, Fault, Maildrop
+
+try:
+    import tracemalloc
+except ImportError:  # PyPy: memory is not measured there; the behaviour still is
+    tracemalloc = None  # type: ignore[assignment]
+
+HERE = Path(__file__).resolve().parent
+PASSWORD = "secret-pw"
+posix_only = pytest.mark.skipif(os.name != "posix", reason="signals and fsync counts are POSIX")
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("POP3_PASSWORD", PASSWORD)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+
+def make_messages(count: int, seed: int) -> list[bytes]:
+    """Messages of varied sizes (100 octets to ~300 KiB), each unique, some with lines that
+    start with "." or "From "."""
+    rng = random.Random(seed)
+    messages = []
+    for index in range(count):
+        size = int(10 ** rng.uniform(2, 5.5))
+        line = b"%d " % index + b"x" * 70 + b"\r\n"
+        body = (line * (size // len(line) + 1))[:size]
+        body += b".dot line\r\nFrom the start of a line\r\nend\r\n"
+        messages.append(
+            b"Message-ID: <%d@test>\r\nSubject: message %d\r\n\r\n" % (index, index) + body
+        )
+    return messages
+
+
+def as_stored(message: bytes) -> bytes:
+    return message.replace(b"\r\n", b"\n")
+
+
+def maildir_contents(path: Path) -> list[bytes]:
+    found = []
+    for sub in ("new", "cur"):
+        for name in sorted(os.listdir(path / sub)):
+            found.append((path / sub / name).read_bytes())
+    return found
+
+
+def server_with(messages: list[bytes], **options: Any) -> FakeServer:
+    users = {"alice": Maildrop(PASSWORD, messages, uids=[f"uid-{n}" for n in range(len(messages))])}
+    return FakeServer("rfc", users=users, **options)
+
+
+def command_line(server: FakeServer, target: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(HERE / "pop3lite.py"),
+        f"{server.host}:{server.port}",
+        "alice",
+        "save",
+        str(target),
+        *extra,
+    ]
+
+
+def run_until_done(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run to completion; a server that has not yet noticed a killed session says IN-USE
+    (exit 5) for a moment, so that is tried again a bounded number of times."""
+    for _ in range(50):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        if done.returncode != 5:
+            return done
+        time.sleep(0.1)
+    return done
+
+
+def kill_and_rerun(
+    argv: list[str], signum: int, seed: int, kills: int
+) -> tuple[list[int], subprocess.CompletedProcess[str]]:
+    """Start the save ``kills`` times, signalling it at a seeded random moment each time,
+    then let it finish. Returns the exit statuses of the signalled runs and the last run."""
+    rng = random.Random(seed)
+    env = dict(os.environ, POP3_PASSWORD=PASSWORD)
+    statuses = []
+    for _ in range(kills):
+        process = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(rng.uniform(0.1, 0.6))
+        if process.poll() is None:
+            process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+        assert "Traceback" not in err
+        statuses.append(process.returncode)
+    return statuses, run_until_done(argv, env)
+
+
+# -- crash safety ----------------------------------------------------------------------------
+
+
+@posix_only
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_maildir_save_loses_nothing_and_doubles_nothing(
+    tmp_path: Path, signum: int
+) -> None:
+    messages = make_messages(40, seed=signum)
+    target = tmp_path / "Mail"
+    # A little delay per RETR spreads the save over the moments the signals land in.
+    with server_with(messages, faults=[Fault("delay", "RETR", 0.03)]) as server:
+        argv = command_line(server, target, "--new", "--delete")
+        statuses, last = kill_and_rerun(argv, signum, seed=1200 + signum, kills=7)
+        assert last.returncode == 0, last.stderr
+        assert server.maildrops["alice"].messages == []
+    assert statuses.count(0) < len(statuses)  # most signals landed in the middle of a save
+    if signum == signal.SIGTERM:  # handled as Ctrl-C is: no QUIT, its own exit status
+        assert 143 in statuses and set(statuses) <= {0, 143, -signal.SIGTERM, 5}
+    assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
+    assert os.listdir(target / "tmp") == []
+
+
+@posix_only
+def test_a_killed_mbox_save_doubles_at_most_the_message_in_flight(tmp_path: Path) -> None:
+    messages = make_messages(30, seed=7)
+    target = tmp_path / "mail.mbox"
+    with server_with(messages, faults=[Fault("delay", "RETR", 0.03)]) as server:
+        argv = command_line(server, target, "--new", "--delete")
+        statuses, last = kill_and_rerun(argv, signal.SIGKILL, seed=99, kills=6)
+        assert last.returncode == 0, last.stderr
+        assert server.maildrops["alice"].messages == []
+    killed = sum(1 for status in statuses if status == -signal.SIGKILL)
+    assert killed >= 3
+    text = target.read_bytes()
+    found = [m for m in text.split(b"\nFrom ") if m]
+    for message in messages:  # every message is there, whole
+        assert b"\nSubject: message %d\n" % messages.index(message) in text
+    assert len(found) <= len(messages) + killed  # at most one extra per kill
+    assert not (tmp_path / "mail.mbox.lock").exists()
+
+
+def test_a_message_on_disk_without_its_journal_line_is_not_fetched_again(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(5, seed=3)
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        save(server, target, new=True)
+        journal = next(target.glob(".pop3lite-*.journal"))
+        header = journal.read_text().splitlines()[0]
+        journal.write_text(header + "\n")  # as if killed before any journal line was written
+        (target / "tmp" / "leftover").write_bytes(b"not ours: kept")
+        ours = next(iter(os.listdir(target / "new")))
+        (target / "tmp" / ours).write_bytes(b"ours, cut short")
+        report = save(server, target, new=True)
+    assert report.saved == 0 and report.already == 5
+    assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
+    assert os.listdir(target / "tmp") == ["leftover"]
+    assert len(journal.read_text().splitlines()) == 6  # the file names rebuilt the journal
+
+
+def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = make_messages(3, seed=5)
+    target = tmp_path / "mail.mbox"
+    original = pop3lite.Mbox._finish
+    calls = []
+
+    def failing(box: Any, sink: Any, durable: bool) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        original(box, sink, durable)
+
+    monkeypatch.setattr(pop3lite.Mbox, "_finish", failing)
+    with server_with(messages) as server:
+        with pytest.raises(OSError, match="No space"):
+            save(server, target, new=True, delete=True)
+        assert len(server.maildrops["alice"].messages) == 3
+        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+    assert target.read_bytes().count(b"\nSubject: message") == 1  # the second was cut off
+
+
+# -- the mbox format -------------------------------------------------------------------------
+
+
+def test_mbox_from_lines_carry_the_sender_and_date_and_from_lines_are_quoted(
+    tmp_path: Path,
+) -> None:
+    message = (
+        b"Return-Path: <bounce@example.org>\r\nFrom: Alice <alice@example.com>\r\n"
+        b"Date: Sat, 19 Jan 2002 21:33:05 +0900\r\nSubject: hi\r\n\r\n"
+        b"From here\r\n>From there\r\n>>From afar\r\nFrom\r\n.\r\n"
+    )
+    bounce = b"Return-Path: <>\r\nFrom: x@example.com\r\nSubject: bounce\r\n\r\nbody\r\n"
+    target = tmp_path / "mail.mbox"
+    with server_with([message, bounce]) as server:
+        save(server, target)
+    text = target.read_bytes()
+    first, second = text.split(b"\n\nFrom ")
+    assert first.startswith(b"From bounce@example.org Sat Jan 19 12:33:05 2002\n")
+    assert first.endswith(b"\n>From here\n>>From there\n>>>From afar\nFrom\n.")
+    assert second.startswith(b"MAILER-DAEMON ")
+    assert text.endswith(b"body\n\n")
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 1 << 20])
+def test_local_lines_are_the_same_whatever_the_pieces(piece: int) -> None:
+    data = b"a\r\nFrom x\r\n>From y\r\nb\rc\r\n>>>>From z\r\nFrom\r\nFro\r\nFrom  \r\n" * 3
+    out: list[bytes] = []
+    lines = pop3lite._LocalLines(out.append, True, lambda n: None)
+    for start in range(0, len(data), piece):
+        lines.write(data[start : start + piece])
+    lines.finish()
+    expected = (b"a\n>From x\n>>From y\nb\rc\n>>>>>From z\nFrom\nFro\n>From  \n") * 3
+    assert b"".join(out) == expected
+
+
+# -- locks -----------------------------------------------------------------------------------
+
+
+def test_a_stale_mbox_lock_is_taken_over_and_a_live_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "mail.mbox"
+    lock = tmp_path / "mail.mbox.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    lock.write_text(f"{dead.pid}\n")
+    with server_with(make_messages(2, seed=1)) as server:
+        argv = [f"{server.host}:{server.port}", "alice", "save", str(target)]
+        assert pop3lite.main(argv) == 0
+        _, err = capsys.readouterr()
+        assert "stale lock" in err and str(dead.pid) in err and "no longer runs" in err
+        assert not lock.exists()
+
+        live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            lock.write_text(f"{live.pid}\n")
+            assert pop3lite.main(argv) == 1
+            _, err = capsys.readouterr()
+            assert f"held by process {live.pid}, which is still running" in err
+            assert lock.read_text() == f"{live.pid}\n"  # not touched
+        finally:
+            live.kill()
+            live.wait(timeout=30)
+    assert target.read_bytes().count(b"\nSubject: message") == 2
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+class LargeMessageServer:
+    """A scripted POP3 server with one message of ``size`` octets, generated while it is sent
+    (so the server's memory does not count in the client's peak)."""
+
+    LINE = b"y" * 1022 + b"\r\n"
+
+    def __init__(self, size: int) -> None:
+        self.size = size - size % len(self.LINE)
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        connection, _ = self.listener.accept()
+        connection.settimeout(30)
+        with connection, connection.makefile("rb") as reader:
+            connection.sendall(b"+OK ready\r\n")
+            for _ in range(100):
+                line = reader.readline(512).strip().upper()
+                if not line:
+                    return
+                verb = line.split()[0]
+                if verb == b"CAPA":
+                    connection.sendall(b"+OK\r\nUSER\r\nUIDL\r\nPIPELINING\r\n.\r\n")
+                elif verb in (b"USER", b"PASS"):
+                    connection.sendall(b"+OK\r\n")
+                elif verb == b"STAT":
+                    connection.sendall(b"+OK 1 %d\r\n" % self.size)
+                elif verb == b"LIST":
+                    connection.sendall(b"+OK\r\n1 %d\r\n.\r\n" % self.size)
+                elif verb == b"UIDL":
+                    connection.sendall(b"+OK\r\n1 big-one\r\n.\r\n")
+                elif verb == b"RETR":
+                    connection.sendall(b"+OK %d octets\r\n" % self.size)
+                    chunk = self.LINE * 64
+                    for _ in range(self.size // len(chunk)):
+                        connection.sendall(chunk)
+                    connection.sendall(self.LINE * (self.size % len(chunk) // len(self.LINE)))
+                    connection.sendall(b".\r\n")
+                elif verb == b"QUIT":
+                    connection.sendall(b"+OK bye\r\n")
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(30)
+
+
+def peak_memory_saving(size: int, target: Path) -> int | None:
+    server = LargeMessageServer(size)
+    try:
+        # A per-message memory limit far below the message: save must not be bound by it.
+        with pop3lite.POP3("127.0.0.1", server.port, tls="none", max_message_size=1 << 20) as pop:
+            pop.login("alice", PASSWORD)
+            if tracemalloc is None:
+                report, peak = pop3lite.save(pop, str(target)), None
+            else:
+                tracemalloc.start()
+                try:
+                    report = pop3lite.save(pop, str(target))
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+    finally:
+        server.close()
+    assert report.saved == 1 and report.octets == server.size
+    (stored,) = maildir_contents(target)
+    assert len(stored) == server.size // 1024 * 1023
+    return peak
+
+
+def test_a_huge_message_is_saved_whole_in_the_memory_of_a_small_one(tmp_path: Path) -> None:
+    small = peak_memory_saving(1024, tmp_path / "small")
+    large = peak_memory_saving(64 << 20, tmp_path / "large")
+    if small is not None and large is not None:
+        assert large < small + (4 << 20)  # 64 MiB through a few MiB of buffers
+
+
+def test_retr_many_to_drains_a_message_over_max_size_and_goes_on() -> None:
+    messages = make_messages(3, seed=11)
+    sinks: dict[int, io.BytesIO] = {}
+
+    def open_sink(number: int) -> io.BytesIO:
+        sinks[number] = io.BytesIO()
+        return sinks[number]
+
+    limit = max(len(messages[0]), len(messages[2]))
+    messages[1] = messages[1] + b"z" * (limit + 10) + b"\r\n"
+    with server_with(messages) as server, client(server) as pop:
+        results = list(pop.retr_many_to([1, 2, 3], open_sink, max_size=limit))
+        assert pop.stat().count == 3  # still in step
+        pop.quit()
+    assert [r.number for r in results] == [1, 2, 3]
+    assert results[0].error is None and results[2].error is None
+    assert isinstance(results[1].error, pop3lite.LimitExceeded)
+    assert results[1].octets == len(messages[1])
+    assert sinks[1].getvalue() == messages[0] and sinks[3].getvalue() == messages[2]
+    assert len(sinks[2].getvalue()) <= limit
+
+
+def test_max_size_skips_reports_and_keeps_the_big_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeServer(idle_timeout=10) as server:  # the seed: 5954 and 4226 octets
+        monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+        argv = [f"{server.host}:{server.port}", "hogehoge", "save", str(tmp_path / "M")]
+        status = pop3lite.main([*argv, "--delete", "--max-size", "5K"])
+        out, err = capsys.readouterr()
+        assert status == 7
+        assert "saved 1 message" in out and "deleted 1 message" in out
+        assert "skipped 1 message larger than --max-size 5.0 KiB" in err and "1 (5.8 KiB)" in err
+        assert server.maildrops["hogehoge"].messages == [fakeserver.OPERAMAIL_MESSAGES[0]]
+        assert "RETR 1" not in commands(server)  # LIST said it was too large
+
+
+# -- fsyncs and round trips ------------------------------------------------------------------
+
+
+@posix_only
+@pytest.mark.parametrize(
+    "kind, new, expected",
+    [
+        ("Maildir", True, 20 + 8),  # a file each; 5 for the new layout, 1 journal creation,
+        #                             1 new/ and 1 journal before the end
+        ("Maildir", False, 0),  # keep mode without --new: nothing depends on durability
+        ("mbox", True, 20 + 3),  # the mbox after each message; its folder twice; the journal
+        ("mbox", False, 0),
+    ],
+)
+def test_fsyncs_once_per_message_where_needed_and_never_in_keep_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, new: bool, expected: int
+) -> None:
+    calls = []
+    real_fsync = os.fsync
+
+    def counting(descriptor: int) -> None:
+        calls.append(descriptor)
+        real_fsync(descriptor)
+
+    target = tmp_path / ("mail.mbox" if kind == "mbox" else "Mail")
+    with server_with(make_messages(20, seed=2)) as server:
+        monkeypatch.setattr(os, "fsync", counting)
+        if hasattr(os, "fdatasync"):
+            monkeypatch.setattr(os, "fdatasync", counting)
+        report = save(server, target, new=new)
+    assert report.saved == 20 and report.kind == kind
+    assert len(calls) == expected
+
+
+def test_one_capa_and_stat_list_uidl_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    real_send = pop3lite._Transport.send
+
+    def recording(transport: Any, data: bytes) -> None:
+        writes.append(data)
+        real_send(transport, data)
+
+    monkeypatch.setattr(pop3lite._Transport, "send", recording)
+    with server_with(make_messages(6, seed=4)) as server:
+        report = save(server, tmp_path / "Mail", new=True, delete=True)
+        sent = commands(server)
+    assert report.saved == 6 and report.deleted == 6
+    assert b"STAT\r\nLIST\r\nUIDL\r\n" in writes
+    assert sent.count("CAPA") == 1  # PIPELINING before login holds after it (RFC 2449 5)
+    assert b"RETR 1\r\nRETR 2\r\n" in b"".join(writes)  # pipelined
+    last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
+    first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
+    assert last_retr < first_dele and sent[-1] == "QUIT"
+
+
+# -- state identity and migration --------------------------------------------------------------
+
+
+def test_another_name_or_port_of_the_same_server_shares_the_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "Mail"
+    with server_with(make_messages(3, seed=6)) as server:
+        for host in ("127.0.0.1", "localhost"):
+            argv = [f"{host}:{server.port}", "alice", "save", str(target), "--new"]
+            assert pop3lite.main(argv) == 0
+        out, _ = capsys.readouterr()
+    assert "saved 3 messages" in out and "saved 0 messages" in out
+    assert len(maildir_contents(target)) == 3
+
+
+def test_an_old_state_file_is_read_once_and_migrated(tmp_path: Path) -> None:
+    target = tmp_path / "Mail"
+    for sub in ("cur", "new", "tmp"):
+        (target / sub).mkdir(parents=True)
+    with server_with(make_messages(3, seed=8)) as server:
+        legacy = target / f".pop3lite-alice@127.0.0.1_{server.port}.json"
+        legacy.write_text('{"server": "x", "user": "alice", "uids": ["uid-0", "uid-1"]}\n')
+        report = save(server, target, new=True)
+        assert report.saved == 1 and report.already == 2
+        assert not legacy.exists()
+        assert save(server, target, new=True).saved == 0
+
+
+# -- quiet, signals, progress ----------------------------------------------------------------
+
+
+def test_quiet_prints_nothing_on_success(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with server_with(make_messages(2, seed=9)) as server:
+        address = f"{server.host}:{server.port}"
+        assert pop3lite.main([address, "alice", "save", str(tmp_path / "M"), "-q"]) == 0
+        assert pop3lite.main([address, "alice", "-q"]) == 0  # check
+        assert capsys.readouterr() == ("", "")
+        monkeypatch.setenv("POP3_PASSWORD", "wrong")
+        assert pop3lite.main([address, "alice", "-q"]) == 3
+        assert "login refused" in capsys.readouterr().err  # errors are still said
+
+
+def test_ctrl_c_anywhere_in_main_exits_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(argv: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pop3lite, "_parse_command_line", interrupted)
+    assert pop3lite.main(["x", "y"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_progress_moves_within_a_message_and_redraws_cleanly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[int, int, int, int]] = []
+    server = LargeMessageServer(4 << 20)
+    try:
+        with pop3lite.POP3("127.0.0.1", server.port, tls="none") as pop:
+            pop.login("alice", PASSWORD)
+            target = Path(os.environ["HOME"]) / "M"
+            pop3lite.save(pop, str(target), progress=lambda *a: calls.append(a))
+    finally:
+        server.close()
+    during = [c for c in calls if c[0] == 0 and c[2] > 0]
+    assert len(during) >= 4 and [c[2] for c in during] == sorted(c[2] for c in during)
+    assert calls[-1][0] == 1 == calls[-1][1]
+
+    screen = io.StringIO()
+    screen.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(sys, "stderr", screen)
+    progress = pop3lite._SaveProgress(True)
+    progress(0, 1, 123456789, 987654321)
+    progress.drawn = 0.0
+    progress(1, 1, 1, 1)
+    progress.finish()
+    first, second, last = screen.getvalue().split("\r")[1:4]
+    assert len(second) >= len(first) and second.rstrip().endswith("1 octets of 1 octets")
+    assert last == " " * len(second.rstrip()) or last.strip() == ""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def client(server: FakeServer) -> pop3lite.POP3:
+    pop = pop3lite.POP3(server.host, server.port, timeout=10)
+    pop.login("alice", PASSWORD)
+    return pop
+
+
+def save(server: FakeServer, target: Path, **options: Any) -> pop3lite.SaveReport:
+    with client(server) as pop:
+        return pop3lite.save(pop, str(target), **options)
+
+
+def commands(server: FakeServer, session: int = -1) -> list[str]:
+    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]

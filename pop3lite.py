@@ -1019,7 +1019,9 @@ def _protocol_error(message: str, data: bytes = b"") -> ProtocolError:
 def _authentication_error(text: str) -> AuthenticationError:
     """Build the exception for a failure the server reported inside the SASL exchange (not
     as a -ERR line, so the message does not say it was one)."""
-    return AuthenticationError(text, None, "AUTH", message=text)
+    error = AuthenticationError(text, None, "AUTH", message=text)
+    error.reason = "in-exchange"
+    return error
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -5497,70 +5499,82 @@ def _demo(o: _Options) -> int:
         return _session(o)
 
 
+# What the command line says about a pop3lite error: the first row whose class and reason
+# (empty: any) fit gives the exit status and the line, a template over these fields:
+#   {error} the error's own message   {text} a -ERR's text   {where} HOST:PORT
+#   {what} what would have crossed in clear   {said} {secret} {source} {tls_hint}: see _failure
+# The library's messages speak of API arguments (tls='none'); rows that would repeat them
+# say it with the command line's options instead.
+_FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
+    (AuthenticationError, "", _EXIT_AUTH,
+     "login refused{said}; check the user name and the {secret}{source}, or choose another "
+     "login method with --auth MECH or --apop"),
+    (InUseError, "", _EXIT_TEMPORARY,
+     "the mailbox is in use by another session ({text}); try again once the other mail "
+     "client has finished"),
+    (LoginDelayError, "", _EXIT_TEMPORARY,
+     "the server wants more time between logins ({text}); try again later"),
+    (TemporaryError, "", _EXIT_TEMPORARY, "temporary server problem ({text}); try again later"),
+    (ServerError, "", _EXIT_SERVER, "{error}"),
+    # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with an
+    # error that would send the user back to --tls starttls (issue 13, a circle).
+    (TLSError, "no-stls", _EXIT_CONNECTION,
+     "{where} does not offer STLS; connect to its TLS port instead (HOST:995, or "
+     "pop3s://HOST), or use --tls none to send everything unencrypted"),
+    (TLSError, "not-tls", _EXIT_CONNECTION,
+     "{error}; the server speaks plaintext, not TLS from the first byte, on this port: try "
+     "--tls starttls, or the implicit TLS port (995)"),
+    (TLSError, "certificate", _EXIT_CONNECTION,
+     "{error}; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
+     "check, which is unsafe)"),
+    (TLSError, "hostname", _EXIT_CONNECTION,
+     "{error}; connect by the name the certificate was issued for (--insecure skips the "
+     "check, which is unsafe)"),
+    (TLSError, "no-ssl", _EXIT_CONNECTION,
+     "{error}; use --tls none on a trusted network, or a Python built with ssl"),
+    (TLSError, "", _EXIT_CONNECTION, "{error}"),
+    (Timeout, "", _EXIT_CONNECTION,
+     "{error}; check the host and port, or raise --timeout{tls_hint}"),
+    (NetworkError, "resolve", _EXIT_CONNECTION, "{error}; check the host name"),
+    (NetworkError, "connect", _EXIT_CONNECTION,
+     "{error}; check the host name and the port (HOST:PORT or -p PORT)"),
+    (NetworkError, "", _EXIT_CONNECTION, "{error}"),
+    (InsecureError, "", _EXIT_CONNECTION,
+     "refusing to send {what} over an unencrypted connection to {where}; use TLS (--tls "
+     "starttls or --tls implicit), or --tls none to allow it"),
+    (ProtocolError, "", _EXIT_SERVER, "the server broke the protocol: {error}"),
+    (Error, "", _EXIT_SERVER, "{error}"),
+)
+
+
 def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
     """The exit status and the one line to print for a pop3lite error: what happened and
     what to try (``o``, when given, adds what the command line knows: where the password
     came from, which TLS mode was used)."""
-    message = (
-        str(exc).replace("pass tls='none'", "use --tls none").replace("tls='none'", "--tls none")
-    )
-    if isinstance(exc, AuthenticationError):
-        said = f" (the server said: {exc.text})" if exc.text else ""
-        secret = "token" if o is not None and o.oauth2_token_file else "password"
-        source = ""
-        if o is not None and o.password_source:
-            source = f" (the {secret} came from {o.password_source})"
-        return _EXIT_AUTH, (
-            f"login refused{said}; check the user name and the {secret}{source}, or choose "
-            "another login method with --auth MECH or --apop"
-        )
-    if isinstance(exc, InUseError):
-        return _EXIT_TEMPORARY, (
-            f"the mailbox is in use by another session ({exc.text}); try again once the other "
-            "mail client has finished"
-        )
-    if isinstance(exc, LoginDelayError):
-        return _EXIT_TEMPORARY, (
-            f"the server wants more time between logins ({exc.text}); try again later"
-        )
-    if isinstance(exc, TemporaryError):
-        return _EXIT_TEMPORARY, f"temporary server problem ({exc.text}); try again later"
-    if isinstance(exc, ServerError):
-        return _EXIT_SERVER, message
-    if isinstance(exc, TLSError):
-        if "does not offer STLS" in message:
-            # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with
-            # an error that sends the user back to --tls starttls (issue 13, a circle).
-            message = message.replace(
-                "use implicit TLS (port 995)",
-                "connect to its TLS port instead (HOST:995, or pop3s://HOST)",
-            )
-        elif "wrong version number" in message.lower():
-            message += (
-                "; the server speaks plaintext, not TLS from the first byte, on this port: "
-                "try --tls starttls, or the implicit TLS port (995)"
-            )
-        elif "not trusted" in message:
-            message += (
-                "; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
-                "check, which is unsafe)"
-            )
-        return _EXIT_CONNECTION, message
-    if isinstance(exc, Timeout):
-        hint = "check the host and port, or raise --timeout"
-        if o is not None and not o.implicit_tls:
-            hint += "; if the port expects TLS from the first byte, use --tls implicit"
-        return _EXIT_CONNECTION, f"{message}; {hint}"
-    if isinstance(exc, NetworkError):
-        if message.startswith(("cannot connect", "cannot resolve")):
-            message += "; check the host name and the port (HOST:PORT or -p PORT)"
-        return _EXIT_CONNECTION, message
-    if isinstance(exc, InsecureError):
-        message = message.replace("use TLS,", "use TLS (--tls starttls or --tls implicit),")
-        return _EXIT_CONNECTION, message
-    if isinstance(exc, ProtocolError):
-        return _EXIT_SERVER, f"the server broke the protocol: {message}"
-    return _EXIT_SERVER, message
+    secret = "token" if o is not None and o.oauth2_token_file else "password"
+    fields = {
+        "error": str(exc),
+        "text": getattr(exc, "text", ""),
+        "where": o.target_name if o is not None else "the server",
+        "what": getattr(exc, "what", "") or "a password",
+        "secret": secret,
+        "said": "",
+        "source": "",
+        "tls_hint": "",
+    }
+    if isinstance(exc, AuthenticationError) and exc.text:
+        # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
+        # told in the error's own words, which do not claim a -ERR.
+        said = exc.text if exc.reason == "in-exchange" else f"the server said: {exc.text}"
+        fields["said"] = f" ({said})"
+    if o is not None and o.password_source:
+        fields["source"] = f" (the {secret} came from {o.password_source})"
+    if o is not None and not o.implicit_tls and exc.reason in ("read", "handshake", ""):
+        fields["tls_hint"] = "; if the port expects TLS from the first byte, use --tls implicit"
+    for cls, reason, status, template in _FAILURES:
+        if isinstance(exc, cls) and reason in ("", exc.reason):
+            return status, template.format_map(fields)
+    raise AssertionError("the last row fits every Error")  # pragma: no cover
 
 
 class _Signalled(KeyboardInterrupt):

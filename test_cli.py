@@ -672,6 +672,42 @@ def test_host_and_port_forms() -> None:
     assert split("fe80::1") == ("fe80::1", None)
 
 
+@pytest.mark.parametrize(
+    ("error", "status", "hint"),
+    [
+        (pop3lite.TLSError("x does not offer STLS", reason="no-stls"), 4, "pop3s://HOST"),
+        (pop3lite.TLSError("handshake failed", reason="not-tls"), 4, "--tls starttls"),
+        (pop3lite.TLSError("not trusted", reason="certificate"), 4, "--cafile"),
+        (pop3lite.TLSError("not trusted", reason="hostname"), 4, "the name the certificate"),
+        (pop3lite.TLSError("no ssl module", reason="no-ssl"), 4, "built with ssl"),
+        (pop3lite.NetworkError("cannot resolve 'x'", reason="resolve"), 4, "the host name"),
+        (pop3lite.NetworkError("cannot connect", reason="connect"), 4, "HOST:PORT"),
+        (pop3lite.Timeout("timed out reading", reason="read"), 4, "--timeout"),
+        (pop3lite.InsecureError("refusing", "a PLAIN credential"), 4, "a PLAIN credential"),
+        (pop3lite.InUseError("locked", "IN-USE"), 5, "other mail client"),
+        (pop3lite.ServerError("no such message"), 6, "-ERR: no such message"),
+        (pop3lite.ProtocolError("junk", b"\x00"), 6, "broke the protocol"),
+    ],
+    ids=lambda v: v if isinstance(v, (int, str)) else f"{type(v).__name__}-{v.reason}",
+)
+def test_each_error_class_and_reason_has_its_status_and_hint(
+    error: pop3lite.Error, status: int, hint: str
+) -> None:
+    got_status, message = pop3lite._failure(error)
+    assert (got_status, hint in message) == (status, True), message
+    assert "tls='none'" not in message
+
+
+def test_a_refusal_inside_the_sasl_exchange_is_not_called_a_server_err() -> None:
+    mech = pop3lite.ScramSHA256Mechanism("user", "pencil")
+    mech.initial_response()
+    with pytest.raises(pop3lite.AuthenticationError) as caught:
+        mech.respond(b"e=invalid-proof")
+    status, message = pop3lite._failure(caught.value)
+    assert status == 3
+    assert "server said" not in message and "invalid-proof" in message
+
+
 def test_error_messages_name_the_command_line_option() -> None:
     insecure = pop3lite.InsecureError(
         "refusing to send a password over an unencrypted connection to h; use TLS, or pass "

@@ -290,6 +290,196 @@ def server_error(text: str, code: str | None, command: str) -> ServerError:
 
 
 # =============================================================================================
+# Text shown to people: server text made safe, charsets that lie, sizes
+# =============================================================================================
+#
+# Whatever a server sends may reach a terminal or a log. Every string shown to people passes
+# printable(): one set of unsafe characters, one escape format. The charset guesses serve the
+# seed's mail (Shift_JIS labelled ISO-2022-JP) and its like. This section comes before the
+# protocol: server text in errors and replies is made safe here.
+
+# Characters that must not reach a terminal as they are: C0 controls but TAB (escape
+# sequences, and CR/LF that would forge a line), DEL, C1 controls, and the bidirectional marks
+# and overrides that can make text display in a misleading order (Unicode TR 9).
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    # Python's own escapes, whose length says where they end: \x1b, \u202e (never \x202e,
+    # which would read as \x20 followed by "2e").
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal or into a log: unsafe characters escaped."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def display_text(data: bytes) -> str:
+    """Server bytes as text safe to show: UTF-8 where valid (U+FFFD elsewhere), escaped."""
+    return printable(data.decode("utf-8", "replace"))
+
+
+def _escaped(data: bytes) -> str:
+    """Bytes as printable ASCII: non-ASCII bytes as \\xNN, controls escaped (a raw view)."""
+    return printable(data.decode("ascii", "backslashreplace"))
+
+
+# RFC 2047 section 2: encoded-word = "=?" charset "?" encoding "?" encoded-text "?=". The
+# B-text may be broken by a fold, as real mailers did (the seed's message 2 does).
+_ENCODED_WORD = re.compile(rb"=\?([!-~]+?)\?([bB])\?([A-Za-z0-9+/=\r\n\t ]*?)\?=")
+_FALLBACK_CHARSETS = ("utf-8", "cp932")  # valid UTF-8 is rarely an accident; then Shift_JIS
+
+
+def repair_encoded_words(header: bytes) -> bytes:
+    """Relabel RFC 2047 B-encoded words whose bytes do not decode in their declared charset.
+
+    A Japanese mailer of 2002 sent Shift_JIS bytes labelled ISO-2022-JP; a reader shows
+    mojibake. A word that fails to decode strictly in its charset but decodes in CP932 or
+    UTF-8 is re-encoded with that label, and white space inside its base64 is dropped.
+    Words that decode as declared are left exactly as they are.
+    """
+    import base64
+    import binascii
+
+    def fix(match: re.Match[bytes]) -> bytes:
+        charset = match.group(1).split(b"*")[0].decode("ascii").lower()  # RFC 2231 language
+        text = re.sub(rb"\s+", b"", match.group(3))
+        try:
+            raw = base64.b64decode(text + b"=" * (-len(text) % 4))
+        except binascii.Error:
+            return match.group(0)
+        import codecs
+
+        try:
+            if not codecs.lookup(charset)._is_text_encoding:  # e.g. "base64", "zlib"
+                return match.group(0)
+            raw.decode(charset)
+        except LookupError:
+            return match.group(0)
+        except UnicodeError:  # some codecs raise the parent class, not UnicodeDecodeError
+            for fallback in _FALLBACK_CHARSETS:
+                try:
+                    raw.decode(fallback)
+                except UnicodeDecodeError:
+                    continue
+                return b"=?%s?B?%s?=" % (fallback.encode(), base64.b64encode(raw))
+            return match.group(0)
+        if text == match.group(3):
+            return match.group(0)
+        return b"=?%s?B?%s?=" % (match.group(1), text)
+
+    return _ENCODED_WORD.sub(fix, header)
+
+
+# -- text decoding: RFC 2047 headers, charsets that lie ----------------------------------------
+
+# Patterns as strings: re compiles and caches them on first use, not at import time.
+_HIGH_BYTE = rb"[\x80-\xff]"
+_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
+_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
+_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest is noise
+
+
+def _decode_text(data: bytes, charset: str | None = None) -> str:
+    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
+    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
+
+    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
+    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
+    almost never an accident, while cp932 decodes most byte strings without error."""
+    codecs: list[str] = []
+    declared = (charset or "").strip().strip('"').lower()
+    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
+        codecs.append(declared)
+    if re.search(_JIS_ESCAPE, data):
+        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
+    codecs += _FALLBACK_CHARSETS
+    for codec in codecs:
+        try:
+            return data.decode(codec)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", "replace")
+
+
+def _decode_header(raw: bytes) -> str:
+    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
+    text = _decode_text(raw[:_HEADER_LIMIT])
+    if "=?" in text:
+        import email.errors
+        import email.header
+
+        try:
+            parts = email.header.decode_header(text)
+        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
+            parts = [(text, None)]
+        words = []
+        for value, charset in parts:
+            if isinstance(value, str):
+                words.append(value)
+            elif charset is None:  # decode_header encodes undecoded runs this way
+                try:
+                    words.append(value.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    words.append(value.decode("latin-1"))
+            else:
+                words.append(_decode_text(value, charset))
+        text = "".join(words)
+    return printable(re.sub(_BLANKS, " ", text).strip(" "))
+
+
+def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
+    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        elif b":" in line:
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, [line]))
+    return fields
+
+
+def _field_value(lines: list[bytes]) -> bytes:
+    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
+    return b"".join(lines).split(b":", 1)[1].strip()
+
+
+def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
+    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    head, sep, body = data.partition(b"\r\n\r\n")
+    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+
+def _human_size(count: int) -> str:
+    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _size(count: int) -> str:
+    """Octets, exact, and in human units beside them once that says more: "10180 octets
+    (9.9 KiB)"."""
+    if count < 1024:
+        return _plural(count, "octet")
+    return f"{count} octets ({_human_size(count)})"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# =============================================================================================
 # Protocol core: bytes in, values out. Nothing here touches a socket.
 # =============================================================================================
 
@@ -376,63 +566,6 @@ class Capabilities(Dict[str, List[str]]):
     def implementation(self) -> str | None:
         args = self.get("IMPLEMENTATION")
         return " ".join(args) if args else None
-
-
-# A printable-ASCII rendering of server text: no control character ever reaches a terminal.
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def display_text(data: bytes) -> str:
-    """Server bytes as text safe to show: UTF-8 where valid, control characters escaped."""
-    text = data.decode("utf-8", "replace")
-    return _UNSAFE_TEXT.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-# RFC 2047 section 2: encoded-word = "=?" charset "?" encoding "?" encoded-text "?=". The
-# B-text may be broken by a fold, as real mailers did (the seed's message 2 does).
-_ENCODED_WORD = re.compile(rb"=\?([!-~]+?)\?([bB])\?([A-Za-z0-9+/=\r\n\t ]*?)\?=")
-_FALLBACK_CHARSETS = ("utf-8", "cp932")  # valid UTF-8 is rarely an accident; then Shift_JIS
-
-
-def repair_encoded_words(header: bytes) -> bytes:
-    """Relabel RFC 2047 B-encoded words whose bytes do not decode in their declared charset.
-
-    A Japanese mailer of 2002 sent Shift_JIS bytes labelled ISO-2022-JP; a reader shows
-    mojibake. A word that fails to decode strictly in its charset but decodes in CP932 or
-    UTF-8 is re-encoded with that label, and white space inside its base64 is dropped.
-    Words that decode as declared are left exactly as they are.
-    """
-    import base64
-    import binascii
-
-    def fix(match: re.Match[bytes]) -> bytes:
-        charset = match.group(1).split(b"*")[0].decode("ascii").lower()  # RFC 2231 language
-        text = re.sub(rb"\s+", b"", match.group(3))
-        try:
-            raw = base64.b64decode(text + b"=" * (-len(text) % 4))
-        except binascii.Error:
-            return match.group(0)
-        import codecs
-
-        try:
-            if not codecs.lookup(charset)._is_text_encoding:  # e.g. "base64", "zlib"
-                return match.group(0)
-            raw.decode(charset)
-        except LookupError:
-            return match.group(0)
-        except UnicodeError:  # some codecs raise the parent class, not UnicodeDecodeError
-            for fallback in _FALLBACK_CHARSETS:
-                try:
-                    raw.decode(fallback)
-                except UnicodeDecodeError:
-                    continue
-                return b"=?%s?B?%s?=" % (fallback.encode(), base64.b64encode(raw))
-            return match.group(0)
-        if text == match.group(3):
-            return match.group(0)
-        return b"=?%s?B?%s?=" % (match.group(1), text)
-
-    return _ENCODED_WORD.sub(fix, header)
 
 
 def parse_status(line: bytes) -> tuple[bool, bytes]:
@@ -2734,7 +2867,7 @@ class POP3:
             self._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
-    def _expected_octets(self, batch: _Batch, number: int) -> int:
+    def _expected_human_size(self, batch: _Batch, number: int) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
         the average so far (at first, half the budget: two commands until we know more)."""
         if not batch.multiline:
@@ -2761,7 +2894,7 @@ class POP3:
         while batch.sent < len(batch.numbers) and batch.sent - batch.answered < batch.window:
             number = batch.numbers[batch.sent]
             line = format_command(batch.verb, str(number), *batch.extra, encoding=encoding)
-            octets = self._expected_octets(batch, number)
+            octets = self._expected_human_size(batch, number)
             if batch.sent > batch.answered and (
                 batch.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
                 or batch.inflight_response_octets + octets > PIPELINE_MEMORY
@@ -4466,108 +4599,6 @@ def _write_bytes(data: bytes) -> None:
     buffer.flush()
 
 
-# Characters that must not reach a terminal as they are: C0 and C1 controls (escape sequences),
-# DEL, and the bidirectional overrides that can make text display in a misleading order.
-_UNSAFE_DISPLAY = "[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-
-
-def _printable(text: str) -> str:
-    """Text safe to print on a terminal: control and bidi characters shown as escapes."""
-    return re.sub(
-        _UNSAFE_DISPLAY, lambda m: m.group().encode("unicode_escape").decode("ascii"), text
-    )
-
-
-_ESCAPE_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
-
-
-def _escaped(data: bytes) -> str:
-    """Bytes shown as printable ASCII with \\xNN escapes (the shell's :raw view)."""
-    return data.decode("ascii", "backslashreplace").translate(_ESCAPE_CONTROLS)
-
-
-# -- text decoding: RFC 2047 headers, charsets that lie ------------------------------------------
-
-# Patterns as strings: re compiles and caches them on first use, not at import time.
-_HIGH_BYTE = rb"[\x80-\xff]"
-_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
-_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
-_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest is noise
-
-
-def _decode_text(data: bytes, charset: str | None = None) -> str:
-    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
-    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
-
-    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
-    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
-    almost never an accident, while cp932 decodes most byte strings without error."""
-    codecs: list[str] = []
-    declared = (charset or "").strip().strip('"').lower()
-    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
-        codecs.append(declared)
-    if re.search(_JIS_ESCAPE, data):
-        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
-    codecs += ["utf-8", "cp932"]
-    for codec in codecs:
-        try:
-            return data.decode(codec)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return data.decode("utf-8", "replace")
-
-
-def _decode_header(raw: bytes) -> str:
-    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
-    text = _decode_text(raw[:_HEADER_LIMIT])
-    if "=?" in text:
-        import email.errors
-        import email.header
-
-        try:
-            parts = email.header.decode_header(text)
-        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
-            parts = [(text, None)]
-        words = []
-        for value, charset in parts:
-            if isinstance(value, str):
-                words.append(value)
-            elif charset is None:  # decode_header encodes undecoded runs this way
-                try:
-                    words.append(value.decode("raw-unicode-escape"))
-                except UnicodeDecodeError:
-                    words.append(value.decode("latin-1"))
-            else:
-                words.append(_decode_text(value, charset))
-        text = "".join(words)
-    return _printable(re.sub(_BLANKS, " ", text).strip(" "))
-
-
-def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
-    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        elif b":" in line:
-            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-            fields.append((name, [line]))
-    return fields
-
-
-def _field_value(lines: list[bytes]) -> bytes:
-    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
-    return b"".join(lines).split(b":", 1)[1].strip()
-
-
-def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
-    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
-    if data.startswith(b"\r\n"):
-        return b"", data[2:]
-    head, sep, body = data.partition(b"\r\n\r\n")
-    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
-
-
 # -- the quick check --------------------------------------------------------------------------
 
 
@@ -4633,28 +4664,6 @@ def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Su
     return [_Summary(n, sizes.get(n, 0), uids.get(n), headers.get(n)) for n in numbers]
 
 
-def _human_size(count: int) -> str:
-    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
-    value, unit = float(count), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _size(count: int) -> str:
-    """Octets, exact, and in human units beside them once that says more: "10180 octets
-    (9.9 KiB)"."""
-    if count < 1024:
-        return _plural(count, "octet")
-    return f"{count} octets ({_human_size(count)})"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 def _distinguished_name(rdns: Any) -> str:
     short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU"}
     parts = []
@@ -4672,9 +4681,9 @@ def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
         "version": pop.tls_version,
         "cipher": pop.cipher,
         "verified": not o.insecure,
-        "subject": _printable(_distinguished_name(certificate.get("subject"))) or None,
+        "subject": printable(_distinguished_name(certificate.get("subject"))) or None,
         "san": [
-            _printable(f"{kind}:{value}") for kind, value in certificate.get("subjectAltName", ())
+            printable(f"{kind}:{value}") for kind, value in certificate.get("subjectAltName", ())
         ],
     }
 
@@ -4698,7 +4707,7 @@ def _security_line(pop: POP3, o: _Options) -> str:
 def _capabilities_line(caps: dict[str, list[str]]) -> str:
     if not caps:
         return "none announced (the server does not answer CAPA)"
-    return _printable(", ".join(" ".join([name, *args]) for name, args in caps.items()))
+    return printable(", ".join(" ".join([name, *args]) for name, args in caps.items()))
 
 
 def _method_name(method: str) -> str:
@@ -4739,7 +4748,7 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
     _out(f"Greeting:      +OK {pop.greeting}")
     _out(f"Security:      {_security_line(pop, o)}")
     _out(f"Capabilities:  {_capabilities_line(caps)}")
-    _out(f"Login:         {_method_name(method)} as {_printable(o.user)}")
+    _out(f"Login:         {_method_name(method)} as {printable(o.user)}")
     _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
     if rows:
         _out()
@@ -4863,15 +4872,15 @@ def _render_message(data: bytes, raw: bool = False, wire: bool = True) -> list[s
             elif name == "content-transfer-encoding":
                 encoding = value.decode("ascii", "replace").lower()
             if b"=?" in value:
-                field_name = _printable(field[0].split(b":", 1)[0].decode("ascii", "replace"))
+                field_name = printable(field[0].split(b":", 1)[0].decode("ascii", "replace"))
                 lines.append(f"{field_name}: {_decode_header(value)}")
             else:
-                lines += [_printable(_decode_text(line)) for line in field]
+                lines += [printable(_decode_text(line)) for line in field]
         if body is not None:
             lines.append("")
             if text_part and encoding in ("base64", "quoted-printable"):
                 body = _undo_transfer_encoding(body, encoding)
-            lines += [_printable(_decode_text(line, charset)) for line in body.split(b"\r\n")]
+            lines += [printable(_decode_text(line, charset)) for line in body.split(b"\r\n")]
     if lines and lines[-1] == "":
         lines.pop()  # the final CRLF
     if not wire:
@@ -4958,7 +4967,7 @@ def _capa(pop: POP3, o: _Options) -> int:
         _out("The server announces no capabilities (it does not answer CAPA).")
     else:
         for name, args in caps.items():
-            _out(_printable(" ".join([name, *args])))
+            _out(printable(" ".join([name, *args])))
     return _EXIT_OK
 
 
@@ -4978,18 +4987,6 @@ def _uidl(pop: POP3, o: _Options) -> int:
 
 
 # -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
-
-
-def _octets(count: int) -> str:
-    """A size for people: 512 octets, 20.1 KiB, 3.0 MiB, 1.2 GiB."""
-    if count < 1024:
-        return f"{count} octets"
-    for unit in ("KiB", "MiB", "GiB"):
-        count_in_unit = count / 1024.0
-        if count_in_unit < 1024 or unit == "GiB":
-            return f"{count_in_unit:.1f} {unit}"
-        count = int(count_in_unit)
-    return f"{count} octets"  # not reached
 
 
 def _parse_size(text: str) -> int:
@@ -5016,7 +5013,7 @@ class _SaveProgress:
         share = min(30, 30 * octets // max(total, 1))
         text = (
             f"saving [{'#' * share}{'.' * (30 - share)}] {done}/{count} messages, "
-            f"{_octets(octets)} of {_octets(total)}"
+            f"{_human_size(octets)} of {_human_size(total)}"
         )[: max(10, self.columns() - 1)]
         _write(sys.stderr, "\r" + text.ljust(self.width))
         sys.stderr.flush()
@@ -5071,10 +5068,10 @@ def _save(pop: POP3, o: _Options) -> int:
         line += f"; deleted {_plural(report.deleted, 'message')} on the server"
     _out(line)
     if report.skipped:
-        listed = ", ".join(f"{n} ({_octets(size)})" for n, size in report.skipped)
+        listed = ", ".join(f"{n} ({_human_size(size)})" for n, size in report.skipped)
         _say(
             f"skipped {_plural(len(report.skipped), 'message')} larger than --max-size "
-            f"{_octets(o.max_size or 0)}, left on the server: {listed}"
+            f"{_human_size(o.max_size or 0)}, left on the server: {listed}"
         )
         return _EXIT_SKIPPED
     return _EXIT_OK
@@ -5182,7 +5179,7 @@ class _Shell:
         self.show(f"Connected to {self.o.target_name}: {_security_line(pop, self.o)}")
         self.show(f"+OK {pop.greeting}")
         self.show(
-            f"Logged in as {_printable(self.o.user)} with {_method_name(self.method)} "
+            f"Logged in as {printable(self.o.user)} with {_method_name(self.method)} "
             "(the password is never shown)."
         )
         self.show(
@@ -5261,7 +5258,7 @@ class _Shell:
             elif message or self.raw:
                 lines = _render_message(body, self.raw)
             else:
-                lines = [_printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
+                lines = [printable(_decode_text(line)) for line in body.split(b"\r\n")[:-1]]
             for line in lines:
                 self.show(line)
             self.show(".")
@@ -5340,7 +5337,7 @@ def _check_offered(pop: POP3, mechanism: str) -> None:
     if not caps or mechanism in (name.upper() for name in offered if name.isascii()):
         return
     if offered:
-        listing = _printable(" ".join(offered))
+        listing = printable(" ".join(offered))
         hint = "choose one of them with --auth, or leave --auth out for the strongest"
         raise _CommandLineError(
             f"the server does not offer AUTH {mechanism}; it offers SASL {listing}: {hint}",

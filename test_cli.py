@@ -1109,3 +1109,31 @@ def test_message_rendering_keeps_dots_as_the_message_holds_them() -> None:
     assert lines[-6:] == [".", "..", ".hidden", ". a dot and a space", "", "end"]
     wire = pop3lite._render_message(fakeserver.RFC_MESSAGES[1])  # the shell's view
     assert wire[-6:] == ["..", "...", "..hidden", ".. a dot and a space", "", "end"]
+
+
+# -- text shown to people ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain", "plain"),
+        ("tab\tkept", "tab\tkept"),
+        ("esc\x1b[31m", "esc\\x1b[31m"),
+        ("line\r\nforged", "line\\r\\nforged"),
+        ("c1\x9b", "c1\\x9b"),
+        ("rtl\u202eoverride", "rtl\\u202eoverride"),  # never \x202e: it reads as \x20 + "2e"
+        ("mark\u061c", "mark\\u061c"),
+        ("日本語", "日本語"),
+    ],
+)
+def test_one_escape_for_everything_shown(text: str, shown: str) -> None:
+    assert pop3lite.printable(text) == shown
+    assert pop3lite.display_text(text.encode("utf-8")) == shown
+    assert pop3lite._escaped(text.encode("ascii", "ignore")) == pop3lite.printable(
+        text.encode("ascii", "ignore").decode("ascii")
+    )
+
+
+def test_raw_view_escapes_non_ascii_bytes() -> None:
+    assert pop3lite._escaped(b"\x1b\xe6\x97\xa5\t.") == "\\x1b\\xe6\\x97\\xa5\t."

@@ -531,7 +531,7 @@ def test_progress_moves_within_a_message_and_redraws_cleanly(
     progress(1, 1, 1, 1)
     progress.finish()
     first, second, last = screen.getvalue().split("\r")[1:4]
-    assert len(second) >= len(first) and second.rstrip().endswith("1 octets of 1 octets")
+    assert len(second) >= len(first) and second.rstrip().endswith("1 B of 1 B")
     assert last == " " * len(second.rstrip()) or last.strip() == ""
 
 

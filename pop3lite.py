@@ -2100,6 +2100,10 @@ class POP3:
     ``tls``: "auto" (the default: no port or port 995 means TLS from the first byte; any other
     port means STLS, required unless the server is on a loopback address, where it is used if
     offered), "implicit", "starttls" (STLS required) or "none" (plaintext: the explicit opt-in).
+
+    ``greeting_timeout``: seconds to wait for the greeting (default: ``timeout``); when they
+    pass, Timeout with reason "greeting". A port that expects TLS from the first byte stays
+    silent until a ClientHello comes (RFC 8314 section 3.3): a short wait tells that early.
     """
 
     def __init__(
@@ -2114,6 +2118,7 @@ class POP3:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         strict_size: bool = False,
         pipeline_window: int = PIPELINE_WINDOW,
+        greeting_timeout: float | None = None,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError("tls must be one of {}, not {!r}".format(", ".join(TLS_MODES), tls))
@@ -2160,7 +2165,7 @@ class POP3:
             self.loopback = is_loopback(self._transport.peer_address)
             if implicit:
                 self._start_tls()
-            self._read_greeting()
+            self._read_greeting(greeting_timeout)
             if not implicit and tls in ("auto", "starttls"):
                 self._negotiate_stls(required=tls == "starttls" or not self.loopback)
         except BaseException:
@@ -2355,9 +2360,19 @@ class POP3:
 
     # -- connection setup: greeting, TLS, STLS -------------------------------------------------
 
-    def _read_greeting(self) -> None:
+    def _read_greeting(self, wait: float | None = None) -> None:
         self._reader.expect()
-        text = self._status("greeting")
+        if wait is None:
+            text = self._status("greeting")
+        else:
+            self._transport.deadline = time.monotonic() + wait
+            try:
+                text = self._status("greeting")
+            except Timeout:
+                raise Timeout(
+                    f"no greeting from {self.host}:{self.port} within {wait:g}s",
+                    reason="greeting",
+                ) from None
         self.greeting = display_text(text)
         self.timestamp = find_apop_timestamp(text)
 
@@ -5380,16 +5395,24 @@ def _greeting_probe_applies(o: _Options) -> bool:
 
 def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
     """Connect as the options say. In auto mode on a port other than 110 and 995 the server
-    first gets _GREETING_WAIT seconds to greet in plaintext on a connection of its own (which
-    is closed without a word): a silent one probably waits for a TLS ClientHello (RFC 8314
-    section 3.3), so implicit TLS is tried, and said, instead of waiting out --timeout."""
+    gets _GREETING_WAIT seconds to greet in plaintext: a silent one probably waits for a TLS
+    ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
+    connection, instead of waiting out --timeout."""
     if _greeting_probe_applies(o):
-        log = _get_logger()  # so that -v does not show two greetings unexplained
+        log = _get_logger()  # -v says why a silent server gets a second connection
         log.debug("(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT)
         try:
-            POP3(o.host, o.port, timeout=_GREETING_WAIT, tls="none").abort()
-            log.debug("(it does; connecting again for the session)")
-        except Timeout:
+            return POP3(
+                o.host,
+                o.port,
+                timeout=o.timeout,
+                tls=o.tls,
+                ssl_context=context,
+                greeting_timeout=_GREETING_WAIT,
+            )
+        except Timeout as exc:
+            if exc.reason != "greeting":
+                raise
             _say(
                 f"no plaintext greeting from {o.target_name} within {_GREETING_WAIT:g}s: the "
                 "port may expect TLS from the first byte, so trying implicit TLS (--tls "

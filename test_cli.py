@@ -852,6 +852,7 @@ def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
     assert status == 0 and "2 messages" in out
     assert "TLS" not in err  # it greeted at once: no probing said
     assert commands(server)[-1] == "QUIT"
+    assert len(server.transcripts) == 1  # one connection: the short wait is on the session's
 
 
 @pytest.mark.usefixtures("password", "short_greeting_wait")

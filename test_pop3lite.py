@@ -1294,6 +1294,16 @@ def test_command_refuses_verbs_with_their_own_method(verb: str) -> None:
 # -- errors carry reasons -----------------------------------------------------------------
 
 
+def test_a_silent_greeting_ends_after_greeting_timeout_with_its_reason() -> None:
+    def script(peer: Peer) -> None:
+        peer.hold()  # as a port that waits for a TLS ClientHello
+
+    with scripted(script) as port:
+        with pytest.raises(pop3lite.Timeout, match="no greeting .* within 0.2s") as caught:
+            connect(port, timeout=TIMEOUT, greeting_timeout=0.2)
+    assert caught.value.reason == "greeting"
+
+
 def test_network_errors_say_why_in_reason() -> None:
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))

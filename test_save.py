@@ -163,7 +163,7 @@ def test_a_killed_mbox_save_doubles_at_most_the_message_in_flight(tmp_path: Path
 
 
 def test_a_message_on_disk_without_its_journal_line_is_not_fetched_again(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     messages = make_messages(5, seed=3)
     target = tmp_path / "Mail"
@@ -175,11 +175,30 @@ def test_a_message_on_disk_without_its_journal_line_is_not_fetched_again(
         (target / "tmp" / "leftover").write_bytes(b"not ours: kept")
         ours = next(iter(os.listdir(target / "new")))
         (target / "tmp" / ours).write_bytes(b"ours, cut short")
+        events: list[str] = []
+        real_fsync_directory = pop3lite._fsync_directory
+        real_append = pop3lite._Journal.append
+
+        def fsync_directory(path: str) -> None:
+            events.append(os.path.basename(path))
+            real_fsync_directory(path)
+
+        def append(journal: Any, keys: Any, sync: bool = False) -> None:
+            keys = list(keys)
+            events.append(f"journal {len(keys)}")
+            real_append(journal, keys, sync)
+
+        monkeypatch.setattr(pop3lite, "_fsync_directory", fsync_directory)
+        monkeypatch.setattr(pop3lite._Journal, "append", append)
         report = save(server, target, new=True)
     assert report.saved == 0 and report.already == 5
     assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
     assert os.listdir(target / "tmp") == ["leftover"]
     assert len(journal.read_text().splitlines()) == 6  # the file names rebuilt the journal
+    # A kill between a rename and the fsync of new/ left the names undurable: made durable
+    # before the journal names them.
+    assert events.index("new") < events.index("journal 5")
+    assert events.index("cur") < events.index("journal 5")
 
 
 def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
@@ -190,11 +209,11 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
     original = pop3lite.Mbox._finish
     calls = []
 
-    def failing(box: Any, sink: Any, durable: bool) -> None:
+    def failing(box: Any, sink: Any, key: Any, durable: bool) -> None:
         calls.append(1)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(box, sink, durable)
+        original(box, sink, key, durable)
 
     monkeypatch.setattr(pop3lite.Mbox, "_finish", failing)
     with server_with(messages) as server:
@@ -203,6 +222,137 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
         assert len(server.maildrops["alice"].messages) == 3
         assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
     assert target.read_bytes().count(b"\nSubject: message") == 1  # the second was cut off
+
+
+def test_a_failed_sync_journals_only_what_reached_new_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = make_messages(5, seed=12)
+    target = tmp_path / "Mail"
+    real_sync = pop3lite._sync_data
+    calls = []
+
+    def failing(descriptor: int) -> None:
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_sync(descriptor)
+
+    with server_with(messages) as server:
+        monkeypatch.setattr(pop3lite, "_sync_data", failing)
+        with pytest.raises(OSError, match="Input/output"):
+            save(server, target, new=True, delete=True)
+        monkeypatch.setattr(pop3lite, "_sync_data", real_sync)
+        journal = next(target.glob(".pop3lite-*.journal"))
+        assert len(journal.read_text().splitlines()) == 1  # nothing journaled on the way out
+        assert len(os.listdir(target / "new")) == 1  # the first: renamed, never journaled
+        report = save(server, target, new=True, delete=True)
+        assert report.saved == 4 and report.deleted == 5
+        assert server.maildrops["alice"].messages == []
+    assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
+    assert os.listdir(target / "tmp") == []
+
+
+def test_keep_mode_writes_no_records_and_a_later_new_run_fetches_again(tmp_path: Path) -> None:
+    messages = make_messages(3, seed=13)
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        assert save(server, target).saved == 3
+        assert not list(target.glob(".pop3lite-*"))
+        assert not [n for n in os.listdir(target / "new") if ",pop3lite=" in n]
+        assert save(server, target, new=True).saved == 3  # unrecorded: fetched once more
+        assert save(server, target, new=True).saved == 0
+    names = os.listdir(target / "new")
+    assert len([n for n in names if ",pop3lite=" in n]) == 3
+    assert not [n for n in names if ",U=" in n or ",I=" in n]  # mbsync reads ",U="
+
+
+def test_a_message_is_deleted_for_an_earlier_run_only_while_its_file_is_there(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(3, seed=14)
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        save(server, target, new=True)
+        gone = sorted(os.listdir(target / "new"))[0]
+        (target / "new" / gone).unlink()  # the user removed it: the server's copy stays
+        report = save(server, target, new=True, delete=True)
+        assert report.saved == 0 and report.already == 3 and report.deleted == 2
+        assert len(server.maildrops["alice"].messages) == 1
+
+
+def test_shared_uids_are_told_apart_by_size_and_unlisted_ones_never_crash(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(6, seed=15)
+    messages[4] = messages[3]  # the same UID and the same size: cannot be told apart
+    # As a server that breaks RFC 1939's uniqueness (and one with a long UID) lists them;
+    # None: UIDL skips the message.
+    listed: list[str | None] = ["same", "same", "solo", "twin", "twin", "x" * 30 + "/" * 40]
+
+    def save_listing(server: FakeServer) -> pop3lite.SaveReport:
+        with client(server) as pop:
+            real_scan = pop.scan
+
+            def scan() -> Any:
+                stat, sizes, _ = real_scan()
+                uids = ((n, u) for n, u in zip(sorted(sizes), listed) if u is not None)
+                return stat, sizes, pop3lite.UIDList(uids)
+
+            pop.scan = scan  # type: ignore[method-assign]
+            return pop3lite.save(pop, str(target), new=True)
+
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        assert save_listing(server).saved == 6
+        assert save_listing(server).saved == 2  # only the indistinguishable twins
+        names = os.listdir(target / "new")
+        assert max(len(n) for n in names) < 200  # a long unsafe UID becomes a short key
+        assert len([n for n in names if "-same#" in n]) == 2
+        listed[2] = None
+        assert save_listing(server).saved == 3  # the twins and the one without a UID
+
+
+def test_journal_is_not_rewritten_when_nothing_changed(tmp_path: Path) -> None:
+    target = tmp_path / "Mail"
+    messages = [b"Subject: %d\r\n\r\nx\r\n" % n for n in range(300)]
+    with server_with(messages) as server:
+        save(server, target, new=True, delete=True)
+        journal = next(target.glob(".pop3lite-*.journal"))
+        inodes = []
+        for run in range(3):
+            server.maildrops["alice"].add(b"Subject: new %d\r\n\r\nx\r\n" % run)
+            save(server, target, new=True, delete=True)
+            inodes.append(os.stat(journal).st_ino)
+            lines = len(journal.read_text().splitlines())
+    assert inodes[1] == inodes[2]  # compacted once, then only appended to
+    assert lines <= 4
+
+
+# -- state identity --------------------------------------------------------------------------
+
+
+def test_two_loopback_ports_are_two_servers_and_similar_names_two_accounts(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "Mail"
+    with server_with(make_messages(3, seed=16)) as first:
+        with server_with(make_messages(3, seed=17)) as second:  # the same UIDs
+            for server in (first, second):
+                report = save(server, target, new=True, delete=True)
+                assert report.saved == 3 and report.deleted == 3
+    assert len(maildir_contents(target)) == 6
+    other = tmp_path / "Other"
+    with server_with(make_messages(2, seed=18)) as server:
+        for user in ("a+b", "a_b"):
+            with client(server) as pop:
+                assert pop3lite.save(pop, str(other), new=True, user=user).saved == 2
+        journals = sorted(other.glob(".pop3lite-*.journal"))
+        assert len(journals) == 2
+        journals[0].write_bytes(journals[1].read_bytes())  # another account's journal
+        with client(server) as pop, pytest.raises(OSError, match="move it away"):
+            pop3lite.save(pop, str(other), new=True, user="a+b")
+            pop3lite.save(pop, str(other), new=True, user="a_b")
 
 
 # -- the mbox format -------------------------------------------------------------------------
@@ -403,7 +553,8 @@ def test_max_size_skips_reports_and_keeps_the_big_message(
         ("Maildir", True, 20 + 8),  # a file each; 5 for the new layout, 1 journal creation,
         #                             1 new/ and 1 journal before the end
         ("Maildir", False, 0),  # keep mode without --new: nothing depends on durability
-        ("mbox", True, 20 + 3),  # the mbox after each message; its folder twice; the journal
+        ("mbox", True, 20 * 2 + 2),  # the mbox, then the journal after each message; the
+        #                              folder twice (the mbox and the journal created)
         ("mbox", False, 0),
     ],
 )

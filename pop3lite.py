@@ -3065,6 +3065,10 @@ _FROM_LINE = re.compile(rb"^>*From ", re.MULTILINE)
 _FROM_PREFIX = re.compile(rb">*(?:F(?:r(?:o(?:m)?)?)?)?")
 
 
+class _StaleLockWarning(UserWarning):
+    """save() took over a lock a dead process left (the command line says so even with -q)."""
+
+
 class SaveReport(NamedTuple):
     """What save() did: ``saved`` messages of ``octets`` octets (as the server sent them);
     ``already`` skipped as saved by an earlier run; ``skipped`` ``(number, size)`` of those
@@ -3599,7 +3603,9 @@ class Mbox(_Destination):
                 if stale is None:
                     continue  # it went away meanwhile: try again
                 os.unlink(lock)
-                warnings.warn(f"took over the stale lock {lock} ({stale})", stacklevel=4)
+                warnings.warn(
+                    f"took over the stale lock {lock} ({stale})", _StaleLockWarning, stacklevel=4
+                )
                 continue
             try:
                 os.write(descriptor, f"{os.getpid()}\n".encode())
@@ -4710,9 +4716,10 @@ def _out(text: str = "") -> None:
 _quiet = False  # -q: notices are not shown (errors are: main() turns this off to report one)
 
 
-def _say(text: str) -> None:
-    """One line on stderr, prefixed with the program's name (not under -q)."""
-    if not _quiet:
+def _say(text: str, always: bool = False) -> None:
+    """One line on stderr, prefixed with the program's name (under -q only when ``always``:
+    what says the run was not a plain success)."""
+    if always or not _quiet:
         _write(sys.stderr, f"pop3lite: {text}\n")
 
 
@@ -4724,7 +4731,8 @@ def _show_warning(
     file: IO[str] | None = None,
     line: str | None = None,
 ) -> None:
-    _say(f"warning: {message}")
+    # Taking over a lock is said even under -q: someone's run died holding it.
+    _say(f"warning: {message}", always=issubclass(category, _StaleLockWarning))
 
 
 def _write_bytes(data: bytes) -> None:
@@ -5209,9 +5217,10 @@ def _save(pop: POP3, o: _Options) -> int:
     _out(line)
     if report.skipped:
         listed = ", ".join(f"{n} ({_human_size(size)})" for n, size in report.skipped)
-        _say(
+        _say(  # even under -q: skipping is not success (and the exit status is 7)
             f"skipped {_plural(len(report.skipped), 'message')} larger than --max-size "
-            f"{_human_size(o.max_size or 0)}, left on the server: {listed}"
+            f"{_human_size(o.max_size or 0)}, left on the server: {listed}",
+            always=True,
         )
         return _EXIT_SKIPPED
     return _EXIT_OK

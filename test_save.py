@@ -646,6 +646,23 @@ def test_quiet_prints_nothing_on_success(
         assert "login refused" in capsys.readouterr().err  # errors are still said
 
 
+def test_quiet_still_says_what_was_skipped_and_which_lock_was_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "mail.mbox"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    (tmp_path / "mail.mbox.lock").write_text(f"{dead.pid}\n")
+    with FakeServer(idle_timeout=10) as server:  # the seed: 5954 and 4226 octets
+        monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+        argv = [f"{server.host}:{server.port}", "hogehoge", "save", str(target), "-q"]
+        assert pop3lite.main([*argv, "--max-size", "5K"]) == 7
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "skipped 1 message larger than --max-size" in err
+    assert "took over the stale lock" in err and str(dead.pid) in err
+
+
 def test_ctrl_c_anywhere_in_main_exits_130_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3141,6 +3141,18 @@ def _record_keys(sizes: dict[int, int], uids: UIDList | None) -> dict[int, str]:
     return keys
 
 
+def _boot_time() -> float | None:
+    """When the system started (Linux: btime in /proc/stat), or None where that is unknown."""
+    try:
+        with open("/proc/stat", "rb") as file:
+            for line in file.read(1 << 16).splitlines():
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _flock(descriptor: int, what: str) -> None:
     """An exclusive advisory lock, or OSError naming ``what`` when another process has it."""
     try:
@@ -3590,16 +3602,26 @@ class Mbox(_Destination):
             raise
 
     def _lock(self) -> None:
-        """The dot lock (DEST.lock holding our pid), taking over one left by a dead process."""
+        """The dot lock (DEST.lock holding our pid), taking over one left by a dead process
+        and waiting up to _LOCK_WAIT seconds for a live holder to finish."""
         import os
         import warnings
 
         lock = f"{self.path}.lock"
-        for _ in range(_LOCK_ATTEMPTS):
+        deadline = time.monotonic() + _LOCK_WAIT
+        attempts = 0
+        while attempts < _LOCK_ATTEMPTS:
             try:
                 descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                stale = self._stale_lock(lock)
+                try:
+                    stale = self._stale_lock(lock)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(_LOCK_POLL)  # bounded by the deadline
+                    continue
+                attempts += 1
                 if stale is None:
                     continue  # it went away meanwhile: try again
                 os.unlink(lock)
@@ -3623,9 +3645,13 @@ class Mbox(_Destination):
         try:
             with open(lock, "rb") as file:
                 content = file.read(64)
-            age = time.time() - os.stat(lock).st_mtime
+            made = os.stat(lock).st_mtime
         except FileNotFoundError:
             return None
+        age = time.time() - made
+        boot = _boot_time()
+        if boot is not None and made < boot:  # its pid may now be another process's
+            return f"made before the system started, {age:.0f} s old"
         words = content.split()
         pid = int(words[0]) if words and words[0].isdigit() else None
         if pid is not None and pid > 0:
@@ -3639,7 +3665,7 @@ class Mbox(_Destination):
                 pass
             raise BlockingIOError(
                 f"{lock} is held by process {pid}, which is still running (lock {age:.0f} s "
-                "old); try again once it has finished"
+                f"old, waited {_LOCK_WAIT:g} s); try again once it has finished"
             )
         if age > _STALE_LOCK_AGE:
             return f"no process id in it, {age:.0f} s old"

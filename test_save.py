@@ -394,8 +394,9 @@ def test_local_lines_are_the_same_whatever_the_pieces(piece: int) -> None:
 
 
 def test_a_stale_mbox_lock_is_taken_over_and_a_live_one_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(pop3lite, "_LOCK_WAIT", 0.3)
     target = tmp_path / "mail.mbox"
     lock = tmp_path / "mail.mbox.lock"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -419,6 +420,42 @@ def test_a_stale_mbox_lock_is_taken_over_and_a_live_one_is_named(
             live.kill()
             live.wait(timeout=30)
     assert target.read_bytes().count(b"\nSubject: message") == 2
+
+
+def test_a_lock_from_before_the_boot_is_stale_and_a_live_holder_is_waited_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sys.platform.startswith("linux"):
+        boot = pop3lite._boot_time()
+        assert boot is not None and 0 < boot < time.time()
+    target = tmp_path / "mail.mbox"
+    lock = tmp_path / "mail.mbox.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with server_with(make_messages(2, seed=19)) as server:
+            argv = [f"{server.host}:{server.port}", "alice", "save", str(target)]
+            # A live pid in a lock made before the system started: another process now.
+            lock.write_text(f"{live.pid}\n")
+            os.utime(lock, (time.time() - 7200, time.time() - 7200))
+            monkeypatch.setattr(pop3lite, "_boot_time", lambda: time.time() - 3600)
+            assert pop3lite.main(argv) == 0
+            assert "made before the system started" in capsys.readouterr().err
+            assert not lock.exists()
+
+            lock.write_text(f"{live.pid}\n")  # made after the boot: live, waited for
+            monkeypatch.setattr(pop3lite, "_LOCK_WAIT", 20.0)
+            release = threading.Timer(0.5, lock.unlink)
+            release.start()
+            try:
+                assert pop3lite.main(argv) == 0
+            finally:
+                release.cancel()
+                release.join(30)
+            assert "stale" not in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert target.read_bytes().count(b"\nSubject: message") == 4
 
 
 # -- streaming -------------------------------------------------------------------------------

@@ -3742,7 +3742,8 @@ class Mbox(_Destination):
 def _from_line(header: bytes) -> bytes:
     """The mbox separator for a message with this header (LF line ends): "From SENDER DATE"
     with the envelope sender (Return-Path, else From) and the Date header in UTC, in the
-    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing."""
+    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing
+    or unusable (an address made up by reading a folded header; a year outside 1970..9999)."""
     sender, when = "MAILER-DAEMON", time.time()
     try:
         from email.utils import mktime_tz, parseaddr, parsedate_tz
@@ -3765,12 +3766,15 @@ def _from_line(header: bytes) -> bytes:
             name = ""
     if fields.get("return-path", "").replace(" ", "") != "<>":  # <>: a bounce, MAILER-DAEMON
         for field in ("return-path", "from"):
-            address = parseaddr(fields.get(field, ""))[1]
-            if address and re.fullmatch(r"[!-~]{1,255}", address):
+            value = fields.get(field, "")
+            address = parseaddr(value)[1]
+            # parseaddr glues the words of "x@y continued" (a folded line) into "x@ycontinued":
+            # an address that is not in the header as written is not the sender's.
+            if address and address in value and re.fullmatch(r"[!-~]{1,255}", address):
                 sender = address
                 break
     parsed = parsedate_tz(fields.get("date", ""))
-    if parsed is not None:
+    if parsed is not None and 1970 <= parsed[0] <= 9999:  # asctime() and readers stop there
         try:
             when = float(mktime_tz(parsed))
         except (OverflowError, ValueError):

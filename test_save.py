@@ -378,6 +378,16 @@ def test_mbox_from_lines_carry_the_sender_and_date_and_from_lines_are_quoted(
     assert text.endswith(b"body\n\n")
 
 
+def test_from_lines_never_glue_a_folded_address_nor_take_an_impossible_year() -> None:
+    folded = pop3lite._from_line(b"From: x@y\n\tcontinued\nDate: Sat, 19 Jan 10000 21:33:05 +0900")
+    assert folded.startswith(b"From MAILER-DAEMON ") and b"10000" not in folded
+    assert b"x@ycontinued" not in folded
+    early = pop3lite._from_line(b"From: Al\n <al@example.com>\nDate: 1 Jan 1960 00:00:00 +0000")
+    assert early.startswith(b"From al@example.com ") and b"1960" not in early
+    fine = pop3lite._from_line(b"From: Al\n <al@example.com>\nDate: 1 Jan 1999 00:00:00 +0000")
+    assert fine == b"From al@example.com Fri Jan  1 00:00:00 1999\n"
+
+
 @pytest.mark.parametrize("piece", [1, 2, 3, 7, 1 << 20])
 def test_local_lines_are_the_same_whatever_the_pieces(piece: int) -> None:
     data = b"a\r\nFrom x\r\n>From y\r\nb\rc\r\n>>>>From z\r\nFrom\r\nFro\r\nFrom  \r\n" * 3

@@ -3035,17 +3035,19 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
 #       step 3 (Maildir) / step 2 (mbox) completed; cut can take away; the mbox syncs once
 #       fsync the journal (mbox: per message)       per message for it: at most the one
 #                                                   message in flight is saved twice
-#   (5) DELE only what is durable: this run's      the server's copy goes only when ours is
+#   (5) DELE only what is durable: this run's       the server's copy goes only when ours is
 #       synced messages; an earlier run's only      on disk; a Maildir file the user deleted
 #       when its record is (Maildir: the file in    keeps the server's copy
 #       new/ or cur/; mbox: the journal line)
 #   (6) QUIT only after every write succeeded       QUIT commits the DELEs (RFC 1939 section
 #                                                   6); any failure leaves without it
 #
-# A failure the process survives cuts an mbox back to where the message began and journals
-# nothing more. Without new= or delete= (keep mode) nothing depends on records, so none are
-# written (no record in file names, no journal) and nothing is synced: the mail stays on the
-# server, and a later new= run fetches those messages once more.
+# A failure the process survives journals nothing more: it cuts an mbox back to where the
+# message began, and delivers a Maildir's complete messages (steps 2 and 3), whose names the
+# next run journals after syncing new/ and cur/ again.
+# Without new= or delete= (keep mode) nothing depends on records, so none are written (no
+# record in file names, no journal) and nothing is synced: the mail stays on the server, and
+# a later new= run fetches those messages once more.
 # Records are keyed by the UID (_record_keys): a UID several messages share is told apart by
 # the size when it can be, else those messages get no record and are fetched every time.
 
@@ -3371,6 +3373,7 @@ class _Destination:
 
     kind = ""
     path = ""
+    _journal_per_message = True  # whether _sync runs after every message or per batch
 
     def _open(self, durable: bool) -> None:
         """Create or lock the destination; with ``durable``, sync what was created."""
@@ -3407,8 +3410,6 @@ class _Destination:
         durably delivered (steps 2 and 3), the only ones the journal may name. Raises when
         it cannot: then nothing more is journaled."""
         raise NotImplementedError
-
-    _journal_per_message = True  # whether _sync runs after every message or per batch
 
     def _close(self) -> None:
         """Release everything, abandoning a message being written."""
@@ -3936,7 +3937,7 @@ def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
 
 def _fetch(
     pop: POP3,
-    destination: Maildir | Mbox,
+    destination: _Destination,
     journal: _Journal | None,
     numbers: list[int],
     sizes: dict[int, int],

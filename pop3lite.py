@@ -3021,20 +3021,35 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
 #         pop.login("alice", password)
 #         pop3lite.save(pop, "~/Maildir", new=True, delete=True)
 #
-# What may be lost or doubled, and why:
-# - A message is DELEd only once its data and its record are durable, and the deletions are
-#   committed (QUIT) only after every write succeeded; any failure leaves without QUIT.
-# - Maildir: each message is written to tmp/, fsync'd, and renamed into new/ under a name that
-#   carries the account's tag and the message's UID. So a complete file is its own record: the
-#   next run rebuilds the journal from the file names, and a kill between the rename and the
-#   journal line doubles nothing. A file still in tmp/ is incomplete and removed.
-# - mbox: one file, so a message is its record only once the journal says so. It is appended,
-#   fsync'd, then journaled: a kill between the two saves that one message again next time.
-#   A failure the process survives (an error, a signal) cuts the mbox back to its old end.
-# - The journal is append-only: one line per message after the message is durable; it is
-#   rewritten (atomically) only at the start of a run, when most of it names gone messages.
-# - Without new= or delete= nothing depends on the records (the server keeps everything), so
-#   nothing is fsync'd: the work is left to the kernel's own writeback.
+# The durability order, in one place (what may be lost or doubled follows from it):
+#
+#   step                                            why
+#   (1) write the message to tmp/ (Maildir) or      nothing else may point at data that is not
+#       append it to the mbox                       there yet
+#   (2) fdatasync the file                          its octets are on disk before anything
+#                                                   counts it as saved
+#   (3) Maildir: rename it into new/ under a name   the rename is what makes it a message and
+#       that carries the record (tag and key);      its name its record; a file still in tmp/
+#       per batch, fsync(new/)                      is incomplete (removed by the next run)
+#   (4) journal lines ONLY for messages whose       a line never names a message that a power
+#       step 3 (Maildir) / step 2 (mbox) completed; cut can take away; the mbox syncs once
+#       fsync the journal (mbox: per message)       per message for it: at most the one
+#                                                   message in flight is saved twice
+#   (5) DELE only what is durable: this run's       the server's copy goes only when ours is
+#       synced messages; an earlier run's only      on disk; a Maildir file the user deleted
+#       when its record is (Maildir: the file in    keeps the server's copy
+#       new/ or cur/; mbox: the journal line)
+#   (6) QUIT only after every write succeeded       QUIT commits the DELEs (RFC 1939 section
+#                                                   6); any failure leaves without it
+#
+# A failure the process survives journals nothing more: it cuts an mbox back to where the
+# message began, and delivers a Maildir's complete messages (steps 2 and 3), whose names the
+# next run journals after syncing new/ and cur/ again.
+# Without new= or delete= (keep mode) nothing depends on records, so none are written (no
+# record in file names, no journal) and nothing is synced: the mail stays on the server, and
+# a later new= run fetches those messages once more.
+# Records are keyed by the UID (_record_keys): a UID several messages share is told apart by
+# the size when it can be, else those messages get no record and are fetched every time.
 
 _JOURNAL_MAGIC = "pop3lite-journal 1"
 _SYNC_BATCH = 64  # Maildir messages per directory fsync and journal write
@@ -3042,11 +3057,18 @@ _SYNC_BATCH_OCTETS = 16 * 1024 * 1024
 _HEADER_LIMIT = 64 * 1024  # octets of header an mbox From_ line is looked for in
 _STALE_LOCK_AGE = 1024  # seconds after which a lock without a live pid is stale (procmail's)
 _LOCK_ATTEMPTS = 10
-_SAFE_UID = re.compile(r"[A-Za-z0-9._-]{1,70}")
-_MAILDIR_RECORD = re.compile(r",I=([0-9a-f]{8}),(?:U=([A-Za-z0-9._-]+)|X=([0-9a-f]+))(?::|$)")
+_LOCK_WAIT = 10.0  # seconds a dot lock held by a live process is waited for
+_LOCK_POLL = 0.2  # seconds between looks at such a lock
+_SAFE_UID = re.compile(r"[A-Za-z0-9._-]{1,40}")  # a UID that is its own key (short names)
+# The Maildir record: ",pop3lite=TAG-KEY" (not ",U=", which mbsync reads as its own UID).
+_MAILDIR_RECORD = re.compile(r",pop3lite=([0-9a-f]{8})-([A-Za-z0-9._~#-]+)(?::|$)")
 # mboxrd (see the README): a line that matches >*From gets one more ">", so reading removes it.
 _FROM_LINE = re.compile(rb"^>*From ", re.MULTILINE)
 _FROM_PREFIX = re.compile(rb">*(?:F(?:r(?:o(?:m)?)?)?)?")
+
+
+class _StaleLockWarning(UserWarning):
+    """save() took over a lock a dead process left (the command line says so even with -q)."""
 
 
 class SaveReport(NamedTuple):
@@ -3083,9 +3105,54 @@ def _sync_data(descriptor: int) -> None:
     getattr(os, "fdatasync", os.fsync)(descriptor)
 
 
-def _state_part(text: str) -> str:
-    """``text`` made safe as part of a file name."""
-    return re.sub(r"[^A-Za-z0-9.@_-]", "_", text)
+def _state_part(text: str, limit: int | None = 80) -> str:
+    """``text`` made safe (and short) as the readable part of a file name (the tag after it
+    is what tells two accounts apart)."""
+    return re.sub(r"[^A-Za-z0-9.@_-]", "_", text)[:limit]
+
+
+def _record_key(uid: str) -> str:
+    """The key a UID is recorded under: the UID itself when it is short and safe in a file
+    name, else "~" and 40 hex digits of its SHA-256 (file names stay below NAME_MAX)."""
+    import hashlib
+
+    if _SAFE_UID.fullmatch(uid):
+        return uid
+    return "~" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def _record_keys(sizes: dict[int, int], uids: UIDList | None) -> dict[int, str]:
+    """The record key of each message that can have one. A UID several messages share is
+    told apart by the size (from LIST) when that size is unique among them; otherwise, or
+    without a UID (UIDL skipped the message), there is no key: such a message is fetched
+    every time (a duplicate is possible, a loss is not)."""
+    keys: dict[int, str] = {}
+    if uids is None:
+        return keys
+    for number in sizes:
+        uid = uids.get(number)
+        if uid is None:
+            continue
+        if uid not in uids.duplicates:
+            keys[number] = _record_key(uid)
+            continue
+        size = sizes[number]
+        same = [n for n in uids.duplicates[uid] if sizes.get(n) == size]
+        if same == [number]:
+            keys[number] = f"{_record_key(uid)}#{size}"
+    return keys
+
+
+def _boot_time() -> float | None:
+    """When the system started (Linux: btime in /proc/stat), or None where that is unknown."""
+    try:
+        with open("/proc/stat", "rb") as file:
+            for line in file.read(1 << 16).splitlines():
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _flock(descriptor: int, what: str) -> None:
@@ -3101,7 +3168,7 @@ def _flock(descriptor: int, what: str) -> None:
 
 
 class _Journal:
-    """The append-only record of the UIDs saved for one account (see the section comment)."""
+    """The append-only record of the keys saved for one account (see the section comment)."""
 
     def __init__(self, path: str, identity: str) -> None:
         self.path = path
@@ -3110,7 +3177,7 @@ class _Journal:
         self.lines = 0
 
     def open(self, durable: bool) -> set[str]:
-        """Lock the journal (creating it) and return the UIDs it records."""
+        """Lock the journal (creating it) and return the keys it records."""
         import os
 
         for _ in range(_LOCK_ATTEMPTS):
@@ -3149,21 +3216,27 @@ class _Journal:
         text = b"".join(chunks)
         if not text.startswith(_JOURNAL_MAGIC.encode()):
             raise OSError(f"{self.path} is not a pop3lite state file; move it away")
+        header = text.split(b"\n", 1)[0].decode("utf-8", "replace")
+        if header != f"{_JOURNAL_MAGIC} {self.identity}":  # never trust another's records
+            raise OSError(
+                f"{self.path} is the state of {header[len(_JOURNAL_MAGIC) + 1 :]!r}, not of "
+                f"{self.identity!r}; move it away"
+            )
         if not text.endswith(b"\n"):  # a line cut short by a crash: the record never was
             os.ftruncate(self.descriptor, text.rfind(b"\n") + 1)
-        uids = set()
+        keys = set()
         lines = text.split(b"\n")[1:-1]
         for line in lines:
             if line.startswith(b"+ "):
-                uids.add(line[2:].decode("ascii", "replace"))
+                keys.add(line[2:].decode("ascii", "replace"))
         self.lines = len(lines)
-        return uids
+        return keys
 
-    def append(self, uids: Iterable[str], sync: bool = False) -> None:
-        """Record ``uids`` in one write (a kill cannot split a line from the next)."""
+    def append(self, keys: Iterable[str], sync: bool = False) -> None:
+        """Record ``keys`` in one write (a kill cannot split a line from the next)."""
         import os
 
-        data = "".join(f"+ {uid}\n" for uid in uids).encode("ascii")
+        data = "".join(f"+ {key}\n" for key in keys).encode("ascii")
         if data:
             os.write(self.descriptor, data)
             self.lines += data.count(b"\n")
@@ -3179,7 +3252,7 @@ class _Journal:
         temporary = f"{self.path}.tmp"
         with open(temporary, "w", encoding="ascii") as file:
             file.write(f"{_JOURNAL_MAGIC} {self.identity}\n")
-            file.writelines(f"+ {uid}\n" for uid in sorted(keep))
+            file.writelines(f"+ {key}\n" for key in sorted(keep))
             file.flush()
             if durable:
                 os.fsync(file.fileno())
@@ -3293,10 +3366,61 @@ class _MboxMessage:
         self._write(_from_line(held[:end] if end >= 0 else held) + held)
 
 
-class Maildir:
+class _Destination:
+    """What save() needs of a destination; Maildir and Mbox implement it. The calls come in
+    this order: _open; _state_path; _recorded and _settle (durable runs); then per message
+    _begin, _finish (or _abandon when it failed) and, per batch, _sync; finally _close."""
+
+    kind = ""
+    path = ""
+    _journal_per_message = True  # whether _sync runs after every message or per batch
+
+    def _open(self, durable: bool) -> None:
+        """Create or lock the destination; with ``durable``, sync what was created."""
+        raise NotImplementedError
+
+    def _state_path(self, name: str) -> str:
+        """Where the journal (or a 0.1 state file) named ``name`` lives."""
+        raise NotImplementedError
+
+    def _recorded(self, tag: str) -> set[str]:
+        """The keys of the records the destination itself holds for the account ``tag``
+        (Maildir: file names in new/ and cur/); our cut-short leftovers removed."""
+        return set()
+
+    def _settle(self) -> None:
+        """Make the records _recorded() found durable before the journal names them (a kill
+        between a rename and the directory fsync leaves them undurable)."""
+
+    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
+        """Start a message recorded under ``key`` (None: no record); ``count(octets)`` is
+        called as octets arrive. Step 1 of the section comment."""
+        raise NotImplementedError
+
+    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
+        """The message is complete (mbox: step 2 too, with ``durable``)."""
+        raise NotImplementedError
+
+    def _abandon(self) -> None:
+        """Drop the message being written (it failed)."""
+        raise NotImplementedError
+
+    def _sync(self, durable: bool) -> list[str]:
+        """Deliver the messages finished since the last call; return the keys that are now
+        durably delivered (steps 2 and 3), the only ones the journal may name. Raises when
+        it cannot: then nothing more is journaled."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release everything, abandoning a message being written."""
+        raise NotImplementedError
+
+
+class Maildir(_Destination):
     """A Maildir destination for save() (created if missing, as cur, new and tmp)."""
 
     kind = "Maildir"
+    _journal_per_message = False  # the file names are the record; the journal follows per batch
 
     def __init__(self, path: str) -> None:
         import os
@@ -3304,8 +3428,10 @@ class Maildir:
         self.path = os.path.abspath(os.path.expanduser(path))
         self._sequence = 0
         self._tag = ""
-        self._current: tuple[int, str, str] | None = None  # (descriptor, tmp path, new path)
-        self._complete: list[tuple[int, str, str]] = []  # written, not yet synced and renamed
+        # (descriptor, tmp path, new path, key) of the message being written, and of those
+        # written but not yet synced and renamed
+        self._current: tuple[int, str, str, str | None] | None = None
+        self._complete: list[tuple[int, str, str, str | None]] = []
 
     def __repr__(self) -> str:
         return f"<pop3lite.Maildir {self.path!r}>"
@@ -3332,48 +3458,48 @@ class Maildir:
             _fsync_directory(self.path)
             _fsync_directory(os.path.dirname(self.path))
 
-    def _state_paths(self, identity: str, legacy: str) -> tuple[str, str]:
+    def _state_path(self, name: str) -> str:
         import os
 
-        return (
-            os.path.join(self.path, f".pop3lite-{_state_part(identity)}.journal"),
-            os.path.join(self.path, f".pop3lite-{_state_part(legacy)}.json"),
-        )
+        return os.path.join(self.path, f".pop3lite-{name}")
 
     def _recorded(self, tag: str) -> set[str]:
-        """UIDs of this account's messages in new/ and cur/; its leftovers in tmp/ removed."""
         import os
 
         self._tag = tag
-        uids = set()
+        keys = set()
         for sub in ("new", "cur"):
             for name in os.listdir(os.path.join(self.path, sub)):
                 match = _MAILDIR_RECORD.search(name)
                 if match and match.group(1) == tag:
-                    uid = match.group(2) or bytes.fromhex(match.group(3)).decode("ascii", "replace")
-                    uids.add(uid)
+                    keys.add(match.group(2))
         tmp = os.path.join(self.path, "tmp")
         for name in os.listdir(tmp):
             match = _MAILDIR_RECORD.search(name)
             if match and match.group(1) == tag:  # ours, cut short: we hold the journal lock
                 os.unlink(os.path.join(tmp, name))
-        return uids
+        return keys
 
-    def _begin(self, uid: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def _settle(self) -> None:
+        import os
+
+        for sub in ("new", "cur"):
+            _fsync_directory(os.path.join(self.path, sub))
+
+    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
         import os
 
         self._sequence += 1
         now = time.time()
         host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-        host = host.replace(",", "\\054")
+        host = host.replace(",", "\\054")[:64]
         when = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
         unique = f"{when}Q{self._sequence}R{os.urandom(4).hex()}.{host}"
-        if uid is not None and self._tag:
-            record = f"U={uid}" if _SAFE_UID.fullmatch(uid) else f"X={uid.encode().hex()}"
-            unique += f",I={self._tag},{record}"
+        if key is not None and self._tag:
+            unique += f",pop3lite={self._tag}-{key}"
         temporary = os.path.join(self.path, "tmp", unique)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._current = (descriptor, temporary, os.path.join(self.path, "new", unique))
+        self._current = (descriptor, temporary, os.path.join(self.path, "new", unique), key)
 
         def write(data: bytes) -> None:
             view = memoryview(data)
@@ -3382,7 +3508,7 @@ class Maildir:
 
         return _LocalLines(write, False, count)
 
-    def _finish(self, sink: _LocalLines, durable: bool) -> None:
+    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
         """The message is complete in tmp/; _sync() moves it into new/."""
         assert self._current is not None
         sink.finish()
@@ -3393,46 +3519,47 @@ class Maildir:
         import os
 
         if self._current is not None:
-            descriptor, temporary, _ = self._current
+            descriptor, temporary, _, _ = self._current
             self._current = None
             os.close(descriptor)
             os.unlink(temporary)
 
-    def _sync(self, durable: bool) -> None:
-        """Deliver the complete messages: sync each file's data, rename it into new/, then one
-        fsync of new/. Syncing a batch together lets the file system commit its journal once
-        for many files (on ext4 several times faster than one file after another)."""
+    def _sync(self, durable: bool) -> list[str]:
+        """Sync each file's data, rename it into new/, then one fsync of new/. Syncing a
+        batch together lets the file system commit its journal once for many files (on ext4
+        several times faster than one file after another). A file whose sync failed stays in
+        tmp/ (the next run removes it and fetches the message again)."""
         import os
 
         complete, self._complete = self._complete, []
+        delivered: list[str] = []
         try:
             while complete:
-                descriptor, temporary, final = complete[0]
+                descriptor, temporary, final, key = complete[0]
                 if durable:
                     _sync_data(descriptor)
                 os.close(descriptor)
                 complete.pop(0)
-                os.rename(temporary, final)  # the name carries the UID: the file is its record
+                os.rename(temporary, final)
+                if key is not None:
+                    delivered.append(key)
         finally:
-            for descriptor, _, _ in complete:  # a failed sync: left in tmp/, fetched again
+            for descriptor, _, _, _ in complete:
                 os.close(descriptor)
         if durable:
             _fsync_directory(os.path.join(self.path, "new"))
-
-    @property
-    def _journal_per_message(self) -> bool:
-        return False  # the file names are the record; the journal follows per batch
+        return delivered  # only now: renamed and the directory synced
 
     def _close(self) -> None:
         import os
 
         self._abandon()
         complete, self._complete = self._complete, []
-        for descriptor, _, _ in complete:
+        for descriptor, _, _, _ in complete:  # never renamed: left in tmp/, fetched again
             os.close(descriptor)
 
 
-class Mbox:
+class Mbox(_Destination):
     """An mbox destination for save() (mboxrd, see the README), dot-locked and flock'd while
     save() runs. A lock left by a dead process is taken over with a warning."""
 
@@ -3447,6 +3574,7 @@ class Mbox:
         self._start = 0  # where the message being written begins, to cut a failed one off
         self._sink: _LocalLines | None = None
         self._message: _MboxMessage | None = None
+        self._finished: list[str] = []  # keys of the messages appended since the last _sync
 
     def __repr__(self) -> str:
         return f"<pop3lite.Mbox {self.path!r}>"
@@ -3475,20 +3603,32 @@ class Mbox:
             raise
 
     def _lock(self) -> None:
-        """The dot lock (DEST.lock holding our pid), taking over one left by a dead process."""
+        """The dot lock (DEST.lock holding our pid), taking over one left by a dead process
+        and waiting up to _LOCK_WAIT seconds for a live holder to finish."""
         import os
         import warnings
 
         lock = f"{self.path}.lock"
-        for _ in range(_LOCK_ATTEMPTS):
+        deadline = time.monotonic() + _LOCK_WAIT
+        attempts = 0
+        while attempts < _LOCK_ATTEMPTS:
             try:
                 descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
-                stale = self._stale_lock(lock)
+                try:
+                    stale = self._stale_lock(lock)
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(_LOCK_POLL)  # bounded by the deadline
+                    continue
+                attempts += 1
                 if stale is None:
                     continue  # it went away meanwhile: try again
                 os.unlink(lock)
-                warnings.warn(f"took over the stale lock {lock} ({stale})", stacklevel=4)
+                warnings.warn(
+                    f"took over the stale lock {lock} ({stale})", _StaleLockWarning, stacklevel=4
+                )
                 continue
             try:
                 os.write(descriptor, f"{os.getpid()}\n".encode())
@@ -3506,9 +3646,13 @@ class Mbox:
         try:
             with open(lock, "rb") as file:
                 content = file.read(64)
-            age = time.time() - os.stat(lock).st_mtime
+            made = os.stat(lock).st_mtime
         except FileNotFoundError:
             return None
+        age = time.time() - made
+        boot = _boot_time()
+        if boot is not None and made < boot:  # its pid may now be another process's
+            return f"made before the system started, {age:.0f} s old"
         words = content.split()
         pid = int(words[0]) if words and words[0].isdigit() else None
         if pid is not None and pid > 0:
@@ -3522,7 +3666,7 @@ class Mbox:
                 pass
             raise BlockingIOError(
                 f"{lock} is held by process {pid}, which is still running (lock {age:.0f} s "
-                "old); try again once it has finished"
+                f"old, waited {_LOCK_WAIT:g} s); try again once it has finished"
             )
         if age > _STALE_LOCK_AGE:
             return f"no process id in it, {age:.0f} s old"
@@ -3531,19 +3675,15 @@ class Mbox:
             f"the mbox; it counts as stale after {_STALE_LOCK_AGE} s"
         )
 
-    def _state_paths(self, identity: str, legacy: str) -> tuple[str, str]:
+    def _state_path(self, name: str) -> str:
         import os
 
-        folder, name = os.path.split(self.path)
-        return (
-            os.path.join(folder, f".{name}.pop3lite-{_state_part(identity)}.journal"),
-            os.path.join(folder, f".{name}.pop3lite-{_state_part(legacy)}.json"),
-        )
+        folder, base = os.path.split(self.path)
+        return os.path.join(folder, f".{base}.pop3lite-{name}")
 
-    def _recorded(self, tag: str) -> set[str]:
-        return set()  # an mbox carries no records: the journal alone says what was saved
+    # _recorded: an mbox carries no records; the journal alone says what was saved.
 
-    def _begin(self, uid: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
         import os
 
         self._start = os.lseek(self._descriptor, 0, os.SEEK_END)
@@ -3558,7 +3698,7 @@ class Mbox:
         self._sink = _LocalLines(self._message.write, True, count)
         return self._sink
 
-    def _finish(self, sink: _LocalLines, durable: bool) -> None:
+    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
         import os
 
         sink.finish()
@@ -3569,6 +3709,8 @@ class Mbox:
         if durable:
             _sync_data(self._descriptor)
         self._sink = None
+        if key is not None:
+            self._finished.append(key)
 
     def _abandon(self) -> None:
         import os
@@ -3577,12 +3719,9 @@ class Mbox:
             self._sink = self._message = None
             os.ftruncate(self._descriptor, self._start)  # we hold the lock: nothing came after
 
-    def _sync(self, durable: bool) -> None:
-        pass  # each message was fsync'd by _finish
-
-    @property
-    def _journal_per_message(self) -> bool:
-        return True
+    def _sync(self, durable: bool) -> list[str]:
+        delivered, self._finished = self._finished, []  # each was synced by _finish
+        return delivered
 
     def _close(self) -> None:
         import os
@@ -3604,7 +3743,8 @@ class Mbox:
 def _from_line(header: bytes) -> bytes:
     """The mbox separator for a message with this header (LF line ends): "From SENDER DATE"
     with the envelope sender (Return-Path, else From) and the Date header in UTC, in the
-    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing."""
+    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing
+    or unusable (an address made up by reading a folded header; a year outside 1970..9999)."""
     sender, when = "MAILER-DAEMON", time.time()
     try:
         from email.utils import mktime_tz, parseaddr, parsedate_tz
@@ -3627,12 +3767,15 @@ def _from_line(header: bytes) -> bytes:
             name = ""
     if fields.get("return-path", "").replace(" ", "") != "<>":  # <>: a bounce, MAILER-DAEMON
         for field in ("return-path", "from"):
-            address = parseaddr(fields.get(field, ""))[1]
-            if address and re.fullmatch(r"[!-~]{1,255}", address):
+            value = fields.get(field, "")
+            address = parseaddr(value)[1]
+            # parseaddr glues the words of "x@y continued" (a folded line) into "x@ycontinued":
+            # an address that is not in the header as written is not the sender's.
+            if address and address in value and re.fullmatch(r"[!-~]{1,255}", address):
                 sender = address
                 break
     parsed = parsedate_tz(fields.get("date", ""))
-    if parsed is not None:
+    if parsed is not None and 1970 <= parsed[0] <= 9999:  # asctime() and readers stop there
         try:
             when = float(mktime_tz(parsed))
         except (OverflowError, ValueError):
@@ -3645,23 +3788,27 @@ def _from_line(header: bytes) -> bytes:
 
 
 def _server_identity(pop: POP3) -> str:
-    """What names the server whatever name or port reached it: the first DNS name of its
-    (verified) certificate; "localhost" on a loopback address; else the canonical DNS name."""
+    """What names the server whatever name reached it: the first DNS name of its certificate
+    when TLS was verified (an unverified certificate proves nothing); "localhost:PORT" on a
+    loopback address (two tunnels on two ports are two servers); else the canonical DNS name
+    and the port."""
     certificate = pop.peer_certificate or {}
     for kind, value in certificate.get("subjectAltName", ()):
         if kind == "DNS" and isinstance(value, str):
             return value.lower()
     if pop.loopback:
-        return "localhost"
+        return f"localhost:{pop.port}"
+    name = pop.host.lower()
     try:
         for *_, canonical, _ in socket.getaddrinfo(
             pop.host, pop.port, type=socket.SOCK_STREAM, flags=socket.AI_CANONNAME
         ):
             if canonical:
-                return canonical.lower()
+                name = canonical.lower()
+                break
     except OSError:
         pass
-    return pop.host.lower()
+    return f"[{name}]:{pop.port}" if ":" in name else f"{name}:{pop.port}"
 
 
 def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
@@ -3698,38 +3845,46 @@ def save(
     account = user if user is not None else pop.user
     if not account:
         raise ValueError("save() needs the user name: log in first, or pass user=")
-    durable = new or delete
+    durable = new or delete  # else keep mode: no records, no syncs (see the section comment)
     _, sizes, uids = pop.scan()
     if new and uids is None and sizes:
         pop.uidl()  # raises the server's refusal: without UIDs "new" has no meaning
+    keys = _record_keys(sizes, uids) if durable else {}
     identity = f"{account}@{_server_identity(pop)}"
-    tag = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:8]
-    host = f"[{pop.host}]" if ":" in pop.host else pop.host
+    tag = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     destination._open(durable)
     journal: _Journal | None = None
+    seen: set[str] = set()
+    present: set[str] = set()  # keys whose records the destination itself holds
     try:
-        legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
-        journal_path, legacy_path = destination._state_paths(identity, legacy)
-        journal = _Journal(journal_path, identity)
-        seen = journal.open(durable)
-        _migrate(journal, legacy_path, seen)
-        found = destination._recorded(tag) - seen
-        if found:  # saved, but killed before the journal line: the file names say so
-            journal.append(sorted(found), sync=durable)
-            seen |= found
-        current = set(uids.values()) if uids is not None else set()
-        if uids is not None:
-            journal.compact(seen & current, durable)
+        if durable:
+            journal = _Journal(
+                destination._state_path(f"{_state_part(identity)}-{tag}.journal"), identity
+            )
+            seen = journal.open(durable)
+            host = f"[{pop.host}]" if ":" in pop.host else pop.host
+            legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
+            _migrate(journal, destination._state_path(f"{_state_part(legacy, None)}.json"), seen)
+            present = destination._recorded(tag)
+            current = set(keys.values())
+            # Saved, but killed before the journal line: the file names say so. Only the
+            # current messages' keys: the others are gone from the server, and journaling
+            # them again would make every run rewrite the journal.
+            found = (present - seen) & current
+            if found:
+                destination._settle()
+                journal.append(sorted(found), sync=True)
+                seen |= found
+            if uids is not None:
+                journal.compact(seen & current, durable)
         numbers = sorted(sizes)
-        if new and uids is not None:
-            # A UID that several messages share cannot tell them apart: fetch those again
-            # rather than risk skipping one that was never saved.
-            numbers = [n for n in numbers if uids[n] not in seen or uids[n] in uids.duplicates]
+        if new:
+            numbers = [n for n in numbers if n not in keys or keys[n] not in seen]
         skipped = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
         too_big = {n for n, _ in skipped}
         fetch = [n for n in numbers if n not in too_big]
-        saved, octets = _fetch(
-            pop, destination, journal, fetch, sizes, uids, durable, max_size, progress, skipped
+        saved = _fetch(
+            pop, destination, journal, fetch, sizes, keys, durable, max_size, progress, skipped
         )
     finally:
         try:
@@ -3737,19 +3892,27 @@ def save(
                 journal.close()
         finally:
             destination._close()
+    octets = sum(sizes_saved for sizes_saved in saved.values())
     deleted = 0
     if delete and sizes:
-        # Every message not skipped is on disk now: saved by this run, or skipped by new=True
-        # because an earlier run saved it and then ran without delete= or ended before QUIT.
-        # Left on the server, new=True would skip it forever.
+        # Step 5: what this run saved (synced), and what an earlier run saved where its record
+        # is durable: new=True skips it, so left on the server it would stay forever. A Maildir
+        # message counts only while its file is there (never on a journal line alone).
+        records = present if isinstance(destination, Maildir) else seen
         kept = {n for n, _ in skipped}
-        doomed = [n for n in sorted(sizes) if n not in kept]
+        doomed = [
+            n
+            for n in sorted(sizes)
+            if n not in kept and (n in saved or (n not in numbers and keys.get(n) in records))
+        ]
         for fetched in pop.dele_many(doomed):
             if fetched.error is not None:
                 raise fetched.error
-        pop.quit()  # only now are the deletions committed
+        pop.quit()  # step 6: only now are the deletions committed
         deleted = len(doomed)
-    return SaveReport(saved, octets, len(sizes) - len(numbers), skipped, deleted, destination.kind)
+    return SaveReport(
+        len(saved), octets, len(sizes) - len(numbers), skipped, deleted, destination.kind
+    )
 
 
 def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
@@ -3766,50 +3929,51 @@ def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
             f"cannot read the old state file {legacy_path} ({exc}); remove it to treat every "
             "message as new"
         ) from None
-    journal.append(sorted(uids - seen), sync=True)
-    seen |= uids
+    keys = {_record_key(uid) for uid in uids}
+    journal.append(sorted(keys - seen), sync=True)
+    seen |= keys
     os.unlink(legacy_path)
 
 
 def _fetch(
     pop: POP3,
-    destination: Maildir | Mbox,
-    journal: _Journal,
+    destination: _Destination,
+    journal: _Journal | None,
     numbers: list[int],
     sizes: dict[int, int],
-    uids: UIDList | None,
+    keys: dict[int, str],
     durable: bool,
     max_size: int | None,
     progress: Callable[[int, int, int, int], None] | None,
     skipped: list[tuple[int, int]],
-) -> tuple[int, int]:
-    """RETR ``numbers`` into ``destination``, journaling each; returns (saved, octets)."""
+) -> dict[int, int]:
+    """RETR ``numbers`` into ``destination``, journaling each once it is durable (steps 1 to
+    4 of the section comment); returns {number: octets} of the messages saved."""
     total = sum(sizes[n] for n in numbers)
-    done = done_octets = 0
+    saved: dict[int, int] = {}
+    done_octets = 0
     in_message = 0
     sink: _LocalLines | None = None
-    batch: list[str] = []  # UIDs of the messages since the last sync
     batch_messages = batch_octets = 0
 
     def count(octets: int) -> None:
         nonlocal in_message
         in_message += octets
         if progress is not None:
-            progress(done, len(numbers), done_octets + in_message, total)
+            progress(len(saved), len(numbers), done_octets + in_message, total)
 
     def open_sink(number: int) -> IO[bytes]:
         nonlocal sink, in_message
         in_message = 0
-        uid = uids.get(number) if uids is not None else None
-        sink = destination._begin(uid, count)
+        sink = destination._begin(keys.get(number), count)
         return cast(IO[bytes], sink)
 
     def flush_batch() -> None:
         nonlocal batch_messages, batch_octets
         if batch_messages:
-            destination._sync(durable)  # the messages are durable before their journal lines
-            journal.append(batch)
-        batch.clear()
+            delivered = destination._sync(durable)  # steps 2 and 3
+            if journal is not None:  # step 4: mbox per message, so synced each time
+                journal.append(delivered, sync=durable and destination._journal_per_message)
         batch_messages = batch_octets = 0
 
     try:
@@ -3821,12 +3985,9 @@ def _fetch(
                     continue
                 raise result.error
             assert sink is not None
-            destination._finish(sink, durable)
-            done += 1
+            destination._finish(sink, keys.get(result.number), durable)
+            saved[result.number] = result.octets
             done_octets += result.octets
-            uid = uids.get(result.number) if uids is not None else None
-            if uid is not None:
-                batch.append(uid)
             batch_messages += 1
             batch_octets += result.octets
             if destination._journal_per_message or (
@@ -3834,18 +3995,19 @@ def _fetch(
             ):
                 flush_batch()
             if progress is not None:
-                progress(done, len(numbers), done_octets, total)
+                progress(len(saved), len(numbers), done_octets, total)
         flush_batch()
-        journal.append((), sync=durable)  # the records are durable before any DELE
+        if journal is not None and durable and not destination._journal_per_message:
+            journal.append((), sync=True)  # the records are durable before any DELE
     except BaseException:
         destination._abandon()
-        try:  # what is on disk stays recorded (Maildir's file names would say so anyway)
-            flush_batch()
-        except OSError:
+        try:  # deliver what is complete, but journal nothing more: a Maildir's file names
+            destination._sync(durable)  # are the record the next run rebuilds from (after
+        except OSError:  # syncing new/ and cur/); what stays in tmp/ is fetched again
             pass
         raise
     skipped.sort()
-    return done, done_octets
+    return saved
 
 
 # =============================================================================================
@@ -4585,9 +4747,10 @@ def _out(text: str = "") -> None:
 _quiet = False  # -q: notices are not shown (errors are: main() turns this off to report one)
 
 
-def _say(text: str) -> None:
-    """One line on stderr, prefixed with the program's name (not under -q)."""
-    if not _quiet:
+def _say(text: str, always: bool = False) -> None:
+    """One line on stderr, prefixed with the program's name (under -q only when ``always``:
+    what says the run was not a plain success)."""
+    if always or not _quiet:
         _write(sys.stderr, f"pop3lite: {text}\n")
 
 
@@ -4599,7 +4762,8 @@ def _show_warning(
     file: IO[str] | None = None,
     line: str | None = None,
 ) -> None:
-    _say(f"warning: {message}")
+    # Taking over a lock is said even under -q: someone's run died holding it.
+    _say(f"warning: {message}", always=issubclass(category, _StaleLockWarning))
 
 
 def _write_bytes(data: bytes) -> None:
@@ -5084,9 +5248,10 @@ def _save(pop: POP3, o: _Options) -> int:
     _out(line)
     if report.skipped:
         listed = ", ".join(f"{n} ({_human_size(size)})" for n, size in report.skipped)
-        _say(
+        _say(  # even under -q: skipping is not success (and the exit status is 7)
             f"skipped {_plural(len(report.skipped), 'message')} larger than --max-size "
-            f"{_human_size(o.max_size or 0)}, left on the server: {listed}"
+            f"{_human_size(o.max_size or 0)}, left on the server: {listed}",
+            always=True,
         )
         return _EXIT_SKIPPED
     return _EXIT_OK

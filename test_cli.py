@@ -368,7 +368,8 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
     last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
     first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
     assert last_retr < first_dele and sent[-1] == "QUIT"
-    assert (tmp_path / ".seed.mbox.pop3lite-hogehoge@localhost.journal").exists()
+    journal = f".seed.mbox.pop3lite-hogehoge@localhost_{server.port}-"  # then the 8-hex tag
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(journal)]
 
 
 @pytest.mark.usefixtures("password")
@@ -397,11 +398,11 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
     original = pop3lite.Maildir._finish
     calls = []
 
-    def failing_finish(store: Any, sink: Any, durable: bool) -> None:
+    def failing_finish(store: Any, sink: Any, key: Any, durable: bool) -> None:
         calls.append(sink)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(store, sink, durable)
+        original(store, sink, key, durable)
 
     monkeypatch.setattr(pop3lite.Maildir, "_finish", failing_finish)
     status, _, err = run(

@@ -163,7 +163,7 @@ def test_a_killed_mbox_save_doubles_at_most_the_message_in_flight(tmp_path: Path
 
 
 def test_a_message_on_disk_without_its_journal_line_is_not_fetched_again(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     messages = make_messages(5, seed=3)
     target = tmp_path / "Mail"
@@ -175,11 +175,30 @@ def test_a_message_on_disk_without_its_journal_line_is_not_fetched_again(
         (target / "tmp" / "leftover").write_bytes(b"not ours: kept")
         ours = next(iter(os.listdir(target / "new")))
         (target / "tmp" / ours).write_bytes(b"ours, cut short")
+        events: list[str] = []
+        real_fsync_directory = pop3lite._fsync_directory
+        real_append = pop3lite._Journal.append
+
+        def fsync_directory(path: str) -> None:
+            events.append(os.path.basename(path))
+            real_fsync_directory(path)
+
+        def append(journal: Any, keys: Any, sync: bool = False) -> None:
+            keys = list(keys)
+            events.append(f"journal {len(keys)}")
+            real_append(journal, keys, sync)
+
+        monkeypatch.setattr(pop3lite, "_fsync_directory", fsync_directory)
+        monkeypatch.setattr(pop3lite._Journal, "append", append)
         report = save(server, target, new=True)
     assert report.saved == 0 and report.already == 5
     assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
     assert os.listdir(target / "tmp") == ["leftover"]
     assert len(journal.read_text().splitlines()) == 6  # the file names rebuilt the journal
+    # A kill between a rename and the fsync of new/ left the names undurable: made durable
+    # before the journal names them.
+    assert events.index("new") < events.index("journal 5")
+    assert events.index("cur") < events.index("journal 5")
 
 
 def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
@@ -190,11 +209,11 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
     original = pop3lite.Mbox._finish
     calls = []
 
-    def failing(box: Any, sink: Any, durable: bool) -> None:
+    def failing(box: Any, sink: Any, key: Any, durable: bool) -> None:
         calls.append(1)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(box, sink, durable)
+        original(box, sink, key, durable)
 
     monkeypatch.setattr(pop3lite.Mbox, "_finish", failing)
     with server_with(messages) as server:
@@ -203,6 +222,137 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
         assert len(server.maildrops["alice"].messages) == 3
         assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
     assert target.read_bytes().count(b"\nSubject: message") == 1  # the second was cut off
+
+
+def test_a_failed_sync_journals_only_what_reached_new_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages = make_messages(5, seed=12)
+    target = tmp_path / "Mail"
+    real_sync = pop3lite._sync_data
+    calls = []
+
+    def failing(descriptor: int) -> None:
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_sync(descriptor)
+
+    with server_with(messages) as server:
+        monkeypatch.setattr(pop3lite, "_sync_data", failing)
+        with pytest.raises(OSError, match="Input/output"):
+            save(server, target, new=True, delete=True)
+        monkeypatch.setattr(pop3lite, "_sync_data", real_sync)
+        journal = next(target.glob(".pop3lite-*.journal"))
+        assert len(journal.read_text().splitlines()) == 1  # nothing journaled on the way out
+        assert len(os.listdir(target / "new")) == 1  # the first: renamed, never journaled
+        report = save(server, target, new=True, delete=True)
+        assert report.saved == 4 and report.deleted == 5
+        assert server.maildrops["alice"].messages == []
+    assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
+    assert os.listdir(target / "tmp") == []
+
+
+def test_keep_mode_writes_no_records_and_a_later_new_run_fetches_again(tmp_path: Path) -> None:
+    messages = make_messages(3, seed=13)
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        assert save(server, target).saved == 3
+        assert not list(target.glob(".pop3lite-*"))
+        assert not [n for n in os.listdir(target / "new") if ",pop3lite=" in n]
+        assert save(server, target, new=True).saved == 3  # unrecorded: fetched once more
+        assert save(server, target, new=True).saved == 0
+    names = os.listdir(target / "new")
+    assert len([n for n in names if ",pop3lite=" in n]) == 3
+    assert not [n for n in names if ",U=" in n or ",I=" in n]  # mbsync reads ",U="
+
+
+def test_a_message_is_deleted_for_an_earlier_run_only_while_its_file_is_there(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(3, seed=14)
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        save(server, target, new=True)
+        gone = sorted(os.listdir(target / "new"))[0]
+        (target / "new" / gone).unlink()  # the user removed it: the server's copy stays
+        report = save(server, target, new=True, delete=True)
+        assert report.saved == 0 and report.already == 3 and report.deleted == 2
+        assert len(server.maildrops["alice"].messages) == 1
+
+
+def test_shared_uids_are_told_apart_by_size_and_unlisted_ones_never_crash(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(6, seed=15)
+    messages[4] = messages[3]  # the same UID and the same size: cannot be told apart
+    # As a server that breaks RFC 1939's uniqueness (and one with a long UID) lists them;
+    # None: UIDL skips the message.
+    listed: list[str | None] = ["same", "same", "solo", "twin", "twin", "x" * 30 + "/" * 40]
+
+    def save_listing(server: FakeServer) -> pop3lite.SaveReport:
+        with client(server) as pop:
+            real_scan = pop.scan
+
+            def scan() -> Any:
+                stat, sizes, _ = real_scan()
+                uids = ((n, u) for n, u in zip(sorted(sizes), listed) if u is not None)
+                return stat, sizes, pop3lite.UIDList(uids)
+
+            pop.scan = scan  # type: ignore[method-assign]
+            return pop3lite.save(pop, str(target), new=True)
+
+    target = tmp_path / "Mail"
+    with server_with(messages) as server:
+        assert save_listing(server).saved == 6
+        assert save_listing(server).saved == 2  # only the indistinguishable twins
+        names = os.listdir(target / "new")
+        assert max(len(n) for n in names) < 200  # a long unsafe UID becomes a short key
+        assert len([n for n in names if "-same#" in n]) == 2
+        listed[2] = None
+        assert save_listing(server).saved == 3  # the twins and the one without a UID
+
+
+def test_journal_is_not_rewritten_when_nothing_changed(tmp_path: Path) -> None:
+    target = tmp_path / "Mail"
+    messages = [b"Subject: %d\r\n\r\nx\r\n" % n for n in range(300)]
+    with server_with(messages) as server:
+        save(server, target, new=True, delete=True)
+        journal = next(target.glob(".pop3lite-*.journal"))
+        inodes = []
+        for run in range(3):
+            server.maildrops["alice"].add(b"Subject: new %d\r\n\r\nx\r\n" % run)
+            save(server, target, new=True, delete=True)
+            inodes.append(os.stat(journal).st_ino)
+            lines = len(journal.read_text().splitlines())
+    assert inodes[1] == inodes[2]  # compacted once, then only appended to
+    assert lines <= 4
+
+
+# -- state identity --------------------------------------------------------------------------
+
+
+def test_two_loopback_ports_are_two_servers_and_similar_names_two_accounts(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "Mail"
+    with server_with(make_messages(3, seed=16)) as first:
+        with server_with(make_messages(3, seed=17)) as second:  # the same UIDs
+            for server in (first, second):
+                report = save(server, target, new=True, delete=True)
+                assert report.saved == 3 and report.deleted == 3
+    assert len(maildir_contents(target)) == 6
+    other = tmp_path / "Other"
+    with server_with(make_messages(2, seed=18)) as server:
+        for user in ("a+b", "a_b"):
+            with client(server) as pop:
+                assert pop3lite.save(pop, str(other), new=True, user=user).saved == 2
+        journals = sorted(other.glob(".pop3lite-*.journal"))
+        assert len(journals) == 2
+        journals[0].write_bytes(journals[1].read_bytes())  # another account's journal
+        with client(server) as pop, pytest.raises(OSError, match="move it away"):
+            pop3lite.save(pop, str(other), new=True, user="a+b")
+            pop3lite.save(pop, str(other), new=True, user="a_b")
 
 
 # -- the mbox format -------------------------------------------------------------------------
@@ -228,6 +378,16 @@ def test_mbox_from_lines_carry_the_sender_and_date_and_from_lines_are_quoted(
     assert text.endswith(b"body\n\n")
 
 
+def test_from_lines_never_glue_a_folded_address_nor_take_an_impossible_year() -> None:
+    folded = pop3lite._from_line(b"From: x@y\n\tcontinued\nDate: Sat, 19 Jan 10000 21:33:05 +0900")
+    assert folded.startswith(b"From MAILER-DAEMON ") and b"10000" not in folded
+    assert b"x@ycontinued" not in folded
+    early = pop3lite._from_line(b"From: Al\n <al@example.com>\nDate: 1 Jan 1960 00:00:00 +0000")
+    assert early.startswith(b"From al@example.com ") and b"1960" not in early
+    fine = pop3lite._from_line(b"From: Al\n <al@example.com>\nDate: 1 Jan 1999 00:00:00 +0000")
+    assert fine == b"From al@example.com Fri Jan  1 00:00:00 1999\n"
+
+
 @pytest.mark.parametrize("piece", [1, 2, 3, 7, 1 << 20])
 def test_local_lines_are_the_same_whatever_the_pieces(piece: int) -> None:
     data = b"a\r\nFrom x\r\n>From y\r\nb\rc\r\n>>>>From z\r\nFrom\r\nFro\r\nFrom  \r\n" * 3
@@ -244,8 +404,9 @@ def test_local_lines_are_the_same_whatever_the_pieces(piece: int) -> None:
 
 
 def test_a_stale_mbox_lock_is_taken_over_and_a_live_one_is_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(pop3lite, "_LOCK_WAIT", 0.3)
     target = tmp_path / "mail.mbox"
     lock = tmp_path / "mail.mbox.lock"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -269,6 +430,42 @@ def test_a_stale_mbox_lock_is_taken_over_and_a_live_one_is_named(
             live.kill()
             live.wait(timeout=30)
     assert target.read_bytes().count(b"\nSubject: message") == 2
+
+
+def test_a_lock_from_before_the_boot_is_stale_and_a_live_holder_is_waited_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if sys.platform.startswith("linux"):
+        boot = pop3lite._boot_time()
+        assert boot is not None and 0 < boot < time.time()
+    target = tmp_path / "mail.mbox"
+    lock = tmp_path / "mail.mbox.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with server_with(make_messages(2, seed=19)) as server:
+            argv = [f"{server.host}:{server.port}", "alice", "save", str(target)]
+            # A live pid in a lock made before the system started: another process now.
+            lock.write_text(f"{live.pid}\n")
+            os.utime(lock, (time.time() - 7200, time.time() - 7200))
+            monkeypatch.setattr(pop3lite, "_boot_time", lambda: time.time() - 3600)
+            assert pop3lite.main(argv) == 0
+            assert "made before the system started" in capsys.readouterr().err
+            assert not lock.exists()
+
+            lock.write_text(f"{live.pid}\n")  # made after the boot: live, waited for
+            monkeypatch.setattr(pop3lite, "_LOCK_WAIT", 20.0)
+            release = threading.Timer(0.5, lock.unlink)
+            release.start()
+            try:
+                assert pop3lite.main(argv) == 0
+            finally:
+                release.cancel()
+                release.join(30)
+            assert "stale" not in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert target.read_bytes().count(b"\nSubject: message") == 4
 
 
 # -- streaming -------------------------------------------------------------------------------
@@ -403,7 +600,8 @@ def test_max_size_skips_reports_and_keeps_the_big_message(
         ("Maildir", True, 20 + 8),  # a file each; 5 for the new layout, 1 journal creation,
         #                             1 new/ and 1 journal before the end
         ("Maildir", False, 0),  # keep mode without --new: nothing depends on durability
-        ("mbox", True, 20 + 3),  # the mbox after each message; its folder twice; the journal
+        ("mbox", True, 20 * 2 + 2),  # the mbox, then the journal after each message; the
+        #                              folder twice (the mbox and the journal created)
         ("mbox", False, 0),
     ],
 )
@@ -493,6 +691,23 @@ def test_quiet_prints_nothing_on_success(
         monkeypatch.setenv("POP3_PASSWORD", "wrong")
         assert pop3lite.main([address, "alice", "-q"]) == 3
         assert "login refused" in capsys.readouterr().err  # errors are still said
+
+
+def test_quiet_still_says_what_was_skipped_and_which_lock_was_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "mail.mbox"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    (tmp_path / "mail.mbox.lock").write_text(f"{dead.pid}\n")
+    with FakeServer(idle_timeout=10) as server:  # the seed: 5954 and 4226 octets
+        monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+        argv = [f"{server.host}:{server.port}", "hogehoge", "save", str(target), "-q"]
+        assert pop3lite.main([*argv, "--max-size", "5K"]) == 7
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "skipped 1 message larger than --max-size" in err
+    assert "took over the stale lock" in err and str(dead.pid) in err
 
 
 def test_ctrl_c_anywhere_in_main_exits_130_without_a_traceback(

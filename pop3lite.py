@@ -592,7 +592,7 @@ def find_body_end(
     if end is None:
         end = len(buf)
     dot_line = b"." + eol
-    if start + len(dot_line) <= end and buf[start : start + len(dot_line)] == dot_line:
+    if buf.startswith(dot_line, start, end):
         return start
     index = buf.find(eol + dot_line, max(start, search_from), end)
     return -1 if index < 0 else index + len(eol)
@@ -604,9 +604,45 @@ def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> by
     Done in bulk with one replace; ``data`` must end at a line end (or hold no line end).
     A line that starts with a single "." (a server bug) is kept as it is.
     """
-    if at_line_start and data[:2] == b"..":
+    if at_line_start and data.startswith(b".."):
         data = data[1:]
     return data.replace(eol + b"..", eol + b".")
+
+
+# Below this many octets per stuffed line, one replace() over a copy beats a loop per line.
+_DENSE_STUFFING = 256
+
+
+def unstuff_slice(
+    buf: bytes | bytearray, start: int, end: int, eol: bytes = b"\r\n", at_line_start: bool = True
+) -> bytes:
+    """``unstuff(buf[start:end])``, with one copy instead of two: the result is joined from the
+    slices of ``buf`` between the stuffed dots (mail has few lines that start with a dot).
+    Where nearly every line is stuffed, it falls back to unstuff() on a copy of the rest."""
+    stuffed = eol + b".."
+    slices: list[bytes | memoryview] = []
+    with memoryview(buf) as view:
+        try:
+            at = start + 1 if at_line_start and buf.startswith(b"..", start, end) else start
+            index = buf.find(stuffed, at, end)
+            while index >= 0:
+                if len(slices) >= 64 and index - start < _DENSE_STUFFING * len(slices):
+                    slices.append(unstuff(bytes(view[at:end]), eol, at_line_start=False))
+                    break
+                dot = index + len(eol)  # the stuffing dot, left out
+                slices.append(view[at:dot])
+                at = dot + 1
+                index = buf.find(stuffed, at, end)
+            else:
+                if not slices:
+                    with view[at:end] as part:
+                        return bytes(part)
+                slices.append(view[at:end])
+            return b"".join(slices)
+        finally:
+            for piece in slices:  # a bytearray with a view cannot be resized
+                if isinstance(piece, memoryview):
+                    piece.release()
 
 
 def to_crlf(data: bytes) -> bytes:
@@ -721,6 +757,7 @@ class ReplyReader:
         self._stream = False
         self._limit = 0
         self._end_event: BodyEnd | None = None
+        self._status_text: bytes | None = None  # a body's status line, until it is presized
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -821,58 +858,61 @@ class ReplyReader:
 
     def next_event(self) -> ReplyEvent | _NeedData:
         """The next event of the reply being read, or NEED_DATA."""
-        if self._end_event is not None:
-            event, self._end_event = self._end_event, None
+        end_event = self._end_event
+        if end_event is not None:
+            self._end_event = None
             self._complete()
-            return event
-        if not self._expected:
-            raise RuntimeError("next_event() with no reply expected")
+            return end_event
         if self._in_body:
             return self._body_event()
+        if not self._expected:
+            raise RuntimeError("next_event() with no reply expected")
         return self._status_event()
 
     def _status_event(self) -> ReplyEvent | _NeedData:
         expected = self._expected[0]
         limit = MAX_SASL_LINE if expected.sasl else MAX_RESPONSE_LINE
-        index = self._buf.find(b"\n", self._search, self._end)
-        if index < 0 or index + 1 - self._start > limit:
-            if self._end - self._start > limit or index >= 0:
+        buf, start = self._buf, self._start
+        index = buf.find(b"\n", self._search, self._end)
+        if index < 0 or index + 1 - start > limit:
+            if self._end - start > limit or index >= 0:
                 raise LimitExceeded(
-                    f"server line longer than {limit} octets",
-                    bytes(self._buf[self._start : self._start + 80]),
+                    f"server line longer than {limit} octets", bytes(buf[start : start + 80])
                 )
             self._search = self._end
             return NEED_DATA
-        line = bytes(self._buf[self._start : index + 1])
         self._start = self._search = index + 1
-        if line.find(b"\r", 0, len(line) - 2) >= 0:
-            raise ProtocolError("bare CR in a server line", line)
-        if line.endswith(b"\r\n"):
-            self.eol, line = b"\r\n", line[:-2]
+        if index > start and buf[index - 1] == 13:  # CR LF
+            self.eol, line_end = b"\r\n", index - 1
         else:
-            self.eol, line = b"\n", line[:-1]
+            self.eol, line_end = b"\n", index
+        if buf.find(b"\r", start, line_end) >= 0:
+            raise ProtocolError("bare CR in a server line", bytes(buf[start : index + 1]))
+        line = bytes(buf[start:line_end])
         # "+" alone or "+ <base64>" is a continuation; "+OK" (or "+OKAY") is a status line.
         if expected.sasl and line[:1] == b"+" and line[:3] != b"+OK":
             self._complete()  # the server now waits for our answer: nothing may follow
             return Challenge(line[2:])
         ok, text = parse_status(line)
-        if ok and expected.multiline:
-            self._start_body(expected, text)
+        if ok and expected.multiline:  # a body follows
+            self._in_body = True
+            self._stream = expected.stream
+            self._limit = expected.limit
+            self._at_line_start = True
+            self._octets = 0
+            # For _presize(), if the body has not all arrived with its status line.
+            self._status_text = text
         else:
             self._complete()
         return StatusLine(ok, text)
 
-    def _start_body(self, expected: Expected, status_text: bytes) -> None:
-        self._in_body = True
-        self._stream = expected.stream
-        self._limit = expected.limit
-        self._at_line_start = True
-        self._octets = 0
-        announced = parse_announced_size(status_text) or 0
-        if not self._stream and announced > RECV_SIZE:
-            # Receive a large message into one buffer of about its size (the announced size is
-            # of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit.
-            size = min(announced, expected.limit)
+    def _presize(self) -> None:
+        """Receive a large message into one buffer of about its size (the announced size is of
+        the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit."""
+        announced = parse_announced_size(self._status_text or b"") or 0
+        self._status_text = None
+        if announced > RECV_SIZE:
+            size = min(announced, self._limit)
             self._make_room(size + size // 64 + 4096)
 
     def _body_event(self) -> ReplyEvent | _NeedData:
@@ -884,14 +924,20 @@ class ReplyReader:
             body_end = -1 if index < 0 else index + len(eol)
         if body_end >= 0:
             self._start = self._search = body_end + len(eol) + 1
-            self._end_event = BodyEnd(self._octets)
             if body_end == start:
-                return self.next_event()
-            return self._piece(start, body_end, self._at_line_start)
+                self._complete()
+                return BodyEnd(self._octets)
+            piece = self._piece(start, body_end, self._at_line_start)
+            self._end_event = BodyEnd(self._octets)
+            return piece
         unread = end - start
         if not self._stream:
             if unread > self._limit + len(eol) + 1:
                 raise LimitExceeded(f"response larger than {self._limit} octets")
+            if self._status_text is not None:
+                self._search = max(start, end - 2 * len(eol))
+                self._presize()
+                return NEED_DATA
         elif unread >= STREAM_CHUNK:
             cut, at_line_start = safe_cut(buf, start, end, eol)
             if cut > start:
@@ -903,22 +949,20 @@ class ReplyReader:
         return NEED_DATA
 
     def _piece(self, start: int, end: int, at_line_start: bool) -> BodyPiece:
-        with memoryview(self._buf) as view, view[start:end] as part:
-            data = unstuff(bytes(part), self.eol, at_line_start)
+        data = unstuff_slice(self._buf, start, end, self.eol, at_line_start)
         if self.eol == b"\n":
             data = to_crlf(data)
         self._octets += len(data)
         if not self._stream and self._octets > self._limit:
             raise LimitExceeded(f"response larger than {self._limit} octets")
-        if self._end_event is not None:
-            self._end_event = BodyEnd(self._octets)
         return BodyPiece(data)
 
     def _complete(self) -> None:
         """The reply at the head of the queue is complete."""
         last = self._expected.popleft().last
         self._in_body = False
-        self._shrink()
+        if self._start == self._end or len(self._buf) > 4 * RECV_SIZE:
+            self._shrink()
         # Nothing may follow a reply nobody asked for: surplus bytes mean the server answered
         # something else (or injected a reply), and every later reply would be misread.
         if not self._expected and self._end > self._start and not last:
@@ -2048,14 +2092,15 @@ class POP3:
 
     def _event(self, doing: str = "reading a response") -> ReplyEvent:
         """The next event of the reply being read: the one receive loop of the client."""
-        reader = self._reader
-        self._transport.check_open()  # after a failure the reader's state means nothing
+        reader, transport = self._reader, self._transport
+        if not transport.is_open:  # after a failure the reader's state means nothing
+            transport.check_open()  # raises, saying why the connection closed
         try:
-            while True:
+            event = reader.next_event()
+            while isinstance(event, _NeedData):
+                transport.receive(reader, doing)
                 event = reader.next_event()
-                if not isinstance(event, _NeedData):
-                    return event
-                self._transport.receive(reader, doing)
+            return event
         except Error as exc:  # framing broke: the session is out of step
             self._transport.fail(exc)
         except BaseException:  # Ctrl-C, say: the rest of the reply is still on its way
@@ -2067,7 +2112,8 @@ class POP3:
         event = self._event()
         if not isinstance(event, StatusLine):  # only an AUTH exchange expects a Challenge
             self._transport.fail(ProtocolError(f"expected a status line, not {event!r}"))
-        self._log_status(event)
+        if self._reader.eol != b"\r\n" or self._log.isEnabledFor(_DEBUG):
+            self._log_status(event)
         if event.ok:
             return event.text
         code, rest = parse_response_code(event.text)
@@ -2082,13 +2128,13 @@ class POP3:
 
     def _body(self) -> bytes:
         """Read a whole multi-line body (after its +OK)."""
-        pieces = []
-        while True:
+        body = b""
+        event = self._event("reading a multi-line response")
+        if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
+            body = event.data
             event = self._event("reading a multi-line response")
-            if isinstance(event, BodyEnd):
-                break
-            pieces.append(cast(BodyPiece, event).data)
-        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if not isinstance(event, BodyEnd):
+            self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
         if self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
@@ -2591,13 +2637,14 @@ class POP3:
             if self._batch is not None:
                 self._absorb(self._batch)
             self._batch = batch
-        self._top_up(batch)
+        if batch.sent < len(batch.numbers):
+            self._top_up(batch)
         result = self._read_batch_reply(batch)
         if batch.answered == batch.sent:
             self._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
-    def _expected_octets(self, batch: _Batch, number: int) -> int:
+    def _expected_octets(self, batch: _Batch, number: int | None) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
         the average so far (at first, half the budget: two commands until we know more)."""
         if not batch.multiline:
@@ -2618,21 +2665,33 @@ class POP3:
             return
         encoding = "utf-8" if self._utf8 else "ascii"
         expected = Expected(multiline=batch.multiline, limit=self.max_message_size)
-        lines = []
-        while batch.sent < len(batch.numbers) and batch.sent - batch.answered < batch.window:
-            number = batch.numbers[batch.sent]
-            line = format_command(batch.verb, str(number), *batch.extra, encoding=encoding)
-            octets = self._expected_octets(batch, number)
-            if batch.sent > batch.answered and (
-                batch.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
-                or batch.inflight_response_octets + octets > PIPELINE_MEMORY
+        verb, extra, numbers, window = batch.verb, batch.extra, batch.numbers, batch.window
+        guess = self._expected_octets(batch, None)  # for a number without a known size
+        sizes = self._sizes if batch.multiline and self._sizes is not None else {}
+        # The books are kept in locals and written back once nothing more can raise.
+        sent, answered = batch.sent, batch.answered
+        command_octets = batch.inflight_command_octets
+        response_octets = batch.inflight_response_octets
+        lines, books = [], []
+        while sent < len(numbers) and sent - answered < window:
+            number = numbers[sent]
+            line = format_command(verb, str(number), *extra, encoding=encoding)
+            octets = sizes.get(number, guess)
+            if sent > answered and (
+                command_octets + len(line) > PIPELINE_WINDOW_BYTES
+                or response_octets + octets > PIPELINE_MEMORY
             ):
                 break
             lines.append(line)
-            batch.inflight.append((len(line), octets))
-            batch.inflight_command_octets += len(line)
-            batch.inflight_response_octets += octets
-            batch.sent += 1
+            books.append((len(line), octets))
+            command_octets += len(line)
+            response_octets += octets
+            sent += 1
+        batch.inflight.extend(books)
+        batch.inflight_command_octets = command_octets
+        batch.inflight_response_octets = response_octets
+        batch.sent = sent
+        for _ in lines:
             self._reader.expect(expected)
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
@@ -2643,14 +2702,14 @@ class POP3:
     def _read_batch_reply(self, batch: _Batch) -> Fetched:
         number = batch.numbers[batch.answered]
         self._transport.start_operation()
-        data = announced = error = None
+        data = error = None
+        text = b""
         try:
             text = self._status(batch.verb)
         except ServerError as exc:
             error = exc
         else:
             if batch.multiline:
-                announced = parse_announced_size(text) if batch.verb == "RETR" else None
                 data = self._body()
             elif batch.verb == "DELE":
                 self._marked.add(number)
@@ -2661,8 +2720,9 @@ class POP3:
         batch.inflight_response_octets -= octets
         if data is not None:
             batch.received += len(data)
-            if batch.verb == "RETR":
-                self._check_size(number, len(data), announced)
+            # Parsed only when it is not plainly "<the size> octets".
+            if batch.verb == "RETR" and not text.startswith(b"%d octets" % len(data)):
+                self._check_size(number, len(data), parse_announced_size(text))
         return Fetched(number, data, error)
 
     def _absorb(self, batch: _Batch) -> None:

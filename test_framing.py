@@ -282,3 +282,26 @@ def test_what_a_closed_connection_means(raw: bytes, error: type, message: str) -
     assert type(closed) is error
     with pytest.raises(error, match=message):
         raise closed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"plain\r\n",
+        b"..first\r\nsecond\r\n",
+        b"a\r\n..b\r\n...c\r\n..\r\n",
+        b"..\r\n" * 300,  # dense: the one-replace fallback
+        b"x\r\n" + b"..y\r\n" * 100 + b"tail\r\n",
+        b"..mid\r\n..line..\r\n",
+    ],
+    ids=["empty", "no dots", "first line", "mixed", "dense", "dense after a line", "inner dots"],
+)
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["CRLF", "LF"])
+def test_unstuff_slice_is_unstuff_of_the_slice(body: bytes, eol: bytes) -> None:
+    body = body.replace(b"\r\n", eol)
+    buf = bytearray(b"junk" + body + b"junk")
+    for at_line_start in (True, False):
+        want = pop3lite.unstuff(body, eol, at_line_start)
+        assert pop3lite.unstuff_slice(buf, 4, 4 + len(body), eol, at_line_start) == want
+    buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized

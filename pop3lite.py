@@ -552,15 +552,13 @@ def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     Raises ValueError, before anything is sent, for CR, LF or NUL in any argument (they would
     smuggle a second command onto the wire) and for lines over 255 octets (RFC 2449 section 4).
     """
-    parts = [verb]
     for arg in args:
         if not isinstance(arg, str):
             raise TypeError(f"POP3 arguments must be str, not {type(arg).__name__}")
         if "\r" in arg or "\n" in arg or "\0" in arg:
             raise ValueError(f"argument to {verb} contains CR, LF or NUL")
-        parts.append(arg)
     try:
-        line = " ".join(parts).encode(encoding) + b"\r\n"
+        line = " ".join((verb, *args)).encode(encoding) + b"\r\n"
     except UnicodeEncodeError:
         line = b""
     if not line:
@@ -613,36 +611,38 @@ def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> by
 _DENSE_STUFFING = 256
 
 
+def cut_out(buf: bytes | bytearray, start: int, end: int, offsets: Iterable[int]) -> bytes:
+    """``buf[start:end]`` without the octets at ``offsets`` (from ``start``, ascending), copied
+    once: joined from views of the slices between them."""
+    parts: list[memoryview] = []
+    with memoryview(buf) as view:
+        try:
+            at = start
+            for offset in offsets:
+                parts.append(view[at : start + offset])
+                at = start + offset + 1
+            parts.append(view[at:end])
+            return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        finally:
+            for part in parts:  # a bytearray with a view cannot be resized
+                part.release()
+
+
 def unstuff_slice(
     buf: bytes | bytearray, start: int, end: int, eol: bytes = b"\r\n", at_line_start: bool = True
 ) -> bytes:
-    """``unstuff(buf[start:end])``, with one copy instead of two: the result is joined from the
-    slices of ``buf`` between the stuffed dots (mail has few lines that start with a dot).
-    Where nearly every line is stuffed, it falls back to unstuff() on a copy of the rest."""
+    """``unstuff(buf[start:end])``, copied once instead of twice (see cut_out): mail has few
+    lines that start with a dot. Where nearly every line does, one replace() is faster."""
     stuffed = eol + b".."
-    slices: list[bytes | memoryview] = []
-    with memoryview(buf) as view:
-        try:
-            at = start + 1 if at_line_start and buf.startswith(b"..", start, end) else start
-            index = buf.find(stuffed, at, end)
-            while index >= 0:
-                if len(slices) >= 64 and index - start < _DENSE_STUFFING * len(slices):
-                    slices.append(unstuff(bytes(view[at:end]), eol, at_line_start=False))
-                    break
-                dot = index + len(eol)  # the stuffing dot, left out
-                slices.append(view[at:dot])
-                at = dot + 1
-                index = buf.find(stuffed, at, end)
-            else:
-                if not slices:
-                    with view[at:end] as part:
-                        return bytes(part)
-                slices.append(view[at:end])
-            return b"".join(slices)
-        finally:
-            for piece in slices:  # a bytearray with a view cannot be resized
-                if isinstance(piece, memoryview):
-                    piece.release()
+    offsets = [0] if at_line_start and buf.startswith(b"..", start, end) else []
+    index = buf.find(stuffed, start, end)
+    while index >= 0:
+        if len(offsets) >= 64 and index - start < _DENSE_STUFFING * len(offsets):
+            return unstuff(cut_out(buf, start, end, ()), eol, at_line_start)
+        dot = index + len(eol)  # the stuffing dot, left out
+        offsets.append(dot - start)
+        index = buf.find(stuffed, dot + 1, end)
+    return cut_out(buf, start, end, offsets)
 
 
 def to_crlf(data: bytes) -> bytes:
@@ -758,6 +758,11 @@ class ReplyReader:
         self._limit = 0
         self._end_event: BodyEnd | None = None
         self._status_text: bytes | None = None  # a body's status line, until it is presized
+        # A body delivered whole is scanned once: every line end followed by "." is either a
+        # stuffed dot (its offset is kept here) or the terminator. None: scan twice (streams,
+        # and bodies where nearly every line is stuffed).
+        self._stuffed: list[int] | None = None
+        self._first_line = True  # (whole bodies) the first line is yet to be looked at
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -902,6 +907,8 @@ class ReplyReader:
             self._octets = 0
             # For _presize(), if the body has not all arrived with its status line.
             self._status_text = text
+            self._stuffed = None if expected.stream else []
+            self._first_line = True
         else:
             self._complete()
         return StatusLine(ok, text)
@@ -915,7 +922,66 @@ class ReplyReader:
             size = min(announced, self._limit)
             self._make_room(size + size // 64 + 4096)
 
+    def _whole_body_event(self) -> ReplyEvent | _NeedData:
+        """The next event of a body delivered whole, found in one scan for line ends followed
+        by a dot: a second dot is stuffing (cut out at the end), a line end the terminator."""
+        buf, start, end, eol = self._buf, self._start, self._end, self.eol
+        stuffed = cast(List[int], self._stuffed)
+        dot = -1  # where the terminating "." line begins, once found
+        if self._first_line:  # it has no line end before it
+            if end - start < 1 + len(eol):
+                return self._more_body(start, end)
+            if buf[start] == 46:  # "."
+                if buf[start + 1] == 46:
+                    stuffed.append(0)
+                elif buf.startswith(eol, start + 1):
+                    dot = start
+            self._first_line = False
+        if dot < 0:
+            marker = eol + b"."
+            index = buf.find(marker, max(start, self._search), end)
+            while index >= 0:
+                at = index + len(eol)  # a line that starts with "."
+                if at + 1 + len(eol) > end:
+                    break  # too close to the end to tell
+                if buf[at + 1] == 46:
+                    stuffed.append(at - start)
+                    if len(stuffed) >= 64 and at - start < _DENSE_STUFFING * len(stuffed):
+                        self._stuffed = None  # nearly every line: see unstuff_slice()
+                        self._search = index
+                        return self._body_event()
+                elif buf.startswith(eol, at + 1):
+                    dot = at
+                    break
+                index = buf.find(marker, at + 1, end)
+            if dot < 0:
+                self._search = index if index >= 0 else max(start, end - len(marker) + 1)
+                return self._more_body(start, end)
+        self._start = self._search = dot + len(eol) + 1
+        self._stuffed = None
+        if dot == start:
+            self._complete()
+            return BodyEnd(0)
+        data = cut_out(buf, start, dot, stuffed)
+        if eol == b"\n":
+            data = to_crlf(data)
+        if len(data) > self._limit:
+            raise LimitExceeded(f"response larger than {self._limit} octets")
+        self._octets = len(data)
+        self._end_event = BodyEnd(self._octets)
+        return BodyPiece(data)
+
+    def _more_body(self, start: int, end: int) -> _NeedData:
+        """A whole body needs more data: check its limit, and size the buffer for it."""
+        if end - start > self._limit + len(self.eol) + 1:
+            raise LimitExceeded(f"response larger than {self._limit} octets")
+        if self._status_text is not None:
+            self._presize()
+        return NEED_DATA
+
     def _body_event(self) -> ReplyEvent | _NeedData:
+        if self._stuffed is not None:
+            return self._whole_body_event()
         buf, start, end, eol = self._buf, self._start, self._end, self.eol
         if self._at_line_start:
             body_end = find_body_end(buf, start, self._search, eol, end)
@@ -1997,6 +2063,9 @@ class POP3:
         self._quit_sent = False
         self._batch: _Batch | None = None
         self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
+        # The maildrop's size from STAT: an upper bound for the rest of the session (RFC 1939
+        # section 8: the maildrop is locked, DELE only takes away), to plan pipelining.
+        self._maildrop_octets: int | None = None
         # RFC 1939 section 8: the maildrop is locked for the session, so its messages keep
         # their numbers; only DELE (undone by RSET) hides one. A listing that names a number
         # beyond ``_highest`` is not a gap but a server out of step with itself.
@@ -2463,6 +2532,7 @@ class POP3:
     def stat(self) -> Stat:
         """STAT: Stat(count, size) of the messages not marked as deleted."""
         stat = parse_stat(self._simple("STAT"))
+        self._maildrop_octets = stat.size
         if self._highest is None:
             self._highest = stat.count + len(self._marked)
         return stat
@@ -2646,14 +2716,19 @@ class POP3:
 
     def _expected_octets(self, batch: _Batch, number: int | None) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
-        the average so far (at first, half the budget: two commands until we know more)."""
+        the average so far. Before the first answer only two bounds are known: STAT's size of
+        the whole maildrop (trusted as LIST sizes are: when it fits the budget, so does any
+        batch) and max_message_size (the reader refuses more). Without a smaller one, half the
+        budget: two commands, until the first answer tells more."""
         if not batch.multiline:
+            return 0
+        if self._maildrop_octets is not None and self._maildrop_octets <= PIPELINE_MEMORY:
             return 0
         if self._sizes is not None and number in self._sizes:  # TOP's is at most that
             return self._sizes[number]
         if batch.answered:
             return batch.received // batch.answered
-        return PIPELINE_MEMORY // 2
+        return min(PIPELINE_MEMORY // 2, self.max_message_size)
 
     def _top_up(self, batch: _Batch) -> None:
         """Send more commands once an eighth of the window (or all that is left) is free:

@@ -93,6 +93,16 @@ CASES = {
         [MULTI],
         [StatusLine(True, b""), BodyPiece(b"a\r\n.b\r\n"), BodyEnd(7)],
     ),
+    "sparse, then dense stuffing": (
+        b"+OK\r\n" + b"line\r\n" * 30 + b"..s\r\n" * 70 + b".\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b"line\r\n" * 30 + b".s\r\n" * 70), BodyEnd(460)],
+    ),
+    "single dot lines": (
+        b"+OK\r\n.a\r\nb\r\n.c\r\n.\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b".a\r\nb\r\n.c\r\n"), BodyEnd(11)],
+    ),
     "SASL challenge": (b"+ dXNlcg==\r\n", [SASL], [Challenge(b"dXNlcg==")]),
     "SASL empty challenge": (b"+\r\n", [SASL], [Challenge(b"")]),
     "SASL final": (b"+OK logged in\r\n", [SASL], [StatusLine(True, b"logged in")]),

@@ -1085,6 +1085,43 @@ def test_pipeline_keeps_expected_response_octets_within_budget() -> None:
             b"small 1\r\n", b"small 2\r\n", b"small 3\r\n"]
 
 
+def test_a_maildrop_within_the_budget_is_pipelined_at_once() -> None:
+    # STAT says the whole maildrop is 30 octets: no batch can hold more, so every RETR goes
+    # out in the first write instead of two, then the rest after the first answer.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"STAT\r\n", b"+OK 3 30\r\n")
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(3)] == [b"RETR 1\r\n", b"RETR 2\r\n", b"RETR 3\r\n"]
+        peer.send(b"+OK\r\na\r\n.\r\n+OK\r\nb\r\n.\r\n+OK\r\nc\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        count, _ = pop.stat()
+        fetched = [r.data for r in pop.retr_many(range(1, count + 1))]
+        assert fetched == [b"a\r\n", b"b\r\n", b"c\r\n"]
+
+
+def test_max_message_size_bounds_the_first_window() -> None:
+    # Sizes unknown: no reply can exceed max_message_size (1 MiB), so the 8 MiB budget holds
+    # eight of them in flight from the start.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(8)] == [b"RETR %d\r\n" % n for n in range(1, 9)]
+        peer.conn.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            peer.conn.recv(1)  # RETR 9 would exceed the budget: not sent yet
+        peer.conn.settimeout(TIMEOUT)
+        peer.send(b"+OK\r\nx\r\n.\r\n" * 8)
+        assert peer.line() == b"RETR 9\r\n"
+        peer.send(b"+OK\r\nx\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port, max_message_size=1024 * 1024) as pop:
+        assert len(list(pop.retr_many(range(1, 10)))) == 9
+
+
 def test_pipeline_window_bounds_commands_in_flight() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)

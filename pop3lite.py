@@ -611,28 +611,38 @@ def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> by
 _DENSE_STUFFING = 256
 
 
-def cut_out(buf: bytes | bytearray, start: int, end: int, offsets: Iterable[int]) -> bytes:
-    """``buf[start:end]`` without the octets at ``offsets`` (from ``start``, ascending), copied
-    once: joined from views of the slices between them."""
-    parts: list[memoryview] = []
+def cut_out(buf: bytearray, start: int, end: int, offsets: Iterable[int]) -> bytes:
+    """``buf[start:end]`` without the octets at ``offsets`` (from ``start``, ascending), as
+    bytes copied once. The slices between them are first moved together inside ``buf``, which
+    is overwritten: no memory is needed beyond the result."""
     with memoryview(buf) as view:
-        try:
-            at = start
-            for offset in offsets:
-                parts.append(view[at : start + offset])
-                at = start + offset + 1
-            parts.append(view[at:end])
-            return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-        finally:
-            for part in parts:  # a bytearray with a view cannot be resized
-                part.release()
+        write = -1  # where the next kept slice goes, once the first octet is cut out
+        read = start
+        for offset in offsets:
+            cut = start + offset
+            if write < 0:
+                write = cut
+            elif cut > read:
+                with view[read:cut] as part:
+                    view[write : write + len(part)] = part  # overlapping: a memmove
+                write += cut - read
+            read = cut + 1
+        if write < 0:
+            write = read = end
+        elif end > read:
+            with view[read:end] as part:
+                view[write : write + len(part)] = part
+            write += end - read
+        with view[start:write] as part:
+            return bytes(part)
 
 
 def unstuff_slice(
-    buf: bytes | bytearray, start: int, end: int, eol: bytes = b"\r\n", at_line_start: bool = True
+    buf: bytearray, start: int, end: int, eol: bytes = b"\r\n", at_line_start: bool = True
 ) -> bytes:
-    """``unstuff(buf[start:end])``, copied once instead of twice (see cut_out): mail has few
-    lines that start with a dot. Where nearly every line does, one replace() is faster."""
+    """``unstuff(buf[start:end])``, copied once instead of twice; ``buf[start:end]`` is
+    overwritten (see cut_out). Mail has few lines that start with a dot; where nearly every
+    line does, one replace() over a copy is faster than a loop per line."""
     stuffed = eol + b".."
     offsets = [0] if at_line_start and buf.startswith(b"..", start, end) else []
     index = buf.find(stuffed, start, end)

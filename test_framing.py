@@ -310,8 +310,8 @@ def test_what_a_closed_connection_means(raw: bytes, error: type, message: str) -
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["CRLF", "LF"])
 def test_unstuff_slice_is_unstuff_of_the_slice(body: bytes, eol: bytes) -> None:
     body = body.replace(b"\r\n", eol)
-    buf = bytearray(b"junk" + body + b"junk")
     for at_line_start in (True, False):
+        buf = bytearray(b"junk" + body + b"junk")  # the slice is overwritten
         want = pop3lite.unstuff(body, eol, at_line_start)
         assert pop3lite.unstuff_slice(buf, 4, 4 + len(body), eol, at_line_start) == want
-    buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized
+        buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized

@@ -570,6 +570,22 @@ def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     return line
 
 
+def format_numbered(verb: str, *extra: str, encoding: str = "ascii") -> Callable[[int], bytes]:
+    """``format_command(verb, str(number), *extra)`` as a function of a message number, for
+    batches: the verb and ``extra`` are checked once, here; a number adds only digits."""
+    sample = format_command(verb, "0", *extra, encoding=encoding)
+    head, tail = sample[: len(verb) + 1], sample[len(verb) + 2 :]
+
+    def format_line(number: int) -> bytes:
+        line = b"%s%d%s" % (head, number, tail)
+        if len(line) > MAX_COMMAND_LENGTH:
+            limit = MAX_COMMAND_LENGTH
+            raise ValueError(f"{verb} command is {len(line)} octets; POP3 allows {limit}")
+        return line
+
+    return format_line
+
+
 def message_number(number: int) -> str:
     """A message number as a command argument; ValueError unless it is a positive int."""
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
@@ -937,9 +953,10 @@ class ReplyReader:
         by a dot: a second dot is stuffing (cut out at the end), a line end the terminator."""
         buf, start, end, eol = self._buf, self._start, self._end, self.eol
         stuffed = cast(List[int], self._stuffed)
+        last = end - 1 - len(eol)  # the last place a "." line can begin and be told apart
         dot = -1  # where the terminating "." line begins, once found
         if self._first_line:  # it has no line end before it
-            if end - start < 1 + len(eol):
+            if start > last:
                 return self._more_body(start, end)
             if buf[start] == 46:  # "."
                 if buf[start + 1] == 46:
@@ -950,9 +967,10 @@ class ReplyReader:
         if dot < 0:
             marker = eol + b"."
             index = buf.find(marker, max(start, self._search), end)
+            skip = len(eol)
             while index >= 0:
-                at = index + len(eol)  # a line that starts with "."
-                if at + 1 + len(eol) > end:
+                at = index + skip  # a line that starts with "."
+                if at > last:
                     break  # too close to the end to tell
                 if buf[at + 1] == 46:
                     stuffed.append(at - start)
@@ -2751,6 +2769,7 @@ class POP3:
         encoding = "utf-8" if self._utf8 else "ascii"
         expected = Expected(multiline=batch.multiline, limit=self.max_message_size)
         verb, extra, numbers, window = batch.verb, batch.extra, batch.numbers, batch.window
+        format_line = format_numbered(verb, *extra, encoding=encoding)
         guess = self._expected_octets(batch, None)  # for a number without a known size
         sizes = self._sizes if batch.multiline and self._sizes is not None else {}
         # The books are kept in locals and written back once nothing more can raise.
@@ -2760,7 +2779,7 @@ class POP3:
         lines, books = [], []
         while sent < len(numbers) and sent - answered < window:
             number = numbers[sent]
-            line = format_command(verb, str(number), *extra, encoding=encoding)
+            line = format_line(number)
             octets = sizes.get(number, guess)
             if sent > answered and (
                 command_octets + len(line) > PIPELINE_WINDOW_BYTES

@@ -389,6 +389,19 @@ def test_format_command_refuses_line_breaks_and_nul(bad: str) -> None:
         format_command("USER", bad)
 
 
+@pytest.mark.parametrize(
+    ("verb", "extra"), [("RETR", ()), ("TOP", ("0",)), ("TOP", ("25",)), ("DELE", ())]
+)
+def test_format_numbered_is_format_command(verb: str, extra: tuple[str, ...]) -> None:
+    format_line = pop3lite.format_numbered(verb, *extra)
+    for number in (1, 9, 10, 4321, 10**19):
+        assert format_line(number) == format_command(verb, str(number), *extra)
+    with pytest.raises(ValueError, match="255"):
+        pop3lite.format_numbered("TOP", "9" * 240)(10**20)
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        pop3lite.format_numbered("TOP", "1\r\nDELE 1")
+
+
 def test_format_command_enforces_255_octets() -> None:
     assert len(format_command("USER", "u" * 248)) == 255
     with pytest.raises(ValueError, match="256 octets"):

@@ -1800,17 +1800,15 @@ class _Transport:
         self.cipher: str | None = None
         self.peer_certificate: dict[str, Any] | None = None
         self._sock: socket.socket | None = None
+        self.is_open = False  # an attribute, not a property: it is read once per reply event
         try:
             self._sock = socket.create_connection((host, port), timeout, source_address)
+            self.is_open = True
             self.peer_address = str(self._sock.getpeername()[0])
         except OSError as exc:
             self.fail(self._error(exc, "connecting"))
 
     # -- lifetime and errors ----------------------------------------------------------------
-
-    @property
-    def is_open(self) -> bool:
-        return self._sock is not None
 
     def _live(self) -> socket.socket:
         """The socket; a closed connection raises NetworkError saying why it closed."""
@@ -1823,6 +1821,7 @@ class _Transport:
 
     def close(self, reason: str = "closed by the client") -> None:
         sock, self._sock = self._sock, None
+        self.is_open = False
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
             sock.close()

@@ -952,8 +952,10 @@ class ReplyReader:
         """The next event of a body delivered whole, found in one scan for line ends followed
         by a dot: a second dot is stuffing (cut out at the end), a line end the terminator."""
         buf, start, end, eol = self._buf, self._start, self._end, self.eol
-        stuffed = cast(List[int], self._stuffed)
-        last = end - 1 - len(eol)  # the last place a "." line can begin and be told apart
+        stuffed = self._stuffed
+        assert stuffed is not None
+        skip = len(eol)
+        last = end - 1 - skip  # the last place a "." line can begin and be told apart
         dot = -1  # where the terminating "." line begins, once found
         if self._first_line:  # it has no line end before it
             if start > last:
@@ -966,8 +968,8 @@ class ReplyReader:
             self._first_line = False
         if dot < 0:
             marker = eol + b"."
-            index = buf.find(marker, max(start, self._search), end)
-            skip = len(eol)
+            find = buf.find
+            index = find(marker, max(start, self._search), end)
             while index >= 0:
                 at = index + skip  # a line that starts with "."
                 if at > last:
@@ -981,22 +983,22 @@ class ReplyReader:
                 elif buf.startswith(eol, at + 1):
                     dot = at
                     break
-                index = buf.find(marker, at + 1, end)
+                index = find(marker, at + 1, end)
             if dot < 0:
-                self._search = index if index >= 0 else max(start, end - len(marker) + 1)
+                self._search = index if index >= 0 else max(start, end - skip)
                 return self._more_body(start, end)
-        self._start = self._search = dot + len(eol) + 1
+        self._start = self._search = dot + skip + 1
         self._stuffed = None
         if dot == start:
             self._complete()
             return BodyEnd(0)
         data = cut_out(buf, start, dot, stuffed)
-        if eol == b"\n":
+        if skip == 1:  # a bare-LF server
             data = to_crlf(data)
-        if len(data) > self._limit:
+        octets = self._octets = len(data)
+        if octets > self._limit:
             raise LimitExceeded(f"response larger than {self._limit} octets")
-        self._octets = len(data)
-        self._end_event = BodyEnd(self._octets)
+        self._end_event = BodyEnd(octets)
         return BodyPiece(data)
 
     def _more_body(self, start: int, end: int) -> _NeedData:

@@ -1958,6 +1958,26 @@ def _get_logger() -> logging.Logger:
     return logging.getLogger("pop3lite")
 
 
+class _Log:
+    """The "pop3lite" logger, looked up once something has imported logging. Until then no
+    handler or level can have been set, so nothing would be logged, and the import (several
+    milliseconds, most of a short session's start-up) is saved."""
+
+    def __init__(self) -> None:
+        self._logger: logging.Logger | None = None
+
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name: it stands in for one
+        if self._logger is None:
+            if "logging" not in sys.modules:
+                return False
+            self._logger = _get_logger()
+        return self._logger.isEnabledFor(level)
+
+    def debug(self, message: str, *args: object) -> None:
+        if self.isEnabledFor(_DEBUG):
+            cast("logging.Logger", self._logger).debug(message, *args)
+
+
 def _check_lines(lines: int) -> str:
     if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
         raise ValueError(f"lines must be a non-negative integer, not {lines!r}")
@@ -2083,7 +2103,7 @@ class POP3:
         self.loopback = False
         self._tls_mode = tls
         self._ssl_context = ssl_context
-        self._log = _get_logger()
+        self._log = _Log()
         self._reader = ReplyReader()
         self._caps: Capabilities | None = None
         self._caps_before_login: Capabilities | None = None

@@ -595,6 +595,45 @@ def test_greeting_err_raises_typed_error() -> None:
     assert info.value.text == "too many connections"
 
 
+_WITHOUT_LOGGING = """
+import socket, sys, threading
+import pop3lite
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+listener.settimeout(10)
+
+def serve():
+    conn, _ = listener.accept()
+    conn.settimeout(10)
+    conn.sendall(b"+OK ready\\r\\n")
+    for reply in (b"+OK\\r\\n", b"+OK bye\\r\\n"):
+        conn.recv(100)
+        conn.sendall(reply)
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+with pop3lite.POP3("127.0.0.1", listener.getsockname()[1], tls="none", timeout=10) as pop:
+    pop.noop()
+print("logging" in sys.modules)
+"""
+
+
+def test_a_session_does_not_import_logging_unless_the_program_did() -> None:
+    # Nothing can have configured a logger that nothing imported: the import (a few ms of a
+    # short session) is saved. Once the program imports logging, the log works (see below).
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LOGGING], capture_output=True, timeout=60, cwd=here
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [b"False"]
+
+
 def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)

@@ -123,7 +123,8 @@ to cover a 10 ms round trip at the rate the client parses small messages."""
 
 PIPELINE_MEMORY = 8 * 1024 * 1024
 """Octets of responses a batch lets into flight (by LIST sizes when known, else by the average
-so far): the most an interrupted batch has to hold in memory, besides the message at hand."""
+so far; before the first answer, by STAT's maildrop size or max_message_size if they are small):
+the most an interrupted batch has to hold in memory, besides the message at hand."""
 
 PIPELINE_WINDOW_BYTES = 16 * 1024
 """Octets of unanswered commands. Kept below the receive buffer of any common server (64 KiB
@@ -574,7 +575,8 @@ def format_numbered(verb: str, *extra: str, encoding: str = "ascii") -> Callable
     """``format_command(verb, str(number), *extra)`` as a function of a message number, for
     batches: the verb and ``extra`` are checked once, here; a number adds only digits."""
     sample = format_command(verb, "0", *extra, encoding=encoding)
-    head, tail = sample[: len(verb) + 1], sample[len(verb) + 2 :]
+    split = len(verb.encode(encoding)) + 1  # where the "0" is
+    head, tail = sample[:split], sample[split + 1 :]
 
     def format_line(number: int) -> bytes:
         line = b"%s%d%s" % (head, number, tail)

@@ -22,6 +22,7 @@ Standard library only; runs on CPython 3.7+ and PyPy.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import datetime
 import hashlib
@@ -31,6 +32,7 @@ import platform
 import queue
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -842,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     before_dir = None
     if args.before:
         before_dir = tempfile.mkdtemp(prefix="pop3lite-before-")
+        atexit.register(shutil.rmtree, before_dir, True)
         try:
             with open(os.path.join(before_dir, "pop3lite.py"), "wb") as f:
                 f.write(pop3lite_source(args.before))

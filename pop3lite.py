@@ -129,7 +129,8 @@ to cover a 10 ms round trip at the rate the client parses small messages."""
 
 PIPELINE_MEMORY = 8 * 1024 * 1024
 """Octets of responses a batch lets into flight (by LIST sizes when known, else by the average
-so far): the most an interrupted batch has to hold in memory, besides the message at hand."""
+so far; before the first answer, by STAT's maildrop size or max_message_size if they are small):
+the most an interrupted batch has to hold in memory, besides the message at hand."""
 
 PIPELINE_WINDOW_BYTES = 16 * 1024
 """Octets of unanswered commands. Kept below the receive buffer of any common server (64 KiB
@@ -710,15 +711,13 @@ def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     """
     if not _KEYWORD.fullmatch(verb):
         raise ValueError(f"not a POP3 keyword: {verb[:8]!r}")
-    parts = [verb]
     for arg in args:
         if not isinstance(arg, str):
             raise TypeError(f"POP3 arguments must be str, not {type(arg).__name__}")
         if "\r" in arg or "\n" in arg or "\0" in arg:
             raise ValueError(f"argument to {verb} contains CR, LF or NUL")
-        parts.append(arg)
     try:
-        line = " ".join(parts).encode(encoding) + b"\r\n"
+        line = " ".join((verb, *args)).encode(encoding) + b"\r\n"
     except UnicodeEncodeError:
         line = b""
     if not line:
@@ -728,6 +727,23 @@ def format_command(verb: str, *args: str, encoding: str = "ascii") -> bytes:
     if len(line) > MAX_COMMAND_LENGTH:
         raise ValueError(f"{verb} command is {len(line)} octets; POP3 allows {MAX_COMMAND_LENGTH}")
     return line
+
+
+def format_numbered(verb: str, *extra: str, encoding: str = "ascii") -> Callable[[int], bytes]:
+    """``format_command(verb, str(number), *extra)`` as a function of a message number, for
+    batches: the verb and ``extra`` are checked once, here; a number adds only digits."""
+    sample = format_command(verb, "0", *extra, encoding=encoding)
+    split = len(verb.encode(encoding)) + 1  # where the "0" is
+    head, tail = sample[:split], sample[split + 1 :]
+
+    def format_line(number: int) -> bytes:
+        line = b"%s%d%s" % (head, number, tail)
+        if len(line) > MAX_COMMAND_LENGTH:
+            limit = MAX_COMMAND_LENGTH
+            raise ValueError(f"{verb} command is {len(line)} octets; POP3 allows {limit}")
+        return line
+
+    return format_line
 
 
 def message_number(number: int) -> str:
@@ -750,7 +766,7 @@ def find_body_end(
     if end is None:
         end = len(buf)
     dot_line = b"." + eol
-    if start + len(dot_line) <= end and buf[start : start + len(dot_line)] == dot_line:
+    if buf.startswith(dot_line, start, end):
         return start
     index = buf.find(eol + dot_line, max(start, search_from), end)
     return -1 if index < 0 else index + len(eol)
@@ -762,9 +778,57 @@ def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> by
     Done in bulk with one replace; ``data`` must end at a line end (or hold no line end).
     A line that starts with a single "." (a server bug) is kept as it is.
     """
-    if at_line_start and data[:2] == b"..":
+    if at_line_start and data.startswith(b".."):
         data = data[1:]
     return data.replace(eol + b"..", eol + b".")
+
+
+# Below this many octets per stuffed line, one replace() over a copy beats a loop per line.
+_DENSE_STUFFING = 256
+
+
+def cut_out(buf: bytearray, start: int, end: int, offsets: Iterable[int]) -> bytes:
+    """``buf[start:end]`` without the octets at ``offsets`` (from ``start``, ascending), as
+    bytes copied once. The slices between them are first moved together inside ``buf``, which
+    is overwritten: no memory is needed beyond the result."""
+    with memoryview(buf) as view:
+        write = -1  # where the next kept slice goes, once the first octet is cut out
+        read = start
+        for offset in offsets:
+            cut = start + offset
+            if write < 0:
+                write = cut
+            elif cut > read:
+                with view[read:cut] as part:
+                    view[write : write + len(part)] = part  # overlapping: a memmove
+                write += cut - read
+            read = cut + 1
+        if write < 0:
+            write = read = end
+        elif end > read:
+            with view[read:end] as part:
+                view[write : write + len(part)] = part
+            write += end - read
+        with view[start:write] as part:
+            return bytes(part)
+
+
+def unstuff_slice(
+    buf: bytearray, start: int, end: int, eol: bytes = b"\r\n", at_line_start: bool = True
+) -> bytes:
+    """``unstuff(buf[start:end])``, copied once instead of twice; ``buf[start:end]`` is
+    overwritten (see cut_out). Mail has few lines that start with a dot; where nearly every
+    line does, one replace() over a copy is faster than a loop per line."""
+    stuffed = eol + b".."
+    offsets = [0] if at_line_start and buf.startswith(b"..", start, end) else []
+    index = buf.find(stuffed, start, end)
+    while index >= 0:
+        if len(offsets) >= 64 and index - start < _DENSE_STUFFING * len(offsets):
+            return unstuff(cut_out(buf, start, end, ()), eol, at_line_start)
+        dot = index + len(eol)  # the stuffing dot, left out
+        offsets.append(dot - start)
+        index = buf.find(stuffed, dot + 1, end)
+    return cut_out(buf, start, end, offsets)
 
 
 def to_crlf(data: bytes) -> bytes:
@@ -881,6 +945,12 @@ class ReplyReader:
         self._stream = False
         self._limit = 0
         self._end_event: BodyEnd | None = None
+        self._status_text: bytes | None = None  # a body's status line, until it is presized
+        # A body delivered whole is scanned once: every line end followed by "." is either a
+        # stuffed dot (its offset is kept here) or the terminator. None: scan twice (streams,
+        # and bodies where nearly every line is stuffed).
+        self._stuffed: list[int] | None = None
+        self._first_line = True  # (whole bodies) the first line is yet to be looked at
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -984,67 +1054,132 @@ class ReplyReader:
 
     def next_event(self) -> ReplyEvent | _NeedData:
         """The next event of the reply being read, or NEED_DATA."""
-        if self._end_event is not None:
-            event, self._end_event = self._end_event, None
+        end_event = self._end_event
+        if end_event is not None:
+            self._end_event = None
             self._complete()
-            return event
-        if not self._expected:
-            raise RuntimeError("next_event() with no reply expected")
+            return end_event
         if self._in_body:
             return self._body_event()
+        if not self._expected:
+            raise RuntimeError("next_event() with no reply expected")
         return self._status_event()
 
     def _status_event(self) -> ReplyEvent | _NeedData:
         expected = self._expected[0]
         limit = MAX_SASL_LINE if expected.sasl else MAX_RESPONSE_LINE
-        index = self._buf.find(b"\n", self._search, self._end)
-        if index < 0 or index + 1 - self._start > limit:
-            if self._end - self._start > limit or index >= 0:
+        buf, start = self._buf, self._start
+        index = buf.find(b"\n", self._search, self._end)
+        if index < 0 or index + 1 - start > limit:
+            if self._end - start > limit or index >= 0:
                 raise LimitExceeded(
-                    f"server line longer than {limit} octets",
-                    bytes(self._buf[self._start : self._start + 80]),
+                    f"server line longer than {limit} octets", bytes(buf[start : start + 80])
                 )
             self._search = self._end
             return NEED_DATA
-        line = bytes(self._buf[self._start : index + 1])
         self._start = self._search = index + 1
-        if line.find(b"\r", 0, len(line) - 2) >= 0:
-            raise ProtocolError("bare CR in a server line", line)
-        if line.endswith(b"\r\n"):
-            self.eol, line = b"\r\n", line[:-2]
+        if index > start and buf[index - 1] == 13:  # CR LF
+            self.eol, line_end = b"\r\n", index - 1
         else:
-            self.eol, line = b"\n", line[:-1]
+            self.eol, line_end = b"\n", index
+        if buf.find(b"\r", start, line_end) >= 0:
+            raise ProtocolError("bare CR in a server line", bytes(buf[start : index + 1]))
+        line = bytes(buf[start:line_end])
         # RFC 5034 section 4: continue-req = "+" SP [base64] CRLF; a bare "+" is tolerated as
         # an empty challenge. Anything else that starts with "+" must be a status line.
         if expected.sasl and (line == b"+" or line[:2] == b"+ "):
             self._complete()  # the server now waits for our answer: nothing may follow
             return Challenge(line[2:])
         ok, text = parse_status(line)
-        if ok and expected.multiline:
-            self._start_body(expected, text)
+        if ok and expected.multiline:  # a body follows
+            self._in_body = True
+            self._stream = expected.stream
+            self._limit = expected.limit
+            self._at_line_start = True
+            self._octets = 0
+            # For _presize(), if the body has not all arrived with its status line.
+            self._status_text = text
+            self._stuffed = None if expected.stream else []
+            self._first_line = True
         else:
             self._complete()
         return StatusLine(ok, text)
 
-    def _start_body(self, expected: Expected, status_text: bytes) -> None:
-        self._in_body = True
-        self._stream = expected.stream
-        self._limit = expected.limit
-        self._at_line_start = True
-        self._octets = 0
-        announced = parse_announced_size(status_text) or 0
-        if (
-            not self._stream
-            and announced > self._receive_size
-            and find_body_end(self._buf, self._start, self._start, self.eol, self._end) < 0
-        ):
-            # Receive a large message into one buffer of about its size (the announced size is
-            # of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit; not
-            # when the whole body is here already (a server may announce any size).
-            size = min(announced, expected.limit)
+    def _presize(self) -> None:
+        """Receive a large message into one buffer of about its size (the announced size is of
+        the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit. Only when the
+        body has not all arrived with its status line: a server may announce any size."""
+        announced = parse_announced_size(self._status_text or b"") or 0
+        self._status_text = None
+        if announced > self._receive_size:
+            size = min(announced, self._limit)
             self._make_room(size + size // 64 + 4096)
 
+    def _whole_body_event(self) -> ReplyEvent | _NeedData:
+        """The next event of a body delivered whole, found in one scan for line ends followed
+        by a dot: a second dot is stuffing (cut out at the end), a line end the terminator."""
+        buf, start, end, eol = self._buf, self._start, self._end, self.eol
+        stuffed = self._stuffed
+        assert stuffed is not None
+        skip = len(eol)
+        last = end - 1 - skip  # the last place a "." line can begin and be told apart
+        dot = -1  # where the terminating "." line begins, once found
+        if self._first_line:  # it has no line end before it
+            if start > last:
+                return self._more_body(start, end)
+            if buf[start] == 46:  # "."
+                if buf[start + 1] == 46:
+                    stuffed.append(0)
+                elif buf.startswith(eol, start + 1):
+                    dot = start
+            self._first_line = False
+        if dot < 0:
+            marker = eol + b"."
+            find = buf.find
+            index = find(marker, max(start, self._search), end)
+            while index >= 0:
+                at = index + skip  # a line that starts with "."
+                if at > last:
+                    break  # too close to the end to tell
+                if buf[at + 1] == 46:
+                    stuffed.append(at - start)
+                    if len(stuffed) >= 64 and at - start < _DENSE_STUFFING * len(stuffed):
+                        self._stuffed = None  # nearly every line: see unstuff_slice()
+                        self._search = index
+                        return self._body_event()
+                elif buf.startswith(eol, at + 1):
+                    dot = at
+                    break
+                index = find(marker, at + 1, end)
+            if dot < 0:
+                self._search = index if index >= 0 else max(start, end - skip)
+                return self._more_body(start, end)
+        self._start = self._search = dot + skip + 1
+        self._stuffed = None
+        if dot == start:
+            self._complete()
+            return BodyEnd(0)
+        data = cut_out(buf, start, dot, stuffed)
+        if skip == 1:  # a bare-LF server
+            data = to_crlf(data)
+        octets = self._octets = len(data)
+        if octets > self._limit:
+            raise LimitExceeded(f"response larger than {self._limit} octets")
+        self._end_event = BodyEnd(octets)
+        return BodyPiece(data)
+
+    def _more_body(self, start: int, end: int) -> _NeedData:
+        """A whole body needs more data: check its limit, and size the buffer for it."""
+        slack = len(self.eol) + 1  # the start of the terminator may be here already
+        if end - start > self._limit + slack and self._unstuffed(start, end) > self._limit + slack:
+            raise LimitExceeded(f"response larger than {self._limit} octets")
+        if self._status_text is not None:
+            self._presize()
+        return NEED_DATA
+
     def _body_event(self) -> ReplyEvent | _NeedData:
+        if self._stuffed is not None:
+            return self._whole_body_event()
         buf, start, end, eol = self._buf, self._start, self._end, self.eol
         if self._at_line_start:
             body_end = find_body_end(buf, start, self._search, eol, end)
@@ -1053,15 +1188,21 @@ class ReplyReader:
             body_end = -1 if index < 0 else index + len(eol)
         if body_end >= 0:
             self._start = self._search = body_end + len(eol) + 1
-            self._end_event = BodyEnd(self._octets)
             if body_end == start:
-                return self.next_event()
-            return self._piece(start, body_end, self._at_line_start)
+                self._complete()
+                return BodyEnd(self._octets)
+            piece = self._piece(start, body_end, self._at_line_start)
+            self._end_event = BodyEnd(self._octets)
+            return piece
         unread = end - start
         if not self._stream:
             slack = len(eol) + 1  # the start of the terminator may be here already
             if unread > self._limit + slack and self._unstuffed(start, end) > self._limit + slack:
                 raise LimitExceeded(f"response larger than {self._limit} octets")
+            if self._status_text is not None:
+                self._search = max(start, end - 2 * len(eol))
+                self._presize()
+                return NEED_DATA
         elif unread >= self._stream_chunk:
             cut, at_line_start = safe_cut(buf, start, end, eol)
             if cut > start:
@@ -1081,22 +1222,20 @@ class ReplyReader:
         return end - start - stuffed
 
     def _piece(self, start: int, end: int, at_line_start: bool) -> BodyPiece:
-        with memoryview(self._buf) as view, view[start:end] as part:
-            data = unstuff(bytes(part), self.eol, at_line_start)
+        data = unstuff_slice(self._buf, start, end, self.eol, at_line_start)
         if self.eol == b"\n":
             data = to_crlf(data)
         self._octets += len(data)
         if not self._stream and self._octets > self._limit:
             raise LimitExceeded(f"response larger than {self._limit} octets")
-        if self._end_event is not None:
-            self._end_event = BodyEnd(self._octets)
         return BodyPiece(data)
 
     def _complete(self) -> None:
         """The reply at the head of the queue is complete."""
         last = self._expected.popleft().last
         self._in_body = False
-        self._shrink()
+        if self._start == self._end or len(self._buf) > 4 * RECV_SIZE:
+            self._shrink()
         # Nothing may follow a reply nobody asked for: surplus bytes mean the server answered
         # something else (or injected a reply), and every later reply would be misread.
         if not self._expected and self._end > self._start and not last:
@@ -1845,17 +1984,15 @@ class _Transport:
         self.cipher: str | None = None
         self.peer_certificate: dict[str, Any] | None = None
         self._sock: socket.socket | None = None
+        self.is_open = False  # an attribute, not a property: it is read once per reply event
         try:
             self._sock = socket.create_connection((host, port), timeout, source_address)
+            self.is_open = True
             self.peer_address = str(self._sock.getpeername()[0])
         except OSError as exc:
             self.fail(self._error(exc, "connecting"))
 
     # -- lifetime and errors ----------------------------------------------------------------
-
-    @property
-    def is_open(self) -> bool:
-        return self._sock is not None
 
     def _live(self) -> socket.socket:
         """The socket; a closed connection raises NetworkError saying why it closed."""
@@ -1868,6 +2005,7 @@ class _Transport:
 
     def close(self, reason: str = "closed by the client") -> None:
         sock, self._sock = self._sock, None
+        self.is_open = False
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
             sock.close()
@@ -2002,6 +2140,26 @@ def _get_logger() -> logging.Logger:
     import logging
 
     return logging.getLogger("pop3lite")
+
+
+class _Log:
+    """The "pop3lite" logger, looked up once something has imported logging. Until then no
+    handler or level can have been set, so nothing would be logged, and the import (several
+    milliseconds, most of a short session's start-up) is saved."""
+
+    def __init__(self) -> None:
+        self._logger: logging.Logger | None = None
+
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name: it stands in for one
+        if self._logger is None:
+            if "logging" not in sys.modules:
+                return False
+            self._logger = _get_logger()
+        return self._logger.isEnabledFor(level)
+
+    def debug(self, message: str, *args: object) -> None:
+        if self.isEnabledFor(_DEBUG):
+            cast("logging.Logger", self._logger).debug(message, *args)
 
 
 def _check_lines(lines: int) -> str:
@@ -2144,7 +2302,7 @@ class POP3:
         self.loopback = False
         self._tls_mode = tls
         self._ssl_context = ssl_context
-        self._log = _get_logger()
+        self._log = _Log()
         self._reader = ReplyReader()
         self._caps: Capabilities | None = None
         self._caps_before_login: Capabilities | None = None
@@ -2154,6 +2312,9 @@ class POP3:
         self._quit_sent = False
         self._batch: _Batch | None = None
         self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
+        # The maildrop's size from STAT: an upper bound for the rest of the session (RFC 1939
+        # section 8: the maildrop is locked, DELE only takes away), to plan pipelining.
+        self._maildrop_octets: int | None = None
         # RFC 1939 section 8: the maildrop is locked for the session, so its messages keep
         # their numbers; only DELE (undone by RSET) hides one. A listing that names a number
         # beyond ``_highest`` is not a gap but a server out of step with itself.
@@ -2255,14 +2416,15 @@ class POP3:
 
     def _event(self, doing: str = "reading a response") -> ReplyEvent:
         """The next event of the reply being read: the one receive loop of the client."""
-        reader = self._reader
-        self._transport.check_open()  # after a failure the reader's state means nothing
+        reader, transport = self._reader, self._transport
+        if not transport.is_open:  # after a failure the reader's state means nothing
+            transport.check_open()  # raises, saying why the connection closed
         try:
-            while True:
+            event = reader.next_event()
+            while isinstance(event, _NeedData):
+                transport.receive(reader, doing)
                 event = reader.next_event()
-                if not isinstance(event, _NeedData):
-                    return event
-                self._transport.receive(reader, doing)
+            return event
         except Error as exc:  # framing broke: the session is out of step
             self._transport.fail(exc)
         except BaseException:  # Ctrl-C, say: the rest of the reply is still on its way
@@ -2274,7 +2436,8 @@ class POP3:
         event = self._event()
         if not isinstance(event, StatusLine):  # only an AUTH exchange expects a Challenge
             self._transport.fail(ProtocolError(f"expected a status line, not {event!r}"))
-        self._log_status(event)
+        if self._reader.eol != b"\r\n" or self._log.isEnabledFor(_DEBUG):
+            self._log_status(event)
         if event.ok:
             return event.text
         code, rest = parse_response_code(event.text)
@@ -2289,13 +2452,13 @@ class POP3:
 
     def _body(self) -> bytes:
         """Read a whole multi-line body (after its +OK)."""
-        pieces = []
-        while True:
+        body = b""
+        event = self._event("reading a multi-line response")
+        if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
+            body = event.data
             event = self._event("reading a multi-line response")
-            if isinstance(event, BodyEnd):
-                break
-            pieces.append(cast(BodyPiece, event).data)
-        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if not isinstance(event, BodyEnd):
+            self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
         if self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
@@ -2636,6 +2799,7 @@ class POP3:
 
     def _stat_from(self, text: bytes) -> Stat:
         stat = parse_stat(text)
+        self._maildrop_octets = stat.size
         if self._highest is None:
             self._highest = stat.count + len(self._marked)
         return stat
@@ -2876,22 +3040,28 @@ class POP3:
             if self._batch is not None:
                 self._absorb(self._batch)
             self._batch = batch
-        self._top_up(batch)
+        if batch.sent < len(batch.numbers):
+            self._top_up(batch)
         result = self._read_batch_reply(batch)
         if batch.answered == batch.sent:
             self._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
-    def _expected_human_size(self, batch: _Batch, number: int) -> int:
+    def _expected_octets(self, batch: _Batch, number: int | None) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
-        the average so far (at first, half the budget: two commands until we know more)."""
+        the average so far. Before the first answer only two bounds are known: STAT's size of
+        the whole maildrop (trusted as LIST sizes are: when it fits the budget, so does any
+        batch) and max_message_size (the reader refuses more). Without a smaller one, half the
+        budget: two commands, until the first answer tells more."""
         if not batch.multiline:
+            return 0
+        if self._maildrop_octets is not None and self._maildrop_octets <= PIPELINE_MEMORY:
             return 0
         if self._sizes is not None and number in self._sizes:  # TOP's is at most that
             return self._sizes[number]
         if batch.answered:
             return batch.received // batch.answered
-        return PIPELINE_MEMORY // 2
+        return min(PIPELINE_MEMORY // 2, self.max_message_size)
 
     def _top_up(self, batch: _Batch) -> None:
         """Send more commands once an eighth of the window (or all that is left) is free:
@@ -2905,21 +3075,34 @@ class POP3:
         expected = Expected(
             multiline=batch.multiline, limit=self.max_message_size, stream=batch.sink is not None
         )
-        lines = []
-        while batch.sent < len(batch.numbers) and batch.sent - batch.answered < batch.window:
-            number = batch.numbers[batch.sent]
-            line = format_command(batch.verb, str(number), *batch.extra, encoding=encoding)
-            octets = self._expected_human_size(batch, number)
-            if batch.sent > batch.answered and (
-                batch.inflight_command_octets + len(line) > PIPELINE_WINDOW_BYTES
-                or batch.inflight_response_octets + octets > PIPELINE_MEMORY
+        verb, extra, numbers, window = batch.verb, batch.extra, batch.numbers, batch.window
+        format_line = format_numbered(verb, *extra, encoding=encoding)
+        guess = self._expected_octets(batch, None)  # for a number without a known size
+        sizes = self._sizes if batch.multiline and self._sizes is not None else {}
+        # The books are kept in locals and written back once nothing more can raise.
+        sent, answered = batch.sent, batch.answered
+        command_octets = batch.inflight_command_octets
+        response_octets = batch.inflight_response_octets
+        lines, books = [], []
+        while sent < len(numbers) and sent - answered < window:
+            number = numbers[sent]
+            line = format_line(number)
+            octets = sizes.get(number, guess)
+            if sent > answered and (
+                command_octets + len(line) > PIPELINE_WINDOW_BYTES
+                or response_octets + octets > PIPELINE_MEMORY
             ):
                 break
             lines.append(line)
-            batch.inflight.append((len(line), octets))
-            batch.inflight_command_octets += len(line)
-            batch.inflight_response_octets += octets
-            batch.sent += 1
+            books.append((len(line), octets))
+            command_octets += len(line)
+            response_octets += octets
+            sent += 1
+        batch.inflight.extend(books)
+        batch.inflight_command_octets = command_octets
+        batch.inflight_response_octets = response_octets
+        batch.sent = sent
+        for _ in lines:
             self._reader.expect(expected)
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
@@ -2930,15 +3113,14 @@ class POP3:
     def _read_batch_reply(self, batch: _Batch) -> Fetched:
         number = batch.numbers[batch.answered]
         self._transport.start_operation()
-        data = announced = error = over = None
+        data = error = over = None
+        text = b""
         streamed = 0
         try:
             text = self._status(batch.verb)
         except ServerError as exc:
             error = exc
         else:
-            if batch.verb == "RETR":
-                announced = parse_announced_size(text)
             if batch.sink is not None:
                 open_sink, max_size = batch.sink
                 streamed, over = self._stream_into(open_sink(number), number, max_size)
@@ -2955,9 +3137,15 @@ class POP3:
             batch.streamed.append((streamed, over))
         size = streamed if data is None else len(data)
         batch.received += size
-        if error is None and over is None and batch.verb == "RETR":
+        # The size is parsed only when the +OK is not plainly "<the size> octets".
+        if (
+            error is None
+            and over is None
+            and batch.verb == "RETR"
+            and not text.startswith(b"%d octets" % size)
+        ):
             # The caller's next(): __next__, _batch_step, here, _check_size.
-            self._check_size(number, size, announced, stacklevel=5)
+            self._check_size(number, size, parse_announced_size(text), stacklevel=5)
         return Fetched(number, data, error)
 
     def _stream_into(

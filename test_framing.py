@@ -93,6 +93,16 @@ CASES = {
         [MULTI],
         [StatusLine(True, b""), BodyPiece(b"a\r\n.b\r\n"), BodyEnd(7)],
     ),
+    "sparse, then dense stuffing": (
+        b"+OK\r\n" + b"line\r\n" * 30 + b"..s\r\n" * 70 + b".\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b"line\r\n" * 30 + b".s\r\n" * 70), BodyEnd(460)],
+    ),
+    "single dot lines": (
+        b"+OK\r\n.a\r\nb\r\n.c\r\n.\r\n",
+        [MULTI],
+        [StatusLine(True, b""), BodyPiece(b".a\r\nb\r\n.c\r\n"), BodyEnd(11)],
+    ),
     "SASL challenge": (b"+ dXNlcg==\r\n", [SASL], [Challenge(b"dXNlcg==")]),
     "SASL empty challenge": (b"+\r\n", [SASL], [Challenge(b"")]),
     "SASL final": (b"+OK logged in\r\n", [SASL], [StatusLine(True, b"logged in")]),
@@ -317,3 +327,26 @@ def test_closed_connection_errors_carry_a_reason() -> None:
     reader.feed(b"+OK")
     drain(reader)
     assert reader.connection_closed().reason == "truncated"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"plain\r\n",
+        b"..first\r\nsecond\r\n",
+        b"a\r\n..b\r\n...c\r\n..\r\n",
+        b"..\r\n" * 300,  # dense: the one-replace fallback
+        b"x\r\n" + b"..y\r\n" * 100 + b"tail\r\n",
+        b"..mid\r\n..line..\r\n",
+    ],
+    ids=["empty", "no dots", "first line", "mixed", "dense", "dense after a line", "inner dots"],
+)
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["CRLF", "LF"])
+def test_unstuff_slice_is_unstuff_of_the_slice(body: bytes, eol: bytes) -> None:
+    body = body.replace(b"\r\n", eol)
+    for at_line_start in (True, False):
+        buf = bytearray(b"junk" + body + b"junk")  # the slice is overwritten
+        want = pop3lite.unstuff(body, eol, at_line_start)
+        assert pop3lite.unstuff_slice(buf, 4, 4 + len(body), eol, at_line_start) == want
+        buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized

@@ -389,6 +389,19 @@ def test_format_command_refuses_line_breaks_and_nul(bad: str) -> None:
         format_command("USER", bad)
 
 
+@pytest.mark.parametrize(
+    ("verb", "extra"), [("RETR", ()), ("TOP", ("0",)), ("TOP", ("25",)), ("DELE", ())]
+)
+def test_format_numbered_is_format_command(verb: str, extra: tuple[str, ...]) -> None:
+    format_line = pop3lite.format_numbered(verb, *extra)
+    for number in (1, 9, 10, 4321, 10**19):
+        assert format_line(number) == format_command(verb, str(number), *extra)
+    with pytest.raises(ValueError, match="255"):
+        pop3lite.format_numbered("TOP", "9" * 240)(10**20)
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        pop3lite.format_numbered("TOP", "1\r\nDELE 1")
+
+
 def test_format_command_enforces_255_octets() -> None:
     assert len(format_command("USER", "u" * 248)) == 255
     with pytest.raises(ValueError, match="256 octets"):
@@ -580,6 +593,45 @@ def test_greeting_err_raises_typed_error() -> None:
     with scripted(script) as port, pytest.raises(pop3lite.TemporaryError) as info:
         connect(port)
     assert info.value.text == "too many connections"
+
+
+_WITHOUT_LOGGING = """
+import socket, sys, threading
+import pop3lite
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+listener.settimeout(10)
+
+def serve():
+    conn, _ = listener.accept()
+    conn.settimeout(10)
+    conn.sendall(b"+OK ready\\r\\n")
+    for reply in (b"+OK\\r\\n", b"+OK bye\\r\\n"):
+        conn.recv(100)
+        conn.sendall(reply)
+    conn.close()
+
+threading.Thread(target=serve, daemon=True).start()
+with pop3lite.POP3("127.0.0.1", listener.getsockname()[1], tls="none", timeout=10) as pop:
+    pop.noop()
+print("logging" in sys.modules)
+"""
+
+
+def test_a_session_does_not_import_logging_unless_the_program_did() -> None:
+    # Nothing can have configured a logger that nothing imported: the import (a few ms of a
+    # short session) is saved. Once the program imports logging, the log works (see below).
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_LOGGING], capture_output=True, timeout=60, cwd=here
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.split() == [b"False"]
 
 
 def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
@@ -1102,6 +1154,43 @@ def test_pipeline_keeps_expected_response_octets_within_budget() -> None:
     with scripted(script) as port, connect(port) as pop:
         assert [r.data for r in pop.retr_many(pop.list())] == [
             b"small 1\r\n", b"small 2\r\n", b"small 3\r\n"]
+
+
+def test_a_maildrop_within_the_budget_is_pipelined_at_once() -> None:
+    # STAT says the whole maildrop is 30 octets: no batch can hold more, so every RETR goes
+    # out in the first write instead of two, then the rest after the first answer.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"STAT\r\n", b"+OK 3 30\r\n")
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(3)] == [b"RETR 1\r\n", b"RETR 2\r\n", b"RETR 3\r\n"]
+        peer.send(b"+OK\r\na\r\n.\r\n+OK\r\nb\r\n.\r\n+OK\r\nc\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        count, _ = pop.stat()
+        fetched = [r.data for r in pop.retr_many(range(1, count + 1))]
+        assert fetched == [b"a\r\n", b"b\r\n", b"c\r\n"]
+
+
+def test_max_message_size_bounds_the_first_window() -> None:
+    # Sizes unknown: no reply can exceed max_message_size (1 MiB), so the 8 MiB budget holds
+    # eight of them in flight from the start.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nPIPELINING\r\n.\r\n")
+        assert [peer.line() for _ in range(8)] == [b"RETR %d\r\n" % n for n in range(1, 9)]
+        peer.conn.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            peer.conn.recv(1)  # RETR 9 would exceed the budget: not sent yet
+        peer.conn.settimeout(TIMEOUT)
+        peer.send(b"+OK\r\nx\r\n.\r\n" * 8)
+        assert peer.line() == b"RETR 9\r\n"
+        peer.send(b"+OK\r\nx\r\n.\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port, max_message_size=1024 * 1024) as pop:
+        assert len(list(pop.retr_many(range(1, 10)))) == 9
 
 
 def test_pipeline_window_bounds_commands_in_flight() -> None:

@@ -245,9 +245,9 @@ def test_a_failed_sync_journals_only_what_reached_new_and_loses_nothing(
         monkeypatch.setattr(pop3lite, "_sync_data", real_sync)
         journal = next(target.glob(".pop3lite-*.journal"))
         assert len(journal.read_text().splitlines()) == 1  # nothing journaled on the way out
-        assert len(os.listdir(target / "new")) == 1  # the first: renamed, never journaled
+        assert os.listdir(target / "new") == []  # a failed batch stays in tmp/, unrenamed
         report = save(server, target, new=True, delete=True)
-        assert report.saved == 4 and report.deleted == 5
+        assert report.saved == 5 and report.deleted == 5
         assert server.maildrops["alice"].messages == []
     assert sorted(maildir_contents(target)) == sorted(as_stored(m) for m in messages)
     assert os.listdir(target / "tmp") == []

@@ -5794,8 +5794,9 @@ def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
     connection, instead of waiting out --timeout."""
     if _greeting_probe_applies(o):
-        log = _get_logger()  # -v says why a silent server gets a second connection
-        log.debug("(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT)
+        _Log().debug(  # -v says why a silent server gets a second connection
+            "(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT
+        )
         try:
             return POP3(
                 o.host,
@@ -6060,18 +6061,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     global _quiet
-    import logging
     import warnings
 
     try:
         o = _parse_command_line(argv)
     except SystemExit as exc:  # argparse has printed the help, the version or the error
         return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
-    log = logging.getLogger("pop3lite")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level = log.level
-    if o.verbose:
+    if o.verbose:  # logging is imported only for -v: it costs a cron run 5 ms otherwise
+        import logging
+
+        log = logging.getLogger("pop3lite")
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        level = log.level
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     _quiet = o.quiet

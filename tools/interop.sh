@@ -1142,7 +1142,7 @@ curl_retr_all() { # DIR URL-PREFIX N CURL-OPTIONS...
 check "B:curl-operamail-list" bash -c "[ \"\$(${C[*]} pop3://127.0.0.1:$OM/ | tr -d '\r')\" = \"\$(printf '1 5954\n2 4226')\" ]"
 curl_retr_all "$B/curl-om" "pop3://127.0.0.1:$OM" "$N_OM"
 check "B:curl-operamail-retr-bytes" bu compare "$B/curl-om" operamail crlf "$ALL_OM"
-check "B:curl-operamail-chose-apop" in_transcript om '\] C: APOP hogehoge [0-9a-f]{32}$'
+check "B:curl-operamail-chose-apop" in_transcript om '\] C: APOP hogehoge \*\*\*\*$'  # the digest is hidden: it can be cracked offline
 curl_retr_all "$B/curl-rfc" "pop3://127.0.0.1:$RFC" "$N_RFC"
 check "B:curl-rfc-retr-bytes" bu compare "$B/curl-rfc" rfc crlf "$ALL_RFC"
 check "B:curl-rfc-uidl" bash -c "${C[*]} -X UIDL pop3://127.0.0.1:$RFC/ | tr -d '\r' | grep -cE '^[0-9]+ [!-~]{1,70}$' | grep -qx $N_RFC"

@@ -2114,6 +2114,20 @@ class FakeServer(socketserver.ThreadingTCPServer):
         with self._lock:
             return [data for log in self.sessions for data in log.deleted]
 
+    def wait_idle(self, timeout: float = 5.0) -> None:
+        """Wait until every session has ended (its maildrop lock released, its log closed).
+        A client that closed without QUIT is noticed by its session thread only a moment
+        later; a test that reconnects at once would otherwise race it and get [IN-USE].
+        Raises TimeoutError if sessions remain after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._sessions:
+                    return
+            if time.monotonic() >= deadline:
+                raise TimeoutError("fakeserver sessions still open after %gs" % timeout)
+            time.sleep(0.005)
+
     def ssl_context_for_clients(self) -> ssl.SSLContext:
         """A client context that trusts the test CA (equivalent to ``cadata=CA_PEM``)."""
         return client_context()

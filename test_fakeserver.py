@@ -588,6 +588,18 @@ def test_the_lock_is_released_when_a_client_vanishes() -> None:
         assert second.cmd("PASS fugafuga") == "+OK Password accepted"
 
 
+def test_wait_idle_returns_once_a_vanished_client_has_let_go() -> None:
+    with FakeServer() as server:
+        with Raw(server) as first:
+            login(first)
+        server.wait_idle()  # no polling of private state needed
+        assert not server.maildrops["hogehoge"]._in_use
+        with Raw(server) as again:
+            login(again)  # the lock is free: this login succeeds
+            with pytest.raises(TimeoutError, match="still open"):
+                server.wait_idle(timeout=0.05)  # this session is still going
+
+
 def test_maildrops_are_shared_and_visible() -> None:
     users = {"alice": Maildrop("a"), "bob": Maildrop("b", [b"Subject: x\n\nhi\n"])}
     with FakeServer("rfc", users=users) as server:

@@ -1478,28 +1478,15 @@ def test_apop_against_the_fake_operamail() -> None:
             pop.apop(SEED_USER, "wrong")
 
 
-def login_when_free(server: fakeserver.FakeServer) -> pop3lite.POP3:
-    """A logged-in session; an aborted one may hold the maildrop lock until the server has
-    noticed the close (IN-USE is temporary: try again, a bounded number of times)."""
-    for _ in range(200):
-        pop = fake_connect(server)
-        try:
-            pop.login(SEED_USER, SEED_PASSWORD)
-        except pop3lite.InUseError:
-            pop.close()
-            time.sleep(0.01)
-            continue
-        return pop
-    raise AssertionError("the maildrop stayed locked")
-
-
 def test_exception_inside_with_deletes_nothing() -> None:
     with fakeserver.FakeServer() as server:
         with pytest.raises(KeyError), fake_connect(server) as pop:
             pop.login(SEED_USER, SEED_PASSWORD)
             pop.dele(1)
             raise KeyError("the caller's own bug")
-        with login_when_free(server) as pop:  # a second session sees both messages
+        server.wait_idle()  # the aborted session has let go of the maildrop
+        with fake_connect(server) as pop:  # a second session sees both messages
+            pop.login(SEED_USER, SEED_PASSWORD)
             assert pop.stat() == (2, 10180)
             pop.dele(1)
         with fake_connect(server) as pop:  # a clean exit sent QUIT: the deletion is committed

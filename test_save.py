@@ -754,19 +754,10 @@ def test_progress_moves_within_a_message_and_redraws_cleanly(
 
 
 def client(server: FakeServer) -> pop3lite.POP3:
-    """A logged-in session. A session that ended without QUIT (a failed save) may hold the
-    maildrop lock until the server has noticed the close: IN-USE is temporary, so try again
-    (a bounded number of times), as a real client would."""
-    for _ in range(200):
-        pop = pop3lite.POP3(server.host, server.port, timeout=10)
-        try:
-            pop.login("alice", PASSWORD)
-        except pop3lite.InUseError:
-            pop.close()
-            time.sleep(0.01)
-            continue
-        return pop
-    raise AssertionError("the maildrop stayed locked")
+    server.wait_idle()  # a session that ended without QUIT (a failed save) lets go first
+    pop = pop3lite.POP3(server.host, server.port, timeout=10)
+    pop.login("alice", PASSWORD)
+    return pop
 
 
 def save(server: FakeServer, target: Path, **options: Any) -> pop3lite.SaveReport:

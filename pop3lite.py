@@ -594,6 +594,13 @@ def parse_response_code(text: bytes) -> tuple[str | None, bytes]:
     return match.group(1).decode("ascii").upper(), text[match.end() :]
 
 
+def refusal(text: bytes, command: str) -> ServerError:
+    """The ServerError for a -ERR whose text (after "-ERR ") is ``text``: its response code
+    split off, the rest made safe to show."""
+    code, rest = parse_response_code(text)
+    return server_error(display_text(rest), code, command)
+
+
 # RFC 1939 section 5: STAT's "+OK" SP count SP size, and a LIST "scan listing" msg-number SP
 # size; both may be followed by more text after a space (some servers add it).
 _TWO_NUMBERS = re.compile(rb"(\d{1,20}) (\d{1,20})(?: .*)?\Z", re.S)
@@ -1931,8 +1938,7 @@ class SaslExchange:
                 raise ProtocolError("server accepted a cancelled AUTH")
             raise self._failure  # RFC 5034 section 4: the server MUST answer "*" with -ERR
         if not ok:
-            code, rest = parse_response_code(text)
-            error = server_error(display_text(rest), code, "AUTH")
+            error = refusal(text, "AUTH")
             if isinstance(error, AuthenticationError):
                 error.details = getattr(self.mechanism, "error_details", None)
             raise error
@@ -2440,8 +2446,7 @@ class POP3:
             self._log_status(event)
         if event.ok:
             return event.text
-        code, rest = parse_response_code(event.text)
-        raise server_error(display_text(rest), code, command)
+        raise refusal(event.text, command)
 
     def _log_status(self, event: StatusLine) -> None:
         if self._reader.eol == b"\n":
@@ -3273,6 +3278,18 @@ class SaveReport(NamedTuple):
     kind: str
 
 
+def _descriptor_writer(descriptor: int) -> Callable[[bytes], None]:
+    """A function that writes all of its bytes to ``descriptor`` (os.write may take less)."""
+    import os
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+
+    return write
+
+
 def _fsync_directory(path: str) -> None:
     import os
 
@@ -3732,12 +3749,7 @@ class Maildir(_Destination):
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._current = (descriptor, temporary, os.path.join(self.path, "new", unique), key)
 
-        def write(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(descriptor, view) :]
-
-        return _LocalLines(write, False, count)
+        return _LocalLines(_descriptor_writer(descriptor), False, count)
 
     def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
         """The message is complete in tmp/; _sync() moves it into new/."""
@@ -3917,14 +3929,7 @@ class Mbox(_Destination):
         import os
 
         self._start = os.lseek(self._descriptor, 0, os.SEEK_END)
-        descriptor = self._descriptor
-
-        def write(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(descriptor, view) :]
-
-        self._message = _MboxMessage(write)
+        self._message = _MboxMessage(_descriptor_writer(self._descriptor))
         self._sink = _LocalLines(self._message.write, True, count)
         return self._sink
 

@@ -145,6 +145,9 @@ RECV_SIZE = 256 * 1024
 gets a buffer of its announced size (bounded by the limit), so it is received and copied once."""
 
 TLS_MODES = ("auto", "implicit", "starttls", "none")
+# Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
+# before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
+_GREETING_WAIT = 3.0
 
 _DEBUG = 10  # logging.DEBUG, without importing logging at module import time
 
@@ -2174,6 +2177,12 @@ def _check_lines(lines: int) -> str:
     return str(lines)
 
 
+def _masked(verb: str, args: tuple[str, ...], public: int) -> bytes:
+    """A command line as the log shows it: the arguments after the first ``public`` (secrets)
+    as one ****."""
+    return " ".join((verb, *args[:public], *("****" for _ in args[public:1 + public]))).encode()
+
+
 class Response(NamedTuple):
     """What command() returns: the text after +OK (raw bytes) and, for a multi-line reply,
     the body (dot-stuffing removed, CRLF line ends), else None."""
@@ -2205,57 +2214,16 @@ def is_multiline(verb: str, *args: str) -> bool:
     return verb in _MULTILINE_VERBS or (verb in _MULTILINE_WITHOUT_ARGUMENT and not args)
 
 
-class _Batch:
-    """The books of one pipelined batch (retr_many() and friends); POP3 drives it.
-
-    Up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY octets
-    of expected responses are in flight. If the caller sends another command before the batch
-    ends (a DELE after each RETR, say), the responses in flight are read into ``ready`` first,
-    so the session never goes out of step; the response budget bounds that queue.
-    """
-
-    def __init__(
-        self,
-        verb: str,
-        numbers: list[int],
-        extra: tuple[str, ...],
-        window: int,
-        step: Callable[[_Batch], Fetched],
-        sink: tuple[Callable[[int], IO[bytes]], int | None] | None = None,
-    ) -> None:
-        self.verb = verb
-        self.numbers = numbers
-        self.extra = extra
-        self.multiline = verb != "DELE"
-        self.window = window
-        self.sent = 0
-        self.answered = 0
-        self.received = 0  # octets of bodies so far, for the average response size
-        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
-        self.inflight_command_octets = 0
-        self.inflight_response_octets = 0
-        # Results read ahead while another command waited; a size error (strict_size) is kept
-        # in its place and raised when the caller reaches it, not from the other command.
-        self.ready: deque[Fetched | ProtocolError] = deque()
-        # retr_many_to(): bodies go to open_sink(number), up to max_size octets each (the rest
-        # is read and dropped); (octets, LimitExceeded or None) per reply, in order.
-        self.sink = sink
-        self.streamed: deque[tuple[int, LimitExceeded | None]] = deque()
-
-        self._step = step
-
-    def __iter__(self) -> _Batch:
-        return self
-
-    def __next__(self) -> Fetched:
-        if self.ready:
-            item = self.ready.popleft()
-            if isinstance(item, ProtocolError):
-                raise item
-            return item
-        if self.answered >= len(self.numbers):
-            raise StopIteration
-        return self._step(self)
+def _check_arguments(tls: str, timeout: float, pipeline_window: int, port: object) -> None:
+    """POP3()'s checks of its arguments, before anything is sent."""
+    if tls not in TLS_MODES:
+        raise ValueError("tls must be one of {}, not {!r}".format(", ".join(TLS_MODES), tls))
+    if not timeout or timeout <= 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    if pipeline_window < 1:
+        raise ValueError("pipeline_window must be at least 1")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        raise TypeError(f"port must be an int, not {type(port).__name__}")
 
 
 class POP3:
@@ -2265,9 +2233,18 @@ class POP3:
     port means STLS, required unless the server is on a loopback address, where it is used if
     offered), "implicit", "starttls" (STLS required) or "none" (plaintext: the explicit opt-in).
 
-    ``greeting_timeout``: seconds to wait for the greeting (default: ``timeout``); when they
-    pass, Timeout with reason "greeting". A port that expects TLS from the first byte stays
-    silent until a ClientHello comes (RFC 8314 section 3.3): a short wait tells that early.
+    A port that expects TLS from the first byte stays silent until a ClientHello comes (RFC
+    8314 section 3.3). So with tls="auto" on a port other than 110 and 995, the server gets
+    _GREETING_WAIT (3) seconds to greet in plaintext; if it does not, implicit TLS is tried on
+    a new connection (said in the log at DEBUG). An ``ssl_context`` is no hint either way: STLS
+    needs one as much as implicit TLS does. ``greeting_timeout``: seconds to wait for the
+    greeting (default: ``timeout``); when they pass, Timeout with reason "greeting" and no
+    second try: the wait is then the caller's.
+
+    ``utf8``: send UTF8 (RFC 6856) before login when the server offers it, so that messages
+    come as they are stored: without it a server may replace a message with 8-bit headers by
+    a surrogate (Courier sends a "Cannot display Unicode content" wrapper). False keeps the
+    session in ASCII mode.
     """
 
     def __init__(
@@ -2283,20 +2260,12 @@ class POP3:
         strict_size: bool = False,
         pipeline_window: int = PIPELINE_WINDOW,
         greeting_timeout: float | None = None,
+        utf8: bool = True,
     ) -> None:
-        if tls not in TLS_MODES:
-            raise ValueError("tls must be one of {}, not {!r}".format(", ".join(TLS_MODES), tls))
-        if not timeout or timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if pipeline_window < 1:
-            raise ValueError("pipeline_window must be at least 1")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
-            raise TypeError(f"port must be an int, not {type(port).__name__}")
+        _check_arguments(tls, timeout, pipeline_window, port)
         implicit = tls == "implicit" or (tls == "auto" and port in (None, POP3S_PORT))
-        if port is None:
-            port = POP3S_PORT if implicit else POP3_PORT
         self.host = host
-        self.port = port
+        self.port = port if port is not None else POP3S_PORT if implicit else POP3_PORT
         self.timeout = float(timeout)
         self.max_message_size = max_message_size
         self.strict_size = strict_size
@@ -2309,13 +2278,15 @@ class POP3:
         self._tls_mode = tls
         self._ssl_context = ssl_context
         self._log = _Log()
-        self._reader = ReplyReader()
+        self._want_utf8 = utf8
         self._caps: Capabilities | None = None
         self._caps_before_login: Capabilities | None = None
         self._user: str | None = None  # who logged in, once someone has
-        self._utf8 = False
+        self._utf8 = False  # UTF-8 on the wire: UTF8 mode, or credentials said UTF8 USER
+        self._utf8_mode = False  # the server accepted UTF8
         self._authenticated = False
         self._quit_sent = False
+        self._quit_text: bytes | None = None
         self._batch: _Batch | None = None
         self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
         # The maildrop's size from STAT: an upper bound for the rest of the session (RFC 1939
@@ -2326,15 +2297,48 @@ class POP3:
         # beyond ``_highest`` is not a gap but a server out of step with itself.
         self._marked: set[int] = set()
         self._highest: int | None = None
+        self._connect(source_address, implicit, greeting_timeout)
 
-        self._transport = _Transport(host, port, self.timeout, source_address)
+    def _connect(
+        self, source_address: tuple[str, int] | None, implicit: bool, wait: float | None
+    ) -> None:
+        """Connect and read the greeting. tls="auto" on a port that is neither 110 nor 995
+        cannot know which TLS the port speaks: a short wait for a plaintext greeting tells."""
+        probe = (
+            self._tls_mode == "auto"
+            and self.port != POP3_PORT
+            and not implicit
+            and wait is None
+            and self.timeout > _GREETING_WAIT
+        )
+        try:
+            self._setup(source_address, implicit, _GREETING_WAIT if probe else wait)
+        except Timeout as exc:
+            if not probe or exc.reason != "greeting":
+                raise
+            self._log.debug(
+                "no plaintext greeting from %s:%d within %gs: the port may expect TLS from "
+                "the first byte, so trying implicit TLS (tls='implicit' skips this wait)",
+                self.host,
+                self.port,
+                _GREETING_WAIT,
+            )
+            self._tls_mode = "implicit"
+            self._setup(source_address, True, None)
+
+    def _setup(
+        self, source_address: tuple[str, int] | None, implicit: bool, wait: float | None
+    ) -> None:
+        """Connect, secure the link as ``implicit`` and the TLS mode say, read the greeting."""
+        self._reader = ReplyReader()
+        self._transport = _Transport(self.host, self.port, self.timeout, source_address)
         try:
             self.loopback = is_loopback(self._transport.peer_address)
             if implicit:
                 self._start_tls()
-            self._read_greeting(greeting_timeout)
-            if not implicit and tls in ("auto", "starttls"):
-                self._negotiate_stls(required=tls == "starttls" or not self.loopback)
+            self._read_greeting(wait, implicit)
+            if not implicit and self._tls_mode in ("auto", "starttls"):
+                self._negotiate_stls(required=self._tls_mode == "starttls" or not self.loopback)
         except BaseException:
             self._transport.close("failed during connection setup")
             raise
@@ -2397,6 +2401,10 @@ class POP3:
     def _log_line(self, direction: str, line: bytes) -> None:
         self._log.debug("%s %s", direction, display_text(line.rstrip(b"\r\n")))
 
+    @property
+    def _encoding(self) -> str:
+        return "utf-8" if self._utf8 else "ascii"
+
     def _send(
         self,
         verb: str,
@@ -2405,20 +2413,32 @@ class POP3:
         expected: Expected = _SINGLE_LINE,
     ) -> None:
         """Send one command and note the reply it expects. With ``public`` set, only that many
-        leading arguments reach the log; the rest (passwords, digests, SASL responses) are
-        logged as ****."""
-        if self._batch is not None:
-            self._absorb(self._batch)
-        line = format_command(verb, *args, encoding="utf-8" if self._utf8 else "ascii")
+        leading arguments reach the log; the rest (passwords, digests) are logged as ****."""
+        line = format_command(verb, *args, encoding=self._encoding)
+        shown = None if public is None else [_masked(verb, args, public)]
+        self._transmit([line], [expected], shown)
+
+    def _transmit(
+        self,
+        lines: list[bytes],
+        expected: list[Expected],
+        shown: list[bytes] | None = None,
+        sender: _Batch | None = None,
+    ) -> None:
+        """Send formatted command lines (or SASL responses) in one write, each with the reply
+        it expects: every byte the client sends passes here, and is logged here (``shown``
+        in place of lines that carry secrets). A batch with replies in flight reads them
+        first, unless it is the sender: the session never goes out of step."""
+        if self._batch is not None and self._batch is not sender:
+            self._batch.absorb()
         self._transport.check_open()  # a closed connection raises here, saying why it closed
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
-            shown = line
-            if public is not None:
-                shown = " ".join((verb, *args[:public], "****")).encode()
-            self._log_line("C:", shown)
-        self._reader.expect(expected)
-        self._transport.send(line)
+            for line in lines if shown is None else shown:
+                self._log_line("C:", line)
+        for reply in expected:
+            self._reader.expect(reply)
+        self._transport.send(lines[0] if len(lines) == 1 else b"".join(lines))
 
     def _event(self, doing: str = "reading a response") -> ReplyEvent:
         """The next event of the reply being read: the one receive loop of the client."""
@@ -2528,19 +2548,17 @@ class POP3:
 
     # -- connection setup: greeting, TLS, STLS -------------------------------------------------
 
-    def _read_greeting(self, wait: float | None = None) -> None:
+    def _read_greeting(self, wait: float | None, implicit: bool) -> None:
         self._reader.expect()
-        if wait is None:
+        self._transport.deadline = time.monotonic() + (self.timeout if wait is None else wait)
+        try:
             text = self._status("greeting")
-        else:
-            self._transport.deadline = time.monotonic() + wait
-            try:
-                text = self._status("greeting")
-            except Timeout:
-                raise Timeout(
-                    f"no greeting from {self.host}:{self.port} within {wait:g}s",
-                    reason="greeting",
-                ) from None
+        except Timeout as exc:
+            waited = self.timeout if wait is None else wait
+            message = f"no greeting from {self.host}:{self.port} within {waited:g}s"
+            if not implicit:
+                message += " (the port may expect TLS from the first byte: tls='implicit')"
+            raise Timeout(message, reason="greeting" if wait else exc.reason) from None
         self.greeting = display_text(text)
         self.timestamp = find_apop_timestamp(text)
 
@@ -2633,8 +2651,19 @@ class POP3:
         if self._authenticated:  # checked here, so nothing is sent
             raise ValueError("UTF8 is only allowed before login (RFC 6856 section 2)")
         text = self._simple("UTF8")
-        self._utf8 = True
+        self._utf8 = self._utf8_mode = True
         return display_text(text)
+
+    def _enable_utf8(self) -> None:
+        """Before login, UTF8 when wanted and offered: RFC 6856 section 2 allows it only in
+        the AUTHORIZATION state. A refusal (the server MAY refuse it) leaves ASCII mode."""
+        if not self._want_utf8 or self._authenticated or self._utf8_mode:
+            return
+        if self.capa().utf8:
+            try:
+                self.utf8()
+            except ServerError as exc:
+                self._log.debug("UTF8 refused (%s): messages may come as surrogates", exc.text)
 
     def lang(self, language: str | None = None) -> str | list[str]:
         """LANG (RFC 6856 section 3): with a language range, switch to it and return the +OK
@@ -2677,15 +2706,36 @@ class POP3:
         self._caps = None
 
     def login(self, user: str, password: str) -> str:
-        """USER and PASS. Returns the server's +OK text."""
+        """USER and PASS (in one write when the server pipelines). Returns the +OK text."""
         self._require_private_link("a password")
+        pairs = (("USER", user), ("PASS", password))
+        for verb, value in pairs:  # CR, LF, NUL: refused before anything is sent
+            format_command(verb, value if isinstance(value, str) else "", encoding="utf-8")
+        self._enable_utf8()
         self._check_credential(user, "user name")
         self._check_credential(password, "password")
-        format_command("PASS", password, encoding="utf-8")  # a bad password fails before USER
-        self._simple("USER", user)
-        text = self._simple("PASS", password, public=0)
+        lines = [format_command(verb, value, encoding=self._encoding) for verb, value in pairs]
+        if not self.capa().pipelining:
+            self._simple("USER", user)
+            text = self._simple("PASS", password, public=0)
+        else:  # one write; nothing goes behind PASS before its answer (see _logged_in)
+            shown = [lines[0], _masked("PASS", (password,), 0)]
+            self._transmit(lines, [_SINGLE_LINE, _SINGLE_LINE], shown)
+            try:
+                self._status("USER")
+            except ServerError:
+                self._status_anyway("PASS")  # read, so the session stays in step
+                raise
+            text = self._status("PASS")
         self._logged_in(user)
         return display_text(text)
+
+    def _status_anyway(self, command: str) -> None:
+        """Read a status line whose answer no longer matters (a -ERR is not raised)."""
+        try:
+            self._status(command)
+        except ServerError:
+            pass
 
     def apop(self, user: str, password: str) -> str:
         """APOP (RFC 1939 section 7) with the greeting's timestamp. The password is not sent,
@@ -2696,6 +2746,7 @@ class POP3:
                 "no APOP timestamp: the greeting had none, it was not a valid msg-id, or it "
                 "came before STLS and was discarded"
             )
+        self._enable_utf8()
         self._check_credential(user, "user name")
         self._check_credential(password, "password")
         if self._utf8:  # RFC 6856 section 2.2: SASLprep, user as query, password as stored
@@ -2730,6 +2781,7 @@ class POP3:
             mech = mechanism
         if mech.sends_secret:
             self._require_private_link(f"a {mech.name} credential")
+        self._enable_utf8()
         try:
             text = self._sasl_exchange(mech)
         except Error:
@@ -2755,12 +2807,10 @@ class POP3:
                 line = exchange.answer(event.data)
             except ProtocolError as exc:
                 self._transport.fail(exc)
-            self._log.debug("C: *" if line == b"*" else "C: ****")
-            # Each round gets the full timeout: SCRAM's key derivation on our side may take a
-            # while and must not eat into the time the server has to answer.
-            self._transport.start_operation()
-            self._reader.expect(_SASL_REPLY)
-            self._transport.send(line + b"\r\n")
+            # Each round gets the full timeout (_transmit starts it): SCRAM's key derivation
+            # on our side may take a while and must not eat into the server's time to answer.
+            shown = line if line == b"*" else b"****"
+            self._transmit([line + b"\r\n"], [_SASL_REPLY], [shown])
         self._log_status(event)
         try:
             return exchange.finish(event.ok, event.text)
@@ -2875,17 +2925,9 @@ class POP3:
                 return stat, sizes, self.uidl()
             except ServerError:
                 return stat, sizes, None
-        if self._batch is not None:
-            self._absorb(self._batch)
-        self._transport.check_open()
-        self._transport.start_operation()
         verbs = ("STAT", "LIST", "UIDL")
         listing = Expected(multiline=True, limit=MAX_LISTING_SIZE)
-        for verb, expected in zip(verbs, (_SINGLE_LINE, listing, listing)):
-            if self._log.isEnabledFor(_DEBUG):
-                self._log_line("C:", verb.encode())
-            self._reader.expect(expected)
-        self._transport.send(b"".join(format_command(verb) for verb in verbs))
+        self._transmit([format_command(verb) for verb in verbs], [_SINGLE_LINE, listing, listing])
         # Every reply is read before a -ERR is raised, so the session stays in step.
         replies: list[bytes | ServerError] = []
         for verb in verbs:
@@ -2989,110 +3031,178 @@ class POP3:
 
     def quit(self) -> str:
         """QUIT: commit deletions and close. Returns the server's sign-off text."""
-        self._send("QUIT", expected=_LAST_REPLY)
-        self._quit_sent = True
+        if self._quit_sent and self._batch is not None:  # a batch sent it (then_quit)
+            self._batch.absorb()
+        if not self._quit_sent:
+            self._send("QUIT", expected=_LAST_REPLY)
+            self._quit_sent = True
+            self._quit_reply()
+        if self._quit_text is None:
+            raise ValueError("QUIT was sent, and its reply never read: the session ended early")
+        return display_text(self._quit_text)
+
+    def _quit_reply(self) -> None:
         try:
-            text = self._status("QUIT")
+            self._quit_text = self._status("QUIT")
         finally:
             self._transport.close("QUIT sent")
-        return display_text(text)
 
     # -- batches, pipelined where the server allows it ------------------------------------------
 
-    def retr_many(self, numbers: Iterable[int]) -> Iterator[Fetched]:
+    def retr_many(self, numbers: Iterable[int], *, then_quit: bool = False) -> Iterator[Fetched]:
         """RETR each message; yields Fetched(number, data, error) in order. Pipelined, with a
-        bounded window, when the server advertises PIPELINING (RFC 2449 section 6.6)."""
-        return self._pipeline("RETR", numbers, ())
+        bounded window, when the server advertises PIPELINING (RFC 2449 section 6.6).
+
+        ``then_quit``: the session ends with this batch. When no message is marked for
+        deletion, QUIT is sent behind the last RETR (a round trip less) and the connection
+        closes after its reply; quit() then returns that reply. Otherwise call quit()."""
+        return _Batch(self, "RETR", numbers, then_quit=then_quit)
 
     def top_many(self, numbers: Iterable[int], lines: int) -> Iterator[Fetched]:
         """TOP for each message, as retr_many() does RETR."""
-        return self._pipeline("TOP", numbers, (_check_lines(lines),))
+        return _Batch(self, "TOP", numbers, (_check_lines(lines),))
 
     def dele_many(self, numbers: Iterable[int]) -> Iterator[Fetched]:
         """DELE each message, as retr_many() does RETR; ``data`` is None."""
-        return self._pipeline("DELE", numbers, ())
+        return _Batch(self, "DELE", numbers)
 
     def retr_many_to(
         self,
         numbers: Iterable[int],
         open_sink: Callable[[int], IO[bytes]],
         max_size: int | None = None,
+        *,
+        then_quit: bool = False,
     ) -> Iterator[Streamed]:
         """RETR each message into the binary file ``open_sink(number)`` returns (called once
         its +OK arrived), in constant memory, pipelined as retr_many() is. Yields
         Streamed(number, octets, error) in order; the caller closes each sink. A message over
         ``max_size`` octets is read to its end and discarded (the batch goes on) and comes
-        with a LimitExceeded error; a -ERR comes as a ServerError; the sink may hold a part."""
-        batch = self._pipeline("RETR", numbers, (), sink=(open_sink, max_size))
+        with a LimitExceeded error; a -ERR comes as a ServerError; the sink may hold a part.
+        ``then_quit`` as for retr_many()."""
+        batch = _Batch(self, "RETR", numbers, sink=(open_sink, max_size), then_quit=then_quit)
         for fetched in batch:
             octets, over = batch.streamed.popleft()
             yield Streamed(fetched.number, octets, fetched.error or over)
 
-    def _pipeline(
+
+class _Batch:
+    """One pipelined batch (retr_many() and friends): it owns pipelining. It sends its
+    commands through the session's one send path, keeps the books of what is in flight, and
+    reads its replies, in order.
+
+    Up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY octets
+    of expected responses are in flight. If the caller sends another command before the batch
+    ends (a DELE after each RETR, say), the session calls absorb() first: the responses in
+    flight are read into ``ready``, so the session never goes out of step; the response
+    budget bounds that queue.
+    """
+
+    def __init__(
         self,
+        pop: POP3,
         verb: str,
         numbers: Iterable[int],
-        extra: tuple[str, ...],
+        extra: tuple[str, ...] = (),
         sink: tuple[Callable[[int], IO[bytes]], int | None] | None = None,
-    ) -> _Batch:
-        checked = [int(message_number(n)) for n in numbers]  # before anything is sent
-        window = self.pipeline_window if self._may_pipeline() else 1
-        return _Batch(verb, checked, extra, window, self._batch_step, sink)
+        then_quit: bool = False,
+    ) -> None:
+        self.numbers = [int(message_number(n)) for n in numbers]  # before anything is sent
+        self.verb = verb
+        self.multiline = verb != "DELE"
+        self.window = pop.pipeline_window if pop._may_pipeline() else 1
+        self.format_line = format_numbered(verb, *extra, encoding=pop._encoding)
+        self.expected = Expected(
+            multiline=self.multiline, limit=pop.max_message_size, stream=sink is not None
+        )
+        self.sent = 0
+        self.answered = 0
+        self.received = 0  # octets of bodies so far, for the average response size
+        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
+        self.inflight_command_octets = 0
+        self.inflight_response_octets = 0
+        # Results read ahead while another command waited; a size error (strict_size) is kept
+        # in its place and raised when the caller reaches it, not from the other command.
+        self.ready: deque[Fetched | ProtocolError] = deque()
+        # retr_many_to(): bodies go to open_sink(number), up to max_size octets each (the rest
+        # is read and dropped); (octets, LimitExceeded or None) per reply, in order.
+        self.sink = sink
+        self.streamed: deque[tuple[int, LimitExceeded | None]] = deque()
+        self.then_quit = then_quit
+        self._pop = pop
 
-    def _batch_step(self, batch: _Batch) -> Fetched:
-        """The next result of a batch whose queue of ready results is empty."""
-        if self._batch is not batch:
-            if self._batch is not None:
-                self._absorb(self._batch)
-            self._batch = batch
-        if batch.sent < len(batch.numbers):
-            self._top_up(batch)
-        result = self._read_batch_reply(batch)
-        if batch.answered == batch.sent:
-            self._batch = None  # nothing in flight: other commands need not wait for us
+    def __iter__(self) -> _Batch:
+        return self
+
+    def __next__(self) -> Fetched:
+        if self.ready:
+            item = self.ready.popleft()
+            if isinstance(item, ProtocolError):
+                raise item
+            return item
+        if self.answered >= len(self.numbers):
+            raise StopIteration
+        pop = self._pop
+        if pop._batch is not self:
+            if pop._batch is not None:
+                pop._batch.absorb()
+            pop._batch = self
+        if self.sent < len(self.numbers):
+            self._top_up()
+        result = self._read_reply()
+        if self.answered == self.sent:
+            pop._batch = None  # nothing in flight: other commands need not wait for us
         return result
 
-    def _expected_octets(self, batch: _Batch, number: int | None) -> int:
+    def absorb(self) -> None:
+        """Read every response in flight into the queue (before another command is sent)."""
+        while self.answered < self.sent:
+            try:
+                item: Fetched | ProtocolError = self._read_reply()
+            except ProtocolError as exc:
+                if not self._pop.is_open:
+                    raise  # out of step: nothing more can be read
+                item = exc  # a size mismatch: the session is in step
+            self.ready.append(item)
+        if self._pop._batch is self:
+            self._pop._batch = None
+
+    def _expected_octets(self, number: int | None) -> int:
         """What the response for ``number`` will probably take: its LIST size if known, else
         the average so far. Before the first answer only two bounds are known: STAT's size of
         the whole maildrop (trusted as LIST sizes are: when it fits the budget, so does any
         batch) and max_message_size (the reader refuses more). Without a smaller one, half the
         budget: two commands, until the first answer tells more."""
-        if not batch.multiline:
+        pop = self._pop
+        if not self.multiline:
             return 0
-        if self._maildrop_octets is not None and self._maildrop_octets <= PIPELINE_MEMORY:
+        if pop._maildrop_octets is not None and pop._maildrop_octets <= PIPELINE_MEMORY:
             return 0
-        if self._sizes is not None and number in self._sizes:  # TOP's is at most that
-            return self._sizes[number]
-        if batch.answered:
-            return batch.received // batch.answered
-        return min(PIPELINE_MEMORY // 2, self.max_message_size)
+        if pop._sizes is not None and number in pop._sizes:  # TOP's is at most that
+            return pop._sizes[number]
+        if self.answered:
+            return self.received // self.answered
+        return min(PIPELINE_MEMORY // 2, pop.max_message_size)
 
-    def _top_up(self, batch: _Batch) -> None:
+    def _top_up(self) -> None:
         """Send more commands once an eighth of the window (or all that is left) is free:
         the window stays nearly full, in few, larger writes."""
-        inflight = batch.sent - batch.answered
-        unsent = len(batch.numbers) - batch.sent
-        wanted = max(1, min(batch.window // 8, unsent))
-        if not unsent or (inflight and batch.window - inflight < wanted):
+        inflight = self.sent - self.answered
+        unsent = len(self.numbers) - self.sent
+        wanted = max(1, min(self.window // 8, unsent))
+        if not unsent or (inflight and self.window - inflight < wanted):
             return
-        encoding = "utf-8" if self._utf8 else "ascii"
-        expected = Expected(
-            multiline=batch.multiline, limit=self.max_message_size, stream=batch.sink is not None
-        )
-        verb, extra, numbers, window = batch.verb, batch.extra, batch.numbers, batch.window
-        format_line = format_numbered(verb, *extra, encoding=encoding)
-        guess = self._expected_octets(batch, None)  # for a number without a known size
-        sizes = self._sizes if batch.multiline and self._sizes is not None else {}
+        pop, numbers, window = self._pop, self.numbers, self.window
+        guess = self._expected_octets(None)  # for a number without a known size
+        sizes = pop._sizes if self.multiline and pop._sizes is not None else {}
         # The books are kept in locals and written back once nothing more can raise.
-        sent, answered = batch.sent, batch.answered
-        command_octets = batch.inflight_command_octets
-        response_octets = batch.inflight_response_octets
+        sent, answered = self.sent, self.answered
+        command_octets = self.inflight_command_octets
+        response_octets = self.inflight_response_octets
         lines, books = [], []
         while sent < len(numbers) and sent - answered < window:
-            number = numbers[sent]
-            line = format_line(number)
-            octets = sizes.get(number, guess)
+            line = self.format_line(numbers[sent])
+            octets = sizes.get(numbers[sent], guess)
             if sent > answered and (
                 command_octets + len(line) > PIPELINE_WINDOW_BYTES
                 or response_octets + octets > PIPELINE_MEMORY
@@ -3103,54 +3213,57 @@ class POP3:
             command_octets += len(line)
             response_octets += octets
             sent += 1
-        batch.inflight.extend(books)
-        batch.inflight_command_octets = command_octets
-        batch.inflight_response_octets = response_octets
-        batch.sent = sent
-        for _ in lines:
-            self._reader.expect(expected)
-        self._transport.start_operation()
-        if self._log.isEnabledFor(_DEBUG):
-            for line in lines:
-                self._log_line("C:", line)
-        self._transport.send(b"".join(lines))
+        self.inflight.extend(books)
+        self.inflight_command_octets = command_octets
+        self.inflight_response_octets = response_octets
+        self.sent = sent
+        expected = [self.expected] * len(lines)
+        if self.then_quit and sent == len(numbers) and not pop._marked:
+            # The session ends here and nothing is marked, so QUIT cannot commit anything
+            # the caller might still want to undo: it rides along (one round trip less).
+            lines.append(format_command("QUIT"))
+            expected.append(_LAST_REPLY)
+            pop._quit_sent = True
+        pop._transmit(lines, expected, sender=self)
 
-    def _read_batch_reply(self, batch: _Batch) -> Fetched:
-        number = batch.numbers[batch.answered]
-        self._transport.start_operation()
+    def _read_reply(self) -> Fetched:
+        pop = self._pop
+        number = self.numbers[self.answered]
         data = error = over = None
         text = b""
         streamed = 0
         try:
-            text = self._status(batch.verb)
+            text = pop._status(self.verb)
         except ServerError as exc:
             error = exc
         else:
-            if batch.sink is not None:
-                open_sink, max_size = batch.sink
+            if self.sink is not None:
+                open_sink, max_size = self.sink
                 streamed, over = self._stream_into(open_sink(number), number, max_size)
-            elif batch.multiline:
-                data = self._body()
+            elif self.multiline:
+                data = pop._body()
             else:
-                self._marked.add(number)  # DELE
+                pop._marked.add(number)  # DELE
         # The books first: the size check below may raise, and the batch must stay in step.
-        batch.answered += 1
-        command_octets, expected_octets = batch.inflight.popleft()
-        batch.inflight_command_octets -= command_octets
-        batch.inflight_response_octets -= expected_octets
-        if batch.sink is not None:
-            batch.streamed.append((streamed, over))
+        self.answered += 1
+        command_octets, expected_octets = self.inflight.popleft()
+        self.inflight_command_octets -= command_octets
+        self.inflight_response_octets -= expected_octets
+        if self.sink is not None:
+            self.streamed.append((streamed, over))
         size = streamed if data is None else len(data)
-        batch.received += size
+        self.received += size
+        if self.answered == len(self.numbers) and pop._quit_sent and pop.is_open:
+            pop._quit_reply()  # QUIT went behind the last command
         # The size is parsed only when the +OK is not plainly "<the size> octets".
         if (
             error is None
             and over is None
-            and batch.verb == "RETR"
+            and self.verb == "RETR"
             and not text.startswith(b"%d octets" % size)
         ):
-            # The caller's next(): __next__, _batch_step, here, _check_size.
-            self._check_size(number, size, parse_announced_size(text), stacklevel=5)
+            # The caller's next(): __next__, here, _check_size.
+            pop._check_size(number, size, parse_announced_size(text), stacklevel=4)
         return Fetched(number, data, error)
 
     def _stream_into(
@@ -3169,21 +3282,8 @@ class POP3:
             if over is None:
                 _write_all(sink, piece)
 
-        self._stream(write)
+        self._pop._stream(write)
         return received, over
-
-    def _absorb(self, batch: _Batch) -> None:
-        """Read every response in flight into the queue (before another command is sent)."""
-        while batch.answered < batch.sent:
-            try:
-                item: Fetched | ProtocolError = self._read_batch_reply(batch)
-            except ProtocolError as exc:
-                if not self._transport.is_open:
-                    raise  # out of step: nothing more can be read
-                item = exc  # a size mismatch: the session is in step
-            batch.ready.append(item)
-        if self._batch is batch:
-            self._batch = None
 
 
 def _lines(body: bytes) -> list[bytes]:
@@ -4273,9 +4373,6 @@ _TABLE_ROWS = 50  # rows the check shows by default; --json lists every message 
 _TOP_LINES = 10  # body lines `top N` shows by default
 _SECRET_FILE_LIMIT = 64 * 1024  # a password or token file larger than this is a mistake
 _SHELL_PROMPT = "pop3> "
-# Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
-# before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
-_GREETING_WAIT = 3.0
 _SHELL_PRINT_LIMIT = 1024 * 1024  # octets: the shell asks before printing a larger message
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 

@@ -637,6 +637,7 @@ def test_a_session_does_not_import_logging_unless_the_program_did() -> None:
 def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         peer.expect(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n", b"+OK maildrop ready\r\n")
         peer.expect(b"QUIT\r\n", b"+OK\r\n")
 
@@ -662,6 +663,7 @@ def test_apop_without_timestamp_refuses_before_sending() -> None:
 def test_login_logs_are_redacted_and_errors_are_typed(caplog: pytest.LogCaptureFixture) -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         peer.expect(b"USER alice\r\n", b"+OK\r\n")
         peer.expect(b"PASS s3cret pass\r\n", b"-ERR [AUTH] invalid login\r\n")
         peer.expect(b"QUIT\r\n", b"+OK\r\n")
@@ -1324,6 +1326,7 @@ def test_an_earlier_listing_bounds_a_later_one() -> None:
 def test_utf8_after_login_is_refused_without_sending() -> None:
     def script(peer: Peer) -> None:
         peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         peer.expect(b"USER u\r\n", b"+OK\r\n")
         peer.expect(b"PASS p\r\n", b"+OK\r\n")
         peer.expect(b"NOOP\r\n", b"+OK\r\n")  # not UTF8: nothing was sent for it
@@ -1695,6 +1698,7 @@ def test_scram_server_that_cannot_prove_itself_is_rejected() -> None:
 
     def peer_script(peer: Peer) -> None:
         peer.send(b"+OK ready\r\n")
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         line = peer.line()
         assert line.startswith(b"AUTH SCRAM-SHA-256 ")
         import base64
@@ -1720,6 +1724,7 @@ def test_hostile_oauth_error_json_is_a_protocol_error() -> None:
 
     def peer_script(peer: Peer) -> None:
         peer.send(b"+OK ready\r\n")
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         assert peer.line().startswith(b"AUTH XOAUTH2 ")
         peer.send(b"+ " + base64.b64encode(b"[" * 20000) + b"\r\n")
         assert peer.line() == b"*\r\n"
@@ -1735,6 +1740,7 @@ def test_hostile_oauth_error_json_is_a_protocol_error() -> None:
 def test_server_that_accepts_a_cancelled_auth_is_dropped() -> None:
     def peer_script(peer: Peer) -> None:
         peer.send(b"+OK ready\r\n")
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         assert peer.line() == b"AUTH CRAM-MD5\r\n"
         peer.send(b"+ %%%\r\n")
         assert peer.line() == b"*\r\n"
@@ -1751,6 +1757,7 @@ def test_server_that_accepts_a_cancelled_auth_is_dropped() -> None:
 def test_undecodable_challenge_is_cancelled_with_star() -> None:
     def peer_script(peer: Peer) -> None:
         peer.send(b"+OK ready\r\n")
+        peer.expect(b"CAPA\r\n", b"-ERR no CAPA\r\n")  # before login: PIPELINING? UTF8?
         assert peer.line() == b"AUTH CRAM-MD5\r\n"
         peer.send(b"+ not*base64!\r\n")
         assert peer.line() == b"*\r\n"
@@ -1797,3 +1804,202 @@ def test_utf8_credentials_need_the_utf8_user_capability() -> None:
             pytest.fail("the rfc preset is expected to say UTF8 without USER")
         with pytest.raises(ValueError, match="UTF8 USER"):
             pop.login("j\u00f6rg", "p\u00e4ss")
+
+
+# -- issue 18: a pipelined login, QUIT behind the last batch -------------------------------------
+
+
+PIPELINING_CAPA = b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"
+
+
+def test_user_and_pass_go_in_one_write_once_capa_shows_pipelining(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
+        # Both lines arrive before USER is answered: a client waiting for +OK would hang here.
+        assert [peer.line(), peer.line()] == [b"USER alice\r\n", b"PASS s3cret\r\n"]
+        assert peer.buf == b""  # nothing behind PASS (Courier would lose it)
+        peer.send(b"+OK\r\n")
+        peer.send(b"+OK logged in\r\n")
+        peer.expect(b"STAT\r\n", b"+OK 0 0\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with scripted(script) as port, connect(port) as pop:
+        assert pop.login("alice", "s3cret") == "logged in"
+        assert pop.stat() == (0, 0)
+    assert "C: USER alice" in caplog.text and "C: PASS ****" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
+def test_a_refused_user_in_a_pipelined_login_reads_both_replies() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
+        assert [peer.line(), peer.line()] == [b"USER nobody\r\n", b"PASS pw\r\n"]
+        peer.send(b"-ERR [AUTH] no such user\r\n-ERR [AUTH] USER first\r\n")
+        peer.expect(b"NOOP\r\n", b"+OK still in step\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        with pytest.raises(pop3lite.AuthenticationError, match="no such user"):
+            pop.login("nobody", "pw")
+        assert pop.noop() == "still in step"
+
+
+def test_without_pipelining_pass_waits_for_the_answer_to_user() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"+OK\r\nUSER\r\n.\r\n")
+        assert peer.line() == b"USER alice\r\n"
+        assert peer.buf == b""
+        peer.send(b"+OK\r\n")
+        peer.expect(b"PASS pw\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.login("alice", "pw")
+
+
+def test_then_quit_sends_quit_behind_the_last_retr() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
+        assert [peer.line(), peer.line()] == [b"USER u\r\n", b"PASS p\r\n"]
+        peer.send(b"+OK\r\n+OK\r\n")
+        # QUIT arrives with the RETRs, before any of them is answered.
+        assert [peer.line() for _ in range(3)] == [b"RETR 1\r\n", b"RETR 2\r\n", b"QUIT\r\n"]
+        peer.send(b"+OK\r\none\r\n.\r\n+OK\r\ntwo\r\n.\r\n+OK bye\r\n")
+        assert peer.eof()
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.login("u", "p")
+        data = [item.data for item in pop.retr_many([1, 2], then_quit=True)]
+        assert data == [b"one\r\n", b"two\r\n"]
+        assert not pop.is_open
+        assert pop.quit() == "bye"  # the reply the batch read
+        with pytest.raises(pop3lite.NetworkError, match="QUIT sent"):
+            pop.noop()
+
+
+def test_then_quit_leaves_quit_to_the_caller_when_a_message_is_marked() -> None:
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
+        assert [peer.line(), peer.line()] == [b"USER u\r\n", b"PASS p\r\n"]
+        peer.send(b"+OK\r\n+OK\r\n")
+        peer.expect(b"DELE 1\r\n", b"+OK\r\n")
+        peer.expect(b"RETR 2\r\n", b"+OK\r\ntwo\r\n.\r\n")
+        assert peer.buf == b""  # no QUIT behind it: it would commit the DELE
+        peer.expect(b"RSET\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.login("u", "p")
+        pop.dele(1)
+        assert [item.data for item in pop.retr_many([2], then_quit=True)] == [b"two\r\n"]
+        assert pop.is_open
+        pop.rset()
+        assert pop.quit() == "bye"
+
+
+def test_every_command_line_is_logged_once_batch_and_sasl_included(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        caplog.set_level(logging.DEBUG, logger="pop3lite")
+        with fake_connect(server) as pop:
+            pop.auth("CRAM-MD5", SEED_USER, SEED_PASSWORD)
+            pop.scan()
+            list(pop.retr_many([1, 2]))
+        sent = [line[3:] for line in server.transcripts[0] if line.startswith("C: ")]
+    logged = [r.getMessage()[3:] for r in caplog.records if r.getMessage().startswith("C: ")]
+    assert logged == sent  # the fake shows SASL responses as **** too
+    assert "RETR 2" in logged and "STAT" in logged and "UIDL" in logged
+
+
+# -- issue 19 item 1: a port that expects TLS from the first byte ------------------------------
+
+
+def test_auto_on_another_port_tries_implicit_tls_after_a_short_wait(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 0.3)
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with fakeserver.FakeServer(preset="rfc", tls="implicit") as server:
+        with pop3lite.POP3(
+            "localhost", server.port, ssl_context=client_context(), timeout=TIMEOUT
+        ) as pop:
+            assert pop.tls_version is not None
+            pop.login(SEED_USER, SEED_PASSWORD)
+    assert "trying implicit TLS" in caplog.text and "tls='implicit'" in caplog.text
+
+
+def test_auto_on_another_port_keeps_a_plaintext_server_on_one_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 0.3)
+    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
+        with pop3lite.POP3(
+            "localhost", server.port, ssl_context=client_context(), timeout=TIMEOUT
+        ) as pop:
+            assert pop.tls_version is not None  # by STLS
+        assert len(server.transcripts) == 1
+        assert server.transcripts[0][1] == "C: CAPA"
+
+
+def test_a_greeting_timeout_says_the_port_may_expect_tls() -> None:
+    def script(peer: Peer) -> None:
+        peer.hold()  # as a port that waits for a TLS ClientHello
+
+    with scripted(script) as port:
+        with pytest.raises(pop3lite.Timeout, match=r"tls='implicit'") as caught:
+            connect(port, timeout=0.3)
+    assert "no greeting" in str(caught.value)
+
+
+def test_a_timeout_passed_on_implicit_tls_does_not_hint_at_tls() -> None:
+    def script(peer: Peer) -> None:
+        peer.hold()  # accepts, never answers the ClientHello
+
+    with scripted(script) as port:
+        with pytest.raises(pop3lite.Timeout) as caught:
+            connect(port, timeout=0.3, tls="implicit", ssl_context=client_context())
+    assert "tls='implicit'" not in str(caught.value)
+
+
+# -- issue 19 item 17: UTF8 before login, so that messages come as they are stored --------------
+
+
+def verbs(transcript: list[str]) -> list[str]:
+    """The verbs of the command lines in a fake server's transcript."""
+    return [line[3:].split()[0] for line in transcript if line.startswith("C: ")]
+
+
+def test_utf8_is_sent_before_user_when_offered() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            pop.login(SEED_USER, SEED_PASSWORD)
+        commands = verbs(server.transcripts[0])
+    assert commands[:4] == ["CAPA", "UTF8", "USER", "PASS"]
+
+
+def test_utf8_is_sent_before_auth_when_offered() -> None:
+    with fakeserver.FakeServer(preset="rfc") as server:
+        with fake_connect(server) as pop:
+            pop.auth("PLAIN", SEED_USER, SEED_PASSWORD)
+        commands = verbs(server.transcripts[0])
+    assert commands[:3] == ["CAPA", "UTF8", "AUTH"]
+
+
+def test_utf8_is_not_sent_when_not_offered_or_not_wanted() -> None:
+    with fakeserver.FakeServer() as server:  # OperaMail: no CAPA at all
+        with fake_connect(server) as pop:
+            pop.login(SEED_USER, SEED_PASSWORD)
+        with fakeserver.FakeServer(preset="rfc") as rfc, fake_connect(rfc, utf8=False) as pop:
+            pop.login(SEED_USER, SEED_PASSWORD)
+        for transcript in (server.transcripts[0], rfc.transcripts[0]):
+            commands = verbs(transcript)
+            assert "UTF8" not in commands and commands[:3] == ["CAPA", "USER", "PASS"]

@@ -77,6 +77,10 @@ __all__ = [
     "BodyPiece",
     "BodyEnd",
     "NEED_DATA",
+    "STATUS_MODE",
+    "WHOLE_BODY_MODE",
+    "STREAMED_BODY_MODE",
+    "BODY_END_MODE",
     "SaslExchange",
     "Maildir",
     "Mbox",
@@ -929,38 +933,231 @@ _SASL_REPLY = Expected(sasl=True)
 _LAST_REPLY = Expected(last=True)
 
 
+class _ReceiveBuffer:
+    """The server's bytes received and not yet read, in one bytearray: ``buf[start:end]`` is
+    unread, and ``search`` is where the next search for a line end or terminator begins (so
+    no byte is searched twice while a reply arrives). Consumed bytes are dropped from the
+    front and never copied again."""
+
+    __slots__ = ("buf", "start", "end", "search", "receive_size", "min_receive")
+
+    def __init__(self, receive_size: int) -> None:
+        self.receive_size = receive_size
+        self.min_receive = min(4096, receive_size)  # less free space than this: make room
+        self.buf = bytearray(receive_size)
+        self.start = self.end = self.search = 0
+
+    @property
+    def pending(self) -> int:
+        return self.end - self.start
+
+    def unread(self) -> bytes:
+        return bytes(self.buf[self.start : self.end])
+
+    def space(self) -> memoryview:
+        """Free space at the end, to receive into (see ReplyReader.receive_buffer)."""
+        if len(self.buf) - self.end < self.min_receive:
+            self.make_room(max(self.min_receive, self.receive_size // 4))
+        return memoryview(self.buf)[self.end :]
+
+    def make_room(self, want: int) -> None:
+        """Make ``want`` octets of free space after the unread bytes. For a large body of
+        known size the buffer is replaced by one of that size; otherwise it grows in
+        receive_size steps (the bytearray over-allocates by an eighth), so a body costs
+        little more than its size."""
+        unread = self.end - self.start
+        if unread + want > 2 * len(self.buf):
+            fresh = bytearray(unread + want)
+            with memoryview(self.buf) as view, view[self.start : self.end] as part:
+                fresh[:unread] = part
+            self.buf = fresh
+        else:
+            if self.start:  # the unread part of a reply: small, or moved once per reply
+                self.buf[:unread] = self.buf[self.start : self.end]
+            if len(self.buf) - unread < want:
+                steps = -(-(want - len(self.buf) + unread) // self.receive_size)
+                self.buf += bytes(self.receive_size) * steps
+        self.search -= self.start
+        self.start = 0
+        self.end = unread
+
+    def shrink(self) -> None:
+        """Between replies: start over when all is read, and give back a large body's memory."""
+        if self.start == self.end:
+            self.start = self.end = self.search = 0
+        if len(self.buf) > 4 * self.receive_size and self.pending < self.receive_size:
+            fresh = bytearray(self.receive_size)
+            fresh[: self.pending] = self.buf[self.start : self.end]
+            self.search -= self.start
+            self.end -= self.start
+            self.start = 0
+            self.buf = fresh
+
+
+# The reader's modes: what the next unread byte belongs to.
+STATUS_MODE = "status line"  # a status line (or a SASL challenge), between replies
+WHOLE_BODY_MODE = "whole body"  # a body delivered as one BodyPiece
+STREAMED_BODY_MODE = "streamed body"  # a body delivered in pieces of about STREAM_CHUNK
+BODY_END_MODE = "body end"  # the body's last piece was delivered; its BodyEnd is next
+
+
+class _WholeBody:
+    """A body delivered whole (limit: the most octets accepted), found in one scan for line
+    ends followed by a dot: a second dot is stuffing (its offset kept, cut out at the end), a
+    line end the terminator. A body where nearly every line is stuffed is scanned twice
+    instead (find_body_end, then unstuff_slice), which is faster for it."""
+
+    __slots__ = ("eol", "limit", "status_text", "stuffed", "first_line")
+
+    def __init__(self, eol: bytes, limit: int, status_text: bytes) -> None:
+        self.eol = eol
+        self.limit = limit
+        self.status_text: bytes | None = status_text  # for presizing, until it is done
+        self.stuffed: list[int] | None = []  # offsets of stuffed dots; None: scan twice
+        self.first_line = True  # the first line is yet to be looked at
+
+    def read(self, rb: _ReceiveBuffer) -> bytes | None:
+        """The body (dot-stuffing removed, CRLF line ends), or None until it has arrived."""
+        end = None if self.stuffed is None else self._scan(rb)
+        if end is None:  # dense stuffing: scan twice
+            end = self._find_end(rb)
+        if end < 0:
+            self._need_more(rb)
+            return None
+        start, skip = rb.start, len(self.eol)
+        rb.start = rb.search = end + skip + 1
+        if self.stuffed is None:
+            data = unstuff_slice(rb.buf, start, end, self.eol, True)
+        else:
+            data = cut_out(rb.buf, start, end, self.stuffed) if end > start else b""
+        if skip == 1:  # a bare-LF server
+            data = to_crlf(data)
+        if len(data) > self.limit:
+            raise LimitExceeded(f"response larger than {self.limit} octets")
+        return data
+
+    def _scan(self, rb: _ReceiveBuffer) -> int | None:
+        """Where the terminator begins (-1: not yet known), noting stuffed dots on the way;
+        None when the stuffing is dense enough to be worth the other way."""
+        buf, start, end, eol, stuffed = rb.buf, rb.start, rb.end, self.eol, self.stuffed
+        assert stuffed is not None
+        skip = len(eol)
+        last = end - 1 - skip  # the last place a "." line can begin and be told apart
+        if self.first_line:  # it has no line end before it
+            if start > last:
+                return -1
+            self.first_line = False
+            if buf[start] == 46:  # "."
+                if buf[start + 1] == 46:
+                    stuffed.append(0)
+                elif buf.startswith(eol, start + 1):
+                    return start
+        marker = eol + b"."
+        find = buf.find
+        index = find(marker, max(start, rb.search), end)
+        while index >= 0:
+            at = index + skip  # a line that starts with "."
+            if at > last:
+                break  # too close to the end to tell
+            if buf[at + 1] == 46:
+                stuffed.append(at - start)
+                if len(stuffed) >= 64 and at - start < _DENSE_STUFFING * len(stuffed):
+                    self.stuffed = None  # nearly every line: see unstuff_slice()
+                    rb.search = index
+                    return None
+            elif buf.startswith(eol, at + 1):
+                return at
+            index = find(marker, at + 1, end)
+        rb.search = index if index >= 0 else max(start, end - skip)
+        return -1
+
+    def _find_end(self, rb: _ReceiveBuffer) -> int:
+        """Where the terminator begins (-1: not yet), for a densely stuffed body."""
+        end = find_body_end(rb.buf, rb.start, rb.search, self.eol, rb.end)
+        if end < 0:
+            rb.search = max(rb.start, rb.end - 2 * len(self.eol))
+        return end
+
+    def _need_more(self, rb: _ReceiveBuffer) -> None:
+        """More of the body is needed: check its limit (on the message, so the dots that
+        stuffing added do not count), and size the buffer for it once."""
+        slack = len(self.eol) + 1  # the start of the terminator may be here already
+        start, end = rb.start, rb.end
+        if end - start > self.limit + slack:
+            stuffed = rb.buf.count(self.eol + b"..", start, end)
+            stuffed += rb.buf.startswith(b"..", start)
+            if end - start - stuffed > self.limit + slack:
+                raise LimitExceeded(f"response larger than {self.limit} octets")
+        if self.status_text is not None:
+            # Receive a large message into one buffer of about its size (the announced size
+            # is of the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit.
+            # Only now that the body has not all arrived with its status line: a server may
+            # announce any size.
+            announced = parse_announced_size(self.status_text) or 0
+            self.status_text = None
+            if announced > rb.receive_size:
+                size = min(announced, self.limit)
+                rb.make_room(size + size // 64 + 4096)
+
+
+class _StreamedBody:
+    """A body delivered in pieces of about ``chunk`` octets, each cut at a line end where
+    possible; no limit (the caller counts what it writes)."""
+
+    __slots__ = ("eol", "chunk", "at_line_start")
+
+    def __init__(self, eol: bytes, chunk: int) -> None:
+        self.eol = eol
+        self.chunk = chunk
+        self.at_line_start = True  # the next unread byte begins a body line
+
+    def read(self, rb: _ReceiveBuffer) -> tuple[bytes, bool] | None:
+        """(a piece, whether it is the last), or None until more has arrived."""
+        buf, start, end, eol = rb.buf, rb.start, rb.end, self.eol
+        if self.at_line_start:
+            body_end = find_body_end(buf, start, rb.search, eol, end)
+        else:  # cut inside a long line: the terminator needs a line end before it
+            index = buf.find(eol + b"." + eol, max(start, rb.search), end)
+            body_end = -1 if index < 0 else index + len(eol)
+        if body_end >= 0:
+            rb.start = rb.search = body_end + len(eol) + 1
+            return self._piece(buf, start, body_end, self.at_line_start), True
+        if end - start >= self.chunk:
+            cut, at_line_start = safe_cut(buf, start, end, eol)
+            if cut > start:
+                piece = self._piece(buf, start, cut, self.at_line_start)
+                rb.start = rb.search = cut
+                self.at_line_start = at_line_start
+                return piece, False
+        rb.search = max(start, end - 2 * len(eol))
+        return None
+
+    def _piece(self, buf: bytearray, start: int, end: int, at_line_start: bool) -> bytes:
+        data = unstuff_slice(buf, start, end, self.eol, at_line_start)
+        return to_crlf(data) if len(self.eol) == 1 else data
+
+
 class ReplyReader:
     """Turns the server's bytes into reply events. Never touches a socket.
 
-    Errors it raises (ProtocolError, LimitExceeded) mean the session is out of step: the
-    caller must close the connection. The reader's state is then undefined.
+    A receive buffer, and one reader per framing: the status line (here), a body delivered
+    whole (_WholeBody), a body delivered in pieces (_StreamedBody); ``mode`` says which reads
+    next. Errors it raises (ProtocolError, LimitExceeded) mean the session is out of step:
+    the caller must close the connection. The reader's state is then undefined.
     """
 
     def __init__(self) -> None:
         self.eol = b"\r\n"
         """The line end of the last status line: CRLF, or LF for a server that sends bare LF
         (tolerated: its bodies are framed with LF and delivered with CRLF)."""
+        self.mode = STATUS_MODE
         # The sizes are read when the reader is made, so a test can make them tiny.
-        self._receive_size = RECV_SIZE
+        self._rb = _ReceiveBuffer(RECV_SIZE)
         self._stream_chunk = STREAM_CHUNK
-        self._min_receive = min(4096, RECV_SIZE)  # less free space than this: make room
-        self._buf = bytearray(RECV_SIZE)  # capacity; bytes [_start:_end] are unread
-        self._start = 0
-        self._end = 0
-        self._search = 0  # where the next search for a line end or terminator begins
         self._expected: deque[Expected] = deque()
-        self._in_body = False
-        self._at_line_start = True  # (streaming) the next unread byte begins a body line
-        self._octets = 0
-        self._stream = False
-        self._limit = 0
-        self._end_event: BodyEnd | None = None
-        self._status_text: bytes | None = None  # a body's status line, until it is presized
-        # A body delivered whole is scanned once: every line end followed by "." is either a
-        # stuffed dot (its offset is kept here) or the terminator. None: scan twice (streams,
-        # and bodies where nearly every line is stuffed).
-        self._stuffed: list[int] | None = None
-        self._first_line = True  # (whole bodies) the first line is yet to be looked at
+        self._whole: _WholeBody | None = None  # in WHOLE_BODY_MODE
+        self._streamed: _StreamedBody | None = None  # in STREAMED_BODY_MODE
+        self._octets = 0  # of the body being read
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -976,16 +1173,16 @@ class ReplyReader:
     @property
     def pending(self) -> int:
         """Octets received and not yet read."""
-        return self._end - self._start
+        return self._rb.pending
 
     def unread(self) -> bytes:
         """The octets received and not yet read (for error messages and STLS)."""
-        return bytes(self._buf[self._start : self._end])
+        return self._rb.unread()
 
     def in_reply(self) -> bool:
         """True when part of a reply has been read or received: stopping now, the rest of it
         is still on its way (the session would be out of step)."""
-        return self._in_body or self._end > self._start
+        return self.mode != STATUS_MODE or self._rb.pending > 0
 
     def connection_closed(self) -> NetworkError:
         """The error that fits the server closing the connection now."""
@@ -1002,15 +1199,14 @@ class ReplyReader:
     def receive_buffer(self) -> memoryview:
         """Free space at the end of the buffer to receive into; then call received(n). Release
         the view before calling anything else (a bytearray with a view cannot be resized)."""
-        if len(self._buf) - self._end < self._min_receive:
-            self._make_room(max(self._min_receive, self._receive_size // 4))
-        return memoryview(self._buf)[self._end :]
+        return self._rb.space()
 
     def received(self, count: int) -> None:
         """``count`` octets were written at the start of the last receive_buffer()."""
-        if not 0 <= count <= len(self._buf) - self._end:
+        rb = self._rb
+        if not 0 <= count <= len(rb.buf) - rb.end:
             raise ValueError("received() count outside the receive buffer")
-        self._end += count
+        rb.end += count
 
     def feed(self, data: bytes) -> None:
         """Append ``data`` (bytes from the server) to what the reader holds."""
@@ -1021,73 +1217,59 @@ class ReplyReader:
             self.received(count)
             data = data[count:]
 
-    def _make_room(self, want: int) -> None:
-        """Make ``want`` octets of free space after the unread bytes. Consumed bytes are
-        dropped from the front and never copied again. For a large body of known size the
-        buffer is replaced by one of that size; otherwise it grows in RECV_SIZE steps (the
-        bytearray over-allocates by an eighth), so a body costs little more than its size."""
-        unread = self._end - self._start
-        if unread + want > 2 * len(self._buf):
-            fresh = bytearray(unread + want)
-            with memoryview(self._buf) as view, view[self._start : self._end] as part:
-                fresh[:unread] = part
-            self._buf = fresh
-        else:
-            if self._start:  # the unread part of a reply: small, or moved once per reply
-                self._buf[:unread] = self._buf[self._start : self._end]
-            if len(self._buf) - unread < want:
-                steps = -(-(want - len(self._buf) + unread) // self._receive_size)
-                self._buf += bytes(self._receive_size) * steps
-        self._search -= self._start
-        self._start = 0
-        self._end = unread
-
-    def _shrink(self) -> None:
-        """Between replies: start the buffer over when all is read, and give back the memory
-        of a large body."""
-        if self._start == self._end:
-            self._start = self._end = self._search = 0
-        if len(self._buf) > 4 * self._receive_size and self.pending < self._receive_size:
-            fresh = bytearray(self._receive_size)
-            fresh[: self.pending] = self._buf[self._start : self._end]
-            self._search -= self._start
-            self._end -= self._start
-            self._start = 0
-            self._buf = fresh
-
     @property
     def capacity(self) -> int:
         """Octets of memory the receive buffer holds now."""
-        return len(self._buf)
+        return len(self._rb.buf)
 
     # -- taking events out ----------------------------------------------------------------
 
     def next_event(self) -> ReplyEvent | _NeedData:
         """The next event of the reply being read, or NEED_DATA."""
-        end_event = self._end_event
-        if end_event is not None:
-            self._end_event = None
-            self._complete()
-            return end_event
-        if self._in_body:
-            return self._body_event()
-        if not self._expected:
-            raise RuntimeError("next_event() with no reply expected")
-        return self._status_event()
+        mode = self.mode
+        if mode is STATUS_MODE:
+            if not self._expected:
+                raise RuntimeError("next_event() with no reply expected")
+            return self._status_event()
+        if mode is WHOLE_BODY_MODE:
+            data = cast(_WholeBody, self._whole).read(self._rb)
+            if data is None:
+                return NEED_DATA
+            self._whole = None
+            return self._body_piece(data, True)
+        if mode is STREAMED_BODY_MODE:
+            read = cast(_StreamedBody, self._streamed).read(self._rb)
+            if read is None:
+                return NEED_DATA
+            return self._body_piece(*read)
+        self._complete()  # BODY_END_MODE
+        return BodyEnd(self._octets)
+
+    def _body_piece(self, data: bytes, last: bool) -> ReplyEvent:
+        """A piece of the body (none for an empty end), and the mode that follows it."""
+        self._octets += len(data)
+        if last:
+            self._streamed = None
+            self.mode = BODY_END_MODE
+            if not data:  # nothing more: the BodyEnd at once
+                self._complete()
+                return BodyEnd(self._octets)
+        return BodyPiece(data)
 
     def _status_event(self) -> ReplyEvent | _NeedData:
         expected = self._expected[0]
         limit = MAX_SASL_LINE if expected.sasl else MAX_RESPONSE_LINE
-        buf, start = self._buf, self._start
-        index = buf.find(b"\n", self._search, self._end)
+        rb = self._rb
+        buf, start = rb.buf, rb.start
+        index = buf.find(b"\n", rb.search, rb.end)
         if index < 0 or index + 1 - start > limit:
-            if self._end - start > limit or index >= 0:
+            if rb.end - start > limit or index >= 0:
                 raise LimitExceeded(
                     f"server line longer than {limit} octets", bytes(buf[start : start + 80])
                 )
-            self._search = self._end
+            rb.search = rb.end
             return NEED_DATA
-        self._start = self._search = index + 1
+        rb.start = rb.search = index + 1
         if index > start and buf[index - 1] == 13:  # CR LF
             self.eol, line_end = b"\r\n", index - 1
         else:
@@ -1102,153 +1284,27 @@ class ReplyReader:
             return Challenge(line[2:])
         ok, text = parse_status(line)
         if ok and expected.multiline:  # a body follows
-            self._in_body = True
-            self._stream = expected.stream
-            self._limit = expected.limit
-            self._at_line_start = True
             self._octets = 0
-            # For _presize(), if the body has not all arrived with its status line.
-            self._status_text = text
-            self._stuffed = None if expected.stream else []
-            self._first_line = True
+            if expected.stream:
+                self._streamed = _StreamedBody(self.eol, self._stream_chunk)
+                self.mode = STREAMED_BODY_MODE
+            else:
+                self._whole = _WholeBody(self.eol, expected.limit, text)
+                self.mode = WHOLE_BODY_MODE
         else:
             self._complete()
         return StatusLine(ok, text)
 
-    def _presize(self) -> None:
-        """Receive a large message into one buffer of about its size (the announced size is of
-        the unstuffed message: allow 1/64 for stuffed dots), bounded by the limit. Only when the
-        body has not all arrived with its status line: a server may announce any size."""
-        announced = parse_announced_size(self._status_text or b"") or 0
-        self._status_text = None
-        if announced > self._receive_size:
-            size = min(announced, self._limit)
-            self._make_room(size + size // 64 + 4096)
-
-    def _whole_body_event(self) -> ReplyEvent | _NeedData:
-        """The next event of a body delivered whole, found in one scan for line ends followed
-        by a dot: a second dot is stuffing (cut out at the end), a line end the terminator."""
-        buf, start, end, eol = self._buf, self._start, self._end, self.eol
-        stuffed = self._stuffed
-        assert stuffed is not None
-        skip = len(eol)
-        last = end - 1 - skip  # the last place a "." line can begin and be told apart
-        dot = -1  # where the terminating "." line begins, once found
-        if self._first_line:  # it has no line end before it
-            if start > last:
-                return self._more_body(start, end)
-            if buf[start] == 46:  # "."
-                if buf[start + 1] == 46:
-                    stuffed.append(0)
-                elif buf.startswith(eol, start + 1):
-                    dot = start
-            self._first_line = False
-        if dot < 0:
-            marker = eol + b"."
-            find = buf.find
-            index = find(marker, max(start, self._search), end)
-            while index >= 0:
-                at = index + skip  # a line that starts with "."
-                if at > last:
-                    break  # too close to the end to tell
-                if buf[at + 1] == 46:
-                    stuffed.append(at - start)
-                    if len(stuffed) >= 64 and at - start < _DENSE_STUFFING * len(stuffed):
-                        self._stuffed = None  # nearly every line: see unstuff_slice()
-                        self._search = index
-                        return self._body_event()
-                elif buf.startswith(eol, at + 1):
-                    dot = at
-                    break
-                index = find(marker, at + 1, end)
-            if dot < 0:
-                self._search = index if index >= 0 else max(start, end - skip)
-                return self._more_body(start, end)
-        self._start = self._search = dot + skip + 1
-        self._stuffed = None
-        if dot == start:
-            self._complete()
-            return BodyEnd(0)
-        data = cut_out(buf, start, dot, stuffed)
-        if skip == 1:  # a bare-LF server
-            data = to_crlf(data)
-        octets = self._octets = len(data)
-        if octets > self._limit:
-            raise LimitExceeded(f"response larger than {self._limit} octets")
-        self._end_event = BodyEnd(octets)
-        return BodyPiece(data)
-
-    def _more_body(self, start: int, end: int) -> _NeedData:
-        """A whole body needs more data: check its limit, and size the buffer for it."""
-        slack = len(self.eol) + 1  # the start of the terminator may be here already
-        if end - start > self._limit + slack and self._unstuffed(start, end) > self._limit + slack:
-            raise LimitExceeded(f"response larger than {self._limit} octets")
-        if self._status_text is not None:
-            self._presize()
-        return NEED_DATA
-
-    def _body_event(self) -> ReplyEvent | _NeedData:
-        if self._stuffed is not None:
-            return self._whole_body_event()
-        buf, start, end, eol = self._buf, self._start, self._end, self.eol
-        if self._at_line_start:
-            body_end = find_body_end(buf, start, self._search, eol, end)
-        else:  # a stream cut inside a long line: the terminator needs a line end before it
-            index = buf.find(eol + b"." + eol, max(start, self._search), end)
-            body_end = -1 if index < 0 else index + len(eol)
-        if body_end >= 0:
-            self._start = self._search = body_end + len(eol) + 1
-            if body_end == start:
-                self._complete()
-                return BodyEnd(self._octets)
-            piece = self._piece(start, body_end, self._at_line_start)
-            self._end_event = BodyEnd(self._octets)
-            return piece
-        unread = end - start
-        if not self._stream:
-            slack = len(eol) + 1  # the start of the terminator may be here already
-            if unread > self._limit + slack and self._unstuffed(start, end) > self._limit + slack:
-                raise LimitExceeded(f"response larger than {self._limit} octets")
-            if self._status_text is not None:
-                self._search = max(start, end - 2 * len(eol))
-                self._presize()
-                return NEED_DATA
-        elif unread >= self._stream_chunk:
-            cut, at_line_start = safe_cut(buf, start, end, eol)
-            if cut > start:
-                piece = self._piece(start, cut, self._at_line_start)
-                self._start = self._search = cut
-                self._at_line_start = at_line_start
-                return piece
-        self._search = max(start, end - 2 * len(eol))
-        return NEED_DATA
-
-    def _unstuffed(self, start: int, end: int) -> int:
-        """How long ``buf[start:end]`` (whole lines of a body) is once unstuffed: the limit is
-        on the message, so it must not depend on how many of its lines start with a dot."""
-        stuffed = self._buf.count(self.eol + b"..", start, end)
-        if self._at_line_start and self._buf[start : start + 2] == b"..":
-            stuffed += 1
-        return end - start - stuffed
-
-    def _piece(self, start: int, end: int, at_line_start: bool) -> BodyPiece:
-        data = unstuff_slice(self._buf, start, end, self.eol, at_line_start)
-        if self.eol == b"\n":
-            data = to_crlf(data)
-        self._octets += len(data)
-        if not self._stream and self._octets > self._limit:
-            raise LimitExceeded(f"response larger than {self._limit} octets")
-        return BodyPiece(data)
-
     def _complete(self) -> None:
         """The reply at the head of the queue is complete."""
         last = self._expected.popleft().last
-        self._in_body = False
-        if self._start == self._end or len(self._buf) > 4 * RECV_SIZE:
-            self._shrink()
+        self.mode = STATUS_MODE
+        rb = self._rb
+        if rb.start == rb.end or len(rb.buf) > 4 * rb.receive_size:
+            rb.shrink()
         # Nothing may follow a reply nobody asked for: surplus bytes mean the server answered
         # something else (or injected a reply), and every later reply would be misread.
-        if not self._expected and self._end > self._start and not last:
+        if not self._expected and rb.end > rb.start and not last:
             raise ProtocolError(
                 "server sent more than was asked for", self.unread(), reason="surplus"
             )

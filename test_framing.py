@@ -350,3 +350,56 @@ def test_unstuff_slice_is_unstuff_of_the_slice(body: bytes, eol: bytes) -> None:
         want = pop3lite.unstuff(body, eol, at_line_start)
         assert pop3lite.unstuff_slice(buf, 4, 4 + len(body), eol, at_line_start) == want
         buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized
+
+
+# -- the mode is an explicit value (issue 18) ------------------------------------------------
+
+
+def test_the_mode_says_which_framing_reads_next() -> None:
+    reader = ReplyReader()
+    assert reader.mode == pop3lite.STATUS_MODE
+    reader.expect(MULTI)
+    reader.expect(Expected(multiline=True, stream=True))
+    reader.feed(b"+OK\r\nab")
+    assert reader.next_event() == StatusLine(True, b"")
+    assert reader.mode == pop3lite.WHOLE_BODY_MODE and reader.in_reply()
+    assert reader.next_event() is NEED_DATA
+    reader.feed(b"c\r\n.\r\n+OK\r\nd\r\n")
+    assert reader.next_event() == BodyPiece(b"abc\r\n")
+    assert reader.mode == pop3lite.BODY_END_MODE
+    assert reader.next_event() == BodyEnd(5)
+    assert reader.mode == pop3lite.STATUS_MODE
+    assert reader.next_event() == StatusLine(True, b"")
+    assert reader.mode == pop3lite.STREAMED_BODY_MODE
+    reader.feed(b".\r\n")
+    assert drain(reader) == [BodyPiece(b"d\r\n"), BodyEnd(3)]
+    assert reader.mode == pop3lite.STATUS_MODE and not reader.in_reply()
+
+
+def test_a_one_line_reply_and_an_empty_body_never_leave_the_status_mode_behind() -> None:
+    reader = ReplyReader()
+    reader.expect()
+    reader.expect(MULTI)
+    reader.feed(b"-ERR no\r\n+OK\r\n.\r\n")
+    assert reader.next_event() == StatusLine(False, b"no")
+    assert reader.mode == pop3lite.STATUS_MODE
+    assert drain(reader) == [StatusLine(True, b""), BodyEnd(0)]
+    assert reader.mode == pop3lite.STATUS_MODE
+
+
+def test_the_buffer_is_given_back_by_the_readers_own_receive_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sizes are the reader's, read when it was made: changing the module's constant
+    # afterwards must not change when a large body's memory is given back.
+    monkeypatch.setattr(pop3lite, "RECV_SIZE", 1024)
+    reader = ReplyReader()
+    monkeypatch.setattr(pop3lite, "RECV_SIZE", 1 << 30)
+    reader.expect(MULTI)
+    reader.expect()
+    reader.feed(b"+OK\r\n" + b"x" * 20000 + b"\r\n.\r\n+O")  # the next reply begins
+    assert reader.capacity > 4 * 1024
+    assert drain(reader)[-1] == BodyEnd(20002)
+    assert reader.capacity <= 4 * 1024  # given back, the two octets kept
+    reader.feed(b"K\r\n")
+    assert drain(reader) == [StatusLine(True, b"")]

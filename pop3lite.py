@@ -153,6 +153,7 @@ TLS_MODES = ("auto", "implicit", "starttls", "none")
 # before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
 _GREETING_WAIT = 3.0
 
+_T = TypeVar("_T")
 _DEBUG = 10  # logging.DEBUG, without importing logging at module import time
 
 
@@ -1009,7 +1010,11 @@ class _WholeBody:
 
     __slots__ = ("eol", "limit", "status_text", "stuffed", "first_line")
 
-    def __init__(self, eol: bytes, limit: int, status_text: bytes) -> None:
+    def __init__(self) -> None:
+        self.start(b"\r\n", 0, b"")
+
+    def start(self, eol: bytes, limit: int, status_text: bytes) -> None:
+        """Begin a body (one object serves every body of a session: none is made per reply)."""
         self.eol = eol
         self.limit = limit
         self.status_text: bytes | None = status_text  # for presizing, until it is done
@@ -1106,9 +1111,13 @@ class _StreamedBody:
 
     __slots__ = ("eol", "chunk", "at_line_start")
 
-    def __init__(self, eol: bytes, chunk: int) -> None:
-        self.eol = eol
+    def __init__(self, chunk: int) -> None:
         self.chunk = chunk
+        self.start(b"\r\n")
+
+    def start(self, eol: bytes) -> None:
+        """Begin a body."""
+        self.eol = eol
         self.at_line_start = True  # the next unread byte begins a body line
 
     def read(self, rb: _ReceiveBuffer) -> tuple[bytes, bool] | None:
@@ -1153,11 +1162,11 @@ class ReplyReader:
         self.mode = STATUS_MODE
         # The sizes are read when the reader is made, so a test can make them tiny.
         self._rb = _ReceiveBuffer(RECV_SIZE)
-        self._stream_chunk = STREAM_CHUNK
         self._expected: deque[Expected] = deque()
-        self._whole: _WholeBody | None = None  # in WHOLE_BODY_MODE
-        self._streamed: _StreamedBody | None = None  # in STREAMED_BODY_MODE
+        self._whole = _WholeBody()  # reads in WHOLE_BODY_MODE
+        self._streamed = _StreamedBody(STREAM_CHUNK)  # reads in STREAMED_BODY_MODE
         self._octets = 0  # of the body being read
+        self._status = StatusLine(True, b"")  # of the body being read (next_reply)
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -1232,24 +1241,47 @@ class ReplyReader:
                 raise RuntimeError("next_event() with no reply expected")
             return self._status_event()
         if mode is WHOLE_BODY_MODE:
-            data = cast(_WholeBody, self._whole).read(self._rb)
+            data = self._whole.read(self._rb)
             if data is None:
                 return NEED_DATA
-            self._whole = None
             return self._body_piece(data, True)
         if mode is STREAMED_BODY_MODE:
-            read = cast(_StreamedBody, self._streamed).read(self._rb)
+            read = self._streamed.read(self._rb)
             if read is None:
                 return NEED_DATA
             return self._body_piece(*read)
         self._complete()  # BODY_END_MODE
         return BodyEnd(self._octets)
 
+    def next_reply(self) -> tuple[bool, bytes, bytes | None] | _NeedData:
+        """The reply at the head of the queue at once, or NEED_DATA: (ok, the text after the
+        indicator, the body read whole or None). For a reply expected with ``stream`` it
+        returns after the status line, and the body's pieces come from next_event(). The
+        same framing as next_event(), without an event object per step: one call per reply."""
+        if self.mode is STATUS_MODE:
+            if not self._expected:
+                raise RuntimeError("next_reply() with no reply expected")
+            status = self._status_event()
+            if isinstance(status, _NeedData):
+                return NEED_DATA
+            if type(status) is not StatusLine:
+                raise RuntimeError("next_reply() in a SASL exchange: use next_event()")
+            if self.mode is not WHOLE_BODY_MODE:
+                return status.ok, status.text, None
+            self._status = status
+        elif self.mode is not WHOLE_BODY_MODE:
+            raise RuntimeError(f"next_reply() in the {self.mode} mode: use next_event()")
+        data = self._whole.read(self._rb)
+        if data is None:
+            return NEED_DATA
+        self._octets = len(data)
+        self._complete()
+        return True, self._status.text, data
+
     def _body_piece(self, data: bytes, last: bool) -> ReplyEvent:
         """A piece of the body (none for an empty end), and the mode that follows it."""
         self._octets += len(data)
         if last:
-            self._streamed = None
             self.mode = BODY_END_MODE
             if not data:  # nothing more: the BodyEnd at once
                 self._complete()
@@ -1286,10 +1318,10 @@ class ReplyReader:
         if ok and expected.multiline:  # a body follows
             self._octets = 0
             if expected.stream:
-                self._streamed = _StreamedBody(self.eol, self._stream_chunk)
+                self._streamed.start(self.eol)
                 self.mode = STREAMED_BODY_MODE
             else:
-                self._whole = _WholeBody(self.eol, expected.limit, text)
+                self._whole.start(self.eol, expected.limit, text)
                 self.mode = WHOLE_BODY_MODE
         else:
             self._complete()
@@ -2496,53 +2528,52 @@ class POP3:
             self._reader.expect(reply)
         self._transport.send(lines[0] if len(lines) == 1 else b"".join(lines))
 
-    def _event(self, doing: str = "reading a response") -> ReplyEvent:
-        """The next event of the reply being read: the one receive loop of the client."""
-        reader, transport = self._reader, self._transport
-        if not transport.is_open:  # after a failure the reader's state means nothing
-            transport.check_open()  # raises, saying why the connection closed
+    def _pull(self, read: Callable[[], _T | _NeedData], doing: str = "reading a response") -> _T:
+        """``read()`` (the reader's next_event or next_reply) until it has an answer, receiving
+        as it needs: the one receive loop of the client."""
+        if not self._transport.is_open:  # after a failure the reader's state means nothing
+            self._transport.check_open()  # raises, saying why the connection closed
         try:
-            event = reader.next_event()
-            while isinstance(event, _NeedData):
-                transport.receive(reader, doing)
-                event = reader.next_event()
-            return event
+            answer = read()
+            while isinstance(answer, _NeedData):
+                self._transport.receive(self._reader, doing)
+                answer = read()
+            return answer
         except Error as exc:  # framing broke: the session is out of step
             self._transport.fail(exc)
         except BaseException:  # Ctrl-C, say: the rest of the reply is still on its way
             self._transport.close("a response was cut short")
             raise
 
+    def _event(self, doing: str = "reading a multi-line response") -> ReplyEvent:
+        """The next event of a streamed body or a SASL exchange."""
+        return cast(ReplyEvent, self._pull(self._reader.next_event, doing))
+
+    def _reply(self, command: str) -> tuple[bytes, bytes]:
+        """Read one reply: the text after +OK and its body if it has one read whole (dot-
+        stuffing removed, CRLF line ends; else b""); -ERR raises the fitting ServerError."""
+        ok, text, body = self._pull(self._reader.next_reply)
+        debug = self._log.isEnabledFor(_DEBUG)
+        if debug or self._reader.eol != b"\r\n":
+            self._log_status(ok, text)
+        if not ok:
+            raise refusal(text, command)
+        if body is None:
+            return text, b""
+        if debug:
+            self._log.debug("S: <%d octets, then .>", len(body))
+        return text, body
+
     def _status(self, command: str) -> bytes:
         """Read one status line: the text after +OK, or the fitting ServerError raised."""
-        event = self._event()
-        if not isinstance(event, StatusLine):  # only an AUTH exchange expects a Challenge
-            self._transport.fail(ProtocolError(f"expected a status line, not {event!r}"))
-        if self._reader.eol != b"\r\n" or self._log.isEnabledFor(_DEBUG):
-            self._log_status(event)
-        if event.ok:
-            return event.text
-        raise refusal(event.text, command)
+        return self._reply(command)[0]
 
-    def _log_status(self, event: StatusLine) -> None:
+    def _log_status(self, ok: bool, text: bytes) -> None:
         if self._reader.eol == b"\n":
             self._log.debug("server ended a line with a bare LF; tolerating it")
         if self._log.isEnabledFor(_DEBUG):
-            indicator = b"+OK" if event.ok else b"-ERR"
-            self._log_line("S:", indicator + (b" " + event.text if event.text else b""))
-
-    def _body(self) -> bytes:
-        """Read a whole multi-line body (after its +OK)."""
-        body = b""
-        event = self._event("reading a multi-line response")
-        if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
-            body = event.data
-            event = self._event("reading a multi-line response")
-        if not isinstance(event, BodyEnd):
-            self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
-        if self._log.isEnabledFor(_DEBUG):
-            self._log.debug("S: <%d octets, then .>", len(body))
-        return body
+            indicator = b"+OK" if ok else b"-ERR"
+            self._log_line("S:", indicator + (b" " + text if text else b""))
 
     def _stream(self, write: Callable[[bytes], object]) -> int:
         """Pass a multi-line body (after its +OK) to ``write`` piece by piece, each about
@@ -2568,8 +2599,7 @@ class POP3:
     def _multiline(self, verb: str, *args: str) -> list[bytes]:
         """A command with a multi-line answer, as a list of lines without line ends."""
         self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
-        self._status(verb)
-        return _lines(self._body())
+        return _lines(self._reply(verb)[1])
 
     def command(
         self,
@@ -2594,13 +2624,12 @@ class POP3:
         if limit is None:
             limit = self.max_message_size if verb in ("RETR", "TOP") else MAX_LISTING_SIZE
         self._send(verb, *args, expected=Expected(multiline=multiline, limit=limit))
-        text = self._status(verb)
-        body = self._body() if multiline else None
+        text, body = self._reply(verb)
         if verb == "DELE" and args and args[0].isascii() and args[0].isdecimal():
             self._marked.add(int(args[0]))
         elif verb == "RSET":
             self._marked.clear()
-        return Response(text, body)
+        return Response(text, body if multiline else None)
 
     # -- connection setup: greeting, TLS, STLS -------------------------------------------------
 
@@ -2867,7 +2896,7 @@ class POP3:
             # on our side may take a while and must not eat into the server's time to answer.
             shown = line if line == b"*" else b"****"
             self._transmit([line + b"\r\n"], [_SASL_REPLY], [shown])
-        self._log_status(event)
+        self._log_status(event.ok, event.text)
         try:
             return exchange.finish(event.ok, event.text)
         except ServerError:
@@ -2988,11 +3017,11 @@ class POP3:
         replies: list[bytes | ServerError] = []
         for verb in verbs:
             try:
-                text = self._status(verb)
+                text, body = self._reply(verb)
             except ServerError as exc:
                 replies.append(exc)
                 continue
-            replies.append(text if verb == "STAT" else self._body())
+            replies.append(text if verb == "STAT" else body)
         stat_reply, list_reply, uidl_reply = replies
         for reply in (stat_reply, list_reply):
             if isinstance(reply, ServerError):
@@ -3003,24 +3032,21 @@ class POP3:
             None if isinstance(uidl_reply, ServerError) else self._uids_from(_lines(uidl_reply)),
         )
 
-    def _message_reply(self, verb: str, *args: str, stream: bool = False) -> int | None:
-        """Send RETR or TOP and read its status line; the size RETR announced, if any."""
+    def _message_reply(self, verb: str, *args: str, stream: bool = False) -> tuple[bytes, bytes]:
+        """Send RETR or TOP and read its reply: (the +OK text, the body; b"" if streamed)."""
         limit = self.max_message_size
         self._send(verb, *args, expected=Expected(multiline=True, limit=limit, stream=stream))
-        text = self._status(verb)
-        return parse_announced_size(text) if verb == "RETR" else None
+        return self._reply(verb)
 
     def retr(self, number: int) -> bytes:
         """RETR: the whole message, CRLF line ends, dot-stuffing removed."""
-        announced = self._message_reply("RETR", message_number(number))
-        body = self._body()
-        self._check_size(number, len(body), announced)
+        text, body = self._message_reply("RETR", message_number(number))
+        self._check_size(number, len(body), parse_announced_size(text))
         return body
 
     def top(self, number: int, lines: int) -> bytes:
         """TOP: the header and the first ``lines`` lines of the body."""
-        self._message_reply("TOP", message_number(number), _check_lines(lines))
-        return self._body()
+        return self._message_reply("TOP", message_number(number), _check_lines(lines))[1]
 
     def retr_to(self, number: int, file: IO[bytes], max_size: int | None = None) -> int:
         """RETR into a binary file object in constant memory. Returns the octets written.
@@ -3028,7 +3054,8 @@ class POP3:
         There is no size limit unless ``max_size`` is given (then a longer message raises
         LimitExceeded and closes the connection); a server that streams without end is
         otherwise stopped only when it slows below MIN_TRANSFER_RATE."""
-        announced = self._message_reply("RETR", message_number(number), stream=True)
+        text = self._message_reply("RETR", message_number(number), stream=True)[0]
+        announced = parse_announced_size(text)
         written = 0
 
         def write(piece: bytes) -> None:
@@ -3164,6 +3191,7 @@ class _Batch:
         then_quit: bool = False,
     ) -> None:
         self.numbers = [int(message_number(n)) for n in numbers]  # before anything is sent
+        self.count = len(self.numbers)
         self.verb = verb
         self.multiline = verb != "DELE"
         self.window = pop.pipeline_window if pop._may_pipeline() else 1
@@ -3196,14 +3224,14 @@ class _Batch:
             if isinstance(item, ProtocolError):
                 raise item
             return item
-        if self.answered >= len(self.numbers):
+        if self.answered >= self.count:
             raise StopIteration
         pop = self._pop
         if pop._batch is not self:
             if pop._batch is not None:
                 pop._batch.absorb()
             pop._batch = self
-        if self.sent < len(self.numbers):
+        if self.sent < self.count:
             self._top_up()
         result = self._read_reply()
         if self.answered == self.sent:
@@ -3289,7 +3317,7 @@ class _Batch:
         text = b""
         streamed = 0
         try:
-            text = pop._status(self.verb)
+            text, body = pop._reply(self.verb)
         except ServerError as exc:
             error = exc
         else:
@@ -3297,7 +3325,7 @@ class _Batch:
                 open_sink, max_size = self.sink
                 streamed, over = self._stream_into(open_sink(number), number, max_size)
             elif self.multiline:
-                data = pop._body()
+                data = body
             else:
                 pop._marked.add(number)  # DELE
         # The books first: the size check below may raise, and the batch must stay in step.
@@ -3309,7 +3337,7 @@ class _Batch:
             self.streamed.append((streamed, over))
         size = streamed if data is None else len(data)
         self.received += size
-        if self.answered == len(self.numbers) and pop._quit_sent and pop.is_open:
+        if self.answered == self.count and pop._quit_sent and pop.is_open:
             pop._quit_reply()  # QUIT went behind the last command
         # The size is parsed only when the +OK is not plainly "<the size> octets".
         if (

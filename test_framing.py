@@ -403,3 +403,52 @@ def test_the_buffer_is_given_back_by_the_readers_own_receive_size(
     assert reader.capacity <= 4 * 1024  # given back, the two octets kept
     reader.feed(b"K\r\n")
     assert drain(reader) == [StatusLine(True, b"")]
+
+
+# -- next_reply(): one call per reply, the same framing ----------------------------------------
+
+REPLIES = [
+    (b"+OK 2 320\r\n", Expected(), (True, b"2 320", None)),
+    (b"-ERR [IN-USE] busy\r\n", MULTI, (False, b"[IN-USE] busy", None)),
+    (b"+OK\r\n.\r\n", MULTI, (True, b"", b"")),
+    (b"+OK 9 octets\r\n..a\r\nb\r\n..\r\n.\r\n", MULTI, (True, b"9 octets", b".a\r\nb\r\n.\r\n")),
+    (b"+OK\nx\n..y\n.\n", MULTI, (True, b"", b"x\r\n.y\r\n")),  # a bare-LF server
+]
+
+
+@pytest.mark.parametrize(("raw", "expected", "reply"), REPLIES)
+def test_next_reply_reads_what_next_event_reads(raw: bytes, expected: Expected, reply: Any) -> None:
+    for step in (len(raw), 1):
+        reader = ReplyReader()
+        reader.expect(expected)
+        got: Any = NEED_DATA
+        for start in range(0, len(raw), step):
+            assert got is NEED_DATA  # nothing before the whole reply is in
+            reader.feed(raw[start : start + step])
+            got = reader.next_reply()
+        assert got == reply, step
+        assert reader.awaiting == 0 and reader.mode == pop3lite.STATUS_MODE
+
+
+def test_next_reply_leaves_a_streamed_body_to_next_event() -> None:
+    reader = ReplyReader()
+    reader.expect(Expected(multiline=True, stream=True))
+    reader.feed(b"+OK\r\nab\r\n.\r\n")
+    assert reader.next_reply() == (True, b"", None)
+    assert reader.mode == pop3lite.STREAMED_BODY_MODE
+    with pytest.raises(RuntimeError, match="next_event"):
+        reader.next_reply()
+    assert drain(reader) == [BodyPiece(b"ab\r\n"), BodyEnd(4)]
+
+
+def test_next_reply_keeps_the_limits_and_the_surplus_rule() -> None:
+    reader = ReplyReader()
+    reader.expect(Expected(multiline=True, limit=10))
+    reader.feed(b"+OK\r\n" + b"x" * 100)
+    with pytest.raises(pop3lite.LimitExceeded):
+        reader.next_reply()
+    reader = ReplyReader()
+    reader.expect()
+    reader.feed(b"+OK\r\n+OK injected\r\n")
+    with pytest.raises(pop3lite.ProtocolError, match="more than was asked"):
+        reader.next_reply()

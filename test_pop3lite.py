@@ -1812,6 +1812,14 @@ def test_utf8_credentials_need_the_utf8_user_capability() -> None:
 PIPELINING_CAPA = b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"
 
 
+def logged_in_pipelined(peer: Peer) -> None:
+    """The server side of connect() and login("u", "p") with PIPELINING offered."""
+    peer.send(GREETING)
+    peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
+    assert [peer.line(), peer.line()] == [b"USER u\r\n", b"PASS p\r\n"]
+    peer.send(b"+OK\r\n+OK\r\n")
+
+
 def test_user_and_pass_go_in_one_write_once_capa_shows_pipelining(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1865,10 +1873,7 @@ def test_without_pipelining_pass_waits_for_the_answer_to_user() -> None:
 
 def test_then_quit_sends_quit_behind_the_last_retr() -> None:
     def script(peer: Peer) -> None:
-        peer.send(GREETING)
-        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
-        assert [peer.line(), peer.line()] == [b"USER u\r\n", b"PASS p\r\n"]
-        peer.send(b"+OK\r\n+OK\r\n")
+        logged_in_pipelined(peer)
         # QUIT arrives with the RETRs, before any of them is answered.
         assert [peer.line() for _ in range(3)] == [b"RETR 1\r\n", b"RETR 2\r\n", b"QUIT\r\n"]
         peer.send(b"+OK\r\none\r\n.\r\n+OK\r\ntwo\r\n.\r\n+OK bye\r\n")
@@ -1886,10 +1891,7 @@ def test_then_quit_sends_quit_behind_the_last_retr() -> None:
 
 def test_then_quit_leaves_quit_to_the_caller_when_a_message_is_marked() -> None:
     def script(peer: Peer) -> None:
-        peer.send(GREETING)
-        peer.expect(b"CAPA\r\n", PIPELINING_CAPA)
-        assert [peer.line(), peer.line()] == [b"USER u\r\n", b"PASS p\r\n"]
-        peer.send(b"+OK\r\n+OK\r\n")
+        logged_in_pipelined(peer)
         peer.expect(b"DELE 1\r\n", b"+OK\r\n")
         peer.expect(b"RETR 2\r\n", b"+OK\r\ntwo\r\n.\r\n")
         assert peer.buf == b""  # no QUIT behind it: it would commit the DELE

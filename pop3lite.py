@@ -66,6 +66,7 @@ __all__ = [
     "TLSError",
     "Timeout",
     "InsecureError",
+    "OAuth2Error",
     "SizeMismatchWarning",
     "repair_encoded_words",
     "create_tls_context",
@@ -82,6 +83,7 @@ __all__ = [
     "Mbox",
     "SaveReport",
     "save",
+    "OAuth2",
     "main",
 ]
 
@@ -257,6 +259,21 @@ class InsecureError(Error):
     def __init__(self, message: str, what: str = "") -> None:
         super().__init__(message, reason="plaintext")
         self.what = what
+
+
+class OAuth2Error(Error):
+    """No OAuth2 access token could be had. ``reason``: "sign-in" (the provider refused: the
+    refresh token expired or was revoked, the sign-in was declined or timed out; sign in
+    again), "endpoint" (the token endpoint could not be reached, or answered with something
+    that is not OAuth2: a 5xx, HTML, a huge body), "token-file" (the file is damaged, locked,
+    or made for another account or provider), "permissions" (the file is open to others).
+    ``error`` and ``description`` are the provider's words (RFC 6749 section 5.2), AADSTS
+    codes included."""
+
+    def __init__(self, message: str, *, reason: str, error: str = "", description: str = ""):
+        super().__init__(message, reason=reason)
+        self.error = error
+        self.description = description
 
 
 class SizeMismatchWarning(UserWarning):
@@ -1703,15 +1720,21 @@ class ScramSHA256Mechanism(ScramMechanism):
     hash_name = "sha256"
 
 
-def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
-    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """A JSON object from UTF-8 bytes, or None if they hold anything else."""
     import json
 
     try:
-        details = json.loads(challenge.decode("utf-8"))
+        details = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):  # Unicode/JSON errors; "[[[[..." nested too deep
-        details = None
-    if not isinstance(details, dict):
+        return None
+    return details if isinstance(details, dict) else None
+
+
+def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
+    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
+    details = _json_object(challenge)
+    if details is None:
         raise _protocol_error(f"{mechanism} challenge is not a JSON error object", challenge)
     return details
 
@@ -2777,11 +2800,25 @@ class POP3:
         self, user: str, token: str | Callable[[], str], mechanism: str | None = None
     ) -> str:
         """OAuth 2.0: OAUTHBEARER (RFC 7628) if offered, else XOAUTH2 (Google, Microsoft).
-        ``token`` may be a callable returning a fresh token."""
+        ``token`` may be a callable returning a fresh token, such as an OAuth2 token source:
+        then a token the server refuses is refreshed once and tried once more, and a source
+        made for another account is refused before anything is sent."""
         value = token() if callable(token) else token
+        account = getattr(token, "user", None)
+        if account and account.lower() != user.lower():
+            where = getattr(token, "path", "the token source")
+            message = f"token file {where} was made for {account!r}, not {user!r}; sign in again"
+            raise OAuth2Error(message, reason="token-file")
         if mechanism is None:
             mechanism = choose_oauth2_mechanism(self.capa().sasl)
-        return self.auth(mechanism, user, token=value)
+        refresh = getattr(token, "refresh", None)
+        try:
+            return self.auth(mechanism, user, token=value)
+        except AuthenticationError:
+            if refresh is None or not self.is_open:
+                raise
+        # The token looked valid here but the server refused it (revoked, or clocks apart).
+        return self.auth(mechanism, user, token=refresh(value))
 
     def login_best(self, user: str, password: str) -> str:
         """Log in with the strongest password mechanism offered (SCRAM-SHA-256, SCRAM-SHA-1,
@@ -4243,6 +4280,599 @@ def _fetch(
         raise
     skipped.sort()
     return saved
+
+
+# =============================================================================================
+# OAuth 2.0: fresh access tokens for XOAUTH2 and OAUTHBEARER, from a token file
+# =============================================================================================
+#
+#     source = pop3lite.OAuth2("~/.config/pop3lite/alice.json")  # written once by sign_in()
+#     with pop3lite.POP3("outlook.office365.com") as pop:
+#         pop.login_oauth2("alice@contoso.com", source)  # refreshes when needed
+#
+# The token file (JSON, mode 0600) holds what an unattended run needs: the endpoints, the
+# client id (and secret), the scope, the account, the refresh token, the access token and its
+# expiry. Providers rotate refresh tokens and refuse a spent one (RFC 6749 section 6: the
+# client MUST discard the old one), so every refresh is written back at once, under a lock that
+# makes a second run sharing the file read the new token instead of spending the old one.
+# Secrets stay in the state dict and the file; reprs and messages never show them.
+
+# Provider presets ({tenant}: "common", "organizations", "consumers", a tenant id or domain).
+OAUTH2_PROVIDERS: dict[str, dict[str, str]] = {
+    "microsoft": {
+        "auth_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "token_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "device_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "scope": "https://outlook.office.com/POP.AccessAsUser.All offline_access",
+        # App-only access (POP.AccessAsApp) is asked for as the resource's ".default" scope.
+        "app_scope": "https://outlook.office365.com/.default",
+        "grant": "device",
+    },
+    # Google's device grant refuses the Gmail scope (invalid_scope): the loopback grant.
+    "google": {
+        "auth_url": "https://accounts.google.com/o/oauth2/v2/auth",
+        "token_url": "https://oauth2.googleapis.com/token",
+        "scope": "https://mail.google.com/",
+        "grant": "loopback",
+    },
+}
+OAUTH2_GRANTS = ("device", "loopback", "client-credentials")
+MAX_OAUTH2_REPLY = 1024 * 1024  # octets; a token reply is a few KiB, a larger one is not OAuth2
+OAUTH2_REFRESH_MARGIN = 60.0  # seconds: a token this close to its expiry is refreshed first
+MAX_SIGN_IN_WAIT = 900.0  # seconds a sign-in waits for the user (device code, browser)
+_DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 section 3.4
+_TOKEN_FILE_FORMAT = "pop3lite-oauth2/1"
+# What the user can do about a provider's error (RFC 6749 section 5.2, RFC 8628 section 3.5).
+_OAUTH2_HINTS = {
+    "invalid_grant": "the refresh token or code has expired, was revoked or was already used: "
+    "sign in again",
+    "access_denied": "the sign-in was declined: sign in again and accept the request",
+    "expired_token": "the code expired before the sign-in was completed: sign in again",
+    "invalid_client": "the client id or secret is wrong, or the registration does not allow "
+    "this grant: check the app registration and sign in again",
+    "unauthorized_client": "the app registration does not allow this grant (Microsoft: turn "
+    "on 'Allow public client flows'); sign in again once it does",
+    "invalid_scope": "the scope was refused (Google's device grant refuses the Gmail scope: "
+    "use the loopback grant); sign in again with another scope or grant",
+}
+
+
+def _oauth2_text(value: object) -> str:
+    """A provider's string made safe to show, white space runs folded, at most 500 chars."""
+    if not isinstance(value, str):
+        return ""
+    return printable(" ".join(value.split()))[:500]
+
+
+def _provider_error(details: dict[str, Any], where: str) -> OAuth2Error:
+    """The OAuth2Error for a provider's error reply; AADSTS codes stay in the description."""
+    error = _oauth2_text(details.get("error")) or "unknown error"
+    description = _oauth2_text(details.get("error_description"))
+    said = f"{error}: {description}" if description else error
+    hint = _OAUTH2_HINTS.get(error, "sign in again, or check the app registration")
+    return OAuth2Error(
+        f"{where} refused ({said}); {hint}", reason="sign-in", error=error, description=description
+    )
+
+
+def _endpoint_name(url: str) -> str:
+    import urllib.parse
+
+    return f"the OAuth2 endpoint {urllib.parse.urlsplit(url).netloc}"
+
+
+def _oauth2_opener(url: str) -> Any:
+    """A urllib opener that never follows redirects and verifies TLS; plain http only to a
+    loopback address (tests), so a token or secret never crosses a network in clear."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.scheme == "https" and parts.hostname) and not (
+        parts.scheme == "http" and is_loopback(parts.hostname or "")
+    ):
+        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # a 3xx becomes an HTTPError: the form is never re-sent elsewhere
+
+    handlers: list[Any] = [NoRedirect()]
+    if parts.scheme == "https":
+        handlers.append(urllib.request.HTTPSHandler(context=create_tls_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+def _read_reply(response: Any, deadline: float, where: str) -> bytes:
+    """The reply's body, bounded in size (MAX_OAUTH2_REPLY) and in total time."""
+    data = bytearray()
+    while len(data) <= MAX_OAUTH2_REPLY:
+        if time.monotonic() > deadline:
+            raise OAuth2Error(f"{where} did not finish its reply in time", reason="endpoint")
+        chunk = response.read(16 * 1024)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise OAuth2Error(f"{where} sent more than 1 MiB, which is no OAuth2 reply", reason="endpoint")
+
+
+def oauth2_post(
+    url: str, fields: dict[str, str], timeout: float = DEFAULT_TIMEOUT
+) -> dict[str, Any]:
+    """POST a form to an OAuth2 endpoint and return its JSON object (RFC 6749 section 5.1).
+    An error reply (section 5.2) raises OAuth2Error (reason "sign-in") with the provider's
+    ``error`` and ``error_description``; no answer, a 5xx, HTML or a huge body raise
+    OAuth2Error with reason "endpoint"."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    where = _endpoint_name(url)
+    opener = _oauth2_opener(url)
+    body = urllib.parse.urlencode(fields).encode("ascii")
+    request = urllib.request.Request(url, body, {"Accept": "application/json"}, method="POST")
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                status, headers = response.status, response.headers
+                data = _read_reply(response, deadline, where)
+        except urllib.error.HTTPError as exc:
+            try:
+                status, headers = exc.code, exc.headers
+                data = _read_reply(exc, deadline, where) if exc.fp is not None else b""
+            finally:
+                exc.close()
+    except OSError as exc:  # URLError, a timeout, a refused connection, a TLS failure
+        cause = getattr(exc, "reason", None) or exc
+        message = f"cannot reach {where}: {printable(str(cause)) or type(cause).__name__}"
+        raise OAuth2Error(message, reason="endpoint") from None
+    return _oauth2_reply(status, headers.get_content_type(), data, where)
+
+
+def _oauth2_reply(status: int, kind: str, data: bytes, where: str) -> dict[str, Any]:
+    """Judge a token endpoint's reply: its JSON object, or the fitting OAuth2Error."""
+    if status >= 500:
+        raise OAuth2Error(f"{where} failed (HTTP {status}); try again later", reason="endpoint")
+    details = _json_object(data)
+    if details is None:
+        what = "an HTML page" if "html" in kind or data.lstrip()[:1] == b"<" else "no JSON"
+        raise OAuth2Error(
+            f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy or a captive "
+            "portal? check the URL)",
+            reason="endpoint",
+        )
+    if "error" in details:
+        raise _provider_error(details, where)
+    if status != 200:
+        raise OAuth2Error(f"{where} answered HTTP {status} without an error", reason="endpoint")
+    return details
+
+
+def _oauth2_token(details: dict[str, Any], key: str, where: str) -> str:
+    """A token from a reply, checked as a bearer token (RFC 6750 section 2.1)."""
+    value = details.get(key)
+    if isinstance(value, str) and len(value) <= 16 * 1024:
+        try:
+            _check_token(value)
+            return value
+        except ValueError:
+            pass
+    raise OAuth2Error(f"{where} sent no usable {key}", reason="endpoint")
+
+
+def _seconds(value: object, default: float, where: str, what: str) -> float:
+    """A number of seconds from a reply (Microsoft once sent them as strings)."""
+    if value is None:
+        return default
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) else -1.0
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 10 * 365 * 86400 or isinstance(value, bool):
+        raise OAuth2Error(f"{where} sent an invalid {what}: {value!r:.40}", reason="endpoint")
+    return number
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge (RFC 7636 sections 4.1 and 4.2)."""
+    import secrets
+
+    verifier = secrets.token_urlsafe(64)  # 86 unreserved characters; 43 to 128 allowed
+    return verifier, pkce_challenge(verifier)
+
+
+def pkce_challenge(verifier: str) -> str:
+    """BASE64URL(SHA256(ASCII(code_verifier))) without padding (RFC 7636 section 4.2)."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> tuple[str, str]:
+    """Listen on 127.0.0.1 at a random port (RFC 8252 section 7.3), call ``show`` with the
+    redirect URI, and wait (at most ``wait`` seconds) for the browser to come back with
+    ``state`` and a code. Returns (code, redirect URI)."""
+    import http.server
+    import secrets
+    import threading
+    import urllib.parse
+
+    result: dict[str, str] = {}
+    arrived = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 10.0  # a browser that connects and says nothing must not hold the listener
+
+        def do_GET(self) -> None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+            if "state" not in query or arrived.is_set():
+                self._page(404, "This is not the sign-in redirect pop3lite waits for.")
+                return
+            if not secrets.compare_digest(query["state"].encode(), state.encode()):
+                self._page(400, "The sign-in reply does not match the request; try again.")
+                result["error"] = "the browser came back with another state (RFC 6749 10.12)"
+            elif "code" in query:
+                result["code"] = query["code"]
+                self._page(200, "pop3lite is signed in. You can close this window.")
+            else:
+                said = _oauth2_text(query.get("error")) or "no code"
+                result["error"] = f"the sign-in was not completed ({said})"
+                self._page(200, "The sign-in was not completed; see the terminal.")
+            arrived.set()
+
+        def _page(self, status: int, text: str) -> None:
+            body = f"<!DOCTYPE html><title>pop3lite</title><p>{text}</p>\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the request line holds the code: it never reaches stderr
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    redirect_uri = f"http://127.0.0.1:{server.server_address[1]}/"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        show(redirect_uri)
+        arrived.wait(wait)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(wait)
+    if "code" in result:
+        return result["code"], redirect_uri
+    problem = result.get("error", f"no browser came back within {wait:.0f} s")
+    raise OAuth2Error(f"{problem}; sign in again", reason="sign-in")
+
+
+class _TokenFileLock:
+    """An exclusive lock on PATH.lock while a run reads, refreshes and rewrites the token file
+    (a refresh token may be spent once). Waits at most ``wait`` seconds; on systems without
+    fcntl (Windows) there is no lock: do not share a token file between runs there."""
+
+    def __init__(self, path: str, wait: float) -> None:
+        self.path = path + ".lock"
+        self.wait = wait
+        self.descriptor = -1
+
+    def __enter__(self) -> _TokenFileLock:
+        import os
+
+        self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                _flock(self.descriptor, f"the token file lock {self.path}")
+                return self
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    os.close(self.descriptor)
+                    raise OAuth2Error(f"{exc}; try again", reason="token-file") from None
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        os.close(self.descriptor)
+
+
+def _read_token_file(path: str) -> dict[str, Any]:
+    """The token file's state; OAuth2Error if it is missing, open to others or damaged."""
+    import os
+
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        message = f"token file {path} does not exist; sign in first"
+        raise OAuth2Error(message, reason="sign-in") from None
+    with open(descriptor, "rb") as file:
+        mode = os.fstat(descriptor).st_mode & 0o777
+        # Refused, not tightened: whoever could read it may already hold the refresh token.
+        if os.name == "posix" and mode & 0o077:
+            raise OAuth2Error(
+                f"token file {path} is open to other users (mode {mode:03o}); run chmod 600 "
+                f"{path}, and sign in again if someone else may have read it",
+                reason="permissions",
+            )
+        data = file.read(MAX_OAUTH2_REPLY + 1)
+    state = _json_object(data) if len(data) <= MAX_OAUTH2_REPLY else None
+    if state is None or state.get("format") != _TOKEN_FILE_FORMAT or not _valid_state(state):
+        raise OAuth2Error(
+            f"token file {path} is damaged or not a pop3lite token file; sign in again to "
+            "write a new one",
+            reason="token-file",
+        )
+    return state
+
+
+def _valid_state(state: dict[str, Any]) -> bool:
+    texts = ("provider", "token_url", "client_id", "scope", "user", "grant", "access_token")
+    numbers = ("expires_at", "lifetime")
+    return all(isinstance(state.get(key), str) for key in texts) and all(
+        isinstance(state.get(key), (int, float)) for key in numbers
+    )
+
+
+def _write_token_file(path: str, state: dict[str, Any]) -> None:
+    """Replace the token file atomically: a temporary file in the same directory, 0600 from
+    its first byte, synced, renamed over the old one, and the directory synced."""
+    import json
+    import os
+    import secrets
+
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(descriptor, "wb") as file:
+            file.write(json.dumps(state, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _print_prompt(message: str, url: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class OAuth2:
+    """A token source for login_oauth2(): the access token from ``token_file``, refreshed
+    (and the file rewritten) when it has expired or will within OAUTH2_REFRESH_MARGIN.
+
+    ``OAuth2(path)`` alone uses what sign_in() wrote there. The other arguments say how to
+    sign in: ``provider`` "microsoft" (``tenant`` "common" unless given) or "google", or the
+    endpoints themselves; ``client_id`` (and ``client_secret``) of your app registration;
+    ``scope`` overrides the provider's. When the file exists, a provider, token URL or client
+    id that differs from the file's is refused (OAuth2Error, reason "token-file").
+    """
+
+    def __init__(
+        self,
+        token_file: str,
+        provider: str | None = None,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        scope: str | None = None,
+        tenant: str | None = None,
+        token_url: str | None = None,
+        device_url: str | None = None,
+        auth_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        import os
+
+        self.path = os.path.expanduser(token_file)
+        self.timeout = timeout
+        preset = OAUTH2_PROVIDERS.get(provider or "")
+        if provider is not None and preset is None:
+            raise ValueError(f"unknown OAuth2 provider {provider!r}; known: microsoft, google")
+        given = {"token_url": token_url, "device_url": device_url, "auth_url": auth_url}
+        tenant = tenant or "common"
+        config = {key: value.format(tenant=tenant) for key, value in (preset or {}).items()}
+        config.update({key: value for key, value in given.items() if value})
+        if provider or token_url:
+            config["provider"] = provider or "custom"
+        for key, value in (("client_id", client_id), ("scope", scope)):
+            if value:
+                config[key] = value
+        self._config = config
+        self._secret = client_secret
+        self._state: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        provider = (self._state or self._config).get("provider", "?")
+        return f"<pop3lite.OAuth2 {self.path!r} provider={provider} user={self.user!r}>"
+
+    @property
+    def user(self) -> str | None:
+        """The account the token file was made for (None before it was read or written;
+        "" for client credentials, which serve every mailbox the app may read)."""
+        return None if self._state is None else str(self._state["user"])
+
+    def __call__(self) -> str:
+        """A fresh access token (refreshed first if it expires within the margin)."""
+        state = self._load()
+        if self._fresh(state):
+            return str(state["access_token"])
+        return self.refresh(str(state["access_token"]))
+
+    def refresh(self, spent: str | None = None) -> str:
+        """A new access token, unless another run already replaced ``spent`` with one that is
+        still fresh; the file is rewritten before this returns."""
+        with _TokenFileLock(self.path, self.timeout + 5.0):
+            state = self._load()  # after the lock: another run may have refreshed
+            if state["access_token"] != spent and self._fresh(state):
+                return str(state["access_token"])
+            if state.get("refresh_token"):
+                fields = {"grant_type": "refresh_token", "refresh_token": state["refresh_token"]}
+                fields["scope"] = state["scope"]
+            elif state["grant"] == "client-credentials":
+                fields = {"grant_type": "client_credentials", "scope": state["scope"]}
+            else:
+                raise OAuth2Error(
+                    f"token file {self.path} has no refresh token (was offline_access in the "
+                    "scope?); sign in again",
+                    reason="sign-in",
+                )
+            self._store(state, self._token_request(state, fields))
+        return str(state["access_token"])
+
+    def _fresh(self, state: dict[str, Any]) -> bool:
+        margin = min(OAUTH2_REFRESH_MARGIN, float(state["lifetime"]) / 2)
+        return time.time() < float(state["expires_at"]) - margin
+
+    def _load(self) -> dict[str, Any]:
+        state = _read_token_file(self.path)
+        for key in ("provider", "token_url", "client_id"):
+            if key in self._config and self._config[key] != state[key]:
+                raise OAuth2Error(
+                    f"token file {self.path} was made for {key} {_oauth2_text(state[key])!r}, "
+                    f"not {self._config[key]!r}; sign in again or name another file",
+                    reason="token-file",
+                )
+        self._state = state
+        return state
+
+    def _token_request(self, state: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+        fields["client_id"] = state["client_id"]
+        secret = self._secret or state.get("client_secret")
+        if secret:
+            fields["client_secret"] = secret
+        return oauth2_post(state["token_url"], fields, self.timeout)
+
+    def _store(self, state: dict[str, Any], reply: dict[str, Any]) -> None:
+        """Take a token reply into ``state`` and write the file at once (RFC 6749 section 6:
+        a new refresh token replaces the old one, which may already be refused)."""
+        where = _endpoint_name(state["token_url"])
+        state["access_token"] = _oauth2_token(reply, "access_token", where)
+        if str(reply.get("token_type", "")).lower() != "bearer":  # RFC 6750 tokens only
+            raise OAuth2Error(f"{where} sent a token that is not a bearer token", reason="endpoint")
+        lifetime = _seconds(reply.get("expires_in"), 3600.0, where, "expires_in")
+        state["lifetime"] = lifetime
+        state["expires_at"] = time.time() + lifetime
+        if "refresh_token" in reply:
+            state["refresh_token"] = _oauth2_token(reply, "refresh_token", where)
+        _write_token_file(self.path, state)
+        self._state = state
+
+    def sign_in(
+        self,
+        user: str = "",
+        grant: str | None = None,
+        prompt: Callable[[str, str], object] = _print_prompt,
+        wait: float = MAX_SIGN_IN_WAIT,
+    ) -> None:
+        """Obtain the first token for ``user`` and write the token file.
+
+        ``grant``: "device" (RFC 8628), "loopback" (authorization code with PKCE and a
+        redirect to 127.0.0.1, RFC 8252) or "client-credentials" (needs the secret); by
+        default the provider's, else "device" when a device URL is known, else "loopback".
+        ``prompt(message, url)`` tells the user what to open (and the device code); the wait
+        for the user ends after ``wait`` seconds at most."""
+        config = dict(self._config)
+        if "token_url" not in config or "client_id" not in config:
+            raise ValueError("sign_in() needs a provider or token_url, and a client_id")
+        grant = grant or config.get("grant") or ("device" if "device_url" in config else "loopback")
+        if grant not in OAUTH2_GRANTS:
+            raise ValueError(f"unknown grant {grant!r}; known: {', '.join(OAUTH2_GRANTS)}")
+        if grant == "client-credentials":
+            if not self._secret:
+                raise ValueError("the client-credentials grant needs the client secret")
+            config["scope"] = self._config.get("scope") or config.get("app_scope") or ""
+        state: dict[str, Any] = {key: config.get(key, "") for key in ("token_url", "client_id")}
+        state.update(provider=config.get("provider", ""), scope=config.get("scope", ""))
+        state.update(format=_TOKEN_FILE_FORMAT, grant=grant, access_token="", lifetime=0)
+        state.update(expires_at=0, user="" if grant == "client-credentials" else user)
+        if self._secret:
+            state["client_secret"] = self._secret
+        if grant == "device":
+            reply = self._device_grant(config, state, prompt, wait)
+        elif grant == "loopback":
+            reply = self._loopback_grant(config, state, prompt, wait)
+        else:
+            fields = {"grant_type": "client_credentials", "scope": state["scope"]}
+            reply = self._token_request(state, fields)
+        with _TokenFileLock(self.path, self.timeout + 5.0):
+            self._store(state, reply)
+
+    def _device_grant(
+        self,
+        config: dict[str, str],
+        state: dict[str, Any],
+        prompt: Callable[[str, str], object],
+        wait: float,
+    ) -> dict[str, Any]:
+        """RFC 8628 sections 3.1 to 3.5: ask for a code, show it, poll until approved."""
+        if "device_url" not in config:
+            raise ValueError("the device grant needs a device authorization URL")
+        where = _endpoint_name(config["device_url"])
+        fields = {"client_id": state["client_id"], "scope": state["scope"]}
+        codes = oauth2_post(config["device_url"], fields, self.timeout)
+        device_code = _oauth2_token(codes, "device_code", where)
+        user_code = _oauth2_text(codes.get("user_code"))
+        # Google names it verification_url.
+        url = _oauth2_text(codes.get("verification_uri") or codes.get("verification_url"))
+        if not user_code or not url:
+            raise OAuth2Error(f"{where} sent no user_code or verification_uri", reason="endpoint")
+        interval = max(_seconds(codes.get("interval"), 5.0, where, "interval"), 0.01)
+        lifetime = _seconds(codes.get("expires_in"), 600.0, where, "expires_in")
+        deadline = time.monotonic() + min(lifetime, wait)
+        prompt(f"To sign in, open {url} and enter the code {user_code}", url)
+        fields = {"grant_type": _DEVICE_GRANT, "device_code": device_code}
+        while True:
+            time.sleep(interval)  # section 3.5: wait at least the interval between requests
+            if time.monotonic() > deadline:
+                message = "the code expired before the sign-in was completed; sign in again"
+                raise OAuth2Error(message, reason="sign-in")
+            try:
+                return self._token_request(state, dict(fields))
+            except OAuth2Error as exc:
+                if exc.error == "slow_down":
+                    interval += 5.0  # section 3.5: MUST increase by 5 seconds
+                elif exc.error != "authorization_pending":
+                    raise
+
+    def _loopback_grant(
+        self,
+        config: dict[str, str],
+        state: dict[str, Any],
+        prompt: Callable[[str, str], object],
+        wait: float,
+    ) -> dict[str, Any]:
+        """The authorization code grant with PKCE S256 (RFC 7636) and a loopback redirect."""
+        import secrets
+        import urllib.parse
+
+        if "auth_url" not in config:
+            raise ValueError("the loopback grant needs an authorization URL")
+        verifier, challenge = pkce_pair()
+        expected = secrets.token_urlsafe(24)
+        query = {"client_id": state["client_id"], "response_type": "code"}
+        query.update(scope=state["scope"], state=expected, code_challenge=challenge)
+        query["code_challenge_method"] = "S256"
+        if state["provider"] == "google":
+            query["access_type"] = "offline"  # Google's name for "send a refresh token"
+
+        def show(redirect_uri: str) -> None:
+            query["redirect_uri"] = redirect_uri
+            url = config["auth_url"] + "?" + urllib.parse.urlencode(query)
+            prompt(f"To sign in, open this address in a browser on this computer:\n{url}", url)
+
+        code, redirect_uri = _await_redirect(expected, show, wait)
+        fields = {"grant_type": "authorization_code", "code": code}
+        fields.update(redirect_uri=redirect_uri, code_verifier=verifier)
+        return self._token_request(state, fields)
 
 
 # =============================================================================================

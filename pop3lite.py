@@ -4895,7 +4895,7 @@ _EXIT_SERVER = 6  # any other -ERR, or bytes that are not POP3
 _EXIT_SKIPPED = 7  # save: messages over --max-size were left on the server, the rest saved
 _EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
 
-_ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell")
+_ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell", "oauth2")
 _PASSWORD_VARIABLE = "POP3_PASSWORD"
 _DEMO_USER = "hogehoge"  # the seed's account on the fake OperaMail server
 _DEMO_PASSWORD = "fugafuga"  # handed to the login in-process, never through argv
@@ -4933,7 +4933,9 @@ actions:
   save DIR|FILE.mbox  copy the messages into a Maildir (a directory) or an mbox file (a
                       name ending in .mbox, or an existing file)
   shell               an interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1,
-                      DELE 1, RSET, QUIT...; TLS and the login are done for you"""
+                      DELE 1, RSET, QUIT...; TLS and the login are done for you
+  oauth2              sign in once with OAuth 2.0 and write the --oauth2 FILE that every
+                      other action then logs in with (refreshing it as needed)"""
 
 _EPILOG = """\
 password:
@@ -5046,6 +5048,19 @@ asks before printing a message larger than 1 MiB.
 
   --log FILE  append the session to FILE (the password never appears in it)""",
     ),
+    "oauth2": (
+        "oauth2 --oauth2 FILE --client-id ID (--provider microsoft|google | --token-url URL)",
+        """\
+Sign in once with OAuth 2.0 and write FILE (mode 0600): the device grant prints an address
+and a code to enter there (microsoft); the loopback grant prints an address to open in a
+browser on this computer (google). From then on every action takes --oauth2 FILE alone and
+refreshes the token in it as needed. See the README's OAuth2 section for the app
+registration each provider needs.
+
+  --client-secret-file FILE   the registration's secret (needed by client-credentials)
+  --grant device|loopback|client-credentials   default: the provider's
+  --tenant, --scope, --token-url, --device-url, --auth-url   other tenants and providers""",
+    ),
 }
 
 
@@ -5076,6 +5091,18 @@ class _Options:
         self.auth: str | None = None
         self.apop = False
         self.oauth2_token_file: str | None = None
+        self.oauth2: str | None = None  # the token file of --oauth2 FILE
+        self.oauth2_token_command: str | None = None
+        self.password_command: str | None = None
+        self.provider: str | None = None
+        self.client_id: str | None = None
+        self.client_secret_file: str | None = None
+        self.tenant: str | None = None
+        self.scope: str | None = None
+        self.token_url: str | None = None
+        self.device_url: str | None = None
+        self.auth_url: str | None = None
+        self.grant: str | None = None
         self.limit: int | None = None
         self.json = False
         self.output: str | None = None
@@ -5231,6 +5258,7 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         metavar="FILE",
         help="log in with the OAuth 2.0 access token in FILE (OAUTHBEARER, else XOAUTH2)",
     )
+    _add_oauth2_options(parser, login)
     shown = parser.add_argument_group("check, capa, uidl")
     shown.add_argument(
         "--limit",
@@ -5304,6 +5332,62 @@ def _parse_command_line(argv: list[str] | None) -> _Options:
         raise  # not reached: parser.error() exits
 
 
+def _add_oauth2_options(parser: Any, login: Any) -> None:
+    """Issue 17's options: OAuth 2.0 sign-in and token sources, secrets from commands."""
+    login.add_argument(
+        "--oauth2", metavar="FILE", help="log in with OAuth 2.0, the tokens kept in FILE "
+        "(written by the oauth2 action, refreshed as needed)"
+    )
+    login.add_argument(
+        "--oauth2-token-command", metavar="CMD",
+        help="log in with the OAuth 2.0 access token CMD prints (run by the shell)"
+    )
+    login.add_argument(
+        "--password-command", metavar="CMD",
+        help="the password is the first line CMD prints (run by the shell, stdin closed)"
+    )
+    sign_in = parser.add_argument_group("oauth2 (sign in once, write the --oauth2 FILE)")
+    sign_in.add_argument("--provider", choices=sorted(OAUTH2_PROVIDERS), help="the presets")
+    sign_in.add_argument("--client-id", metavar="ID", help="your app registration's client id")
+    sign_in.add_argument(
+        "--client-secret-file", metavar="FILE", help="its client secret, if it has one"
+    )
+    sign_in.add_argument("--tenant", help="microsoft: the tenant (default: common)")
+    sign_in.add_argument("--scope", help="the scope to ask for (default: the provider's)")
+    sign_in.add_argument("--token-url", metavar="URL", help="another provider's token endpoint")
+    sign_in.add_argument("--device-url", metavar="URL", help="... its device endpoint")
+    sign_in.add_argument("--auth-url", metavar="URL", help="... its authorization endpoint")
+    sign_in.add_argument(
+        "--grant", choices=OAUTH2_GRANTS, help="default: the provider's; for URLs given, "
+        "device with --device-url, else loopback"
+    )
+
+
+def _oauth2_options(o: _Options, ns: Any) -> None:
+    """Take and check issue 17's options."""
+    for name in ("oauth2", "oauth2_token_command", "password_command", "provider", "client_id",
+                 "client_secret_file", "tenant", "scope", "token_url", "device_url", "auth_url",
+                 "grant"):
+        setattr(o, name, getattr(ns, name))
+    sources = [flag for flag, value in (
+        ("--password-file", o.password_file), ("--password-command", o.password_command),
+        ("--oauth2", o.oauth2), ("--oauth2-token-file", o.oauth2_token_file),
+        ("--oauth2-token-command", o.oauth2_token_command)) if value]
+    if len(sources) > 1:
+        raise _CommandLineError(f"{' and '.join(sources)}: choose one")
+    setup = ("--client-secret-file", o.client_secret_file), ("--grant", o.grant)
+    for flag, value in setup:
+        if value and o.action != "oauth2":
+            raise _CommandLineError(f"{flag} only goes with oauth2")
+    if o.action == "oauth2":
+        if not o.oauth2:
+            raise _CommandLineError("oauth2 needs --oauth2 FILE: the token file to write")
+        if not o.client_id or not (o.provider or o.token_url):
+            raise _CommandLineError("oauth2 needs --client-id ID and --provider (or --token-url)")
+    elif (o.provider or o.client_id or o.token_url) and not o.oauth2:
+        raise _CommandLineError("--provider, --client-id and --token-url go with --oauth2 FILE")
+
+
 def _options_from(ns: Any) -> _Options:
     """Check the arguments argparse has collected and turn them into _Options."""
     o = _Options()
@@ -5370,6 +5454,7 @@ def _options_from(ns: Any) -> _Options:
     o.timeout = ns.timeout
     o.password_file = ns.password_file
     o.oauth2_token_file = ns.oauth2_token_file
+    _oauth2_options(o, ns)
     o.apop = bool(ns.apop)
     if ns.auth is not None:
         mechanism = ns.auth.upper() if ns.auth.isascii() else ns.auth
@@ -5381,12 +5466,11 @@ def _options_from(ns: Any) -> _Options:
     oauth = o.auth in ("XOAUTH2", "OAUTHBEARER")
     if o.apop and o.auth:
         raise _CommandLineError("--apop and --auth are two login methods: choose one")
-    if o.oauth2_token_file and (o.apop or (o.auth and not oauth)):
-        raise _CommandLineError("--oauth2-token-file goes with --auth XOAUTH2 or OAUTHBEARER only")
-    if oauth and not o.oauth2_token_file:
-        raise _CommandLineError(f"--auth {o.auth} needs --oauth2-token-file FILE")
-    if o.password_file and o.oauth2_token_file:
-        raise _CommandLineError("--password-file and --oauth2-token-file: choose one")
+    token = o.oauth2_token_file or o.oauth2 or o.oauth2_token_command
+    if token and (o.apop or (o.auth and not oauth)):
+        raise _CommandLineError("an OAuth 2.0 token goes with --auth XOAUTH2 or OAUTHBEARER only")
+    if oauth and not token:
+        raise _CommandLineError(f"--auth {o.auth} needs --oauth2 FILE or --oauth2-token-file FILE")
     o.json = bool(ns.json)
     if ns.limit is not None:
         o.limit = _positive(ns.limit, "--limit", 0)
@@ -5447,19 +5531,50 @@ def _read_secret_file(path: str, what: str) -> str:
                 data = file.read(_SECRET_FILE_LIMIT + 1)
         except OSError as exc:
             raise _CommandLineError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return _first_line(data, f"{what} {path}")
+
+
+def _first_line(data: bytes, where: str) -> str:
+    """The secret on the first line of ``data`` (which came from ``where``), without its CR/LF."""
     if len(data) > _SECRET_FILE_LIMIT:
-        raise _CommandLineError(f"{what} {path} is too large to hold a password or token")
+        raise _CommandLineError(f"{where} is too large to hold a password or token")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _CommandLineError(f"{what} {path} is not UTF-8 text") from None
+        raise _CommandLineError(f"{where} is not UTF-8 text") from None
     # Only a line feed ends the line: str.splitlines() would also cut at \x0b, \x1c, U+2028...,
     # which a password may contain.
     value = text.split("\n", 1)[0]
     value = value[:-1] if value.endswith("\r") else value
     if not value:
-        raise _CommandLineError(f"{what} {path} is empty (the secret goes on its first line)")
+        raise _CommandLineError(f"{where} is empty (the secret goes on its first line)")
     return value
+
+
+def _command_secret(command: str, option: str, timeout: float) -> str:
+    """The first line a shell command prints (as mpop's passwordeval, mbsync's PassCmd): stdin
+    closed, stderr left to the user, at most ``timeout`` seconds; its output goes to a
+    temporary file, so a command printing without end cannot fill the memory."""
+    import subprocess
+    import tempfile
+
+    where = f"{option} {command!r}"
+    with tempfile.TemporaryFile() as output:
+        try:
+            done = subprocess.run(
+                command, shell=True, stdin=subprocess.DEVNULL, stdout=output, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
+        except OSError as exc:
+            raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            raise _CommandLineError(f"{where} failed (exit status {done.returncode})")
+        output.seek(0)
+        data = output.read(_SECRET_FILE_LIMIT + 1)
+    if not data.strip(b"\r\n"):
+        raise _CommandLineError(f"{where} printed nothing")
+    return _first_line(data, f"the output of {where}")
 
 
 def _read_secret_line(what: str) -> bytes:
@@ -5511,6 +5626,9 @@ def _stored_password(o: _Options) -> str | None:
     password: str | None
     if o.password is not None:
         source, password = "--demo", o.password
+    elif o.password_command:
+        source = "--password-command"
+        password = _command_secret(o.password_command, source, o.timeout)
     elif o.password_file:
         where = "stdin" if o.password_file == "-" else o.password_file
         source = f"--password-file {where}"
@@ -6335,7 +6453,9 @@ def _oauth2_mechanism(pop: POP3, o: _Options) -> str:
     return choose_oauth2_mechanism(pop.capa().sasl)
 
 
-def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> str:
+def _log_in(
+    pop: POP3, o: _Options, password: str | None, token: str | Callable[[], str] | None
+) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
@@ -6453,11 +6573,61 @@ def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
     return POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context)
 
 
+def _token_from_options(o: _Options) -> str | Callable[[], str] | None:
+    """The access token (or the OAuth2 token source) the options name, if any."""
+    if o.oauth2:
+        o.password_source = f"--oauth2 {o.oauth2}"
+        return _oauth2_source(o, None)
+    if o.oauth2_token_command:
+        o.password_source = "--oauth2-token-command"
+        return _command_secret(o.oauth2_token_command, "--oauth2-token-command", o.timeout)
+    if o.oauth2_token_file:
+        o.password_source = f"--oauth2-token-file {o.oauth2_token_file}"
+        return _read_secret_file(o.oauth2_token_file, "token file").strip()
+    return None
+
+
+def _oauth2_source(o: _Options, secret: str | None) -> OAuth2:
+    """The token source for --oauth2 FILE; what else is given must agree with the file."""
+    assert o.oauth2 is not None
+    return OAuth2(
+        o.oauth2,
+        o.provider,
+        client_id=o.client_id,
+        client_secret=secret,
+        scope=o.scope,
+        tenant=o.tenant,
+        token_url=o.token_url,
+        device_url=o.device_url,
+        auth_url=o.auth_url,
+        timeout=o.timeout,
+    )
+
+
+def _show_sign_in(message: str, url: str) -> None:
+    """What the user must open (and the device code): said even under -q."""
+    _say(message, always=True)
+
+
+def _oauth2_sign_in(o: _Options) -> int:
+    """The oauth2 action: sign in once by the chosen grant and write the token file."""
+    secret = None
+    if o.client_secret_file:
+        secret = _read_secret_file(o.client_secret_file, "client secret file")
+    source = _oauth2_source(o, secret)
+    source.sign_in(o.user, o.grant, _show_sign_in)
+    _say(f"signed in; the tokens are in {o.oauth2} (keep it private)")
+    _say(f"from now on: {_program_name()} {o.host} {o.user} check --oauth2 {o.oauth2}")
+    return _EXIT_OK
+
+
 def _session(o: _Options) -> int:
     """Connect, then ask for a password if none is stored, log in (except for capa), run the
     action; QUIT only if it succeeded."""
     import os
 
+    if o.action == "oauth2":
+        return _oauth2_sign_in(o)
     if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
         raise _CommandLineError("-o must name an existing directory for several messages")
     if o.action == "retr" and not o.output and len(o.numbers) > 1 and not sys.stdout.isatty():
@@ -6466,12 +6636,11 @@ def _session(o: _Options) -> int:
             "them: give -o DIR for one N.eml file each, use save FILE.mbox, or retr them one "
             "at a time"
         )
-    password = token = None
+    password: str | None = None
+    token: str | Callable[[], str] | None = None
     if o.action != "capa":
-        if o.oauth2_token_file:
-            token = _read_secret_file(o.oauth2_token_file, "token file").strip()
-            o.password_source = f"--oauth2-token-file {o.oauth2_token_file}"
-        else:
+        token = _token_from_options(o)
+        if token is None:
             password = _stored_password(o)
             if password is None:
                 _check_password_prompt(o)
@@ -6594,6 +6763,11 @@ _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
      "refusing to send {what} over an unencrypted connection to {where}; use TLS (--tls "
      "starttls or --tls implicit), or --tls none to allow it"),
     (ProtocolError, "", _EXIT_SERVER, "the server broke the protocol: {error}"),
+    (OAuth2Error, "endpoint", _EXIT_CONNECTION,
+     "{error}; check the network (and --token-url), or try again later"),
+    (OAuth2Error, "permissions", _EXIT_LOCAL, "{error}"),
+    (OAuth2Error, "", _EXIT_AUTH,
+     "{error}: run {sign_in} (with the --provider and --client-id of the first sign-in)"),
     (Error, "", _EXIT_SERVER, "{error}"),
 )
 
@@ -6602,7 +6776,8 @@ def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
     """The exit status and the one line to print for a pop3lite error: what happened and
     what to try (``o``, when given, adds what the command line knows: where the password
     came from, which TLS mode was used)."""
-    secret = "token" if o is not None and o.oauth2_token_file else "password"
+    oauth = o is not None and bool(o.oauth2 or o.oauth2_token_file or o.oauth2_token_command)
+    secret = "token" if oauth else "password"
     fields = {
         "error": str(exc),
         "text": getattr(exc, "text", ""),
@@ -6612,7 +6787,10 @@ def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
         "said": "",
         "source": "",
         "tls_hint": "",
+        "sign_in": f"{_program_name()} HOST USER oauth2 --oauth2 FILE",
     }
+    if o is not None and o.oauth2:
+        fields["sign_in"] = f"{_program_name()} {o.host} {o.user} oauth2 --oauth2 {o.oauth2}"
     if isinstance(exc, AuthenticationError) and exc.text:
         # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
         # told in the error's own words, which do not claim a -ERR.

@@ -507,7 +507,7 @@ def test_the_password_is_never_taken_from_argv(
     assert server.transcripts == []
     assert pop3lite.main(["--help"]) == 0
     options = [w for w in capsys.readouterr().out.split() if w.startswith("--pass")]
-    assert options and set(options) == {"--password-file"}
+    assert options and set(options) == {"--password-file", "--password-command"}
 
 
 @pytest.mark.usefixtures("password")

@@ -349,3 +349,108 @@ def test_the_lock_wait_is_bounded(tmp_path: Path) -> None:
         os.close(holder)
     assert caught.value.reason == "token-file"
     assert "in use by another process" in str(caught.value)
+
+
+# ---- the command line: secrets from commands ------------------------------------------------
+
+
+@pytest.fixture
+def no_password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ~/.netrc, no $POP3_PASSWORD, a stdin that is not a terminal."""
+    import io
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = m.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+@pytest.mark.usefixtures("no_password")
+def test_password_command_gives_the_first_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from fakeserver import FakeServer
+
+    with FakeServer() as server:
+        where = f"{server.host}:{server.port}"
+        command = "printf 'fugafuga\\r\\nsecond line\\n'; cat"  # cat ends: stdin is closed
+        argv = [where, "hogehoge", "uidl", "-v", "--password-command", command]
+        status, out, err = run(capsys, *argv)
+        assert status == 0, err
+        assert "C: PASS ****" in err and "fugafuga" not in out + err
+        status, _, err = run(
+            capsys, where, "hogehoge", "uidl", "--password-command", "printf wrong"
+        )
+    assert status == 3 and "(the password came from --password-command)" in err
+    assert "wrong" not in err
+
+
+@pytest.mark.usefixtures("no_password")
+@pytest.mark.parametrize(
+    ("command", "words"),
+    [
+        ("exit 3", "failed (exit status 3)"),
+        ("true", "printed nothing"),
+        ("printf '\\n\\n'", "printed nothing"),
+        ("sleep 30", "did not finish within 1 s"),
+        ("printf '\\377\\n'", "is not UTF-8 text"),
+    ],
+    ids=["status", "silent", "blank", "timeout", "binary"],
+)
+def test_a_failing_password_command_is_named(
+    capsys: pytest.CaptureFixture[str], command: str, words: str
+) -> None:
+    from fakeserver import FakeServer
+
+    with FakeServer() as server:
+        where = f"{server.host}:{server.port}"
+        argv = [where, "hogehoge", "uidl", "--timeout", "1", "--password-command", command]
+        status, _, err = run(capsys, *argv)
+        assert server.transcripts == []  # nothing was sent: the password came first
+    assert status == 2
+    assert f"--password-command {command!r}" in err and words in err
+
+
+@pytest.mark.usefixtures("no_password")
+def test_oauth2_token_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from fakeserver import FakeServer
+
+    with FakeServer("rfc") as server:
+        where = f"{server.host}:{server.port}"
+        argv = [where, "hogehoge", "--json", "--oauth2-token-command", "echo fake-oauth-token"]
+        status, out, err = run(capsys, *argv)
+        assert status == 0, err
+        assert json.loads(out)["auth"] == "OAUTHBEARER"
+        argv[-1] = "echo another-token"
+        status, _, err = run(capsys, *argv)
+    assert status == 3 and "the token came from --oauth2-token-command" in err
+    assert "another-token" not in err
+
+
+@pytest.mark.usefixtures("no_password")
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--password-command", "x", "--oauth2", "f"], "--password-command and --oauth2: choose"),
+        (["--password-file", "p", "--oauth2-token-command", "x"], "choose one"),
+        (["oauth2", "--client-id", "x", "--provider", "microsoft"], "needs --oauth2 FILE"),
+        (["oauth2", "--oauth2", "f", "--provider", "google"], "needs --client-id"),
+        (["oauth2", "--oauth2", "f", "--client-id", "x"], "(or --token-url)"),
+        (["check", "--grant", "device", "--oauth2", "f"], "--grant only goes with oauth2"),
+        (["check", "--provider", "google"], "go with --oauth2 FILE"),
+        (["--auth", "XOAUTH2"], "needs --oauth2 FILE"),
+        (["--auth", "PLAIN", "--oauth2", "f"], "goes with --auth XOAUTH2 or OAUTHBEARER"),
+    ],
+)
+def test_oauth2_option_mistakes(
+    capsys: pytest.CaptureFixture[str], argv: list[str], words: str
+) -> None:
+    status, _, err = run(capsys, "127.0.0.1:9", "alice", *argv)
+    assert status == 2 and words in err

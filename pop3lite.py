@@ -4320,6 +4320,7 @@ OAUTH2_GRANTS = ("device", "loopback", "client-credentials")
 MAX_OAUTH2_REPLY = 1024 * 1024  # octets; a token reply is a few KiB, a larger one is not OAuth2
 OAUTH2_REFRESH_MARGIN = 60.0  # seconds: a token this close to its expiry is refreshed first
 MAX_SIGN_IN_WAIT = 900.0  # seconds a sign-in waits for the user (device code, browser)
+SLOW_DOWN_STEP = 5.0  # RFC 8628 section 3.5: slow_down adds 5 seconds to the poll interval
 _DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 section 3.4
 _TOKEN_FILE_FORMAT = "pop3lite-oauth2/1"
 # What the user can do about a provider's error (RFC 6749 section 5.2, RFC 8628 section 3.5).
@@ -4839,7 +4840,7 @@ class OAuth2:
                 return self._token_request(state, dict(fields))
             except OAuth2Error as exc:
                 if exc.error == "slow_down":
-                    interval += 5.0  # section 3.5: MUST increase by 5 seconds
+                    interval += SLOW_DOWN_STEP
                 elif exc.error != "authorization_pending":
                     raise
 
@@ -6790,7 +6791,8 @@ def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
         "sign_in": f"{_program_name()} HOST USER oauth2 --oauth2 FILE",
     }
     if o is not None and o.oauth2:
-        fields["sign_in"] = f"{_program_name()} {o.host} {o.user} oauth2 --oauth2 {o.oauth2}"
+        where = f"{o.host}:{o.port}" if o.port else o.host
+        fields["sign_in"] = f"{_program_name()} {where} {o.user} oauth2 --oauth2 {o.oauth2}"
     if isinstance(exc, AuthenticationError) and exc.text:
         # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
         # told in the error's own words, which do not claim a -ERR.

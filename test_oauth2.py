@@ -454,3 +454,467 @@ def test_oauth2_option_mistakes(
 ) -> None:
     status, _, err = run(capsys, "127.0.0.1:9", "alice", *argv)
     assert status == 2 and words in err
+
+
+# ---- end to end against fakeserver's FakeOAuth2 ---------------------------------------------
+
+USER = "hogehoge"  # the "rfc" preset's account
+TIMEOUT = 5.0
+
+
+def oauth_server(**options: Any) -> Any:
+    """A POP3 server ("rfc" preset) with a FakeOAuth2 beside it, polled at 50 ms."""
+    from fakeserver import FakeOAuth2, FakeServer
+
+    options.setdefault("device_interval", 0.05)
+    return FakeServer("rfc", oauth2=FakeOAuth2(**options))
+
+
+def source_for(server: Any, path: Path, **options: Any) -> m.OAuth2:
+    fake = server.oauth2
+    return m.OAuth2(
+        str(path),
+        client_id=fake.client_id,
+        token_url=fake.token_url,
+        device_url=fake.device_url,
+        auth_url=fake.auth_url,
+        timeout=TIMEOUT,
+        **options,
+    )
+
+
+def approve(server: Any) -> Any:
+    """The user, in the device grant: approves the code on the verification page."""
+    return lambda message, url: server.oauth2.approve()
+
+
+def browse(server: Any) -> Any:
+    """The user, in the loopback grant: opens the address in a browser and consents."""
+    return lambda message, url: server.oauth2.browse(url)
+
+
+def sign_in(server: Any, path: Path, grant: str = "device") -> m.OAuth2:
+    prompt = approve(server) if grant == "device" else browse(server)
+    source_for(server, path).sign_in(USER, grant, prompt)
+    return m.OAuth2(str(path), timeout=TIMEOUT)
+
+
+def saved(path: Path) -> dict[str, Any]:
+    content: dict[str, Any] = json.loads(path.read_text())
+    return content
+
+
+def log_in(server: Any, source: Any, user: str = USER) -> str:
+    with m.POP3(server.host, server.port, timeout=TIMEOUT) as pop:
+        pop.login_oauth2(user, source)
+        return str(pop.stat().count)
+
+
+def grants(server: Any) -> list[str]:
+    """The grant of each successful token request, in order."""
+    return [r.grant for r in server.oauth2.requests if r.path == "/token" and r.error is None]
+
+
+def test_device_grant_signs_in_and_the_token_logs_in(tmp_path: Path) -> None:
+    shown: list[tuple[str, str]] = []
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+
+        def user(message: str, url: str) -> None:
+            shown.append((message, url))
+            server.oauth2.approve()
+
+        source_for(server, path).sign_in(USER, prompt=user)
+        assert log_in(server, m.OAuth2(str(path), timeout=TIMEOUT)) == "3"
+        assert grants(server) == ["device_code"]
+    (message, url), = shown
+    assert url.startswith(server.oauth2.base_url) and url in message and "enter the code" in message
+    content = saved(path)
+    assert content["user"] == USER and content["grant"] == "device"
+    assert content["token_url"] == server.oauth2.token_url and content["refresh_token"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_device_grant_polls_while_pending(tmp_path: Path) -> None:
+    with oauth_server(approve_after=3) as server:
+        source_for(server, tmp_path / "t.json").sign_in(USER, prompt=lambda message, url: None)
+        polls = [r.error for r in server.oauth2.requests if r.grant == "device_code"]
+    assert polls == ["authorization_pending"] * 3 + [None]
+
+
+def test_device_grant_slows_down_when_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fakeserver import Fault
+
+    monkeypatch.setattr(m, "SLOW_DOWN_STEP", 0.5)  # 5 s in the RFC; the logic is the same
+    faults = [Fault("slow_down", times=1)]
+    with oauth_server(approve_after=1, slow_down_step=0.5, faults=faults) as server:
+        started = time.monotonic()
+        source_for(server, tmp_path / "t.json").sign_in(USER, prompt=lambda message, url: None)
+        waited = time.monotonic() - started
+        polls = [r.error for r in server.oauth2.requests if r.grant == "device_code"]
+    assert polls[-1] is None and any(error and "slow_down" in error for error in polls)
+    assert waited >= 0.5 + 0.05 * len(polls)  # the step waited on top of each interval
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [("deny", "access_denied"), ("expire", "expired")],
+)
+def test_device_grant_refused_or_expired(tmp_path: Path, setup: str, words: str) -> None:
+    lifetime = 0.3 if setup == "expire" else 600.0
+    with oauth_server(device_lifetime=lifetime) as server:
+        source = source_for(server, tmp_path / "t.json")
+
+        def user(message: str, url: str) -> None:
+            if setup == "deny":
+                server.oauth2.deny()
+
+        with pytest.raises(m.OAuth2Error) as caught:
+            source.sign_in(USER, prompt=user)
+    assert caught.value.reason == "sign-in" and words in str(caught.value)
+    assert "sign in again" in str(caught.value)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_device_grant_wait_is_bounded_by_the_caller(tmp_path: Path) -> None:
+    with oauth_server() as server:  # nobody approves
+        source = source_for(server, tmp_path / "t.json")
+        with pytest.raises(m.OAuth2Error, match="expired before the sign-in was completed"):
+            source.sign_in(USER, prompt=lambda message, url: None, wait=0.3)
+
+
+def test_loopback_grant_with_pkce_signs_in(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+        shown: list[str] = []
+
+        def user(message: str, url: str) -> None:
+            shown.append(url)
+            server.oauth2.browse(url)
+
+        source_for(server, path).sign_in(USER, "loopback", user)
+        assert log_in(server, m.OAuth2(str(path), timeout=TIMEOUT)) == "3"
+        assert grants(server) == ["authorization_code"]
+    import urllib.parse
+
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(shown[0]).query))
+    assert query["code_challenge_method"] == "S256" and len(query["code_challenge"]) == 43
+    assert query["redirect_uri"].startswith("http://127.0.0.1:") and query["state"]
+    assert saved(path)["grant"] == "loopback"
+
+
+def test_loopback_grant_declined_by_the_user(tmp_path: Path) -> None:
+    with oauth_server() as server:
+        source = source_for(server, tmp_path / "t.json")
+        with pytest.raises(m.OAuth2Error) as caught:
+            source.sign_in(USER, "loopback", lambda msg, url: server.oauth2.browse(url, deny=True))
+    assert caught.value.reason == "sign-in" and "access_denied" in str(caught.value)
+
+
+def test_loopback_listener_checks_state_and_its_wait_is_bounded() -> None:
+    import http.client
+    import urllib.parse
+
+    def forged(redirect_uri: str) -> None:
+        port = urllib.parse.urlsplit(redirect_uri).port
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        try:
+            connection.request("GET", "/favicon.ico")
+            assert connection.getresponse().read() and True
+            connection.request("GET", "/?code=stolen-code&state=guessed")
+            reply = connection.getresponse()
+            assert reply.status == 400 and b"stolen-code" not in reply.read()
+        finally:
+            connection.close()
+
+    with pytest.raises(m.OAuth2Error) as caught:
+        m._await_redirect("expected-state", forged, 5.0)
+    assert "another state" in str(caught.value) and "stolen-code" not in str(caught.value)
+    started = time.monotonic()
+    with pytest.raises(m.OAuth2Error, match="no browser came back within"):
+        m._await_redirect("expected-state", lambda uri: None, 0.2)
+    assert time.monotonic() - started < 3
+
+
+def test_client_credentials_grant(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with oauth_server(client_secret=SECRET) as server:
+        source_for(server, path, client_secret=SECRET).sign_in(grant="client-credentials")
+        assert log_in(server, m.OAuth2(str(path), timeout=TIMEOUT)) == "3"
+        server.oauth2.expire_access_tokens()  # no refresh token: the grant is asked again
+        assert log_in(server, m.OAuth2(str(path), timeout=TIMEOUT)) == "3"
+        assert grants(server) == ["client_credentials", "client_credentials"]
+        wrong = source_for(server, tmp_path / "u.json", client_secret="Wrong-Secret-7")
+        with pytest.raises(m.OAuth2Error) as caught:
+            wrong.sign_in(grant="client-credentials")
+    assert caught.value.error == "invalid_client" and "Wrong-Secret-7" not in str(caught.value)
+    content = saved(path)
+    assert content["user"] == "" and content["client_secret"] == SECRET
+    assert "refresh_token" not in content
+
+
+def test_refresh_rotates_and_the_spent_token_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with oauth_server(access_lifetime=2.0) as server:
+        source = sign_in(server, path)
+        first = saved(path)
+        assert source.refresh(first["access_token"]) != first["access_token"]
+        second = saved(path)
+        assert second["refresh_token"] != first["refresh_token"]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(m.OAuth2Error) as caught:
+            m.oauth2_post(
+                server.oauth2.token_url,
+                {"grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+                 "client_id": server.oauth2.client_id},
+            )
+        assert caught.value.error == "invalid_grant"
+        assert log_in(server, source) == "3"
+    assert first["refresh_token"] not in str(caught.value)
+
+
+def test_a_refused_token_is_refreshed_once_and_tried_once(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+        source = sign_in(server, path)
+        server.oauth2.expire_access_tokens()  # still valid by its expiry, refused by POP3
+        assert log_in(server, source) == "3"
+        assert grants(server) == ["device_code", "refresh_token"]
+        auths = [line for line in server.transcripts[-1] if line.startswith("C: AUTH")]
+        assert len(auths) == 2
+    with oauth_server(user="somebody-else") as server:  # issues tokens POP3 never accepts
+        source = sign_in(server, path)
+        with pytest.raises(m.AuthenticationError):
+            log_in(server, source)
+        assert grants(server) == ["device_code", "refresh_token"]  # one refresh, no more
+        auths = [line for line in server.transcripts[-1] if line.startswith("C: AUTH")]
+        assert len(auths) == 2
+
+
+def test_a_token_file_for_another_account_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+        source = sign_in(server, path)
+        with pytest.raises(m.OAuth2Error) as caught:
+            log_in(server, source, user="alice")
+        assert server.transcripts[-1] == [] or not any(
+            line.startswith("C: AUTH") for line in server.transcripts[-1]
+        )
+    assert caught.value.reason == "token-file"
+    assert f"made for '{USER}', not 'alice'" in str(caught.value)
+
+
+def test_two_runs_at_once_spend_the_refresh_token_once(tmp_path: Path) -> None:
+    import threading
+
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+        sign_in(server, path)
+        content = saved(path)
+        content["expires_at"] = 0  # both runs find it expired
+        m._write_token_file(str(path), content)
+        barrier = threading.Barrier(2, timeout=TIMEOUT)
+        results: list[str] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                barrier.wait()
+                results.append(m.OAuth2(str(path), timeout=TIMEOUT)())
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT * 2)
+        assert not errors and len(results) == 2
+        assert results[0] == results[1] == saved(path)["access_token"]
+        assert grants(server) == ["device_code", "refresh_token"]
+        assert [r.error for r in server.oauth2.requests if r.grant == "refresh_token"] == [None]
+
+
+# ---- end to end: the command line ------------------------------------------------------------
+
+
+def cli_sign_in(server: Any, path: Path, *extra: str) -> list[str]:
+    fake = server.oauth2
+    return [
+        f"{server.host}:{server.port}", USER, "oauth2", "--oauth2", str(path),
+        "--client-id", fake.client_id, "--token-url", fake.token_url,
+        "--device-url", fake.device_url, "--auth-url", fake.auth_url, "--timeout", "5", *extra,
+    ]
+
+
+def secrets_in(path: Path) -> list[str]:
+    """The very tokens (and secret) the fake issued, as the token file holds them."""
+    content = saved(path)
+    return [content[key] for key in ("access_token", "refresh_token", "client_secret")
+            if content.get(key)]
+
+
+@pytest.mark.usefixtures("no_password")
+def test_cli_device_sign_in_then_cron_runs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "alice.json"
+    with oauth_server(access_lifetime=2.0, approve_after=1) as server:
+        status, out, err = run(capsys, *cli_sign_in(server, path))
+        assert status == 0, err
+        assert "To sign in, open " in err and "enter the code" in err
+        assert f"check --oauth2 {path}" in err
+        where = f"{server.host}:{server.port}"
+        status, out, err = run(capsys, where, USER, "uidl", "-v", "--oauth2", str(path))
+        assert status == 0, err
+        assert "C: AUTH OAUTHBEARER ****" in err or "C: AUTH XOAUTH2 ****" in err
+    for secret in secrets_in(path):
+        assert secret not in out + err
+
+
+@pytest.mark.usefixtures("no_password")
+def test_cli_loopback_sign_in(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gmail.json"
+    with oauth_server() as server:
+        opened: list[str] = []
+
+        def user(message: str, url: str) -> None:
+            opened.append(url)
+            server.oauth2.browse(url)
+
+        monkeypatch.setattr(m, "_show_sign_in", user)
+        status, _, err = run(capsys, *cli_sign_in(server, path, "--grant", "loopback"))
+        assert status == 0, err
+        status, _, err = run(capsys, f"{server.host}:{server.port}", USER, "--oauth2", str(path))
+    assert status == 0 and len(opened) == 1 and saved(path)["grant"] == "loopback"
+
+
+@pytest.mark.usefixtures("no_password")
+def test_cli_client_credentials_sign_in_reads_the_secret_from_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "app.json"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    with oauth_server(client_secret=SECRET) as server:
+        argv = cli_sign_in(server, path, "--grant", "client-credentials")
+        status, _, err = run(capsys, *argv)
+        assert status == 2 and "needs the client secret" in err
+        status, out, err = run(capsys, *argv, "--client-secret-file", str(secret_file))
+        assert status == 0, err
+        status, out, err = run(capsys, f"{server.host}:{server.port}", USER, "-v",
+                               "--oauth2", str(path))
+    assert status == 0 and SECRET not in out + err
+
+
+@pytest.mark.usefixtures("no_password")
+def test_twenty_unattended_save_runs_across_expiries(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "alice.json"
+    maildir = tmp_path / "Maildir"
+    with oauth_server(access_lifetime=2.0, approve_after=0) as server:
+        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        drop = server.maildrops[USER]
+        argv = [f"{server.host}:{server.port}", USER, "save", str(maildir), "--new", "-q",
+                "--oauth2", str(path)]
+        for number in range(20):
+            drop.add(b"Subject: run %d\r\n\r\nbody %d\r\n" % (number, number))
+            if number % 5 == 4:  # let the access token expire (2 s) now and then
+                time.sleep(max(0.0, saved(path)["expires_at"] - time.time()) + 0.05)
+            elif number % 5 == 2:  # or be refused by the server while it looks valid
+                server.oauth2.expire_access_tokens()
+            status, out, err = run(capsys, *argv)
+            assert (status, out, err) == (0, "", "")
+        refreshes = grants(server).count("refresh_token")
+        errors = [r.error for r in server.oauth2.requests if r.error]
+    files = [p for p in (maildir / "new").iterdir()]
+    subjects = sorted(p.read_bytes().splitlines()[0] for p in files if b"run " in p.read_bytes())
+    assert len(files) == 3 + 20  # the preset's 3 and one per run, each saved once
+    assert subjects == sorted(b"Subject: run %d" % n for n in range(20))
+    assert refreshes >= 8 and errors == []  # every expiry refreshed; no spent token reused
+
+
+@pytest.mark.usefixtures("no_password")
+@pytest.mark.parametrize(
+    ("trouble", "status", "words"),
+    [
+        ("expired", 3, "AADSTS700082"),
+        ("revoked", 3, "AADSTS50173"),
+        ("html", 4, "HTML page"),
+        ("500", 4, "HTTP 500"),
+        ("huge", 4, "more than 1 MiB"),
+        ("silent", 4, "cannot reach the OAuth2 endpoint"),
+        ("closed", 4, "cannot reach the OAuth2 endpoint"),
+    ],
+)
+def test_cli_refresh_failures_say_what_to_do(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, trouble: str, status: int, words: str
+) -> None:
+    import socket
+
+    from fakeserver import Fault
+
+    path = tmp_path / "alice.json"
+    faulty = trouble in ("html", "500", "huge", "silent")
+    faults = [Fault(trouble, "refresh_token")] if faulty else []
+    with oauth_server(approve_after=0, faults=faults) as server:
+        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        content = saved(path)
+        content["expires_at"] = 0
+        if trouble == "closed":
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                content["token_url"] = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
+        m._write_token_file(str(path), content)
+        if trouble == "expired":
+            server.oauth2.expire_refresh_tokens()
+        if trouble == "revoked":
+            server.oauth2.revoke()
+        where = f"{server.host}:{server.port}"
+        got, out, err = run(capsys, where, USER, "--timeout", "1", "--oauth2", str(path))
+        assert server.transcripts == [] or not any(
+            line.startswith("C: AUTH") for t in server.transcripts for line in t
+        )
+    assert got == status and words in err
+    if status == 3:
+        assert f" {where} {USER} oauth2 --oauth2 {path} (with the --provider" in err
+        assert "invalid_grant" in err
+    for secret in secrets_in(path):
+        assert secret not in out + err
+
+
+@pytest.mark.usefixtures("no_password")
+@pytest.mark.parametrize(
+    ("damage", "status", "words"),
+    [
+        ("corrupt", 3, "is damaged or not a pop3lite token file"),
+        ("readable", 1, "is open to other users (mode 644); run chmod 600"),
+        ("account", 3, f"was made for '{USER}', not 'alice'"),
+        ("provider", 3, "was made for provider 'custom', not 'microsoft'"),
+    ],
+)
+def test_cli_token_file_problems(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, damage: str, status: int, words: str
+) -> None:
+    path = tmp_path / "alice.json"
+    with oauth_server(approve_after=0) as server:
+        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        user, extra = USER, []
+        if damage == "corrupt":
+            path.write_bytes(path.read_bytes()[:40])
+        elif damage == "readable":
+            path.chmod(0o644)
+        elif damage == "account":
+            user = "alice"
+        else:
+            extra = ["--provider", "microsoft"]
+        where = f"{server.host}:{server.port}"
+        got, out, err = run(capsys, where, user, "--oauth2", str(path), *extra)
+    assert got == status and words in err and str(path) in err
+    if status == 3:
+        assert "oauth2 --oauth2" in err

@@ -1,4 +1,4 @@
-"""Hostile input, both directions (issue 8): the client survives any server, the fake server
+"""RawClient input, both directions (issue 8): the client survives any server, the fake server
 survives any client.
 
 Client side. Good sessions are recorded from fakeserver.py over a raw socket (the OperaMail seed,
@@ -34,7 +34,6 @@ import queue
 import random
 import re
 import socket
-import struct
 import threading
 import time
 import warnings
@@ -44,8 +43,8 @@ import pytest
 
 import fakeserver
 import pop3lite
+from conftest import TIMEOUT, MiB, Peer, RawClient, connect, scripted, wait_until
 from fakeserver import FakeServer, Fault
-from test_pop3lite import Peer, connect, scripted  # the scripted raw peer both suites use
 
 try:
     import tracemalloc
@@ -53,18 +52,9 @@ except ImportError:  # PyPy: memory bounds are not measured there, behaviour sti
     tracemalloc = None  # type: ignore[assignment]
 
 SOAK = max(1, int(os.environ.get("POP3LITE_SOAK") or "1"))
-TIMEOUT = 5.0  # every socket in these tests gives up after this long
 STALL = 4.0  # a replayed client that sends nothing for this long is taken to be stuck
 
 CRLF = b"\r\n"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll a condition another thread makes true (bounded; no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 # =============================================================================================
@@ -1315,7 +1305,6 @@ def test_fake_server_stalls_time_out(fault: Fault) -> None:
         assert time.monotonic() - started < QUICK + SLACK
 
 
-MiB = 1024 * 1024
 LINES = (b"y" * 78 + b"\r\n") * 13108  # about 1 MiB of body lines
 
 
@@ -1736,48 +1725,6 @@ def hostile_target(preset: str = "operamail", **kwargs: Any) -> Iterator[FakeSer
     wait_until(lambda: threading.active_count() <= threads)
 
 
-class Hostile:
-    """A raw client that sends what it likes and never trusts the server to answer."""
-
-    def __init__(self, server: FakeServer, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection(server.address, timeout=timeout)
-
-    def __enter__(self) -> Hostile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> bool:
-        """Send; False if the server has already hung up."""
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def until_eof(self, limit: int = 64 * MiB) -> bytes:
-        """Everything the server sends until it closes (bounded)."""
-        data = bytearray()
-        for _ in range(100000):
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk or len(data) > limit:
-                break
-            data += chunk
-        return bytes(data)
-
-    def reset(self) -> None:
-        """Vanish: close with a TCP reset (SO_LINGER 0), no FIN, nothing more sent."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-
 def server_lines(data: bytes) -> list[bytes]:
     """The command lines the fake server will see in ``data``: up to LF, a final CR dropped."""
     return [line[:-1] if line.endswith(b"\r") else line for line in data.split(b"\n")]
@@ -1857,7 +1804,7 @@ def test_random_command_lines(preset: str) -> None:
             data = random_commands(rng)
             while commits(data) or known_fakeserver_bug(data):
                 data = random_commands(rng)
-            with Hostile(server) as client:
+            with RawClient(server) as client:
                 client.send(data)
                 ending = rng.randrange(3)
                 if ending == 0:
@@ -1877,7 +1824,7 @@ def test_overlong_lines() -> None:
     """A 256-octet line gets -ERR and the session stays in step; a multi-megabyte line without
     LF (in a command or in a SASL answer) is hung up on, holding little memory meanwhile."""
     with hostile_target("rfc") as server:
-        with Hostile(server) as client, client.sock.makefile("rb") as replies:
+        with RawClient(server) as client, client.sock.makefile("rb") as replies:
             replies.readline()
             client.send(b"USER fuzz\r\nPASS pw\r\n")
             assert replies.readline().startswith(b"+OK")
@@ -1892,7 +1839,7 @@ def test_overlong_lines() -> None:
             assert replies.readline() == b"+OK 3 %d\r\n" % sum(map(len, FUZZ_MESSAGES))
         endless = b"A" * (4 * MiB)
         for prelude in (b"", b"AUTH PLAIN\r\n"):
-            with Hostile(server) as client:
+            with RawClient(server) as client:
                 client.send(prelude)
                 _, peak = peak_memory(lambda: client.send(endless) and client.until_eof())
                 assert peak is None or peak < MiB, f"{peak / MiB:.1f} MiB"
@@ -1915,7 +1862,7 @@ def test_binary_junk(name: str, tls: str | None) -> None:
     """Junk instead of commands (plaintext, after STLS, or instead of a TLS handshake): the
     server answers -ERR or hangs up, and goes on serving."""
     with hostile_target("rfc", tls=tls) as server:
-        with Hostile(server) as client:
+        with RawClient(server) as client:
             if tls != "implicit":
                 assert client.sock.recv(1000).startswith(b"+OK")
             if tls == "stls":
@@ -1926,7 +1873,7 @@ def test_binary_junk(name: str, tls: str | None) -> None:
             answer = client.until_eof()
             assert tls or all(line.startswith(b"-ERR") for line in answer.splitlines()), answer
         if tls is None:
-            with Hostile(server) as client:
+            with RawClient(server) as client:
                 client.send(JUNK[name])
                 client.reset()
         unlocked(server.maildrops["fuzz"], "fuzz")
@@ -1948,7 +1895,7 @@ def test_half_closed_sockets(name: str) -> None:
     answered, the server then closes, and only a QUIT it received applies deletions."""
     data, left = HALF_CLOSED[name]
     with hostile_target("rfc") as server:
-        with Hostile(server) as client:
+        with RawClient(server) as client:
             client.send(data)
             client.sock.shutdown(socket.SHUT_WR)
             answer = client.until_eof()
@@ -1964,7 +1911,7 @@ def test_a_client_that_never_reads() -> None:
     meanwhile."""
     threads = threading.active_count()
     with hostile_target("rfc", idle_timeout=1.0) as server:
-        client = Hostile(server)
+        client = RawClient(server)
         try:
             client.send(b"USER fuzz\r\nPASS pw\r\nDELE 2\r\n" + b"RETR 1\r\n" * 20000)
             well_behaved(server)  # while the other session is stuck writing
@@ -1984,11 +1931,11 @@ def test_200_concurrent_connections() -> None:
     well-behaved client is refused while the cap is reached and served once it is not."""
     threads = threading.active_count()
     with hostile_target() as server:
-        clients: list[Hostile] = []
+        clients: list[RawClient] = []
         greetings = []
         try:
             for _ in range(200):  # one after another: socketserver's listen backlog is 5
-                clients.append(Hostile(server))
+                clients.append(RawClient(server))
                 greetings.append(clients[-1].sock.recv(1000))
             admitted = [c for c, g in zip(clients, greetings) if g.startswith(b"+OK")]
             refused = [g for g in greetings if g.startswith(b"-ERR [SYS/TEMP]")]
@@ -2010,12 +1957,12 @@ def test_200_concurrent_connections() -> None:
         wait_until(lambda: threading.active_count() <= threads + 1)
 
 
-def vanish_mid_retr(client: Hostile) -> None:
+def vanish_mid_retr(client: RawClient) -> None:
     client.send(b"USER fuzz\r\nPASS pw\r\nDELE 1\r\n" + b"RETR 2\r\n" * 5000)
     client.sock.recv(10)
 
 
-VANISHING: dict[str, Callable[[Hostile], Any]] = {
+VANISHING: dict[str, Callable[[RawClient], Any]] = {
     "holding the lock": lambda c: c.send(b"USER fuzz\r\nPASS pw\r\nDELE 1\r\nDELE 3\r\n"),
     "mid-command": lambda c: c.send(b"USER fuzz\r\nPASS pw\r\nDELE 1\r\nQU"),
     "while being sent messages": vanish_mid_retr,
@@ -2030,7 +1977,7 @@ def test_vanishing_clients(name: str, how: str) -> None:
     """A client that disappears (FIN or RST) anywhere: the lock is released, nothing marked
     is deleted, and the next login succeeds."""
     with hostile_target("rfc") as server:
-        client = Hostile(server)
+        client = RawClient(server)
         assert client.sock.recv(1000).startswith(b"+OK")
         VANISHING[name](client)
         if how == "reset":
@@ -2049,11 +1996,11 @@ def test_a_handler_exception_is_surfaced_not_swallowed() -> None:
     script = [(None, b"+OK hi\r\n"), ("USER bob", b"+OK\r\n")]
     with pytest.raises(AssertionError, match="script step 1"):
         with FakeServer(script=script) as server:
-            with Hostile(server) as client:
+            with RawClient(server) as client:
                 assert client.sock.recv(100) == b"+OK hi\r\n"
                 client.send(b"\xff\x00 junk\r\n")
                 assert client.until_eof() == b""
-            with Hostile(server) as other:
+            with RawClient(server) as other:
                 assert other.sock.recv(100) == b"+OK hi\r\n"
             # The failed session's thread records its error after its socket is closed: wait
             # for it (bounded) rather than race it.

@@ -142,13 +142,13 @@ def test_provider_text_is_made_printable_and_bounded() -> None:
     [(None, 3600.0), (3599, 3599.0), ("3599", 3599.0), (0.5, 0.5)],
 )
 def test_expires_in_accepts_numbers_and_numeric_strings(value: object, expected: float) -> None:
-    assert m._seconds(value, 3600.0, "the endpoint", "expires_in") == expected
+    assert m._reply_seconds(value, 3600.0, "the endpoint", "expires_in") == expected
 
 
 @pytest.mark.parametrize("value", [-1, "soon", True, [], 1e12])
 def test_expires_in_rejects_nonsense(value: object) -> None:
     with pytest.raises(m.OAuth2Error) as caught:
-        m._seconds(value, 3600.0, "the endpoint", "expires_in")
+        m._reply_seconds(value, 3600.0, "the endpoint", "expires_in")
     assert caught.value.reason == "endpoint"
 
 

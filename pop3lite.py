@@ -4536,6 +4536,10 @@ def _write_token_file(path: str, state: dict[str, Any]) -> None:
     _fsync_directory(directory)
 
 
+_Prompt = Callable[[str, str], object]  # prompt(message, url): what the user must open
+_Reply = Dict[str, Any]  # a token endpoint's JSON reply
+
+
 def _print_prompt(message: str, url: str) -> None:
     print(message, file=sys.stderr)
 
@@ -4665,7 +4669,7 @@ class OAuth2:
         self,
         user: str = "",
         grant: str | None = None,
-        prompt: Callable[[str, str], object] = _print_prompt,
+        prompt: _Prompt = _print_prompt,
         wait: float = MAX_SIGN_IN_WAIT,
     ) -> None:
         """Obtain the first token for ``user`` and write the token file.
@@ -4686,34 +4690,32 @@ class OAuth2:
                 raise ValueError("the client-credentials grant needs the client secret")
             config["scope"] = self._config.get("scope") or config.get("app_scope") or ""
         state: dict[str, Any] = {key: config.get(key, "") for key in ("token_url", "client_id")}
+        state.update((key, config[key]) for key in ("device_url", "auth_url") if key in config)
         state.update(provider=config.get("provider", ""), scope=config.get("scope", ""))
         state.update(format=_TOKEN_FILE_FORMAT, grant=grant, access_token="", lifetime=0)
         state.update(expires_at=0, user="" if grant == "client-credentials" else user)
         if self._secret:
             state["client_secret"] = self._secret
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o700, exist_ok=True)
         if grant == "device":
-            reply = self._device_grant(config, state, prompt, wait)
+            reply = self._device_grant(state, prompt, wait)
         elif grant == "loopback":
-            reply = self._loopback_grant(config, state, prompt, wait)
+            reply = self._loopback_grant(state, prompt, wait)
         else:
             fields = {"grant_type": "client_credentials", "scope": state["scope"]}
             reply = self._token_request(state, fields)
         with _TokenFileLock(self.path, self.timeout + 5.0):
             self._store(state, reply)
 
-    def _device_grant(
-        self,
-        config: dict[str, str],
-        state: dict[str, Any],
-        prompt: Callable[[str, str], object],
-        wait: float,
-    ) -> dict[str, Any]:
+    def _device_grant(self, state: dict[str, Any], prompt: _Prompt, wait: float) -> _Reply:
         """RFC 8628 sections 3.1 to 3.5: ask for a code, show it, poll until approved."""
-        if "device_url" not in config:
+        if "device_url" not in state:
             raise ValueError("the device grant needs a device authorization URL")
-        where = _endpoint_name(config["device_url"])
+        where = _endpoint_name(state["device_url"])
         fields = {"client_id": state["client_id"], "scope": state["scope"]}
-        codes = oauth2_post(config["device_url"], fields, self.timeout)
+        codes = oauth2_post(state["device_url"], fields, self.timeout)
         device_code = _oauth2_token(codes, "device_code", where)
         user_code = _oauth2_text(codes.get("user_code"))
         # Google names it verification_url.
@@ -4738,18 +4740,12 @@ class OAuth2:
                 elif exc.error != "authorization_pending":
                     raise
 
-    def _loopback_grant(
-        self,
-        config: dict[str, str],
-        state: dict[str, Any],
-        prompt: Callable[[str, str], object],
-        wait: float,
-    ) -> dict[str, Any]:
+    def _loopback_grant(self, state: dict[str, Any], prompt: _Prompt, wait: float) -> _Reply:
         """The authorization code grant with PKCE S256 (RFC 7636) and a loopback redirect."""
         import secrets
         import urllib.parse
 
-        if "auth_url" not in config:
+        if "auth_url" not in state:
             raise ValueError("the loopback grant needs an authorization URL")
         verifier, challenge = pkce_pair()
         expected = secrets.token_urlsafe(24)
@@ -4761,7 +4757,7 @@ class OAuth2:
 
         def show(redirect_uri: str) -> None:
             query["redirect_uri"] = redirect_uri
-            url = config["auth_url"] + "?" + urllib.parse.urlencode(query)
+            url = state["auth_url"] + "?" + urllib.parse.urlencode(query)
             prompt(f"To sign in, open this address in a browser on this computer:\n{url}", url)
 
         code, redirect_uri = _await_redirect(expected, show, wait)

@@ -488,9 +488,15 @@ def approve(server: Any) -> Any:
     return lambda message, url: server.oauth2.approve()
 
 
-def browse(server: Any) -> Any:
+def browse(server: Any, opened: list[str] | None = None) -> Any:
     """The user, in the loopback grant: opens the address in a browser and consents."""
-    return lambda message, url: server.oauth2.browse(url)
+
+    def user(message: str, url: str) -> None:
+        if opened is not None:
+            opened.append(url)
+        server.oauth2.browse(url)
+
+    return user
 
 
 def sign_in(server: Any, path: Path, grant: str = "device") -> m.OAuth2:
@@ -536,10 +542,12 @@ def test_device_grant_signs_in_and_the_token_logs_in(tmp_path: Path) -> None:
 
 
 def test_device_grant_polls_while_pending(tmp_path: Path) -> None:
+    path = tmp_path / "config" / "pop3lite" / "t.json"  # directories made as needed, 0700
     with oauth_server(approve_after=3) as server:
-        source_for(server, tmp_path / "t.json").sign_in(USER, prompt=lambda message, url: None)
+        source_for(server, path).sign_in(USER, prompt=lambda message, url: None)
         polls = [r.error for r in server.oauth2.requests if r.grant == "device_code"]
     assert polls == ["authorization_pending"] * 3 + [None]
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700 and saved(path)["access_token"]
 
 
 def test_device_grant_slows_down_when_told(
@@ -587,14 +595,9 @@ def test_device_grant_wait_is_bounded_by_the_caller(tmp_path: Path) -> None:
 
 def test_loopback_grant_with_pkce_signs_in(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
+    shown: list[str] = []
     with oauth_server() as server:
-        shown: list[str] = []
-
-        def user(message: str, url: str) -> None:
-            shown.append(url)
-            server.oauth2.browse(url)
-
-        source_for(server, path).sign_in(USER, "loopback", user)
+        source_for(server, path).sign_in(USER, "loopback", browse(server, shown))
         assert log_in(server, m.OAuth2(str(path), timeout=TIMEOUT)) == "3"
         assert grants(server) == ["authorization_code"]
     import urllib.parse
@@ -779,14 +782,9 @@ def test_cli_loopback_sign_in(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "gmail.json"
+    opened: list[str] = []
     with oauth_server() as server:
-        opened: list[str] = []
-
-        def user(message: str, url: str) -> None:
-            opened.append(url)
-            server.oauth2.browse(url)
-
-        monkeypatch.setattr(m, "_show_sign_in", user)
+        monkeypatch.setattr(m, "_show_sign_in", browse(server, opened))
         status, _, err = run(capsys, *cli_sign_in(server, path, "--grant", "loopback"))
         assert status == 0, err
         status, _, err = run(capsys, f"{server.host}:{server.port}", USER, "--oauth2", str(path))

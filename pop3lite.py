@@ -6603,9 +6603,9 @@ def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
         return None, None
     if o.oauth2:
         run.source = f"--oauth2 {o.oauth2}"
-        source = _oauth2_source(o, None)
-        source()  # refreshed now, if due: a slow token endpoint must not keep a server waiting
-        return None, source
+        tokens = _oauth2_source(o, None)
+        tokens()  # refreshed now, if due: a slow token endpoint must not keep a server waiting
+        return None, tokens
     if o.oauth2_token_command:
         run.source = "--oauth2-token-command"
         return None, _command_secret(o.oauth2_token_command, run.source, o.timeout)

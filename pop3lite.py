@@ -4463,15 +4463,22 @@ def _fetch(
         if not destination.per_message:  # step 4 of the batches: durable before any DELE
             journal.append((), sync=True)
     except BaseException:
-        destination.abandon()
-        if destination.records_in_place:  # deliver what is complete, journal nothing more:
-            try:  # the next run rebuilds the records from the destination (recorded())
-                destination.sync()
-                destination.deliver()
-            except OSError:  # what stays undelivered is fetched again
-                pass
+        _give_up(destination)
         raise
     return saved, too_big
+
+
+def _give_up(destination: Destination) -> None:
+    """After a failure: drop the message being written, and journal nothing more. Where the
+    destination holds its own records, deliver what is complete: the next run rebuilds the
+    records from it (recorded()); elsewhere, and when that fails, it is fetched again."""
+    destination.abandon()
+    if destination.records_in_place:
+        try:
+            destination.sync()
+            destination.deliver()
+        except OSError:
+            pass
 
 
 # =============================================================================================

@@ -9,6 +9,7 @@ Helpers that are not fixtures are imported by name: ``from conftest import scrip
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -21,12 +22,22 @@ import pytest
 import pop3lite
 
 if TYPE_CHECKING:
-    from fakeserver import FakeServer
+    from fakeserver import FakeServer, Maildrop
 
+try:
+    import tracemalloc
+except ImportError:  # PyPy: memory bounds are not measured there, behaviour still is
+    tracemalloc = None  # type: ignore[assignment]
+
+# fakeserver itself is imported inside the helpers below: imported here, before pytest loads it as
+# a plugin, its asserts could not be rewritten (pytest warns).
 pytest_plugins = ["fakeserver"]
 
 TIMEOUT = 5.0  # every socket in the tests gives up after this long
 MiB = 1024 * 1024
+SLACK = 2.0  # how far past its timeout a client may be (scheduling, not speed)
+# POP3LITE_SOAK=N multiplies every random case count of the hostile-input tests by N.
+SOAK = max(1, int(os.environ.get("POP3LITE_SOAK") or "1"))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
@@ -156,6 +167,13 @@ def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
         raise errors[0]
 
 
+def message_top(message: bytes, lines: int) -> bytes:
+    """What TOP returns: the header, the empty line, and the first ``lines`` body lines."""
+    header, _, body = message.partition(b"\r\n\r\n")
+    kept = body.split(b"\r\n")[:-1][:lines]
+    return header + b"\r\n\r\n" + b"".join(line + b"\r\n" for line in kept)
+
+
 def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
     """A pop3lite client for a scripted peer: plaintext, loopback, short timeout."""
     kwargs.setdefault("timeout", TIMEOUT)
@@ -252,3 +270,57 @@ def login(client: RawClient, user: str = "hogehoge", password: str = "fugafuga")
     assert client.line().startswith(b"+OK")
     assert client.cmd("USER " + user).startswith("+OK")
     assert client.cmd("PASS " + password).startswith("+OK")
+
+
+# =============================================================================================
+# Maildrops and memory
+# =============================================================================================
+
+
+def peak_memory(call: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Call; return what it returned or raised, and the peak of memory allocated meanwhile
+    (None where tracemalloc is missing)."""
+    if tracemalloc is not None:
+        tracemalloc.start()
+    try:
+        try:
+            result: Any = call()
+        except pop3lite.Error as exc:
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1] if tracemalloc is not None else None
+    finally:
+        if tracemalloc is not None:
+            tracemalloc.stop()
+
+
+def raw_login(server: FakeServer, user: str, password: str) -> bytes:
+    """USER and PASS over a raw socket; the answer to PASS (without CRLF). The connection is
+    then dropped (no QUIT, so no UPDATE)."""
+    with RawClient(server) as client:
+        assert client.line().startswith(b"+OK")
+        client.send(b"USER %s\r\nPASS %s\r\n" % (user.encode(), password.encode()))
+        client.line()
+        return client.line()
+
+
+def unlocked(drop: Maildrop, user: str = "hogehoge") -> None:
+    """Poll until a login to ``drop`` succeeds (not -ERR [IN-USE]) on a second server without
+    faults that serves the same Maildrop object: the lock of a session that went is released."""
+    from fakeserver import FakeServer
+
+    with FakeServer(users={user: drop}) as checker:
+        deadline = time.monotonic() + TIMEOUT
+        for _ in range(10000):
+            answer = raw_login(checker, user, drop.password)
+            if answer.startswith(b"+OK"):
+                return
+            assert answer.startswith(b"-ERR [IN-USE]"), answer
+            assert time.monotonic() < deadline, "the maildrop stayed locked"
+            time.sleep(0.005)
+
+
+def operamail_drop() -> Maildrop:
+    import fakeserver
+
+    return fakeserver.Maildrop("fugafuga", fakeserver.OPERAMAIL_MESSAGES,
+                               uids=fakeserver.OPERAMAIL_UIDS)

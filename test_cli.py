@@ -719,7 +719,8 @@ def test_help_shows_examples_exit_codes_and_json_fields(
 ) -> None:
     assert pop3lite.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for text in ("examples:", "--demo", "save ~/Maildir --new", "exit status:", "130", "subject"):
+    shown = ("examples:", "--demo", "save ~/Maildir", "save --mda", "exit status:", "130")
+    for text in (*shown, "subject"):
         assert text in out
 
 
@@ -1132,3 +1133,32 @@ def test_one_escape_for_everything_shown(text: str, shown: str) -> None:
 
 def test_raw_view_escapes_non_ascii_bytes() -> None:
     assert pop3lite._escaped(b"\x1b\xe6\x97\xa5\t.") == "\\x1b\\xe6\\x97\\xa5\t."
+
+
+# -- the exit-status table ---------------------------------------------------------------------
+
+
+def test_readme_exit_status_table_is_the_programs_table() -> None:
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.strip("|").split("|")
+        for line in section.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    documented = [(int(code), meaning.strip()) for code, meaning in rows]
+    expected = [(code, meaning) for code, _, meaning in pop3lite._EXIT_STATUSES]
+    table = "\n".join(f"| {code} | {meaning} |" for code, meaning in expected)
+    assert documented == expected, f"the README's exit-status table should read:\n{table}"
+
+
+def test_help_and_failures_take_their_exit_statuses_from_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--help")
+    out = " ".join(out.split())  # the meanings are wrapped to the width of the help
+    assert status == 0
+    for code, _, meaning in pop3lite._EXIT_STATUSES:
+        assert f" {code} {meaning}" in out
+    codes = {code for code, _, _ in pop3lite._EXIT_STATUSES}
+    assert {status for _, _, status, _ in pop3lite._FAILURES} <= codes

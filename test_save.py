@@ -829,7 +829,7 @@ def test_mda_exit_75_is_try_again_later_and_keeps_everything(tmp_path: Path) -> 
         assert len(server.maildrops["alice"].messages) == 3
         assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] != []
         assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
-        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT_TEMPORARY
+        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT["TEMPORARY"]
         assert "try again later" in pop3lite._failure(caught.value)[1]
 
 
@@ -842,7 +842,7 @@ def test_mda_failure_stops_the_run_and_a_rerun_delivers_the_rest(tmp_path: Path)
             save(server, failing, delete=True)
         assert caught.value.reason == "failed" and caught.value.status == 1
         assert "no such folder" in str(caught.value)
-        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT_LOCAL
+        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT["LOCAL"]
         assert len(delivered(tmp_path)) == 2 and len(server.maildrops["alice"].messages) == 4
         report = save(server, pop3lite.MDA(mda(tmp_path), state_dir=state), delete=True)
         assert (report.saved, report.already, report.deleted) == (2, 2, 4)

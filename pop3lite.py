@@ -4065,7 +4065,7 @@ class MDA(Destination):
         (spool, key), self._finished = self._finished, None
         with spool:
             spool.seek(0)
-            header = spool.read(_HEADER_LIMIT).replace(b"\r\n", b"\n").split(b"\n\n")[0]
+            header = spool.read(_HEADER_LIMIT).split(b"\n\n")[0]  # LF: see begin()
             spool.seek(0)
             self._run(spool, _envelope(header)[0])
         if key is not None:
@@ -4380,23 +4380,23 @@ def _give_up(destination: Destination) -> None:
 # =============================================================================================
 #
 # ``python pop3lite.py HOST USER [ACTION]``: the quick check, retr/top/capa/uidl, save into a
-# Maildir or mbox, and an interactive shell. Everything beyond the client (argparse, getpass,
-# json, email, mailbox, unicodedata...) is imported inside the functions that need it, so
-# ``import pop3lite`` stays cheap. main() returns an exit status and never lets an expected
-# failure become a traceback.
+# Maildir, an mbox or a command, and an interactive shell. Everything beyond the client
+# (argparse, getpass, json, email, mailbox, unicodedata...) is imported inside the functions
+# that need it, so ``import pop3lite`` stays cheap. main() returns an exit status and never
+# lets an expected failure become a traceback.
 
 # The exit statuses, one row each: the code, the name the code uses (_EXIT["AUTH"]) and what
 # it means. The --help epilog, _FAILURES and the README's table (checked by a test) come
 # from here.
 _EXIT_STATUSES = (
     (0, "OK", "success"),
-    (1, "LOCAL", "a local file could not be read or written"),
+    (1, "LOCAL", "a local file could not be read or written, or the --mda command failed"),
     (2, "USAGE", "usage error, or no password available"),
     (3, "AUTH", "authentication failed"),
     (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
      "unencrypted link)"),
-    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP): "
-     "try again later"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), or "
+     "the --mda command exited with 75 (EX_TEMPFAIL): try again later"),
     (6, "SERVER", "other server or protocol error"),
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
@@ -5657,7 +5657,7 @@ def _uidl(pop: POP3, o: Any) -> int:
     return _EXIT["OK"]
 
 
-# -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
+# -- save: a Maildir, an mbox or a command (the work is save() in the Delivery section) -------
 
 
 class _SaveProgress:

@@ -853,9 +853,9 @@ def test_mda_failure_stops_the_run_and_a_rerun_delivers_the_rest(tmp_path: Path)
 @posix_only
 def test_a_hanging_mda_is_killed_with_its_children_at_the_timeout(tmp_path: Path) -> None:
     with server_with(make_messages(2, seed=33)) as server:
-        command = pop3lite.MDA(mda(tmp_path, "hang"), timeout=1.0, state_dir=str(tmp_path / "s"))
+        command = pop3lite.MDA(mda(tmp_path, "hang"), timeout=2.0, state_dir=str(tmp_path / "s"))
         started = time.monotonic()
-        with pytest.raises(pop3lite.DeliveryError, match="did not finish within 1 s") as caught:
+        with pytest.raises(pop3lite.DeliveryError, match="did not finish within 2 s") as caught:
             save(server, command)
         assert time.monotonic() - started < 30 and caught.value.reason == "timeout"
         assert len(server.maildrops["alice"].messages) == 2
@@ -907,6 +907,80 @@ def test_mda_sender_is_quoted_for_the_shell_and_never_an_option(
     expected = [*(s.encode() for s in senders), b"MAILER-DAEMON"]
     assert [s for s, _ in delivered(tmp_path)] == expected
     assert not list(tmp_path.rglob("pwned"))
+
+
+def test_save_twice_saves_each_message_once_and_all_fetches_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 19 item 9, as a user types it: `save DIR`, then `save DIR --new`.
+    target = tmp_path / "Mail"
+    with server_with(make_messages(5, seed=35)) as server:
+        argv = [f"{server.host}:{server.port}", "alice", "save", str(target)]
+        assert pop3lite.main(argv) == 0
+        assert "saved 5 messages" in capsys.readouterr().out
+        for extra in ([], ["--new"]):
+            assert pop3lite.main([*argv, *extra]) == 0
+            out = capsys.readouterr().out
+            assert "saved 0 messages" in out and "5 messages already saved before" in out
+        assert len(maildir_contents(target)) == 5
+        assert pop3lite.main([*argv, "--all"]) == 0
+        assert "saved 5 messages" in capsys.readouterr().out
+        assert len(maildir_contents(target)) == 10
+        assert pop3lite.main([*argv, "--all", "--new"]) == 2
+        assert "choose one" in capsys.readouterr().err
+
+
+def mda_command_line(server: FakeServer, tmp_path: Path, behaviour: str, *extra: str) -> list[str]:
+    shell = " ".join(f"'{part}'" for part in mda(tmp_path, behaviour)[:-1]) + " %F"
+    return [f"{server.host}:{server.port}", "alice", "save", "--mda", shell, *extra]
+
+
+@pytest.mark.parametrize(
+    "behaviour, status, said",
+    [
+        ("ok", 0, "saved 3 messages"),
+        ("tempfail", 5, "exited with 75 (EX_TEMPFAIL): mailbox locked; the command says: try "
+         "again later"),
+        ("fail:Subject: message 1", 1, "exited with 1: no such folder; the message stays"),
+        ("hang", 1, "did not finish within 1 s; killed it"),
+    ],
+)  # fmt: skip
+def test_save_mda_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], behaviour: str, status: int, said: str
+) -> None:
+    with server_with(make_messages(3, seed=36)) as server:
+        argv = mda_command_line(server, tmp_path, behaviour, "--delete", "--timeout", "1")
+        assert pop3lite.main(argv) == status
+        out, err = capsys.readouterr()
+        assert said in (out if status == 0 else err)
+        assert len(server.maildrops["alice"].messages) == (0 if status == 0 else 3)
+    assert len(delivered(tmp_path)) == {"ok": 3, "fail:Subject: message 1": 1}.get(behaviour, 0)
+    state = Path(os.environ["HOME"]) / ".local" / "state" / "pop3lite"
+    assert len(list(state.glob("mda-alice@localhost_*.journal"))) == 1
+
+
+def test_save_mda_takes_no_destination(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["127.0.0.1:1", "alice", "save", "Mail", "--mda", "procmail"]
+    assert pop3lite.main(argv) == 2
+    assert "save --mda CMD takes no DIR or FILE.mbox: 'Mail'" in capsys.readouterr().err
+
+
+@posix_only
+def test_a_killed_mda_save_loses_nothing_and_delivers_at_most_the_one_in_flight_again(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(25, seed=37)
+    with server_with(messages, faults=[Fault("delay", "RETR", 0.03)]) as server:
+        argv = mda_command_line(server, tmp_path, "ok", "--delete")
+        argv = [sys.executable, str(HERE / "pop3lite.py"), *argv]
+        statuses, last = kill_and_rerun(argv, signal.SIGKILL, seed=4242, kills=6)
+        assert last.returncode == 0, last.stderr
+        assert server.maildrops["alice"].messages == []
+    killed = statuses.count(-signal.SIGKILL)
+    assert killed >= 3
+    got = [message for _, message in delivered(tmp_path)]
+    assert set(got) == {as_stored(m) for m in messages}  # nothing lost
+    assert len(got) <= len(messages) + killed  # at most the one in flight, per kill
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -3595,7 +3595,8 @@ class Destination:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release everything, abandoning a message being written."""
+        """Release everything; what was not delivered is dropped (Maildir: left in tmp/,
+        where the next run removes it)."""
         raise NotImplementedError
 
 
@@ -4223,7 +4224,7 @@ def save(
         fetch = [n for n in numbers if max_size is None or sizes[n] <= max_size]
         too_big = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
         saved, skipped = _fetch(pop, destination, journal, fetch, sizes, keys, max_size, progress)
-        skipped = sorted(too_big + skipped)
+        skipped = sorted(too_big + skipped)  # steps 1 to 4 are done
     finally:
         try:
             journal.close()
@@ -4233,7 +4234,7 @@ def save(
     if delete and sizes:
         records = present if destination.records_in_place else seen
         earlier = {n for n in sizes if keys.get(n) in records}.difference(numbers)
-        deleted = _delete(pop, sorted(earlier.union(saved)))
+        deleted = _delete(pop, sorted(earlier.union(saved)))  # steps 5 and 6
     octets = sum(saved.values())
     return SaveReport(
         len(saved), octets, len(sizes) - len(numbers), skipped, deleted, destination.kind

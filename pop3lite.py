@@ -4001,7 +4001,7 @@ class MDA(Destination):
     usable, or for an address that starts with "-", which a command would take for an option),
     quoted for the shell in a string. The command runs in its own process group, with its
     output kept apart (shown in the error when it fails); one that runs longer than
-    ``timeout`` seconds is killed, group and all. Any failure raises DeliveryError.
+    ``timeout`` seconds is killed, group and all. A command that fails raises DeliveryError.
 
     The journal is the record: ``state_dir`` holds one per account (default
     ``$XDG_STATE_HOME/pop3lite``, else ``~/.local/state/pop3lite``), whatever the command."""

@@ -4466,6 +4466,8 @@ _OAUTH2_HINTS = {
     "on 'Allow public client flows'); sign in again once it does",
     "invalid_scope": "the scope was refused (Google's device grant refuses the Gmail scope: "
     "use the loopback grant); sign in again with another scope or grant",
+    "server_error": "the provider has a passing problem: try again later",
+    "temporarily_unavailable": "the provider has a passing problem: try again later",
 }
 
 
@@ -4482,8 +4484,9 @@ def _provider_error(details: dict[str, Any], where: str) -> OAuth2Error:
     description = _oauth2_text(details.get("error_description"))
     said = f"{error}: {description}" if description else error
     hint = _OAUTH2_HINTS.get(error, "sign in again, or check the app registration")
+    reason = "endpoint" if hint.endswith("try again later") else "sign-in"
     return OAuth2Error(
-        f"{where} refused ({said}); {hint}", reason="sign-in", error=error, description=description
+        f"{where} refused ({said}); {hint}", reason=reason, error=error, description=description
     )
 
 

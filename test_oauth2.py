@@ -129,6 +129,13 @@ def test_provider_errors_say_what_to_do(error: str, hint: str) -> None:
     assert hint in str(exc)
 
 
+@pytest.mark.parametrize("error", ["server_error", "temporarily_unavailable"])
+def test_a_passing_provider_problem_is_an_endpoint_error(error: str) -> None:
+    exc = m._provider_error({"error": error}, "the OAuth2 endpoint x")
+    assert exc.reason == "endpoint" and "try again later" in str(exc)
+    assert m._failure(exc)[0] == 4
+
+
 def test_provider_text_is_made_printable_and_bounded() -> None:
     exc = m._provider_error(
         {"error": "invalid_grant\x1b[31m", "error_description": "x" * 5000}, "the endpoint"

@@ -4343,9 +4343,14 @@ class _Server:
         self.scheme = ""
         self.user: str | None = None
         rest = text
-        for scheme in ("pop3", "pop3s"):
-            if text[: len(scheme) + 3].lower() == scheme + "://":
-                self.scheme, rest = scheme, text[len(scheme) + 3 :]
+        scheme, sep, after = text.partition("://")
+        if sep and scheme.lower() not in ("pop3", "pop3s"):
+            raise _CommandLineError(
+                f"unknown scheme {printable(scheme)}://; pop3lite knows pop3:// (STLS) and "
+                "pop3s:// (TLS from the first byte)"
+            )
+        if sep:
+            self.scheme, rest = scheme.lower(), after
         if self.scheme:
             rest = rest[:-1] if rest.endswith("/") else rest
             if any(mark in rest for mark in "/?#"):
@@ -4606,8 +4611,9 @@ def _check_option(option: _Option, o: Any) -> None:
 
 def _read_words(o: Any) -> None:
     """HOST, USER, the action and its arguments, from the words among the options: sets
-    ``o.host``, ``o.user``, ``o.action`` and the action's arguments, and settles ``o.port``
-    and ``o.tls`` with what a URL or HOST:PORT says."""
+    ``o.host``, ``o.user`` (None when not given: ~/.netrc or a prompt tells it), ``o.action``
+    and the action's arguments, and settles ``o.port`` and ``o.tls`` with what a URL or
+    HOST:PORT says. An action word is never taken for a user (USER@HOST gives such a one)."""
     words: list[str] = o.words
     o.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
     if o.demo:
@@ -4625,21 +4631,15 @@ def _read_words(o: Any) -> None:
                 f"two ports given: {server.port} in HOST:PORT and {o.port} in -p"
             )
         o.host, o.scheme, o.port = server.host, server.scheme, o.port or server.port
-        if server.user is not None:
-            o.user = server.user
-            if len(words) > 1 and words[1] not in _ACTIONS:
+        o.user, host, words = server.user, words[0], words[1:]
+        if words and words[0] not in _ACTIONS:
+            if o.user is not None:
                 raise _CommandLineError(
-                    f"unknown action {words[1]!r} (the user is already given in {words[0]}); "
+                    f"unknown action {words[0]!r} (the user is already given in {host}); "
                     f"choose from {', '.join(_ACTIONS)}"
                 )
-            words = words[1:]
-        elif len(words) < 2:
-            raise _CommandLineError(
-                f"USER is missing after {words[0]}: give HOST USER (or USER@HOST)"
-            )
-        else:
-            o.user, words = words[1], words[2:]
-        if not o.user:
+            o.user, words = words[0], words[1:]
+        if o.user == "":
             raise _CommandLineError("USER is empty")
     if words and words[0] not in _ACTIONS:
         raise _CommandLineError(f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}")
@@ -4658,6 +4658,7 @@ def _url_scheme(o: Any) -> None:
         if o.tls == "implicit":
             raise _CommandLineError("pop3:// means STLS on port 110; write pop3s:// instead")
         o.port = o.port or POP3_PORT
+        o.tls = "starttls" if o.tls == "auto" else o.tls  # explicit: never implicit TLS
 
 
 def _action_arguments(o: Any, words: list[str]) -> None:
@@ -4693,6 +4694,7 @@ class _Run:
         self.host: str = o.host
         self.port: int | None = o.port
         self.tls: str = o.tls
+        self.user: str | None = o.user
         self.source = ""
 
     @property
@@ -4856,8 +4858,8 @@ def _read_secret_line(what: str) -> bytes:
     return stdin.readline(_SECRET_FILE_LIMIT + 1).encode("utf-8", "surrogateescape")
 
 
-def _netrc_password(host: str, user: str) -> str | None:
-    """The password ~/.netrc holds for ``host`` and ``user``, if any."""
+def _netrc_entry(host: str) -> tuple[str, str] | None:
+    """(login, password) of ~/.netrc's entry for ``host`` (either may be empty), if any."""
     import netrc
 
     try:
@@ -4875,16 +4877,15 @@ def _netrc_password(host: str, user: str) -> str | None:
     if found is None:
         return None
     login, _, password = found
-    if login and login != user:
-        return None
-    return password or None
+    return login or "", password or ""
 
 
-def _stored_password(o: Any) -> tuple[str | None, str]:
+def _stored_password(run: _Run) -> tuple[str | None, str]:
     """The password from --password-file, $POP3_PASSWORD or ~/.netrc (None if none holds
     one), and where it came from."""
     import os
 
+    o = run.o
     password: str | None
     if o.demo:
         source, password = "--demo", _DEMO_PASSWORD
@@ -4895,18 +4896,37 @@ def _stored_password(o: Any) -> tuple[str | None, str]:
     elif os.environ.get(_PASSWORD_VARIABLE):
         source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
     else:
-        source, password = "~/.netrc", _netrc_password(o.host, o.user)
+        entry = _netrc_entry(run.host)
+        fits = entry is not None and entry[0] in ("", run.user)
+        source, password = "~/.netrc", (entry[1] or None) if entry and fits else None
     return password, source
 
 
-def _check_password_prompt(o: Any) -> None:
-    """Fail before connecting when no password is stored and there is no terminal to ask."""
+def _check_prompt(run: _Run, what: str) -> None:
+    """Fail before connecting when the user or password is not known and there is no
+    terminal to ask at."""
     stdin = sys.stdin
-    if stdin is None or not stdin.isatty():
+    if stdin is not None and stdin.isatty():
+        return
+    if what == "user":
         raise _CommandLineError(
-            f"no password for {o.user} on {o.host}: use --password-file FILE, set "
-            f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+            f"no user for {run.host}: give HOST USER or USER@HOST, add \"machine {run.host} "
+            "login USER\" to ~/.netrc, or run in a terminal to be asked"
         )
+    raise _CommandLineError(
+        f"no password for {run.user} on {run.host}: use --password-file FILE, set "
+        f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+    )
+
+
+def _typed_user(run: _Run) -> str:
+    """The user name, typed at the terminal (with echo) once the server has been reached."""
+    _write(sys.stderr, f"User on {run.target_name}: ")
+    sys.stderr.flush()
+    typed = sys.stdin.readline().strip()
+    if not typed:
+        raise _CommandLineError("no user entered")
+    return typed
 
 
 def _typed_password(run: _Run) -> str:
@@ -4915,7 +4935,7 @@ def _typed_password(run: _Run) -> str:
     import getpass
 
     try:
-        typed = getpass.getpass(f"Password for {run.o.user} on {run.target_name}: ")
+        typed = getpass.getpass(f"Password for {run.user} on {run.target_name}: ")
     except EOFError:  # Ctrl-D
         _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
         typed = ""
@@ -5145,7 +5165,7 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
             "server": {"host": run.host, "port": pop.port, "greeting": pop.greeting},
             "tls": _tls_report(pop, o),
             "capabilities": caps,
-            "user": o.user,
+            "user": run.user,
             "auth": method,
             "count": count,
             "size": size,
@@ -5167,7 +5187,7 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
     _out(f"Greeting:      +OK {pop.greeting}")
     _out(f"Security:      {_security_line(pop, run)}")
     _out(f"Capabilities:  {_capabilities_line(caps)}")
-    _out(f"Login:         {_method_name(method)} as {printable(o.user)}")
+    _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
     _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
     if rows:
         _out()
@@ -5556,7 +5576,7 @@ class _Shell:
         with _open_log(self.o.log) as log:
             self.log = log
             log.write(
-                f"# pop3lite shell, {self.o.user} on {self.facts.target_name}, "
+                f"# pop3lite shell, {self.facts.user} on {self.facts.target_name}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
             )
             return self.loop()
@@ -5594,7 +5614,7 @@ class _Shell:
         self.show(f"Connected to {self.facts.target_name}: {_security_line(pop, self.facts)}")
         self.show(f"+OK {pop.greeting}")
         self.show(
-            f"Logged in as {printable(self.o.user)} with {_method_name(self.method)} "
+            f"Logged in as {printable(self.facts.user or '')} with {_method_name(self.method)} "
             "(the password is never shown)."
         )
         self.show(
@@ -5707,12 +5727,12 @@ def _oauth2_mechanism(pop: POP3, o: Any) -> str:
 
 def _log_in(pop: POP3, run: _Run, password: str | None, token: str | None) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
-    o = run.o
+    o, user = run.o, run.user or ""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
         if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
             _check_offered(pop, mechanism)
-        pop.login_oauth2(o.user, token, mechanism)
+        pop.login_oauth2(user, token, mechanism)
         return mechanism
     assert password is not None
     caps = pop.capa()
@@ -5724,7 +5744,7 @@ def _log_in(pop: POP3, run: _Run, password: str | None, token: str | None) -> st
     else:
         sasl = choose_password_mechanism(caps.sasl) is not None
     try:
-        return _log_in_with_password(pop, o, password)
+        return _log_in_with_password(pop, o, user, password)
     except ValueError:
         problem = _password_problem(password, run.source, sasl)
         if problem is None:
@@ -5766,7 +5786,7 @@ def _check_offered(pop: POP3, mechanism: str) -> None:
     )
 
 
-def _log_in_with_password(pop: POP3, o: Any, password: str) -> str:
+def _log_in_with_password(pop: POP3, o: Any, user: str, password: str) -> str:
     if o.apop:
         if pop.timestamp is None:
             raise _CommandLineError(
@@ -5774,24 +5794,19 @@ def _log_in_with_password(pop: POP3, o: Any, password: str) -> str:
                 "discarded), so --apop cannot work; leave --apop out",
                 _EXIT["SERVER"],
             )
-        pop.apop(o.user, password)
+        pop.apop(user, password)
         return "APOP"
     if o.auth == "USER":
-        pop.login(o.user, password)
+        pop.login(user, password)
         return "USER"
     if o.auth:
-        pop.auth(o.auth, o.user, password)
+        pop.auth(o.auth, user, password)
         return str(o.auth)
-    return pop.login_best(o.user, password)
+    return pop.login_best(user, password)
 
 
 def _greeting_probe_applies(run: _Run) -> bool:
-    return (
-        run.tls == "auto"
-        and not run.implicit_tls
-        and run.port != POP3_PORT
-        and run.o.timeout > _GREETING_WAIT
-    )
+    return run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT
 
 
 def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
@@ -5800,9 +5815,10 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
     connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
     timeout = run.o.timeout
+    wait = min(_GREETING_WAIT, timeout)  # a shorter --timeout shortens it, and still probes
     if _greeting_probe_applies(run):
         _Log().debug(  # -v says why a silent server gets a second connection
-            "(does %s greet in plaintext within %gs?)", run.target_name, _GREETING_WAIT
+            "(does %s greet in plaintext within %gs?)", run.target_name, wait
         )
         try:
             return POP3(
@@ -5811,13 +5827,13 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
                 timeout=timeout,
                 tls=run.tls,
                 ssl_context=context,
-                greeting_timeout=_GREETING_WAIT,
+                greeting_timeout=wait,
             )
         except Timeout as exc:
             if exc.reason != "greeting":
                 raise
             _say(
-                f"no plaintext greeting from {run.target_name} within {_GREETING_WAIT:g}s: the "
+                f"no plaintext greeting from {run.target_name} within {wait:g}s: the "
                 "port may expect TLS from the first byte, so trying implicit TLS (--tls "
                 "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
             )
@@ -5831,12 +5847,17 @@ def _secret(run: _Run) -> tuple[str | None, str | None]:
     o = run.o
     if o.action == "capa":
         return None, None
+    if run.user is None:  # a URL or HOST without USER: ~/.netrc's login, or asked for
+        entry = _netrc_entry(run.host)
+        run.user = entry[0] if entry and entry[0] else None
+        if run.user is None:
+            _check_prompt(run, "user")
     if o.oauth2_token_file:
         run.source = f"--oauth2-token-file {o.oauth2_token_file}"
         return None, _read_secret_file(o.oauth2_token_file, "token file").strip()
-    password, source = _stored_password(o)
+    password, source = _stored_password(run)
     if password is None:
-        _check_password_prompt(o)
+        _check_prompt(run, "password")
     else:
         run.source = source
     return password, None
@@ -5869,6 +5890,8 @@ def _session(run: _Run) -> int:
         if o.action == "capa":
             return _capa(pop, o)
         caps = dict(pop.capa())
+        if run.user is None:
+            run.user = _typed_user(run)
         if password is None and token is None:
             password = _typed_password(run)
             run.source = "the prompt"
@@ -5957,7 +5980,7 @@ _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
      "pop3s://HOST), or use --tls none to send everything unencrypted"),
     (TLSError, "not-tls", _EXIT["CONNECTION"],
      "{error}; the server speaks plaintext, not TLS from the first byte, on this port: try "
-     "--tls starttls, or the implicit TLS port (995)"),
+     "{plaintext_hint}"),
     (TLSError, "certificate", _EXIT["CONNECTION"],
      "{error}; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
      "check, which is unsafe)"),
@@ -5995,6 +6018,7 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
         "said": "",
         "source": "",
         "tls_hint": "",
+        "plaintext_hint": "--tls starttls, or the implicit TLS port (995)",
     }
     if isinstance(exc, AuthenticationError) and exc.text:
         # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
@@ -6003,8 +6027,12 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
         fields["said"] = f" ({said})"
     if run is not None and run.source:
         fields["source"] = f" (the {secret} came from {run.source})"
-    if run is not None and not run.implicit_tls and exc.reason in ("read", "handshake", ""):
-        fields["tls_hint"] = "; if the port expects TLS from the first byte, use --tls implicit"
+    timed_out = exc.reason in ("read", "handshake", "greeting", "")
+    if run is not None and not run.implicit_tls and timed_out:
+        implicit = f"pop3s://{run.target_name}" if run.o.scheme else "--tls implicit"
+        fields["tls_hint"] = f"; if the port expects TLS from the first byte, use {implicit}"
+    if run is not None and run.o.scheme == "pop3s":  # an explicit scheme: name the other one
+        fields["plaintext_hint"] = f"pop3://{run.target_name} (STLS)"
     for cls, reason, status, template in _FAILURES:
         if isinstance(exc, cls) and reason in ("", exc.reason):
             return status, template.format_map(fields)

@@ -4179,7 +4179,7 @@ _SHELL_PROMPT = "pop3> "
 # Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
 # before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
 _GREETING_WAIT = 3.0
-_SHELL_PRINT_LIMIT = 1024 * 1024  # octets: the shell asks before printing a larger message
+_PRINT_LIMIT = 1024 * 1024  # octets: retr and the shell ask before printing a larger message
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
@@ -5340,6 +5340,20 @@ def _undo_transfer_encoding(body: bytes, encoding: str) -> bytes:
     return decoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def _confirm_printing(octets: int) -> bool:
+    """At a terminal, ask before printing a message of more than _PRINT_LIMIT octets (retr
+    and the shell; the response has been read in full, so the session stays in step)."""
+    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    if octets <= _PRINT_LIMIT or not terminal:
+        return True
+    try:
+        answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        _out()
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _show_messages(pop: POP3, o: Any) -> int:
     """retr without -o, and top: decoded on a terminal, the raw bytes for a pipe or file."""
     terminal = sys.stdout.isatty()
@@ -5356,6 +5370,9 @@ def _show_messages(pop: POP3, o: Any) -> int:
             continue
         if len(o.numbers) > 1:
             _out(f"--- message {fetched.number}: {_size(len(data))} ---")
+        if not _confirm_printing(len(data)):
+            _out(f"(message {fetched.number} not shown: {_size(len(data))})")
+            continue
         for line in _render_message(data, wire=False):
             _out(line)
     return _EXIT["OK"]
@@ -5657,18 +5674,6 @@ class _Shell:
                 return _EXIT["OK"]
             self.command(verb, words[1:])
 
-    def confirm_printing(self, octets: int) -> bool:
-        """On a terminal, ask before printing a message of more than _SHELL_PRINT_LIMIT
-        octets (the response has been read in full, so the session stays in step)."""
-        if octets <= _SHELL_PRINT_LIMIT or not (self.terminal and sys.stdout.isatty()):
-            return True
-        try:
-            answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
-        except (EOFError, KeyboardInterrupt):
-            _out()
-            return False
-        return answer.strip().lower() in ("y", "yes")
-
     def error_line(self, exc: ServerError) -> str:
         return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
 
@@ -5688,7 +5693,7 @@ class _Shell:
         if body is not None:
             message = verb in ("RETR", "TOP")
             lines: list[str] = []
-            if message and not self.confirm_printing(len(body)):
+            if message and not _confirm_printing(len(body)):
                 self.show(f"(not shown: {_size(len(body))})")
             elif message or self.raw:
                 lines = _render_message(body, self.raw)

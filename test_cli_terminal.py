@@ -201,6 +201,23 @@ def test_shell_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) 
     assert commands(server)[-3:] == ["RETR 1", "RETR 2", "QUIT"]
 
 
+def test_retr_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) -> None:
+    lines = b"".join(b"line %07d of a large message\r\n" % n for n in range(50_000))
+    big = b"Subject: big\r\n\r\n" + lines  # 1650016 octets
+    drop = Maildrop("fugafuga", [big, fakeserver.RFC_MESSAGES[0]])
+    with FakeServer("rfc", users={"hogehoge": drop}) as server:
+        terminal = spawn(address(server), "hogehoge", "retr", "1", "2")
+        question = terminal.read_until(b"[y/N] ")
+        assert b"Print 1650016 octets (1.6 MiB) on the terminal?" in question  # as the shell
+        assert b"line 0000001" not in question
+        terminal.type(b"n\r")
+        status, shown = terminal.wait()
+    assert status == 0, shown
+    assert b"(message 1 not shown: 1650016 octets (1.6 MiB))" in shown
+    assert b"line 0000001" not in shown and b"this is the first test message." in shown
+    assert commands(server)[-1] == "QUIT" and len(drop.messages) == 2
+
+
 def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> None:
     with FakeServer("rfc", tls="implicit") as untrusted:  # its private CA is not given
         terminal = spawn(address(untrusted), "hogehoge", "--tls", "implicit", password=None)

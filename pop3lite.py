@@ -4165,6 +4165,8 @@ _EXIT_STATUSES = (
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
      "nothing is deleted; 143 (SIGTERM) and 129 (SIGHUP) the same"),
+    (141, "PIPE", "the output was closed early (| head): the run stops quietly, as a tool "
+     "that SIGPIPE ends (128 + 13), and closes the connection without QUIT"),
 )  # fmt: skip
 _EXIT = {name: code for code, name, _ in _EXIT_STATUSES}
 
@@ -5033,7 +5035,12 @@ def _write_bytes(data: bytes) -> None:
         _write(stdout, data.decode("utf-8", "replace"))
         return
     stdout.flush()
-    buffer.write(data)
+    # A write that a signal cuts short (as the reader closing the pipe does) returns how
+    # much went out, and CPython's buffered writer passes that count on without an error:
+    # write the rest, which then fails (EPIPE) or goes out.
+    view = memoryview(data)
+    while view:
+        view = view[buffer.write(view) or len(view) :]
     buffer.flush()
 
 
@@ -5201,10 +5208,15 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
 def _print_json(value: Any) -> None:
     import json
 
+    text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
     try:
-        sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
-    except UnicodeEncodeError:  # a stdout that cannot encode the text: JSON escapes then
-        _out(json.dumps(value, ensure_ascii=True, indent=2))
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):  # a stdout that cannot encode it: JSON escapes
+        text = json.dumps(value, ensure_ascii=True, indent=2) + "\n"
+    # In pieces: the text layer hands one large write to the buffer and ignores a short
+    # count (see _write_bytes), so the rest of it would be lost without an error.
+    for start in range(0, len(text), 8192):
+        sys.stdout.write(text[start : start + 8192])
 
 
 def _terminal_width() -> int:
@@ -6044,6 +6056,20 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
     raise AssertionError("the last row fits every Error")  # pragma: no cover
 
 
+def _stdout_closed() -> int:
+    """The exit status once stdout's reader has gone; stdout then points at /dev/null, so
+    that the interpreter's last flush has nowhere to fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+        pass
+    return _EXIT["PIPE"]
+
+
 class _Signalled(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the program is, to end it as Ctrl-C does."""
 
@@ -6131,7 +6157,9 @@ def _main(argv: list[str] | None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SizeMismatchWarning)
                 warnings.showwarning = _show_warning
-                return _demo(run) if o.demo else _session(run)
+                status = _demo(run) if o.demo else _session(run)
+                sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+                return status
         finally:
             _quiet = False  # from here on only errors are said, and they always are
     except _CommandLineError as exc:
@@ -6144,8 +6172,8 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as exc:  # a caller mistake the client caught before sending anything
         _say(str(exc))
         return _EXIT["USAGE"]
-    except BrokenPipeError:  # `| head` stopped reading: not worth a traceback
-        return _EXIT["LOCAL"]
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): nothing to say, to no one
+        return _stdout_closed()
     except OSError as exc:
         _say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return _EXIT["LOCAL"]

@@ -1272,3 +1272,29 @@ def test_a_short_timeout_still_probes_for_implicit_tls(
     assert status == 0, err
     assert "within 0.4s" in err and "trying implicit TLS" in err
     assert json.loads(out)["tls"]["verified"] is True
+
+
+@pytest.mark.parametrize(
+    "action", [["check", "--limit", "0"], ["uidl"], ["retr", "1"], ["--json"]], ids=" ".join
+)
+def test_a_closed_pipe_ends_every_action_quietly_with_141(
+    action: list[str], environment: Path
+) -> None:
+    message = b"Subject: many\r\n\r\n" + b"a line of the message body\r\n" * 20_000
+    many = fakeserver.Maildrop("fugafuga", [message] + [b"Subject: s\r\n\r\nx\r\n"] * 3000)
+    env = {**os.environ, "HOME": str(environment), "POP3_PASSWORD": "fugafuga"}
+    with FakeServer("rfc", users={"hogehoge": many}) as server:
+        argv = [address(server), "hogehoge", "--tls", "none", *action]
+        with subprocess.Popen(
+            [sys.executable, pop3lite.__file__, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        ) as child:
+            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout.read(100)  # like `| head -c 100`, then the reader is gone
+            child.stdout.close()
+            err = child.stderr.read()
+            status = child.wait(timeout=60)
+    assert status == 141 and err == b""
+    assert len(many.messages) == 3001

@@ -4165,8 +4165,8 @@ _EXIT_STATUSES = (
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
      "nothing is deleted; 143 (SIGTERM) and 129 (SIGHUP) the same"),
-    (141, "PIPE", "the output was closed early (| head): the run stops quietly, as a tool "
-     "that SIGPIPE ends (128 + 13), and closes the connection without QUIT"),
+    (141, "PIPE", "the output was closed early (a pipe into head, say): the run stops "
+     "quietly, as a tool that SIGPIPE ends (128 + 13), and closes the connection without QUIT"),
 )  # fmt: skip
 _EXIT = {name: code for code, name, _ in _EXIT_STATUSES}
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
     import ssl
     from email.message import EmailMessage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "POP3",
@@ -5190,18 +5190,19 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
         }
         _print_json(report)
         return _EXIT["OK"]
-    _out(f"Server:        {run.target_name}")
-    _out(f"Greeting:      +OK {pop.greeting}")
-    _out(f"Security:      {_security_line(pop, run)}")
-    _out(f"Capabilities:  {_capabilities_line(caps)}")
-    _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
-    _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
-    if rows:
-        _out()
-        for line in _table(rows, _terminal_width()):
-            _out(line)
-        if len(rows) < len(numbers):
-            _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
+    if not o.quiet:  # -q: the table alone, what the check exists to print
+        _out(f"Server:        {run.target_name}")
+        _out(f"Greeting:      +OK {pop.greeting}")
+        _out(f"Security:      {_security_line(pop, run)}")
+        _out(f"Capabilities:  {_capabilities_line(caps)}")
+        _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
+        _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
+        if rows:
+            _out()
+    for line in _table(rows, _terminal_width()) if rows else ():
+        _out(line)
+    if len(rows) < len(numbers) and not o.quiet:
+        _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
     return _EXIT["OK"]
 
 
@@ -5913,9 +5914,6 @@ def _session(run: _Run) -> int:
             password = _typed_password(run)
             run.source = "the prompt"
         method = _log_in(pop, run, password, token)
-        if o.action == "check" and o.quiet:  # the exit status says it all
-            with _no_stdout():
-                return _check(pop, run, caps, method)
         if o.action == "check":
             return _check(pop, run, caps, method)
         if o.action == "retr" and o.output:

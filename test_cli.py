@@ -1298,3 +1298,36 @@ def test_a_closed_pipe_ends_every_action_quietly_with_141(
             status = child.wait(timeout=60)
     assert status == 141 and err == b""
     assert len(many.messages) == 3001
+
+
+@pytest.mark.usefixtures("password")
+def test_quiet_check_keeps_its_table_and_json(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge", "-q")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("#") and "Subject" in lines[0] and len(lines) == 3
+    assert ATMARKIT_SUBJECT in out and "Server:" not in out and "Greeting:" not in out
+    status, out, err = run(capsys, address(server), "hogehoge", "-q", "--json")
+    assert status == 0 and json.loads(out)["count"] == 2
+
+
+def test_save_help_lists_max_size_and_speaks_of_the_journal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "save", "--help")
+    assert status == 0 and "--max-size SIZE" in out and "--new" in out and "--delete" in out
+    assert "state file" not in out and "journal" in out
+
+
+def test_the_version_tells_this_release_from_the_old_state_file_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"pop3lite {pop3lite.__version__}"
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    assert "A state file of pop3lite 0.1" in readme  # the old format, named by its release
+    assert not pop3lite.__version__.startswith("0.1")
+    pyproject = (Path(__file__).resolve().parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'version = "{pop3lite.__version__}"' in pyproject

@@ -2349,8 +2349,9 @@ class POP3:
             indicator = b"+OK" if event.ok else b"-ERR"
             self._log_line("S:", indicator + (b" " + event.text if event.text else b""))
 
-    def _body(self) -> bytes:
-        """Read a whole multi-line body (after its +OK)."""
+    def _body(self, summarise: bool = True) -> bytes:
+        """Read a whole multi-line body (after its +OK); logged as its size, or not at all
+        without ``summarise`` (the caller logs its lines)."""
         body = b""
         event = self._event("reading a multi-line response")
         if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
@@ -2358,7 +2359,7 @@ class POP3:
             event = self._event("reading a multi-line response")
         if not isinstance(event, BodyEnd):
             self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
-        if self._log.isEnabledFor(_DEBUG):
+        if summarise and self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
 
@@ -2387,7 +2388,12 @@ class POP3:
         """A command with a multi-line answer, as a list of lines without line ends."""
         self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
         self._status(verb)
-        return _lines(self._body())
+        lines = _lines(self._body(summarise=False))
+        if self._log.isEnabledFor(_DEBUG):  # CAPA and listings are what -v is turned on to see
+            for line in lines:
+                self._log_line("S:", b"." + line if line.startswith(b".") else line)
+            self._log.debug("S: .")
+        return lines
 
     def command(
         self,
@@ -4182,6 +4188,7 @@ _SHELL_PROMPT = "pop3> "
 # before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
 _GREETING_WAIT = 3.0
 _PRINT_LIMIT = 1024 * 1024  # octets: retr and the shell ask before printing a larger message
+_PASSWORD_TRIES = 3  # a password typed at the prompt and refused is asked again, as ssh does
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
@@ -5783,6 +5790,24 @@ def _log_in(pop: POP3, run: _Run, password: str | None, token: str | None) -> st
         ) from None
 
 
+def _log_in_typing(pop: POP3, run: _Run) -> tuple[str, str]:
+    """Log in with a password typed at the prompt, asked again when it is refused (up to
+    _PASSWORD_TRIES times in all, as ssh and sudo do; a stored password is never retried).
+    Returns the method and the password that worked."""
+    run.source = "the prompt"
+    for attempt in range(1, _PASSWORD_TRIES):
+        password = _typed_password(run)
+        try:
+            return _log_in(pop, run, password, None), password
+        except AuthenticationError as exc:
+            if not pop.is_open:  # the server hung up: no second try on this connection
+                raise
+            said = f" ({exc.text})" if exc.text else ""
+            _say(f"login refused{said}; try again ({attempt} of {_PASSWORD_TRIES} tries)")
+    password = _typed_password(run)
+    return _log_in(pop, run, password, None), password
+
+
 def _check_offered(pop: POP3, mechanism: str) -> None:
     """Refuse, before sending anything, a SASL mechanism that the server's CAPA leaves out
     (RFC 2449 section 6.3); without CAPA the server is given the benefit of the doubt."""
@@ -5911,9 +5936,9 @@ def _session(run: _Run) -> int:
         if run.user is None:
             run.user = _typed_user(run)
         if password is None and token is None:
-            password = _typed_password(run)
-            run.source = "the prompt"
-        method = _log_in(pop, run, password, token)
+            method, password = _log_in_typing(pop, run)
+        else:
+            method = _log_in(pop, run, password, token)
         if o.action == "check":
             return _check(pop, run, caps, method)
         if o.action == "retr" and o.output:

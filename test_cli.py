@@ -1331,3 +1331,32 @@ def test_the_version_tells_this_release_from_the_old_state_file_format(
     assert not pop3lite.__version__.startswith("0.1")
     pyproject = (Path(__file__).resolve().parent / "pyproject.toml").read_text(encoding="utf-8")
     assert f'version = "{pop3lite.__version__}"' in pyproject
+
+
+@pytest.mark.usefixtures("password")
+def test_verbose_shows_capa_and_listings_line_by_line_but_not_bodies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc") as server:
+        argv = [address(server), "hogehoge", "--tls", "none", "-v"]
+        status, _, err = run(capsys, *argv, "uidl")
+        assert status == 0, err
+        lines = err.splitlines()
+        assert "S: PIPELINING" in lines and "S: IMPLEMENTATION fakeserver" in lines
+        uids = server.maildrops["hogehoge"].uids
+        assert f"S: 1 {uids[0]}" in lines and "S: ." in lines
+        assert "fugafuga" not in err
+        status, out, err = run(capsys, *argv, "retr", "1")
+    assert status == 0
+    assert "S: <" in err and "octets, then .>" in err  # a message body stays summarised
+    assert out.splitlines()[0] not in err.splitlines()
+
+
+def test_a_stored_password_that_is_refused_is_not_asked_again(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "wrong")
+    monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))  # a terminal to ask at
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
+    assert len([c for c in commands(server) if c.startswith("PASS")]) == 1

@@ -228,6 +228,25 @@ def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> N
         terminal.read_until(b"Password for hogehoge on ")
         assert server.transcripts  # connected before asking
         terminal.type(b"wrong\r")
+        for _ in range(2):  # asked again after a refusal: three tries in all, as ssh gives
+            terminal.read_until(b"login refused")
+            terminal.read_until(b"Password for hogehoge on ")
+            terminal.type(b"wrong\r")
         status, shown = terminal.wait()
     assert status == 3 and b"(the password came from the prompt)" in shown
     assert b"wrong" not in shown  # not echoed
+    assert len(server.transcripts) == 1  # all three on the one connection
+
+
+def test_a_mistyped_password_is_asked_for_again(spawn: Spawn) -> None:
+    with FakeServer("rfc") as server:
+        terminal = spawn(address(server), "hogehoge", "uidl", password=None)
+        terminal.read_until(b"Password for hogehoge on ")
+        terminal.type(b"wrong\r")
+        refused = terminal.read_until(b"Password for hogehoge on ")
+        assert b"login refused" in refused and b"try again (1 of 3 tries)" in refused
+        terminal.type(b"fugafuga\r")
+        status, shown = terminal.wait()
+    assert status == 0, shown
+    assert b"1 " in shown and b"wrong" not in shown and b"fugafuga" not in shown
+    assert commands(server)[-1] == "QUIT"

@@ -4192,12 +4192,13 @@ _PASSWORD_TRIES = 3  # a password typed at the prompt and refused is asked again
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
-%(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
+%(prog)s HOST[:PORT] [USER] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s USER@HOST[:PORT] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]
 HOST may be a URL: pop3s://HOST[:PORT] (implicit TLS), pop3://HOST[:PORT] (STLS, port 110),
 with USER@ in it too; the last "@" ends the user name (alice@example.com@pop.example.com).
-ACTION --help shows the help of one action."""
+Without USER, the user is ~/.netrc's login for HOST, or asked for at a terminal (an action
+word is never taken for a user). ACTION --help shows the help of one action."""
 
 _DESCRIPTION = """\
 Check a POP3 mailbox, fetch or save its messages, or talk POP3 by hand.
@@ -4222,13 +4223,15 @@ _EPILOG = """\
 password:
   read from --password-file FILE (its first line; "-" reads a line of stdin), else
   $POP3_PASSWORD, else ~/.netrc ("machine HOST login USER password ..."), else asked for
-  without echo when stdin is a terminal, once the server has been reached. Never from the
-  command line, where other users could see it. A refused login says where it came from.
+  without echo when stdin is a terminal, once the server has been reached (and again when it
+  is refused, three tries in all). Never from the command line, where other users could see
+  it. A refused login says where it came from.
 
 TLS:
-  --tls auto on a port other than 110 and 995 waits 3 seconds for a plaintext greeting; a
-  server that stays silent is taken to expect TLS from the first byte and implicit TLS is
-  tried instead (said on stderr). --tls implicit or --tls starttls skips that wait.
+  --tls auto on a port other than 110 and 995 waits 3 seconds (or --timeout, if shorter) for
+  a plaintext greeting; a server that stays silent is taken to expect TLS from the first byte
+  and implicit TLS is tried instead (said on stderr). --tls implicit or --tls starttls skips
+  that wait, and so does a URL: pop3:// means STLS, pop3s:// implicit TLS.
 
 examples:
   %(prog)s --demo                     try it against the built-in fake server
@@ -4269,7 +4272,8 @@ are listed in --help).""",
 Print messages: decoded on a terminal (headers, charsets and transfer encodings undone),
 the raw bytes when stdout is a pipe or a file. Several messages go to a terminal one after
 the other, or with -o DIR into files; to a pipe or file they are refused, as raw messages
-have nothing between them (save FILE.mbox writes one mbox file).""",
+have nothing between them (save FILE.mbox writes one mbox file). On a terminal, a message
+larger than 1 MiB is printed only once you say so, as in the shell.""",
     ),
     "top": (
         "top N [LINES]",

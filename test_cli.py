@@ -1058,7 +1058,7 @@ def test_urls_and_user_at_host_reach_the_server(
         url = f"pop3://hogehoge@{address(stls)}"
         status, out, _ = run(capsys, url, "--json", "--cafile", ca_file(tmp_path))
         assert status == 0 and json.loads(out)["user"] == "hogehoge"
-        assert commands(stls)[:2] == ["CAPA", "STLS"]
+        assert stls.sessions[-1].commands[:2] == ["CAPA", "STLS"]
     with FakeServer("rfc", tls="implicit") as secure:
         url = f"pop3s://{address(secure)}"
         status, out, err = run(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
@@ -1181,7 +1181,8 @@ def test_an_action_word_after_a_url_is_never_the_user(
 ) -> None:
     status, out, err = run(capsys, f"pop3://{address(server)}", "capa", "--tls", "none")
     assert status == 0, err
-    assert "capa" not in err and not [c for c in commands(server) if c.startswith("USER")]
+    sent = server.sessions[-1].commands
+    assert "capa" not in err and not [c for c in sent if c.startswith("USER")]
     status, _, err = run(capsys, address(server), "uidl")  # no netrc, no terminal to ask at
     assert status == 2 and "no user for 127.0.0.1" in err and "~/.netrc" in err
     assert len(server.transcripts) == 1  # refused before connecting
@@ -1195,7 +1196,7 @@ def test_the_user_comes_from_netrc_when_the_url_has_none(
     status, out, err = run(capsys, address(server), "uidl")
     assert status == 0, err
     assert out.splitlines()[0] == "1 3C4B82C800000001"
-    assert "USER hogehoge" in commands(server)
+    assert "USER hogehoge" in server.sessions[-1].commands
 
 
 def test_the_user_and_password_both_come_from_netrc(
@@ -1215,7 +1216,7 @@ def test_the_user_is_asked_for_at_a_terminal_once_the_server_is_reached(
     status, out, err = run(capsys, address(server), "uidl")
     assert status == 0, err
     assert f"User on {address(server)}: " in err
-    assert "USER hogehoge" in commands(server)
+    assert "USER hogehoge" in server.sessions[-1].commands
 
 
 @pytest.mark.parametrize(
@@ -1353,4 +1354,4 @@ def test_a_stored_password_that_is_refused_is_not_asked_again(
     monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))  # a terminal to ask at
     status, _, err = run(capsys, address(server), "hogehoge")
     assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
-    assert len([c for c in commands(server) if c.startswith("PASS")]) == 1
+    assert len([c for c in server.sessions[-1].commands if c.startswith("PASS")]) == 1

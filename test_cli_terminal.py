@@ -209,7 +209,7 @@ def test_retr_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) -
     assert status == 0, shown
     assert b"(message 1 not shown: 1650016 octets (1.6 MiB))" in shown
     assert b"line 0000001" not in shown and b"this is the first test message." in shown
-    assert commands(server)[-1] == "QUIT" and len(drop.messages) == 2
+    assert server.sessions[-1].commands[-1] == "QUIT" and len(drop.messages) == 2
 
 
 def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> None:
@@ -243,4 +243,4 @@ def test_a_mistyped_password_is_asked_for_again(spawn: Spawn) -> None:
         status, shown = terminal.wait()
     assert status == 0, shown
     assert b"1 " in shown and b"wrong" not in shown and b"fugafuga" not in shown
-    assert commands(server)[-1] == "QUIT"
+    assert server.sessions[-1].commands[-1] == "QUIT"

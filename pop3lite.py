@@ -5132,6 +5132,8 @@ def _netrc_entry(host: str) -> tuple[str, str] | None:
         return None
     except netrc.NetrcParseError as exc:
         hint = " (chmod 600 ~/.netrc)" if "permissive" in str(exc) or "owned" in str(exc) else ""
+        if "malformed" in str(exc) and sys.version_info < (3, 11):
+            hint = " (before Python 3.11, every entry needs a password: add one)"
         raise _CommandLineError(f"cannot use ~/.netrc: {exc.msg}{hint}") from None
     except OSError as exc:
         if exc.errno is None:  # no home directory to look in (Python 3.7-3.9 raise this)

@@ -5461,9 +5461,9 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
         _out(f"Capabilities:  {_capabilities_line(caps)}")
         _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
         _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
-        if rows:
-            _out()
-    for line in _table(rows, _terminal_width()) if rows else ():
+    if rows and not o.quiet:
+        _out()
+    for line in _table(rows, _terminal_width()) if rows else []:
         _out(line)
     if len(rows) < len(numbers) and not o.quiet:
         _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
     import subprocess
     from email.message import EmailMessage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "POP3",
@@ -2388,8 +2388,9 @@ class POP3:
             indicator = b"+OK" if event.ok else b"-ERR"
             self._log_line("S:", indicator + (b" " + event.text if event.text else b""))
 
-    def _body(self) -> bytes:
-        """Read a whole multi-line body (after its +OK)."""
+    def _body(self, summarise: bool = True) -> bytes:
+        """Read a whole multi-line body (after its +OK); logged as its size, or not at all
+        without ``summarise`` (the caller logs its lines)."""
         body = b""
         event = self._event("reading a multi-line response")
         if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
@@ -2397,7 +2398,7 @@ class POP3:
             event = self._event("reading a multi-line response")
         if not isinstance(event, BodyEnd):
             self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
-        if self._log.isEnabledFor(_DEBUG):
+        if summarise and self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
 
@@ -2426,7 +2427,12 @@ class POP3:
         """A command with a multi-line answer, as a list of lines without line ends."""
         self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
         self._status(verb)
-        return _lines(self._body())
+        lines = _lines(self._body(summarise=False))
+        if self._log.isEnabledFor(_DEBUG):  # CAPA and listings are what -v is turned on to see
+            for line in lines:
+                self._log_line("S:", b"." + line if line.startswith(b".") else line)
+            self._log.debug("S: .")
+        return lines
 
     def command(
         self,
@@ -5032,6 +5038,8 @@ _EXIT_STATUSES = (
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
      "nothing is deleted; 143 (SIGTERM) and 129 (SIGHUP) the same"),
+    (141, "PIPE", "the output was closed early (a pipe into head, say): the run stops "
+     "quietly, as a tool that SIGPIPE ends (128 + 13), and closes the connection without QUIT"),
 )  # fmt: skip
 _EXIT = {name: code for code, name, _ in _EXIT_STATUSES}
 
@@ -5046,16 +5054,18 @@ _SHELL_PROMPT = "pop3> "
 # Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
 # before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
 _GREETING_WAIT = 3.0
-_SHELL_PRINT_LIMIT = 1024 * 1024  # octets: the shell asks before printing a larger message
+_PRINT_LIMIT = 1024 * 1024  # octets: retr and the shell ask before printing a larger message
+_PASSWORD_TRIES = 3  # a password typed at the prompt and refused is asked again, as ssh does
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
-%(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
+%(prog)s HOST[:PORT] [USER] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s USER@HOST[:PORT] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]
 HOST may be a URL: pop3s://HOST[:PORT] (implicit TLS), pop3://HOST[:PORT] (STLS, port 110),
 with USER@ in it too; the last "@" ends the user name (alice@example.com@pop.example.com).
-ACTION --help shows the help of one action."""
+Without USER, the user is ~/.netrc's login for HOST, or asked for at a terminal (an action
+word is never taken for a user). ACTION --help shows the help of one action."""
 
 _DESCRIPTION = """\
 Check a POP3 mailbox, fetch or save its messages, or talk POP3 by hand.
@@ -5083,13 +5093,15 @@ _EPILOG = """\
 password:
   read from --password-file FILE (its first line; "-" reads a line of stdin), else
   $POP3_PASSWORD, else ~/.netrc ("machine HOST login USER password ..."), else asked for
-  without echo when stdin is a terminal, once the server has been reached. Never from the
-  command line, where other users could see it. A refused login says where it came from.
+  without echo when stdin is a terminal, once the server has been reached (and again when it
+  is refused, three tries in all). Never from the command line, where other users could see
+  it. A refused login says where it came from.
 
 TLS:
-  --tls auto on a port other than 110 and 995 waits 3 seconds for a plaintext greeting; a
-  server that stays silent is taken to expect TLS from the first byte and implicit TLS is
-  tried instead (said on stderr). --tls implicit or --tls starttls skips that wait.
+  --tls auto on a port other than 110 and 995 waits 3 seconds (or --timeout, if shorter) for
+  a plaintext greeting; a server that stays silent is taken to expect TLS from the first byte
+  and implicit TLS is tried instead (said on stderr). --tls implicit or --tls starttls skips
+  that wait, and so does a URL: pop3:// means STLS, pop3s:// implicit TLS.
 
 examples:
   %(prog)s --demo                     try it against the built-in fake server
@@ -5131,7 +5143,8 @@ are listed in --help).""",
 Print messages: decoded on a terminal (headers, charsets and transfer encodings undone),
 the raw bytes when stdout is a pipe or a file. Several messages go to a terminal one after
 the other, or with -o DIR into files; to a pipe or file they are refused, as raw messages
-have nothing between them (save FILE.mbox writes one mbox file).""",
+have nothing between them (save FILE.mbox writes one mbox file). On a terminal, a message
+larger than 1 MiB is printed only once you say so, as in the shell.""",
     ),
     "top": (
         "top N [LINES]",
@@ -5225,9 +5238,14 @@ class _Server:
         self.scheme = ""
         self.user: str | None = None
         rest = text
-        for scheme in ("pop3", "pop3s"):
-            if text[: len(scheme) + 3].lower() == scheme + "://":
-                self.scheme, rest = scheme, text[len(scheme) + 3 :]
+        scheme, sep, after = text.partition("://")
+        if sep and scheme.lower() not in ("pop3", "pop3s"):
+            raise _CommandLineError(
+                f"unknown scheme {printable(scheme)}://; pop3lite knows pop3:// (STLS) and "
+                "pop3s:// (TLS from the first byte)"
+            )
+        if sep:
+            self.scheme, rest = scheme.lower(), after
         if self.scheme:
             rest = rest[:-1] if rest.endswith("/") else rest
             if any(mark in rest for mark in "/?#"):
@@ -5552,8 +5570,9 @@ def _check_option(option: _Option, o: Any) -> None:
 
 def _read_words(o: Any) -> None:
     """HOST, USER, the action and its arguments, from the words among the options: sets
-    ``o.host``, ``o.user``, ``o.action`` and the action's arguments, and settles ``o.port``
-    and ``o.tls`` with what a URL or HOST:PORT says."""
+    ``o.host``, ``o.user`` (None when not given: ~/.netrc or a prompt tells it), ``o.action``
+    and the action's arguments, and settles ``o.port`` and ``o.tls`` with what a URL or
+    HOST:PORT says. An action word is never taken for a user (USER@HOST gives such a one)."""
     words: list[str] = o.words
     o.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
     if o.demo:
@@ -5571,21 +5590,15 @@ def _read_words(o: Any) -> None:
                 f"two ports given: {server.port} in HOST:PORT and {o.port} in -p"
             )
         o.host, o.scheme, o.port = server.host, server.scheme, o.port or server.port
-        if server.user is not None:
-            o.user = server.user
-            if len(words) > 1 and words[1] not in _ACTIONS:
+        o.user, host, words = server.user, words[0], words[1:]
+        if words and words[0] not in _ACTIONS:
+            if o.user is not None:
                 raise _CommandLineError(
-                    f"unknown action {words[1]!r} (the user is already given in {words[0]}); "
+                    f"unknown action {words[0]!r} (the user is already given in {host}); "
                     f"choose from {', '.join(_ACTIONS)}"
                 )
-            words = words[1:]
-        elif len(words) < 2:
-            raise _CommandLineError(
-                f"USER is missing after {words[0]}: give HOST USER (or USER@HOST)"
-            )
-        else:
-            o.user, words = words[1], words[2:]
-        if not o.user:
+            o.user, words = words[0], words[1:]
+        if o.user == "":
             raise _CommandLineError("USER is empty")
     if words and words[0] not in _ACTIONS:
         raise _CommandLineError(f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}")
@@ -5604,6 +5617,7 @@ def _url_scheme(o: Any) -> None:
         if o.tls == "implicit":
             raise _CommandLineError("pop3:// means STLS on port 110; write pop3s:// instead")
         o.port = o.port or POP3_PORT
+        o.tls = "starttls" if o.tls == "auto" else o.tls  # explicit: never implicit TLS
 
 
 def _action_arguments(o: Any, words: list[str]) -> None:
@@ -5647,6 +5661,7 @@ class _Run:
         self.host: str = o.host
         self.port: int | None = o.port
         self.tls: str = o.tls
+        self.user: str | None = o.user
         self.source = ""
 
     @property
@@ -5841,8 +5856,8 @@ def _read_secret_line(what: str) -> bytes:
     return stdin.readline(_SECRET_FILE_LIMIT + 1).encode("utf-8", "surrogateescape")
 
 
-def _netrc_password(host: str, user: str) -> str | None:
-    """The password ~/.netrc holds for ``host`` and ``user``, if any."""
+def _netrc_entry(host: str) -> tuple[str, str] | None:
+    """(login, password) of ~/.netrc's entry for ``host`` (either may be empty), if any."""
     import netrc
 
     try:
@@ -5851,6 +5866,8 @@ def _netrc_password(host: str, user: str) -> str | None:
         return None
     except netrc.NetrcParseError as exc:
         hint = " (chmod 600 ~/.netrc)" if "permissive" in str(exc) or "owned" in str(exc) else ""
+        if "malformed" in str(exc) and sys.version_info < (3, 11):
+            hint = " (before Python 3.11, every entry needs a password: add one)"
         raise _CommandLineError(f"cannot use ~/.netrc: {exc.msg}{hint}") from None
     except OSError as exc:
         if exc.errno is None:  # no home directory to look in (Python 3.7-3.9 raise this)
@@ -5860,16 +5877,15 @@ def _netrc_password(host: str, user: str) -> str | None:
     if found is None:
         return None
     login, _, password = found
-    if login and login != user:
-        return None
-    return password or None
+    return login or "", password or ""
 
 
-def _stored_password(o: Any) -> tuple[str | None, str]:
+def _stored_password(run: _Run) -> tuple[str | None, str]:
     """The password from --password-file, $POP3_PASSWORD or ~/.netrc (None if none holds
     one), and where it came from."""
     import os
 
+    o = run.o
     password: str | None
     if o.demo:
         source, password = "--demo", _DEMO_PASSWORD
@@ -5883,18 +5899,37 @@ def _stored_password(o: Any) -> tuple[str | None, str]:
     elif os.environ.get(_PASSWORD_VARIABLE):
         source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
     else:
-        source, password = "~/.netrc", _netrc_password(o.host, o.user)
+        entry = _netrc_entry(run.host)
+        fits = entry is not None and entry[0] in ("", run.user)
+        source, password = "~/.netrc", (entry[1] or None) if entry and fits else None
     return password, source
 
 
-def _check_password_prompt(o: Any) -> None:
-    """Fail before connecting when no password is stored and there is no terminal to ask."""
+def _check_prompt(run: _Run, what: str) -> None:
+    """Fail before connecting when the user or password is not known and there is no
+    terminal to ask at."""
     stdin = sys.stdin
-    if stdin is None or not stdin.isatty():
+    if stdin is not None and stdin.isatty():
+        return
+    if what == "user":
         raise _CommandLineError(
-            f"no password for {o.user} on {o.host}: use --password-file FILE, set "
-            f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+            f"no user for {run.host}: give HOST USER or USER@HOST, add \"machine {run.host} "
+            "login USER\" to ~/.netrc, or run in a terminal to be asked"
         )
+    raise _CommandLineError(
+        f"no password for {run.user} on {run.host}: use --password-file FILE, set "
+        f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+    )
+
+
+def _typed_user(run: _Run) -> str:
+    """The user name, typed at the terminal (with echo) once the server has been reached."""
+    _write(sys.stderr, f"User on {run.target_name}: ")
+    sys.stderr.flush()
+    typed = sys.stdin.readline().strip()
+    if not typed:
+        raise _CommandLineError("no user entered")
+    return typed
 
 
 def _typed_password(run: _Run) -> str:
@@ -5903,7 +5938,7 @@ def _typed_password(run: _Run) -> str:
     import getpass
 
     try:
-        typed = getpass.getpass(f"Password for {run.o.user} on {run.target_name}: ")
+        typed = getpass.getpass(f"Password for {run.user} on {run.target_name}: ")
     except EOFError:  # Ctrl-D
         _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
         typed = ""
@@ -6001,7 +6036,12 @@ def _write_bytes(data: bytes) -> None:
         _write(stdout, data.decode("utf-8", "replace"))
         return
     stdout.flush()
-    buffer.write(data)
+    # A write that a signal cuts short (as the reader closing the pipe does) returns how
+    # much went out, and CPython's buffered writer passes that count on without an error:
+    # write the rest, which then fails (EPIPE) or goes out.
+    view = memoryview(data)
+    while view:
+        view = view[buffer.write(view) or len(view) :]
     buffer.flush()
 
 
@@ -6133,7 +6173,7 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
             "server": {"host": run.host, "port": pop.port, "greeting": pop.greeting},
             "tls": _tls_report(pop, o),
             "capabilities": caps,
-            "user": o.user,
+            "user": run.user,
             "auth": method,
             "count": count,
             "size": size,
@@ -6151,28 +6191,34 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
         }
         _print_json(report)
         return _EXIT["OK"]
-    _out(f"Server:        {run.target_name}")
-    _out(f"Greeting:      +OK {pop.greeting}")
-    _out(f"Security:      {_security_line(pop, run)}")
-    _out(f"Capabilities:  {_capabilities_line(caps)}")
-    _out(f"Login:         {_method_name(method)} as {printable(o.user)}")
-    _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
-    if rows:
+    if not o.quiet:  # -q: the table alone, what the check exists to print
+        _out(f"Server:        {run.target_name}")
+        _out(f"Greeting:      +OK {pop.greeting}")
+        _out(f"Security:      {_security_line(pop, run)}")
+        _out(f"Capabilities:  {_capabilities_line(caps)}")
+        _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
+        _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
+    if rows and not o.quiet:
         _out()
-        for line in _table(rows, _terminal_width()):
-            _out(line)
-        if len(rows) < len(numbers):
-            _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
+    for line in _table(rows, _terminal_width()) if rows else []:
+        _out(line)
+    if len(rows) < len(numbers) and not o.quiet:
+        _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
     return _EXIT["OK"]
 
 
 def _print_json(value: Any) -> None:
     import json
 
+    text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
     try:
-        sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
-    except UnicodeEncodeError:  # a stdout that cannot encode the text: JSON escapes then
-        _out(json.dumps(value, ensure_ascii=True, indent=2))
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):  # a stdout that cannot encode it: JSON escapes
+        text = json.dumps(value, ensure_ascii=True, indent=2) + "\n"
+    # In pieces: the text layer hands one large write to the buffer and ignores a short
+    # count (see _write_bytes), so the rest of it would be lost without an error.
+    for start in range(0, len(text), 8192):
+        sys.stdout.write(text[start : start + 8192])
 
 
 def _terminal_width() -> int:
@@ -6308,6 +6354,20 @@ def _undo_transfer_encoding(body: bytes, encoding: str) -> bytes:
     return decoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
+def _confirm_printing(octets: int) -> bool:
+    """At a terminal, ask before printing a message of more than _PRINT_LIMIT octets (retr
+    and the shell; the response has been read in full, so the session stays in step)."""
+    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    if octets <= _PRINT_LIMIT or not terminal:
+        return True
+    try:
+        answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        _out()
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def _show_messages(pop: POP3, o: Any) -> int:
     """retr without -o, and top: decoded on a terminal, the raw bytes for a pipe or file."""
     terminal = sys.stdout.isatty()
@@ -6324,6 +6384,9 @@ def _show_messages(pop: POP3, o: Any) -> int:
             continue
         if len(o.numbers) > 1:
             _out(f"--- message {fetched.number}: {_size(len(data))} ---")
+        if not _confirm_printing(len(data)):
+            _out(f"(message {fetched.number} not shown: {_size(len(data))})")
+            continue
         for line in _render_message(data, wire=False):
             _out(line)
     return _EXIT["OK"]
@@ -6546,7 +6609,7 @@ class _Shell:
         with _open_log(self.o.log) as log:
             self.log = log
             log.write(
-                f"# pop3lite shell, {self.o.user} on {self.facts.target_name}, "
+                f"# pop3lite shell, {self.facts.user} on {self.facts.target_name}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
             )
             return self.loop()
@@ -6584,7 +6647,7 @@ class _Shell:
         self.show(f"Connected to {self.facts.target_name}: {_security_line(pop, self.facts)}")
         self.show(f"+OK {pop.greeting}")
         self.show(
-            f"Logged in as {printable(self.o.user)} with {_method_name(self.method)} "
+            f"Logged in as {printable(self.facts.user or '')} with {_method_name(self.method)} "
             "(the password is never shown)."
         )
         self.show(
@@ -6627,18 +6690,6 @@ class _Shell:
                 return _EXIT["OK"]
             self.command(verb, words[1:])
 
-    def confirm_printing(self, octets: int) -> bool:
-        """On a terminal, ask before printing a message of more than _SHELL_PRINT_LIMIT
-        octets (the response has been read in full, so the session stays in step)."""
-        if octets <= _SHELL_PRINT_LIMIT or not (self.terminal and sys.stdout.isatty()):
-            return True
-        try:
-            answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
-        except (EOFError, KeyboardInterrupt):
-            _out()
-            return False
-        return answer.strip().lower() in ("y", "yes")
-
     def error_line(self, exc: ServerError) -> str:
         return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
 
@@ -6658,7 +6709,7 @@ class _Shell:
         if body is not None:
             message = verb in ("RETR", "TOP")
             lines: list[str] = []
-            if message and not self.confirm_printing(len(body)):
+            if message and not _confirm_printing(len(body)):
                 self.show(f"(not shown: {_size(len(body))})")
             elif message or self.raw:
                 lines = _render_message(body, self.raw)
@@ -6699,12 +6750,12 @@ def _log_in(
     pop: POP3, run: _Run, password: str | None, token: str | Callable[[], str] | None
 ) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
-    o = run.o
+    o, user = run.o, run.user or ""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
         if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
             _check_offered(pop, mechanism)
-        pop.login_oauth2(o.user, token, mechanism)
+        pop.login_oauth2(user, token, mechanism)
         return mechanism
     assert password is not None
     caps = pop.capa()
@@ -6716,7 +6767,7 @@ def _log_in(
     else:
         sasl = choose_password_mechanism(caps.sasl) is not None
     try:
-        return _log_in_with_password(pop, o, password)
+        return _log_in_with_password(pop, o, user, password)
     except ValueError:
         problem = _password_problem(password, run.source, sasl)
         if problem is None:
@@ -6735,6 +6786,24 @@ def _log_in(
             f"with USER/PASS, or check the password (from {run.source})",
             status,
         ) from None
+
+
+def _log_in_typing(pop: POP3, run: _Run) -> tuple[str, str]:
+    """Log in with a password typed at the prompt, asked again when it is refused (up to
+    _PASSWORD_TRIES times in all, as ssh and sudo do; a stored password is never retried).
+    Returns the method and the password that worked."""
+    run.source = "the prompt"
+    for attempt in range(1, _PASSWORD_TRIES):
+        password = _typed_password(run)
+        try:
+            return _log_in(pop, run, password, None), password
+        except AuthenticationError as exc:
+            if not pop.is_open:  # the server hung up: no second try on this connection
+                raise
+            said = f" ({exc.text})" if exc.text else ""
+            _say(f"login refused{said}; try again ({attempt} of {_PASSWORD_TRIES} tries)")
+    password = _typed_password(run)
+    return _log_in(pop, run, password, None), password
 
 
 def _check_offered(pop: POP3, mechanism: str) -> None:
@@ -6758,7 +6827,7 @@ def _check_offered(pop: POP3, mechanism: str) -> None:
     )
 
 
-def _log_in_with_password(pop: POP3, o: Any, password: str) -> str:
+def _log_in_with_password(pop: POP3, o: Any, user: str, password: str) -> str:
     if o.apop:
         if pop.timestamp is None:
             raise _CommandLineError(
@@ -6766,24 +6835,19 @@ def _log_in_with_password(pop: POP3, o: Any, password: str) -> str:
                 "discarded), so --apop cannot work; leave --apop out",
                 _EXIT["SERVER"],
             )
-        pop.apop(o.user, password)
+        pop.apop(user, password)
         return "APOP"
     if o.auth == "USER":
-        pop.login(o.user, password)
+        pop.login(user, password)
         return "USER"
     if o.auth:
-        pop.auth(o.auth, o.user, password)
+        pop.auth(o.auth, user, password)
         return str(o.auth)
-    return pop.login_best(o.user, password)
+    return pop.login_best(user, password)
 
 
 def _greeting_probe_applies(run: _Run) -> bool:
-    return (
-        run.tls == "auto"
-        and not run.implicit_tls
-        and run.port != POP3_PORT
-        and run.o.timeout > _GREETING_WAIT
-    )
+    return run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT
 
 
 def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
@@ -6792,9 +6856,10 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
     connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
     timeout = run.o.timeout
+    wait = min(_GREETING_WAIT, timeout)  # a shorter --timeout shortens it, and still probes
     if _greeting_probe_applies(run):
         _Log().debug(  # -v says why a silent server gets a second connection
-            "(does %s greet in plaintext within %gs?)", run.target_name, _GREETING_WAIT
+            "(does %s greet in plaintext within %gs?)", run.target_name, wait
         )
         try:
             return POP3(
@@ -6803,13 +6868,13 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
                 timeout=timeout,
                 tls=run.tls,
                 ssl_context=context,
-                greeting_timeout=_GREETING_WAIT,
+                greeting_timeout=wait,
             )
         except Timeout as exc:
             if exc.reason != "greeting":
                 raise
             _say(
-                f"no plaintext greeting from {run.target_name} within {_GREETING_WAIT:g}s: the "
+                f"no plaintext greeting from {run.target_name} within {wait:g}s: the "
                 "port may expect TLS from the first byte, so trying implicit TLS (--tls "
                 "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
             )
@@ -6857,6 +6922,11 @@ def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
     o = run.o
     if o.action == "capa":
         return None, None
+    if run.user is None:  # a URL or HOST without USER: ~/.netrc's login, or asked for
+        entry = _netrc_entry(run.host)
+        run.user = entry[0] if entry and entry[0] else None
+        if run.user is None:
+            _check_prompt(run, "user")
     if o.oauth2:
         run.source = f"--oauth2 {o.oauth2}"
         tokens = _oauth2_source(o, None)
@@ -6868,9 +6938,9 @@ def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
     if o.oauth2_token_file:
         run.source = f"--oauth2-token-file {o.oauth2_token_file}"
         return None, _read_secret_file(o.oauth2_token_file, "token file").strip()
-    password, source = _stored_password(o)
+    password, source = _stored_password(run)
     if password is None:
-        _check_password_prompt(o)
+        _check_prompt(run, "password")
     else:
         run.source = source
     return password, None
@@ -6905,13 +6975,12 @@ def _session(run: _Run) -> int:
         if o.action == "capa":
             return _capa(pop, o)
         caps = dict(pop.capa())
+        if run.user is None:
+            run.user = _typed_user(run)
         if password is None and token is None:
-            password = _typed_password(run)
-            run.source = "the prompt"
-        method = _log_in(pop, run, password, token)
-        if o.action == "check" and o.quiet:  # the exit status says it all
-            with _no_stdout():
-                return _check(pop, run, caps, method)
+            method, password = _log_in_typing(pop, run)
+        else:
+            method = _log_in(pop, run, password, token)
         if o.action == "check":
             return _check(pop, run, caps, method)
         if o.action == "retr" and o.output:
@@ -6995,7 +7064,7 @@ _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
      "pop3s://HOST), or use --tls none to send everything unencrypted"),
     (TLSError, "not-tls", _EXIT["CONNECTION"],
      "{error}; the server speaks plaintext, not TLS from the first byte, on this port: try "
-     "--tls starttls, or the implicit TLS port (995)"),
+     "{plaintext_hint}"),
     (TLSError, "certificate", _EXIT["CONNECTION"],
      "{error}; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
      "check, which is unsafe)"),
@@ -7039,6 +7108,7 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
         "source": "",
         "tls_hint": "",
         "sign_in": f"{_program_name()} HOST USER oauth2 --oauth2 FILE",
+        "plaintext_hint": "--tls starttls, or the implicit TLS port (995)",
     }
     if run is not None and run.o.oauth2:
         o = run.o
@@ -7051,12 +7121,30 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
         fields["said"] = f" ({said})"
     if run is not None and run.source:
         fields["source"] = f" (the {secret} came from {run.source})"
-    if run is not None and not run.implicit_tls and exc.reason in ("read", "handshake", ""):
-        fields["tls_hint"] = "; if the port expects TLS from the first byte, use --tls implicit"
+    timed_out = exc.reason in ("read", "handshake", "greeting", "")
+    if run is not None and not run.implicit_tls and timed_out:
+        implicit = f"pop3s://{run.target_name}" if run.o.scheme else "--tls implicit"
+        fields["tls_hint"] = f"; if the port expects TLS from the first byte, use {implicit}"
+    if run is not None and run.o.scheme == "pop3s":  # an explicit scheme: name the other one
+        fields["plaintext_hint"] = f"pop3://{run.target_name} (STLS)"
     for cls, reason, status, template in _FAILURES:
         if isinstance(exc, cls) and reason in ("", exc.reason):
             return status, template.format_map(fields)
     raise AssertionError("the last row fits every Error")  # pragma: no cover
+
+
+def _stdout_closed() -> int:
+    """The exit status once stdout's reader has gone; stdout then points at /dev/null, so
+    that the interpreter's last flush has nowhere to fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+        pass
+    return _EXIT["PIPE"]
 
 
 class _Signalled(KeyboardInterrupt):
@@ -7146,7 +7234,9 @@ def _main(argv: list[str] | None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SizeMismatchWarning)
                 warnings.showwarning = _show_warning
-                return _demo(run) if o.demo else _session(run)
+                status = _demo(run) if o.demo else _session(run)
+                sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+                return status
         finally:
             _quiet = False  # from here on only errors are said, and they always are
     except _CommandLineError as exc:
@@ -7159,8 +7249,8 @@ def _main(argv: list[str] | None) -> int:
     except ValueError as exc:  # a caller mistake the client caught before sending anything
         _say(str(exc))
         return _EXIT["USAGE"]
-    except BrokenPipeError:  # `| head` stopped reading: not worth a traceback
-        return _EXIT["LOCAL"]
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): nothing to say, to no one
+        return _stdout_closed()
     except OSError as exc:
         _say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return _EXIT["LOCAL"]

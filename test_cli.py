@@ -628,7 +628,6 @@ def test_ctrl_c_closes_without_quit_and_exits_130(
     "argv",
     [
         [],
-        ["host"],
         ["host", "user", "frobnicate"],
         ["host", "user", "retr"],
         ["host", "user", "retr", "0"],
@@ -1021,8 +1020,8 @@ def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
         o = pop3lite._parse_command_line(list(argv))
         return o.user, o.host, o.port, o.tls
 
-    assert options("pop3://alice@host") == ("alice", "host", 110, "auto")
-    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "auto")
+    assert options("pop3://alice@host") == ("alice", "host", 110, "starttls")
+    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "starttls")
     assert options("pop3://host", "alice", "--tls", "none") == ("alice", "host", 110, "none")
     assert options("pop3s://alice@host", "uidl") == ("alice", "host", None, "implicit")
     assert options("pop3s://host:1995", "alice") == ("alice", "host", 1995, "implicit")
@@ -1055,8 +1054,11 @@ def test_urls_and_user_at_host_reach_the_server(
 ) -> None:
     status, out, _ = run(capsys, f"hogehoge@{address(server)}", "uidl")
     assert status == 0 and out.splitlines()[0] == "1 3C4B82C800000001"
-    status, out, _ = run(capsys, f"pop3://hogehoge@{address(server)}", "--json")
-    assert status == 0 and json.loads(out)["user"] == "hogehoge"
+    with FakeServer("rfc", tls="stls") as stls:  # pop3:// means STLS
+        url = f"pop3://hogehoge@{address(stls)}"
+        status, out, _ = run(capsys, url, "--json", "--cafile", ca_file(tmp_path))
+        assert status == 0 and json.loads(out)["user"] == "hogehoge"
+        assert stls.sessions[-1].commands[:2] == ["CAPA", "STLS"]
     with FakeServer("rfc", tls="implicit") as secure:
         url = f"pop3s://{address(secure)}"
         status, out, err = run(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
@@ -1162,3 +1164,195 @@ def test_help_and_failures_take_their_exit_statuses_from_the_table(
         assert f" {code} {meaning}" in out
     codes = {code for code, _, _ in pop3lite._EXIT_STATUSES}
     assert {status for _, _, status, _ in pop3lite._FAILURES} <= codes
+
+
+# -- issue 19: the command line as a new user meets it ----------------------------------------
+
+
+def netrc(home: Path, text: str) -> None:
+    path = home / ".netrc"
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+@pytest.mark.usefixtures("password")
+def test_an_action_word_after_a_url_is_never_the_user(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, f"pop3://{address(server)}", "capa", "--tls", "none")
+    assert status == 0, err
+    sent = server.sessions[-1].commands
+    assert "capa" not in err and not [c for c in sent if c.startswith("USER")]
+    status, _, err = run(capsys, address(server), "uidl")  # no netrc, no terminal to ask at
+    assert status == 2 and "no user for 127.0.0.1" in err and "~/.netrc" in err
+    assert len(server.transcripts) == 1  # refused before connecting
+
+
+@pytest.mark.usefixtures("password")
+def test_the_user_comes_from_netrc_when_the_url_has_none(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
+) -> None:
+    # $POP3_PASSWORD comes before ~/.netrc's password, which Python 3.7-3.10 require
+    netrc(environment, f"machine {server.host} login hogehoge password unused\n")
+    status, out, err = run(capsys, address(server), "uidl")
+    assert status == 0, err
+    assert out.splitlines()[0] == "1 3C4B82C800000001"
+    assert "USER hogehoge" in server.sessions[-1].commands
+
+
+def test_the_user_and_password_both_come_from_netrc(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
+) -> None:
+    netrc(environment, f"machine {server.host} login hogehoge password fugafuga\n")
+    status, out, err = run(capsys, f"pop3://{address(server)}", "check", "--tls", "none")
+    assert status == 0, err
+    assert "USER/PASS as hogehoge" in out
+
+
+@pytest.mark.usefixtures("password")
+def test_the_user_is_asked_for_at_a_terminal_once_the_server_is_reached(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal("hogehoge\n"))
+    status, out, err = run(capsys, address(server), "uidl")
+    assert status == 0, err
+    assert f"User on {address(server)}: " in err
+    assert "USER hogehoge" in server.sessions[-1].commands
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["pop://host", "alice"], ["imaps://alice@host"], ["pop://alice:secret@host"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_an_unknown_url_scheme_is_named(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    status, out, err = run(capsys, *argv)
+    scheme = argv[0].split(":", 1)[0]
+    assert status == 2 and f"unknown scheme {scheme}://" in err
+    assert "pop3://" in err and "pop3s://" in err
+    assert "password" not in err and "secret" not in err
+
+
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_pop3_url_means_stls_and_its_hint_names_pop3s(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc", tls="implicit") as server:
+        url = f"pop3://hogehoge@{address(server)}"
+        status, _, err = run(capsys, url, "--timeout", "0.6")
+    assert status == 4 and "trying implicit TLS" not in err  # explicit: no probing
+    assert f"use pop3s://{address(server)}" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_pop3s_url_on_a_plaintext_port_hints_pop3(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with FakeServer("rfc", tls="stls") as server:
+        url = f"pop3s://hogehoge@{address(server)}"
+        status, _, err = run(capsys, url, "--cafile", ca_file(tmp_path))
+    assert status == 4 and "speaks plaintext" in err
+    assert f"pop3://{address(server)} (STLS)" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_a_short_timeout_still_probes_for_implicit_tls(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 5.0)  # longer than --timeout
+    with FakeServer("rfc", tls="implicit") as server:
+        argv = [address(server), "hogehoge", "--timeout", "0.4", "--cafile", ca_file(tmp_path)]
+        status, out, err = run(capsys, *argv, "--json")
+    assert status == 0, err
+    assert "within 0.4s" in err and "trying implicit TLS" in err
+    assert json.loads(out)["tls"]["verified"] is True
+
+
+@pytest.mark.parametrize(
+    "action", [["check", "--limit", "0"], ["uidl"], ["retr", "1"], ["--json"]], ids=" ".join
+)
+def test_a_closed_pipe_ends_every_action_quietly_with_141(
+    action: list[str], environment: Path
+) -> None:
+    message = b"Subject: many\r\n\r\n" + b"a line of the message body\r\n" * 20_000
+    many = fakeserver.Maildrop("fugafuga", [message] + [b"Subject: s\r\n\r\nx\r\n"] * 3000)
+    env = {**os.environ, "HOME": str(environment), "POP3_PASSWORD": "fugafuga"}
+    with FakeServer("rfc", users={"hogehoge": many}) as server:
+        argv = [address(server), "hogehoge", "--tls", "none", *action]
+        with subprocess.Popen(
+            [sys.executable, pop3lite.__file__, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        ) as child:
+            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout.read(100)  # like `| head -c 100`, then the reader is gone
+            child.stdout.close()
+            err = child.stderr.read()
+            status = child.wait(timeout=60)
+    assert status == 141 and err == b""
+    assert len(many.messages) == 3001
+
+
+@pytest.mark.usefixtures("password")
+def test_quiet_check_keeps_its_table_and_json(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge", "-q")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("#") and "Subject" in lines[0] and len(lines) == 3
+    assert ATMARKIT_SUBJECT in out and "Server:" not in out and "Greeting:" not in out
+    status, out, err = run(capsys, address(server), "hogehoge", "-q", "--json")
+    assert status == 0 and json.loads(out)["count"] == 2
+
+
+def test_save_help_lists_max_size_and_speaks_of_the_journal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "save", "--help")
+    assert status == 0 and "--max-size SIZE" in out and "--new" in out and "--delete" in out
+    assert "state file" not in out and "journal" in out
+
+
+def test_the_version_tells_this_release_from_the_old_state_file_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"pop3lite {pop3lite.__version__}"
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    assert "A state file of pop3lite 0.1" in readme  # the old format, named by its release
+    assert not pop3lite.__version__.startswith("0.1")
+    pyproject = (Path(__file__).resolve().parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'version = "{pop3lite.__version__}"' in pyproject
+
+
+@pytest.mark.usefixtures("password")
+def test_verbose_shows_capa_and_listings_line_by_line_but_not_bodies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc") as server:
+        argv = [address(server), "hogehoge", "--tls", "none", "-v"]
+        status, _, err = run(capsys, *argv, "uidl")
+        assert status == 0, err
+        lines = err.splitlines()
+        assert "S: PIPELINING" in lines and "S: IMPLEMENTATION fakeserver" in lines
+        uids = server.maildrops["hogehoge"].uids
+        assert f"S: 1 {uids[0]}" in lines and "S: ." in lines
+        assert "fugafuga" not in err
+        status, out, err = run(capsys, *argv, "retr", "1")
+    assert status == 0
+    assert "S: <" in err and "octets, then .>" in err  # a message body stays summarised
+    assert out.splitlines()[0] not in err.splitlines()
+
+
+def test_a_stored_password_that_is_refused_is_not_asked_again(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "wrong")
+    monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))  # a terminal to ask at
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
+    assert len([c for c in server.sessions[-1].commands if c.startswith("PASS")]) == 1

@@ -99,6 +99,41 @@ Kinds (``value`` in brackets):
   ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
   of its reply.
 
+OAuth2 (a fake of Microsoft's and Google's sign-in for POP3; ``oauth2=`` of FakeServer, ``True``
+for the defaults): ``FakeOAuth2(*, client_id="pop3lite-test", client_secret=None,
+access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0, device_lifetime=600.0,
+approve_after=None, user=None, faults=(), slow_down_step=5.0, host="127.0.0.1")`` is an
+authorization server over plain HTTP on a free loopback port, started and stopped with its
+FakeServer (or alone: ``with FakeOAuth2() as oauth2:``). Lifetimes and intervals are seconds,
+fractions allowed (and sent as fractions in ``expires_in``/``interval``, integers otherwise).
+``server.oauth2.base_url``, ``token_url`` (``/token``), ``device_url`` (``/devicecode``),
+``auth_url`` (``/authorize``). See the section "OAuth2 authorization server" for the endpoints.
+
+- ``POST /devicecode`` (RFC 8628 section 3.2 reply) and ``POST /token`` with grant_type
+  ``urn:ietf:params:oauth:grant-type:device_code`` (``DEVICE_GRANT``): ``authorization_pending``
+  until the test calls ``approve(user_code=None, user=None)`` (the code with that user code,
+  else the latest pending one, else the next one requested) or ``deny(user_code=None)``
+  (``access_denied``), or automatically: ``approve_after=N`` answers N polls pending and the
+  next with tokens. A poll sooner than ``interval`` after the previous poll's reply gets
+  ``slow_down`` and the interval grows by ``slow_down_step`` (RFC 8628 section 3.5: 5 s);
+  past ``device_lifetime``, ``expired_token``; once redeemed, ``invalid_grant``.
+- ``refresh_token``: a new access token and a new refresh token; the spent one is refused
+  (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
+  ``expire_refresh_tokens()``) gets ``invalid_grant`` AADSTS700082, a revoked one (``revoke()``)
+  AADSTS50173.
+
+Token replies: ``access_token``, ``token_type`` "Bearer", ``expires_in``, ``scope`` (the
+requested one), ``refresh_token`` (not with client credentials), with ``Cache-Control:
+no-store``. Errors are JSON as Microsoft sends them (RFC 6749 section 5.2): ``error``,
+``error_description`` ("AADSTS70000: ..." then trace id, correlation id and timestamp lines),
+``error_codes``; 400, or 401 for ``invalid_client``. The POP3 side (XOAUTH2, two-step or with an
+initial response, and OAUTHBEARER) accepts exactly the unexpired access tokens issued for that
+user (``FakeServer.accepts_token(user, token)``); the preset's static token is then off unless
+``oauth_token=`` is given. Refused tokens get the error challenge, then ``-ERR [AUTH]``.
+``issued``: ``Issued(grant, user, scope, refresh)`` per token reply; ``requests``:
+``OAuth2Request(path, grant, error)`` per request (no secret in either, nor in any repr or log);
+``expire_access_tokens()``.
+
 ``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` (or ``client_context()``)
 verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' messages (bytes).
 ``FAULT_KINDS``: the kind names.
@@ -119,12 +154,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import http.client
+import http.server
 import itertools
 import json
 import logging
 import mailbox
 import os
 import re
+import secrets
 import socket
 import socketserver
 import ssl
@@ -132,6 +170,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -151,15 +190,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CA_PEM",
+    "DEVICE_GRANT",
     "FAULT_KINDS",
+    "OAUTH2_FAULT_KINDS",
     "OPERAMAIL_MESSAGES",
     "OPERAMAIL_RECORDING",
     "REPLAY_PASSWORD",
     "RFC_MESSAGES",
     "Exchange",
+    "FakeOAuth2",
     "FakeServer",
     "Fault",
+    "Issued",
     "Maildrop",
+    "OAuth2Request",
     "RecordedSession",
     "Recorder",
     "ReplayMismatch",
@@ -1057,6 +1101,862 @@ _PRESETS = {
 }
 
 # ======================================================================================
+# OAuth2 authorization server
+# ======================================================================================
+
+# A fake of the sign-in side of Microsoft's and Google's POP3 service: the token, device
+# authorization and authorization endpoints of RFC 6749, RFC 8628 and RFC 7636, over plain HTTP on
+# a loopback address. FakeOAuth2 holds the state (under one lock) and answers requests as values
+# (_HttpReply); _OAuth2Handler is the only code that reads and writes HTTP. Tokens are kept as
+# their SHA-256 only, so no repr, log or traceback can show one.
+
+#: A token or device request is a few hundred octets; a larger body is refused (413).
+MAX_OAUTH2_BODY = 65536
+#: A connection that sends nothing for this long is closed (every read is bounded in time).
+OAUTH2_READ_TIMEOUT = 30.0
+#: The size of the "huge" fault's body: far more than any token reply (10 MiB).
+HUGE_REPLY_SIZE = 10 * 1024 * 1024
+#: An authorization code is good for this long (RFC 6749 section 4.1.2: 10 minutes at most).
+AUTH_CODE_LIFETIME = 600.0
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+OAUTH2_FAULT_KINDS = frozenset({"html", "500", "huge", "silent", "slow_down"})
+_GRANTS = ("refresh_token", "device_code", "authorization_code", "client_credentials")
+#: RFC 8628 section 6.1: user codes from 20 consonants, no vowels (no words), no lookalikes.
+_USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+#: RFC 7636 section 4.1: code-verifier = 43*128unreserved.
+_VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}\Z")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class Issued(NamedTuple):
+    """Tokens the fake authorization server handed out (``FakeOAuth2.issued``); no secret here."""
+
+    grant: str  # "device_code", "authorization_code", "refresh_token" or "client_credentials"
+    user: str | None  # None: client credentials (good for every user of the server)
+    scope: str
+    refresh: bool  # a (new) refresh token came with the access token
+
+
+class OAuth2Request(NamedTuple):
+    """One request to the fake authorization server (``FakeOAuth2.requests``); no secret here."""
+
+    path: str  # "/token", "/devicecode", "/authorize" or another path asked for
+    grant: str  # the short grant type of a token request ("device_code", ...), else ""
+    error: str | None  # the OAuth2 error answered, "fault:KIND", or None for success
+
+
+class _HttpReply(NamedTuple):
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    location: str | None = None  # for 302
+    fault: Fault | None = None  # the token endpoint fault this reply carries out
+
+
+class _Token(NamedTuple):
+    user: str | None  # None: a client-credentials token
+    scope: str
+    expires: float  # time.monotonic() deadline
+
+
+class _DeviceCode:
+    """A device authorization request (RFC 8628 section 3.2) and how its polling went."""
+
+    __slots__ = ("user_code", "scope", "expires", "interval", "polls", "last", "state", "user")
+
+    def __init__(self, user_code: str, scope: str, expires: float, interval: float) -> None:
+        self.user_code = user_code
+        self.scope = scope
+        self.expires = expires
+        self.interval = interval  # grows by slow_down_step with every slow_down
+        self.polls = 0
+        self.last: float | None = None  # when the previous poll was answered
+        self.state = "pending"  # then "approved", "denied" or "used"
+        self.user: str | None = None
+
+
+class _AuthCode(NamedTuple):
+    redirect_uri: str
+    challenge: str
+    scope: str
+    user: str
+    expires: float
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _seconds(value: float) -> float | int:
+    """A lifetime for JSON: an integer when it is one (what providers send), else the fraction."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _json(status: int, fields: Mapping[str, object]) -> _HttpReply:
+    return _HttpReply(status, json.dumps(fields).encode())
+
+
+def _oauth2_error(error: str, description: str = "", code: int | None = None,
+                  status: int = 400) -> _HttpReply:
+    """An error reply as Microsoft's identity platform words it (RFC 6749 section 5.2 plus the
+    AADSTS code, trace and correlation ids in the description, which a client must keep whole)."""
+    fields: dict[str, object] = {"error": error}
+    if description:
+        trace, correlation = secrets.token_hex(16), secrets.token_hex(16)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+        prefix = "AADSTS%d: " % code if code is not None else ""
+        fields["error_description"] = "%s%s\r\nTrace ID: %s\r\nCorrelation ID: %s\r\n" \
+            "Timestamp: %s" % (prefix, description, trace, correlation, stamp)
+        if code is not None:
+            fields["error_codes"] = [code]
+        fields.update(timestamp=stamp, trace_id=trace, correlation_id=correlation)
+    return _json(status, fields)
+
+
+def _fault_reply(fault: Fault) -> _HttpReply:
+    """What a transport-level fault of the token endpoint sends instead of the reply."""
+    if fault.kind == "html":
+        page = fault.value if isinstance(fault.value, bytes) else (
+            b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form method=post>"
+            b"<p>Your session has expired. Please sign in to continue.</p></form></body></html>")
+        return _HttpReply(200, page, "text/html; charset=utf-8", fault=fault)
+    if fault.kind == "500":
+        page = fault.value if isinstance(fault.value, bytes) else (
+            b"<html><body><h1>500 Internal Server Error</h1></body></html>")
+        return _HttpReply(500, page, "text/html; charset=utf-8", fault=fault)
+    return _HttpReply(200, fault=fault)  # "silent" and "huge": the handler carries them out
+
+
+def _as_oauth2_fault(fault: Fault | str) -> Fault:
+    fault = Fault(fault) if isinstance(fault, str) else fault
+    if fault.kind not in OAUTH2_FAULT_KINDS:
+        raise ValueError("unknown OAuth2 fault kind %r (use one of %s)"
+                         % (fault.kind, ", ".join(sorted(OAUTH2_FAULT_KINDS))))
+    if fault.command not in (None, "devicecode") + _GRANTS:
+        raise ValueError("an OAuth2 fault's command is a grant type or \"devicecode\", not %r"
+                         % (fault.command,))
+    return fault
+
+
+def _short_grant(grant_type: str) -> str:
+    return "device_code" if grant_type == DEVICE_GRANT else grant_type
+
+
+def _loopback_redirect(uri: str) -> bool:
+    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        return False
+    return (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS and not parts.fragment
+            and not parts.username and not parts.password and port != 0)
+
+
+def _with_query(uri: str, fields: Mapping[str, str]) -> str:
+    return uri + ("&" if "?" in uri else "?") + urllib.parse.urlencode(fields)
+
+
+class FakeOAuth2:
+    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "pop3lite-test",
+        client_secret: str | None = None,
+        access_lifetime: float = 3600.0,
+        refresh_lifetime: float | None = None,
+        device_interval: float = 1.0,
+        device_lifetime: float = 600.0,
+        approve_after: int | None = None,
+        user: str | None = None,
+        faults: Sequence[Fault | str] = (),
+        slow_down_step: float = 5.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        for name, value in (("access_lifetime", access_lifetime),
+                            ("device_interval", device_interval),
+                            ("device_lifetime", device_lifetime)):
+            if not 0 < value < float("inf"):
+                raise ValueError("%s must be a positive number of seconds" % name)
+        if refresh_lifetime is not None and not 0 < refresh_lifetime < float("inf"):
+            raise ValueError("refresh_lifetime must be a positive number of seconds or None")
+        if approve_after is not None and approve_after < 0:
+            raise ValueError("approve_after must be 0 or more polls, or None")
+        if host not in _LOOPBACK_HOSTS - {"localhost"}:
+            raise ValueError("the fake authorization server listens on a loopback address only")
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.access_lifetime = access_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        self.device_interval = device_interval
+        self.device_lifetime = device_lifetime
+        self.approve_after = approve_after
+        self.user = user
+        self.faults = [_as_oauth2_fault(fault) for fault in faults]
+        self.slow_down_step = slow_down_step
+        self.issued: list[Issued] = []
+        self.requests: list[OAuth2Request] = []
+        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
+        self._refresh: dict[str, _Token] = {}
+        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
+        self._revoked: set[str] = set()
+        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
+        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
+        self._used_codes: set[str] = set()
+        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
+        self._users: Callable[[], Sequence[str]] = lambda: ()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._attached = False
+        self._http = _OAuth2HTTPServer(self, host)
+
+    def __repr__(self) -> str:  # no token, code or secret here
+        return "<FakeOAuth2 %s, client %s, %d issued>" % (
+            self.base_url, self.client_id, len(self.issued))
+
+    # ----- public ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = str(self._http.server_address[0]), int(self._http.server_address[1])
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "/token"
+
+    @property
+    def device_url(self) -> str:
+        return self.base_url + "/devicecode"
+
+    @property
+    def auth_url(self) -> str:
+        return self.base_url + "/authorize"
+
+    def start(self) -> FakeOAuth2:
+        """Serve in a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
+                name="fakeserver oauth2 %s" % self.base_url)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
+        request handler hit (when not attached to a FakeServer, which raises it instead)."""
+        self._stop()
+        if self.errors and not self._attached:
+            raise self.errors[0]
+
+    def __enter__(self) -> FakeOAuth2:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self._stop()
+        if exc_type is None and self.errors and not self._attached:
+            raise self.errors[0]
+
+    @property
+    def default_user(self) -> str:
+        """The account tokens are issued for: ``user``, else the server's first user."""
+        if self.user is not None:
+            return self.user
+        users = self._users()
+        return users[0] if users else "hogehoge"
+
+    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
+        """Approve a device code as its user would on the verification page: the one with this
+        user code, or else the latest one still pending, or else the next one requested."""
+        self._decide(user_code, "approved", user if user is not None else self.default_user)
+
+    def deny(self, user_code: str | None = None) -> None:
+        """Decline a device code (the client gets access_denied); chosen as by approve()."""
+        self._decide(user_code, "denied", None)
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far expires now (POP3 refuses it)."""
+        with self._lock:
+            self._access = {key: token._replace(expires=0.0) for key, token in self._access.items()}
+
+    def expire_refresh_tokens(self) -> None:
+        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
+        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
+        with self._lock:
+            self._refresh = {key: token._replace(expires=0.0)
+                             for key, token in self._refresh.items()}
+
+    def revoke(self) -> None:
+        """Revoke every token issued so far (a changed password, an admin's revocation): access
+        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
+        with self._lock:
+            self._revoked.update(self._refresh)
+            self._access.clear()
+
+    def accepts(self, user: str, token: str) -> bool:
+        """Whether `token` is an unexpired access token issued for `user` (or by client
+        credentials, then for any user; the caller checks that the user exists)."""
+        with self._lock:
+            granted = self._access.get(_digest(token))
+        if granted is None or granted.expires <= time.monotonic():
+            return False
+        return granted.user is None or granted.user == user
+
+    # ----- inside ------------------------------------------------------------------
+    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
+        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
+        self._users = users
+        self.errors = errors
+        self._attached = True
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()  # ends "silent" replies
+        if self._thread is not None:
+            self._http.shutdown()
+            self._thread.join()
+        self._http.abort_all()
+        self._http.server_close()  # joins the request threads
+
+    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
+        with self._lock:
+            pending = [d for d in self._devices.values() if d.state == "pending"
+                       and (user_code is None or d.user_code == user_code)]
+            if not pending:
+                if user_code is not None:
+                    raise ValueError("no pending device code with that user code")
+                self._next_device = (state, user)
+                return
+            pending[-1].state, pending[-1].user = state, user
+
+    def _take_fault(self, kinds: Sequence[str], command: str) -> Fault | None:
+        """The first fault of `kinds` that selects this request (`command`: the short grant
+        type, or "devicecode"); it counts against its `times`. A fault without a command
+        selects every token request ("slow_down": every device-code poll)."""
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                wanted = fault.command
+                if wanted is None and fault.kind == "slow_down":
+                    wanted = "device_code"
+                if fault.kind not in kinds or wanted not in (None, command):
+                    continue
+                if wanted is None and command == "devicecode":
+                    continue
+                if fault.times is not None and self._uses[index] >= fault.times:
+                    continue
+                self._uses[index] += 1
+                return fault
+        return None
+
+    def _note(self, path: str, grant: str, reply: _HttpReply) -> _HttpReply:
+        """Log the request (no secret: the error code only) and pass its reply on."""
+        error: str | None = None
+        if reply.fault is not None:
+            error = "fault:" + reply.fault.kind
+        elif reply.location is not None:
+            error = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(reply.location).query)
+                         ).get("error")
+        elif reply.status >= 400:
+            error = json.loads(reply.body).get("error")
+        with self._lock:
+            self.requests.append(OAuth2Request(path, grant, error))
+        return reply
+
+    def _issue(self, grant: str, user: str | None, scope: str, refresh: bool) -> _HttpReply:
+        """Mint an access token (and a refresh token) and the RFC 6749 section 5.1 reply."""
+        now = time.monotonic()
+        access = secrets.token_urlsafe(32)
+        fields: dict[str, object] = {
+            "token_type": "Bearer", "scope": scope,
+            "expires_in": _seconds(self.access_lifetime), "access_token": access}
+        with self._lock:
+            self._access[_digest(access)] = _Token(user, scope, now + self.access_lifetime)
+            if refresh:
+                token = secrets.token_urlsafe(48)
+                lifetime = self.refresh_lifetime
+                expires = float("inf") if lifetime is None else now + lifetime
+                self._refresh[_digest(token)] = _Token(user, scope, expires)
+                fields["refresh_token"] = token
+            self.issued.append(Issued(grant, user, scope, refresh))
+        return _json(200, fields)
+
+    # ----- endpoints ---------------------------------------------------------------
+    def _post(self, path: str, form: Mapping[str, str], basic: tuple[str, str] | None
+              ) -> _HttpReply:
+        if path == "/token":
+            grant = _short_grant(form.get("grant_type", ""))
+            return self._note(path, grant, self._token(grant, form, basic))
+        if path == "/devicecode":
+            return self._note(path, "", self._device_authorization(form, basic))
+        return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
+                                                  status=404))
+
+    def _get(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]
+             ) -> _HttpReply:
+        if path == "/authorize":
+            return self._note(path, "", self._authorize(query, headers))
+        if path in ("/token", "/devicecode"):
+            return self._note(path, "", _oauth2_error(
+                "invalid_request", "The endpoint only accepts POST requests.", 900561, 405))
+        return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
+                                                  status=404))
+
+    def _client_error(self, form: Mapping[str, str], basic: tuple[str, str] | None,
+                      need_secret: bool) -> _HttpReply | None:
+        """RFC 6749 section 2.3.1: the client id (and secret) in the body or in HTTP Basic."""
+        client_id, secret = basic if basic is not None else (
+            form.get("client_id", ""), form.get("client_secret"))
+        if basic is not None and form.get("client_id", client_id) != client_id:
+            return _oauth2_error("invalid_request", "Two different client ids were given.",
+                                 900144)
+        if not client_id:
+            return _oauth2_error("invalid_request", "The request body must contain the "
+                                 "following parameter: 'client_id'.", 900144)
+        if client_id != self.client_id:
+            return _oauth2_error("invalid_client", "Application with identifier '%s' was not "
+                                 "found in the directory." % client_id[:100], 700016, 401)
+        if self.client_secret is None:
+            if need_secret:
+                return _oauth2_error("invalid_client", "The request body must contain the "
+                                     "following parameter: 'client_assertion' or "
+                                     "'client_secret'.", 7000218, 401)
+            return None
+        if secret is None:
+            return _oauth2_error("invalid_client", "The request body must contain the following"
+                                 " parameter: 'client_assertion' or 'client_secret'.", 7000218,
+                                 401)
+        if not hmac.compare_digest(_digest(secret), _digest(self.client_secret)):
+            return _oauth2_error("invalid_client", "Invalid client secret provided. Ensure the "
+                                 "secret being sent in the request is the client secret value.",
+                                 7000215, 401)
+        return None
+
+    def _token(self, grant: str, form: Mapping[str, str], basic: tuple[str, str] | None
+               ) -> _HttpReply:
+        """POST /token (RFC 6749 section 3.2)."""
+        fault = self._take_fault(("html", "500", "huge", "silent"), grant)
+        if fault is not None:
+            return _fault_reply(fault)
+        if not grant:
+            return _oauth2_error("invalid_request", "The request body must contain the "
+                                 "following parameter: 'grant_type'.", 900144)
+        if grant not in _GRANTS:
+            return _oauth2_error("unsupported_grant_type", "The provided value for the input "
+                                 "parameter 'grant_type' is not valid.", 70003)
+        refused = self._client_error(form, basic, grant == "client_credentials")
+        if refused is not None:
+            return refused
+        if grant == "client_credentials":
+            return self._issue(grant, None, form.get("scope", "") or "pop", refresh=False)
+        step = {"refresh_token": self._refresh_grant, "device_code": self._device_grant,
+                "authorization_code": self._code_grant}[grant]
+        return step(form)
+
+    def _refresh_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """RFC 6749 section 6, with rotation: the spent refresh token is refused afterwards."""
+        token = form.get("refresh_token", "")
+        if not token:
+            return _oauth2_error("invalid_request", "The request body must contain the "
+                                 "following parameter: 'refresh_token'.", 900144)
+        key = _digest(token)
+        with self._lock:
+            granted = self._refresh.get(key)
+            if granted is None or key in self._spent:
+                problem: str | None = "unknown"
+            elif key in self._revoked:
+                problem = "revoked"
+            elif granted.expires <= time.monotonic():
+                problem = "expired"
+            else:
+                problem = None
+                self._spent.add(key)
+        if problem == "expired":
+            return _oauth2_error("invalid_grant", "The refresh token has expired due to "
+                                 "inactivity: it was not used for longer than its lifetime.",
+                                 700082)
+        if problem == "revoked":
+            return _oauth2_error("invalid_grant", "The provided grant has been revoked (the "
+                                 "user changed the password or an administrator revoked it).",
+                                 50173)
+        if problem is not None or granted is None:
+            return _oauth2_error("invalid_grant", "The provided value for 'refresh_token' is "
+                                 "not valid: it is unknown or has already been used.", 70000)
+        return self._issue("refresh_token", granted.user, granted.scope, refresh=True)
+
+    def _device_authorization(self, form: Mapping[str, str], basic: tuple[str, str] | None
+                              ) -> _HttpReply:
+        """POST /devicecode (RFC 8628 sections 3.1 and 3.2)."""
+        fault = self._take_fault(("html", "500", "huge", "silent"), "devicecode")
+        if fault is not None:
+            return _fault_reply(fault)
+        refused = self._client_error(form, basic, need_secret=False)
+        if refused is not None:
+            return refused
+        device_code = secrets.token_urlsafe(32)
+        letters = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(8))
+        user_code = letters[:4] + "-" + letters[4:]
+        entry = _DeviceCode(user_code, form.get("scope", ""),
+                            time.monotonic() + self.device_lifetime, self.device_interval)
+        with self._lock:
+            if self._next_device is not None:  # approve() or deny() came first
+                entry.state, entry.user = self._next_device
+                self._next_device = None
+            self._devices[_digest(device_code)] = entry
+        page = self.base_url + "/device"
+        return _json(200, {
+            "device_code": device_code, "user_code": user_code, "verification_uri": page,
+            "expires_in": _seconds(self.device_lifetime),
+            "interval": _seconds(self.device_interval),
+            "message": "To sign in, open the page %s in a web browser and enter the code %s."
+            % (page, user_code)})
+
+    def _device_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """One poll of the device access token request (RFC 8628 sections 3.4 and 3.5)."""
+        device_code = form.get("device_code", "")
+        if not device_code:
+            return _oauth2_error("invalid_request", "The request body must contain the "
+                                 "following parameter: 'device_code'.", 900144)
+        slow = self._take_fault(("slow_down",), "device_code") is not None
+        with self._lock:
+            entry = self._devices.get(_digest(device_code))
+            outcome = "unknown" if entry is None else self._poll(entry, slow)
+        if outcome == "approved" and entry is not None:
+            return self._issue("device_code", entry.user, entry.scope, refresh=True)
+        return {
+            "unknown": _oauth2_error("invalid_grant", "The provided value for 'device_code' "
+                                     "is not valid.", 70000),
+            "used": _oauth2_error("invalid_grant", "The device code has already been redeemed "
+                                  "for tokens.", 54005),
+            "expired": _oauth2_error("expired_token", "The device code has expired: start "
+                                     "again with a new device authorization request.", 70019),
+            "slow_down": _oauth2_error("slow_down", "Polling too fast: wait longer between "
+                                       "requests (RFC 8628 section 3.5)."),
+            "pending": _oauth2_error("authorization_pending", "Authorization is pending: the "
+                                     "user has not yet entered the code. Continue polling.",
+                                     70016),
+            "denied": _oauth2_error("access_denied", "The user declined the authorization "
+                                    "request.", 65004),
+        }[outcome]
+
+    def _poll(self, entry: _DeviceCode, slow: bool) -> str:
+        """Account for one poll of `entry` (with the lock held); the outcome's name."""
+        now = time.monotonic()
+        if entry.state == "used":
+            return "used"
+        if now >= entry.expires:
+            return "expired"
+        entry.polls += 1
+        # Measured from when the previous poll was answered, so a client that waits `interval`
+        # after each reply is never too fast, however late its requests arrive.
+        too_fast = entry.last is not None and now < entry.last + entry.interval - 0.001
+        entry.last = now
+        if slow or too_fast:
+            entry.interval += self.slow_down_step  # RFC 8628 section 3.5: for all later polls
+            return "slow_down"
+        if entry.state == "pending" and self.approve_after is not None \
+                and entry.polls > self.approve_after:
+            entry.state, entry.user = "approved", self.default_user
+        if entry.state == "approved":
+            entry.state = "used"
+            return "approved"
+        return entry.state
+
+    def _authorize(self, query: Mapping[str, str], headers: Mapping[str, str]) -> _HttpReply:
+        """GET /authorize: the user signs in and consents, then goes back to the client
+        (RFC 6749 section 4.1.1, RFC 7636 section 4.3, RFC 8252 section 7.3)."""
+        if query.get("client_id") != self.client_id:  # section 4.1.2.1: no redirect then
+            return _oauth2_error("unauthorized_client", "Application with identifier '%s' was "
+                                 "not found." % query.get("client_id", "")[:100], 700016)
+        redirect = query.get("redirect_uri", "")
+        if not _loopback_redirect(redirect):
+            return _oauth2_error("invalid_request", "The redirect URI must be http to a "
+                                 "loopback address (RFC 8252 section 7.3).", 50011)
+        back = {"state": query["state"]} if "state" in query else {}
+        if query.get("response_type") != "code":
+            back.update(error="unsupported_response_type")
+        elif query.get("code_challenge_method") != "S256" or not re.match(
+                r"[A-Za-z0-9_-]{43}\Z", query.get("code_challenge", "")):
+            back.update(error="invalid_request",
+                        error_description="PKCE with code_challenge_method S256 is required")
+        elif headers.get("x-fakeserver-consent") == "deny":
+            back.update(error="access_denied", error_description="the user declined")
+        else:
+            code = secrets.token_urlsafe(32)
+            user = urllib.parse.unquote(headers.get("x-fakeserver-user", "")) or self.default_user
+            with self._lock:
+                self._codes[_digest(code)] = _AuthCode(
+                    redirect, query["code_challenge"], query.get("scope", ""), user,
+                    time.monotonic() + AUTH_CODE_LIFETIME)
+            back.update(code=code)
+        return _HttpReply(302, b"", "text/plain", location=_with_query(redirect, back))
+
+    def _code_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """The access token request of RFC 6749 section 4.1.3, checked as RFC 7636 section 4.6
+        says. A code is good for one request, even a failed one (section 4.1.2)."""
+        code = form.get("code", "")
+        if not code:
+            return _oauth2_error("invalid_request", "The request body must contain the "
+                                 "following parameter: 'code'.", 900144)
+        key = _digest(code)
+        with self._lock:
+            granted = self._codes.get(key)
+            used = key in self._used_codes
+            self._used_codes.add(key)
+        verifier = form.get("code_verifier", "")
+        if granted is None:
+            return _oauth2_error("invalid_grant", "The provided authorization code is not "
+                                 "valid.", 70000)
+        if used:
+            return _oauth2_error("invalid_grant", "The authorization code has already been "
+                                 "redeemed.", 54005)
+        if granted.expires <= time.monotonic():
+            return _oauth2_error("invalid_grant", "The authorization code has expired.", 70008)
+        if form.get("redirect_uri") != granted.redirect_uri:
+            return _oauth2_error("invalid_grant", "The redirect_uri does not match the one of "
+                                 "the authorization request.", 50148)
+        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        if not _VERIFIER_RE.match(verifier) or not hmac.compare_digest(
+                computed.rstrip(b"=").decode(), granted.challenge):
+            return _oauth2_error("invalid_grant", "The code_verifier does not match the "
+                                 "code_challenge of the authorization request.", 501481)
+        return self._issue("authorization_code", granted.user, granted.scope, refresh=True)
+
+    # ----- the user's browser ------------------------------------------------------
+    def browse(self, url: str, user: str | None = None, *, deny: bool = False,
+               timeout: float = 5.0) -> None:
+        """Act as the user's browser in the authorization-code grant: open `url` (this
+        server's authorization URL; sign in as `user`, consent unless `deny`), then follow
+        the redirect to the client's loopback redirect_uri. ValueError if the authorization
+        endpoint refuses (no redirect: a bad client id or redirect_uri)."""
+        parts = urllib.parse.urlsplit(url)
+        if (parts.scheme, parts.netloc, parts.path) != (
+                "http", urllib.parse.urlsplit(self.base_url).netloc, "/authorize"):
+            raise ValueError("not this server's authorization URL")
+        headers = {"X-Fakeserver-User": urllib.parse.quote(user or self.default_user)}
+        if deny:
+            headers["X-Fakeserver-Consent"] = "deny"
+        status, location, body = _http_get(url, headers, timeout)
+        if status != 302 or location is None or not _loopback_redirect(location):
+            raise ValueError("the authorization endpoint refused (HTTP %d): %s"
+                             % (status, body[:300].decode("utf-8", "replace")))
+        _http_get(location, {}, timeout)  # the client's listener; its page is not needed
+
+
+def _http_get(url: str, headers: Mapping[str, str], timeout: float
+              ) -> tuple[int, str | None, bytes]:
+    """GET a URL on a loopback address: status, Location and (up to 64 KiB of) the body."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+                                            timeout=timeout)
+    try:
+        connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/",
+                                                           parts.query, "")), headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Location"), response.read(MAX_OAUTH2_BODY)
+    finally:
+        connection.close()
+
+
+def _parse_form(text: str) -> dict[str, str] | None:
+    """Form fields (RFC 6749 appendix B), or None: bad encoding, or a field given twice
+    (sections 3.1 and 3.2: parameters MUST NOT be included more than once)."""
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
+    except ValueError:  # UnicodeDecodeError: percent-encoded bytes that are not UTF-8
+        return None
+    form = dict(pairs)
+    return form if len(form) == len(pairs) else None
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """Client id and secret from HTTP Basic (RFC 6749 section 2.3.1: each form-encoded first);
+    ValueError for a malformed header."""
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise ValueError("only HTTP Basic client authentication is supported")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("malformed HTTP Basic credentials") from None
+    client_id, colon, secret = decoded.partition(":")
+    if not colon:
+        raise ValueError("malformed HTTP Basic credentials")
+    return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(secret)
+
+
+class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection to the fake authorization server: the section's only I/O."""
+
+    server: _OAuth2HTTPServer
+    protocol_version = "HTTP/1.0"  # one request per connection
+    server_version = "fakeserver-oauth2"
+    sys_version = ""
+    timeout = OAUTH2_READ_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            pass  # the client went away or went silent: not our bug
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.track(self.connection, False)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        parts = urllib.parse.urlsplit(self.path)
+        query = _parse_form(parts.query)
+        if query is None:
+            return self.answer(_oauth2_error("invalid_request", "Malformed query string."))
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        self.answer(self.server.oauth2._get(parts.path, query, headers))
+
+    def do_POST(self) -> None:  # noqa: N802
+        form = self.read_form()
+        if isinstance(form, _HttpReply):
+            return self.answer(form)
+        try:
+            basic = _basic_credentials(self.headers.get("Authorization"))
+        except ValueError as error:
+            return self.answer(_oauth2_error("invalid_client", str(error), status=401))
+        path = urllib.parse.urlsplit(self.path).path
+        self.answer(self.server.oauth2._post(path, form, basic))
+
+    def read_form(self) -> dict[str, str] | _HttpReply:
+        """The form body, read within MAX_OAUTH2_BODY, or the error reply."""
+        length = self.headers.get("Content-Length", "")
+        if "Transfer-Encoding" in self.headers or not length.isdigit():
+            return _oauth2_error("invalid_request", "A Content-Length is required.", status=411)
+        if int(length) > MAX_OAUTH2_BODY:
+            return _oauth2_error("invalid_request", "The request body is too large.",
+                                 status=413)
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise ConnectionResetError("the client closed in the middle of its request")
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            return _oauth2_error("invalid_request", "The body must be "
+                                 "application/x-www-form-urlencoded.", 900144)
+        try:
+            form = _parse_form(body.decode("ascii"))
+        except UnicodeDecodeError:
+            form = None
+        if form is None:
+            return _oauth2_error("invalid_request", "Malformed form body (bad encoding, or a "
+                                 "parameter given more than once).", 900144)
+        return form
+
+    def answer(self, reply: _HttpReply) -> None:
+        """Send a reply, or carry out its fault ("silent": say nothing; "huge": 10 MiB)."""
+        fault = reply.fault
+        if fault is not None and fault.kind == "silent":
+            seconds = float(cast(float, fault.value)) if fault.value is not None else None
+            self.server.oauth2._stopping.wait(seconds)  # until shutdown, or `value` seconds
+            self.close_connection = True
+            return
+        huge = fault is not None and fault.kind == "huge"
+        size = len(reply.body)
+        if fault is not None and huge:
+            size = int(cast(int, fault.value or HUGE_REPLY_SIZE))
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Cache-Control", "no-store")  # RFC 6749 section 5.1
+        self.send_header("Pragma", "no-cache")
+        if reply.location is not None:
+            self.send_header("Location", reply.location)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if not huge:
+            self.wfile.write(reply.body)
+            return
+        start = b'{"access_token": "'
+        self.wfile.write(start)
+        left = size - len(start)
+        while left > 0:
+            chunk = min(left, 65536)
+            self.wfile.write(b"A" * chunk)
+            left -= chunk
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """http.server's own errors (a malformed request line, headers too long, an unknown
+        method) as JSON, like every other error here."""
+        self.close_connection = True
+        self.answer(_oauth2_error("invalid_request", message or "Bad request.", status=code))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # The path only: a query string carries state and PKCE values.
+        path = urllib.parse.urlsplit(getattr(self, "path", "")).path
+        logger.debug("oauth2: %s %s -> %s", getattr(self, "command", ""), path[:100], code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("oauth2: %s", format.split("%")[0].strip())  # arguments may hold secrets
+
+
+class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
+    """The HTTP side of a FakeOAuth2: threaded, on a loopback address, every connection
+    closable from outside so that shutdown never waits for a client."""
+
+    # Request threads are joined by server_close() (block_on_close), after abort_all().
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 128
+
+    def __init__(self, oauth2: FakeOAuth2, host: str) -> None:
+        self.oauth2 = oauth2
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, 0), _OAuth2Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's name (a DNS query); nothing here needs it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", int(self.server_address[1])
+
+    def track(self, connection: socket.socket, is_open: bool) -> None:
+        with self._open_lock:
+            if is_open:
+                self._open.add(connection)
+            else:
+                self._open.discard(connection)
+
+    def abort_all(self) -> None:
+        """Unblock every request thread (shutdown): its reads and writes fail at once."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, OSError):
+            logger.error("oauth2 request failed: %r", error)
+            self.oauth2.errors.append(error)
+
+
+# ======================================================================================
 # Sessions
 # ======================================================================================
 
@@ -1724,10 +2624,7 @@ class _Session(socketserver.BaseRequestHandler):
         return self.bearer(user, token, error)
 
     def bearer(self, user: str, token: str, error: Mapping[str, str]) -> str:
-        valid = self.server.oauth_token
-        if self.server._maildrop(user) is not None and valid is not None and hmac.compare_digest(
-            token.encode(), valid.encode()
-        ):
+        if self.server.accepts_token(user, token):
             return user
         # RFC 7628 section 3.2.2: an error challenge, to which the client answers %x01 (or, with
         # XOAUTH2, an empty line); only then the -ERR.
@@ -1991,6 +2888,15 @@ def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
     return lines
 
 
+def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | None) -> FakeOAuth2 | None:
+    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults)."""
+    if not oauth2:
+        return None
+    beside = FakeOAuth2() if oauth2 is True else oauth2
+    beside._attach(lambda: list(server.maildrops), server.errors)
+    return beside
+
+
 class FakeServer(socketserver.ThreadingTCPServer):
     """A POP3 server in a thread: ``with FakeServer(...) as server:`` (see the module docstring)."""
 
@@ -2020,6 +2926,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         greeting: str | None = None,
         keep_transcripts: bool = True,
         replay: str | Path | Sequence[RecordedSession] | None = None,
+        oauth2: FakeOAuth2 | bool | None = None,
     ) -> None:
         if preset not in _PRESETS:
             raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
@@ -2046,7 +2953,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         )
         # A replay checks credentials, not recorded ones: any user name with REPLAY_PASSWORD.
         self._replay_password = REPLAY_PASSWORD if replay is not None and users is None else None
-        if oauth_token is None:
+        if oauth_token is None and not oauth2:  # with OAuth2: exactly the tokens it issued
             oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
         self.oauth_token = oauth_token
         self.tls = tls
@@ -2060,6 +2967,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.keep_transcripts = keep_transcripts
         self._connections = 0
         self.errors: list[BaseException] = []
+        self.oauth2 = _oauth2_beside(self, oauth2)
         self._lock = threading.Lock()
         self._uses = [0] * len(self.faults)
         self._sessions: list[_Session] = []
@@ -2094,6 +3002,8 @@ class FakeServer(socketserver.ThreadingTCPServer):
                 name="fakeserver %s:%d" % self.address,
             )
             self._thread.start()
+            if self.oauth2 is not None:
+                self.oauth2.start()
         return self
 
     def close(self) -> None:
@@ -2161,6 +3071,8 @@ class FakeServer(socketserver.ThreadingTCPServer):
         for session in sessions:
             session.abort()
         self.server_close()  # joins the session threads
+        if self.oauth2 is not None:
+            self.oauth2._stop()
 
     def _join(self, session: _Session) -> None:
         with self._lock:
@@ -2219,6 +3131,17 @@ class FakeServer(socketserver.ThreadingTCPServer):
         drop = self._maildrop(user)
         given = password.encode("utf-8", "surrogateescape")
         return drop is not None and hmac.compare_digest(given, drop.password.encode("utf-8"))
+
+    def accepts_token(self, user: str, token: str) -> bool:
+        """Whether XOAUTH2 and OAUTHBEARER accept this bearer token for this user: the static
+        ``oauth_token``, or an unexpired access token ``oauth2`` issued for the user (or by
+        client credentials)."""
+        if self._maildrop(user) is None:
+            return False
+        static = self.oauth_token
+        if static is not None and hmac.compare_digest(token.encode(), static.encode()):
+            return True
+        return self.oauth2 is not None and self.oauth2.accepts(user, token)
 
 
 # ======================================================================================

@@ -2307,7 +2307,7 @@ class POP3:
         self._utf8_mode = False  # the server accepted UTF8
         self._authenticated = False
         self._quit_sent = False
-        self._quit_text: bytes | None = None
+        self._quit_result: bytes | ServerError | None = None  # QUIT's reply, once read
         self._batch: _Batch | None = None
         self._sizes: dict[int, int] | None = None  # the last full LIST, to plan pipelining
         # The maildrop's size from STAT: an upper bound for the rest of the session (RFC 1939
@@ -3075,13 +3075,19 @@ class POP3:
             self._send("QUIT", expected=_LAST_REPLY)
             self._quit_sent = True
             self._quit_reply()
-        if self._quit_text is None:
+        result = self._quit_result
+        if result is None:
             raise ValueError("QUIT was sent, and its reply never read: the session ended early")
-        return display_text(self._quit_text)
+        if isinstance(result, ServerError):
+            raise result
+        return display_text(result)
 
     def _quit_reply(self) -> None:
+        """Read QUIT's reply, kept for quit() (a batch reads it too), and close."""
         try:
-            self._quit_text = self._status("QUIT")
+            self._quit_result = self._status("QUIT")
+        except ServerError as exc:
+            self._quit_result = exc
         finally:
             self._transport.close("QUIT sent")
 

@@ -1885,3 +1885,16 @@ def test_utf8_is_not_sent_when_not_offered_or_not_wanted() -> None:
         for transcript in (server.transcripts[0], rfc.transcripts[0]):
             commands = verbs(transcript)
             assert "UTF8" not in commands and commands[:3] == ["CAPA", "USER", "PASS"]
+
+
+def test_a_refused_quit_behind_a_batch_keeps_the_last_message_and_is_raised_by_quit() -> None:
+    def script(peer: Peer) -> None:
+        logged_in_pipelined(peer)
+        assert [peer.line(), peer.line()] == [b"RETR 1\r\n", b"QUIT\r\n"]
+        peer.send(b"+OK\r\none\r\n.\r\n-ERR [SYS/TEMP] could not update the maildrop\r\n")
+
+    with scripted(script) as port, connect(port) as pop:
+        pop.login("u", "p")
+        assert [item.data for item in pop.retr_many([1], then_quit=True)] == [b"one\r\n"]
+        with pytest.raises(pop3lite.TemporaryError, match="could not update"):
+            pop.quit()

@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import itertools
@@ -1059,6 +1060,12 @@ _PRESETS = {
 # ======================================================================================
 # Sessions
 # ======================================================================================
+#
+# A connection is a _Session (the socket, the transcript, reading and writing), which hands each
+# command to its protocol: _Pop3 (the POP3 states and commands) or, for a recording, _ReplayedPop3
+# (recorded answers); AUTH goes on to _Sasl. A script (FakeServer(script=...)) replaces the
+# protocol with _run_script. Faults act in one place, _Faults.reply(), through which every
+# reply passes; _Session.send() only carries out the transport faults chosen there.
 
 
 class _HangUp(Exception):
@@ -1080,7 +1087,8 @@ class _LineTooLong(Exception):
 class _Reply:
     """One reply: a status line and, for multi-line replies, the body lines (not yet stuffed)."""
 
-    __slots__ = ("status", "body", "after", "extra", "raw")
+    __slots__ = ("status", "body", "after", "extra", "raw", "sized", "timestamp", "end",
+                 "stuffed", "terminated")
 
     def __init__(
         self, status: bytes, body: list[bytes] | None = None, raw: bytes | None = None
@@ -1090,6 +1098,184 @@ class _Reply:
         self.raw = raw  # a recorded reply: these exact bytes replace status and body
         self.after: Callable[[], None] | None = None  # runs once the reply is sent
         self.extra = b""  # raw bytes sent right after the reply, in the same send
+        # The same reply with every size it announces passed through a function (STAT, LIST,
+        # RETR), for the size faults.
+        self.sized: Callable[[Callable[[int], int]], _Reply] | None = None
+        self.timestamp: str | None = None  # a greeting's APOP timestamp
+        self.end = b"\r\n"  # the line end (faults: "lf")
+        self.stuffed = True  # body lines that start with "." get another (RFC 1939 section 3)
+        self.terminated = True  # a multi-line reply ends with "."
+
+    def wire(self) -> bytes:
+        """The bytes to send."""
+        if self.raw is not None:
+            return self.raw
+        lines = [self.status]
+        if self.body is not None:
+            if self.stuffed:
+                lines += [b"." + line if line.startswith(b".") else line for line in self.body]
+            else:
+                lines += self.body
+            if self.terminated:
+                lines.append(b".")
+        return b"".join(line + self.end for line in lines) + self.extra
+
+
+_TRANSPORT_KINDS = ("delay", "drop", "bytewise")
+_SHAPE_KINDS = ("lf", "long-line", "8bit", "raw")
+_MULTI_LINE_KINDS = ("no-terminator", "unstuffed-dot")
+_SIZE_KINDS = {"STAT": "huge-sizes", "LIST": "huge-sizes", "RETR": "wrong-octets"}
+
+
+class _Faults:
+    """A server's faults: which ones select a reply (each use counts against its ``times``) and
+    what they do to it. Every reply passes through reply(), the one place where faults act."""
+
+    def __init__(self, faults: Sequence[Fault]) -> None:
+        for fault in faults:
+            _check_fault(fault)
+        self.faults = list(faults)
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+
+    def take(self, kinds: Iterable[str], verb: str, line: str = "") -> list[Fault]:
+        """The faults of `kinds` that select this reply; each use counts against its `times`."""
+        wanted = frozenset(kinds)
+        found = []
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                if fault.kind not in wanted or not _fault_matches(fault, verb, line):
+                    continue
+                if fault.times is not None and self._uses[index] >= fault.times:
+                    continue
+                self._uses[index] += 1
+                found.append(fault)
+        return found
+
+    def reply(self, session: _Session, verb: str, line: str,
+              produce: Callable[[], _Reply]) -> _Reply:
+        """The reply to `line` (`verb` "GREETING" for the greeting, "TLS" for the implicit TLS
+        handshake) with its faults applied. A response-code fault answers instead of the
+        command, which then does not run; the transport faults are chosen before the command
+        runs, so that they shape its SASL challenges too."""
+        if verb == "TLS":
+            reply = produce()
+            if self.take(("tls-stall",), verb, verb):
+                reply.after = session.stall_tls
+            return reply
+        codes = self.take(_CODE_KINDS, verb, line) if verb != "GREETING" else []
+        session.transport = self.take(_TRANSPORT_KINDS, verb, line)
+        if codes:
+            text = codes[0].value if codes[0].value is not None else _CODE_TEXTS[codes[0].kind]
+            reply = session.pop.err(str(text), _CODE_KINDS[codes[0].kind])
+        else:
+            reply = produce()
+        return self.shape(verb, line, self.change(session, verb, line, reply))
+
+    def change(self, session: _Session, verb: str, line: str, reply: _Reply) -> _Reply:
+        """The faults that change what a reply says."""
+        if reply.raw is not None:
+            return reply
+        if verb == "GREETING":
+            for fault in self.take(("bad-timestamp",), verb):
+                bad = str(fault.value) if fault.value is not None else "<1896.697170952@localhost"
+                bad_bytes = bad.encode("utf-8")
+                if reply.timestamp:
+                    reply.status = reply.status.replace(reply.timestamp.encode(), bad_bytes)
+                else:
+                    reply.status += b" " + bad_bytes
+                reply.timestamp = None
+        size_kind = _SIZE_KINDS.get(verb)
+        if size_kind is not None and reply.sized is not None:
+            changes = [_size_change(fault) for fault in self.take((size_kind,), verb, line)]
+            if changes:
+                reply = reply.sized(lambda size: _apply_all(changes, size))
+        offered = verb in ("CAPA", "STLS") and session.pop.offers_stls()
+        if offered and self.take(("stls-absent",), verb, line):
+            return session.pop.without_stls(verb, reply)
+        if verb == "STLS" and reply.status.startswith(b"+OK"):
+            refused = self.take(("stls-refused",), verb, line)
+            if refused:
+                voice = session.server.voice
+                return session.pop.err(str(refused[0].value or voice["no-tls"]))
+            for fault in self.take(("stls-inject",), verb, line):
+                data = fault.value
+                reply.extra = data if isinstance(data, bytes) else b"+OK injected before TLS\r\n"
+            if self.take(("tls-stall",), verb, line):
+                reply.after = session.stall_tls
+        return reply
+
+    def shape(self, verb: str, line: str, reply: _Reply) -> _Reply:
+        """The faults that change how a reply is framed."""
+        multi = reply.body is not None
+        found = self.take(_SHAPE_KINDS + (_MULTI_LINE_KINDS if multi else ()), verb, line)
+        raw = [fault for fault in found if fault.kind == "raw"]
+        if raw:
+            reply.raw = cast(bytes, raw[0].value)  # the command ran; these bytes are its reply
+        if reply.raw is not None:
+            return reply
+        for fault in found:
+            if fault.kind == "long-line":
+                width = int(cast(int, fault.value or 2048))
+                if reply.body is None:
+                    reply.status += b" " + b"x" * max(0, width - len(reply.status) - 1)
+                else:
+                    reply.body = [b"x" * width] + reply.body
+            elif fault.kind == "8bit":
+                if reply.body is None:
+                    reply.status += b" 8bit:\xe9\xff\x80 nul:\x00"
+                else:
+                    reply.body = reply.body + [b"8bit:\xe9\xff\x80 nul:\x00"]
+            elif fault.kind == "lf":
+                reply.end = b"\n"
+            elif fault.kind == "unstuffed-dot":
+                reply.stuffed = False
+            elif fault.kind == "no-terminator":
+                reply.terminated = False
+                reply.after = _hang_up
+        return reply
+
+    @staticmethod
+    def limit(transport: Sequence[Fault], sent: int) -> int | None:
+        """How many octets of the next write the drop faults let through (None: all);
+        `sent` is what the connection sent before."""
+        limit: int | None = None
+        for fault in transport:
+            if fault.kind == "drop":
+                budget = int(cast(int, fault.value or 0))
+                if fault.command is None:  # N octets of the whole connection
+                    budget -= sent
+                limit = max(0, budget if limit is None else min(limit, budget))
+        return limit
+
+    @staticmethod
+    def deliver(sock: socket.socket, data: bytes, transport: Sequence[Fault]) -> None:
+        """Send `data` after the delays, one byte per send with "bytewise"."""
+        for fault in transport:
+            if fault.kind == "delay":
+                time.sleep(float(cast(float, fault.value if fault.value is not None else 1.0)))
+        if any(fault.kind == "bytewise" for fault in transport):
+            for index in range(len(data)):
+                sock.sendall(data[index : index + 1])
+        else:
+            sock.sendall(data)
+
+
+def _size_change(fault: Fault) -> Callable[[int], int]:
+    """What a size fault does to an announced size."""
+    if fault.kind == "huge-sizes":
+        added = int(cast(int, fault.value if fault.value is not None else 2**32))
+        return lambda size: size + added
+    if fault.value is not None:  # wrong-octets with the count to announce
+        announced = int(cast(int, fault.value))
+        return lambda size: announced
+    return lambda size: size + 1
+
+
+def _apply_all(changes: Sequence[Callable[[int], int]], size: int) -> int:
+    for change in changes:
+        size = change(size)
+    return size
 
 
 def _show(line: bytes) -> str:
@@ -1160,7 +1346,8 @@ class ReplayMismatch(NamedTuple):
 
 
 class _Session(socketserver.BaseRequestHandler):
-    """One POP3 connection. Commands dispatch to ``cmd_<verb>``; every command gets one reply."""
+    """One connection: its socket, transcript, reading and writing. Each command goes to the
+    protocol (``self.pop``), each reply through the server's faults (``_Faults.reply``)."""
 
     server: FakeServer
 
@@ -1169,21 +1356,12 @@ class _Session(socketserver.BaseRequestHandler):
         self.buffer = bytearray()
         self.log = SessionLog()
         self.transcript = self.log.transcript
-        self.state = "AUTHORIZATION"
         self.tls = False
-        self.utf8 = False
-        self.pending_user: str | None = None
-        self.timestamp: str | None = None
-        self.user: str | None = None
-        self.maildrop: Maildrop | None = None
-        self.entries: list[tuple[str, bytes]] = []
-        self.marked: set[int] = set()
-        self.sent = 0
-        self.faults: list[Fault] = []
-        self.verb = "GREETING"
-        self.line = ""
+        self.sent = 0  # octets sent on this connection
+        self.transport: list[Fault] = []  # the transport faults of the current reply
         self.serial = 0  # the connection's number, from 1, set by the server
-        self.replies: dict[str, list[bytes]] = {}  # replay: command -> recorded replies
+        protocol = _ReplayedPop3 if self.server.recording is not None else _Pop3
+        self.pop: _Pop3 = protocol(self)
 
     # ----- entry point -------------------------------------------------------------
     def handle(self) -> None:
@@ -1197,19 +1375,54 @@ class _Session(socketserver.BaseRequestHandler):
                 self.sock.sendall(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
                 return
             if server.script is not None:
-                self.run_script(server.script)
+                _run_script(self, server.script)
             else:
                 self.run()
         except (_HangUp, OSError):
             pass  # the peer went away, timed out, failed TLS, or a fault hung up: not our bug
         finally:
-            if self.maildrop is not None:
-                self.maildrop._release()  # no UPDATE: only QUIT applies deletions
-                self.maildrop = None
-            self.log.state = self.state
+            self.pop.release()
+            self.log.state = self.pop.state
             self.log.closed = True
             server._leave(self)
             self.linger()
+
+    def run(self) -> None:
+        if self.server.tls == "implicit":
+            self.respond("TLS", "", lambda: _Reply(b"", raw=b""), after=self.start_tls)
+        self.pop.timestamp = self.respond("GREETING", "", self.pop.greeting).timestamp
+        while True:
+            try:
+                raw = self.readline(MAX_COMMAND_LINE)
+            except _LineTooLong:
+                self.record("C: (a command line over %d octets, skipped)" % MAX_COMMAND_LINE)
+                self.respond("", "", lambda: self.pop.err("too-long"))
+                continue
+            if raw is None:
+                return
+            text = raw.decode("utf-8", "surrogateescape")
+            verb, _, args = text.partition(" ")
+            verb = verb.upper()
+            self.record("C: " + _show(_redact_command(raw)))
+            pending, self.pop.pending_user = self.pop.pending_user, None
+            line = verb + (" " + args if args else "")
+            answer = functools.partial(self.pop.dispatch, verb, args, line, pending)
+            self.respond(verb, line, answer)
+
+    def respond(self, verb: str, line: str, produce: Callable[[], _Reply],
+                after: Callable[[], None] | None = None) -> _Reply:
+        """Answer one command (or greet): the reply through the faults, sent, then its
+        follow-up (STLS's handshake, QUIT's hang-up)."""
+        def make() -> _Reply:
+            reply = produce()
+            reply.after = reply.after or after
+            return reply
+
+        reply = self.server.faults.reply(self, verb, line, make)
+        self.send(reply.wire())
+        if reply.after is not None:
+            reply.after()
+        return reply
 
     def linger(self) -> None:
         """Close our side, let the client close its side (so it sees no reset), then close."""
@@ -1272,77 +1485,71 @@ class _Session(socketserver.BaseRequestHandler):
             self.buffer += data
 
     # ----- writing -----------------------------------------------------------------
-    def transmit(self, data: bytes) -> None:
-        """Send bytes through the transport faults selected for the current reply."""
-        limit: int | None = None
-        for fault in self.faults:
-            if fault.kind == "delay":
-                time.sleep(float(cast(float, fault.value if fault.value is not None else 1.0)))
-            elif fault.kind == "drop":
-                budget = int(cast(int, fault.value or 0))
-                if fault.command is None:
-                    budget -= self.sent
-                limit = max(0, budget if limit is None else min(limit, budget))
+    def send(self, data: bytes) -> None:
+        """Record, then send, server bytes through the current reply's transport faults: every
+        byte the server sends passes here. A reply cut by a "drop" fault is recorded as cut:
+        the lines sent, the part of a line sent (ending in a lone "\\"), and a note."""
+        limit = _Faults.limit(self.transport, self.sent)
         cut = limit is not None and len(data) > limit
+        sent = data[:limit] if cut else data
+        lines = sent.splitlines(keepends=True)
+        for index, line in enumerate(lines):
+            open_end = cut and index == len(lines) - 1 and not line.endswith((b"\n", b"\r"))
+            self.record("S: " + _show(line.rstrip(b"\r\n")) + ("\\" if open_end else ""))
         if cut:
-            data = data[: cast(int, limit)]
-        if any(fault.kind == "bytewise" for fault in self.faults):
-            for index in range(len(data)):
-                self.sock.sendall(data[index : index + 1])
-        else:
-            self.sock.sendall(data)
-        self.sent += len(data)
+            self.record("S: (connection dropped by a fault after %d of the reply's %d octets)"
+                        % (len(sent), len(data)))
+        _Faults.deliver(self.sock, sent, self.transport)
+        self.sent += len(sent)
         if cut:
             raise _HangUp()
 
     def send_line(self, line: bytes) -> None:
-        """Record and send one line outside the reply framing (SASL challenges)."""
-        self.record("S: " + _show(line))
-        self.transmit(line + b"\r\n")
+        """Send one line outside the reply framing (SASL challenges)."""
+        self.send(line + b"\r\n")
 
-    def send_reply(self, reply: _Reply) -> None:
-        """Apply the format faults, record every line, then send the reply."""
-        multi = reply.body is not None
-        kinds = _FORMAT_KINDS if multi else tuple(
-            k for k in _FORMAT_KINDS if k not in ("no-terminator", "unstuffed-dot")
+    def start_tls(self) -> None:
+        """Discard plaintext the client sent after STLS (RFC 2595 section 4), then handshake."""
+        del self.buffer[:]
+        # Handshake only once self.sock is the TLS socket, so abort() can unblock a client that
+        # never starts one (a plaintext client on the implicit TLS port waiting for a greeting).
+        self.sock = _tls_server_context().wrap_socket(
+            self.sock, server_side=True, do_handshake_on_connect=False
         )
-        self.faults = self.server._take(kinds, self.verb, self.line)
-        raw = [f for f in self.faults if f.kind == "raw"]
-        if raw or reply.raw is not None:
-            data = cast(bytes, raw[0].value) if raw else cast(bytes, reply.raw)
-            for line in data.splitlines():
-                self.record("S: " + _show(line))
-            self.transmit(data)
-            return
-        kinds_on = {fault.kind for fault in self.faults}
-        status = reply.status
-        body = list(reply.body) if reply.body is not None else None
-        for fault in self.faults:
-            if fault.kind == "long-line":
-                width = int(cast(int, fault.value or 2048))
-                if body is None:
-                    status += b" " + b"x" * max(0, width - len(status) - 1)
-                else:
-                    body.insert(0, b"x" * width)
-            elif fault.kind == "8bit":
-                if body is None:
-                    status += b" 8bit:\xe9\xff\x80 nul:\x00"
-                else:
-                    body.append(b"8bit:\xe9\xff\x80 nul:\x00")
-        lines = [status]
-        if body is not None:
-            if "unstuffed-dot" in kinds_on:
-                lines += body
-            else:
-                lines += [b"." + line if line.startswith(b".") else line for line in body]
-            if "no-terminator" not in kinds_on:
-                lines.append(b".")
-        for line in lines + reply.extra.splitlines():
-            self.record("S: " + _show(line))
-        end = b"\n" if "lf" in kinds_on else b"\r\n"
-        self.transmit(b"".join(line + end for line in lines) + reply.extra)
-        if "no-terminator" in kinds_on:
-            raise _HangUp()
+        if self.server._closing:
+            raise _HangUp()  # abort() ran while the plain socket was being wrapped
+        self.sock.do_handshake()
+        self.tls = self.log.tls = True
+        self.pop.pending_user = None
+
+    def stall_tls(self) -> None:
+        """The "tls-stall" fault: no handshake; wait silently until the client gives up."""
+        del self.buffer[:]
+        for _ in range(1024):
+            if not self.sock.recv(4096):
+                break
+        raise _HangUp()
+
+
+class _Pop3:
+    """The POP3 states and commands (RFC 1939; CAPA RFC 2449, STLS RFC 2595, UTF8 RFC 6856):
+    ``cmd_<verb>`` methods, one reply each. AUTH's exchange is _Sasl's."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.server = session.server
+        self.log = session.log
+        self.sasl = _Sasl(session, self)
+        self.state = "AUTHORIZATION"
+        self.utf8 = False
+        self.pending_user: str | None = None
+        self.timestamp: str | None = None  # the greeting's, for APOP
+        self.line = ""  # the current command line
+        self.user: str | None = None
+        self.maildrop: Maildrop | None = None
+        self.entries: list[tuple[str, bytes]] = []
+        self.shown: list[bytes] = []  # what RETR sends of each entry (a surrogate or the message)
+        self.marked: set[int] = set()
 
     def ok(self, key: str, body: list[bytes] | None = None, **values: object) -> _Reply:
         text = self.server.voice[key].format(**values)
@@ -1356,60 +1563,18 @@ class _Session(socketserver.BaseRequestHandler):
             text = "[%s] %s" % (code, text)
         return _Reply(b"-ERR " + text.encode("utf-8", "surrogateescape"))
 
-    # ----- the session -------------------------------------------------------------
-    def greeting(self) -> bytes:
+    def greeting(self) -> _Reply:
         text = self.server.greeting
         if "{timestamp}" in text:
             text = text.replace("{timestamp}", self.server._fresh_timestamp())
         found = re.search(r"<[^<>\s]*@[^<>\s]*>", text)
-        self.timestamp = found.group(0) if found else None
-        for fault in self.server._take(("bad-timestamp",), "GREETING"):
-            bad = str(fault.value) if fault.value is not None else "<1896.697170952@localhost"
-            text = text.replace(self.timestamp, bad) if self.timestamp else text + " " + bad
-            self.timestamp = None
-        return ("+OK " + text).encode("utf-8")
+        reply = _Reply(("+OK " + text).encode("utf-8"))
+        reply.timestamp = found.group(0) if found else None
+        return reply
 
-    def run(self) -> None:
-        server = self.server
-        if server.tls == "implicit":
-            self.start_tls("TLS")
-        self.verb, self.line = "GREETING", ""
-        if server.recording is not None:
-            self.start_replay(server.recording)
-        else:
-            self.send_reply(_Reply(self.greeting()))
-        while True:
-            try:
-                raw = self.readline(MAX_COMMAND_LINE)
-            except _LineTooLong:
-                self.record("C: (a command line over %d octets, skipped)" % MAX_COMMAND_LINE)
-                self.verb, self.line = "", ""
-                self.send_reply(self.err("too-long"))
-                continue
-            if raw is None:
-                return
-            text = raw.decode("utf-8", "surrogateescape")
-            verb, _, args = text.partition(" ")
-            verb = verb.upper()
-            self.verb, self.line = verb, verb + (" " + args if args else "")
-            self.record("C: " + self.redact(verb, raw))
-            reply = self.dispatch(verb, args)
-            self.send_reply(reply)
-            if reply.after is not None:
-                reply.after()
-
-    def redact(self, verb: str, raw: bytes) -> str:
-        return _show(_redact_command(raw))
-
-    def dispatch(self, verb: str, args: str) -> _Reply:
-        pending, self.pending_user = self.pending_user, None
-        codes = self.server._take(tuple(_CODE_KINDS), verb, self.line)
-        if codes:
-            fault = codes[0]
-            text = str(fault.value) if fault.value is not None else _CODE_TEXTS[fault.kind]
-            return self.err(text, _CODE_KINDS[fault.kind])
-        if self.server.recording is not None:
-            return self.replay(verb, args, pending)
+    def dispatch(self, verb: str, args: str, line: str, pending: str | None) -> _Reply:
+        """The reply to one command (`pending`: the user name of a USER just before)."""
+        self.line = line
         method = getattr(self, "cmd_" + verb.lower(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self.err("unknown")
@@ -1419,6 +1584,12 @@ class _Session(socketserver.BaseRequestHandler):
         if verb == "PASS":
             return self.cmd_pass(args, pending)
         return cast(Callable[[str], _Reply], method)(args)
+
+    def release(self) -> None:
+        """The connection ended: let go of the maildrop (no UPDATE: only QUIT deletes)."""
+        if self.maildrop is not None:
+            self.maildrop._release()
+            self.maildrop = None
 
     # ----- AUTHORIZATION -----------------------------------------------------------
     def cmd_user(self, args: str) -> _Reply:
@@ -1452,6 +1623,15 @@ class _Session(socketserver.BaseRequestHandler):
             return self.err("bad-login", self.auth_code())
         return parts[0]
 
+    def cmd_auth(self, args: str) -> _Reply:
+        mechanisms = self.sasl.mechanisms()
+        if not mechanisms:
+            return self.err("unknown")
+        if not args:
+            return self.ok("capa", [m.encode() for m in mechanisms])
+        user = self.sasl.authenticate(args)
+        return user if isinstance(user, _Reply) else self.login(user, "auth")
+
     def auth_code(self) -> str | None:
         return "AUTH" if "AUTH-RESP-CODE" in self.server.capabilities else None
 
@@ -1461,6 +1641,10 @@ class _Session(socketserver.BaseRequestHandler):
         if entries is None:
             return self.err("in-use", "IN-USE")
         self.user, self.maildrop, self.entries = user, drop, entries
+        # RFC 6856 section 2.1: without UTF8, a message with 8-bit headers is not sent as is;
+        # with utf8_downconvert the server sends a surrogate, as Courier does.
+        convert = self.server.utf8_downconvert and self.offers_utf8() and not self.utf8
+        self.shown = [_surrogate(data) if convert else data for _, data in entries]
         self.marked = set()
         self.logged_in(user, key)
         count, size = self.totals()
@@ -1488,52 +1672,34 @@ class _Session(socketserver.BaseRequestHandler):
         return lines
 
     def offers_stls(self) -> bool:
-        return (
-            self.server.tls == "stls"
-            and not self.tls
-            and not self.server._take(("stls-absent",), self.verb, self.line)
-        )
+        return self.server.tls == "stls" and not self.session.tls
+
+    def without_stls(self, verb: str, reply: _Reply) -> _Reply:
+        """The reply of a server that does not offer STLS (the "stls-absent" fault)."""
+        if verb == "STLS":
+            return self.err("unknown")
+        body = [line for line in reply.body or [] if line.upper() != b"STLS"]
+        if not body:
+            return self.err("unknown")
+        reply.body = body
+        return reply
 
     def cmd_stls(self, args: str) -> _Reply:
-        if self.tls:
+        if self.session.tls:
             return self.err("tls-active")
         if not self.offers_stls():
             return self.err("unknown")
         if args:
             return self.err("syntax")
-        refused = self.server._take(("stls-refused",), "STLS", self.line)
-        if refused:
-            return self.err(str(refused[0].value or self.server.voice["no-tls"]))
         reply = self.ok("stls")
-        injected = self.server._take(("stls-inject",), "STLS", self.line)
-        if injected:
-            data = injected[0].value
-            extra = data if isinstance(data, bytes) else b"+OK injected before TLS\r\n"
-            reply.extra = extra
-        reply.after = lambda: self.start_tls("STLS")
+        reply.after = self.session.start_tls
         return reply
 
-    def start_tls(self, verb: str) -> None:
-        """Discard plaintext the client sent after STLS (RFC 2595 section 4), then handshake."""
-        del self.buffer[:]
-        if self.server._take(("tls-stall",), verb, verb):
-            for _ in range(1024):
-                if not self.sock.recv(4096):
-                    break
-            raise _HangUp()
-        # Handshake only once self.sock is the TLS socket, so abort() can unblock a client that
-        # never starts one (a plaintext client on the implicit TLS port waiting for a greeting).
-        self.sock = _tls_server_context().wrap_socket(
-            self.sock, server_side=True, do_handshake_on_connect=False
-        )
-        if self.server._closing:
-            raise _HangUp()  # abort() ran while the plain socket was being wrapped
-        self.sock.do_handshake()
-        self.tls = self.log.tls = True
-        self.pending_user = None
+    def offers_utf8(self) -> bool:
+        return any(line.split(" ")[0].upper() == "UTF8" for line in self.server.capabilities)
 
     def cmd_utf8(self, args: str) -> _Reply:
-        if not any(line.split(" ")[0].upper() == "UTF8" for line in self.server.capabilities):
+        if not self.offers_utf8():
             return self.err("unknown")
         if args:
             return self.err("syntax")
@@ -1558,7 +1724,146 @@ class _Session(socketserver.BaseRequestHandler):
         reply.after = _hang_up
         return reply
 
-    # ----- SASL (RFC 5034) -----------------------------------------------------------
+    # ----- TRANSACTION -------------------------------------------------------------
+    def totals(self, change: Callable[[int], int] = int) -> tuple[int, int]:
+        """The number and the octets of the messages not marked (`change`: a size fault)."""
+        sizes = [len(data) for n, data in enumerate(self.shown, 1) if n not in self.marked]
+        return len(sizes), change(sum(sizes))
+
+    def message(self, args: str, count: int) -> int | _Reply:
+        """The number in `args` (of `count` arguments) of a message not marked, or the -ERR."""
+        parts = args.split()
+        if len(parts) != count:
+            return self.err("syntax")
+        if not re.match(r"[0-9]{1,9}\Z", parts[0]) or not 1 <= int(parts[0]) <= len(self.shown):
+            return self.err("no-message")
+        n = int(parts[0])
+        if n in self.marked:
+            return self.err("deleted", n=n)
+        return n
+
+    def cmd_stat(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+
+        def sized(change: Callable[[int], int]) -> _Reply:
+            count, size = self.totals(change)
+            return self.ok("stat", count=count, size=size)
+
+        return _sized(sized)
+
+    def cmd_list(self, args: str) -> _Reply:
+        n = self.message(args, 1) if args else None
+        if isinstance(n, _Reply):
+            return n
+
+        def sized(change: Callable[[int], int]) -> _Reply:
+            if n is not None:
+                return self.ok("list-one", n=n, size=change(len(self.shown[n - 1])))
+            sizes = [(n, change(len(data))) for n, data in enumerate(self.shown, 1)
+                     if n not in self.marked]
+            body = [b"%d %d" % pair for pair in sizes]
+            key = "list-marked" if self.marked else "list"
+            return self.ok(key, body, count=len(sizes), size=sum(size for _, size in sizes))
+
+        return _sized(sized)
+
+    def cmd_uidl(self, args: str) -> _Reply:
+        if args:
+            n = self.message(args, 1)
+            if isinstance(n, _Reply):
+                return n
+            return self.ok("uidl-one", n=n, uid=self.entries[n - 1][0])
+        body = [
+            b"%d %s" % (n, uid.encode())
+            for n, (uid, _) in enumerate(self.entries, 1)
+            if n not in self.marked
+        ]
+        return self.ok("uidl", body)
+
+    def cmd_retr(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.shown[n - 1]
+        lines = data[:-2].split(b"\r\n") if data else []
+        return _sized(lambda change: self.ok("retr", lines, size=change(len(data))))
+
+    def cmd_top(self, args: str) -> _Reply:
+        parts = args.split()
+        if len(parts) != 2 or not re.match(r"[0-9]{1,9}\Z", parts[1]):
+            return self.err("syntax")
+        n = self.message(parts[0], 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.shown[n - 1]
+        lines = data[:-2].split(b"\r\n") if data else []
+        header_end = lines.index(b"") + 1 if b"" in lines else len(lines)
+        return self.ok("top", lines[: header_end + int(parts[1])])
+
+    def cmd_dele(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        self.marked.add(n)
+        return self.ok("dele", n=n)
+
+    def cmd_rset(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+        self.marked = set()
+        count, size = self.totals()
+        return self.ok("rset", count=count, size=size)
+
+    def cmd_noop(self, args: str) -> _Reply:
+        return self.err("syntax") if args else self.ok("noop")
+
+
+def _sized(build: Callable[[Callable[[int], int]], _Reply]) -> _Reply:
+    """A reply that announces sizes, and can be rebuilt with them changed (size faults)."""
+    reply = build(int)
+    reply.sized = build
+    return reply
+
+
+def _surrogate(message: bytes) -> bytes:
+    """What a down-converting server (Courier) sends instead of a message whose header has
+    8-bit bytes, to a client that did not send UTF8 (RFC 6856 section 2.1): a 7-bit note
+    with the original inside as message/global (RFC 6532 section 3.7). Others as they are."""
+    header = message.split(b"\r\n\r\n", 1)[0]
+    if all(byte < 0x80 for byte in header):
+        return message
+    boundary = b"=_fakeserver_" + hashlib.md5(message).hexdigest().encode()
+    kept = (b"date:", b"message-id:")  # unfolded, 7-bit
+    headers = [line for line in header.split(b"\r\n")
+               if line.lower().startswith(kept) and all(byte < 0x80 for byte in line)]
+    return _crlf(b"\r\n".join(headers + [
+        b"From: Mail Delivery Subsystem <postmaster@localhost>",
+        b"Subject: Cannot display Unicode content",
+        b"MIME-Version: 1.0",
+        b'Content-Type: multipart/mixed; boundary="' + boundary + b'"',
+        b"",
+        b"--" + boundary,
+        b"Content-Type: text/plain; charset=us-ascii",
+        b"",
+        b"This message contains Unicode content that your mail program cannot display.",
+        b"The original message is attached.",
+        b"",
+        b"--" + boundary,
+        b"Content-Type: message/global",
+        b"",
+    ]) + b"\r\n" + message + b"--" + boundary + b"--\r\n")
+
+
+class _Sasl:
+    """AUTH's SASL exchange (RFC 5034) and its mechanisms, ``sasl_<name>`` methods that return
+    the user a client proved to be, or raise _SaslFailure."""
+
+    def __init__(self, session: _Session, pop: _Pop3) -> None:
+        self.session = session
+        self.pop = pop
+        self.server = session.server
+
     def mechanisms(self) -> list[str]:
         for line in self.server.capabilities:
             words = line.split()
@@ -1566,29 +1871,18 @@ class _Session(socketserver.BaseRequestHandler):
                 return [word.upper() for word in words[1:]]
         return []
 
-    def cmd_auth(self, args: str) -> _Reply:
-        mechanisms = self.mechanisms()
-        if not mechanisms:
-            return self.err("unknown")
-        if not args:
-            return self.ok("capa", [m.encode() for m in mechanisms])
-        user = self.authenticate(args)
-        return user if isinstance(user, _Reply) else self.login(user, "auth")
-
     def authenticate(self, args: str) -> str | _Reply:
         """Run the SASL exchange of ``AUTH args``: the user it proves, or the -ERR."""
         mechanisms = self.mechanisms()
         parts = args.split(" ")
         if len(parts) > 2:
-            return self.err("syntax")
+            return self.pop.err("syntax")
         mechanism = parts[0].upper()
         if mechanism not in mechanisms:
-            return self.err("mechanism")
+            return self.pop.err("mechanism")
         step = getattr(self, "sasl_" + mechanism.replace("-", "_").lower(), None)
         if step is None:
-            return self.err("mechanism")
-        # The AUTH reply's faults also shape the challenges.
-        self.faults = self.server._take(("delay", "drop", "bytewise"), self.verb, self.line)
+            return self.pop.err("mechanism")
         try:
             # The line was decoded with surrogateescape: undo it the same way (8-bit bytes are
             # then simply not base64).
@@ -1597,24 +1891,24 @@ class _Session(socketserver.BaseRequestHandler):
             user = cast(Callable[[Optional[bytes]], str], step)(initial)
         except _SaslFailure as failure:
             key = failure.args[0]
-            return self.err(key, self.auth_code() if key == "bad-login" else None)
-        self.log.mechanism = mechanism
+            return self.pop.err(key, self.pop.auth_code() if key == "bad-login" else None)
+        self.session.log.mechanism = mechanism
         return user
 
     def exchange(self, challenge: bytes) -> bytes:
         """Send a challenge, return the decoded response; "*" cancels."""
-        self.send_line(b"+ " + base64.b64encode(challenge))
+        self.session.send_line(b"+ " + base64.b64encode(challenge))
         try:
-            raw = self.readline(MAX_SASL_LINE)
+            raw = self.session.readline(MAX_SASL_LINE)
         except _LineTooLong:
-            self.record("C: (a response over %d octets, skipped)" % MAX_SASL_LINE)
+            self.session.record("C: (a response over %d octets, skipped)" % MAX_SASL_LINE)
             raise _SaslFailure("too-long") from None
         if raw is None:
             raise _HangUp()
         if raw == b"*":
-            self.record("C: *")
+            self.session.record("C: *")
             raise _SaslFailure("cancelled")
-        self.record("C: ****")
+        self.session.record("C: ****")
         return _b64decode(raw) if raw else b""
 
     def check(self, user: str, password: str) -> str:
@@ -1734,121 +2028,30 @@ class _Session(socketserver.BaseRequestHandler):
         self.exchange(json.dumps(error).encode())
         raise _SaslFailure("bad-login")
 
-    # ----- TRANSACTION -------------------------------------------------------------
-    def totals(self) -> tuple[int, int]:
-        sizes = [len(data) for n, (_, data) in enumerate(self.entries, 1) if n not in self.marked]
-        return len(sizes), sum(sizes)
 
-    def huge(self) -> int:
-        faults = self.server._take(("huge-sizes",), self.verb, self.line)
-        return sum(int(cast(int, f.value if f.value is not None else 2**32)) for f in faults)
+class _ReplayedPop3(_Pop3):
+    """A recorded session served again (FakeServer(replay=...)): connection n gets recorded
+    session n (later ones the last); each command gets the next recorded reply to the same
+    command line. Credentials are checked against the test password, not replayed; STLS is
+    real when the server has ``tls="stls"``."""
 
-    def number(self, text: str) -> int | None:
-        """A message number that exists and is not marked, else None."""
-        if not re.match(r"[0-9]{1,9}\Z", text):
-            return None
-        n = int(text)
-        return n if 1 <= n <= len(self.entries) else None
+    def __init__(self, session: _Session) -> None:
+        super().__init__(session)
+        self.replies: dict[str, list[bytes]] = {}  # command -> recorded replies
 
-    def message(self, args: str, count: int) -> int | _Reply:
-        parts = args.split()
-        if len(parts) != count:
-            return self.err("syntax")
-        n = self.number(parts[0])
-        if n is None:
-            return self.err("no-message")
-        if n in self.marked:
-            return self.err("deleted", n=n)
-        return n
-
-    def cmd_stat(self, args: str) -> _Reply:
-        if args:
-            return self.err("syntax")
-        count, size = self.totals()
-        return self.ok("stat", count=count, size=size + self.huge())
-
-    def cmd_list(self, args: str) -> _Reply:
-        extra = self.huge()
-        if args:
-            n = self.message(args, 1)
-            if isinstance(n, _Reply):
-                return n
-            return self.ok("list-one", n=n, size=len(self.entries[n - 1][1]) + extra)
-        count, size = self.totals()
-        body = [
-            b"%d %d" % (n, len(data) + extra)
-            for n, (_, data) in enumerate(self.entries, 1)
-            if n not in self.marked
-        ]
-        key = "list-marked" if self.marked else "list"
-        return self.ok(key, body, count=count, size=size + extra * count)
-
-    def cmd_uidl(self, args: str) -> _Reply:
-        if args:
-            n = self.message(args, 1)
-            if isinstance(n, _Reply):
-                return n
-            return self.ok("uidl-one", n=n, uid=self.entries[n - 1][0])
-        body = [
-            b"%d %s" % (n, uid.encode())
-            for n, (uid, _) in enumerate(self.entries, 1)
-            if n not in self.marked
-        ]
-        return self.ok("uidl", body)
-
-    def cmd_retr(self, args: str) -> _Reply:
-        n = self.message(args, 1)
-        if isinstance(n, _Reply):
-            return n
-        data = self.entries[n - 1][1]
-        size = len(data)
-        for fault in self.server._take(("wrong-octets",), self.verb, self.line):
-            size = int(cast(int, fault.value)) if fault.value is not None else size + 1
-        return self.ok("retr", data[:-2].split(b"\r\n") if data else [], size=size)
-
-    def cmd_top(self, args: str) -> _Reply:
-        parts = args.split()
-        if len(parts) != 2 or not re.match(r"[0-9]{1,9}\Z", parts[1]):
-            return self.err("syntax")
-        n = self.message(parts[0], 1)
-        if isinstance(n, _Reply):
-            return n
-        data = self.entries[n - 1][1]
-        lines = data[:-2].split(b"\r\n") if data else []
-        header_end = lines.index(b"") + 1 if b"" in lines else len(lines)
-        return self.ok("top", lines[: header_end + int(parts[1])])
-
-    def cmd_dele(self, args: str) -> _Reply:
-        n = self.message(args, 1)
-        if isinstance(n, _Reply):
-            return n
-        self.marked.add(n)
-        return self.ok("dele", n=n)
-
-    def cmd_rset(self, args: str) -> _Reply:
-        if args:
-            return self.err("syntax")
-        self.marked = set()
-        count, size = self.totals()
-        return self.ok("rset", count=count, size=size)
-
-    def cmd_noop(self, args: str) -> _Reply:
-        return self.err("syntax") if args else self.ok("noop")
-
-    # ----- replayed sessions -------------------------------------------------------
-    def start_replay(self, sessions: Sequence[RecordedSession]) -> None:
-        """Send the greeting of this connection's recorded session (connection n gets session n,
-        later ones the last) and index its replies by command."""
-        recorded = sessions[min(self.serial, len(sessions)) - 1]
+    def greeting(self) -> _Reply:
+        """The recorded greeting; the session's replies indexed by command."""
+        sessions = cast(Sequence[RecordedSession], self.server.recording)
+        recorded = sessions[min(self.session.serial, len(sessions)) - 1]
         for exchange in recorded.exchanges:
             self.replies.setdefault(_command_key(exchange.command), []).append(exchange.reply)
         found = re.search(rb"<[^<>\s]*@[^<>\s]*>", recorded.greeting)
-        self.timestamp = found.group(0).decode("utf-8", "replace") if found else None
-        self.send_reply(_Reply(b"", raw=recorded.greeting))
+        reply = _Reply(b"", raw=recorded.greeting)
+        reply.timestamp = found.group(0).decode("utf-8", "replace") if found else None
+        return reply
 
-    def replay(self, verb: str, args: str, pending: str | None) -> _Reply:
-        """Answer with the recorded reply to this command. Credentials are checked against the
-        test password, not replayed; STLS is real when the server has ``tls="stls"``."""
+    def dispatch(self, verb: str, args: str, line: str, pending: str | None) -> _Reply:
+        self.line = line
         states = _STATES.get(verb)
         if states is not None and self.state not in states:
             return self.err("state")
@@ -1857,19 +2060,7 @@ class _Session(socketserver.BaseRequestHandler):
                 return self.err("syntax")
             self.pending_user = args
         elif verb in ("PASS", "APOP") or (verb == "AUTH" and args):
-            user: str | _Reply
-            if verb == "PASS":
-                user = pending if pending is not None else self.err("no-user")
-                if pending is not None and not self.server._password_ok(pending, args):
-                    user = self.err("bad-login", self.auth_code())
-            else:
-                user = self.apop_user(args) if verb == "APOP" else self.authenticate(args)
-            if isinstance(user, _Reply):
-                return user
-            reply = self.recorded(verb)
-            if reply.raw is not None and reply.raw.startswith(b"+OK"):
-                self.logged_in(user, verb.lower())
-            return reply
+            return self.login_replayed(verb, args, pending)
         elif verb == "STLS" and self.server.tls == "stls":
             return self.cmd_stls(args)
         elif verb == "QUIT":
@@ -1878,11 +2069,27 @@ class _Session(socketserver.BaseRequestHandler):
             return self.hang_up_after(self.recorded(verb))
         return self.recorded(verb)
 
+    def login_replayed(self, verb: str, args: str, pending: str | None) -> _Reply:
+        """Check the credentials for real; then the recorded reply."""
+        user: str | _Reply
+        if verb == "PASS":
+            user = pending if pending is not None else self.err("no-user")
+            if pending is not None and not self.server._password_ok(pending, args):
+                user = self.err("bad-login", self.auth_code())
+        else:
+            user = self.apop_user(args) if verb == "APOP" else self.sasl.authenticate(args)
+        if isinstance(user, _Reply):
+            return user
+        reply = self.recorded(verb)
+        if reply.raw is not None and reply.raw.startswith(b"+OK"):
+            self.logged_in(user, verb.lower())
+        return reply
+
     def recorded(self, verb: str) -> _Reply:
         """The next recorded reply to the current command (the last one again once used up).
         Names and credentials differ between a recording and a test, so USER, PASS, APOP, AUTH
         (same mechanism) and QUIT fall back to any recorded command with the same verb."""
-        key = _command_key(self.redact(verb, self.line.encode("utf-8", "surrogateescape")))
+        key = _command_key(_show(_redact_command(self.line.encode("utf-8", "surrogateescape"))))
         replies = self.replies.get(key)
         if replies is None and verb in ("USER", "PASS", "APOP", "AUTH", "QUIT"):
             prefix = " ".join(key.split(" ")[: 2 if verb == "AUTH" else 1])
@@ -1891,33 +2098,30 @@ class _Session(socketserver.BaseRequestHandler):
                     replies = answers
                     break
         if replies is None:
-            self.server._mismatch(ReplayMismatch(self.serial, key, tuple(self.replies)))
+            self.server._mismatch(ReplayMismatch(self.session.serial, key, tuple(self.replies)))
             return self.err("no recorded answer to this command (fakeserver replay)")
         reply = _Reply(b"", raw=replies.pop(0) if len(replies) > 1 else replies[0])
         if not reply.raw:  # the recorded server never answered: the connection ended there
             reply.after = _hang_up
         return reply
 
-    # ----- scripted sessions -------------------------------------------------------
-    def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:
-        """Replay raw replies; each expected command must match exactly (else AssertionError)."""
-        challenged = False  # a SASL response follows a "+ " line: never shown
-        for step, (expected, reply) in enumerate(script):
-            if expected is not None:
-                raw = self.readline(MAX_SASL_LINE)
-                if raw is None:
-                    return  # the client closed: what it sent so far is in the transcript
-                verb = _show(raw).partition(" ")[0].upper()
-                shown = "****" if challenged and raw != b"*" else self.redact(verb, raw)
-                self.record("C: " + shown)
-                if _show(raw) != expected:
-                    raise AssertionError(
-                        "script step %d: expected %r, the client sent %r" % (step, expected, shown)
-                    )
-            for line in reply.splitlines():
-                self.record("S: " + _show(line))
-            self.sock.sendall(reply)
-            challenged = reply.startswith(b"+ ")
+
+def _run_script(session: _Session, script: Sequence[tuple[str | None, bytes]]) -> None:
+    """Send raw replies; each expected command must match exactly (else AssertionError)."""
+    challenged = False  # a SASL response follows a "+ " line: never shown
+    for step, (expected, reply) in enumerate(script):
+        if expected is not None:
+            raw = session.readline(MAX_SASL_LINE)
+            if raw is None:
+                return  # the client closed: what it sent so far is in the transcript
+            shown = "****" if challenged and raw != b"*" else _show(_redact_command(raw))
+            session.record("C: " + shown)
+            if _show(raw) != expected:
+                raise AssertionError(
+                    "script step %d: expected %r, the client sent %r" % (step, expected, shown)
+                )
+        session.send(reply)
+        challenged = reply.startswith(b"+ ")
 
 
 def _command_key(command: str) -> str:
@@ -1991,6 +2195,22 @@ def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
     return lines
 
 
+def _check_options(
+    preset: str, tls: str | None, port: int, idle_timeout: float, max_sessions: int
+) -> None:
+    """FakeServer's checks of its arguments (ValueError)."""
+    if preset not in _PRESETS:
+        raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
+    if tls not in (None, "stls", "implicit"):
+        raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
+    if not 0 <= port <= 65535:
+        raise ValueError("the port must be 0-65535, not %r" % (port,))
+    if not 0 < idle_timeout < float("inf"):  # also refuses nan, which sockets cannot take
+        raise ValueError("the idle timeout must be a positive number of seconds")
+    if max_sessions < 1:
+        raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
+
+
 class FakeServer(socketserver.ThreadingTCPServer):
     """A POP3 server in a thread: ``with FakeServer(...) as server:`` (see the module docstring)."""
 
@@ -2020,19 +2240,10 @@ class FakeServer(socketserver.ThreadingTCPServer):
         greeting: str | None = None,
         keep_transcripts: bool = True,
         replay: str | Path | Sequence[RecordedSession] | None = None,
+        utf8_downconvert: bool = False,
     ) -> None:
-        if preset not in _PRESETS:
-            raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
-        if tls not in (None, "stls", "implicit"):
-            raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
-        if not 0 <= port <= 65535:
-            raise ValueError("the port must be 0-65535, not %r" % (port,))
-        if not 0 < idle_timeout < float("inf"):  # also refuses nan, which sockets cannot take
-            raise ValueError("the idle timeout must be a positive number of seconds")
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
-        for fault in faults:
-            _check_fault(fault)
+        _check_options(preset, tls, port, idle_timeout, max_sessions)
+        self.faults = _Faults(faults)
         self.recording = _load_replay(replay) if replay is not None else None
         if self.recording is not None and capabilities is None:
             capabilities = _recorded_capabilities(self.recording)
@@ -2050,7 +2261,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
             oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
         self.oauth_token = oauth_token
         self.tls = tls
-        self.faults = list(faults)
+        self.utf8_downconvert = utf8_downconvert
         self.script = list(script) if script is not None else None
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
@@ -2061,7 +2272,6 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self._connections = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
-        self._uses = [0] * len(self.faults)
         self._sessions: list[_Session] = []
         self._admitted: set[int] = set()
         self._serials = itertools.count(1)
@@ -2096,9 +2306,24 @@ class FakeServer(socketserver.ThreadingTCPServer):
             self._thread.start()
         return self
 
+    def stop(self) -> None:
+        """Stop serving and end every session (their exceptions stay in ``errors``)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
+        self.server_close()  # joins the session threads
+
     def close(self) -> None:
         """Stop serving, end every session, then raise the first exception a session hit."""
-        self._stop()
+        self.stop()
         if self.errors:
             raise self.errors[0]
 
@@ -2136,7 +2361,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         return self.start()
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self._stop()
+        self.stop()
         if exc_type is None and self.errors:
             raise self.errors[0]
 
@@ -2147,20 +2372,6 @@ class FakeServer(socketserver.ThreadingTCPServer):
             logger.error("session failed: %r", error)
             with self._lock:
                 self.errors.append(error)
-
-    def _stop(self) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-        with self._lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.abort()
-        self.server_close()  # joins the session threads
 
     def _join(self, session: _Session) -> None:
         with self._lock:
@@ -2185,19 +2396,6 @@ class FakeServer(socketserver.ThreadingTCPServer):
         with self._lock:
             self._sessions.remove(session)
             self._admitted.discard(id(session))
-
-    def _take(self, kinds: Sequence[str], verb: str, line: str = "") -> list[Fault]:
-        """The faults of `kinds` that select this reply; each use counts against its `times`."""
-        found = []
-        with self._lock:
-            for index, fault in enumerate(self.faults):
-                if fault.kind not in kinds or not _fault_matches(fault, verb, line):
-                    continue
-                if fault.times is not None and self._uses[index] >= fault.times:
-                    continue
-                self._uses[index] += 1
-                found.append(fault)
-        return found
 
     def _fresh_timestamp(self) -> str:
         """A new APOP/CRAM-MD5 challenge (RFC 1939 section 7: unique per connection)."""
@@ -2607,108 +2805,127 @@ def _report_text(servers: Sequence[FakeServer]) -> str:
     return "\n".join(parts)
 
 
-def _pytest_plugin() -> object:
+def _make_server(
+    preset: str = "rfc",
+    *,
+    messages: Iterable[object] | None = None,
+    maildir: str | Path | None = None,
+    mbox: str | Path | None = None,
+    eml_dir: str | Path | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    folder: Path | None = None,
+    **options: Any,
+) -> FakeServer:
+    """make_pop3_server's server (not started); a relative ``replay`` path is taken from
+    `folder` (the test file's)."""
+    name = user if user is not None else "hogehoge"
+    secret = password if password is not None else "fugafuga"
+    sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
+    if len(sources) > 1:
+        raise ValueError("give one of messages, maildir, mbox and eml_dir")
+    drop: Maildrop | None = None
+    if messages is not None:
+        drop = Maildrop(secret, (_mail_bytes(m) for m in messages))
+    elif maildir is not None:
+        drop = Maildrop.from_maildir(maildir, secret)
+    elif mbox is not None:
+        drop = Maildrop.from_mbox(mbox, secret)
+    elif eml_dir is not None:
+        drop = Maildrop.from_eml_dir(eml_dir, secret)
+    elif (user, password) != (None, None) and preset in _PRESETS:
+        base = next(iter(_PRESETS[preset].make_users().values()))
+        drop = Maildrop(secret, base.messages, uids=base.uids)
+    if drop is not None:
+        options["users"] = {name: drop}
+    replay = options.get("replay")
+    if folder is not None and isinstance(replay, (str, Path)) and "\n" not in str(replay):
+        options["replay"] = folder / replay  # an absolute `replay` stays as it is
+    return FakeServer(preset, **options)
+
+
+def _report_session_errors(report: Any, servers: Sequence[FakeServer]) -> None:
+    """The test is over: end its servers' sessions, so that an exception one of them hit is
+    known now and fails this test (not a later one, not only the teardown)."""
     import traceback
+
+    for server in servers:
+        server.stop()
+    errors = [error for server in servers for error in server.errors]
+    if errors:
+        text = "".join(traceback.format_exception(
+            type(errors[0]), errors[0], errors[0].__traceback__))
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = "a fakeserver session raised:\n" + text
+        else:
+            report.sections.append(("fakeserver session error", text))
+
+
+def _pytest_plugin() -> object:
+    """The fixtures pop3_server, make_pop3_server and pop3_ca_file and the report hook, as a
+    module: plain functions, since pytest 9 deprecates fixtures that are instance methods."""
+    import types
 
     import pytest
 
-    class FakeServerPlugin:
-        """Fixtures pop3_server, make_pop3_server and pop3_ca_file; transcripts in reports."""
+    # The servers of each running test (its node id): per process, so pytest-xdist workers
+    # share nothing, and every server has its own free port.
+    servers: dict[str, list[FakeServer]] = {}
 
-        def __init__(self) -> None:
-            # The servers of each running test (its node id): per process, so pytest-xdist
-            # workers share nothing, and every server has its own free port.
-            self.servers: dict[str, list[FakeServer]] = {}
+    @pytest.fixture
+    def make_pop3_server(request: Any) -> Iterator[Callable[..., FakeServer]]:
+        """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
+        mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
+        options)`` returns a started server; all are stopped when the test ends. Messages
+        are bytes, str or email Messages; with no mail source, `user` and `password` get
+        the preset's messages. A relative ``replay`` path is relative to the test file."""
+        started = servers.setdefault(request.node.nodeid, [])
+        folder = Path(str(request.path)).parent
 
-        @pytest.fixture
-        def make_pop3_server(self, request: Any) -> Iterator[Callable[..., FakeServer]]:
-            """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
-            mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
-            options)`` returns a started server; all are stopped when the test ends. Messages
-            are bytes, str or email Messages; with no mail source, `user` and `password` get
-            the preset's messages."""
-            servers = self.servers.setdefault(request.node.nodeid, [])
+        def make(preset: str = "rfc", **options: Any) -> FakeServer:
+            server = _make_server(preset, folder=folder, **options)
+            started.append(server.start())
+            return server
 
-            def make(
-                preset: str = "rfc",
-                *,
-                messages: Iterable[object] | None = None,
-                maildir: str | Path | None = None,
-                mbox: str | Path | None = None,
-                eml_dir: str | Path | None = None,
-                user: str | None = None,
-                password: str | None = None,
-                **options: Any,
-            ) -> FakeServer:
-                name = user if user is not None else "hogehoge"
-                secret = password if password is not None else "fugafuga"
-                sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
-                if len(sources) > 1:
-                    raise ValueError("give one of messages, maildir, mbox and eml_dir")
-                drop: Maildrop | None = None
-                if messages is not None:
-                    drop = Maildrop(secret, (_mail_bytes(m) for m in messages))
-                elif maildir is not None:
-                    drop = Maildrop.from_maildir(maildir, secret)
-                elif mbox is not None:
-                    drop = Maildrop.from_mbox(mbox, secret)
-                elif eml_dir is not None:
-                    drop = Maildrop.from_eml_dir(eml_dir, secret)
-                elif (user, password) != (None, None) and preset in _PRESETS:
-                    base = next(iter(_PRESETS[preset].make_users().values()))
-                    drop = Maildrop(secret, base.messages, uids=base.uids)
-                if drop is not None:
-                    options["users"] = {name: drop}
-                server = FakeServer(preset, **options)
-                servers.append(server.start())
-                return server
+        yield make
+        for server in started:
+            server.stop()  # errors were reported with the test (pytest_runtest_makereport)
+        servers.pop(request.node.nodeid, None)
 
-            yield make
-            for server in servers:
-                server._stop()  # errors were reported with the test (pytest_runtest_makereport)
-            self.servers.pop(request.node.nodeid, None)
+    @pytest.fixture
+    def pop3_server(request: Any, make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+        """A started FakeServer (preset "rfc"), configured by a ``pop3_server`` marker."""
+        marker = request.node.get_closest_marker("pop3_server")
+        if marker is None:
+            return make_pop3_server()
+        return make_pop3_server(*marker.args, **marker.kwargs)
 
-        @pytest.fixture
-        def pop3_server(self, request: Any, make_pop3_server: Callable[..., FakeServer]
-                        ) -> FakeServer:
-            """A started FakeServer (preset "rfc"), configured by a ``pop3_server`` marker."""
-            marker = request.node.get_closest_marker("pop3_server")
-            if marker is None:
-                return make_pop3_server()
-            return make_pop3_server(*marker.args, **marker.kwargs)
+    @pytest.fixture(scope="session")
+    def pop3_ca_file(tmp_path_factory: Any) -> Path:
+        """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
+        path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
+        path.write_text(CA_PEM)
+        return path
 
-        @pytest.fixture(scope="session")
-        def pop3_ca_file(self, tmp_path_factory: Any) -> Path:
-            """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
-            path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
-            path.write_text(CA_PEM)
-            return path
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()  # type: ignore[attr-defined]
+        started = servers.get(item.nodeid)
+        if not started:
+            return
+        if report.when == "call":
+            _report_session_errors(report, started)
+        if report.failed:
+            report.sections.append(("fakeserver transcript", _report_text(started)))
 
-        @pytest.hookimpl(hookwrapper=True)
-        def pytest_runtest_makereport(self, item: Any, call: Any) -> Iterator[None]:
-            outcome = yield
-            report = outcome.get_result()  # type: ignore[attr-defined]
-            servers = self.servers.get(item.nodeid)
-            if not servers:
-                return
-            if report.when == "call":
-                # The test is over: end its sessions, so that an exception one of them hit is
-                # known now and fails this test (not a later one, not only the teardown).
-                for server in servers:
-                    server._stop()
-                errors = [error for server in servers for error in server.errors]
-                if errors:
-                    text = "".join(traceback.format_exception(
-                        type(errors[0]), errors[0], errors[0].__traceback__))
-                    if report.passed:
-                        report.outcome = "failed"
-                        report.longrepr = "a fakeserver session raised:\n" + text
-                    else:
-                        report.sections.append(("fakeserver session error", text))
-            if report.failed:
-                report.sections.append(("fakeserver transcript", _report_text(servers)))
-
-    return FakeServerPlugin()
+    plugin = types.ModuleType("fakeserver_fixtures")
+    plugin.make_pop3_server = make_pop3_server  # type: ignore[attr-defined]
+    plugin.pop3_server = pop3_server  # type: ignore[attr-defined]
+    plugin.pop3_ca_file = pop3_ca_file  # type: ignore[attr-defined]
+    plugin.pytest_runtest_makereport = pytest_runtest_makereport  # type: ignore[attr-defined]
+    return plugin
 
 
 # ======================================================================================
@@ -2824,7 +3041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server._stop()
+        server.stop()
     for failure in server.errors:
         print("fakeserver: a session failed: %r" % (failure,), file=sys.stderr)
     for mismatch in server.mismatches:

@@ -1347,7 +1347,7 @@ def test_a_handler_exception_is_raised_at_exit(monkeypatch: pytest.MonkeyPatch) 
     def broken(self: object, args: str) -> None:
         raise ZeroDivisionError("bug in a handler")
 
-    monkeypatch.setattr(fakeserver._Session, "cmd_noop", broken)
+    monkeypatch.setattr(fakeserver._Pop3, "cmd_noop", broken)
     bug = pytest.raises(ZeroDivisionError, match="bug in a handler")
     with bug, FakeServer() as server, Raw(server) as client:
         login(client)

@@ -64,7 +64,7 @@ def test_tls(pop3_server, pop3_ca_file):
     pop.quit()
     log = pop3_server.sessions[0]
     assert log.tls and log.login == "USER" and log.quit
-    assert open(pop3_ca_file).read() == __import__("fakeserver").CA_PEM
+    assert pop3_ca_file.read_text() == __import__("fakeserver").CA_PEM
 
 def test_default_is_rfc(pop3_server):
     assert pop3_server.preset == "rfc" and pop3_server.tls is None
@@ -152,7 +152,7 @@ import fakeserver
 def test_causes_it(pop3_server, monkeypatch):
     def broken(self, args):
         raise RuntimeError("the server broke on NOOP")
-    monkeypatch.setattr(fakeserver._Session, "cmd_noop", broken)
+    monkeypatch.setattr(fakeserver._Pop3, "cmd_noop", broken)
     pop = login(pop3_server, "fugafuga")
     with pytest.raises(Exception):
         pop.noop()                 # the client only sees the connection end

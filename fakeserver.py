@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None, keep_transcripts=True, replay=None)``
+greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -34,12 +34,18 @@ greeting=None, keep_transcripts=True, replay=None)``
     ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp. ``keep_transcripts``: False
     forgets each connection's transcript when it ends (a long-running server; the log still
     shows it). ``replay``: a recording to serve instead of a preset (below).
+    ``utf8_downconvert``: as Courier, when UTF8 is offered and the client did not send it, a
+    message with 8-bit header bytes is served as a 7-bit "Cannot display Unicode content"
+    multipart with the original inside as ``message/global`` (RFC 6856 section 2.1, RFC 6532);
+    LIST and STAT announce that size; after UTF8 the original is served.
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
 / ``"S: ..."`` strings per connection, in order of connection; each line is recorded before it is
 written; passwords and SASL responses appear as ``****``), ``errors`` (exceptions sessions hit),
-``start()``, ``close()`` (stop, then raise the first error), ``ssl_context_for_clients()``,
+``start()``, ``stop()`` (stop serving, end every session; errors stay in ``errors``),
+``close()`` (stop, then raise the first error), ``wait_idle(timeout=5.0)``,
+``ssl_context_for_clients()``,
 context manager. For assertions: ``sessions`` (a ``SessionLog`` per connection: ``number``,
 ``transcript``, ``commands``, ``tls``, ``login`` ("USER", "APOP" or "AUTH"), ``mechanism`` (of
 AUTH), ``user``, ``state`` (the last: AUTHORIZATION, TRANSACTION, or UPDATE after QUIT), ``quit``,
@@ -47,16 +53,20 @@ AUTH), ``user``, ``state`` (the last: AUTHORIZATION, TRANSACTION, or UPDATE afte
 lines) and ``deleted`` (every message QUIT removed); ``mismatches`` (replay, below).
 
 Record and replay. ``Recorder(upstream="HOST[:PORT]", out=PATH, *, tls=None, host="127.0.0.1",
-port=0, context=None, headers_only=False, timeout=60.0)`` is a proxy: a client connects to its
-``address`` in plaintext, the proxy talks to the real server (``tls``: "implicit", the default on
-port 995 or with no port, "stls" (the proxy sends STLS) otherwise, or "none"; certificates are
-verified with ``context`` or the system's CAs) and appends each session to the transcript file
-(format: section "Transcript files" below), secrets as ``****``; ``headers_only`` keeps only the
-header of RETR and TOP messages. ``FakeServer(replay=...)`` (a file path, transcript text, or
-``parse_transcript()``'s sessions) serves a recording: connection n gets recorded session n (later
-ones the last); each command gets the next recorded reply to the same command line, whatever the
-order or pipelining; USER/PASS, APOP and AUTH are checked against ``REPLAY_PASSWORD`` (any user
-name; ``users=`` to choose) and then get the recorded reply; a command the recording has no
+port=0, context=None, headers_only=False, timeout=60.0, overwrite=False)`` is a proxy: a client
+connects to its ``address`` in plaintext, the proxy talks to the real server (``tls``:
+"implicit", the default on port 995 or with no port; "stls" (the proxy sends STLS), the default
+on port 110; "auto", the default on other ports: a plaintext greeting within ``GREETING_WAIT``
+seconds means STLS, none means implicit TLS, and the file says which; or "none"; certificates
+are verified with ``context`` or the system's CAs) and appends each session to the transcript
+file (format: section "Transcript files" below), secrets as ``****``, logging how many client
+lines went into it; an existing ``out`` file raises FileExistsError unless ``overwrite``;
+``headers_only`` keeps only the header of RETR and TOP messages. ``FakeServer(replay=...)`` (a
+file path, transcript text, or ``parse_transcript()``'s sessions) serves a recording:
+connection n gets recorded session n (later ones the last); each command gets the next recorded
+reply to the same command line, whatever the order or pipelining; USER/PASS, APOP and AUTH are
+checked against ``REPLAY_PASSWORD`` (any user name; ``users=`` to choose) and then get the
+recorded reply; a command the recording has no
 answer for gets ``-ERR`` and a ``ReplayMismatch(session, command, recorded)`` in
 ``mismatches``. ``OPERAMAIL_RECORDING`` is the seed session the operamail preset is built from.
 ``transcript_line(direction, data)``, ``parse_transcript(text)`` and ``load_transcript(path)``
@@ -67,9 +77,10 @@ pytest plugin (``pytest11`` entry point of an installed pop3lite, or ``pytest_pl
 ["fakeserver"]`` in a conftest): fixtures ``pop3_server`` (a started server, preset "rfc",
 configured by ``@pytest.mark.pop3_server(preset, **options)``), ``make_pop3_server(preset="rfc",
 *, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``
-and ``pop3_ca_file`` (the test CA as a file). When a test fails, the transcripts of its servers
-appear in the report as the section "fakeserver transcript"; an exception in a session fails the
-test that was running.
+(a relative ``replay`` path is taken from the test file's folder) and ``pop3_ca_file`` (the test
+CA as a file); plain functions, clean under ``-W error``. When a test fails, the transcripts of
+its servers appear in the report as the section "fakeserver transcript"; an exception in a
+session fails the test that was running.
 
 ``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
 uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
@@ -77,12 +88,14 @@ uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
 
 ``Fault(kind, command=None, value=None, times=None)``: ``command`` None selects every reply the
 kind can apply to; a verb (``"RETR"``) selects that command; a full command line
-(``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how often it fires.
+(``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how many replies it
+changes. Every reply passes through one place that chooses and applies its faults.
 Kinds (``value`` in brackets):
 
 - transport: ``delay`` [seconds, default 1] before the reply; ``drop`` [N, default 0] closes the
   connection after N bytes of the reply (command None: after N bytes of the whole connection; no
-  UPDATE); ``bytewise`` sends one byte per send call.
+  UPDATE); the transcript shows the cut: the part of a line sent ends in a lone ``\\``, then a
+  note of how many octets went out; ``bytewise`` sends one byte per send call.
 - format: ``lf`` (LF-only line ends); ``long-line`` [octets, default 2048] (a single-line reply is
   padded, a multi-line reply gets such a first line); ``no-terminator`` (no final ".", then
   hang up); ``unstuffed-dot`` (body lines that start with "." are not dot-stuffed); ``8bit`` (8-bit
@@ -105,8 +118,9 @@ verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' m
 
 Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
 stdout is ``HOST:PORT``; Ctrl-C stops it. ``--replay FILE`` serves a recording;
-``--record HOST[:PORT] --out FILE [--tls implicit|stls|none] [--headers-only]`` runs the
-recording proxy.
+``--record HOST[:PORT] --out FILE [--force] [--tls implicit|stls|none] [--headers-only]`` runs
+the recording proxy (``--force`` to overwrite an existing FILE). The banner names the file
+``--write-ca`` wrote, and with ``--replay`` the commands the recording answers.
 
 The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
 both cannot hide.
@@ -2425,6 +2439,9 @@ class FakeServer(socketserver.ThreadingTCPServer):
 
 #: A wire line longer than this is written in chunks that end in a lone "\" (no line end).
 MAX_RECORDED_CHUNK = 65536
+#: With tls="auto", how long the proxy waits for a plaintext greeting before it tries implicit
+#: TLS (pop3lite's command line waits as long).
+GREETING_WAIT = 3.0
 
 
 def _multi_line(command: bytes) -> bool:
@@ -2570,12 +2587,13 @@ class Recorder(socketserver.ThreadingTCPServer):
         context: ssl.SSLContext | None = None,
         headers_only: bool = False,
         timeout: float = 60.0,
+        overwrite: bool = False,
     ) -> None:
         server_host, server_port = _parse_upstream(upstream)
         if tls is None:  # secure by default: TLS either way, implicit on the POP3S port
-            tls = "implicit" if server_port in (None, 995) else "stls"
-        if tls not in ("implicit", "stls", "none"):
-            raise ValueError('tls must be "implicit", "stls" or "none", not %r' % (tls,))
+            tls = {None: "implicit", 995: "implicit", 110: "stls"}.get(server_port, "auto")
+        if tls not in ("implicit", "stls", "none", "auto"):
+            raise ValueError('tls must be "implicit", "stls", "auto" or "none", not %r' % (tls,))
         self.upstream = (server_host, server_port or (995 if tls == "implicit" else 110))
         self.tls = tls
         self.out = Path(out)
@@ -2586,7 +2604,8 @@ class Recorder(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._sessions = itertools.count(1)
         self._thread: threading.Thread | None = None
-        with self.out.open("w", encoding="utf-8") as file:
+        # A recording is somebody's regression test: never truncate one unasked.
+        with self.out.open("w" if overwrite else "x", encoding="utf-8") as file:
             file.write("%s\n# recorded through fakeserver.py --record %s:%d (TLS %s) on %s\n"
                        % (TRANSCRIPT_HEADER, self.upstream[0], self.upstream[1], tls,
                           time.strftime("%Y-%m-%d %H:%M:%S %z")))
@@ -2628,20 +2647,45 @@ class Recorder(socketserver.ThreadingTCPServer):
             with self._lock:
                 self.errors.append(error)
 
-    def _connect(self) -> socket.socket:
-        """A connection to the real server, TLS verified (STLS done here, RFC 2595)."""
+    def _connect(self, tap: _Tap) -> tuple[socket.socket, str]:
+        """A connection to the real server, TLS verified, and its TLS mode: with "auto", a
+        server that sends no plaintext greeting within GREETING_WAIT seconds is taken to
+        expect TLS from the first byte (as pop3lite's command line does)."""
         host, port = self.upstream
         sock = socket.create_connection((host, port), timeout=self.timeout)
-        context = self.context or ssl.create_default_context()
-        if self.tls == "implicit":
+        tls = self.tls
+        if tls == "auto":
+            sock.settimeout(GREETING_WAIT)
+            try:
+                plaintext = bool(sock.recv(1, socket.MSG_PEEK))
+            except socket.timeout:
+                plaintext = False
+            sock.settimeout(self.timeout)
+            tls = "stls" if plaintext else "implicit"
+            tap.write("# the proxy chose TLS %s: %s" % (tls, "the server greeted in plaintext"
+                      if plaintext else "no plaintext greeting within %g s" % GREETING_WAIT))
+        if tls == "implicit":
+            context = self.context or ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
-        return sock
+        return sock, tls
 
     def _append(self, number: int, peer: str, lines: Iterable[str]) -> None:
+        commands = 0
         with self._lock, self.out.open("a", encoding="utf-8") as file:
             file.write("= session %d (client %s)\n" % (number, peer))
             for line in lines:
+                commands += line.startswith("C:")
                 file.write(line + "\n")
+        logger.info("recorded session %d: %d client lines into %s", number, commands, self.out)
+
+
+def _tls_hint(tls: str, error: BaseException) -> str:
+    """What to pass when a recording session failed the way a wrong TLS mode fails."""
+    if isinstance(error, socket.timeout) and tls == "stls":
+        return " (if the server expects TLS from the first byte, pass --tls implicit)"
+    if isinstance(error, ssl.SSLError) and tls == "implicit":
+        return " (if the server greets in plaintext, pass --tls stls)"
+    return ""
 
 
 class _ProxySession(socketserver.BaseRequestHandler):
@@ -2660,7 +2704,8 @@ class _ProxySession(socketserver.BaseRequestHandler):
             except (OSError, ValueError) as error:  # the peer went away, TLS failed, ...
                 tap.finish()
                 spool.write("# the session ended: %s\n" % (error,))
-                logger.warning("recording session %d ended: %s", number, error)
+                logger.warning("recording session %d ended: %s%s", number, error, _tls_hint(
+                    recorder.tls, error))
             spool.seek(0)
             recorder._append(number, "%s:%d" % self.client_address[:2],
                              (line.rstrip("\n") for line in spool))
@@ -2671,9 +2716,9 @@ class _ProxySession(socketserver.BaseRequestHandler):
         recorder = self.server
         client: socket.socket = self.request
         client.settimeout(recorder.timeout)
-        upstream = recorder._connect()
+        upstream, tls = recorder._connect(tap)
         try:
-            if recorder.tls == "stls":
+            if tls == "stls":
                 upstream = self.start_tls(upstream, tap)
             sockets = [client, upstream]
             while True:
@@ -2709,7 +2754,7 @@ class _ProxySession(socketserver.BaseRequestHandler):
                             # handshake we could not record.
                             tap.sent.pop()
                             tap.write("# the proxy refused the client's STLS (client side is "
-                                      "plaintext; the server side is TLS %s)" % recorder.tls)
+                                      "plaintext; the server side is TLS %s)" % tls)
                             client.sendall(b"-ERR STLS is not relayed by the recording proxy\r\n")
                             continue
                         upstream.sendall(line)
@@ -2844,22 +2889,28 @@ def _make_server(
     return FakeServer(preset, **options)
 
 
-def _report_session_errors(report: Any, servers: Sequence[FakeServer]) -> None:
-    """The test is over: end its servers' sessions, so that an exception one of them hit is
-    known now and fails this test (not a later one, not only the teardown)."""
+def _add_to_report(report: Any, servers: Sequence[FakeServer] | None) -> None:
+    """A test's servers in its report: once the test has run, its sessions are ended, so that
+    an exception one of them hit is known now and fails this test (not a later one, not only
+    the teardown); a failed test gets the transcripts."""
     import traceback
 
-    for server in servers:
-        server.stop()
-    errors = [error for server in servers for error in server.errors]
-    if errors:
-        text = "".join(traceback.format_exception(
-            type(errors[0]), errors[0], errors[0].__traceback__))
-        if report.passed:
-            report.outcome = "failed"
-            report.longrepr = "a fakeserver session raised:\n" + text
-        else:
-            report.sections.append(("fakeserver session error", text))
+    if not servers:
+        return
+    if report.when == "call":
+        for server in servers:
+            server.stop()
+        errors = [error for server in servers for error in server.errors]
+        if errors:
+            text = "".join(traceback.format_exception(
+                type(errors[0]), errors[0], errors[0].__traceback__))
+            if report.passed:
+                report.outcome = "failed"
+                report.longrepr = "a fakeserver session raised:\n" + text
+            else:
+                report.sections.append(("fakeserver session error", text))
+    if report.failed:
+        report.sections.append(("fakeserver transcript", _report_text(servers)))
 
 
 def _pytest_plugin() -> object:
@@ -2911,14 +2962,7 @@ def _pytest_plugin() -> object:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
         outcome = yield
-        report = outcome.get_result()  # type: ignore[attr-defined]
-        started = servers.get(item.nodeid)
-        if not started:
-            return
-        if report.when == "call":
-            _report_session_errors(report, started)
-        if report.failed:
-            report.sections.append(("fakeserver transcript", _report_text(started)))
+        _add_to_report(outcome.get_result(), servers.get(item.nodeid))  # type: ignore[attr-defined]
 
     plugin = types.ModuleType("fakeserver_fixtures")
     plugin.make_pop3_server = make_pop3_server  # type: ignore[attr-defined]
@@ -2933,8 +2977,7 @@ def _pytest_plugin() -> object:
 # ======================================================================================
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a fake server until Ctrl-C; the first line on stdout is HOST:PORT."""
+def _parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -2946,7 +2989,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
     parser.add_argument("--tls", choices=("none", "implicit", "stls"),
                         help="TLS mode (none); with --record, to the real server (implicit on "
-                        "port 995 and when no port is given, else stls)")
+                        "port 995 and when no port is given, stls on 110; on other ports the "
+                        "proxy waits 3 s for a plaintext greeting, then tries implicit TLS)")
     parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
                         help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
     source = parser.add_mutually_exclusive_group()
@@ -2970,30 +3014,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     record.add_argument("--record", metavar="HOST[:PORT]",
                         help="the real server (TLS verified); point your client at this proxy "
                         "in plaintext")
-    record.add_argument("--out", metavar="FILE", help="the transcript file to write")
+    record.add_argument("--out", metavar="FILE",
+                        help="the transcript file to write (an existing one only with --force)")
+    record.add_argument("--force", action="store_true",
+                        help="overwrite the --out file if it exists")
     record.add_argument("--cafile", metavar="FILE",
                         help="trust these CA certificates for the real server (default: system)")
     record.add_argument("--headers-only", action="store_true",
                         help="record only the header of each RETR/TOP message")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fake server until Ctrl-C; the first line on stdout is HOST:PORT."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.record:
         return _record(parser, args)
-
-    users: dict[str, Maildrop] | None = None
+    args.tls = args.tls or "none"
     try:
-        if args.maildir:
-            users = {args.user: Maildrop.from_maildir(args.maildir, args.password)}
-        elif args.mbox:
-            users = {args.user: Maildrop.from_mbox(args.mbox, args.password)}
-        elif args.eml_dir:
-            users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
-        if args.write_ca:
-            Path(args.write_ca).write_text(CA_PEM)
-        args.tls = args.tls or "none"
-        tls = None if args.tls == "none" else args.tls
-        server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
-                            idle_timeout=args.idle_timeout, keep_transcripts=False,
-                            replay=Path(args.replay) if args.replay else None)
+        server = _server_from(args)
     except mailbox.NoSuchMailboxError as error:
         print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
         return 1
@@ -3003,39 +3043,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # a port or timeout out of range
         parser.error(str(error))
     if not args.quiet:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    host = "[%s]" % server.host if ":" in server.host else server.host
-    where = "%s:%d" % (host, server.port)
-    user = args.user if users is not None else "hogehoge"
-    password = args.password if users is not None else "fugafuga"
-    # A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops us.
-    import signal
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _log_to_stderr(logging.DEBUG)
+    _take_back_sigint()
     try:
         server.start()
-        print(where, flush=True)
-        # The demo password is the seed's, public on purpose; a password given on the command
-        # line is the user's own and is not repeated.
-        shown = password if password == "fugafuga" else "as given"
-        what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
-        print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
-              % (what, args.tls, "(any)" if args.replay else user, shown))
-        if tls is None:
-            print("try:  telnet %s %d   (or: nc -C %s %d)"
-                  % (server.host, server.port, server.host, server.port))
-        else:
-            starttls = " -starttls pop3" if tls == "stls" else ""
-            print("try:  openssl s_client -connect %s%s -CAfile CA.pem  (CA.pem from --write-ca)"
-                  % (where, starttls))
-        client_tls = {"none": "none", "implicit": "implicit", "stls": "starttls"}[args.tls]
-        print("  or: python pop3lite.py %s %s --tls %s%s"
-              % (where, user, client_tls, "" if tls is None else " --cafile CA.pem"))
-        print("stop: Ctrl-C", flush=True)
+        _print_banner(server, args)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -3050,23 +3062,92 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if server.errors else 0
 
 
-def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """--record: run the recording proxy until Ctrl-C."""
+def _server_from(args: argparse.Namespace) -> FakeServer:
+    """The FakeServer the command line asks for (not started); writes --write-ca's file."""
+    users: dict[str, Maildrop] | None = None
+    if args.maildir:
+        users = {args.user: Maildrop.from_maildir(args.maildir, args.password)}
+    elif args.mbox:
+        users = {args.user: Maildrop.from_mbox(args.mbox, args.password)}
+    elif args.eml_dir:
+        users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
+    if args.write_ca:
+        Path(args.write_ca).write_text(CA_PEM)
+    tls = None if args.tls == "none" else args.tls
+    return FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
+                      idle_timeout=args.idle_timeout, keep_transcripts=False,
+                      replay=Path(args.replay) if args.replay else None)
+
+
+def _log_to_stderr(level: int) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _take_back_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops
+    us."""
     import signal
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _print_banner(server: FakeServer, args: argparse.Namespace) -> None:
+    """HOST:PORT on the first line, then who can log in and how to try it."""
+    host = "[%s]" % server.host if ":" in server.host else server.host
+    where = "%s:%d" % (host, server.port)
+    custom = args.maildir or args.mbox or args.eml_dir
+    user = args.user if custom else "hogehoge"
+    # The demo password is the seed's, public on purpose; a password given on the command
+    # line is the user's own and is not repeated.
+    password = args.password if custom else "fugafuga"
+    shown = password if password == "fugafuga" else "as given"
+    what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
+    print(where, flush=True)
+    print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
+          % (what, args.tls, "(any)" if args.replay else user, shown))
+    ca = args.write_ca or "CA.pem"
+    if server.tls is None:
+        print("try:  telnet %s %d   (or: nc -C %s %d)"
+              % (server.host, server.port, server.host, server.port))
+    else:
+        starttls = " -starttls pop3" if server.tls == "stls" else ""
+        print("try:  openssl s_client -connect %s%s -CAfile %s%s" % (
+            where, starttls, ca, "" if args.write_ca else "  (CA.pem from --write-ca)"))
+    if server.recording is not None:
+        # A client other than the one recorded sends other commands: show what it can answer.
+        print("  the recording answers (session 1): %s" % ", ".join(
+            exchange.command for exchange in server.recording[0].exchanges))
+    else:
+        client_tls = {"none": "none", "implicit": "implicit", "stls": "starttls"}[args.tls]
+        print("  or: python pop3lite.py %s %s --tls %s%s"
+              % (where, user, client_tls, "" if server.tls is None else " --cafile " + ca))
+    print("stop: Ctrl-C", flush=True)
+
+
+def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--record: run the recording proxy until Ctrl-C."""
     if not args.out:
         parser.error("--record needs --out FILE")
     try:
         context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
         recorder = Recorder(args.record, args.out, tls=args.tls, host=args.host, port=args.port,
-                            context=context, headers_only=args.headers_only)
+                            context=context, headers_only=args.headers_only,
+                            overwrite=args.force)
+    except FileExistsError:
+        print("fakeserver: %s exists, and a recording is somebody's test: choose another --out "
+              "file, or pass --force to overwrite it" % args.out, file=sys.stderr)
+        return 1
     except ValueError as error:
         parser.error(str(error))
     except OSError as error:
         print("fakeserver: %s" % error, file=sys.stderr)
         return 1
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _take_back_sigint()
+    _log_to_stderr(logging.INFO)
     host, port = recorder.address
     try:
         recorder.start()

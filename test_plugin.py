@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,71 @@ def test_the_module_imports_without_pytest() -> None:
 def test_pyproject_registers_the_plugin_for_installed_users() -> None:
     text = (HERE / "pyproject.toml").read_text(encoding="utf-8")
     assert '[project.entry-points.pytest11]\nfakeserver = "fakeserver"\n' in text
+
+
+def test_the_fixtures_are_clean_under_w_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_user=HEADER + """
+def test_every_fixture(pop3_server, make_pop3_server, pop3_ca_file):
+    assert pop3_ca_file.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    login(make_pop3_server(password=SECRET)).quit()
+    login(pop3_server, "fugafuga").quit()
+
+def test_the_session_fixture_again(pop3_ca_file):
+    assert pop3_ca_file.exists()
+""")
+    monkeypatch.setenv("PYTHONPATH", str(HERE))  # a process of its own, as above
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_relative_replay_path_is_the_test_files(pytester: pytest.Pytester) -> None:
+    import fakeserver
+
+    pytester.makeconftest(CONFTEST)
+    folder = pytester.mkpydir("tests")
+    (folder / "seed.pop3").write_text(fakeserver.OPERAMAIL_RECORDING, encoding="utf-8")
+    (folder / "test_replayed.py").write_text(HEADER + """
+@pytest.mark.pop3_server(replay="seed.pop3")
+def test_replayed(pop3_server):
+    assert login(pop3_server, "fugafuga").stat() == (2, 10180)
+""")
+    # Run from the directory above: the path is not the working directory's.
+    result = pytester.runpytest("-p", "no:cacheprovider", "tests")
+    result.assert_outcomes(passed=1)
+
+
+def readme_examples() -> str:
+    """The Python examples of the README's sections on the fake server, in order."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    start = text.index("## The fake server in your own tests")
+    section = text[start : text.index("\n## ", start + 10 + text[start + 10 :].index("\n## ") + 1)]
+    import re
+
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+
+
+def test_the_readme_examples_run_as_written(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fakeserver
+
+    source = readme_examples()
+    assert source.count("def test_") == 5 and "pytest.raises(poplib.error_proto)" in source
+    pytester.makeconftest(CONFTEST)
+    folder = pytester.mkpydir("tests")
+    (folder / "test_readme.py").write_text(source, encoding="utf-8")
+    # The recording the replay example serves: the README's fetch_new_mail through the proxy.
+    namespace: dict[str, Any] = {}
+    exec(compile(source.split("def test_my_mail_fetcher")[0], "README", "exec"), namespace)
+    with fakeserver.FakeServer("rfc") as server:
+        with fakeserver.Recorder("127.0.0.1:%d" % server.port, folder / "odd-server.pop3",
+                                 tls="none") as proxy:
+            namespace["fetch_new_mail"](*proxy.address, "hogehoge", "fugafuga")
+    # In a process of its own: in this one fakeserver is imported already, which pytest would
+    # warn about (it cannot rewrite its asserts), and -W error would make that an error.
+    monkeypatch.setenv("PYTHONPATH", str(HERE))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", "tests")
+    result.assert_outcomes(passed=5)

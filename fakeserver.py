@@ -1385,8 +1385,7 @@ class _Session(socketserver.BaseRequestHandler):
             self.sock.settimeout(server.idle_timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not server._admit(self):
-                self.record("S: -ERR [SYS/TEMP] " + server.voice["busy"])
-                self.sock.sendall(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
+                self.send(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
                 return
             if server.script is not None:
                 _run_script(self, server.script)
@@ -2279,23 +2278,27 @@ class FakeServer(socketserver.ThreadingTCPServer):
         self.script = list(script) if script is not None else None
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        self.keep_transcripts = keep_transcripts
+        self._init_bookkeeping()
+        if tls is not None:
+            _tls_server_context()  # a broken certificate fails here, not in a session
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), _Session)
+
+    def _init_bookkeeping(self) -> None:
+        """What the server records (logs, errors) and its session bookkeeping."""
         self.transcripts: list[list[str]] = []
         self.sessions: list[SessionLog] = []
         self.mismatches: list[ReplayMismatch] = []
-        self.keep_transcripts = keep_transcripts
-        self._connections = 0
         self.errors: list[BaseException] = []
+        self._connections = 0
         self._lock = threading.Lock()
         self._sessions: list[_Session] = []
         self._admitted: set[int] = set()
         self._serials = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closing = False
-        if tls is not None:
-            _tls_server_context()  # a broken certificate fails here, not in a session
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host, port), _Session)
 
     # ----- public ------------------------------------------------------------------
     @property

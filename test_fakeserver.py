@@ -1418,6 +1418,9 @@ class Cli:
             raise
         for reader in self.readers:
             reader.join(timeout=20)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         err = "".join(self.err)
         assert self.process.returncode == 0, err
         assert "Traceback" not in err

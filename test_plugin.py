@@ -28,8 +28,12 @@ SECRET = "Sesame" + "-42"
 
 def login(server, password=SECRET, **kwargs):
     pop = poplib.POP3(server.host, server.port, timeout=5, **kwargs)
-    pop.user("hogehoge")
-    pop.pass_(password)
+    try:
+        pop.user("hogehoge")
+        pop.pass_(password)
+    except BaseException:
+        pop.close()
+        raise
     return pop
 """
 
@@ -110,8 +114,10 @@ def test_mail_from_a_maildir(make_pop3_server, tmp_path):
     server = make_pop3_server(maildir=tmp_path / "md", faults=[
         __import__("fakeserver").Fault("in-use", "PASS", times=1)])
     with pytest.raises(poplib.error_proto, match="IN-USE"):
-        login(server, "fugafuga")
-    assert login(server, "fugafuga").retr(1)[1][0] == b"Subject: from maildir"
+        login(server, "fugafuga")   # (login() closes what it opened when it fails)
+    pop = login(server, "fugafuga")
+    assert pop.retr(1)[1][0] == b"Subject: from maildir"
+    pop.quit()
 """)
     result.assert_outcomes(passed=2)
 
@@ -122,7 +128,9 @@ def test_a_failing_test_shows_the_transcript_without_secrets(run: object) -> Non
 def test_fails(pop3_server):
     pop = login(pop3_server)
     pop.retr(2)
-    assert pop.stat()[0] == 99
+    count = pop.stat()[0]
+    pop.close()
+    assert count == 99
 """, "--tb=short")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
@@ -157,6 +165,7 @@ def test_causes_it(pop3_server, monkeypatch):
     pop = login(pop3_server, "fugafuga")
     with pytest.raises(Exception):
         pop.noop()                 # the client only sees the connection end
+    pop.close()
 
 def test_next_one_is_not_blamed(pop3_server):
     login(pop3_server, "fugafuga").quit()
@@ -178,6 +187,7 @@ def test_replayed(pop3_server):
     pop = login(pop3_server, "fugafuga")
     with pytest.raises(poplib.error_proto):
         pop.noop()
+    pop.close()
     assert pop3_server.mismatches == []
 """, "--tb=short")
     result.assert_outcomes(failed=1)
@@ -227,7 +237,9 @@ def test_a_relative_replay_path_is_the_test_files(pytester: pytest.Pytester) -> 
     (folder / "test_replayed.py").write_text(HEADER + """
 @pytest.mark.pop3_server(replay="seed.pop3")
 def test_replayed(pop3_server):
-    assert login(pop3_server, "fugafuga").stat() == (2, 10180)
+    pop = login(pop3_server, "fugafuga")
+    assert pop.stat() == (2, 10180)
+    pop.quit()
 """)
     # Run from the directory above: the path is not the working directory's.
     result = pytester.runpytest("-p", "no:cacheprovider", "tests")

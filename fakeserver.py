@@ -1078,8 +1078,9 @@ _PRESETS = {
 # A connection is a _Session (the socket, the transcript, reading and writing), which hands each
 # command to its protocol: _Pop3 (the POP3 states and commands) or, for a recording, _ReplayedPop3
 # (recorded answers); AUTH goes on to _Sasl. A script (FakeServer(script=...)) replaces the
-# protocol with _run_script. Faults act in one place, _Faults.reply(), through which every
-# reply passes; _Session.send() only carries out the transport faults chosen there.
+# protocol with _run_script (its raw replies take no faults). Faults act in one place,
+# _Faults.reply(), through which every other reply passes; _Session.send(), the one path for
+# the bytes the server sends, only carries out the transport faults chosen there.
 
 
 class _HangUp(Exception):
@@ -1177,7 +1178,8 @@ class _Faults:
             if self.take(("tls-stall",), verb, verb):
                 reply.after = session.stall_tls
             return reply
-        codes = self.take(_CODE_KINDS, verb, line) if verb != "GREETING" else []
+        # Response codes answer commands: not the greeting, nor a line too long to be one.
+        codes = self.take(_CODE_KINDS, verb, line) if verb not in ("GREETING", "") else []
         session.transport = self.take(_TRANSPORT_KINDS, verb, line)
         if codes:
             text = codes[0].value if codes[0].value is not None else _CODE_TEXTS[codes[0].kind]
@@ -1201,9 +1203,9 @@ class _Faults:
                 reply.timestamp = None
         size_kind = _SIZE_KINDS.get(verb)
         if size_kind is not None and reply.sized is not None:
-            changes = [_size_change(fault) for fault in self.take((size_kind,), verb, line)]
-            if changes:
-                reply = reply.sized(lambda size: _apply_all(changes, size))
+            faults = self.take((size_kind,), verb, line)
+            if faults:
+                reply = reply.sized(functools.partial(_resize, faults))
         offered = verb in ("CAPA", "STLS") and session.pop.offers_stls()
         if offered and self.take(("stls-absent",), verb, line):
             return session.pop.without_stls(verb, reply)
@@ -1275,20 +1277,13 @@ class _Faults:
             sock.sendall(data)
 
 
-def _size_change(fault: Fault) -> Callable[[int], int]:
-    """What a size fault does to an announced size."""
-    if fault.kind == "huge-sizes":
-        added = int(cast(int, fault.value if fault.value is not None else 2**32))
-        return lambda size: size + added
-    if fault.value is not None:  # wrong-octets with the count to announce
-        announced = int(cast(int, fault.value))
-        return lambda size: announced
-    return lambda size: size + 1
-
-
-def _apply_all(changes: Sequence[Callable[[int], int]], size: int) -> int:
-    for change in changes:
-        size = change(size)
+def _resize(faults: Sequence[Fault], size: int) -> int:
+    """An announced size after the size faults ("huge-sizes", "wrong-octets")."""
+    for fault in faults:
+        if fault.kind == "huge-sizes":
+            size += int(cast(int, fault.value if fault.value is not None else 2**32))
+        else:
+            size = int(cast(int, fault.value)) if fault.value is not None else size + 1
     return size
 
 
@@ -1402,7 +1397,9 @@ class _Session(socketserver.BaseRequestHandler):
 
     def run(self) -> None:
         if self.server.tls == "implicit":
-            self.respond("TLS", "", lambda: _Reply(b"", raw=b""), after=self.start_tls)
+            handshake = _Reply(b"", raw=b"")  # nothing to send; then the TLS handshake
+            handshake.after = self.start_tls
+            self.respond("TLS", "", lambda: handshake)
         self.pop.timestamp = self.respond("GREETING", "", self.pop.greeting).timestamp
         while True:
             try:
@@ -1422,16 +1419,10 @@ class _Session(socketserver.BaseRequestHandler):
             answer = functools.partial(self.pop.dispatch, verb, args, line, pending)
             self.respond(verb, line, answer)
 
-    def respond(self, verb: str, line: str, produce: Callable[[], _Reply],
-                after: Callable[[], None] | None = None) -> _Reply:
+    def respond(self, verb: str, line: str, produce: Callable[[], _Reply]) -> _Reply:
         """Answer one command (or greet): the reply through the faults, sent, then its
         follow-up (STLS's handshake, QUIT's hang-up)."""
-        def make() -> _Reply:
-            reply = produce()
-            reply.after = reply.after or after
-            return reply
-
-        reply = self.server.faults.reply(self, verb, line, make)
+        reply = self.server.faults.reply(self, verb, line, produce)
         self.send(reply.wire())
         if reply.after is not None:
             reply.after()

@@ -7,6 +7,7 @@ in a conftest.py, runs pytest on it, and checks the outcome and the report.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -250,10 +251,8 @@ def readme_examples() -> str:
     """The Python examples of the README's sections on the fake server, in order."""
     text = (HERE / "README.md").read_text(encoding="utf-8")
     start = text.index("## The fake server in your own tests")
-    section = text[start : text.index("\n## ", start + 10 + text[start + 10 :].index("\n## ") + 1)]
-    import re
-
-    return "\n\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    sections = text[start : text.index("\n## Robustness", start)]  # and "Testing code that ..."
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", sections, re.S))
 
 
 def test_the_readme_examples_run_as_written(

@@ -32,6 +32,7 @@ from typing import (
     List,
     NamedTuple,
     NoReturn,
+    Sequence,
     TypeVar,
     Union,
     cast,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
     import argparse
     import logging
     import ssl
+    import subprocess
     from email.message import EmailMessage
 
 __version__ = "0.1.0"
@@ -79,8 +81,11 @@ __all__ = [
     "BodyEnd",
     "NEED_DATA",
     "SaslExchange",
+    "DeliveryError",
+    "Destination",
     "Maildir",
     "Mbox",
+    "MDA",
     "SaveReport",
     "save",
     "main",
@@ -258,6 +263,17 @@ class InsecureError(Error):
     def __init__(self, message: str, what: str = "") -> None:
         super().__init__(message, reason="plaintext")
         self.what = what
+
+
+class DeliveryError(Error):
+    """A delivery command (MDA) failed: the message stays on the server and save() stops.
+    ``reason``: "tempfail" (exit status 75, EX_TEMPFAIL: try again later), "failed" (another
+    status, or killed by a signal), "timeout" (it ran out of time and was killed), "start" (it
+    could not be started). ``status``: its exit status (negative: the signal), or None."""
+
+    def __init__(self, message: str, *, reason: str, status: int | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
 
 
 class SizeMismatchWarning(UserWarning):
@@ -3101,40 +3117,44 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
 
 
 # =============================================================================================
-# Delivery: save a mailbox into a Maildir or an mbox, crash-safe and in constant memory
+# Delivery: save a mailbox into a Maildir, an mbox or a command, crash-safe, in constant memory
 # =============================================================================================
 #
 #     with pop3lite.POP3("pop.example.com") as pop:
 #         pop.login("alice", password)
-#         pop3lite.save(pop, "~/Maildir", new=True, delete=True)
+#         pop3lite.save(pop, "~/Maildir", delete=True)
 #
-# The durability order, in one place (what may be lost or doubled follows from it):
+# save() drives a Destination (Maildir, Mbox, MDA) through these steps; the table is the
+# durability order, in one place (what may be lost or doubled follows from it):
 #
 #   step                                            why
-#   (1) write the message to tmp/ (Maildir) or      nothing else may point at data that is not
-#       append it to the mbox                       there yet
-#   (2) fdatasync the file                          its octets are on disk before anything
-#                                                   counts it as saved
-#   (3) Maildir: rename it into new/ under a name   the rename is what makes it a message and
-#       that carries the record (tag and key);      its name its record; a file still in tmp/
-#       per batch, fsync(new/)                      is incomplete (removed by the next run)
-#   (4) journal lines ONLY for messages whose       a line never names a message that a power
-#       step 3 (Maildir) / step 2 (mbox) completed; cut can take away; the mbox syncs once
-#       fsync the journal (mbox: per message)       per message for it: at most the one
-#                                                   message in flight is saved twice
+#   (1) begin/finish: write the message to tmp/     nothing else may point at data that is not
+#       (Maildir), append it to the mbox, or        there yet
+#       spool it for the command (MDA)
+#   (2) sync: fdatasync the file (MDA: run the      its octets are on disk (the command said
+#       command on it and wait for exit 0)          so) before anything counts it as saved
+#   (3) deliver: Maildir renames it into new/       the rename is what makes it a message and
+#       under a name that carries the record (tag   its name its record; a file still in tmp/
+#       and key), then fsyncs new/ (per batch)      is incomplete (removed by the next run)
+#   (4) journal lines ONLY for the keys step 3      a line never names a message that a power
+#       returned; fsync the journal (per message    cut can take away; per message: at most
+#       for an mbox and a command)                  the one message in flight is saved twice
 #   (5) DELE only what is durable: this run's       the server's copy goes only when ours is
-#       synced messages; an earlier run's only      on disk; a Maildir file the user deleted
+#       delivered messages; an earlier run's only   on disk; a Maildir file the user deleted
 #       when its record is (Maildir: the file in    keeps the server's copy
-#       new/ or cur/; mbox: the journal line)
+#       new/ or cur/; mbox, MDA: the journal line)
 #   (6) QUIT only after every write succeeded       QUIT commits the DELEs (RFC 1939 section
 #                                                   6); any failure leaves without it
 #
+# Before step 1, save() reads what earlier runs saved: the journal, and the records the
+# destination holds itself (Maildir file names a kill kept out of the journal: recorded(),
+# made durable by settle() before the journal names them).
 # A failure the process survives journals nothing more: it cuts an mbox back to where the
 # message began, and delivers a Maildir's complete messages (steps 2 and 3), whose names the
 # next run journals after syncing new/ and cur/ again.
-# Without new= or delete= (keep mode) nothing depends on records, so none are written (no
-# record in file names, no journal) and nothing is synced: the mail stays on the server, and
-# a later new= run fetches those messages once more.
+# Every run writes records (issue 19: a second `save` must not fetch everything again), so
+# every run syncs: the records cost what the journal costs. new=False fetches every message
+# again (and records it again).
 # Records are keyed by the UID (_record_keys): a UID several messages share is told apart by
 # the size when it can be, else those messages get no record and are fetched every time.
 
@@ -3162,7 +3182,7 @@ class SaveReport(NamedTuple):
     """What save() did: ``saved`` messages of ``octets`` octets (as the server sent them);
     ``already`` skipped as saved by an earlier run; ``skipped`` ``(number, size)`` of those
     over ``max_size`` (neither saved nor deleted); ``deleted`` on the server; ``kind`` of the
-    destination ("Maildir" or "mbox")."""
+    destination ("Maildir", "mbox" or "MDA")."""
 
     saved: int
     octets: int
@@ -3318,7 +3338,7 @@ class _Journal:
         self.descriptor = -1
         self.lines = 0
 
-    def open(self, durable: bool) -> set[str]:
+    def open(self) -> set[str]:
         """Lock the journal (creating it) and return the keys it records."""
         import os
 
@@ -3341,7 +3361,7 @@ class _Journal:
         self.descriptor = descriptor
         if os.fstat(descriptor).st_size == 0:
             os.write(descriptor, f"{_JOURNAL_MAGIC} {self.identity}\n".encode())
-            if created and durable:
+            if created:
                 _fsync_directory(os.path.dirname(self.path))
         return self._read()
 
@@ -3385,7 +3405,7 @@ class _Journal:
         if sync:
             os.fsync(self.descriptor)
 
-    def compact(self, keep: set[str], durable: bool) -> None:
+    def compact(self, keep: set[str]) -> None:
         """Rewrite the journal with ``keep`` only, atomically, when it has grown mostly stale."""
         import os
 
@@ -3396,8 +3416,7 @@ class _Journal:
             file.write(f"{_JOURNAL_MAGIC} {self.identity}\n")
             file.writelines(f"+ {key}\n" for key in sorted(keep))
             file.flush()
-            if durable:
-                os.fsync(file.fileno())
+            os.fsync(file.fileno())
         new = os.open(temporary, os.O_RDWR | os.O_APPEND)
         try:
             _flock(new, f"the state file {self.path}")
@@ -3405,8 +3424,7 @@ class _Journal:
         except BaseException:
             os.close(new)
             raise
-        if durable:
-            _fsync_directory(os.path.dirname(self.path))
+        _fsync_directory(os.path.dirname(self.path))
         os.close(self.descriptor)
         self.descriptor = new
         self.lines = len(keep)
@@ -3508,61 +3526,86 @@ class _MboxMessage:
         self._write(_from_line(held[:end] if end >= 0 else held) + held)
 
 
-class _Destination:
-    """What save() needs of a destination; Maildir and Mbox implement it. The calls come in
-    this order: _open; _state_path; _recorded and _settle (durable runs); then per message
-    _begin, _finish (or _abandon when it failed) and, per batch, _sync; finally _close."""
+class Destination:
+    """Where save() puts messages: the delivery interface (Maildir, Mbox and MDA implement it;
+    a subclass of your own works the same way). save() calls, in this order:
+
+    - ``open()``, then ``state_path()`` for the journal, ``recorded()`` and ``settle()``;
+    - per message ``begin()``, whose sink receives the octets, then ``finish()`` (step 1), or
+      ``abandon()`` when the message failed;
+    - after every message (``per_message``) or per batch: ``sync()`` (step 2) and
+      ``deliver()`` (step 3), whose keys it journals (step 4);
+    - finally ``close()``, whatever happened.
+
+    What save() needs to know, each destination declares: ``per_message``, and
+    ``records_in_place``. Local failures raise OSError (the MDA: DeliveryError)."""
 
     kind = ""
+    """A word for people: "Maildir", "mbox", "MDA" (SaveReport.kind)."""
     path = ""
-    _journal_per_message = True  # whether _sync runs after every message or per batch
+    """Where the mail goes: the Maildir or the mbox; the MDA's state directory."""
+    per_message = True
+    """True: sync, deliver and journal after every message (a kill doubles at most the one
+    in flight); False: per batch of up to _SYNC_BATCH messages (Maildir: its file names are
+    the record, so a batch loses no record)."""
+    records_in_place = False
+    """True: the destination holds its own records (Maildir: file names), and an earlier
+    run's message is deleted on the server only while that record is there; False: the
+    journal line is the record."""
 
-    def _open(self, durable: bool) -> None:
-        """Create or lock the destination; with ``durable``, sync what was created."""
+    def open(self) -> None:
+        """Create or lock the destination, syncing what was created."""
         raise NotImplementedError
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         """Where the journal (or a 0.1 state file) named ``name`` lives."""
         raise NotImplementedError
 
-    def _recorded(self, tag: str) -> set[str]:
+    def recorded(self, tag: str) -> set[str]:
         """The keys of the records the destination itself holds for the account ``tag``
         (Maildir: file names in new/ and cur/); our cut-short leftovers removed."""
         return set()
 
-    def _settle(self) -> None:
-        """Make the records _recorded() found durable before the journal names them (a kill
+    def settle(self) -> None:
+        """Make the records recorded() found durable before the journal names them (a kill
         between a rename and the directory fsync leaves them undurable)."""
 
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
-        """Start a message recorded under ``key`` (None: no record); ``count(octets)`` is
-        called as octets arrive. Step 1 of the section comment."""
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
+        """Start a message recorded under ``key`` (None: no record) and return the binary
+        file its octets (CRLF line ends, as the server sends them) are written to;
+        ``count(octets)`` is to be called as they arrive. Step 1."""
         raise NotImplementedError
 
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
-        """The message is complete (mbox: step 2 too, with ``durable``)."""
+    def finish(self) -> None:
+        """The message begun last is complete (step 1 done)."""
         raise NotImplementedError
 
-    def _abandon(self) -> None:
-        """Drop the message being written (it failed)."""
+    def abandon(self) -> None:
+        """Drop the message being written (it failed); the finished ones stay."""
         raise NotImplementedError
 
-    def _sync(self, durable: bool) -> list[str]:
-        """Deliver the messages finished since the last call; return the keys that are now
-        durably delivered (steps 2 and 3), the only ones the journal may name. Raises when
-        it cannot: then nothing more is journaled."""
+    def sync(self) -> None:
+        """Step 2: make the finished messages durable. When it raises, those messages are
+        dropped (not delivered; the next run fetches them again)."""
         raise NotImplementedError
 
-    def _close(self) -> None:
-        """Release everything, abandoning a message being written."""
+    def deliver(self) -> list[str]:
+        """Step 3: make the synced messages messages; return their keys (those that have
+        one), the only ones the journal may name."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release everything; what was not delivered is dropped (Maildir: left in tmp/,
+        where the next run removes it)."""
         raise NotImplementedError
 
 
-class Maildir(_Destination):
+class Maildir(Destination):
     """A Maildir destination for save() (created if missing, as cur, new and tmp)."""
 
     kind = "Maildir"
-    _journal_per_message = False  # the file names are the record; the journal follows per batch
+    per_message = False  # the file names are the record; the journal follows per batch
+    records_in_place = True
 
     def __init__(self, path: str) -> None:
         import os
@@ -3570,15 +3613,17 @@ class Maildir(_Destination):
         self.path = os.path.abspath(os.path.expanduser(path))
         self._sequence = 0
         self._tag = ""
-        # (descriptor, tmp path, new path, key) of the message being written, and of those
-        # written but not yet synced and renamed
+        # (descriptor, tmp path, new path, key) of the message being written, of those
+        # finished but not synced, and of those synced but not renamed
         self._current: tuple[int, str, str, str | None] | None = None
         self._complete: list[tuple[int, str, str, str | None]] = []
+        self._synced: list[tuple[str, str, str | None]] = []
+        self._sink: _LocalLines | None = None
 
     def __repr__(self) -> str:
         return f"<pop3lite.Maildir {self.path!r}>"
 
-    def _open(self, durable: bool) -> None:
+    def open(self) -> None:
         import os
 
         layout = [os.path.join(self.path, sub) for sub in ("cur", "new", "tmp")]
@@ -3594,18 +3639,18 @@ class Maildir(_Destination):
             if not os.path.isdir(sub):
                 os.mkdir(sub, 0o700)
                 created = True
-        if created and durable:
+        if created:
             for sub in layout:
                 _fsync_directory(sub)
             _fsync_directory(self.path)
             _fsync_directory(os.path.dirname(self.path))
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         import os
 
         return os.path.join(self.path, f".pop3lite-{name}")
 
-    def _recorded(self, tag: str) -> set[str]:
+    def recorded(self, tag: str) -> set[str]:
         import os
 
         self._tag = tag
@@ -3622,13 +3667,13 @@ class Maildir(_Destination):
                 os.unlink(os.path.join(tmp, name))
         return keys
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         import os
 
         for sub in ("new", "cur"):
             _fsync_directory(os.path.join(self.path, sub))
 
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
         import os
 
         self._sequence += 1
@@ -3642,17 +3687,17 @@ class Maildir(_Destination):
         temporary = os.path.join(self.path, "tmp", unique)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._current = (descriptor, temporary, os.path.join(self.path, "new", unique), key)
+        self._sink = _LocalLines(_descriptor_writer(descriptor), False, count)
+        return cast(IO[bytes], self._sink)
 
-        return _LocalLines(_descriptor_writer(descriptor), False, count)
-
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
-        """The message is complete in tmp/; _sync() moves it into new/."""
-        assert self._current is not None
-        sink.finish()
+    def finish(self) -> None:
+        """The message is complete in tmp/; sync() and deliver() move it into new/."""
+        assert self._current is not None and self._sink is not None
+        self._sink.finish()
         self._complete.append(self._current)
         self._current = None
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         import os
 
         if self._current is not None:
@@ -3661,41 +3706,44 @@ class Maildir(_Destination):
             os.close(descriptor)
             os.unlink(temporary)
 
-    def _sync(self, durable: bool) -> list[str]:
-        """Sync the batch's files (all at once, see _sync_all), rename each into new/, then
-        one fsync of new/. When a sync fails the whole batch stays in tmp/ (the next run
-        removes it and fetches those messages again)."""
+    def sync(self) -> None:
+        """Sync the batch's files all at once (see _sync_all). When a sync fails the whole
+        batch stays in tmp/ (the next run removes it and fetches those messages again)."""
         import os
 
         complete, self._complete = self._complete, []
-        delivered: list[str] = []
         try:
-            if durable:
-                _sync_all([descriptor for descriptor, _, _, _ in complete])
-            while complete:
-                descriptor, temporary, final, key = complete[0]
-                os.close(descriptor)
-                complete.pop(0)
-                os.rename(temporary, final)
-                if key is not None:
-                    delivered.append(key)
+            _sync_all([descriptor for descriptor, _, _, _ in complete])
         finally:
             for descriptor, _, _, _ in complete:
                 os.close(descriptor)
-        if durable:
+        self._synced.extend((temporary, final, key) for _, temporary, final, key in complete)
+
+    def deliver(self) -> list[str]:
+        """Rename each synced file into new/, then one fsync of new/."""
+        import os
+
+        synced, self._synced = self._synced, []
+        delivered: list[str] = []
+        for temporary, final, key in synced:
+            os.rename(temporary, final)
+            if key is not None:
+                delivered.append(key)
+        if synced:
             _fsync_directory(os.path.join(self.path, "new"))
         return delivered  # only now: renamed and the directory synced
 
-    def _close(self) -> None:
+    def close(self) -> None:
         import os
 
-        self._abandon()
+        self.abandon()
         complete, self._complete = self._complete, []
         for descriptor, _, _, _ in complete:  # never renamed: left in tmp/, fetched again
             os.close(descriptor)
+        self._synced = []
 
 
-class Mbox(_Destination):
+class Mbox(Destination):
     """An mbox destination for save() (mboxrd, see the README), dot-locked and flock'd while
     save() runs. A lock left by a dead process is taken over with a warning."""
 
@@ -3707,15 +3755,19 @@ class Mbox(_Destination):
         self.path = os.path.abspath(os.path.expanduser(path))
         self._descriptor = -1
         self._locked = False
-        self._start = 0  # where the message being written begins, to cut a failed one off
+        # Where the message being written begins, and the first one not yet synced: a
+        # failed message, or a failed sync, cuts the mbox back there.
+        self._start = self._unsynced = 0
         self._sink: _LocalLines | None = None
         self._message: _MboxMessage | None = None
-        self._finished: list[str] = []  # keys of the messages appended since the last _sync
+        self._key: str | None = None
+        self._finished: list[str | None] = []  # keys of the messages appended, not synced
+        self._synced: list[str] = []
 
     def __repr__(self) -> str:
         return f"<pop3lite.Mbox {self.path!r}>"
 
-    def _open(self, durable: bool) -> None:
+    def open(self) -> None:
         import os
 
         self._lock()
@@ -3724,7 +3776,7 @@ class Mbox(_Destination):
             # Mail is private: a new mbox is the user's alone.
             self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             _flock(self._descriptor, self.path)
-            if created and durable:
+            if created:
                 _fsync_directory(os.path.dirname(self.path))
             size = os.lseek(self._descriptor, 0, os.SEEK_END)
             if size:  # a new From_ line must follow an empty line
@@ -3735,7 +3787,7 @@ class Mbox(_Destination):
                 elif end != b"\n\n" and size > 1:
                     os.write(self._descriptor, b"\n")
         except BaseException:
-            self._close()
+            self.close()
             raise
 
     def _lock(self) -> None:
@@ -3811,52 +3863,65 @@ class Mbox(_Destination):
             f"the mbox; it counts as stale after {_STALE_LOCK_AGE} s"
         )
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         import os
 
         folder, base = os.path.split(self.path)
         return os.path.join(folder, f".{base}.pop3lite-{name}")
 
-    # _recorded: an mbox carries no records; the journal alone says what was saved.
-
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
         import os
 
         self._start = os.lseek(self._descriptor, 0, os.SEEK_END)
+        if not self._finished:
+            self._unsynced = self._start
+        self._key = key
         self._message = _MboxMessage(_descriptor_writer(self._descriptor))
         self._sink = _LocalLines(self._message.write, True, count)
-        return self._sink
+        return cast(IO[bytes], self._sink)
 
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
+    def finish(self) -> None:
         import os
 
-        sink.finish()
-        assert self._message is not None
+        assert self._sink is not None and self._message is not None
+        self._sink.finish()
         self._message.close()
         # mboxrd: the message ends with a line end, then an empty line before the next From_.
-        os.write(self._descriptor, b"\n" if sink.last == b"\n" else b"\n\n")
-        if durable:
-            _sync_data(self._descriptor)
-        self._sink = None
-        if key is not None:
-            self._finished.append(key)
+        os.write(self._descriptor, b"\n" if self._sink.last == b"\n" else b"\n\n")
+        self._sink = self._message = None
+        self._finished.append(self._key)
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         import os
 
         if self._sink is not None and self._descriptor >= 0:
             self._sink = self._message = None
             os.ftruncate(self._descriptor, self._start)  # we hold the lock: nothing came after
 
-    def _sync(self, durable: bool) -> list[str]:
-        delivered, self._finished = self._finished, []  # each was synced by _finish
+    def sync(self) -> None:
+        import os
+
+        finished, self._finished = self._finished, []
+        if finished:
+            try:
+                _sync_data(self._descriptor)
+            except BaseException:
+                os.ftruncate(self._descriptor, self._unsynced)
+                raise
+            self._synced.extend(key for key in finished if key is not None)
+
+    def deliver(self) -> list[str]:
+        delivered, self._synced = self._synced, []  # an appended, synced message is delivered
         return delivered
 
-    def _close(self) -> None:
+    def close(self) -> None:
         import os
 
         try:
-            self._abandon()
+            self.abandon()
+            if self._finished and self._descriptor >= 0:  # appended, never synced: cut off
+                self._finished = []
+                os.ftruncate(self._descriptor, self._unsynced)
         finally:
             if self._descriptor >= 0:
                 os.close(self._descriptor)
@@ -3871,14 +3936,21 @@ class Mbox(_Destination):
 
 def _from_line(header: bytes) -> bytes:
     """The mbox separator for a message with this header (LF line ends): "From SENDER DATE"
-    with the envelope sender (Return-Path, else From) and the Date header in UTC, in the
-    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing
-    or unusable (an address made up by reading a folded header; a year outside 1970..9999)."""
+    (see _envelope)."""
+    sender, stamp = _envelope(header)
+    return f"From {sender} {stamp}\n".encode("ascii")
+
+
+def _envelope(header: bytes) -> tuple[str, str]:
+    """The envelope sender (Return-Path, else From) and the Date header in UTC, in the
+    asctime() form mailers write, of a message with this header (LF line ends);
+    MAILER-DAEMON and the current time where they are missing or unusable (an address made up
+    by reading a folded header; a year outside 1970..9999)."""
     sender, when = "MAILER-DAEMON", time.time()
     try:
         from email.utils import mktime_tz, parseaddr, parsedate_tz
     except ImportError:  # a Python without the email package: the plain separator
-        return f"From {sender} {time.asctime(time.gmtime(when))}\n".encode("ascii")
+        return sender, time.asctime(time.gmtime(when))
     fields: dict[str, str] = {}
     name = ""
     for line in header.split(b"\n"):
@@ -3913,7 +3985,168 @@ def _from_line(header: bytes) -> bytes:
         stamp = time.asctime(time.gmtime(when))
     except (OverflowError, ValueError, OSError):
         stamp = time.asctime(time.gmtime())
-    return f"From {sender} {stamp}\n".encode("ascii")
+    return sender, stamp
+
+
+_EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, the sender should try again later
+_MDA_OUTPUT = 1024  # octets of a failed command's output shown in the error
+
+
+class MDA(Destination):
+    """Delivery to a command, as fetchmail's --mda and mpop's ``delivery mda`` do: each
+    message (LF line ends, no From_ line) on the command's standard input; a message counts as
+    delivered when the command exits with 0. ``command`` is a string for the shell, or a list
+    of arguments run without one; "%F" in it is replaced by the envelope sender (as the mbox
+    From_ line has it: Return-Path, else From; MAILER-DAEMON for a bounce, when neither is
+    usable, or for an address that starts with "-", which a command would take for an option),
+    quoted for the shell in a string. The command runs in its own process group, with its
+    output kept apart (shown in the error when it fails); one that runs longer than
+    ``timeout`` seconds is killed, group and all. A command that fails raises DeliveryError.
+
+    The journal is the record: ``state_dir`` holds one per account (default
+    ``$XDG_STATE_HOME/pop3lite``, else ``~/.local/state/pop3lite``), whatever the command."""
+
+    kind = "MDA"
+
+    def __init__(
+        self, command: str | Sequence[str], *, timeout: float = 60.0, state_dir: str | None = None
+    ) -> None:
+        import os
+
+        if not command or (not isinstance(command, str) and not all(command)):
+            raise ValueError("MDA() needs a command")
+        self.command = command if isinstance(command, str) else list(command)
+        self.timeout = timeout
+        if state_dir is None:
+            base = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+            state_dir = os.path.join(base, "pop3lite")
+        self.path = os.path.abspath(os.path.expanduser(state_dir))
+        self._spool: IO[bytes] | None = None  # the message being written, then run
+        self._key: str | None = None
+        self._finished: tuple[IO[bytes], str | None] | None = None
+        self._synced: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<pop3lite.MDA {self.command!r}>"
+
+    def open(self) -> None:
+        import os
+
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path, 0o700)
+            _fsync_directory(self.path)
+            _fsync_directory(os.path.dirname(self.path))
+
+    def state_path(self, name: str) -> str:
+        import os
+
+        return os.path.join(self.path, f"mda-{name}")
+
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
+        import tempfile
+
+        # Private (0600) and gone once closed; it outlives this call, so no ``with``.
+        spool = self._spool = tempfile.TemporaryFile()  # noqa: SIM115
+        self._key = key
+        return cast(IO[bytes], _LocalLines(lambda data: _write_all(spool, data), False, count))
+
+    def finish(self) -> None:
+        assert self._spool is not None
+        self._finished, self._spool = (self._spool, self._key), None
+
+    def abandon(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def sync(self) -> None:
+        """Run the command on the finished message (its exit 0 is its promise to keep it)."""
+        if self._finished is None:
+            return
+        (spool, key), self._finished = self._finished, None
+        with spool:
+            spool.seek(0)
+            header = spool.read(_HEADER_LIMIT).split(b"\n\n")[0]  # LF: see begin()
+            spool.seek(0)
+            self._run(spool, _envelope(header)[0])
+        if key is not None:
+            self._synced.append(key)
+
+    def deliver(self) -> list[str]:
+        delivered, self._synced = self._synced, []
+        return delivered
+
+    def close(self) -> None:
+        self.abandon()
+        if self._finished is not None:
+            self._finished[0].close()
+            self._finished = None
+
+    def _argv(self, sender: str) -> str | list[str]:
+        import shlex
+
+        if sender.startswith("-"):
+            sender = "MAILER-DAEMON"
+        if isinstance(self.command, str):
+            return self.command.replace("%F", shlex.quote(sender))
+        return [part.replace("%F", sender) for part in self.command]
+
+    def _run(self, spool: IO[bytes], sender: str) -> None:
+        import os
+        import subprocess
+        import tempfile
+
+        argv = self._argv(sender)
+        shown = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
+        with tempfile.TemporaryFile() as output:
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    shell=isinstance(argv, str),
+                    stdin=spool,
+                    stdout=output,
+                    stderr=output,
+                    start_new_session=True,  # a group of its own, to kill it whole
+                )
+            except OSError as exc:
+                raise DeliveryError(
+                    f"cannot run {shown}: {exc.strerror or exc}", reason="start"
+                ) from None
+            try:
+                status = process.wait(self.timeout)
+            except BaseException as exc:  # the timeout, Ctrl-C, SIGTERM: never left running
+                _kill_group(process)
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise DeliveryError(
+                        f"{shown} did not finish within {self.timeout:g} s; killed it",
+                        reason="timeout",
+                    ) from None
+                raise
+            if status == 0:
+                return
+            size = output.seek(0, os.SEEK_END)
+            output.seek(max(0, size - _MDA_OUTPUT))
+            said = printable(output.read(_MDA_OUTPUT).decode("utf-8", "replace").strip())
+        how = f"exited with {status}" if status > 0 else f"was killed by signal {-status}"
+        if status == _EX_TEMPFAIL:
+            how += " (EX_TEMPFAIL)"
+        raise DeliveryError(
+            f"{shown} {how}" + (f": {said}" if said else ""),
+            reason="tempfail" if status == _EX_TEMPFAIL else "failed",
+            status=status,
+        )
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command and everything it started (its own process group), then reap it."""
+    import os
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (AttributeError, OSError):  # Windows (no groups), or it has just ended
+        process.kill()
+    process.wait()
 
 
 def _server_identity(pop: POP3) -> str:
@@ -3940,11 +4173,11 @@ def _server_identity(pop: POP3) -> str:
     return f"[{name}]:{pop.port}" if ":" in name else f"{name}:{pop.port}"
 
 
-def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
+def _destination(dest: str | Destination) -> Destination:
     """A path names an mbox when it ends in .mbox or is an existing file, else a Maildir."""
     import os
 
-    if isinstance(dest, (Maildir, Mbox)):
+    if isinstance(dest, Destination):
         return dest
     path = os.path.expanduser(dest)
     return Mbox(path) if path.endswith(".mbox") or os.path.isfile(path) else Maildir(path)
@@ -3952,96 +4185,101 @@ def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
 
 def save(
     pop: POP3,
-    dest: str | Maildir | Mbox,
+    dest: str | Destination,
     *,
-    new: bool = False,
+    new: bool = True,
     delete: bool = False,
     max_size: int | None = None,
     progress: Callable[[int, int, int, int], None] | None = None,
     user: str | None = None,
 ) -> SaveReport:
-    """Save the mailbox into ``dest`` (a Maildir, an Mbox, or a path: FILE.mbox or an existing
-    file is an mbox, anything else a Maildir), streaming, crash-safe (see the README).
+    """Save the mailbox into ``dest``: a Destination (Maildir, Mbox, MDA) or a path (FILE.mbox
+    or an existing file is an mbox, anything else a Maildir); streaming, crash-safe (see the
+    README). Every message saved is recorded (by UIDL) in the destination's journal.
 
-    ``new``: only messages no earlier run saved (by UIDL). ``delete``: once everything is
-    durable, DELE what is saved (with ``new``, also what earlier runs saved) and QUIT.
-    ``max_size``: skip (and report) messages larger than this. ``progress(messages_done,
-    messages, octets_done, octets)`` is called as octets arrive. ``user`` names the account in
-    the state (default: the user name of the login). Local failures raise OSError."""
+    ``new``: only messages no earlier run saved into this destination (the default);
+    ``new=False`` fetches every message again. ``delete``: once everything is durable, DELE
+    what is saved (with ``new``, also what earlier runs saved) and QUIT. ``max_size``: skip
+    (and report) messages larger than this. ``progress(messages_done, messages, octets_done,
+    octets)`` is called as octets arrive. ``user`` names the account in the records (default:
+    the user name of the login). Local failures raise OSError; a command's, DeliveryError."""
     import hashlib
 
     destination = _destination(dest)
     account = user if user is not None else pop.user
     if not account:
         raise ValueError("save() needs the user name: log in first, or pass user=")
-    durable = new or delete  # else keep mode: no records, no syncs (see the section comment)
     _, sizes, uids = pop.scan()
     if new and uids is None and sizes:
         pop.uidl()  # raises the server's refusal: without UIDs "new" has no meaning
-    keys = _record_keys(sizes, uids) if durable else {}
+    keys = _record_keys(sizes, uids)
     identity = f"{account}@{_server_identity(pop)}"
     tag = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    destination._open(durable)
-    journal: _Journal | None = None
-    seen: set[str] = set()
-    present: set[str] = set()  # keys whose records the destination itself holds
+    destination.open()
+    name = f"{_state_part(identity)}-{tag}.journal"
+    journal = _Journal(destination.state_path(name), identity)
     try:
-        if durable:
-            journal = _Journal(
-                destination._state_path(f"{_state_part(identity)}-{tag}.journal"), identity
-            )
-            seen = journal.open(durable)
-            host = f"[{pop.host}]" if ":" in pop.host else pop.host
-            legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
-            _migrate(journal, destination._state_path(f"{_state_part(legacy, None)}.json"), seen)
-            present = destination._recorded(tag)
-            current = set(keys.values())
-            # Saved, but killed before the journal line: the file names say so. Only the
-            # current messages' keys: the others are gone from the server, and journaling
-            # them again would make every run rewrite the journal.
-            found = (present - seen) & current
-            if found:
-                destination._settle()
-                journal.append(sorted(found), sync=True)
-                seen |= found
-            if uids is not None:
-                journal.compact(seen & current, durable)
-        numbers = sorted(sizes)
-        if new:
-            numbers = [n for n in numbers if n not in keys or keys[n] not in seen]
-        skipped = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
-        too_big = {n for n, _ in skipped}
-        fetch = [n for n in numbers if n not in too_big]
-        saved = _fetch(
-            pop, destination, journal, fetch, sizes, keys, durable, max_size, progress, skipped
-        )
+        seen, present = _earlier_runs(pop, destination, journal, account, tag, keys, uids)
+        numbers = [n for n in sorted(sizes) if not new or keys.get(n) not in seen]
+        fetch = [n for n in numbers if max_size is None or sizes[n] <= max_size]
+        too_big = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
+        saved, skipped = _fetch(pop, destination, journal, fetch, sizes, keys, max_size, progress)
+        skipped = sorted(too_big + skipped)  # steps 1 to 4 are done
     finally:
         try:
-            if journal is not None:
-                journal.close()
+            journal.close()
         finally:
-            destination._close()
-    octets = sum(sizes_saved for sizes_saved in saved.values())
+            destination.close()
     deleted = 0
     if delete and sizes:
-        # Step 5: what this run saved (synced), and what an earlier run saved where its record
-        # is durable: new=True skips it, so left on the server it would stay forever. A Maildir
-        # message counts only while its file is there (never on a journal line alone).
-        records = present if isinstance(destination, Maildir) else seen
-        kept = {n for n, _ in skipped}
-        doomed = [
-            n
-            for n in sorted(sizes)
-            if n not in kept and (n in saved or (n not in numbers and keys.get(n) in records))
-        ]
-        for fetched in pop.dele_many(doomed):
-            if fetched.error is not None:
-                raise fetched.error
-        pop.quit()  # step 6: only now are the deletions committed
-        deleted = len(doomed)
+        records = present if destination.records_in_place else seen
+        earlier = {n for n in sizes if keys.get(n) in records}.difference(numbers)
+        deleted = _delete(pop, sorted(earlier.union(saved)))  # steps 5 and 6
+    octets = sum(saved.values())
     return SaveReport(
         len(saved), octets, len(sizes) - len(numbers), skipped, deleted, destination.kind
     )
+
+
+def _earlier_runs(
+    pop: POP3,
+    destination: Destination,
+    journal: _Journal,
+    account: str,
+    tag: str,
+    keys: dict[int, str],
+    uids: UIDList | None,
+) -> tuple[set[str], set[str]]:
+    """What earlier runs saved: the keys the journal names (a 0.1 state file folded in), and
+    those whose records the destination holds itself."""
+    seen = journal.open()
+    host = f"[{pop.host}]" if ":" in pop.host else pop.host
+    legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
+    _migrate(journal, destination.state_path(f"{_state_part(legacy, None)}.json"), seen)
+    present = destination.recorded(tag)
+    current = set(keys.values())
+    # Saved, but killed before the journal line: the records in place say so. Only the
+    # current messages' keys: the others are gone from the server, and journaling them
+    # again would make every run rewrite the journal.
+    found = (present - seen) & current
+    if found:
+        destination.settle()
+        journal.append(sorted(found), sync=True)
+        seen |= found
+    if uids is not None:
+        journal.compact(seen & current)
+    return seen, present
+
+
+def _delete(pop: POP3, numbers: list[int]) -> int:
+    """Steps 5 and 6: DELE what is durable (this run's delivered messages, an earlier run's
+    while its record is there: a message left on the server would stay forever, as new=True
+    skips it), then QUIT, which alone commits the deletions."""
+    for fetched in pop.dele_many(numbers):
+        if fetched.error is not None:
+            raise fetched.error
+    pop.quit()
+    return len(numbers)
 
 
 def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
@@ -4066,77 +4304,76 @@ def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
 
 def _fetch(
     pop: POP3,
-    destination: _Destination,
-    journal: _Journal | None,
+    destination: Destination,
+    journal: _Journal,
     numbers: list[int],
     sizes: dict[int, int],
     keys: dict[int, str],
-    durable: bool,
     max_size: int | None,
     progress: Callable[[int, int, int, int], None] | None,
-    skipped: list[tuple[int, int]],
-) -> dict[int, int]:
-    """RETR ``numbers`` into ``destination``, journaling each once it is durable (steps 1 to
-    4 of the section comment); returns {number: octets} of the messages saved."""
+) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """Steps 1 to 4: RETR ``numbers`` into ``destination``, journaling each once it is
+    delivered. Returns {number: octets} of the messages saved, and (number, octets) of those
+    that turned out larger than ``max_size`` (LIST said otherwise)."""
     total = sum(sizes[n] for n in numbers)
     saved: dict[int, int] = {}
-    done_octets = 0
-    in_message = 0
-    sink: _LocalLines | None = None
-    batch_messages = batch_octets = 0
+    too_big: list[tuple[int, int]] = []
+    done = [0, 0]  # octets of the messages saved, of the one arriving
+    batch = [0, 0]  # messages and octets not yet synced
 
     def count(octets: int) -> None:
-        nonlocal in_message
-        in_message += octets
+        done[1] += octets
         if progress is not None:
-            progress(len(saved), len(numbers), done_octets + in_message, total)
+            progress(len(saved), len(numbers), done[0] + done[1], total)
 
     def open_sink(number: int) -> IO[bytes]:
-        nonlocal sink, in_message
-        in_message = 0
-        sink = destination._begin(keys.get(number), count)
-        return cast(IO[bytes], sink)
+        done[1] = 0
+        return destination.begin(keys.get(number), count)  # step 1
 
-    def flush_batch() -> None:
-        nonlocal batch_messages, batch_octets
-        if batch_messages:
-            delivered = destination._sync(durable)  # steps 2 and 3
-            if journal is not None:  # step 4: mbox per message, so synced each time
-                journal.append(delivered, sync=durable and destination._journal_per_message)
-        batch_messages = batch_octets = 0
+    def commit() -> None:
+        if batch[0]:
+            destination.sync()  # step 2
+            delivered = destination.deliver()  # step 3
+            journal.append(delivered, sync=destination.per_message)  # step 4
+        batch[:] = [0, 0]
 
     try:
         for result in pop.retr_many_to(numbers, open_sink, max_size):
             if result.error is not None:
-                destination._abandon()
-                if isinstance(result.error, LimitExceeded):
-                    skipped.append((result.number, result.octets))
-                    continue
-                raise result.error
-            assert sink is not None
-            destination._finish(sink, keys.get(result.number), durable)
+                destination.abandon()
+                if not isinstance(result.error, LimitExceeded):
+                    raise result.error
+                too_big.append((result.number, result.octets))
+                continue
+            destination.finish()
             saved[result.number] = result.octets
-            done_octets += result.octets
-            batch_messages += 1
-            batch_octets += result.octets
-            if destination._journal_per_message or (
-                batch_messages >= _SYNC_BATCH or batch_octets >= _SYNC_BATCH_OCTETS
-            ):
-                flush_batch()
+            done[0] += result.octets
+            batch[0] += 1
+            batch[1] += result.octets
+            if destination.per_message or batch[0] >= _SYNC_BATCH or batch[1] >= _SYNC_BATCH_OCTETS:
+                commit()
             if progress is not None:
-                progress(len(saved), len(numbers), done_octets, total)
-        flush_batch()
-        if journal is not None and durable and not destination._journal_per_message:
-            journal.append((), sync=True)  # the records are durable before any DELE
+                progress(len(saved), len(numbers), done[0], total)
+        commit()
+        if not destination.per_message:  # step 4 of the batches: durable before any DELE
+            journal.append((), sync=True)
     except BaseException:
-        destination._abandon()
-        try:  # deliver what is complete, but journal nothing more: a Maildir's file names
-            destination._sync(durable)  # are the record the next run rebuilds from (after
-        except OSError:  # syncing new/ and cur/); what stays in tmp/ is fetched again
-            pass
+        _give_up(destination)
         raise
-    skipped.sort()
-    return saved
+    return saved, too_big
+
+
+def _give_up(destination: Destination) -> None:
+    """After a failure: drop the message being written, and journal nothing more. Where the
+    destination holds its own records, deliver what is complete: the next run rebuilds the
+    records from it (recorded()); elsewhere, and when that fails, it is fetched again."""
+    destination.abandon()
+    if destination.records_in_place:
+        try:
+            destination.sync()
+            destination.deliver()
+        except OSError:
+            pass
 
 
 # =============================================================================================
@@ -4144,23 +4381,23 @@ def _fetch(
 # =============================================================================================
 #
 # ``python pop3lite.py HOST USER [ACTION]``: the quick check, retr/top/capa/uidl, save into a
-# Maildir or mbox, and an interactive shell. Everything beyond the client (argparse, getpass,
-# json, email, mailbox, unicodedata...) is imported inside the functions that need it, so
-# ``import pop3lite`` stays cheap. main() returns an exit status and never lets an expected
-# failure become a traceback.
+# Maildir, an mbox or a command, and an interactive shell. Everything beyond the client
+# (argparse, getpass, json, email, mailbox, unicodedata...) is imported inside the functions
+# that need it, so ``import pop3lite`` stays cheap. main() returns an exit status and never
+# lets an expected failure become a traceback.
 
 # The exit statuses, one row each: the code, the name the code uses (_EXIT["AUTH"]) and what
 # it means. The --help epilog, _FAILURES and the README's table (checked by a test) come
 # from here.
 _EXIT_STATUSES = (
     (0, "OK", "success"),
-    (1, "LOCAL", "a local file could not be read or written"),
+    (1, "LOCAL", "a local file could not be read or written, or the --mda command failed"),
     (2, "USAGE", "usage error, or no password available"),
     (3, "AUTH", "authentication failed"),
     (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
      "unencrypted link)"),
-    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP): "
-     "try again later"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), or "
+     "the --mda command exited with 75 (EX_TEMPFAIL): try again later"),
     (6, "SERVER", "other server or protocol error"),
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
@@ -4203,8 +4440,9 @@ actions:
   top N [LINES]       the header and the first LINES body lines (default 10) of message N
   capa                the capabilities offered before login (needs no password)
   uidl                the unique id of each message
-  save DIR|FILE.mbox  copy the messages into a Maildir (a directory) or an mbox file (a
-                      name ending in .mbox, or an existing file)
+  save DIR|FILE.mbox  copy the messages no earlier run saved there into a Maildir (a
+                      directory) or an mbox file (a name ending in .mbox, or an existing
+                      file); save --mda CMD hands each to a command
   shell               an interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1,
                       DELE 1, RSET, QUIT...; TLS and the login are done for you"""
 
@@ -4229,8 +4467,9 @@ examples:
   %(prog)s mail.example.com:110 alice --tls starttls --limit 10
   %(prog)s pop.example.com alice --json
   %(prog)s pop.example.com alice retr 3 -o message3.eml
-  %(prog)s pop.example.com alice save ~/Maildir --new
+  %(prog)s pop.example.com alice save ~/Maildir
   %(prog)s pop.example.com alice save mail.mbox --delete
+  %(prog)s pop.example.com alice save --mda 'procmail -f %%F'
   %(prog)s pop.example.com alice shell --log session.txt
 
 check --json prints one object with these fields:
@@ -4281,10 +4520,12 @@ The unique id of each message (POP3 UIDL), "NUMBER UID" per line; --json prints
 [{"number", "uid"}].""",
     ),
     "save": (
-        "save DIR|FILE.mbox [--new] [--delete] [--max-size SIZE]",
+        "save DIR|FILE.mbox | --mda CMD [--all] [--delete] [--max-size SIZE]",
         """\
 Copy the messages into a Maildir (a directory) or an mbox file (a name ending in .mbox, or
-an existing file). A message counts as saved once it is on disk (fsync).""",
+an existing file), or hand each to a command (--mda). A message counts as saved once it is
+on disk (fsync), or the command exited with 0. Only messages no earlier run saved there are
+fetched (each run records what it saved); --all fetches every message again.""",
     ),
     "shell": (
         "shell [--log FILE]",
@@ -4478,11 +4719,17 @@ _OPTIONS = (
     _Option(("-o", "--output"), "retr, save, shell", "write the one message N to the file "
             "PATH (through a temporary file: never half-written), or each message to "
             "PATH/N.eml when PATH is a directory", "PATH", actions=("retr",)),
-    _Option(("--new",), "retr, save, shell", "only messages not saved before (by UIDL, as "
-            "the journal beside the mail records them)", actions=("save",)),
-    _Option(("--delete",), "retr, save, shell", "once every message is safely on disk, delete "
-            "them on the server (with --new, also those saved by earlier runs)",
-            actions=("save",)),
+    _Option(("--new",), "retr, save, shell", "the default: only messages no earlier run saved "
+            "there (by UIDL, as the journal records them)", actions=("save",)),
+    _Option(("--all",), "retr, save, shell", "fetch every message again, also those earlier "
+            "runs saved (and record them again)", actions=("save",), conflicts=("--new",)),
+    _Option(("--mda",), "retr, save, shell", "deliver each message to the command CMD (run by "
+            "/bin/sh, the message on its stdin; %%F: the envelope sender, quoted) instead of "
+            "DIR or FILE.mbox; exit status 0 means delivered, 75 try again later; bounded by "
+            "--timeout", "CMD", actions=("save",)),
+    _Option(("--delete",), "retr, save, shell", "once every message is safely on disk (or "
+            "delivered), delete them on the server, and those earlier runs saved (unless "
+            "--all)", actions=("save",)),
     _Option(("--max-size",), "retr, save, shell", "leave messages larger than SIZE (octets, or "
             "with K, M, G) on the server and report them (exit status 7); default: no limit",
             "SIZE", _parse_size, actions=("save",)),
@@ -4583,7 +4830,8 @@ def _action_help(prog: str, action: str) -> str:
         if len(name) > 18:
             lines.append(name)
         first = f"{name:<20}" if len(name) <= 18 else indent
-        lines.append(textwrap.fill(option.help, 92, initial_indent=first, subsequent_indent=indent))
+        text = option.help.replace("%%", "%")  # written for argparse, which formats it
+        lines.append(textwrap.fill(text, 92, initial_indent=first, subsequent_indent=indent))
     lines.append(f"\nConnection and login options: see {prog} --help.")
     return "\n".join(lines)
 
@@ -4675,9 +4923,12 @@ def _action_arguments(o: Any, words: list[str]) -> None:
         o.numbers = [_positive(words[0], "a message number")]
         if len(words) == 2:
             o.lines = _positive(words[1], "LINES", 0)
+    elif o.action == "save" and o.mda:
+        if words:
+            raise _CommandLineError(f"save --mda CMD takes no DIR or FILE.mbox: {words[0]!r}")
     elif o.action == "save":
         if len(words) != 1 or not words[0]:
-            raise _CommandLineError("usage: save DIR|FILE.mbox")
+            raise _CommandLineError("usage: save DIR|FILE.mbox, or save --mda CMD")
         o.target = os.path.expanduser(words[0])
     elif words:
         raise _CommandLineError(f"{o.action} takes no arguments, but got {words[0]!r}")
@@ -5407,7 +5658,7 @@ def _uidl(pop: POP3, o: Any) -> int:
     return _EXIT["OK"]
 
 
-# -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
+# -- save: a Maildir, an mbox or a command (the work is save() in the Delivery section) -------
 
 
 class _SaveProgress:
@@ -5452,28 +5703,30 @@ def _save(pop: POP3, o: Any) -> int:
     """save() with the options; any failure raises, so the ``with POP3`` block closes without
     QUIT and nothing is deleted."""
     progress = _SaveProgress(sys.stderr.isatty() and not _quiet)
+    dest = MDA(o.mda, timeout=o.timeout) if o.mda else o.target
+    where = f"the command {printable(o.mda)!r}" if o.mda else o.target
     try:
         report = save(
-            pop, o.target, new=o.new, delete=o.delete, max_size=o.max_size, progress=progress
+            pop, dest, new=not o.all, delete=o.delete, max_size=o.max_size, progress=progress
         )
     except ServerError as exc:
-        if o.new and exc.command == "UIDL":
+        if exc.command == "UIDL":
             raise _CommandLineError(
-                f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
-                "from saved ones; leave --new out",
+                f"the server refused UIDL ({exc.text}), so save cannot tell new messages "
+                "from saved ones; --all fetches every message",
                 _EXIT["SERVER"],
             ) from None
         raise
     except OSError as exc:
         if isinstance(exc, Error):  # the connection, not the disk
             raise
-        where = f": {exc.filename}" if exc.filename else ""
+        file = f": {exc.filename}" if exc.filename else ""
         raise _CommandLineError(
-            f"cannot save into {o.target}: {exc.strerror or exc}{where}", _EXIT["LOCAL"]
+            f"cannot save into {where}: {exc.strerror or exc}{file}", _EXIT["LOCAL"]
         ) from None
     finally:
         progress.finish()
-    line = f"saved {_plural(report.saved, 'message')} ({report.octets} octets) to {o.target}"
+    line = f"saved {_plural(report.saved, 'message')} ({report.octets} octets) to {where}"
     line += f" ({report.kind})"
     if report.already:
         line += f"; {_plural(report.already, 'message')} already saved before"
@@ -5950,6 +6203,8 @@ _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
      "the server wants more time between logins ({text}); try again later"),
     (TemporaryError, "", _EXIT["TEMPORARY"], "temporary server problem ({text}); try again later"),
     (ServerError, "", _EXIT["SERVER"], "{error}"),
+    (DeliveryError, "tempfail", _EXIT["TEMPORARY"], "{error}; the command says: try again later"),
+    (DeliveryError, "", _EXIT["LOCAL"], "{error}; the message stays on the server"),
     # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with an
     # error that would send the user back to --tls starttls (issue 13, a circle).
     (TLSError, "no-stls", _EXIT["CONNECTION"],

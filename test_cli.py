@@ -354,6 +354,7 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
         "<-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp\n >",
         "<200201210744.QAA05582@platz.jp>",
     ]
+    box.close()
     assert messages_left(server) == 0
     if os.name == "posix":
         assert stat.S_IMODE(target.stat().st_mode) == 0o600  # mail is private

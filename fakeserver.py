@@ -1257,110 +1257,37 @@ def _with_query(uri: str, fields: Mapping[str, str]) -> str:
     return uri + ("&" if "?" in uri else "?") + urllib.parse.urlencode(fields)
 
 
-class FakeOAuth2:
-    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+class _OAuth2Endpoints:
+    """What a client sees: each request's answer, from the state FakeOAuth2 keeps (no I/O).
+    Part of FakeOAuth2, kept apart from what a test sees and controls."""
 
-    def __init__(
-        self,
-        *,
-        client_id: str = "pop3lite-test",
-        client_secret: str | None = None,
-        access_lifetime: float = 3600.0,
-        refresh_lifetime: float | None = None,
-        device_interval: float = 1.0,
-        device_lifetime: float = 600.0,
-        approve_after: int | None = None,
-        user: str | None = None,
-        faults: Sequence[Fault | str] = (),
-        slow_down_step: float = 5.0,
-        host: str = "127.0.0.1",
-    ) -> None:
-        for name, value in (("access_lifetime", access_lifetime),
-                            ("device_interval", device_interval),
-                            ("device_lifetime", device_lifetime)):
-            if not 0 < value < float("inf"):
-                raise ValueError("%s must be a positive number of seconds" % name)
-        if refresh_lifetime is not None and not 0 < refresh_lifetime < float("inf"):
-            raise ValueError("refresh_lifetime must be a positive number of seconds or None")
-        if approve_after is not None and approve_after < 0:
-            raise ValueError("approve_after must be 0 or more polls, or None")
-        if host not in _LOOPBACK_HOSTS - {"localhost"}:
-            raise ValueError("the fake authorization server listens on a loopback address only")
-        self.client_id = client_id
-        self.client_secret = client_secret
-        self.access_lifetime = access_lifetime
-        self.refresh_lifetime = refresh_lifetime
-        self.device_interval = device_interval
-        self.device_lifetime = device_lifetime
-        self.approve_after = approve_after
-        self.user = user
-        self.faults = [_as_oauth2_fault(fault) for fault in faults]
-        self.slow_down_step = slow_down_step
-        self.issued: list[Issued] = []
-        self.requests: list[OAuth2Request] = []
-        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
-        self._uses = [0] * len(self.faults)
-        self._lock = threading.Lock()
-        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
-        self._refresh: dict[str, _Token] = {}
-        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
-        self._revoked: set[str] = set()
-        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
-        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
-        self._used_codes: set[str] = set()
-        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
-        self._users: Callable[[], Sequence[str]] = lambda: ()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._attached = False
-        self._http = _OAuth2HTTPServer(self, host)
+    client_id: str
+    client_secret: str | None
+    access_lifetime: float
+    refresh_lifetime: float | None
+    device_interval: float
+    device_lifetime: float
+    approve_after: int | None
+    user: str | None
+    faults: list[Fault]
+    slow_down_step: float
+    issued: list[Issued]
+    requests: list[OAuth2Request]
+    _uses: list[int]
+    _lock: threading.Lock
+    _access: dict[str, _Token]
+    _refresh: dict[str, _Token]
+    _spent: set[str]
+    _revoked: set[str]
+    _devices: dict[str, _DeviceCode]
+    _codes: dict[str, _AuthCode]
+    _used_codes: set[str]
+    _next_device: tuple[str, str | None] | None
+    _users: Callable[[], Sequence[str]]
 
-    def __repr__(self) -> str:  # no token, code or secret here
-        return "<FakeOAuth2 %s, client %s, %d issued>" % (
-            self.base_url, self.client_id, len(self.issued))
-
-    # ----- public ------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        host, port = str(self._http.server_address[0]), int(self._http.server_address[1])
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    @property
-    def token_url(self) -> str:
-        return self.base_url + "/token"
-
-    @property
-    def device_url(self) -> str:
-        return self.base_url + "/devicecode"
-
-    @property
-    def auth_url(self) -> str:
-        return self.base_url + "/authorize"
-
-    def start(self) -> FakeOAuth2:
-        """Serve in a daemon thread; returns self."""
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
-                name="fakeserver oauth2 %s" % self.base_url)
-            self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
-        request handler hit (when not attached to a FakeServer, which raises it instead)."""
-        self._stop()
-        if self.errors and not self._attached:
-            raise self.errors[0]
-
-    def __enter__(self) -> FakeOAuth2:
-        return self.start()
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self._stop()
-        if exc_type is None and self.errors and not self._attached:
-            raise self.errors[0]
+        raise NotImplementedError
 
     @property
     def default_user(self) -> str:
@@ -1370,73 +1297,7 @@ class FakeOAuth2:
         users = self._users()
         return users[0] if users else "hogehoge"
 
-    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
-        """Approve a device code as its user would on the verification page: the one with this
-        user code, or else the latest one still pending, or else the next one requested."""
-        self._decide(user_code, "approved", user if user is not None else self.default_user)
-
-    def deny(self, user_code: str | None = None) -> None:
-        """Decline a device code (the client gets access_denied); chosen as by approve()."""
-        self._decide(user_code, "denied", None)
-
-    def expire_access_tokens(self) -> None:
-        """Every access token issued so far expires now (POP3 refuses it)."""
-        with self._lock:
-            self._access = {key: token._replace(expires=0.0) for key, token in self._access.items()}
-
-    def expire_refresh_tokens(self) -> None:
-        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
-        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
-        with self._lock:
-            self._refresh = {key: token._replace(expires=0.0)
-                             for key, token in self._refresh.items()}
-
-    def revoke(self) -> None:
-        """Revoke every token issued so far (a changed password, an admin's revocation): access
-        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
-        with self._lock:
-            self._revoked.update(self._refresh)
-            self._access.clear()
-
-    def accepts(self, user: str, token: str) -> bool:
-        """Whether `token` is an unexpired access token issued for `user` (or by client
-        credentials, then for any user; the caller checks that the user exists)."""
-        with self._lock:
-            granted = self._access.get(_digest(token))
-        if granted is None or granted.expires <= time.monotonic():
-            return False
-        return granted.user is None or granted.user == user
-
     # ----- inside ------------------------------------------------------------------
-    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
-        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
-        self._users = users
-        self.errors = errors
-        self._attached = True
-
-    def _stop(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._stopping.set()  # ends "silent" replies
-        if self._thread is not None:
-            self._http.shutdown()
-            self._thread.join()
-        self._http.abort_all()
-        self._http.server_close()  # joins the request threads
-
-    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
-        with self._lock:
-            pending = [d for d in self._devices.values() if d.state == "pending"
-                       and (user_code is None or d.user_code == user_code)]
-            if not pending:
-                if user_code is not None:
-                    raise ValueError("no pending device code with that user code")
-                self._next_device = (state, user)
-                return
-            pending[-1].state, pending[-1].user = state, user
-
     def _take_fault(self, kinds: Sequence[str], command: str) -> Fault | None:
         """The first fault of `kinds` that selects this request (`command`: the short grant
         type, or "devicecode"); it counts against its `times`. A fault without a command
@@ -1729,6 +1590,151 @@ class FakeOAuth2:
                                  "code_challenge of the authorization request.", 501481)
         return self._issue("authorization_code", granted.user, granted.scope, refresh=True)
 
+
+class FakeOAuth2(_OAuth2Endpoints):
+    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "pop3lite-test",
+        client_secret: str | None = None,
+        access_lifetime: float = 3600.0,
+        refresh_lifetime: float | None = None,
+        device_interval: float = 1.0,
+        device_lifetime: float = 600.0,
+        approve_after: int | None = None,
+        user: str | None = None,
+        faults: Sequence[Fault | str] = (),
+        slow_down_step: float = 5.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        for name, value in (("access_lifetime", access_lifetime),
+                            ("device_interval", device_interval),
+                            ("device_lifetime", device_lifetime)):
+            if not 0 < value < float("inf"):
+                raise ValueError("%s must be a positive number of seconds" % name)
+        if refresh_lifetime is not None and not 0 < refresh_lifetime < float("inf"):
+            raise ValueError("refresh_lifetime must be a positive number of seconds or None")
+        if approve_after is not None and approve_after < 0:
+            raise ValueError("approve_after must be 0 or more polls, or None")
+        if not 0 <= slow_down_step < float("inf"):
+            raise ValueError("slow_down_step must be 0 or more seconds")
+        if host not in _LOOPBACK_HOSTS - {"localhost"}:
+            raise ValueError("the fake authorization server listens on a loopback address only")
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.access_lifetime = access_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        self.device_interval = device_interval
+        self.device_lifetime = device_lifetime
+        self.approve_after = approve_after
+        self.user = user
+        self.faults = [_as_oauth2_fault(fault) for fault in faults]
+        self.slow_down_step = slow_down_step
+        self.issued: list[Issued] = []
+        self.requests: list[OAuth2Request] = []
+        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
+        self._refresh: dict[str, _Token] = {}
+        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
+        self._revoked: set[str] = set()
+        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
+        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
+        self._used_codes: set[str] = set()
+        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
+        self._users: Callable[[], Sequence[str]] = lambda: ()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._attached = False
+        self._http = _OAuth2HTTPServer(self, host)
+
+    def __repr__(self) -> str:  # no token, code or secret here
+        return "<FakeOAuth2 %s, client %s, %d issued>" % (
+            self.base_url, self.client_id, len(self.issued))
+
+    # ----- public ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = str(self._http.server_address[0]), int(self._http.server_address[1])
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "/token"
+
+    @property
+    def device_url(self) -> str:
+        return self.base_url + "/devicecode"
+
+    @property
+    def auth_url(self) -> str:
+        return self.base_url + "/authorize"
+
+    def start(self) -> FakeOAuth2:
+        """Serve in a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
+                name="fakeserver oauth2 %s" % self.base_url)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
+        request handler hit (when not attached to a FakeServer, which raises it instead)."""
+        self._stop()
+        if self.errors and not self._attached:
+            raise self.errors[0]
+
+    def __enter__(self) -> FakeOAuth2:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self._stop()
+        if exc_type is None and self.errors and not self._attached:
+            raise self.errors[0]
+
+    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
+        """Approve a device code as its user would on the verification page: the one with this
+        user code, or else the latest one still pending, or else the next one requested."""
+        self._decide(user_code, "approved", user if user is not None else self.default_user)
+
+    def deny(self, user_code: str | None = None) -> None:
+        """Decline a device code (the client gets access_denied); chosen as by approve()."""
+        self._decide(user_code, "denied", None)
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far expires now (POP3 refuses it)."""
+        with self._lock:
+            self._access = {key: token._replace(expires=0.0) for key, token in self._access.items()}
+
+    def expire_refresh_tokens(self) -> None:
+        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
+        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
+        with self._lock:
+            self._refresh = {key: token._replace(expires=0.0)
+                             for key, token in self._refresh.items()}
+
+    def revoke(self) -> None:
+        """Revoke every token issued so far (a changed password, an admin's revocation): access
+        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
+        with self._lock:
+            self._revoked.update(self._refresh)
+            self._access.clear()
+
+    def accepts(self, user: str, token: str) -> bool:
+        """Whether `token` is an unexpired access token issued for `user` (or by client
+        credentials, then for any user; the caller checks that the user exists)."""
+        with self._lock:
+            granted = self._access.get(_digest(token))
+        if granted is None or granted.expires <= time.monotonic():
+            return False
+        return granted.user is None or granted.user == user
+
     # ----- the user's browser ------------------------------------------------------
     def browse(self, url: str, user: str | None = None, *, deny: bool = False,
                timeout: float = 5.0) -> None:
@@ -1748,6 +1754,38 @@ class FakeOAuth2:
             raise ValueError("the authorization endpoint refused (HTTP %d): %s"
                              % (status, body[:300].decode("utf-8", "replace")))
         _http_get(location, {}, timeout)  # the client's listener; its page is not needed
+
+
+
+    # ----- inside ------------------------------------------------------------------
+    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
+        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
+        self._users = users
+        self.errors = errors
+        self._attached = True
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()  # ends "silent" replies
+        if self._thread is not None:
+            self._http.shutdown()
+            self._thread.join()
+        self._http.abort_all()
+        self._http.server_close()  # joins the request threads
+
+    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
+        with self._lock:
+            pending = [d for d in self._devices.values() if d.state == "pending"
+                       and (user_code is None or d.user_code == user_code)]
+            if not pending:
+                if user_code is not None:
+                    raise ValueError("no pending device code with that user code")
+                self._next_device = (state, user)
+                return
+            pending[-1].state, pending[-1].user = state, user
 
 
 def _http_get(url: str, headers: Mapping[str, str], timeout: float
@@ -1799,6 +1837,7 @@ class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
 
     server: _OAuth2HTTPServer
     protocol_version = "HTTP/1.0"  # one request per connection
+    default_request_version = "HTTP/1.0"  # every reply has a status line, even to garbage
     server_version = "fakeserver-oauth2"
     sys_version = ""
     timeout = OAUTH2_READ_TIMEOUT

@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None, keep_transcripts=True, replay=None)``
+greeting=None, keep_transcripts=True, replay=None, oauth2=None)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -33,7 +33,8 @@ greeting=None, keep_transcripts=True, replay=None)``
     and OAUTHBEARER accept (preset "rfc": ``"fake-oauth-token"``). ``greeting``: the text after
     ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp. ``keep_transcripts``: False
     forgets each connection's transcript when it ends (a long-running server; the log still
-    shows it). ``replay``: a recording to serve instead of a preset (below).
+    shows it). ``replay``: a recording to serve instead of a preset (below). ``oauth2``: a
+    fake OAuth2 authorization server to run beside it (below, "OAuth2").
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
@@ -66,10 +67,12 @@ write the format.
 pytest plugin (``pytest11`` entry point of an installed pop3lite, or ``pytest_plugins =
 ["fakeserver"]`` in a conftest): fixtures ``pop3_server`` (a started server, preset "rfc",
 configured by ``@pytest.mark.pop3_server(preset, **options)``), ``make_pop3_server(preset="rfc",
-*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``
-and ``pop3_ca_file`` (the test CA as a file). When a test fails, the transcripts of its servers
-appear in the report as the section "fakeserver transcript"; an exception in a session fails the
-test that was running.
+*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``,
+``pop3_oauth2_server`` (preset "rfc" with a FakeOAuth2 of ``OAUTH2_TEST_OPTIONS``: 2-second
+access tokens, 0.05-second device polling) and ``pop3_ca_file`` (the test CA as a file). When a
+test fails, the transcripts of its servers (and the requests of their FakeOAuth2) appear in the
+report as the section "fakeserver transcript"; an exception in a session fails the test that was
+running.
 
 ``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
 uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
@@ -99,40 +102,71 @@ Kinds (``value`` in brackets):
   ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
   of its reply.
 
-OAuth2 (a fake of Microsoft's and Google's sign-in for POP3; ``oauth2=`` of FakeServer, ``True``
-for the defaults): ``FakeOAuth2(*, client_id="pop3lite-test", client_secret=None,
-access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0, device_lifetime=600.0,
-approve_after=None, user=None, faults=(), slow_down_step=5.0, host="127.0.0.1")`` is an
-authorization server over plain HTTP on a free loopback port, started and stopped with its
-FakeServer (or alone: ``with FakeOAuth2() as oauth2:``). Lifetimes and intervals are seconds,
-fractions allowed (and sent as fractions in ``expires_in``/``interval``, integers otherwise).
-``server.oauth2.base_url``, ``token_url`` (``/token``), ``device_url`` (``/devicecode``),
-``auth_url`` (``/authorize``). See the section "OAuth2 authorization server" for the endpoints.
+OAuth2 (a fake of Microsoft's and Google's sign-in for POP3, for testing a client's whole
+sign-in and refresh offline): ``FakeServer(oauth2=FakeOAuth2(...))`` (``True``: the defaults; a
+dict: FakeOAuth2's options) serves ``server.oauth2``, started and stopped with the server (or
+alone: ``with FakeOAuth2() as oauth2:``). ``FakeOAuth2(*, client_id="pop3lite-test",
+client_secret=None, access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0,
+device_lifetime=600.0, approve_after=None, user=None, faults=(), slow_down_step=5.0,
+host="127.0.0.1")`` is an authorization server over plain HTTP on a free loopback port.
+Lifetimes and intervals are seconds, fractions allowed (sent as such in ``expires_in`` and
+``interval``; whole numbers as integers). ``user``: the account it signs in (default: the
+server's first user). ``client_secret``: the registration has one (a confidential client): every
+token and device request must carry it, in the body or by HTTP Basic (RFC 6749 section 2.3.1).
+Attributes: ``base_url``, ``address``, ``token_url`` (``{base}/token``), ``device_url``
+(``{base}/devicecode``), ``auth_url`` (``{base}/authorize``), ``default_user``.
 
-- ``POST /devicecode`` (RFC 8628 section 3.2 reply) and ``POST /token`` with grant_type
-  ``urn:ietf:params:oauth:grant-type:device_code`` (``DEVICE_GRANT``): ``authorization_pending``
-  until the test calls ``approve(user_code=None, user=None)`` (the code with that user code,
-  else the latest pending one, else the next one requested) or ``deny(user_code=None)``
-  (``access_denied``), or automatically: ``approve_after=N`` answers N polls pending and the
-  next with tokens. A poll sooner than ``interval`` after the previous poll's reply gets
-  ``slow_down`` and the interval grows by ``slow_down_step`` (RFC 8628 section 3.5: 5 s);
-  past ``device_lifetime``, ``expired_token``; once redeemed, ``invalid_grant``.
-- ``refresh_token``: a new access token and a new refresh token; the spent one is refused
-  (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
+- Device grant (RFC 8628): ``POST /devicecode`` (client_id, scope) answers device_code,
+  user_code, verification_uri, expires_in, interval, message. ``POST /token`` with grant_type
+  ``DEVICE_GRANT`` (``urn:ietf:params:oauth:grant-type:device_code``) answers
+  ``authorization_pending`` until the test calls ``approve(user_code=None, user=None)`` (the code
+  with that user code, else the latest pending one, else the next one requested) or
+  ``deny(user_code=None)`` (then ``access_denied``), or automatically: ``approve_after=N``
+  answers N polls pending and the next with tokens. A poll sooner than the interval after the
+  previous poll's reply gets ``slow_down``, and the interval grows by ``slow_down_step`` (RFC
+  8628 section 3.5 says 5 s); past ``device_lifetime``, ``expired_token``; once redeemed,
+  ``invalid_grant``.
+- Authorization code with PKCE (RFC 7636) and a loopback redirect (RFC 8252): ``GET
+  /authorize`` (client_id, redirect_uri: http to 127.0.0.1, [::1] or localhost, any port;
+  response_type=code; scope; state; code_challenge; code_challenge_method=S256, required)
+  answers 302 to ``redirect_uri?code=...&state=...`` (errors go there too, with the state, except
+  a bad client_id or redirect_uri: 400). ``browse(url, user=None, *, deny=False,
+  timeout=5.0)`` is the user's browser: it opens the URL, signs in as ``user``, consents (or
+  declines), and follows the redirect to the client's listener. The token request needs the
+  same redirect_uri and the code_verifier; a code is good for one request.
+- ``refresh_token``: a new access token and a new refresh token (rotation); the spent one is
+  refused (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
   ``expire_refresh_tokens()``) gets ``invalid_grant`` AADSTS700082, a revoked one (``revoke()``)
   AADSTS50173.
+- ``client_credentials`` (needs ``client_secret``): an access token without a refresh token,
+  good for every user of the server (Microsoft 365's POP.AccessAsApp).
 
-Token replies: ``access_token``, ``token_type`` "Bearer", ``expires_in``, ``scope`` (the
-requested one), ``refresh_token`` (not with client credentials), with ``Cache-Control:
-no-store``. Errors are JSON as Microsoft sends them (RFC 6749 section 5.2): ``error``,
-``error_description`` ("AADSTS70000: ..." then trace id, correlation id and timestamp lines),
-``error_codes``; 400, or 401 for ``invalid_client``. The POP3 side (XOAUTH2, two-step or with an
-initial response, and OAUTHBEARER) accepts exactly the unexpired access tokens issued for that
-user (``FakeServer.accepts_token(user, token)``); the preset's static token is then off unless
-``oauth_token=`` is given. Refused tokens get the error challenge, then ``-ERR [AUTH]``.
-``issued``: ``Issued(grant, user, scope, refresh)`` per token reply; ``requests``:
-``OAuth2Request(path, grant, error)`` per request (no secret in either, nor in any repr or log);
-``expire_access_tokens()``.
+Replies are JSON with ``Cache-Control: no-store``: ``access_token``, ``token_type`` "Bearer",
+``expires_in``, ``scope`` (as requested), ``refresh_token``. Errors as Microsoft words them (RFC
+6749 section 5.2): ``error``, ``error_description`` ("AADSTS70000: ..." followed by trace id,
+correlation id and timestamp lines), ``error_codes``, ``trace_id``, ``correlation_id``,
+``timestamp``; status 400, or 401 for ``invalid_client``. Malformed HTTP, a form without
+Content-Length (411) or over 64 KiB (413), a parameter given twice, an unknown path (404) or
+method all get JSON ``invalid_request`` errors; every other client is served meanwhile.
+Faults of the token endpoint: ``faults=[Fault(kind, command=None, value=None, times=None)]``
+(or the kind alone as a string), ``kind`` one of ``OAUTH2_FAULT_KINDS``: ``"html"`` (200
+text/html, a sign-in page; [bytes]), ``"500"`` (an HTML error page; [bytes]), ``"huge"`` (200
+with a body of [octets, default 10 MiB]), ``"silent"`` (read the request, never answer, for
+[seconds, default until close()]; close() does not wait for it), ``"slow_down"`` (a device-code
+poll answered ``slow_down``). ``command``: a grant type (``"refresh_token"``, ``"device_code"``,
+``"authorization_code"``, ``"client_credentials"``) or ``"devicecode"`` (the device authorization
+endpoint); None: every token request. ``times`` limits how often it fires.
+
+The POP3 side (XOAUTH2, two-step as Microsoft requires or with an initial response, and
+OAUTHBEARER) accepts exactly the unexpired access tokens issued for that user, or by client
+credentials (``FakeServer.accepts_token(user, token)``; ``FakeOAuth2.accepts(user, token)``);
+the preset's static token is then off unless ``oauth_token=`` is given. A refused token gets the
+error challenge, then ``-ERR [AUTH]``. ``expire_access_tokens()`` expires every access token
+issued so far. For assertions: ``issued`` (``Issued(grant, user, scope, refresh)`` per token
+reply) and ``requests`` (``OAuth2Request(path, grant, error)`` per request, ``error`` the OAuth2
+error, ``"fault:KIND"``, or None); tokens, codes and secrets are in neither, nor in any repr,
+log or transcript (the fake keeps only their SHA-256). ``errors``: exceptions a request handler
+hit (with a FakeServer: its ``errors``).
 
 ``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` (or ``client_context()``)
 verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' messages (bytes).
@@ -141,7 +175,11 @@ verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' m
 Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
 stdout is ``HOST:PORT``; Ctrl-C stops it. ``--replay FILE`` serves a recording;
 ``--record HOST[:PORT] --out FILE [--tls implicit|stls|none] [--headers-only]`` runs the
-recording proxy.
+recording proxy. ``--oauth2`` runs a FakeOAuth2 beside the server (preset "rfc" by default) and
+prints ``token-url URL``, ``device-url URL``, ``auth-url URL`` and ``client-id ID`` on the lines
+after HOST:PORT; ``--oauth2-access-lifetime``, ``--oauth2-refresh-lifetime``,
+``--oauth2-interval``, ``--oauth2-approve-after`` (default 1), ``--oauth2-client-id`` and
+``--oauth2-client-secret`` set its options.
 
 The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
 both cannot hide.
@@ -193,6 +231,7 @@ __all__ = [
     "DEVICE_GRANT",
     "FAULT_KINDS",
     "OAUTH2_FAULT_KINDS",
+    "OAUTH2_TEST_OPTIONS",
     "OPERAMAIL_MESSAGES",
     "OPERAMAIL_RECORDING",
     "REPLAY_PASSWORD",
@@ -1659,8 +1698,12 @@ class FakeOAuth2(_OAuth2Endpoints):
     # ----- public ------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        host, port = str(self._http.server_address[0]), int(self._http.server_address[1])
+        host, port = self.address
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return str(self._http.server_address[0]), int(self._http.server_address[1])
 
     @property
     def token_url(self) -> str:
@@ -2927,11 +2970,16 @@ def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
     return lines
 
 
-def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | None) -> FakeOAuth2 | None:
-    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults)."""
-    if not oauth2:
+def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None
+                   ) -> FakeOAuth2 | None:
+    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults; a
+    mapping: FakeOAuth2's options, e.g. in a ``pop3_server`` marker)."""
+    if oauth2 is None or oauth2 is False:
         return None
-    beside = FakeOAuth2() if oauth2 is True else oauth2
+    if isinstance(oauth2, FakeOAuth2):
+        beside = oauth2
+    else:
+        beside = FakeOAuth2(**({} if oauth2 is True else dict(oauth2)))
     beside._attach(lambda: list(server.maildrops), server.errors)
     return beside
 
@@ -2965,7 +3013,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         greeting: str | None = None,
         keep_transcripts: bool = True,
         replay: str | Path | Sequence[RecordedSession] | None = None,
-        oauth2: FakeOAuth2 | bool | None = None,
+        oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None = None,
     ) -> None:
         if preset not in _PRESETS:
             raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
@@ -2992,7 +3040,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         )
         # A replay checks credentials, not recorded ones: any user name with REPLAY_PASSWORD.
         self._replay_password = REPLAY_PASSWORD if replay is not None and users is None else None
-        if oauth_token is None and not oauth2:  # with OAuth2: exactly the tokens it issued
+        if oauth_token is None and oauth2 in (None, False):  # OAuth2: only the tokens it issued
             oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
         self.oauth_token = oauth_token
         self.tls = tls
@@ -3526,6 +3574,12 @@ class _ProxySession(socketserver.BaseRequestHandler):
 # standard-library-only for everyone else.
 
 
+#: The pop3_oauth2_server fixture's FakeOAuth2 options: access tokens that expire while a test
+#: runs, device polling fast enough not to slow it down.
+OAUTH2_TEST_OPTIONS: Mapping[str, Any] = {
+    "access_lifetime": 2.0, "device_interval": 0.05, "device_lifetime": 60.0}
+
+
 def pytest_configure(config: Any) -> None:
     """pytest hook: declare the marker and register the fixtures."""
     config.addinivalue_line(
@@ -3566,7 +3620,19 @@ def _report_text(servers: Sequence[FakeServer]) -> str:
         for mismatch in server.mismatches:
             parts.append("  replay: connection %d sent %r, which the recording has no answer for"
                          % (mismatch.session, mismatch.command))
+        parts.extend(_oauth2_report(server.oauth2))
     return "\n".join(parts)
+
+
+def _oauth2_report(oauth2: FakeOAuth2 | None) -> list[str]:
+    """The requests a server's FakeOAuth2 answered, for a failure report (no secret in them)."""
+    if oauth2 is None:
+        return []
+    lines = ["  oauth2 %s: %d request(s), %d token reply(ies)"
+             % (oauth2.base_url, len(oauth2.requests), len(oauth2.issued))]
+    lines.extend("    %s %s -> %s" % (request.path, request.grant or "-", request.error or "ok")
+                 for request in oauth2.requests)
+    return lines
 
 
 def _pytest_plugin() -> object:
@@ -3639,6 +3705,12 @@ def _pytest_plugin() -> object:
                 return make_pop3_server()
             return make_pop3_server(*marker.args, **marker.kwargs)
 
+        @pytest.fixture
+        def pop3_oauth2_server(self, make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+            """A started FakeServer (preset "rfc") with a FakeOAuth2 (``.oauth2``) beside it,
+            its lifetimes short for tests (``OAUTH2_TEST_OPTIONS``)."""
+            return make_pop3_server(oauth2=OAUTH2_TEST_OPTIONS)
+
         @pytest.fixture(scope="session")
         def pop3_ca_file(self, tmp_path_factory: Any) -> Path:
             """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
@@ -3685,15 +3757,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fakeserver.py",
         description="A fake POP3 server. By default it replays the OperaMail session of the "
-        "seed: user hogehoge, password fugafuga, two Japanese messages.",
+        "seed: user hogehoge, password fugafuga, two Japanese messages. With --oauth2, a fake "
+        "OAuth2 authorization server runs beside it; its endpoints are printed after the "
+        "HOST:PORT line.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
     parser.add_argument("--tls", choices=("none", "implicit", "stls"),
                         help="TLS mode (none); with --record, to the real server (implicit on "
                         "port 995 and when no port is given, else stls)")
-    parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
-                        help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
+    parser.add_argument("--preset", choices=sorted(_PRESETS),
+                        help="operamail (the seed; the default) or rfc (full CAPA, SASL, fresh "
+                        "timestamps; the default with --oauth2)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--maildir", metavar="PATH", help="serve this Maildir")
     source.add_argument("--mbox", metavar="PATH", help="serve this mbox file")
@@ -3720,9 +3795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="trust these CA certificates for the real server (default: system)")
     record.add_argument("--headers-only", action="store_true",
                         help="record only the header of each RETR/TOP message")
+    _add_oauth2_arguments(parser)
     args = parser.parse_args(argv)
     if args.record:
         return _record(parser, args)
+    args.preset = args.preset or ("rfc" if args.oauth2 else "operamail")
 
     users: dict[str, Maildrop] | None = None
     try:
@@ -3738,7 +3815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = None if args.tls == "none" else args.tls
         server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
                             idle_timeout=args.idle_timeout, keep_transcripts=False,
-                            replay=Path(args.replay) if args.replay else None)
+                            replay=Path(args.replay) if args.replay else None,
+                            oauth2=_oauth2_options(args))
     except mailbox.NoSuchMailboxError as error:
         print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
         return 1
@@ -3764,6 +3842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         print(where, flush=True)
+        _print_oauth2(server.oauth2, where, user)
         # The demo password is the seed's, public on purpose; a password given on the command
         # line is the user's own and is not repeated.
         shown = password if password == "fugafuga" else "as given"
@@ -3793,6 +3872,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fakeserver: session %d: no recorded answer to %r"
               % (mismatch.session, mismatch.command), file=sys.stderr)
     return 1 if server.errors else 0
+
+
+def _add_oauth2_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "OAuth2", "a fake OAuth2 authorization server beside the POP3 server (on another free "
+        "port of the same host); XOAUTH2 and OAUTHBEARER then accept the tokens it issues")
+    group.add_argument("--oauth2", action="store_true",
+                       help="run it; lines 2-5 of the output are token-url, device-url, "
+                       "auth-url and client-id, each followed by its value")
+    group.add_argument("--oauth2-client-id", default="pop3lite-test", metavar="ID",
+                       help="the client id it knows (pop3lite-test)")
+    group.add_argument("--oauth2-client-secret", metavar="SECRET",
+                       help="a test client secret, needed for client credentials (none)")
+    group.add_argument("--oauth2-access-lifetime", type=float, default=3600.0,
+                       metavar="SECONDS", help="access token lifetime (3600)")
+    group.add_argument("--oauth2-refresh-lifetime", type=float, metavar="SECONDS",
+                       help="refresh token lifetime (unlimited)")
+    group.add_argument("--oauth2-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="device grant polling interval (1)")
+    group.add_argument("--oauth2-approve-after", type=int, default=1, metavar="N",
+                       help="approve a device code after N polls (1); the authorization URL "
+                       "consents at once")
+
+
+def _oauth2_options(args: argparse.Namespace) -> Mapping[str, Any] | None:
+    """FakeOAuth2's options from the command line (None: no --oauth2)."""
+    if not args.oauth2:
+        return None
+    return {"client_id": args.oauth2_client_id, "client_secret": args.oauth2_client_secret,
+            "access_lifetime": args.oauth2_access_lifetime,
+            "refresh_lifetime": args.oauth2_refresh_lifetime,
+            "device_interval": args.oauth2_interval, "approve_after": args.oauth2_approve_after,
+            "host": "::1" if ":" in args.host else "127.0.0.1"}
+
+
+def _print_oauth2(oauth2: FakeOAuth2 | None, where: str, user: str) -> None:
+    """The endpoints, one per line right after HOST:PORT (for scripts), and a sign-in to try."""
+    if oauth2 is None:
+        return
+    print("token-url %s\ndevice-url %s\nauth-url %s\nclient-id %s" % (
+        oauth2.token_url, oauth2.device_url, oauth2.auth_url, oauth2.client_id))
+    print("fakeserver: OAuth2 for user %s: device codes approved after %s poll(s), the "
+          "authorization URL consents at once; access tokens live %gs"
+          % (oauth2.default_user, oauth2.approve_after, oauth2.access_lifetime))
+    print("sign in: python pop3lite.py %s %s oauth2 --tls none --token-url %s --device-url %s "
+          "--client-id %s --oauth2 TOKEN-FILE" % (where, user, oauth2.token_url,
+                                                   oauth2.device_url, oauth2.client_id),
+          flush=True)
 
 
 def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -15,11 +15,16 @@ import http.client
 import http.server
 import json
 import logging
+import queue
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any, Iterator, Mapping, cast
 
 import pytest
@@ -34,7 +39,10 @@ from fakeserver import (
     OAuth2Request,
 )
 
+pytest_plugins = ["pytester"]
+
 TIMEOUT = 5.0
+HERE = Path(__file__).resolve().parent
 CLIENT = "pop3lite-test"
 
 
@@ -107,8 +115,9 @@ def b64(data: bytes) -> str:
 class Pop:
     """A raw-socket POP3 client: send lines, read lines."""
 
-    def __init__(self, server: FakeServer) -> None:
-        self.sock = socket.create_connection(server.address, timeout=TIMEOUT)
+    def __init__(self, where: FakeServer | tuple[str, int]) -> None:
+        address = where if isinstance(where, tuple) else where.address
+        self.sock = socket.create_connection(address, timeout=TIMEOUT)
         self.file = self.sock.makefile("rb")
         assert self.line().startswith("+OK")
 
@@ -133,7 +142,8 @@ def oauthbearer(user: str, token: str) -> str:
                % (user.encode(), token.encode()))
 
 
-def login(server: FakeServer, mechanism: str, user: str, token: str, initial: bool) -> str:
+def login(server: FakeServer | tuple[str, int], mechanism: str, user: str, token: str,
+          initial: bool) -> str:
     """AUTH with a bearer token; the final reply. A refusal's error challenge is answered as
     RFC 7628 section 3.2.3 says (OAUTHBEARER: %x01; XOAUTH2: an empty line)."""
     blob = (xoauth2 if mechanism == "XOAUTH2" else oauthbearer)(user, token)
@@ -703,7 +713,7 @@ def test_fault_huge_body() -> None:
 
 def test_fault_huge_body_to_a_client_that_stops_reading() -> None:
     with FakeOAuth2(faults=[Fault("huge", times=1)]) as oauth2:
-        with socket.create_connection(oauth2._http.server_address, timeout=TIMEOUT) as sock:
+        with socket.create_connection(oauth2.address, timeout=TIMEOUT) as sock:
             body = b"grant_type=refresh_token&client_id=pop3lite-test&refresh_token=x"
             sock.sendall(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
@@ -764,7 +774,7 @@ def test_unknown_fault_kind_or_command() -> None:
 
 def raw_http(oauth2: FakeOAuth2, data: bytes) -> Reply:
     """Send raw bytes, then parse the reply (status line, headers, body up to the close)."""
-    with socket.create_connection(oauth2._http.server_address, timeout=TIMEOUT) as sock:
+    with socket.create_connection(oauth2.address, timeout=TIMEOUT) as sock:
         sock.sendall(data)
         received = b""
         for _ in range(1000):
@@ -828,9 +838,9 @@ def test_wrong_method_or_path(method: str, path: str, status: int) -> None:
 
 def test_a_client_that_stops_in_the_middle_of_its_request() -> None:
     with FakeOAuth2() as oauth2:
-        with socket.create_connection(oauth2._http.server_address, timeout=TIMEOUT) as sock:
+        with socket.create_connection(oauth2.address, timeout=TIMEOUT) as sock:
             sock.sendall(b"POST /token HTTP/1.1\r\nContent-Length: 100\r\n\r\nclient_id=")
-        with socket.create_connection(oauth2._http.server_address, timeout=TIMEOUT) as sock:
+        with socket.create_connection(oauth2.address, timeout=TIMEOUT) as sock:
             sock.sendall(b"POST /token HTTP/1.1\r\nContent-Le")  # and then nothing
             assert post(oauth2.device_url, client_id=CLIENT).status == 200
     assert oauth2.errors == []
@@ -908,3 +918,93 @@ def test_fractional_lifetimes_are_sent_as_given() -> None:
         assert (code["interval"], code["expires_in"]) == (0.25, 30)
         oauth2.approve()
         assert poll(oauth2, code["device_code"]).json["expires_in"] == 0.5
+
+
+# ----- the pytest plugin -----------------------------------------------------------------------
+
+
+def test_plugin_fixture_and_factory(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('pytest_plugins = ["fakeserver"]\n')
+    pytester.makepyfile(test_user='''
+import json, urllib.parse, urllib.request
+import pytest
+from fakeserver import FakeOAuth2
+
+def token(oauth2):
+    oauth2.approve()
+    code = json.load(urllib.request.urlopen(urllib.request.Request(oauth2.device_url,
+        urllib.parse.urlencode({"client_id": "pop3lite-test"}).encode()), timeout=5))
+    form = {"client_id": "pop3lite-test", "device_code": code["device_code"],
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code"}
+    return json.load(urllib.request.urlopen(urllib.request.Request(oauth2.token_url,
+        urllib.parse.urlencode(form).encode()), timeout=5))
+
+def test_fixture(pop3_oauth2_server):
+    oauth2 = pop3_oauth2_server.oauth2
+    assert pop3_oauth2_server.preset == "rfc"
+    reply = token(oauth2)
+    assert reply["expires_in"] == 2 and oauth2.device_interval == 0.05
+    assert pop3_oauth2_server.accepts_token("hogehoge", reply["access_token"])
+
+def test_factory(make_pop3_server):
+    server = make_pop3_server(user="alice", password="pw", oauth2=FakeOAuth2(user="alice"))
+    assert server.accepts_token("alice", token(server.oauth2)["access_token"])
+
+@pytest.mark.pop3_server("rfc", oauth2={"client_id": "mine", "approve_after": 0})
+def test_marker(pop3_server):
+    assert pop3_server.oauth2.client_id == "mine"
+    assert pop3_server.oauth2.approve_after == 0
+
+def test_failure_report(pop3_oauth2_server):
+    try:
+        urllib.request.urlopen(pop3_oauth2_server.oauth2.token_url, b"x=1", timeout=5)
+    except Exception:
+        pass
+    assert False
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*oauth2 http://127.0.0.1:*: 1 request(s), 0 token reply(ies)",
+                                 "*/token - -> invalid_request"])
+
+
+# ----- the command line ------------------------------------------------------------------------
+
+
+def test_command_line_oauth2() -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "fakeserver.py"), "--port", "0", "--oauth2", "-q",
+         "--oauth2-approve-after", "0", "--oauth2-access-lifetime", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stdout is not None and process.stderr is not None
+    stdout = process.stdout
+
+    def pump() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        out = [lines.get(timeout=20) for _ in range(5)]
+        host, _, port = out[0].strip().rpartition(":")
+        urls = dict(line.split() for line in out[1:])
+        assert set(urls) == {"token-url", "device-url", "auth-url", "client-id"}
+        assert urls["client-id"] == CLIENT
+        code = post(urls["device-url"], client_id=CLIENT).json
+        reply = post(urls["token-url"], grant_type=DEVICE_GRANT, client_id=CLIENT,
+                     device_code=code["device_code"]).json
+        assert reply["expires_in"] == 30
+        token = reply["access_token"]
+        assert login((host, int(port)), "XOAUTH2", "hogehoge", token, False).startswith("+OK")
+        rest = [lines.get(timeout=20) for _ in range(6)]
+        assert rest[-1] == "stop: Ctrl-C\n"
+        assert any(line.startswith("sign in: python pop3lite.py") for line in rest)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        finally:
+            process.kill()
+    assert process.returncode == 0
+    assert "Traceback" not in process.stderr.read()

@@ -39,6 +39,7 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
+    import argparse
     import logging
     import ssl
     from email.message import EmailMessage
@@ -291,7 +292,7 @@ def server_error(text: str, code: str | None, command: str) -> ServerError:
 
 
 # =============================================================================================
-# Text shown to people: server text made safe, charsets that lie, sizes
+# Text shown to people: server text made safe, charsets that lie
 # =============================================================================================
 #
 # Whatever a server sends may reach a terminal or a log. Every string shown to people passes
@@ -371,113 +372,6 @@ def repair_encoded_words(header: bytes) -> bytes:
         return b"=?%s?B?%s?=" % (match.group(1), text)
 
     return _ENCODED_WORD.sub(fix, header)
-
-
-# -- text decoding: RFC 2047 headers, charsets that lie ----------------------------------------
-
-# Patterns as strings: re compiles and caches them on first use, not at import time.
-_HIGH_BYTE = rb"[\x80-\xff]"
-_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
-_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
-_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest is noise
-
-
-def _decode_text(data: bytes, charset: str | None = None) -> str:
-    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
-    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
-
-    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
-    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
-    almost never an accident, while cp932 decodes most byte strings without error."""
-    codecs: list[str] = []
-    declared = (charset or "").strip().strip('"').lower()
-    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
-        codecs.append(declared)
-    if re.search(_JIS_ESCAPE, data):
-        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
-    codecs += _FALLBACK_CHARSETS
-    for codec in codecs:
-        try:
-            return data.decode(codec)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return data.decode("utf-8", "replace")
-
-
-def _decode_header(raw: bytes) -> str:
-    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
-    text = _decode_text(raw[:_HEADER_LIMIT])
-    if "=?" in text:
-        import email.errors
-        import email.header
-
-        try:
-            parts = email.header.decode_header(text)
-        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
-            parts = [(text, None)]
-        words = []
-        for value, charset in parts:
-            if isinstance(value, str):
-                words.append(value)
-            elif charset is None:  # decode_header encodes undecoded runs this way
-                try:
-                    words.append(value.decode("raw-unicode-escape"))
-                except UnicodeDecodeError:
-                    words.append(value.decode("latin-1"))
-            else:
-                words.append(_decode_text(value, charset))
-        text = "".join(words)
-    return printable(re.sub(_BLANKS, " ", text).strip(" "))
-
-
-def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
-    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        elif b":" in line:
-            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-            fields.append((name, [line]))
-    return fields
-
-
-def _field_value(lines: list[bytes]) -> bytes:
-    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
-    return b"".join(lines).split(b":", 1)[1].strip()
-
-
-def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
-    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
-    if data.startswith(b"\r\n"):
-        return b"", data[2:]
-    head, sep, body = data.partition(b"\r\n\r\n")
-    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
-
-
-# -- sizes ----------------------------------------------------------------------------------------
-
-
-def _human_size(count: int) -> str:
-    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
-    value, unit = float(count), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _size(count: int) -> str:
-    """Octets, exact, and in human units beside them once that says more: "10180 octets
-    (9.9 KiB)"."""
-    if count < 1024:
-        return _plural(count, "octet")
-    return f"{count} octets ({_human_size(count)})"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # =============================================================================================
@@ -4255,15 +4149,24 @@ def _fetch(
 # ``import pop3lite`` stays cheap. main() returns an exit status and never lets an expected
 # failure become a traceback.
 
-_EXIT_OK = 0
-_EXIT_LOCAL = 1  # a local file could not be read or written
-_EXIT_USAGE = 2  # bad arguments or no password available (argparse exits with 2 as well)
-_EXIT_AUTH = 3  # the credentials were refused
-_EXIT_CONNECTION = 4  # connection, TLS, timeout, or a password would cross an unencrypted link
-_EXIT_TEMPORARY = 5  # IN-USE, LOGIN-DELAY, SYS/TEMP: trying again later may work
-_EXIT_SERVER = 6  # any other -ERR, or bytes that are not POP3
-_EXIT_SKIPPED = 7  # save: messages over --max-size were left on the server, the rest saved
-_EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
+# The exit statuses, one row each: the code, the name the code uses (_EXIT["AUTH"]) and what
+# it means. The --help epilog, _FAILURES and the README's table (checked by a test) come
+# from here.
+_EXIT_STATUSES = (
+    (0, "OK", "success"),
+    (1, "LOCAL", "a local file could not be read or written"),
+    (2, "USAGE", "usage error, or no password available"),
+    (3, "AUTH", "authentication failed"),
+    (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
+     "unencrypted link)"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP): "
+     "try again later"),
+    (6, "SERVER", "other server or protocol error"),
+    (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
+    (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
+     "nothing is deleted; 143 (SIGTERM) and 129 (SIGHUP) the same"),
+)  # fmt: skip
+_EXIT = {name: code for code, name, _ in _EXIT_STATUSES}
 
 _ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell")
 _PASSWORD_VARIABLE = "POP3_PASSWORD"
@@ -4305,6 +4208,7 @@ actions:
   shell               an interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1,
                       DELE 1, RSET, QUIT...; TLS and the login are done for you"""
 
+# The exit statuses are added below this from _EXIT_STATUSES.
 _EPILOG = """\
 password:
   read from --password-file FILE (its first line; "-" reads a line of stdin), else
@@ -4338,31 +4242,17 @@ check --json prints one object with these fields:
   messages      [{"number", "size", "uid", "date", "from", "subject"}], all of them
                 unless --limit N (then the last N); "date" is ISO 8601 when the Date
                 header can be parsed, else as written; unknown values are null
-capa --json prints the capabilities object, uidl --json [{"number", "uid"}].
+capa --json prints the capabilities object, uidl --json [{"number", "uid"}]."""
 
-exit status:
-  0    success
-  1    a local file could not be read or written
-  2    usage error, or no password available
-  3    authentication failed
-  4    connection, TLS or timeout failure (or a password would cross an unencrypted link)
-  5    temporary server condition (mailbox in use, login delay, SYS/TEMP): try again later
-  6    other server or protocol error
-  7    save: messages larger than --max-size were skipped (the rest were saved)
-  130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted;
-       143 (SIGTERM) and 129 (SIGHUP) the same"""
-
-
+# ACTION --help: the usage and what the action does; its options are listed from _OPTIONS.
 _ACTION_HELP = {
     "check": (
         "[check] [--limit N] [--json]",
         """\
 The default action. Shows the greeting, the TLS version and certificate, the capabilities,
 the login method, "N messages, M octets" and a table of number, size, UID, date, sender
-and subject (from TOP n 0). Never deletes anything.
-
-  --limit N   show the last N messages (default 50, all with --json; 0: all)
-  --json      print one JSON object (its fields are listed in --help)""",
+and subject (from TOP n 0). Never deletes anything. --json prints one object (its fields
+are listed in --help).""",
     ),
     "retr": (
         "retr N [N...] [-o PATH]",
@@ -4370,10 +4260,7 @@ and subject (from TOP n 0). Never deletes anything.
 Print messages: decoded on a terminal (headers, charsets and transfer encodings undone),
 the raw bytes when stdout is a pipe or a file. Several messages go to a terminal one after
 the other, or with -o DIR into files; to a pipe or file they are refused, as raw messages
-have nothing between them (save FILE.mbox writes one mbox file).
-
-  -o FILE     write the one message N to FILE (through a temporary file: never half-written)
-  -o DIR      write each message to DIR/N.eml""",
+have nothing between them (save FILE.mbox writes one mbox file).""",
     ),
     "top": (
         "top N [LINES]",
@@ -4384,26 +4271,20 @@ a terminal, raw for a pipe or a file.""",
     "capa": (
         "capa [--json]",
         """\
-The capabilities the server offers before login (POP3 CAPA). Needs no password.
-
-  --json      print them as {NAME: [ARGUMENT...]}""",
+The capabilities the server offers before login (POP3 CAPA), as {NAME: [ARGUMENT...]}
+with --json. Needs no password.""",
     ),
     "uidl": (
         "uidl [--json]",
         """\
-The unique id of each message (POP3 UIDL), "NUMBER UID" per line.
-
-  --json      print [{"number", "uid"}]""",
+The unique id of each message (POP3 UIDL), "NUMBER UID" per line; --json prints
+[{"number", "uid"}].""",
     ),
     "save": (
-        "save DIR|FILE.mbox [--new] [--delete]",
+        "save DIR|FILE.mbox [--new] [--delete] [--max-size SIZE]",
         """\
 Copy the messages into a Maildir (a directory) or an mbox file (a name ending in .mbox, or
-an existing file). A message counts as saved once it is on disk (fsync).
-
-  --new       only messages not saved before (remembered by UIDL in a state file)
-  --delete    once every message is safely on disk, delete them on the server (with
-              --new, also those saved by earlier runs)""",
+an existing file). A message counts as saved once it is on disk (fsync).""",
     ),
     "shell": (
         "shell [--log FILE]",
@@ -4412,9 +4293,7 @@ An interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1, DELE 1, RSET, QUI
 the server's answers (responses as on the wire; messages decoded, ":raw" shows the bytes).
 TLS and the login are done for you. Ctrl-C cancels the line being typed; Ctrl-D or exit
 leaves without QUIT (nothing is deleted); QUIT commits the deletions. On a terminal, RETR
-asks before printing a message larger than 1 MiB.
-
-  --log FILE  append the session to FILE (the password never appears in it)""",
+asks before printing a message larger than 1 MiB.""",
     ),
 }
 
@@ -4422,53 +4301,9 @@ asks before printing a message larger than 1 MiB.
 class _CommandLineError(Exception):
     """A failure the command line reports in one line, with the exit status to return."""
 
-    def __init__(self, message: str, status: int = _EXIT_USAGE) -> None:
+    def __init__(self, message: str, status: int = _EXIT["USAGE"]) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _Options:
-    """The parsed command line."""
-
-    def __init__(self) -> None:
-        self.host = ""
-        self.port: int | None = None
-        self.user = ""
-        self.action = "check"
-        self.numbers: list[int] = []
-        self.lines = _TOP_LINES
-        self.target = ""
-        self.tls = "auto"
-        self.cafile: str | None = None
-        self.insecure = False
-        self.timeout = DEFAULT_TIMEOUT
-        self.password_file: str | None = None
-        self.auth: str | None = None
-        self.apop = False
-        self.oauth2_token_file: str | None = None
-        self.limit: int | None = None
-        self.json = False
-        self.output: str | None = None
-        self.new = False
-        self.delete = False
-        self.max_size: int | None = None
-        self.log: str | None = None
-        self.verbose = False
-        self.quiet = False
-        self.demo = False
-        self.password: str | None = None  # set by --demo only; never from argv
-        self.password_source = ""  # where the password came from, for a refused login
-        self.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
-
-    @property
-    def implicit_tls(self) -> bool:
-        return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
-
-    @property
-    def target_name(self) -> str:
-        port = self.port or (POP3S_PORT if self.implicit_tls else POP3_PORT)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{port}"
 
 
 def _program_name() -> str:
@@ -4551,145 +4386,245 @@ def _positive(text: str, what: str, minimum: int = 1) -> int:
     return int(text)
 
 
-def _parse_command_line(argv: list[str] | None) -> _Options:
-    """Parse ``argv``; raises SystemExit (from argparse) for --help, --version and errors."""
-    import argparse
+def _parse_size(text: str) -> int:
+    """--max-size: octets, or a number with K, M or G (KiB, MiB, GiB)."""
+    match = re.fullmatch(r"([0-9]{1,15})([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise _CommandLineError(f"--max-size must be a size like 500000, 800K or 20M, not {text!r}")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
-    prog = _program_name() if argv is None else "pop3lite"
+
+def _tls_mode(text: str) -> str:
+    if text not in TLS_MODES:
+        raise _CommandLineError(f"--tls must be one of {', '.join(TLS_MODES)}, not {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 86400:  # also refuses nan and inf, which sockets cannot take
+        raise _CommandLineError("--timeout must be a number of seconds, at most 86400")
+    return seconds
+
+
+def _mechanism(text: str) -> str:
+    mechanism = text.upper() if text.isascii() else text
+    if mechanism not in (*SUPPORTED_MECHANISMS, "USER"):
+        raise _CommandLineError(
+            f"unknown --auth {text!r}; choose from {', '.join(SUPPORTED_MECHANISMS)}, USER"
+        )
+    return mechanism
+
+
+_OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+
+class _Option(NamedTuple):
+    """One option of the command line: how it is read, what it goes with, how it is checked.
+    Its value is the attribute its last flag names (--max-size: ``o.max_size``)."""
+
+    flags: tuple[str, ...]
+    group: str  # the heading --help lists it under
+    help: str
+    metavar: str = ""  # "": a switch, True when given
+    value: Callable[[str], Any] = str  # the text to the value; raises _CommandLineError
+    default: Any = None
+    actions: tuple[str, ...] = ()  # the actions it goes with; (): all of them
+    conflicts: tuple[str, ...] = ()  # options it cannot be given with
+    check: Callable[[Any], str] | None = None  # what is wrong given the other options, or ""
+
+    @property
+    def dest(self) -> str:
+        return self.flags[-1].lstrip("-").replace("-", "_")
+
+    def given(self, o: Any) -> bool:
+        return bool(getattr(o, self.dest) != (self.default if self.metavar else False))
+
+
+# Every option, in the order --help lists them. Adding one is one row here, and its use.
+_OPTIONS = (
+    _Option(("-p", "--port"), "connection", "port (default 995; 110 with --tls starttls or "
+            "none)", "PORT", _port_number),
+    _Option(("--tls",), "connection", "auto (default): implicit TLS on port 995, STLS on other "
+            "ports (optional only on loopback); implicit; starttls; none: plaintext, the "
+            "password is sent in clear", "{" + ",".join(TLS_MODES) + "}", _tls_mode, "auto"),
+    _Option(("--cafile",), "connection", "trust the CA certificates in FILE (PEM)", "FILE"),
+    _Option(("--insecure",), "connection", "do not verify the certificate (dangerous)",
+            conflicts=("--cafile",),
+            check=lambda o: "--insecure has no meaning with --tls none (there is no TLS)"
+            if o.tls == "none" else ""),
+    _Option(("--timeout",), "connection", f"give up on a silent server after SECONDS "
+            f"(default {DEFAULT_TIMEOUT:g})", "SECONDS", _seconds, DEFAULT_TIMEOUT),
+    _Option(("--password-file",), "login", 'read the password from FILE ("-": stdin)', "FILE",
+            conflicts=("--oauth2-token-file",)),
+    _Option(("--auth",), "login", "log in with this SASL mechanism ({}), or USER for "
+            "USER/PASS; default: the strongest offered".format(", ".join(SUPPORTED_MECHANISMS)),
+            "MECH", _mechanism,
+            check=lambda o: f"--auth {o.auth} needs --oauth2-token-file FILE"
+            if o.auth in _OAUTH2_MECHANISMS and not o.oauth2_token_file else ""),
+    _Option(("--apop",), "login", "log in with APOP", conflicts=("--auth",)),
+    _Option(("--oauth2-token-file",), "login", "log in with the OAuth 2.0 access token in FILE "
+            "(OAUTHBEARER, else XOAUTH2)", "FILE",
+            check=lambda o: "--oauth2-token-file goes with --auth XOAUTH2 or OAUTHBEARER only"
+            if o.apop or o.auth not in (None, *_OAUTH2_MECHANISMS) else ""),
+    _Option(("--limit",), "check, capa, uidl", f"show the last N messages (default "
+            f"{_TABLE_ROWS}, all with --json; 0: all)", "N",
+            lambda text: _positive(text, "--limit", 0), actions=("check",)),
+    _Option(("--json",), "check, capa, uidl", "print JSON (fields below)",
+            actions=("check", "capa", "uidl")),
+    _Option(("-o", "--output"), "retr, save, shell", "write the one message N to the file "
+            "PATH (through a temporary file: never half-written), or each message to "
+            "PATH/N.eml when PATH is a directory", "PATH", actions=("retr",)),
+    _Option(("--new",), "retr, save, shell", "only messages not saved before (by UIDL, as "
+            "the journal beside the mail records them)", actions=("save",)),
+    _Option(("--delete",), "retr, save, shell", "once every message is safely on disk, delete "
+            "them on the server (with --new, also those saved by earlier runs)",
+            actions=("save",)),
+    _Option(("--max-size",), "retr, save, shell", "leave messages larger than SIZE (octets, or "
+            "with K, M, G) on the server and report them (exit status 7); default: no limit",
+            "SIZE", _parse_size, actions=("save",)),
+    _Option(("--log",), "retr, save, shell", "append the session to FILE (the password never "
+            "appears in it)", "FILE", actions=("shell",)),
+    _Option(("-v", "--verbose"), "other", "print the protocol exchange (C:/S:, secrets "
+            "hidden) on stderr"),
+    _Option(("-q", "--quiet"), "other", "print nothing on success but what the action exists "
+            "to print (messages, listings, --json): no report, notice or progress; errors "
+            "still go to stderr (cron)", conflicts=("--verbose",)),
+    _Option(("--demo",), "other", "run against a fake OperaMail server (fakeserver.py) as "
+            "hogehoge"),
+)  # fmt: skip
+
+
+def _option_help(option: _Option) -> str:
+    """The option's help in --help: under a heading naming several actions, its own first."""
+    if not option.actions or option.group == ", ".join(option.actions):
+        return option.help
+    return f"{', '.join(option.actions)}: {option.help}"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    import argparse
+    import textwrap
+
+    statuses = "".join(
+        textwrap.fill(meaning, 92, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
+        + "\n"
+        for code, _, meaning in _EXIT_STATUSES
+    )
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=_USAGE,
         description=_DESCRIPTION,
-        epilog=_EPILOG,
+        epilog=f"{_EPILOG}\n\nexit status:\n{statuses}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # "--password SECRET" must not pass for --password-file
     )
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
-    link = parser.add_argument_group("connection")
-    link.add_argument("-p", "--port", help="port (default 995; 110 with --tls starttls or none)")
-    link.add_argument(
-        "--tls",
-        choices=TLS_MODES,
-        default="auto",
-        help="auto (default): implicit TLS on port 995, STLS on other ports (optional only "
-        "on loopback); implicit; starttls; none: plaintext, the password is sent in clear",
-    )
-    link.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE (PEM)")
-    link.add_argument(
-        "--insecure", action="store_true", help="do not verify the certificate (dangerous)"
-    )
-    link.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up on a silent server after SECONDS (default {DEFAULT_TIMEOUT:g})",
-    )
-    login = parser.add_argument_group("login")
-    login.add_argument(
-        "--password-file", metavar="FILE", help='read the password from FILE ("-": stdin)'
-    )
-    login.add_argument(
-        "--auth",
-        metavar="MECH",
-        help="log in with this SASL mechanism ({}), or USER for USER/PASS; default: the "
-        "strongest offered".format(", ".join(SUPPORTED_MECHANISMS)),
-    )
-    login.add_argument("--apop", action="store_true", help="log in with APOP")
-    login.add_argument(
-        "--oauth2-token-file",
-        metavar="FILE",
-        help="log in with the OAuth 2.0 access token in FILE (OAUTHBEARER, else XOAUTH2)",
-    )
-    shown = parser.add_argument_group("check, capa, uidl")
-    shown.add_argument(
-        "--limit",
-        metavar="N",
-        help=f"show the last N messages (default {_TABLE_ROWS}, all with --json; 0: all)",
-    )
-    shown.add_argument("--json", action="store_true", help="print JSON (fields below)")
-    fetch = parser.add_argument_group("retr, save, shell")
-    fetch.add_argument(
-        "-o", "--output", metavar="PATH", help="retr: write to this file (or directory)"
-    )
-    fetch.add_argument(
-        "--new", action="store_true", help="save: only messages not saved before (by UIDL)"
-    )
-    fetch.add_argument(
-        "--delete",
-        action="store_true",
-        help="save: once every message is safely on disk, delete them on the server (with "
-        "--new, also those saved by earlier runs)",
-    )
-    fetch.add_argument(
-        "--max-size",
-        metavar="SIZE",
-        help="save: leave messages larger than SIZE (octets, or with K, M, G) on the server "
-        "and report them (exit status 7); default: no limit",
-    )
-    fetch.add_argument("--log", metavar="FILE", help="shell: append the session to FILE")
-    other = parser.add_argument_group("other")
-    other.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="print the protocol exchange (C:/S:, secrets hidden) on stderr",
-    )
-    other.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="print nothing on success but what the action exists to print (messages, "
-        "listings, --json): no report, notice or progress; errors still go to stderr (cron)",
-    )
-    other.add_argument(
-        "--demo",
-        action="store_true",
-        help="run against a fake OperaMail server (fakeserver.py) as hogehoge",
-    )
-    other.add_argument("--version", action="version", version=f"pop3lite {__version__}")
-    for word in sys.argv[1:] if argv is None else argv:
-        option = word.split("=", 1)[0]
-        if option in _PASSWORD_OPTIONS:  # refused without echoing the value that follows
-            parser.error(
-                f"{option}: the password is never taken from the command line, "
-                "where other users can see it; use --password-file FILE, $POP3_PASSWORD, "
-                "~/.netrc, or type it when asked"
+    groups: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        if option.metavar:
+            groups[option.group].add_argument(
+                *option.flags, metavar=option.metavar, type=option.value,
+                default=option.default, help=_option_help(option),
+            )  # fmt: skip
+        else:
+            groups[option.group].add_argument(
+                *option.flags, action="store_true", help=_option_help(option)
             )
+    parser.add_argument("--version", action="version", version=f"pop3lite {__version__}")
+    return parser
+
+
+def _parse_command_line(argv: list[str] | None) -> Any:
+    """The options, read once from ``argv`` and checked; raises SystemExit (from argparse)
+    for --help, --version and errors."""
     words = sys.argv[1:] if argv is None else argv
-    if "-h" in words or "--help" in words:
-        # "retr --help": that action's help. The first word naming an action is taken, as
-        # a HOST or a USER called "retr" is not worth a worse help.
-        action = next((word for word in words if word in _ACTIONS), None)
-        if action is not None:
-            usage, text = _ACTION_HELP[action]
-            _out(f"usage: {prog} HOST[:PORT] USER {usage}\n\n{text}")
-            _out(f"\nConnection and login options: see {prog} --help.")
-            raise SystemExit(_EXIT_OK)
-    ns = parser.parse_intermixed_args(argv)
+    prog = _program_name() if argv is None else "pop3lite"
+    parser = _parser(prog)
+    asked_help = action = None
+    for word in words:
+        if word.split("=", 1)[0] in _PASSWORD_OPTIONS:  # refused without echoing its value
+            parser.error(
+                f"{word.split('=', 1)[0]}: the password is never taken from the command "
+                "line, where other users can see it; use --password-file FILE, "
+                "$POP3_PASSWORD, ~/.netrc, or type it when asked"
+            )
+        asked_help = asked_help or word in ("-h", "--help")
+        action = action or (word if word in _ACTIONS else None)
+    if asked_help and action:  # "retr --help": that action's help (a HOST called "retr" loses)
+        _out(_action_help(prog, action))
+        raise SystemExit(_EXIT["OK"])
     try:
-        return _options_from(ns)
+        o = parser.parse_intermixed_args(words)
+        _read_words(o)
+        for option in _OPTIONS:
+            _check_option(option, o)
     except _CommandLineError as exc:
         parser.error(str(exc))
-        raise  # not reached: parser.error() exits
+    return o
 
 
-def _options_from(ns: Any) -> _Options:
-    """Check the arguments argparse has collected and turn them into _Options."""
-    o = _Options()
-    words: list[str] = list(ns.words)
-    o.demo = bool(ns.demo)
+def _action_help(prog: str, action: str) -> str:
+    import textwrap
+
+    usage, text = _ACTION_HELP[action]
+    lines = [f"usage: {prog} HOST[:PORT] USER {usage}", "", text]
+    options = [option for option in _OPTIONS if action in option.actions]
+    if options:
+        lines.append("")
+    indent = " " * 20
+    for option in options:  # as argparse lays them out: a long name gets a line of its own
+        name = f"  {', '.join(option.flags)} {option.metavar}".rstrip()
+        if len(name) > 18:
+            lines.append(name)
+        first = f"{name:<20}" if len(name) <= 18 else indent
+        lines.append(textwrap.fill(option.help, 92, initial_indent=first, subsequent_indent=indent))
+    lines.append(f"\nConnection and login options: see {prog} --help.")
+    return "\n".join(lines)
+
+
+def _check_option(option: _Option, o: Any) -> None:
+    """Refuse an option given with an action it does not go with, or with another it
+    contradicts, or that its own check finds wrong."""
+    if not option.given(o):
+        return
+    flags = "/".join(option.flags)
+    if option.actions and o.action not in option.actions:
+        raise _CommandLineError(f"{flags} only goes with {' or '.join(option.actions)}")
+    for other in option.conflicts:
+        if next(opt for opt in _OPTIONS if other in opt.flags).given(o):
+            raise _CommandLineError(f"{option.flags[-1]} and {other}: choose one")
+    problem = option.check(o) if option.check is not None else ""
+    if problem:
+        raise _CommandLineError(problem)
+
+
+def _read_words(o: Any) -> None:
+    """HOST, USER, the action and its arguments, from the words among the options: sets
+    ``o.host``, ``o.user``, ``o.action`` and the action's arguments, and settles ``o.port``
+    and ``o.tls`` with what a URL or HOST:PORT says."""
+    words: list[str] = o.words
+    o.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
     if o.demo:
         if words and words[0] not in _ACTIONS:
             raise _CommandLineError(
                 f"--demo takes an action ({', '.join(_ACTIONS)}), not {words[0]!r}"
             )
-        o.host, o.user, o.password = "127.0.0.1", _DEMO_USER, _DEMO_PASSWORD
+        o.host, o.user = "127.0.0.1", _DEMO_USER
     elif not words:
         raise _CommandLineError("give HOST and USER (or try --demo; --help shows more)")
     else:
         server = _Server(words[0])
-        o.host, o.port, o.scheme = server.host, server.port, server.scheme
+        if None not in (o.port, server.port) and o.port != server.port:
+            raise _CommandLineError(
+                f"two ports given: {server.port} in HOST:PORT and {o.port} in -p"
+            )
+        o.host, o.scheme, o.port = server.host, server.scheme, o.port or server.port
         if server.user is not None:
             o.user = server.user
             if len(words) > 1 and words[1] not in _ACTIONS:
@@ -4703,24 +4638,18 @@ def _options_from(ns: Any) -> _Options:
                 f"USER is missing after {words[0]}: give HOST USER (or USER@HOST)"
             )
         else:
-            o.user = words[1]
-            words = words[2:]
+            o.user, words = words[1], words[2:]
         if not o.user:
             raise _CommandLineError("USER is empty")
-    if words:
-        if words[0] not in _ACTIONS:
-            raise _CommandLineError(
-                f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}"
-            )
-        o.action = words[0]
-        words = words[1:]
-    _action_arguments(o, words)
-    if ns.port is not None:
-        port = _port_number(ns.port)
-        if o.port is not None and o.port != port:
-            raise _CommandLineError(f"two ports given: {o.port} in HOST:PORT and {port} in -p")
-        o.port = port
-    o.tls = ns.tls
+    if words and words[0] not in _ACTIONS:
+        raise _CommandLineError(f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}")
+    o.action = words[0] if words else "check"
+    _action_arguments(o, words[1:])
+    _url_scheme(o)
+
+
+def _url_scheme(o: Any) -> None:
+    """What pop3:// and pop3s:// say about TLS and the port."""
     if o.scheme == "pop3s":  # POP3 over TLS from the first byte (RFC 8314 section 3.3)
         if o.tls in ("starttls", "none"):
             raise _CommandLineError(f"pop3s:// means TLS from the first byte, not --tls {o.tls}")
@@ -4729,62 +4658,13 @@ def _options_from(ns: Any) -> _Options:
         if o.tls == "implicit":
             raise _CommandLineError("pop3:// means STLS on port 110; write pop3s:// instead")
         o.port = o.port or POP3_PORT
-    o.cafile = ns.cafile
-    o.insecure = bool(ns.insecure)
-    if o.insecure and o.cafile:
-        raise _CommandLineError("--insecure and --cafile contradict each other")
-    if o.insecure and o.tls == "none":
-        raise _CommandLineError("--insecure has no meaning with --tls none (there is no TLS)")
-    if not 0 < ns.timeout <= 86400:  # also refuses nan and inf, which sockets cannot take
-        raise _CommandLineError("--timeout must be a number of seconds, at most 86400")
-    o.timeout = ns.timeout
-    o.password_file = ns.password_file
-    o.oauth2_token_file = ns.oauth2_token_file
-    o.apop = bool(ns.apop)
-    if ns.auth is not None:
-        mechanism = ns.auth.upper() if ns.auth.isascii() else ns.auth
-        if mechanism not in (*SUPPORTED_MECHANISMS, "USER"):
-            raise _CommandLineError(
-                f"unknown --auth {ns.auth!r}; choose from {', '.join(SUPPORTED_MECHANISMS)}, USER"
-            )
-        o.auth = mechanism
-    oauth = o.auth in ("XOAUTH2", "OAUTHBEARER")
-    if o.apop and o.auth:
-        raise _CommandLineError("--apop and --auth are two login methods: choose one")
-    if o.oauth2_token_file and (o.apop or (o.auth and not oauth)):
-        raise _CommandLineError("--oauth2-token-file goes with --auth XOAUTH2 or OAUTHBEARER only")
-    if oauth and not o.oauth2_token_file:
-        raise _CommandLineError(f"--auth {o.auth} needs --oauth2-token-file FILE")
-    if o.password_file and o.oauth2_token_file:
-        raise _CommandLineError("--password-file and --oauth2-token-file: choose one")
-    o.json = bool(ns.json)
-    if ns.limit is not None:
-        o.limit = _positive(ns.limit, "--limit", 0)
-    o.output, o.new, o.delete, o.log = ns.output, bool(ns.new), bool(ns.delete), ns.log
-    o.verbose = bool(ns.verbose)
-    o.quiet = bool(ns.quiet)
-    if o.quiet and o.verbose:
-        raise _CommandLineError("-q and -v contradict each other")
-    if ns.max_size is not None:
-        o.max_size = _parse_size(ns.max_size)
-    for given, flag, actions in (
-        (o.json, "--json", ("check", "capa", "uidl")),
-        (o.limit is not None, "--limit", ("check",)),
-        (o.output is not None, "-o/--output", ("retr",)),
-        (o.new, "--new", ("save",)),
-        (o.delete, "--delete", ("save",)),
-        (o.max_size is not None, "--max-size", ("save",)),
-        (o.log is not None, "--log", ("shell",)),
-    ):
-        if given and o.action not in actions:
-            raise _CommandLineError(f"{flag} only goes with {' or '.join(actions)}")
-    return o
 
 
-def _action_arguments(o: _Options, words: list[str]) -> None:
+def _action_arguments(o: Any, words: list[str]) -> None:
     """The arguments after the action: message numbers, a line count, a save target."""
     import os
 
+    o.numbers, o.lines, o.target = [], _TOP_LINES, ""
     if o.action == "retr":
         if not words:
             raise _CommandLineError("usage: retr N [N...]")
@@ -4801,6 +4681,133 @@ def _action_arguments(o: _Options, words: list[str]) -> None:
         o.target = os.path.expanduser(words[0])
     elif words:
         raise _CommandLineError(f"{o.action} takes no arguments, but got {words[0]!r}")
+
+
+class _Run:
+    """What the run decides, beside the options (which stay as they were read): where it
+    connects (--demo: the fake server), whether auto TLS turned implicit after a silent
+    greeting, and where the password or token came from (for a refused login)."""
+
+    def __init__(self, o: Any) -> None:
+        self.o = o
+        self.host: str = o.host
+        self.port: int | None = o.port
+        self.tls: str = o.tls
+        self.source = ""
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
+
+    @property
+    def target_name(self) -> str:
+        port = self.port or (POP3S_PORT if self.implicit_tls else POP3_PORT)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
+
+
+# -- display: RFC 2047 headers, charsets that lie, sizes -----------------------------------
+
+# Patterns as strings: re compiles and caches them on first use, not at import time.
+_HIGH_BYTE = rb"[\x80-\xff]"
+_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
+_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
+_DISPLAY_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest: noise
+
+
+def _decode_text(data: bytes, charset: str | None = None) -> str:
+    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
+    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
+
+    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
+    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
+    almost never an accident, while cp932 decodes most byte strings without error."""
+    codecs: list[str] = []
+    declared = (charset or "").strip().strip('"').lower()
+    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
+        codecs.append(declared)
+    if re.search(_JIS_ESCAPE, data):
+        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
+    codecs += _FALLBACK_CHARSETS
+    for codec in codecs:
+        try:
+            return data.decode(codec)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", "replace")
+
+
+def _decode_header(raw: bytes) -> str:
+    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
+    text = _decode_text(raw[:_DISPLAY_HEADER_LIMIT])
+    if "=?" in text:
+        import email.errors
+        import email.header
+
+        try:
+            parts = email.header.decode_header(text)
+        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
+            parts = [(text, None)]
+        words = []
+        for value, charset in parts:
+            if isinstance(value, str):
+                words.append(value)
+            elif charset is None:  # decode_header encodes undecoded runs this way
+                try:
+                    words.append(value.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    words.append(value.decode("latin-1"))
+            else:
+                words.append(_decode_text(value, charset))
+        text = "".join(words)
+    return printable(re.sub(_BLANKS, " ", text).strip(" "))
+
+
+def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
+    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        elif b":" in line:
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, [line]))
+    return fields
+
+
+def _field_value(lines: list[bytes]) -> bytes:
+    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
+    return b"".join(lines).split(b":", 1)[1].strip()
+
+
+def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
+    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    head, sep, body = data.partition(b"\r\n\r\n")
+    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
+
+
+def _human_size(count: int) -> str:
+    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _size(count: int) -> str:
+    """Octets, exact, and in human units beside them once that says more: "10180 octets
+    (9.9 KiB)"."""
+    if count < 1024:
+        return _plural(count, "octet")
+    return f"{count} octets ({_human_size(count)})"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # -- secrets ------------------------------------------------------------------------------------
@@ -4873,14 +4880,14 @@ def _netrc_password(host: str, user: str) -> str | None:
     return password or None
 
 
-def _stored_password(o: _Options) -> str | None:
+def _stored_password(o: Any) -> tuple[str | None, str]:
     """The password from --password-file, $POP3_PASSWORD or ~/.netrc (None if none holds
-    one); notes in ``o.password_source`` where it came from."""
+    one), and where it came from."""
     import os
 
     password: str | None
-    if o.password is not None:
-        source, password = "--demo", o.password
+    if o.demo:
+        source, password = "--demo", _DEMO_PASSWORD
     elif o.password_file:
         where = "stdin" if o.password_file == "-" else o.password_file
         source = f"--password-file {where}"
@@ -4889,12 +4896,10 @@ def _stored_password(o: _Options) -> str | None:
         source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
     else:
         source, password = "~/.netrc", _netrc_password(o.host, o.user)
-    if password is not None:
-        o.password_source = source
-    return password
+    return password, source
 
 
-def _check_password_prompt(o: _Options) -> None:
+def _check_password_prompt(o: Any) -> None:
     """Fail before connecting when no password is stored and there is no terminal to ask."""
     stdin = sys.stdin
     if stdin is None or not stdin.isatty():
@@ -4904,13 +4909,13 @@ def _check_password_prompt(o: _Options) -> None:
         )
 
 
-def _typed_password(o: _Options) -> str:
+def _typed_password(run: _Run) -> str:
     """The password, typed without echo: asked only once the server has been reached (as
     mpop does), so a wrong port or a bad certificate costs no typing."""
     import getpass
 
     try:
-        typed = getpass.getpass(f"Password for {o.user} on {o.target_name}: ")
+        typed = getpass.getpass(f"Password for {run.o.user} on {run.target_name}: ")
     except EOFError:  # Ctrl-D
         _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
         typed = ""
@@ -4919,7 +4924,6 @@ def _typed_password(o: _Options) -> str:
         raise
     if not typed:
         raise _CommandLineError("no password entered")
-    o.password_source = "the prompt"
     return typed
 
 
@@ -5087,7 +5091,7 @@ def _distinguished_name(rdns: Any) -> str:
     return ", ".join(parts)
 
 
-def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
+def _tls_report(pop: POP3, o: Any) -> dict[str, Any] | None:
     if not pop.tls_version:
         return None
     certificate = pop.peer_certificate or {}
@@ -5102,13 +5106,13 @@ def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
     }
 
 
-def _security_line(pop: POP3, o: _Options) -> str:
-    tls = _tls_report(pop, o)
+def _security_line(pop: POP3, run: _Run) -> str:
+    tls = _tls_report(pop, run.o)
     if tls is None:
         if pop.loopback:
             return "plaintext (loopback)"
         return "PLAINTEXT: the password and the mail crossed the network unencrypted"
-    how = "implicit TLS" if o.implicit_tls else "STLS"
+    how = "implicit TLS" if run.implicit_tls else "STLS"
     text = f"{tls['version']} ({how}, {tls['cipher']})"
     if not tls["verified"]:
         return text + ", certificate NOT verified (--insecure)"
@@ -5128,7 +5132,8 @@ def _method_name(method: str) -> str:
     return "USER/PASS" if method == "USER" else method
 
 
-def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> int:
+def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int:
+    o = run.o
     count, size = pop.stat()
     sizes = pop.list() if count else {}
     numbers = sorted(sizes)
@@ -5137,7 +5142,7 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
     rows = _summaries(pop, sizes, shown)
     if o.json:
         report = {
-            "server": {"host": o.host, "port": pop.port, "greeting": pop.greeting},
+            "server": {"host": run.host, "port": pop.port, "greeting": pop.greeting},
             "tls": _tls_report(pop, o),
             "capabilities": caps,
             "user": o.user,
@@ -5157,10 +5162,10 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
             ],
         }
         _print_json(report)
-        return _EXIT_OK
-    _out(f"Server:        {o.target_name}")
+        return _EXIT["OK"]
+    _out(f"Server:        {run.target_name}")
     _out(f"Greeting:      +OK {pop.greeting}")
-    _out(f"Security:      {_security_line(pop, o)}")
+    _out(f"Security:      {_security_line(pop, run)}")
     _out(f"Capabilities:  {_capabilities_line(caps)}")
     _out(f"Login:         {_method_name(method)} as {printable(o.user)}")
     _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
@@ -5170,7 +5175,7 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
             _out(line)
         if len(rows) < len(numbers):
             _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
 def _print_json(value: Any) -> None:
@@ -5315,7 +5320,7 @@ def _undo_transfer_encoding(body: bytes, encoding: str) -> bytes:
     return decoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _show_messages(pop: POP3, o: _Options) -> int:
+def _show_messages(pop: POP3, o: Any) -> int:
     """retr without -o, and top: decoded on a terminal, the raw bytes for a pipe or file."""
     terminal = sys.stdout.isatty()
     if o.action == "top":
@@ -5333,10 +5338,10 @@ def _show_messages(pop: POP3, o: _Options) -> int:
             _out(f"--- message {fetched.number}: {_size(len(data))} ---")
         for line in _render_message(data, wire=False):
             _out(line)
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
-def _retr_to_files(pop: POP3, o: _Options) -> int:
+def _retr_to_files(pop: POP3, o: Any) -> int:
     import os
 
     output = o.output or ""
@@ -5345,7 +5350,7 @@ def _retr_to_files(pop: POP3, o: _Options) -> int:
         path = os.path.join(output, f"{number}.eml") if folder else output
         written = _retr_to_file(pop, number, path)
         _out(f"message {number}: {_size(written)} written to {path}")
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
 def _retr_to_file(pop: POP3, number: int, path: str) -> int:
@@ -5357,7 +5362,9 @@ def _retr_to_file(pop: POP3, number: int, path: str) -> int:
     try:
         handle, temporary = tempfile.mkstemp(prefix=".pop3lite-", dir=folder)
     except OSError as exc:
-        raise _CommandLineError(f"cannot write to {folder}: {exc.strerror}", _EXIT_LOCAL) from None
+        raise _CommandLineError(
+            f"cannot write to {folder}: {exc.strerror}", _EXIT["LOCAL"]
+        ) from None
     try:
         with os.fdopen(handle, "wb") as file:
             written = pop.retr_to(number, file)
@@ -5373,7 +5380,7 @@ def _retr_to_file(pop: POP3, number: int, path: str) -> int:
     return written
 
 
-def _capa(pop: POP3, o: _Options) -> int:
+def _capa(pop: POP3, o: Any) -> int:
     caps = pop.capa()
     if o.json:
         _print_json(caps)
@@ -5382,33 +5389,25 @@ def _capa(pop: POP3, o: _Options) -> int:
     else:
         for name, args in caps.items():
             _out(printable(" ".join([name, *args])))
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
-def _uidl(pop: POP3, o: _Options) -> int:
+def _uidl(pop: POP3, o: Any) -> int:
     try:
         uids = pop.uidl()
     except ServerError as exc:
         raise _CommandLineError(
-            f"the server refused UIDL ({exc.text}): it has no unique ids", _EXIT_SERVER
+            f"the server refused UIDL ({exc.text}): it has no unique ids", _EXIT["SERVER"]
         ) from None
     if o.json:
         _print_json([{"number": n, "uid": uid} for n, uid in sorted(uids.items())])
     else:
         for number, uid in sorted(uids.items()):
             _out(f"{number} {uid}")
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
 # -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
-
-
-def _parse_size(text: str) -> int:
-    """--max-size: octets, or a number with K, M or G (KiB, MiB, GiB)."""
-    match = re.fullmatch(r"([0-9]{1,15})([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if not match or int(match.group(1)) == 0:
-        raise _CommandLineError(f"--max-size must be a size like 500000, 800K or 20M, not {text!r}")
-    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
 
 class _SaveProgress:
@@ -5449,7 +5448,7 @@ class _SaveProgress:
             self.width = 0
 
 
-def _save(pop: POP3, o: _Options) -> int:
+def _save(pop: POP3, o: Any) -> int:
     """save() with the options; any failure raises, so the ``with POP3`` block closes without
     QUIT and nothing is deleted."""
     progress = _SaveProgress(sys.stderr.isatty() and not _quiet)
@@ -5462,7 +5461,7 @@ def _save(pop: POP3, o: _Options) -> int:
             raise _CommandLineError(
                 f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
                 "from saved ones; leave --new out",
-                _EXIT_SERVER,
+                _EXIT["SERVER"],
             ) from None
         raise
     except OSError as exc:
@@ -5470,7 +5469,7 @@ def _save(pop: POP3, o: _Options) -> int:
             raise
         where = f": {exc.filename}" if exc.filename else ""
         raise _CommandLineError(
-            f"cannot save into {o.target}: {exc.strerror or exc}{where}", _EXIT_LOCAL
+            f"cannot save into {o.target}: {exc.strerror or exc}{where}", _EXIT["LOCAL"]
         ) from None
     finally:
         progress.finish()
@@ -5488,8 +5487,8 @@ def _save(pop: POP3, o: _Options) -> int:
             f"{_human_size(o.max_size or 0)}, left on the server: {listed}",
             always=True,
         )
-        return _EXIT_SKIPPED
-    return _EXIT_OK
+        return _EXIT["SKIPPED"]
+    return _EXIT["OK"]
 
 
 # -- shell ----------------------------------------------------------------------------------------
@@ -5521,16 +5520,17 @@ def _open_log(path: str) -> IO[str]:
         return open(path, "a", encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
         raise _CommandLineError(
-            f"cannot open the log {path}: {exc.strerror}", _EXIT_LOCAL
+            f"cannot open the log {path}: {exc.strerror}", _EXIT["LOCAL"]
         ) from None
 
 
 class _Shell:
     """The seed's telnet session, done right: raw commands in, whole responses out."""
 
-    def __init__(self, pop: POP3, o: _Options, password: str | None, method: str) -> None:
+    def __init__(self, pop: POP3, run: _Run, password: str | None, method: str) -> None:
         self.pop = pop
-        self.o = o
+        self.facts = run
+        self.o = run.o
         self.method = method
         self.raw = False
         self.terminal = sys.stdin is not None and sys.stdin.isatty()
@@ -5556,7 +5556,7 @@ class _Shell:
         with _open_log(self.o.log) as log:
             self.log = log
             log.write(
-                f"# pop3lite shell, {self.o.user} on {self.o.target_name}, "
+                f"# pop3lite shell, {self.o.user} on {self.facts.target_name}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
             )
             return self.loop()
@@ -5591,7 +5591,7 @@ class _Shell:
 
     def loop(self) -> int:
         pop = self.pop
-        self.show(f"Connected to {self.o.target_name}: {_security_line(pop, self.o)}")
+        self.show(f"Connected to {self.facts.target_name}: {_security_line(pop, self.facts)}")
         self.show(f"+OK {pop.greeting}")
         self.show(
             f"Logged in as {printable(self.o.user)} with {_method_name(self.method)} "
@@ -5606,7 +5606,7 @@ class _Shell:
             if line is None or line.strip().lower() == "exit":
                 self.show("Leaving without QUIT: messages marked with DELE stay on the server.")
                 pop.abort()
-                return _EXIT_OK
+                return _EXIT["OK"]
             words = line.split()
             if not words:
                 continue
@@ -5633,8 +5633,8 @@ class _Shell:
                     self.show(f"+OK {pop.quit()}")
                 except ServerError as exc:
                     self.show(self.error_line(exc))
-                    return _EXIT_SERVER
-                return _EXIT_OK
+                    return _EXIT["SERVER"]
+                return _EXIT["OK"]
             self.command(verb, words[1:])
 
     def confirm_printing(self, octets: int) -> bool:
@@ -5682,13 +5682,13 @@ class _Shell:
 # -- running it all -------------------------------------------------------------------------------
 
 
-def _tls_context(o: _Options) -> ssl.SSLContext | None:
+def _tls_context(o: Any) -> ssl.SSLContext | None:
     if not (o.cafile or o.insecure):
         return None
     try:
         import ssl
     except ImportError:
-        raise _CommandLineError("this Python has no ssl module", _EXIT_CONNECTION) from None
+        raise _CommandLineError("this Python has no ssl module", _EXIT["CONNECTION"]) from None
     try:
         context = create_tls_context(None if o.insecure else o.cafile)
     except (OSError, ssl.SSLError) as exc:
@@ -5699,14 +5699,15 @@ def _tls_context(o: _Options) -> ssl.SSLContext | None:
     return context
 
 
-def _oauth2_mechanism(pop: POP3, o: _Options) -> str:
+def _oauth2_mechanism(pop: POP3, o: Any) -> str:
     if o.auth:
-        return o.auth
+        return str(o.auth)
     return choose_oauth2_mechanism(pop.capa().sasl)
 
 
-def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> str:
+def _log_in(pop: POP3, run: _Run, password: str | None, token: str | None) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
+    o = run.o
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
         if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
@@ -5725,7 +5726,7 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
     try:
         return _log_in_with_password(pop, o, password)
     except ValueError:
-        problem = _password_problem(password, o.password_source, sasl)
+        problem = _password_problem(password, run.source, sasl)
         if problem is None:
             raise
         raise _CommandLineError(problem) from None
@@ -5735,11 +5736,11 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
         # No CAPA, so nobody knows whether AUTH works here; such servers often answer an
         # unknown AUTH with a bare -ERR, or by hanging up.
         said = exc.text if isinstance(exc, AuthenticationError) else str(exc)
-        status = _failure(exc, o)[0]
+        status = _failure(exc, run)[0]
         raise _CommandLineError(
             f"AUTH {o.auth} failed ({said}); the server announces no capabilities (it does not "
             f"answer CAPA), so it may not support AUTH {o.auth}: leave --auth out to log in "
-            f"with USER/PASS, or check the password (from {o.password_source})",
+            f"with USER/PASS, or check the password (from {run.source})",
             status,
         ) from None
 
@@ -5756,22 +5757,22 @@ def _check_offered(pop: POP3, mechanism: str) -> None:
         hint = "choose one of them with --auth, or leave --auth out for the strongest"
         raise _CommandLineError(
             f"the server does not offer AUTH {mechanism}; it offers SASL {listing}: {hint}",
-            _EXIT_AUTH,
+            _EXIT["AUTH"],
         )
     raise _CommandLineError(
         f"the server does not offer AUTH {mechanism}: it announces no SASL mechanism at all; "
         "leave --auth out (or give --auth USER) to log in with USER/PASS",
-        _EXIT_AUTH,
+        _EXIT["AUTH"],
     )
 
 
-def _log_in_with_password(pop: POP3, o: _Options, password: str) -> str:
+def _log_in_with_password(pop: POP3, o: Any, password: str) -> str:
     if o.apop:
         if pop.timestamp is None:
             raise _CommandLineError(
                 "the server's greeting has no APOP timestamp (or it came before STLS and was "
                 "discarded), so --apop cannot work; leave --apop out",
-                _EXIT_SERVER,
+                _EXIT["SERVER"],
             )
         pop.apop(o.user, password)
         return "APOP"
@@ -5780,34 +5781,35 @@ def _log_in_with_password(pop: POP3, o: _Options, password: str) -> str:
         return "USER"
     if o.auth:
         pop.auth(o.auth, o.user, password)
-        return o.auth
+        return str(o.auth)
     return pop.login_best(o.user, password)
 
 
-def _greeting_probe_applies(o: _Options) -> bool:
+def _greeting_probe_applies(run: _Run) -> bool:
     return (
-        o.tls == "auto"
-        and not o.implicit_tls
-        and o.port != POP3_PORT
-        and o.timeout > _GREETING_WAIT
+        run.tls == "auto"
+        and not run.implicit_tls
+        and run.port != POP3_PORT
+        and run.o.timeout > _GREETING_WAIT
     )
 
 
-def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
+def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     """Connect as the options say. In auto mode on a port other than 110 and 995 the server
     gets _GREETING_WAIT seconds to greet in plaintext: a silent one probably waits for a TLS
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
-    connection, instead of waiting out --timeout."""
-    if _greeting_probe_applies(o):
+    connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
+    timeout = run.o.timeout
+    if _greeting_probe_applies(run):
         _Log().debug(  # -v says why a silent server gets a second connection
-            "(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT
+            "(does %s greet in plaintext within %gs?)", run.target_name, _GREETING_WAIT
         )
         try:
             return POP3(
-                o.host,
-                o.port,
-                timeout=o.timeout,
-                tls=o.tls,
+                run.host,
+                run.port,
+                timeout=timeout,
+                tls=run.tls,
                 ssl_context=context,
                 greeting_timeout=_GREETING_WAIT,
             )
@@ -5815,19 +5817,37 @@ def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
             if exc.reason != "greeting":
                 raise
             _say(
-                f"no plaintext greeting from {o.target_name} within {_GREETING_WAIT:g}s: the "
+                f"no plaintext greeting from {run.target_name} within {_GREETING_WAIT:g}s: the "
                 "port may expect TLS from the first byte, so trying implicit TLS (--tls "
                 "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
             )
-            o.tls = "implicit"
-    return POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context)
+            run.tls = "implicit"
+    return POP3(run.host, run.port, timeout=timeout, tls=run.tls, ssl_context=context)
 
 
-def _session(o: _Options) -> int:
+def _secret(run: _Run) -> tuple[str | None, str | None]:
+    """(password, token) read before connecting, noting in ``run.source`` where they came
+    from; both None when the password is to be asked for (fails now if it cannot be)."""
+    o = run.o
+    if o.action == "capa":
+        return None, None
+    if o.oauth2_token_file:
+        run.source = f"--oauth2-token-file {o.oauth2_token_file}"
+        return None, _read_secret_file(o.oauth2_token_file, "token file").strip()
+    password, source = _stored_password(o)
+    if password is None:
+        _check_password_prompt(o)
+    else:
+        run.source = source
+    return password, None
+
+
+def _session(run: _Run) -> int:
     """Connect, then ask for a password if none is stored, log in (except for capa), run the
     action; QUIT only if it succeeded."""
     import os
 
+    o = run.o
     if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
         raise _CommandLineError("-o must name an existing directory for several messages")
     if o.action == "retr" and not o.output and len(o.numbers) > 1 and not sys.stdout.isatty():
@@ -5836,35 +5856,28 @@ def _session(o: _Options) -> int:
             "them: give -o DIR for one N.eml file each, use save FILE.mbox, or retr them one "
             "at a time"
         )
-    password = token = None
-    if o.action != "capa":
-        if o.oauth2_token_file:
-            token = _read_secret_file(o.oauth2_token_file, "token file").strip()
-            o.password_source = f"--oauth2-token-file {o.oauth2_token_file}"
-        else:
-            password = _stored_password(o)
-            if password is None:
-                _check_password_prompt(o)
+    password, token = _secret(run)
     context = _tls_context(o)
     if o.insecure:
         _say(
-            f"WARNING: --insecure: the certificate of {o.host} is not checked; anyone on the "
+            f"WARNING: --insecure: the certificate of {run.host} is not checked; anyone on the "
             "network path can pose as the server and read the password and the mail"
         )
-    with _connect(o, context) as pop:
+    with _connect(run, context) as pop:
         if not pop.tls_version and not pop.loopback:
             _say("WARNING: --tls none: the password and the mail cross the network unencrypted")
         if o.action == "capa":
             return _capa(pop, o)
         caps = dict(pop.capa())
         if password is None and token is None:
-            password = _typed_password(o)
-        method = _log_in(pop, o, password, token)
+            password = _typed_password(run)
+            run.source = "the prompt"
+        method = _log_in(pop, run, password, token)
         if o.action == "check" and o.quiet:  # the exit status says it all
             with _no_stdout():
-                return _check(pop, o, caps, method)
+                return _check(pop, run, caps, method)
         if o.action == "check":
-            return _check(pop, o, caps, method)
+            return _check(pop, run, caps, method)
         if o.action == "retr" and o.output:
             return _retr_to_files(pop, o)
         if o.action in ("retr", "top"):
@@ -5876,7 +5889,7 @@ def _session(o: _Options) -> int:
                 return _save(pop, o)
         if o.action == "save":
             return _save(pop, o)
-        return _Shell(pop, o, password, method).run()
+        return _Shell(pop, run, password, method).run()
 
 
 def _no_stdout() -> ContextManager[object]:
@@ -5904,7 +5917,7 @@ def _import_fakeserver() -> Any:
         raise _CommandLineError(
             "--demo needs fakeserver.py next to pop3lite.py (it comes with the pop3lite "
             "repository)",
-            _EXIT_LOCAL,
+            _EXIT["LOCAL"],
         )
     module = importlib.util.module_from_spec(spec)
     sys.modules["fakeserver"] = module
@@ -5912,12 +5925,12 @@ def _import_fakeserver() -> Any:
     return module
 
 
-def _demo(o: _Options) -> int:
+def _demo(run: _Run) -> int:
     fakeserver = _import_fakeserver()
     with fakeserver.FakeServer() as server:
-        o.host, o.port, o.tls = server.host, server.port, "auto"
+        run.host, run.port, run.tls = server.host, server.port, "auto"
         _say(f"demo: a fake OperaMail server (fakeserver.py) on {server.host}:{server.port}")
-        return _session(o)
+        return _session(run)
 
 
 # What the command line says about a pop3lite error: the first row whose class and reason
@@ -5927,56 +5940,56 @@ def _demo(o: _Options) -> int:
 # The library's messages speak of API arguments (tls='none'); rows that would repeat them
 # say it with the command line's options instead.
 _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
-    (AuthenticationError, "", _EXIT_AUTH,
+    (AuthenticationError, "", _EXIT["AUTH"],
      "login refused{said}; check the user name and the {secret}{source}, or choose another "
      "login method with --auth MECH or --apop"),
-    (InUseError, "", _EXIT_TEMPORARY,
+    (InUseError, "", _EXIT["TEMPORARY"],
      "the mailbox is in use by another session ({text}); try again once the other mail "
      "client has finished"),
-    (LoginDelayError, "", _EXIT_TEMPORARY,
+    (LoginDelayError, "", _EXIT["TEMPORARY"],
      "the server wants more time between logins ({text}); try again later"),
-    (TemporaryError, "", _EXIT_TEMPORARY, "temporary server problem ({text}); try again later"),
-    (ServerError, "", _EXIT_SERVER, "{error}"),
+    (TemporaryError, "", _EXIT["TEMPORARY"], "temporary server problem ({text}); try again later"),
+    (ServerError, "", _EXIT["SERVER"], "{error}"),
     # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with an
     # error that would send the user back to --tls starttls (issue 13, a circle).
-    (TLSError, "no-stls", _EXIT_CONNECTION,
+    (TLSError, "no-stls", _EXIT["CONNECTION"],
      "{where} does not offer STLS; connect to its TLS port instead (HOST:995, or "
      "pop3s://HOST), or use --tls none to send everything unencrypted"),
-    (TLSError, "not-tls", _EXIT_CONNECTION,
+    (TLSError, "not-tls", _EXIT["CONNECTION"],
      "{error}; the server speaks plaintext, not TLS from the first byte, on this port: try "
      "--tls starttls, or the implicit TLS port (995)"),
-    (TLSError, "certificate", _EXIT_CONNECTION,
+    (TLSError, "certificate", _EXIT["CONNECTION"],
      "{error}; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
      "check, which is unsafe)"),
-    (TLSError, "hostname", _EXIT_CONNECTION,
+    (TLSError, "hostname", _EXIT["CONNECTION"],
      "{error}; connect by the name the certificate was issued for (--insecure skips the "
      "check, which is unsafe)"),
-    (TLSError, "no-ssl", _EXIT_CONNECTION,
+    (TLSError, "no-ssl", _EXIT["CONNECTION"],
      "{error}; use --tls none on a trusted network, or a Python built with ssl"),
-    (TLSError, "", _EXIT_CONNECTION, "{error}"),
-    (Timeout, "", _EXIT_CONNECTION,
+    (TLSError, "", _EXIT["CONNECTION"], "{error}"),
+    (Timeout, "", _EXIT["CONNECTION"],
      "{error}; check the host and port, or raise --timeout{tls_hint}"),
-    (NetworkError, "resolve", _EXIT_CONNECTION, "{error}; check the host name"),
-    (NetworkError, "connect", _EXIT_CONNECTION,
+    (NetworkError, "resolve", _EXIT["CONNECTION"], "{error}; check the host name"),
+    (NetworkError, "connect", _EXIT["CONNECTION"],
      "{error}; check the host name and the port (HOST:PORT or -p PORT)"),
-    (NetworkError, "", _EXIT_CONNECTION, "{error}"),
-    (InsecureError, "", _EXIT_CONNECTION,
+    (NetworkError, "", _EXIT["CONNECTION"], "{error}"),
+    (InsecureError, "", _EXIT["CONNECTION"],
      "refusing to send {what} over an unencrypted connection to {where}; use TLS (--tls "
      "starttls or --tls implicit), or --tls none to allow it"),
-    (ProtocolError, "", _EXIT_SERVER, "the server broke the protocol: {error}"),
-    (Error, "", _EXIT_SERVER, "{error}"),
+    (ProtocolError, "", _EXIT["SERVER"], "the server broke the protocol: {error}"),
+    (Error, "", _EXIT["SERVER"], "{error}"),
 )
 
 
-def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
+def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
     """The exit status and the one line to print for a pop3lite error: what happened and
-    what to try (``o``, when given, adds what the command line knows: where the password
+    what to try (``run``, when given, adds what the command line knows: where the password
     came from, which TLS mode was used)."""
-    secret = "token" if o is not None and o.oauth2_token_file else "password"
+    secret = "token" if run is not None and run.o.oauth2_token_file else "password"
     fields = {
         "error": str(exc),
         "text": getattr(exc, "text", ""),
-        "where": o.target_name if o is not None else "the server",
+        "where": run.target_name if run is not None else "the server",
         "what": getattr(exc, "what", "") or "a password",
         "secret": secret,
         "said": "",
@@ -5988,9 +6001,9 @@ def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
         # told in the error's own words, which do not claim a -ERR.
         said = exc.text if exc.reason == "in-exchange" else f"the server said: {exc.text}"
         fields["said"] = f" ({said})"
-    if o is not None and o.password_source:
-        fields["source"] = f" (the {secret} came from {o.password_source})"
-    if o is not None and not o.implicit_tls and exc.reason in ("read", "handshake", ""):
+    if run is not None and run.source:
+        fields["source"] = f" (the {secret} came from {run.source})"
+    if run is not None and not run.implicit_tls and exc.reason in ("read", "handshake", ""):
         fields["tls_hint"] = "; if the port expects TLS from the first byte, use --tls implicit"
     for cls, reason, status, template in _FAILURES:
         if isinstance(exc, cls) and reason in ("", exc.reason):
@@ -6039,11 +6052,8 @@ def _catch_signals() -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     """The command line: ``python pop3lite.py HOST USER [ACTION]`` (``--help`` tells the rest).
 
-    Returns the exit status: 0 success; 1 a local file could not be read or written; 2 usage
-    error or no password available; 3 authentication failed; 4 connection, TLS or timeout
-    failure; 5 temporary server condition (IN-USE, LOGIN-DELAY, SYS/TEMP); 6 another server or
-    protocol error; 7 save skipped messages over --max-size; 130 interrupted by Ctrl-C, 143 by
-    SIGTERM, 129 by SIGHUP (the connection is closed without QUIT).
+    Returns the exit status: 0 on success, else one of those _EXIT_STATUSES lists (and
+    ``--help`` shows), such as 3 when the login was refused.
     """
     global _quiet
     restore = _catch_signals()
@@ -6058,7 +6068,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"stopped by {name}; no QUIT was sent, so nothing was deleted")
             return 128 + exc.signum
         _say("interrupted; no QUIT was sent, so nothing was deleted")
-        return _EXIT_INTERRUPTED
+        return _EXIT["INTERRUPTED"]
     finally:
         _quiet = False
         restore()
@@ -6071,7 +6081,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         o = _parse_command_line(argv)
     except SystemExit as exc:  # argparse has printed the help, the version or the error
-        return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else _EXIT["USAGE"]
+    run = _Run(o)
     if o.verbose:  # logging is imported only for -v: it costs a cron run 5 ms otherwise
         import logging
 
@@ -6087,24 +6098,24 @@ def _main(argv: list[str] | None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SizeMismatchWarning)
                 warnings.showwarning = _show_warning
-                return _demo(o) if o.demo else _session(o)
+                return _demo(run) if o.demo else _session(run)
         finally:
             _quiet = False  # from here on only errors are said, and they always are
     except _CommandLineError as exc:
         _say(str(exc))
         return exc.status
     except Error as exc:
-        status, message = _failure(exc, o)
+        status, message = _failure(exc, run)
         _say(message)
         return status
     except ValueError as exc:  # a caller mistake the client caught before sending anything
         _say(str(exc))
-        return _EXIT_USAGE
+        return _EXIT["USAGE"]
     except BrokenPipeError:  # `| head` stopped reading: not worth a traceback
-        return _EXIT_LOCAL
+        return _EXIT["LOCAL"]
     except OSError as exc:
         _say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
-        return _EXIT_LOCAL
+        return _EXIT["LOCAL"]
     finally:
         if o.verbose:
             log.removeHandler(handler)

@@ -26,10 +26,8 @@ SEED_SESSION = "STAT\nLIST\nTOP 2 5\nRETR 1\nDELE 1\nLIST\nRSET\nLIST\nQUIT\n"
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
     """No real ~/.netrc, no inherited password, a wide table, a stdin that is not a TTY."""
-    home = tmp_path / "home"
-    home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("POP3_PASSWORD", raising=False)
     monkeypatch.setenv("COLUMNS", "200")
@@ -63,11 +61,6 @@ def messages_left(server: FakeServer, user: str = "hogehoge") -> int:
     return len(server.maildrops[user].messages)
 
 
-def commands(server: FakeServer, session: int = -1) -> list[str]:
-    """The verbs (with arguments) the client sent in one session."""
-    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]
-
-
 def ca_file(tmp_path: Path) -> str:
     path = tmp_path / "ca.pem"
     path.write_text(fakeserver.CA_PEM)
@@ -97,7 +90,7 @@ def test_check_shows_the_seed_mailbox_with_decoded_subjects(
     assert "3C4B82C800000001" in out and "3C4BC6A100000002" in out
     assert "2002-01-21 07:26" in out and "membership@atmarkit.co.jp" in out
     assert "Cyber Space Community" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert "TOP 1 0" in sent and "TOP 2 0" in sent
     assert not [c for c in sent if c.startswith(("DELE", "RETR"))]
     assert sent[-1] == "QUIT" and messages_left(server) == 2
@@ -157,7 +150,7 @@ def test_check_limit_shows_the_last_messages(
     assert status == 0
     report = json.loads(out)
     assert report["count"] == 2 and [m["number"] for m in report["messages"]] == [2]
-    assert "TOP 1 0" not in commands(server)
+    assert "TOP 1 0" not in server.sessions[-1].commands
     status, out, _ = run(capsys, address(server), "hogehoge", "--limit", "1")
     assert "(the last 1 of 2 shown; --limit 0 shows all)" in out
 
@@ -173,7 +166,7 @@ def test_check_against_a_modern_server_uses_sasl_and_pipelined_top(
     assert "PIPELINING" in out and "SASL PLAIN LOGIN" in out
     assert "3 messages" in out
     assert "こんにちは" in out and "Jörg" in out and "Dots" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert sent.index("TOP 2 0") < sent.index("TOP 3 0")
 
 
@@ -187,7 +180,7 @@ def test_check_degrades_when_the_server_has_no_uidl_and_no_top(
     assert "3 messages" in out
     assert "UID" not in out.split("\n\n", 1)[1]
     assert "Hello" not in out  # no TOP: no subjects, but the sizes are there
-    assert not [c for c in commands(server) if c.startswith(("TOP", "UIDL"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("TOP", "UIDL"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -198,7 +191,7 @@ def test_check_survives_top_refused_without_capa(
         status, out, _ = run(capsys, address(server), "hogehoge")
     assert status == 0
     assert "2 messages, 10180 octets" in out and "3C4BC6A100000002" in out
-    assert [c for c in commands(server) if c.startswith("TOP")] == ["TOP 1 0"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("TOP")] == ["TOP 1 0"]
 
 
 def test_header_decoding_falls_back_when_the_charset_lies() -> None:
@@ -270,7 +263,7 @@ def test_top_prints_the_header_and_lines(
     header, body = out.split(b"\r\n\r\n", 1)
     assert b"Subject: =?ISO-2022-JP?B?gXWC" in header
     assert len(body.split(b"\r\n")) == 6  # five lines, each ending in CRLF
-    assert "TOP 2 5" in commands(server)
+    assert "TOP 2 5" in server.sessions[-1].commands
 
 
 def test_message_rendering_decodes_for_a_terminal() -> None:
@@ -294,7 +287,7 @@ def test_capa_needs_no_password(capsys: pytest.CaptureFixture[str]) -> None:
         assert "EXPIRE NEVER" in out.splitlines()
         status, out, _ = run(capsys, address(server), "hogehoge", "capa", "--json")
     assert json.loads(out)["EXPIRE"] == ["NEVER"]
-    assert not [c for c in commands(server) if c.startswith(("USER", "PASS", "AUTH"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("USER", "PASS", "AUTH"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -333,19 +326,19 @@ def test_save_new_twice_fetches_nothing_the_second_time(
 
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 0 messages" in out and "2 messages already saved" in out
-    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert len(maildir_messages(target)) == 2 and messages_left(server) == 2
 
     server.maildrops["hogehoge"].add(b"Subject: third\r\n\r\nnew mail\r\n", uid="third-uid")
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert "saved 1 message (" in out
-    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 3"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 3"]
 
     # --delete also deletes what earlier runs saved, or --new would skip it forever.
     argv = [address(server), "hogehoge", "save", str(target), "--new", "--delete"]
     status, out, _ = run(capsys, *argv)
     assert status == 0 and "saved 0 messages" in out and "deleted 3 messages" in out
-    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert messages_left(server) == 0 and len(maildir_messages(target)) == 3
 
 
@@ -364,7 +357,7 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
     assert messages_left(server) == 0
     if os.name == "posix":
         assert stat.S_IMODE(target.stat().st_mode) == 0o600  # mail is private
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
     first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
     assert last_retr < first_dele and sent[-1] == "QUIT"
@@ -381,11 +374,11 @@ def test_save_delete_deletes_nothing_when_the_connection_drops(
         status, _, err = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
         assert status == 4 and "closed" in err
         assert messages_left(server) == 2
-        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+        assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
         assert len(maildir_messages(target)) == 1  # message 1 was saved before the drop
         status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 1 message" in out  # the state file remembered message 1
-    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 2"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 2"]
 
 
 @pytest.mark.usefixtures("password")
@@ -410,7 +403,7 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
     )
     assert status == 1 and "No space left on device" in err
     assert messages_left(server) == 2
-    assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -421,7 +414,7 @@ def test_save_refuses_a_directory_that_is_not_a_maildir(
     status, _, err = run(capsys, address(server), "hogehoge", "save", str(tmp_path), "--delete")
     assert status == 1 and "not a Maildir" in err
     assert messages_left(server) == 2
-    assert not [c for c in commands(server) if c.startswith(("RETR", "DELE"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("RETR", "DELE"))]
 
 
 # -- passwords and login methods ---------------------------------------------------------------
@@ -516,7 +509,7 @@ def test_apop_and_auth_and_oauth2(
 ) -> None:
     status, out, _ = run(capsys, address(server), "hogehoge", "--apop")
     assert status == 0 and "Login:         APOP as hogehoge" in out
-    logins = [c for c in commands(server) if c.startswith(("APOP", "USER", "PASS"))]
+    logins = [c for c in server.sessions[-1].commands if c.startswith(("APOP", "USER", "PASS"))]
     assert len(logins) == 1 and logins[0].startswith("APOP hogehoge ")
     with FakeServer("rfc") as modern:
         status, out, _ = run(capsys, address(modern), "hogehoge", "--auth", "plain")
@@ -572,7 +565,7 @@ def test_stls_upgrade_on_a_modern_server(
         argv = [address(server), "hogehoge", "--cafile", ca_file(tmp_path), "--json"]
         status, out, _ = run(capsys, *argv)
     assert status == 0 and json.loads(out)["tls"]["version"].startswith("TLSv1.")
-    assert commands(server)[:2] == ["CAPA", "STLS"]
+    assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
 
 # -- failures and exit codes -------------------------------------------------------------------
@@ -628,7 +621,7 @@ def test_ctrl_c_closes_without_quit_and_exits_130(
     monkeypatch.setattr(pop3lite.POP3, "stat", interrupted)
     status, _, err = run(capsys, address(server), "hogehoge")
     assert status == 130 and "no QUIT was sent" in err
-    assert "QUIT" not in commands(server)
+    assert "QUIT" not in server.sessions[-1].commands
 
 
 @pytest.mark.parametrize(
@@ -759,7 +752,7 @@ def test_shell_follows_the_seed_session(
     ):
         assert text in out
     assert "\x1b" not in out
-    assert commands(server)[-9:] == [line for line in SEED_SESSION.splitlines()]
+    assert server.sessions[-1].commands[-9:] == [line for line in SEED_SESSION.splitlines()]
     assert messages_left(server) == 2
     logged = log.read_text(encoding="utf-8")
     assert "pop3> TOP 2 5" in logged and "@ITの新着記事をお届けします。" in logged
@@ -781,7 +774,7 @@ def test_shell_refuses_login_commands_and_leaves_without_quit_at_eof(
         "Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI\n" in out
     )
     assert "Leaving without QUIT" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert "PASS ****" in sent[:3] and sent[-1] == "NOOP" and "QUIT" not in sent
     assert messages_left(server) == 2  # DELE 1 was never committed
 
@@ -852,7 +845,7 @@ def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
     status, out, err = run(capsys, address(server), "hogehoge", "--timeout", "20")
     assert status == 0 and "2 messages" in out
     assert "TLS" not in err  # it greeted at once: no probing said
-    assert commands(server)[-1] == "QUIT"
+    assert server.sessions[-1].commands[-1] == "QUIT"
     assert len(server.transcripts) == 1  # one connection: the short wait is on the session's
 
 
@@ -868,7 +861,7 @@ def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
         assert "speaks plaintext" in err and "--tls starttls" in err
         status, out, err = run(capsys, *argv, "--tls", "starttls")  # what the hint says
     assert status == 0 and "3 messages" in out and "TLS" not in err
-    assert commands(server)[:2] == ["CAPA", "STLS"]
+    assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
 
 @pytest.mark.usefixtures("password")
@@ -967,7 +960,7 @@ def test_auth_with_a_mechanism_the_server_does_not_offer_lists_the_offered_ones(
     with FakeServer("rfc", capabilities=["USER", "SASL PLAIN LOGIN"]) as server:
         status, _, err = run(capsys, address(server), "hogehoge", "--auth", "CRAM-MD5")
     assert status == 3 and "does not offer AUTH CRAM-MD5" in err and "SASL PLAIN LOGIN" in err
-    assert not [c for c in commands(server) if c.startswith(("AUTH", "USER", "PASS"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "USER", "PASS"))]
     with FakeServer("rfc", capabilities=["USER"]) as server:
         status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
     assert status == 3 and "no SASL mechanism" in err and "USER/PASS" in err
@@ -1001,7 +994,7 @@ def test_a_password_saslprep_refuses_names_the_position_and_the_source(
         status, _, err = run(capsys, *argv)
         assert status == 2 and "(U+E000) at character 3 of 5" in err
         assert f"--password-file {secret}" in err and "trailing newline" not in err
-    assert not [c for c in commands(server) if c.startswith(("AUTH", "PASS"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "PASS"))]
 
 
 def test_host_forms_urls_and_user_at_host() -> None:
@@ -1139,3 +1132,32 @@ def test_one_escape_for_everything_shown(text: str, shown: str) -> None:
 
 def test_raw_view_escapes_non_ascii_bytes() -> None:
     assert pop3lite._escaped(b"\x1b\xe6\x97\xa5\t.") == "\\x1b\\xe6\\x97\\xa5\t."
+
+
+# -- the exit-status table ---------------------------------------------------------------------
+
+
+def test_readme_exit_status_table_is_the_programs_table() -> None:
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.strip("|").split("|")
+        for line in section.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    documented = [(int(code), meaning.strip()) for code, meaning in rows]
+    expected = [(code, meaning) for code, _, meaning in pop3lite._EXIT_STATUSES]
+    table = "\n".join(f"| {code} | {meaning} |" for code, meaning in expected)
+    assert documented == expected, f"the README's exit-status table should read:\n{table}"
+
+
+def test_help_and_failures_take_their_exit_statuses_from_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--help")
+    out = " ".join(out.split())  # the meanings are wrapped to the width of the help
+    assert status == 0
+    for code, _, meaning in pop3lite._EXIT_STATUSES:
+        assert f" {code} {meaning}" in out
+    codes = {code for code, _, _ in pop3lite._EXIT_STATUSES}
+    assert {status for _, _, status, _ in pop3lite._FAILURES} <= codes

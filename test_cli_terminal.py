@@ -103,9 +103,7 @@ def _fork_on_pty() -> tuple[int, int]:
 
 
 @pytest.fixture
-def terminal_env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "home"
-    home.mkdir()
+def terminal_env(home: Path) -> dict[str, str]:
     return {
         "HOME": str(home),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -141,10 +139,6 @@ def address(server: FakeServer) -> str:
     return f"{server.host}:{server.port}"
 
 
-def commands(server: FakeServer) -> list[str]:
-    return [line[3:] for line in server.transcripts[-1] if line.startswith("C: ")]
-
-
 def test_retr_on_a_terminal_shows_lines_starting_with_a_dot_as_they_are(spawn: Spawn) -> None:
     with FakeServer("rfc") as server:
         terminal = spawn(address(server), "hogehoge", "retr", "1", "2")  # several: fine here
@@ -174,8 +168,8 @@ def test_shell_ctrl_c_at_the_prompt_cancels_the_line_not_the_session(spawn: Spaw
         terminal.type(b"QUIT\r")
         status, _ = terminal.wait()
     assert status == 0
-    assert commands(server)[-2:] == ["STAT", "QUIT"]
-    assert not [c for c in commands(server) if c.startswith("DELE")]
+    assert server.sessions[-1].commands[-2:] == ["STAT", "QUIT"]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("DELE")]
     assert len(server.maildrops["hogehoge"].messages) == 3
 
 
@@ -198,7 +192,7 @@ def test_shell_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) 
         terminal.type(b"QUIT\r")
         status, _ = terminal.wait()
     assert status == 0
-    assert commands(server)[-3:] == ["RETR 1", "RETR 2", "QUIT"]
+    assert server.sessions[-1].commands[-3:] == ["RETR 1", "RETR 2", "QUIT"]
 
 
 def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> None:

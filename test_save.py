@@ -220,7 +220,7 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
         with pytest.raises(OSError, match="No space"):
             save(server, target, new=True, delete=True)
         assert len(server.maildrops["alice"].messages) == 3
-        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+        assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
     assert target.read_bytes().count(b"\nSubject: message") == 1  # the second was cut off
 
 
@@ -587,7 +587,7 @@ def test_max_size_skips_reports_and_keeps_the_big_message(
         assert "saved 1 message" in out and "deleted 1 message" in out
         assert "skipped 1 message larger than --max-size 5.0 KiB" in err and "1 (5.8 KiB)" in err
         assert server.maildrops["hogehoge"].messages == [fakeserver.OPERAMAIL_MESSAGES[0]]
-        assert "RETR 1" not in commands(server)  # LIST said it was too large
+        assert "RETR 1" not in server.sessions[-1].commands  # LIST said it was too large
 
 
 # -- fsyncs and round trips ------------------------------------------------------------------
@@ -638,7 +638,7 @@ def test_one_capa_and_stat_list_uidl_in_one_write(
     monkeypatch.setattr(pop3lite._Transport, "send", recording)
     with server_with(make_messages(6, seed=4)) as server:
         report = save(server, tmp_path / "Mail", new=True, delete=True)
-        sent = commands(server)
+        sent = server.sessions[-1].commands
     assert report.saved == 6 and report.deleted == 6
     assert b"STAT\r\nLIST\r\nUIDL\r\n" in writes
     assert sent.count("CAPA") == 1  # PIPELINING before login holds after it (RFC 2449 5)
@@ -763,7 +763,3 @@ def client(server: FakeServer) -> pop3lite.POP3:
 def save(server: FakeServer, target: Path, **options: Any) -> pop3lite.SaveReport:
     with client(server) as pop:
         return pop3lite.save(pop, str(target), **options)
-
-
-def commands(server: FakeServer, session: int = -1) -> list[str]:
-    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]

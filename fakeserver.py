@@ -192,7 +192,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import http.client
 import http.server
 import itertools
 import json
@@ -209,6 +208,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -1835,7 +1835,7 @@ def _http_get(url: str, headers: Mapping[str, str], timeout: float
               ) -> tuple[int, str | None, bytes]:
     """GET a URL on a loopback address: status, Location and (up to 64 KiB of) the body."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+    connection = HTTPConnection(parts.hostname or "", parts.port or 80,
                                             timeout=timeout)
     try:
         connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/",

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping, cast
 
 import pytest
 
+from conftest import TIMEOUT, RawClient, wait_until
 from fakeserver import (
     DEVICE_GRANT,
     FakeOAuth2,
@@ -41,7 +42,6 @@ from fakeserver import (
 
 pytest_plugins = ["pytester"]
 
-TIMEOUT = 5.0
 HERE = Path(__file__).resolve().parent
 CLIENT = "pop3lite-test"
 
@@ -112,27 +112,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-class Pop:
-    """A raw-socket POP3 client: send lines, read lines."""
-
-    def __init__(self, where: FakeServer | tuple[str, int]) -> None:
-        address = where if isinstance(where, tuple) else where.address
-        self.sock = socket.create_connection(address, timeout=TIMEOUT)
-        self.file = self.sock.makefile("rb")
-        assert self.line().startswith("+OK")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def line(self) -> str:
-        return self.file.readline(100000).decode().rstrip("\r\n")
-
-    def cmd(self, line: str) -> str:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.line()
-
-
 def xoauth2(user: str, token: str) -> str:
     return b64(b"user=%s\x01auth=Bearer %s\x01\x01" % (user.encode(), token.encode()))
 
@@ -142,13 +121,14 @@ def oauthbearer(user: str, token: str) -> str:
                % (user.encode(), token.encode()))
 
 
-def login(server: FakeServer | tuple[str, int], mechanism: str, user: str, token: str,
-          initial: bool) -> str:
+def auth(server: FakeServer | tuple[str, int], mechanism: str, user: str, token: str,
+         initial: bool) -> str:
     """AUTH with a bearer token; the final reply. A refusal's error challenge is answered as
     RFC 7628 section 3.2.3 says (OAUTHBEARER: %x01; XOAUTH2: an empty line)."""
     blob = (xoauth2 if mechanism == "XOAUTH2" else oauthbearer)(user, token)
-    pop = Pop(server)
+    pop = RawClient(server)
     try:
+        assert pop.line().startswith(b"+OK")
         if initial:
             reply = pop.cmd("AUTH %s %s" % (mechanism, blob))
         else:
@@ -269,7 +249,7 @@ def test_pop3_accepts_an_issued_token(server: FakeServer, mechanism: str, initia
                                       ) -> None:
     assert server.oauth2 is not None
     token = signed_in(server.oauth2)["access_token"]
-    assert login(server, mechanism, "hogehoge", token, initial) == "+OK maildrop locked and ready"
+    assert auth(server, mechanism, "hogehoge", token, initial) == "+OK maildrop locked and ready"
     assert server.sessions[0].mechanism == mechanism
     assert token not in "\n".join(server.sessions[0].transcript)
     assert token not in repr(server.oauth2) + repr(server.oauth2.issued)
@@ -278,30 +258,30 @@ def test_pop3_accepts_an_issued_token(server: FakeServer, mechanism: str, initia
 @pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
 def test_pop3_refuses_unknown_and_static_tokens(server: FakeServer, mechanism: str) -> None:
     refused = "-ERR [AUTH] invalid user name or password"
-    assert login(server, mechanism, "hogehoge", "made-up", True) == refused
+    assert auth(server, mechanism, "hogehoge", "made-up", True) == refused
     # With OAuth2 on, the preset's static token is not accepted: only tokens it issued.
-    assert login(server, mechanism, "hogehoge", "fake-oauth-token", True) == refused
+    assert auth(server, mechanism, "hogehoge", "fake-oauth-token", True) == refused
 
 
 def test_static_token_still_works_when_given_explicitly() -> None:
     with FakeServer("rfc", oauth_token="static", oauth2=True) as server:
-        assert login(server, "XOAUTH2", "hogehoge", "static", True).startswith("+OK")
+        assert auth(server, "XOAUTH2", "hogehoge", "static", True).startswith("+OK")
     with FakeServer("rfc") as server:
         assert server.oauth2 is None
-        assert login(server, "XOAUTH2", "hogehoge", "fake-oauth-token", True).startswith("+OK")
+        assert auth(server, "XOAUTH2", "hogehoge", "fake-oauth-token", True).startswith("+OK")
 
 
 def test_pop3_refuses_an_expired_token() -> None:
     oauth2 = FakeOAuth2(access_lifetime=0.2)
     with FakeServer("rfc", oauth2=oauth2) as server:
         token = signed_in(oauth2)["access_token"]
-        assert login(server, "OAUTHBEARER", "hogehoge", token, True).startswith("+OK")
+        assert auth(server, "OAUTHBEARER", "hogehoge", token, True).startswith("+OK")
         server.wait_idle()
         time.sleep(0.2)  # the token's lifetime
-        assert login(server, "OAUTHBEARER", "hogehoge", token, True).startswith("-ERR [AUTH]")
+        assert auth(server, "OAUTHBEARER", "hogehoge", token, True).startswith("-ERR [AUTH]")
         fresh = signed_in(oauth2)["access_token"]
         oauth2.expire_access_tokens()
-        assert login(server, "XOAUTH2", "hogehoge", fresh, False).startswith("-ERR [AUTH]")
+        assert auth(server, "XOAUTH2", "hogehoge", fresh, False).startswith("-ERR [AUTH]")
 
 
 def test_pop3_refuses_a_token_issued_for_another_user() -> None:
@@ -309,10 +289,10 @@ def test_pop3_refuses_a_token_issued_for_another_user() -> None:
     with FakeServer("rfc", users=users, oauth2=True) as server:
         assert server.oauth2 is not None and server.oauth2.default_user == "alice"
         token = signed_in(server.oauth2, "bob")["access_token"]
-        assert login(server, "XOAUTH2", "alice", token, False).startswith("-ERR [AUTH]")
-        assert login(server, "XOAUTH2", "bob", token, False).startswith("+OK")
+        assert auth(server, "XOAUTH2", "alice", token, False).startswith("-ERR [AUTH]")
+        assert auth(server, "XOAUTH2", "bob", token, False).startswith("+OK")
         nobody = signed_in(server.oauth2, "carol")["access_token"]  # no such mailbox
-        assert login(server, "XOAUTH2", "carol", nobody, False).startswith("-ERR [AUTH]")
+        assert auth(server, "XOAUTH2", "carol", nobody, False).startswith("-ERR [AUTH]")
 
 
 def test_client_credentials_token_is_good_for_every_user() -> None:
@@ -325,9 +305,9 @@ def test_client_credentials_token_is_good_for_every_user() -> None:
         token = reply.json["access_token"]
         assert oauth2.issued == [Issued("client_credentials", None,
                                         "https://outlook.office365.com/.default", False)]
-        assert login(server, "XOAUTH2", "alice", token, False).startswith("+OK")
-        assert login(server, "OAUTHBEARER", "bob", token, True).startswith("+OK")
-        assert login(server, "XOAUTH2", "carol", token, True).startswith("-ERR [AUTH]")
+        assert auth(server, "XOAUTH2", "alice", token, False).startswith("+OK")
+        assert auth(server, "OAUTHBEARER", "bob", token, True).startswith("+OK")
+        assert auth(server, "XOAUTH2", "carol", token, True).startswith("-ERR [AUTH]")
 
 
 # ----- authorization code grant with PKCE and a loopback redirect (RFC 7636, RFC 8252) -----
@@ -406,7 +386,7 @@ def test_authorization_code_grant_through_the_browser(server: FakeServer, loopba
     assert oauth2.issued == [Issued("authorization_code", "hogehoge",
                                     "https://mail.google.com/", True)]
     token = reply.json["access_token"]
-    assert login(server, "XOAUTH2", "hogehoge", token, True).startswith("+OK")
+    assert auth(server, "XOAUTH2", "hogehoge", token, True).startswith("+OK")
     again = exchange(oauth2, query["code"], verifier, loopback.uri)
     assert again.error == "invalid_grant" and again.json["error_codes"] == [54005]
     assert refresh(oauth2, reply.json["refresh_token"]).status == 200
@@ -650,13 +630,13 @@ def test_expire_refresh_tokens_and_revoke(server: FakeServer) -> None:
     first = signed_in(oauth2)
     oauth2.expire_refresh_tokens()
     assert refresh(oauth2, first["refresh_token"]).json["error_codes"] == [700082]
-    assert login(server, "XOAUTH2", "hogehoge", first["access_token"], True).startswith("+OK")
+    assert auth(server, "XOAUTH2", "hogehoge", first["access_token"], True).startswith("+OK")
     server.wait_idle()
     second = signed_in(oauth2)  # tokens issued later are not expired
     third = refresh(oauth2, second["refresh_token"]).json
     oauth2.revoke()
     assert refresh(oauth2, third["refresh_token"]).json["error_codes"] == [50173]
-    assert login(server, "XOAUTH2", "hogehoge", third["access_token"], True).startswith("-ERR")
+    assert auth(server, "XOAUTH2", "hogehoge", third["access_token"], True).startswith("-ERR")
 
 
 # ----- faults of the token endpoint ----------------------------------------------------------
@@ -750,9 +730,7 @@ def test_close_does_not_wait_for_a_silent_reply() -> None:
 
     client = threading.Thread(target=ask)
     client.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not oauth2.requests and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: bool(oauth2.requests))
     assert oauth2.requests[0].error == "fault:silent"
     started = time.monotonic()
     server.close()
@@ -874,7 +852,7 @@ def test_concurrent_clients() -> None:
         assert len(set(tokens)) == 32
         assert {cast(tuple, result)[2] for result in results} == {"invalid_grant"}
         assert len(oauth2.issued) == 32
-        assert login(server, "XOAUTH2", "hogehoge", tokens[-1], False).startswith("+OK")
+        assert auth(server, "XOAUTH2", "hogehoge", tokens[-1], False).startswith("+OK")
 
 
 # ----- secrets stay secret -----------------------------------------------------------------
@@ -893,7 +871,7 @@ def test_no_secret_in_logs_or_reprs(caplog: pytest.LogCaptureFixture,
         oauth2.browse(authorize_url(oauth2, loopback.uri, challenge, state="the-state"))
         loopback.close()
         auth_code = loopback.queries[0]["code"]
-        assert login(server, "XOAUTH2", "hogehoge", tokens["access_token"], True).startswith("+")
+        assert auth(server, "XOAUTH2", "hogehoge", tokens["access_token"], True).startswith("+")
         shown = caplog.text + repr(oauth2) + repr(oauth2.issued) + repr(oauth2.requests)
         shown += repr(server.sessions) + "\n".join(server.transcripts[0])
     assert "oauth2: POST /token -> 200" in caplog.text  # the log is there, without secrets
@@ -996,7 +974,7 @@ def test_command_line_oauth2() -> None:
                      device_code=code["device_code"]).json
         assert reply["expires_in"] == 30
         token = reply["access_token"]
-        assert login((host, int(port)), "XOAUTH2", "hogehoge", token, False).startswith("+OK")
+        assert auth((host, int(port)), "XOAUTH2", "hogehoge", token, False).startswith("+OK")
         rest = [lines.get(timeout=20) for _ in range(6)]
         assert rest[-1] == "stop: Ctrl-C\n"
         assert any(line.startswith("sign in: python pop3lite.py") for line in rest)

@@ -108,11 +108,14 @@ dict: FakeOAuth2's options) serves ``server.oauth2``, started and stopped with t
 alone: ``with FakeOAuth2() as oauth2:``). ``FakeOAuth2(*, client_id="pop3lite-test",
 client_secret=None, access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0,
 device_lifetime=600.0, approve_after=None, user=None, faults=(), slow_down_step=5.0,
-host="127.0.0.1")`` is an authorization server over plain HTTP on a free loopback port.
+offline_scope=None, host="127.0.0.1")`` is an authorization server over plain HTTP on a free
+loopback port.
 Lifetimes and intervals are seconds, fractions allowed (sent as such in ``expires_in`` and
 ``interval``; whole numbers as integers). ``user``: the account it signs in (default: the
 server's first user). ``client_secret``: the registration has one (a confidential client): every
 token and device request must carry it, in the body or by HTTP Basic (RFC 6749 section 2.3.1).
+``offline_scope``: a scope without which no refresh token is issued (Microsoft's
+``"offline_access"``); None: a refresh token with every grant but client credentials.
 Attributes: ``base_url``, ``address``, ``token_url`` (``{base}/token``), ``device_url``
 (``{base}/devicecode``), ``auth_url`` (``{base}/authorize``), ``default_user``.
 
@@ -122,10 +125,11 @@ Attributes: ``base_url``, ``address``, ``token_url`` (``{base}/token``), ``devic
   ``authorization_pending`` until the test calls ``approve(user_code=None, user=None)`` (the code
   with that user code, else the latest pending one, else the next one requested) or
   ``deny(user_code=None)`` (then ``access_denied``), or automatically: ``approve_after=N``
-  answers N polls pending and the next with tokens. A poll sooner than the interval after the
-  previous poll's reply gets ``slow_down``, and the interval grows by ``slow_down_step`` (RFC
-  8628 section 3.5 says 5 s); past ``device_lifetime``, ``expired_token``; once redeemed,
-  ``invalid_grant``.
+  answers N polls pending and the next with tokens, or by hand: the verification_uri
+  (``{base}/device``) is a page with a form that approves a user code. A poll sooner than the
+  interval after the previous poll's reply gets ``slow_down``, and the interval grows by
+  ``slow_down_step`` (RFC 8628 section 3.5 says 5 s); past ``device_lifetime``,
+  ``expired_token``; once redeemed, ``invalid_grant``.
 - Authorization code with PKCE (RFC 7636) and a loopback redirect (RFC 8252): ``GET
   /authorize`` (client_id, redirect_uri: http to 127.0.0.1, [::1] or localhost, any port;
   response_type=code; scope; state; code_challenge; code_challenge_method=S256, required)
@@ -192,6 +196,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import html
 import http.server
 import itertools
 import json
@@ -1165,6 +1170,7 @@ _USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 #: RFC 7636 section 4.1: code-verifier = 43*128unreserved.
 _VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}\Z")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_INFINITY = float("inf")
 
 
 class Issued(NamedTuple):
@@ -1282,7 +1288,10 @@ def _short_grant(grant_type: str) -> str:
 
 
 def _loopback_redirect(uri: str) -> bool:
-    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port."""
+    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port.
+    Printable ASCII only: it goes back into a Location header as it came."""
+    if not re.match(r"[\x21-\x7e]+\Z", uri):
+        return False
     try:
         parts = urllib.parse.urlsplit(uri)
         port = parts.port  # raises ValueError for a port out of range
@@ -1294,6 +1303,24 @@ def _loopback_redirect(uri: str) -> bool:
 
 def _with_query(uri: str, fields: Mapping[str, str]) -> str:
     return uri + ("&" if "?" in uri else "?") + urllib.parse.urlencode(fields)
+
+
+def _check_oauth2_options(access_lifetime: float, refresh_lifetime: float | None,
+                          device_interval: float, device_lifetime: float,
+                          approve_after: int | None, slow_down_step: float, host: str) -> None:
+    for name, value in (("access_lifetime", access_lifetime),
+                        ("device_interval", device_interval),
+                        ("device_lifetime", device_lifetime)):
+        if not 0 < value < _INFINITY:  # also refuses nan
+            raise ValueError("%s must be a positive number of seconds" % name)
+    if refresh_lifetime is not None and not 0 < refresh_lifetime < _INFINITY:
+        raise ValueError("refresh_lifetime must be a positive number of seconds or None")
+    if approve_after is not None and approve_after < 0:
+        raise ValueError("approve_after must be 0 or more polls, or None")
+    if not 0 <= slow_down_step < _INFINITY:
+        raise ValueError("slow_down_step must be 0 or more seconds")
+    if host not in _LOOPBACK_HOSTS - {"localhost"}:
+        raise ValueError("the fake authorization server listens on a loopback address only")
 
 
 class _OAuth2Endpoints:
@@ -1310,6 +1337,7 @@ class _OAuth2Endpoints:
     user: str | None
     faults: list[Fault]
     slow_down_step: float
+    offline_scope: str | None
     issued: list[Issued]
     requests: list[OAuth2Request]
     _uses: list[int]
@@ -1366,12 +1394,16 @@ class _OAuth2Endpoints:
                          ).get("error")
         elif reply.status >= 400:
             error = json.loads(reply.body).get("error")
+        elif reply.content_type.startswith("text/html") and b"class=refused" in reply.body:
+            error = "invalid_request"  # the verification page did not know the code
         with self._lock:
             self.requests.append(OAuth2Request(path, grant, error))
         return reply
 
     def _issue(self, grant: str, user: str | None, scope: str, refresh: bool) -> _HttpReply:
         """Mint an access token (and a refresh token) and the RFC 6749 section 5.1 reply."""
+        if self.offline_scope is not None and self.offline_scope not in scope.split():
+            refresh = False  # Microsoft: no refresh token unless offline_access was asked for
         now = time.monotonic()
         access = secrets.token_urlsafe(32)
         fields: dict[str, object] = {
@@ -1382,7 +1414,7 @@ class _OAuth2Endpoints:
             if refresh:
                 token = secrets.token_urlsafe(48)
                 lifetime = self.refresh_lifetime
-                expires = float("inf") if lifetime is None else now + lifetime
+                expires = _INFINITY if lifetime is None else now + lifetime
                 self._refresh[_digest(token)] = _Token(user, scope, expires)
                 fields["refresh_token"] = token
             self.issued.append(Issued(grant, user, scope, refresh))
@@ -1396,6 +1428,8 @@ class _OAuth2Endpoints:
             return self._note(path, grant, self._token(grant, form, basic))
         if path == "/devicecode":
             return self._note(path, "", self._device_authorization(form, basic))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(form))
         return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
                                                   status=404))
 
@@ -1403,6 +1437,8 @@ class _OAuth2Endpoints:
              ) -> _HttpReply:
         if path == "/authorize":
             return self._note(path, "", self._authorize(query, headers))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(None))
         if path in ("/token", "/devicecode"):
             return self._note(path, "", _oauth2_error(
                 "invalid_request", "The endpoint only accepts POST requests.", 900561, 405))
@@ -1569,6 +1605,27 @@ class _OAuth2Endpoints:
             return "approved"
         return entry.state
 
+    def _verification_page(self, form: Mapping[str, str] | None) -> _HttpReply:
+        """The device grant's verification_uri, for a person who tries the fake by hand: GET
+        shows a form for the user code, POST approves that code for the default user."""
+        text = "Enter the code that the application shows."
+        refused = False
+        if form is not None:
+            code = form.get("user_code", "").strip().upper()
+            with self._lock:
+                found = [entry for entry in self._devices.values()
+                         if entry.state == "pending" and entry.user_code == code]
+                if found:
+                    found[0].state, found[0].user = "approved", self.default_user
+            text = "Approved: the application signs in as %s." % self.default_user
+            if not found:
+                text, refused = "No device code waits for that code.", True
+        page = ("<!DOCTYPE html><html><head><title>fakeserver sign-in</title></head><body>"
+                "<p%s>%s</p><form method=post><input name=user_code autofocus> "
+                "<button>Approve</button></form></body></html>"
+                % (" class=refused" if refused else "", html.escape(text)))
+        return _HttpReply(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
     def _authorize(self, query: Mapping[str, str], headers: Mapping[str, str]) -> _HttpReply:
         """GET /authorize: the user signs in and consents, then goes back to the client
         (RFC 6749 section 4.1.1, RFC 7636 section 4.3, RFC 8252 section 7.3)."""
@@ -1646,21 +1703,11 @@ class FakeOAuth2(_OAuth2Endpoints):
         user: str | None = None,
         faults: Sequence[Fault | str] = (),
         slow_down_step: float = 5.0,
+        offline_scope: str | None = None,
         host: str = "127.0.0.1",
     ) -> None:
-        for name, value in (("access_lifetime", access_lifetime),
-                            ("device_interval", device_interval),
-                            ("device_lifetime", device_lifetime)):
-            if not 0 < value < float("inf"):
-                raise ValueError("%s must be a positive number of seconds" % name)
-        if refresh_lifetime is not None and not 0 < refresh_lifetime < float("inf"):
-            raise ValueError("refresh_lifetime must be a positive number of seconds or None")
-        if approve_after is not None and approve_after < 0:
-            raise ValueError("approve_after must be 0 or more polls, or None")
-        if not 0 <= slow_down_step < float("inf"):
-            raise ValueError("slow_down_step must be 0 or more seconds")
-        if host not in _LOOPBACK_HOSTS - {"localhost"}:
-            raise ValueError("the fake authorization server listens on a loopback address only")
+        _check_oauth2_options(access_lifetime, refresh_lifetime, device_interval,
+                              device_lifetime, approve_after, slow_down_step, host)
         self.client_id = client_id
         self.client_secret = client_secret
         self.access_lifetime = access_lifetime
@@ -1671,6 +1718,7 @@ class FakeOAuth2(_OAuth2Endpoints):
         self.user = user
         self.faults = [_as_oauth2_fault(fault) for fault in faults]
         self.slow_down_step = slow_down_step
+        self.offline_scope = offline_scope
         self.issued: list[Issued] = []
         self.requests: list[OAuth2Request] = []
         self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
@@ -1753,13 +1801,14 @@ class FakeOAuth2(_OAuth2Endpoints):
     def expire_access_tokens(self) -> None:
         """Every access token issued so far expires now (POP3 refuses it)."""
         with self._lock:
-            self._access = {key: token._replace(expires=0.0) for key, token in self._access.items()}
+            self._access = {key: token._replace(expires=-_INFINITY)
+                            for key, token in self._access.items()}
 
     def expire_refresh_tokens(self) -> None:
         """Every refresh token issued so far expires now: the next refresh gets invalid_grant
         with AADSTS700082, as after Microsoft's 90 days of inactivity."""
         with self._lock:
-            self._refresh = {key: token._replace(expires=0.0)
+            self._refresh = {key: token._replace(expires=-_INFINITY)
                              for key, token in self._refresh.items()}
 
     def revoke(self) -> None:

@@ -986,3 +986,36 @@ def test_command_line_oauth2() -> None:
             process.kill()
     assert process.returncode == 0
     assert "Traceback" not in process.stderr.read()
+
+
+def test_offline_scope_decides_whether_a_refresh_token_comes() -> None:
+    with FakeOAuth2(offline_scope="offline_access", approve_after=0) as oauth2:
+        without = post(oauth2.device_url, client_id=CLIENT, scope="pop").json
+        reply = poll(oauth2, without["device_code"]).json
+        assert "refresh_token" not in reply and "access_token" in reply
+        tokens = poll(oauth2, device_code(oauth2)["device_code"]).json  # "pop offline_access"
+        assert "refresh_token" in tokens
+        assert [entry.refresh for entry in oauth2.issued] == [False, True]
+
+
+def test_verification_page_approves_by_hand() -> None:
+    with FakeOAuth2(user="alice", device_interval=0.05) as oauth2:
+        code = device_code(oauth2)
+        page = request(code["verification_uri"])
+        assert page.status == 200 and b"<form method=post>" in page.body
+        unknown = post(code["verification_uri"], user_code="BCDF-BCDF")
+        assert b"No device code waits" in unknown.body
+        assert poll(oauth2, code["device_code"]).error == "authorization_pending"
+        time.sleep(0.05)  # the polling interval
+        done = post(code["verification_uri"], user_code=code["user_code"].lower())
+        assert b"signs in as alice" in done.body
+        assert poll(oauth2, code["device_code"]).status == 200
+        assert [r.error for r in oauth2.requests if r.path == "/device"] == [
+            None, "invalid_request", None]
+
+
+def test_redirect_uri_with_control_characters_is_refused() -> None:
+    with FakeOAuth2() as oauth2:
+        for uri in ("http://127.0.0.1:9/\r\nSet-Cookie: x=1", "http://127.0.0.1:9/ a"):
+            reply = request(authorize_url(oauth2, uri, pkce()[1]))
+            assert reply.status == 400 and "set-cookie" not in reply.headers

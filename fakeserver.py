@@ -1150,8 +1150,9 @@ _PRESETS = {
 
 # A fake of the sign-in side of Microsoft's and Google's POP3 service: the token, device
 # authorization and authorization endpoints of RFC 6749, RFC 8628 and RFC 7636, over plain HTTP on
-# a loopback address. FakeOAuth2 holds the state (under one lock) and answers requests as values
-# (_HttpReply); _OAuth2Handler is the only code that reads and writes HTTP. Tokens are kept as
+# a loopback address. FakeOAuth2 holds the state (under one lock) and what a test controls;
+# _OAuth2Endpoints, its base, turns each request into its reply as a value (_HttpReply), without
+# I/O; _OAuth2Handler is the only code that reads and writes HTTP. Tokens and codes are kept as
 # their SHA-256 only, so no repr, log or traceback can show one.
 
 #: A token or device request is a few hundred octets; a larger body is refused (413).

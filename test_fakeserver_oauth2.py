@@ -1019,3 +1019,18 @@ def test_redirect_uri_with_control_characters_is_refused() -> None:
         for uri in ("http://127.0.0.1:9/\r\nSet-Cookie: x=1", "http://127.0.0.1:9/ a"):
             reply = request(authorize_url(oauth2, uri, pkce()[1]))
             assert reply.status == 400 and "set-cookie" not in reply.headers
+
+
+def test_approve_and_deny_choose_by_user_code() -> None:
+    with FakeOAuth2(device_interval=0.01) as oauth2:
+        first, second, third = (device_code(oauth2) for _ in range(3))
+        oauth2.approve(first["user_code"], "alice")
+        oauth2.deny(second["user_code"])
+        assert poll(oauth2, second["device_code"]).error == "access_denied"
+        assert poll(oauth2, third["device_code"]).error == "authorization_pending"
+        assert poll(oauth2, first["device_code"]).status == 200
+        oauth2.approve()  # the latest pending one: the third
+        time.sleep(0.01)  # the polling interval
+        assert poll(oauth2, third["device_code"]).status == 200
+        assert [(entry.user, entry.grant) for entry in oauth2.issued] == [
+            ("alice", "device_code"), ("hogehoge", "device_code")]

@@ -1259,6 +1259,23 @@ def _oauth2_error(error: str, description: str = "", code: int | None = None,
     return _json(status, fields)
 
 
+def _missing(parameter: str, code: int = 900144) -> _HttpReply:
+    """A required parameter is missing: invalid_request, or invalid_client for the secret."""
+    if code == 900144:
+        error, status = "invalid_request", 400
+    else:
+        error, status = "invalid_client", 401
+    return _oauth2_error(error, "The request body must contain the following parameter: '%s'."
+                         % parameter, code, status)
+
+
+def _key_of(form: Mapping[str, str], parameter: str) -> str | _HttpReply:
+    """The SHA-256 of a required token or code parameter (the key it is kept under), or the
+    reply that says it is missing."""
+    value = form.get(parameter, "")
+    return _digest(value) if value else _missing(parameter)
+
+
 def _fault_reply(fault: Fault) -> _HttpReply:
     """What a transport-level fault of the token endpoint sends instead of the reply."""
     if fault.kind == "html":
@@ -1455,21 +1472,14 @@ class _OAuth2Endpoints:
             return _oauth2_error("invalid_request", "Two different client ids were given.",
                                  900144)
         if not client_id:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'client_id'.", 900144)
+            return _missing("client_id")
         if client_id != self.client_id:
             return _oauth2_error("invalid_client", "Application with identifier '%s' was not "
                                  "found in the directory." % client_id[:100], 700016, 401)
-        if self.client_secret is None:
-            if need_secret:
-                return _oauth2_error("invalid_client", "The request body must contain the "
-                                     "following parameter: 'client_assertion' or "
-                                     "'client_secret'.", 7000218, 401)
+        if self.client_secret is None and not need_secret:
             return None
-        if secret is None:
-            return _oauth2_error("invalid_client", "The request body must contain the following"
-                                 " parameter: 'client_assertion' or 'client_secret'.", 7000218,
-                                 401)
+        if self.client_secret is None or secret is None:
+            return _missing("client_assertion' or 'client_secret", 7000218)
         if not hmac.compare_digest(_digest(secret), _digest(self.client_secret)):
             return _oauth2_error("invalid_client", "Invalid client secret provided. Ensure the "
                                  "secret being sent in the request is the client secret value.",
@@ -1483,8 +1493,7 @@ class _OAuth2Endpoints:
         if fault is not None:
             return _fault_reply(fault)
         if not grant:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'grant_type'.", 900144)
+            return _missing("grant_type")
         if grant not in _GRANTS:
             return _oauth2_error("unsupported_grant_type", "The provided value for the input "
                                  "parameter 'grant_type' is not valid.", 70003)
@@ -1499,11 +1508,9 @@ class _OAuth2Endpoints:
 
     def _refresh_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """RFC 6749 section 6, with rotation: the spent refresh token is refused afterwards."""
-        token = form.get("refresh_token", "")
-        if not token:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'refresh_token'.", 900144)
-        key = _digest(token)
+        key = _key_of(form, "refresh_token")
+        if isinstance(key, _HttpReply):
+            return key
         with self._lock:
             granted = self._refresh.get(key)
             if granted is None or key in self._spent:
@@ -1557,13 +1564,12 @@ class _OAuth2Endpoints:
 
     def _device_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """One poll of the device access token request (RFC 8628 sections 3.4 and 3.5)."""
-        device_code = form.get("device_code", "")
-        if not device_code:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'device_code'.", 900144)
+        key = _key_of(form, "device_code")
+        if isinstance(key, _HttpReply):
+            return key
         slow = self._take_fault(("slow_down",), "device_code") is not None
         with self._lock:
-            entry = self._devices.get(_digest(device_code))
+            entry = self._devices.get(key)
             outcome = "unknown" if entry is None else self._poll(entry, slow)
         if outcome == "approved" and entry is not None:
             return self._issue("device_code", entry.user, entry.scope, refresh=True)
@@ -1659,11 +1665,9 @@ class _OAuth2Endpoints:
     def _code_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """The access token request of RFC 6749 section 4.1.3, checked as RFC 7636 section 4.6
         says. A code is good for one request, even a failed one (section 4.1.2)."""
-        code = form.get("code", "")
-        if not code:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'code'.", 900144)
-        key = _digest(code)
+        key = _key_of(form, "code")
+        if isinstance(key, _HttpReply):
+            return key
         with self._lock:
             granted = self._codes.get(key)
             used = key in self._used_codes

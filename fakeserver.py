@@ -1852,8 +1852,6 @@ class FakeOAuth2(_OAuth2Endpoints):
                              % (status, body[:300].decode("utf-8", "replace")))
         _http_get(location, {}, timeout)  # the client's listener; its page is not needed
 
-
-
     # ----- inside ------------------------------------------------------------------
     def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
         """Serve beside a FakeServer: its users are the default account, errors go to its list."""
@@ -2046,6 +2044,13 @@ class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("oauth2: %s", format.split("%")[0].strip())  # arguments may hold secrets
 
 
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
     """The HTTP side of a FakeOAuth2: threaded, on a loopback address, every connection
     closable from outside so that shutdown never waits for a client."""
@@ -2059,6 +2064,7 @@ class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
         self.oauth2 = oauth2
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
+        self._aborted = False
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, 0), _OAuth2Handler)
@@ -2070,20 +2076,21 @@ class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
 
     def track(self, connection: socket.socket, is_open: bool) -> None:
         with self._open_lock:
-            if is_open:
-                self._open.add(connection)
-            else:
+            if not is_open:
                 self._open.discard(connection)
+                return
+            self._open.add(connection)
+            aborted = self._aborted
+        if aborted:  # accepted just before shutdown: abort_all() did not see it
+            _shut(connection)
 
     def abort_all(self) -> None:
         """Unblock every request thread (shutdown): its reads and writes fail at once."""
         with self._open_lock:
+            self._aborted = True
             connections = list(self._open)
         for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut(connection)
 
     def handle_error(self, request: object, client_address: object) -> None:
         error = sys.exc_info()[1]

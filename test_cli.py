@@ -388,16 +388,16 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = pop3lite.Maildir._finish
+    original = pop3lite.Maildir.finish
     calls = []
 
-    def failing_finish(store: Any, sink: Any, key: Any, durable: bool) -> None:
-        calls.append(sink)
+    def failing_finish(store: Any) -> None:
+        calls.append(store)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(store, sink, key, durable)
+        original(store)
 
-    monkeypatch.setattr(pop3lite.Maildir, "_finish", failing_finish)
+    monkeypatch.setattr(pop3lite.Maildir, "finish", failing_finish)
     status, _, err = run(
         capsys, address(server), "hogehoge", "save", str(tmp_path / "M"), "--delete"
     )
@@ -500,7 +500,7 @@ def test_the_password_is_never_taken_from_argv(
     assert server.transcripts == []
     assert pop3lite.main(["--help"]) == 0
     options = [w for w in capsys.readouterr().out.split() if w.startswith("--pass")]
-    assert options and set(options) == {"--password-file"}
+    assert options and set(options) == {"--password-file", "--password-command"}
 
 
 @pytest.mark.usefixtures("password")
@@ -719,7 +719,8 @@ def test_help_shows_examples_exit_codes_and_json_fields(
 ) -> None:
     assert pop3lite.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for text in ("examples:", "--demo", "save ~/Maildir --new", "exit status:", "130", "subject"):
+    shown = ("examples:", "--demo", "save ~/Maildir", "save --mda", "exit status:", "130")
+    for text in (*shown, "subject"):
         assert text in out
 
 

@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False)``
+greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False, oauth2=None)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -38,6 +38,7 @@ greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False)``
     message with 8-bit header bytes is served as a 7-bit "Cannot display Unicode content"
     multipart with the original inside as ``message/global`` (RFC 6856 section 2.1, RFC 6532);
     LIST and STAT announce that size; after UTF8 the original is served.
+    ``oauth2``: a fake OAuth2 authorization server to run beside it (below, "OAuth2").
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
@@ -76,11 +77,13 @@ write the format.
 pytest plugin (``pytest11`` entry point of an installed pop3lite, or ``pytest_plugins =
 ["fakeserver"]`` in a conftest): fixtures ``pop3_server`` (a started server, preset "rfc",
 configured by ``@pytest.mark.pop3_server(preset, **options)``), ``make_pop3_server(preset="rfc",
-*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``
-(a relative ``replay`` path is taken from the test file's folder) and ``pop3_ca_file`` (the test
-CA as a file); plain functions, clean under ``-W error``. When a test fails, the transcripts of
-its servers appear in the report as the section "fakeserver transcript"; an exception in a
-session fails the test that was running.
+*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``,
+``pop3_oauth2_server`` (preset "rfc" with a FakeOAuth2 of ``OAUTH2_TEST_OPTIONS``: 2-second
+access tokens, 0.05-second device polling) and ``pop3_ca_file`` (the test
+CA as a file); plain functions, clean under ``-W error``; a relative ``replay`` path is taken
+from the test file's folder. When a test fails, the transcripts of its servers (and the
+requests of their FakeOAuth2) appear in the report as the section "fakeserver transcript"; an
+exception in a session fails the test that was running.
 
 ``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
 uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
@@ -112,40 +115,75 @@ Kinds (``value`` in brackets):
   ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
   of its reply.
 
-OAuth2 (a fake of Microsoft's and Google's sign-in for POP3; ``oauth2=`` of FakeServer, ``True``
-for the defaults): ``FakeOAuth2(*, client_id="pop3lite-test", client_secret=None,
-access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0, device_lifetime=600.0,
-approve_after=None, user=None, faults=(), slow_down_step=5.0, host="127.0.0.1")`` is an
-authorization server over plain HTTP on a free loopback port, started and stopped with its
-FakeServer (or alone: ``with FakeOAuth2() as oauth2:``). Lifetimes and intervals are seconds,
-fractions allowed (and sent as fractions in ``expires_in``/``interval``, integers otherwise).
-``server.oauth2.base_url``, ``token_url`` (``/token``), ``device_url`` (``/devicecode``),
-``auth_url`` (``/authorize``). See the section "OAuth2 authorization server" for the endpoints.
+OAuth2 (a fake of Microsoft's and Google's sign-in for POP3, for testing a client's whole
+sign-in and refresh offline): ``FakeServer(oauth2=FakeOAuth2(...))`` (``True``: the defaults; a
+dict: FakeOAuth2's options) serves ``server.oauth2``, started and stopped with the server (or
+alone: ``with FakeOAuth2() as oauth2:``). ``FakeOAuth2(*, client_id="pop3lite-test",
+client_secret=None, access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0,
+device_lifetime=600.0, approve_after=None, user=None, faults=(), slow_down_step=5.0,
+offline_scope=None, host="127.0.0.1")`` is an authorization server over plain HTTP on a free
+loopback port.
+Lifetimes and intervals are seconds, fractions allowed (sent as such in ``expires_in`` and
+``interval``; whole numbers as integers). ``user``: the account it signs in (default: the
+server's first user). ``client_secret``: the registration has one (a confidential client): every
+token and device request must carry it, in the body or by HTTP Basic (RFC 6749 section 2.3.1).
+``offline_scope``: a scope without which no refresh token is issued (Microsoft's
+``"offline_access"``); None: a refresh token with every grant but client credentials.
+Attributes: ``base_url``, ``address``, ``token_url`` (``{base}/token``), ``device_url``
+(``{base}/devicecode``), ``auth_url`` (``{base}/authorize``), ``default_user``.
 
-- ``POST /devicecode`` (RFC 8628 section 3.2 reply) and ``POST /token`` with grant_type
-  ``urn:ietf:params:oauth:grant-type:device_code`` (``DEVICE_GRANT``): ``authorization_pending``
-  until the test calls ``approve(user_code=None, user=None)`` (the code with that user code,
-  else the latest pending one, else the next one requested) or ``deny(user_code=None)``
-  (``access_denied``), or automatically: ``approve_after=N`` answers N polls pending and the
-  next with tokens. A poll sooner than ``interval`` after the previous poll's reply gets
-  ``slow_down`` and the interval grows by ``slow_down_step`` (RFC 8628 section 3.5: 5 s);
-  past ``device_lifetime``, ``expired_token``; once redeemed, ``invalid_grant``.
-- ``refresh_token``: a new access token and a new refresh token; the spent one is refused
-  (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
+- Device grant (RFC 8628): ``POST /devicecode`` (client_id, scope) answers device_code,
+  user_code, verification_uri, expires_in, interval, message. ``POST /token`` with grant_type
+  ``DEVICE_GRANT`` (``urn:ietf:params:oauth:grant-type:device_code``) answers
+  ``authorization_pending`` until the test calls ``approve(user_code=None, user=None)`` (the code
+  with that user code, else the latest pending one, else the next one requested) or
+  ``deny(user_code=None)`` (then ``access_denied``), or automatically: ``approve_after=N``
+  answers N polls pending and the next with tokens, or by hand: the verification_uri
+  (``{base}/device``) is a page with a form that approves a user code. A poll sooner than the
+  interval after the previous poll's reply gets ``slow_down``, and the interval grows by
+  ``slow_down_step`` (RFC 8628 section 3.5 says 5 s); past ``device_lifetime``,
+  ``expired_token``; once redeemed, ``invalid_grant``.
+- Authorization code with PKCE (RFC 7636) and a loopback redirect (RFC 8252): ``GET
+  /authorize`` (client_id, redirect_uri: http to 127.0.0.1, [::1] or localhost, any port;
+  response_type=code; scope; state; code_challenge; code_challenge_method=S256, required)
+  answers 302 to ``redirect_uri?code=...&state=...`` (errors go there too, with the state, except
+  a bad client_id or redirect_uri: 400). ``browse(url, user=None, *, deny=False,
+  timeout=5.0)`` is the user's browser: it opens the URL, signs in as ``user``, consents (or
+  declines), and follows the redirect to the client's listener. The token request needs the
+  same redirect_uri and the code_verifier; a code is good for one request.
+- ``refresh_token``: a new access token and a new refresh token (rotation); the spent one is
+  refused (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
   ``expire_refresh_tokens()``) gets ``invalid_grant`` AADSTS700082, a revoked one (``revoke()``)
   AADSTS50173.
+- ``client_credentials`` (needs ``client_secret``): an access token without a refresh token,
+  good for every user of the server (Microsoft 365's POP.AccessAsApp).
 
-Token replies: ``access_token``, ``token_type`` "Bearer", ``expires_in``, ``scope`` (the
-requested one), ``refresh_token`` (not with client credentials), with ``Cache-Control:
-no-store``. Errors are JSON as Microsoft sends them (RFC 6749 section 5.2): ``error``,
-``error_description`` ("AADSTS70000: ..." then trace id, correlation id and timestamp lines),
-``error_codes``; 400, or 401 for ``invalid_client``. The POP3 side (XOAUTH2, two-step or with an
-initial response, and OAUTHBEARER) accepts exactly the unexpired access tokens issued for that
-user (``FakeServer.accepts_token(user, token)``); the preset's static token is then off unless
-``oauth_token=`` is given. Refused tokens get the error challenge, then ``-ERR [AUTH]``.
-``issued``: ``Issued(grant, user, scope, refresh)`` per token reply; ``requests``:
-``OAuth2Request(path, grant, error)`` per request (no secret in either, nor in any repr or log);
-``expire_access_tokens()``.
+Replies are JSON with ``Cache-Control: no-store``: ``access_token``, ``token_type`` "Bearer",
+``expires_in``, ``scope`` (as requested), ``refresh_token``. Errors as Microsoft words them (RFC
+6749 section 5.2): ``error``, ``error_description`` ("AADSTS70000: ..." followed by trace id,
+correlation id and timestamp lines), ``error_codes``, ``trace_id``, ``correlation_id``,
+``timestamp``; status 400, or 401 for ``invalid_client``. Malformed HTTP, a form without
+Content-Length (411) or over 64 KiB (413), a parameter given twice, an unknown path (404) or
+method all get JSON ``invalid_request`` errors; every other client is served meanwhile.
+Faults of the token endpoint: ``faults=[Fault(kind, command=None, value=None, times=None)]``
+(or the kind alone as a string), ``kind`` one of ``OAUTH2_FAULT_KINDS``: ``"html"`` (200
+text/html, a sign-in page; [bytes]), ``"500"`` (an HTML error page; [bytes]), ``"huge"`` (200
+with a body of [octets, default 10 MiB]), ``"silent"`` (read the request, never answer, for
+[seconds, default until close()]; close() does not wait for it), ``"slow_down"`` (a device-code
+poll answered ``slow_down``). ``command``: a grant type (``"refresh_token"``, ``"device_code"``,
+``"authorization_code"``, ``"client_credentials"``) or ``"devicecode"`` (the device authorization
+endpoint); None: every token request. ``times`` limits how often it fires.
+
+The POP3 side (XOAUTH2, two-step as Microsoft requires or with an initial response, and
+OAUTHBEARER) accepts exactly the unexpired access tokens issued for that user, or by client
+credentials (``FakeServer.accepts_token(user, token)``; ``FakeOAuth2.accepts(user, token)``);
+the preset's static token is then off unless ``oauth_token=`` is given. A refused token gets the
+error challenge, then ``-ERR [AUTH]``. ``expire_access_tokens()`` expires every access token
+issued so far. For assertions: ``issued`` (``Issued(grant, user, scope, refresh)`` per token
+reply) and ``requests`` (``OAuth2Request(path, grant, error)`` per request, ``error`` the OAuth2
+error, ``"fault:KIND"``, or None); tokens, codes and secrets are in neither, nor in any repr,
+log or transcript (the fake keeps only their SHA-256). ``errors``: exceptions a request handler
+hit (with a FakeServer: its ``errors``).
 
 ``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` (or ``client_context()``)
 verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' messages (bytes).
@@ -155,7 +193,12 @@ Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the
 stdout is ``HOST:PORT``; Ctrl-C stops it. ``--replay FILE`` serves a recording;
 ``--record HOST[:PORT] --out FILE [--force] [--tls implicit|stls|none] [--headers-only]`` runs
 the recording proxy (``--force`` to overwrite an existing FILE). The banner names the file
-``--write-ca`` wrote, and with ``--replay`` the commands the recording answers.
+``--write-ca`` wrote, and with ``--replay`` the commands the recording answers. ``--oauth2``
+runs a FakeOAuth2 beside the server (preset "rfc" by default) and prints ``token-url URL``,
+``device-url URL``, ``auth-url URL`` and ``client-id ID`` on the lines after HOST:PORT;
+``--oauth2-access-lifetime``, ``--oauth2-refresh-lifetime``,
+``--oauth2-interval``, ``--oauth2-approve-after`` (default 1), ``--oauth2-client-id`` and
+``--oauth2-client-secret`` set its options.
 
 The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
 both cannot hide.
@@ -169,7 +212,7 @@ import binascii
 import functools
 import hashlib
 import hmac
-import http.client
+import html
 import http.server
 import itertools
 import json
@@ -186,6 +229,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -208,6 +252,7 @@ __all__ = [
     "DEVICE_GRANT",
     "FAULT_KINDS",
     "OAUTH2_FAULT_KINDS",
+    "OAUTH2_TEST_OPTIONS",
     "OPERAMAIL_MESSAGES",
     "OPERAMAIL_RECORDING",
     "REPLAY_PASSWORD",
@@ -1121,8 +1166,9 @@ _PRESETS = {
 
 # A fake of the sign-in side of Microsoft's and Google's POP3 service: the token, device
 # authorization and authorization endpoints of RFC 6749, RFC 8628 and RFC 7636, over plain HTTP on
-# a loopback address. FakeOAuth2 holds the state (under one lock) and answers requests as values
-# (_HttpReply); _OAuth2Handler is the only code that reads and writes HTTP. Tokens are kept as
+# a loopback address. FakeOAuth2 holds the state (under one lock) and what a test controls;
+# _OAuth2Endpoints, its base, turns each request into its reply as a value (_HttpReply), without
+# I/O; _OAuth2Handler is the only code that reads and writes HTTP. Tokens and codes are kept as
 # their SHA-256 only, so no repr, log or traceback can show one.
 
 #: A token or device request is a few hundred octets; a larger body is refused (413).
@@ -1141,6 +1187,7 @@ _USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
 #: RFC 7636 section 4.1: code-verifier = 43*128unreserved.
 _VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}\Z")
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_INFINITY = float("inf")
 
 
 class Issued(NamedTuple):
@@ -1228,6 +1275,23 @@ def _oauth2_error(error: str, description: str = "", code: int | None = None,
     return _json(status, fields)
 
 
+def _missing(parameter: str, code: int = 900144) -> _HttpReply:
+    """A required parameter is missing: invalid_request, or invalid_client for the secret."""
+    if code == 900144:
+        error, status = "invalid_request", 400
+    else:
+        error, status = "invalid_client", 401
+    return _oauth2_error(error, "The request body must contain the following parameter: '%s'."
+                         % parameter, code, status)
+
+
+def _key_of(form: Mapping[str, str], parameter: str) -> str | _HttpReply:
+    """The SHA-256 of a required token or code parameter (the key it is kept under), or the
+    reply that says it is missing."""
+    value = form.get(parameter, "")
+    return _digest(value) if value else _missing(parameter)
+
+
 def _fault_reply(fault: Fault) -> _HttpReply:
     """What a transport-level fault of the token endpoint sends instead of the reply."""
     if fault.kind == "html":
@@ -1258,7 +1322,10 @@ def _short_grant(grant_type: str) -> str:
 
 
 def _loopback_redirect(uri: str) -> bool:
-    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port."""
+    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port.
+    Printable ASCII only: it goes back into a Location header as it came."""
+    if not re.match(r"[\x21-\x7e]+\Z", uri):
+        return False
     try:
         parts = urllib.parse.urlsplit(uri)
         port = parts.port  # raises ValueError for a port out of range
@@ -1272,110 +1339,56 @@ def _with_query(uri: str, fields: Mapping[str, str]) -> str:
     return uri + ("&" if "?" in uri else "?") + urllib.parse.urlencode(fields)
 
 
-class FakeOAuth2:
-    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+def _check_oauth2_options(access_lifetime: float, refresh_lifetime: float | None,
+                          device_interval: float, device_lifetime: float,
+                          approve_after: int | None, slow_down_step: float, host: str) -> None:
+    for name, value in (("access_lifetime", access_lifetime),
+                        ("device_interval", device_interval),
+                        ("device_lifetime", device_lifetime)):
+        if not 0 < value < _INFINITY:  # also refuses nan
+            raise ValueError("%s must be a positive number of seconds" % name)
+    if refresh_lifetime is not None and not 0 < refresh_lifetime < _INFINITY:
+        raise ValueError("refresh_lifetime must be a positive number of seconds or None")
+    if approve_after is not None and approve_after < 0:
+        raise ValueError("approve_after must be 0 or more polls, or None")
+    if not 0 <= slow_down_step < _INFINITY:
+        raise ValueError("slow_down_step must be 0 or more seconds")
+    if host not in _LOOPBACK_HOSTS - {"localhost"}:
+        raise ValueError("the fake authorization server listens on a loopback address only")
 
-    def __init__(
-        self,
-        *,
-        client_id: str = "pop3lite-test",
-        client_secret: str | None = None,
-        access_lifetime: float = 3600.0,
-        refresh_lifetime: float | None = None,
-        device_interval: float = 1.0,
-        device_lifetime: float = 600.0,
-        approve_after: int | None = None,
-        user: str | None = None,
-        faults: Sequence[Fault | str] = (),
-        slow_down_step: float = 5.0,
-        host: str = "127.0.0.1",
-    ) -> None:
-        for name, value in (("access_lifetime", access_lifetime),
-                            ("device_interval", device_interval),
-                            ("device_lifetime", device_lifetime)):
-            if not 0 < value < float("inf"):
-                raise ValueError("%s must be a positive number of seconds" % name)
-        if refresh_lifetime is not None and not 0 < refresh_lifetime < float("inf"):
-            raise ValueError("refresh_lifetime must be a positive number of seconds or None")
-        if approve_after is not None and approve_after < 0:
-            raise ValueError("approve_after must be 0 or more polls, or None")
-        if host not in _LOOPBACK_HOSTS - {"localhost"}:
-            raise ValueError("the fake authorization server listens on a loopback address only")
-        self.client_id = client_id
-        self.client_secret = client_secret
-        self.access_lifetime = access_lifetime
-        self.refresh_lifetime = refresh_lifetime
-        self.device_interval = device_interval
-        self.device_lifetime = device_lifetime
-        self.approve_after = approve_after
-        self.user = user
-        self.faults = [_as_oauth2_fault(fault) for fault in faults]
-        self.slow_down_step = slow_down_step
-        self.issued: list[Issued] = []
-        self.requests: list[OAuth2Request] = []
-        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
-        self._uses = [0] * len(self.faults)
-        self._lock = threading.Lock()
-        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
-        self._refresh: dict[str, _Token] = {}
-        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
-        self._revoked: set[str] = set()
-        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
-        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
-        self._used_codes: set[str] = set()
-        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
-        self._users: Callable[[], Sequence[str]] = lambda: ()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._attached = False
-        self._http = _OAuth2HTTPServer(self, host)
 
-    def __repr__(self) -> str:  # no token, code or secret here
-        return "<FakeOAuth2 %s, client %s, %d issued>" % (
-            self.base_url, self.client_id, len(self.issued))
+class _OAuth2Endpoints:
+    """What a client sees: each request's answer, from the state FakeOAuth2 keeps (no I/O).
+    Part of FakeOAuth2, kept apart from what a test sees and controls."""
 
-    # ----- public ------------------------------------------------------------------
+    client_id: str
+    client_secret: str | None
+    access_lifetime: float
+    refresh_lifetime: float | None
+    device_interval: float
+    device_lifetime: float
+    approve_after: int | None
+    user: str | None
+    faults: list[Fault]
+    slow_down_step: float
+    offline_scope: str | None
+    issued: list[Issued]
+    requests: list[OAuth2Request]
+    _uses: list[int]
+    _lock: threading.Lock
+    _access: dict[str, _Token]
+    _refresh: dict[str, _Token]
+    _spent: set[str]
+    _revoked: set[str]
+    _devices: dict[str, _DeviceCode]
+    _codes: dict[str, _AuthCode]
+    _used_codes: set[str]
+    _next_device: tuple[str, str | None] | None
+    _users: Callable[[], Sequence[str]]
+
     @property
     def base_url(self) -> str:
-        host, port = str(self._http.server_address[0]), int(self._http.server_address[1])
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    @property
-    def token_url(self) -> str:
-        return self.base_url + "/token"
-
-    @property
-    def device_url(self) -> str:
-        return self.base_url + "/devicecode"
-
-    @property
-    def auth_url(self) -> str:
-        return self.base_url + "/authorize"
-
-    def start(self) -> FakeOAuth2:
-        """Serve in a daemon thread; returns self."""
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
-                name="fakeserver oauth2 %s" % self.base_url)
-            self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
-        request handler hit (when not attached to a FakeServer, which raises it instead)."""
-        self._stop()
-        if self.errors and not self._attached:
-            raise self.errors[0]
-
-    def __enter__(self) -> FakeOAuth2:
-        return self.start()
-
-    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self._stop()
-        if exc_type is None and self.errors and not self._attached:
-            raise self.errors[0]
+        raise NotImplementedError
 
     @property
     def default_user(self) -> str:
@@ -1385,73 +1398,7 @@ class FakeOAuth2:
         users = self._users()
         return users[0] if users else "hogehoge"
 
-    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
-        """Approve a device code as its user would on the verification page: the one with this
-        user code, or else the latest one still pending, or else the next one requested."""
-        self._decide(user_code, "approved", user if user is not None else self.default_user)
-
-    def deny(self, user_code: str | None = None) -> None:
-        """Decline a device code (the client gets access_denied); chosen as by approve()."""
-        self._decide(user_code, "denied", None)
-
-    def expire_access_tokens(self) -> None:
-        """Every access token issued so far expires now (POP3 refuses it)."""
-        with self._lock:
-            self._access = {key: token._replace(expires=0.0) for key, token in self._access.items()}
-
-    def expire_refresh_tokens(self) -> None:
-        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
-        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
-        with self._lock:
-            self._refresh = {key: token._replace(expires=0.0)
-                             for key, token in self._refresh.items()}
-
-    def revoke(self) -> None:
-        """Revoke every token issued so far (a changed password, an admin's revocation): access
-        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
-        with self._lock:
-            self._revoked.update(self._refresh)
-            self._access.clear()
-
-    def accepts(self, user: str, token: str) -> bool:
-        """Whether `token` is an unexpired access token issued for `user` (or by client
-        credentials, then for any user; the caller checks that the user exists)."""
-        with self._lock:
-            granted = self._access.get(_digest(token))
-        if granted is None or granted.expires <= time.monotonic():
-            return False
-        return granted.user is None or granted.user == user
-
     # ----- inside ------------------------------------------------------------------
-    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
-        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
-        self._users = users
-        self.errors = errors
-        self._attached = True
-
-    def _stop(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._stopping.set()  # ends "silent" replies
-        if self._thread is not None:
-            self._http.shutdown()
-            self._thread.join()
-        self._http.abort_all()
-        self._http.server_close()  # joins the request threads
-
-    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
-        with self._lock:
-            pending = [d for d in self._devices.values() if d.state == "pending"
-                       and (user_code is None or d.user_code == user_code)]
-            if not pending:
-                if user_code is not None:
-                    raise ValueError("no pending device code with that user code")
-                self._next_device = (state, user)
-                return
-            pending[-1].state, pending[-1].user = state, user
-
     def _take_fault(self, kinds: Sequence[str], command: str) -> Fault | None:
         """The first fault of `kinds` that selects this request (`command`: the short grant
         type, or "devicecode"); it counts against its `times`. A fault without a command
@@ -1481,12 +1428,16 @@ class FakeOAuth2:
                          ).get("error")
         elif reply.status >= 400:
             error = json.loads(reply.body).get("error")
+        elif reply.content_type.startswith("text/html") and b"class=refused" in reply.body:
+            error = "invalid_request"  # the verification page did not know the code
         with self._lock:
             self.requests.append(OAuth2Request(path, grant, error))
         return reply
 
     def _issue(self, grant: str, user: str | None, scope: str, refresh: bool) -> _HttpReply:
         """Mint an access token (and a refresh token) and the RFC 6749 section 5.1 reply."""
+        if self.offline_scope is not None and self.offline_scope not in scope.split():
+            refresh = False  # Microsoft: no refresh token unless offline_access was asked for
         now = time.monotonic()
         access = secrets.token_urlsafe(32)
         fields: dict[str, object] = {
@@ -1497,7 +1448,7 @@ class FakeOAuth2:
             if refresh:
                 token = secrets.token_urlsafe(48)
                 lifetime = self.refresh_lifetime
-                expires = float("inf") if lifetime is None else now + lifetime
+                expires = _INFINITY if lifetime is None else now + lifetime
                 self._refresh[_digest(token)] = _Token(user, scope, expires)
                 fields["refresh_token"] = token
             self.issued.append(Issued(grant, user, scope, refresh))
@@ -1511,6 +1462,8 @@ class FakeOAuth2:
             return self._note(path, grant, self._token(grant, form, basic))
         if path == "/devicecode":
             return self._note(path, "", self._device_authorization(form, basic))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(form))
         return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
                                                   status=404))
 
@@ -1518,6 +1471,8 @@ class FakeOAuth2:
              ) -> _HttpReply:
         if path == "/authorize":
             return self._note(path, "", self._authorize(query, headers))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(None))
         if path in ("/token", "/devicecode"):
             return self._note(path, "", _oauth2_error(
                 "invalid_request", "The endpoint only accepts POST requests.", 900561, 405))
@@ -1533,21 +1488,14 @@ class FakeOAuth2:
             return _oauth2_error("invalid_request", "Two different client ids were given.",
                                  900144)
         if not client_id:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'client_id'.", 900144)
+            return _missing("client_id")
         if client_id != self.client_id:
             return _oauth2_error("invalid_client", "Application with identifier '%s' was not "
                                  "found in the directory." % client_id[:100], 700016, 401)
-        if self.client_secret is None:
-            if need_secret:
-                return _oauth2_error("invalid_client", "The request body must contain the "
-                                     "following parameter: 'client_assertion' or "
-                                     "'client_secret'.", 7000218, 401)
+        if self.client_secret is None and not need_secret:
             return None
-        if secret is None:
-            return _oauth2_error("invalid_client", "The request body must contain the following"
-                                 " parameter: 'client_assertion' or 'client_secret'.", 7000218,
-                                 401)
+        if self.client_secret is None or secret is None:
+            return _missing("client_assertion' or 'client_secret", 7000218)
         if not hmac.compare_digest(_digest(secret), _digest(self.client_secret)):
             return _oauth2_error("invalid_client", "Invalid client secret provided. Ensure the "
                                  "secret being sent in the request is the client secret value.",
@@ -1561,8 +1509,7 @@ class FakeOAuth2:
         if fault is not None:
             return _fault_reply(fault)
         if not grant:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'grant_type'.", 900144)
+            return _missing("grant_type")
         if grant not in _GRANTS:
             return _oauth2_error("unsupported_grant_type", "The provided value for the input "
                                  "parameter 'grant_type' is not valid.", 70003)
@@ -1577,11 +1524,9 @@ class FakeOAuth2:
 
     def _refresh_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """RFC 6749 section 6, with rotation: the spent refresh token is refused afterwards."""
-        token = form.get("refresh_token", "")
-        if not token:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'refresh_token'.", 900144)
-        key = _digest(token)
+        key = _key_of(form, "refresh_token")
+        if isinstance(key, _HttpReply):
+            return key
         with self._lock:
             granted = self._refresh.get(key)
             if granted is None or key in self._spent:
@@ -1635,13 +1580,12 @@ class FakeOAuth2:
 
     def _device_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """One poll of the device access token request (RFC 8628 sections 3.4 and 3.5)."""
-        device_code = form.get("device_code", "")
-        if not device_code:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'device_code'.", 900144)
+        key = _key_of(form, "device_code")
+        if isinstance(key, _HttpReply):
+            return key
         slow = self._take_fault(("slow_down",), "device_code") is not None
         with self._lock:
-            entry = self._devices.get(_digest(device_code))
+            entry = self._devices.get(key)
             outcome = "unknown" if entry is None else self._poll(entry, slow)
         if outcome == "approved" and entry is not None:
             return self._issue("device_code", entry.user, entry.scope, refresh=True)
@@ -1684,6 +1628,27 @@ class FakeOAuth2:
             return "approved"
         return entry.state
 
+    def _verification_page(self, form: Mapping[str, str] | None) -> _HttpReply:
+        """The device grant's verification_uri, for a person who tries the fake by hand: GET
+        shows a form for the user code, POST approves that code for the default user."""
+        text = "Enter the code that the application shows."
+        refused = False
+        if form is not None:
+            code = form.get("user_code", "").strip().upper()
+            with self._lock:
+                found = [entry for entry in self._devices.values()
+                         if entry.state == "pending" and entry.user_code == code]
+                if found:
+                    found[0].state, found[0].user = "approved", self.default_user
+            text = "Approved: the application signs in as %s." % self.default_user
+            if not found:
+                text, refused = "No device code waits for that code.", True
+        page = ("<!DOCTYPE html><html><head><title>fakeserver sign-in</title></head><body>"
+                "<p%s>%s</p><form method=post><input name=user_code autofocus> "
+                "<button>Approve</button></form></body></html>"
+                % (" class=refused" if refused else "", html.escape(text)))
+        return _HttpReply(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
     def _authorize(self, query: Mapping[str, str], headers: Mapping[str, str]) -> _HttpReply:
         """GET /authorize: the user signs in and consents, then goes back to the client
         (RFC 6749 section 4.1.1, RFC 7636 section 4.3, RFC 8252 section 7.3)."""
@@ -1716,11 +1681,9 @@ class FakeOAuth2:
     def _code_grant(self, form: Mapping[str, str]) -> _HttpReply:
         """The access token request of RFC 6749 section 4.1.3, checked as RFC 7636 section 4.6
         says. A code is good for one request, even a failed one (section 4.1.2)."""
-        code = form.get("code", "")
-        if not code:
-            return _oauth2_error("invalid_request", "The request body must contain the "
-                                 "following parameter: 'code'.", 900144)
-        key = _digest(code)
+        key = _key_of(form, "code")
+        if isinstance(key, _HttpReply):
+            return key
         with self._lock:
             granted = self._codes.get(key)
             used = key in self._used_codes
@@ -1744,6 +1707,147 @@ class FakeOAuth2:
                                  "code_challenge of the authorization request.", 501481)
         return self._issue("authorization_code", granted.user, granted.scope, refresh=True)
 
+
+class FakeOAuth2(_OAuth2Endpoints):
+    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "pop3lite-test",
+        client_secret: str | None = None,
+        access_lifetime: float = 3600.0,
+        refresh_lifetime: float | None = None,
+        device_interval: float = 1.0,
+        device_lifetime: float = 600.0,
+        approve_after: int | None = None,
+        user: str | None = None,
+        faults: Sequence[Fault | str] = (),
+        slow_down_step: float = 5.0,
+        offline_scope: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        _check_oauth2_options(access_lifetime, refresh_lifetime, device_interval,
+                              device_lifetime, approve_after, slow_down_step, host)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.access_lifetime = access_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        self.device_interval = device_interval
+        self.device_lifetime = device_lifetime
+        self.approve_after = approve_after
+        self.user = user
+        self.faults = [_as_oauth2_fault(fault) for fault in faults]
+        self.slow_down_step = slow_down_step
+        self.offline_scope = offline_scope
+        self.issued: list[Issued] = []
+        self.requests: list[OAuth2Request] = []
+        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
+        self._refresh: dict[str, _Token] = {}
+        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
+        self._revoked: set[str] = set()
+        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
+        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
+        self._used_codes: set[str] = set()
+        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
+        self._users: Callable[[], Sequence[str]] = lambda: ()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._attached = False
+        self._http = _OAuth2HTTPServer(self, host)
+
+    def __repr__(self) -> str:  # no token, code or secret here
+        return "<FakeOAuth2 %s, client %s, %d issued>" % (
+            self.base_url, self.client_id, len(self.issued))
+
+    # ----- public ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = self.address
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return str(self._http.server_address[0]), int(self._http.server_address[1])
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "/token"
+
+    @property
+    def device_url(self) -> str:
+        return self.base_url + "/devicecode"
+
+    @property
+    def auth_url(self) -> str:
+        return self.base_url + "/authorize"
+
+    def start(self) -> FakeOAuth2:
+        """Serve in a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
+                name="fakeserver oauth2 %s" % self.base_url)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
+        request handler hit (when not attached to a FakeServer, which raises it instead)."""
+        self._stop()
+        if self.errors and not self._attached:
+            raise self.errors[0]
+
+    def __enter__(self) -> FakeOAuth2:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self._stop()
+        if exc_type is None and self.errors and not self._attached:
+            raise self.errors[0]
+
+    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
+        """Approve a device code as its user would on the verification page: the one with this
+        user code, or else the latest one still pending, or else the next one requested."""
+        self._decide(user_code, "approved", user if user is not None else self.default_user)
+
+    def deny(self, user_code: str | None = None) -> None:
+        """Decline a device code (the client gets access_denied); chosen as by approve()."""
+        self._decide(user_code, "denied", None)
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far expires now (POP3 refuses it)."""
+        with self._lock:
+            self._access = {key: token._replace(expires=-_INFINITY)
+                            for key, token in self._access.items()}
+
+    def expire_refresh_tokens(self) -> None:
+        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
+        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
+        with self._lock:
+            self._refresh = {key: token._replace(expires=-_INFINITY)
+                             for key, token in self._refresh.items()}
+
+    def revoke(self) -> None:
+        """Revoke every token issued so far (a changed password, an admin's revocation): access
+        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
+        with self._lock:
+            self._revoked.update(self._refresh)
+            self._access.clear()
+
+    def accepts(self, user: str, token: str) -> bool:
+        """Whether `token` is an unexpired access token issued for `user` (or by client
+        credentials, then for any user; the caller checks that the user exists)."""
+        with self._lock:
+            granted = self._access.get(_digest(token))
+        if granted is None or granted.expires <= time.monotonic():
+            return False
+        return granted.user is None or granted.user == user
+
     # ----- the user's browser ------------------------------------------------------
     def browse(self, url: str, user: str | None = None, *, deny: bool = False,
                timeout: float = 5.0) -> None:
@@ -1764,12 +1868,42 @@ class FakeOAuth2:
                              % (status, body[:300].decode("utf-8", "replace")))
         _http_get(location, {}, timeout)  # the client's listener; its page is not needed
 
+    # ----- inside ------------------------------------------------------------------
+    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
+        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
+        self._users = users
+        self.errors = errors
+        self._attached = True
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()  # ends "silent" replies
+        if self._thread is not None:
+            self._http.shutdown()
+            self._thread.join()
+        self._http.abort_all()
+        self._http.server_close()  # joins the request threads
+
+    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
+        with self._lock:
+            pending = [d for d in self._devices.values() if d.state == "pending"
+                       and (user_code is None or d.user_code == user_code)]
+            if not pending:
+                if user_code is not None:
+                    raise ValueError("no pending device code with that user code")
+                self._next_device = (state, user)
+                return
+            pending[-1].state, pending[-1].user = state, user
+
 
 def _http_get(url: str, headers: Mapping[str, str], timeout: float
               ) -> tuple[int, str | None, bytes]:
     """GET a URL on a loopback address: status, Location and (up to 64 KiB of) the body."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80,
+    connection = HTTPConnection(parts.hostname or "", parts.port or 80,
                                             timeout=timeout)
     try:
         connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/",
@@ -1814,6 +1948,7 @@ class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
 
     server: _OAuth2HTTPServer
     protocol_version = "HTTP/1.0"  # one request per connection
+    default_request_version = "HTTP/1.0"  # every reply has a status line, even to garbage
     server_version = "fakeserver-oauth2"
     sys_version = ""
     timeout = OAUTH2_READ_TIMEOUT
@@ -1925,6 +2060,13 @@ class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("oauth2: %s", format.split("%")[0].strip())  # arguments may hold secrets
 
 
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
     """The HTTP side of a FakeOAuth2: threaded, on a loopback address, every connection
     closable from outside so that shutdown never waits for a client."""
@@ -1938,6 +2080,7 @@ class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
         self.oauth2 = oauth2
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
+        self._aborted = False
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, 0), _OAuth2Handler)
@@ -1949,20 +2092,21 @@ class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
 
     def track(self, connection: socket.socket, is_open: bool) -> None:
         with self._open_lock:
-            if is_open:
-                self._open.add(connection)
-            else:
+            if not is_open:
                 self._open.discard(connection)
+                return
+            self._open.add(connection)
+            aborted = self._aborted
+        if aborted:  # accepted just before shutdown: abort_all() did not see it
+            _shut(connection)
 
     def abort_all(self) -> None:
         """Unblock every request thread (shutdown): its reads and writes fail at once."""
         with self._open_lock:
+            self._aborted = True
             connections = list(self._open)
         for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shut(connection)
 
     def handle_error(self, request: object, client_address: object) -> None:
         error = sys.exc_info()[1]
@@ -3096,11 +3240,16 @@ def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
     return lines
 
 
-def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | None) -> FakeOAuth2 | None:
-    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults)."""
-    if not oauth2:
+def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None
+                   ) -> FakeOAuth2 | None:
+    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults; a
+    mapping: FakeOAuth2's options, e.g. in a ``pop3_server`` marker)."""
+    if oauth2 is None or oauth2 is False:
         return None
-    beside = FakeOAuth2() if oauth2 is True else oauth2
+    if isinstance(oauth2, FakeOAuth2):
+        beside = oauth2
+    else:
+        beside = FakeOAuth2(**({} if oauth2 is True else dict(oauth2)))
     beside._attach(lambda: list(server.maildrops), server.errors)
     return beside
 
@@ -3151,7 +3300,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         keep_transcripts: bool = True,
         replay: str | Path | Sequence[RecordedSession] | None = None,
         utf8_downconvert: bool = False,
-        oauth2: FakeOAuth2 | bool | None = None,
+        oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None = None,
     ) -> None:
         _check_options(preset, tls, port, idle_timeout, max_sessions)
         self.faults = _Faults(faults)
@@ -3168,7 +3317,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         )
         # A replay checks credentials, not recorded ones: any user name with REPLAY_PASSWORD.
         self._replay_password = REPLAY_PASSWORD if replay is not None and users is None else None
-        if oauth_token is None and not oauth2:  # with OAuth2: exactly the tokens it issued
+        if oauth_token is None and oauth2 in (None, False):  # OAuth2: only the tokens it issued
             oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
         self.oauth_token = oauth_token
         self.tls = tls
@@ -3724,6 +3873,12 @@ class _ProxySession(socketserver.BaseRequestHandler):
 # standard-library-only for everyone else.
 
 
+#: The pop3_oauth2_server fixture's FakeOAuth2 options: access tokens that expire while a test
+#: runs, device polling fast enough not to slow it down.
+OAUTH2_TEST_OPTIONS: Mapping[str, Any] = {
+    "access_lifetime": 2.0, "device_interval": 0.05, "device_lifetime": 60.0}
+
+
 def pytest_configure(config: Any) -> None:
     """pytest hook: declare the marker and register the fixtures."""
     config.addinivalue_line(
@@ -3764,7 +3919,19 @@ def _report_text(servers: Sequence[FakeServer]) -> str:
         for mismatch in server.mismatches:
             parts.append("  replay: connection %d sent %r, which the recording has no answer for"
                          % (mismatch.session, mismatch.command))
+        parts.extend(_oauth2_report(server.oauth2))
     return "\n".join(parts)
+
+
+def _oauth2_report(oauth2: FakeOAuth2 | None) -> list[str]:
+    """The requests a server's FakeOAuth2 answered, for a failure report (no secret in them)."""
+    if oauth2 is None:
+        return []
+    lines = ["  oauth2 %s: %d request(s), %d token reply(ies)"
+             % (oauth2.base_url, len(oauth2.requests), len(oauth2.issued))]
+    lines.extend("    %s %s -> %s" % (request.path, request.grant or "-", request.error or "ok")
+                 for request in oauth2.requests)
+    return lines
 
 
 def _make_server(
@@ -3876,6 +4043,12 @@ def _pytest_plugin() -> object:
         path.write_text(CA_PEM)
         return path
 
+    @pytest.fixture
+    def pop3_oauth2_server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+        """A started FakeServer (preset "rfc") with a FakeOAuth2 (``.oauth2``) beside it, its
+        lifetimes short for tests (``OAUTH2_TEST_OPTIONS``)."""
+        return make_pop3_server(oauth2=OAUTH2_TEST_OPTIONS)
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
         outcome = yield
@@ -3885,6 +4058,7 @@ def _pytest_plugin() -> object:
     plugin.make_pop3_server = make_pop3_server  # type: ignore[attr-defined]
     plugin.pop3_server = pop3_server  # type: ignore[attr-defined]
     plugin.pop3_ca_file = pop3_ca_file  # type: ignore[attr-defined]
+    plugin.pop3_oauth2_server = pop3_oauth2_server  # type: ignore[attr-defined]
     plugin.pytest_runtest_makereport = pytest_runtest_makereport  # type: ignore[attr-defined]
     return plugin
 
@@ -3900,7 +4074,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fakeserver.py",
         description="A fake POP3 server. By default it replays the OperaMail session of the "
-        "seed: user hogehoge, password fugafuga, two Japanese messages.",
+        "seed: user hogehoge, password fugafuga, two Japanese messages. With --oauth2, a fake "
+        "OAuth2 authorization server runs beside it; its endpoints are printed after the "
+        "HOST:PORT line.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
@@ -3908,8 +4084,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="TLS mode (none); with --record, to the real server (implicit on "
                         "port 995 and when no port is given, stls on 110; on other ports the "
                         "proxy waits 3 s for a plaintext greeting, then tries implicit TLS)")
-    parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
-                        help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
+    parser.add_argument("--preset", choices=sorted(_PRESETS),
+                        help="operamail (the seed; the default) or rfc (full CAPA, SASL, fresh "
+                        "timestamps; the default with --oauth2)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--maildir", metavar="PATH", help="serve this Maildir")
     source.add_argument("--mbox", metavar="PATH", help="serve this mbox file")
@@ -3939,6 +4116,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="trust these CA certificates for the real server (default: system)")
     record.add_argument("--headers-only", action="store_true",
                         help="record only the header of each RETR/TOP message")
+    _add_oauth2_arguments(parser)
     return parser
 
 
@@ -3948,6 +4126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.record:
         return _record(parser, args)
+    args.preset = args.preset or ("rfc" if args.oauth2 else "operamail")
     args.tls = args.tls or "none"
     try:
         server = _server_from(args)
@@ -3993,7 +4172,56 @@ def _server_from(args: argparse.Namespace) -> FakeServer:
     tls = None if args.tls == "none" else args.tls
     return FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
                       idle_timeout=args.idle_timeout, keep_transcripts=False,
-                      replay=Path(args.replay) if args.replay else None)
+                      replay=Path(args.replay) if args.replay else None,
+                      oauth2=_oauth2_options(args))
+
+
+def _add_oauth2_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "OAuth2", "a fake OAuth2 authorization server beside the POP3 server (on another free "
+        "port of the same host); XOAUTH2 and OAUTHBEARER then accept the tokens it issues")
+    group.add_argument("--oauth2", action="store_true",
+                       help="run it; lines 2-5 of the output are token-url, device-url, "
+                       "auth-url and client-id, each followed by its value")
+    group.add_argument("--oauth2-client-id", default="pop3lite-test", metavar="ID",
+                       help="the client id it knows (pop3lite-test)")
+    group.add_argument("--oauth2-client-secret", metavar="SECRET",
+                       help="a test client secret, needed for client credentials (none)")
+    group.add_argument("--oauth2-access-lifetime", type=float, default=3600.0,
+                       metavar="SECONDS", help="access token lifetime (3600)")
+    group.add_argument("--oauth2-refresh-lifetime", type=float, metavar="SECONDS",
+                       help="refresh token lifetime (unlimited)")
+    group.add_argument("--oauth2-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="device grant polling interval (1)")
+    group.add_argument("--oauth2-approve-after", type=int, default=1, metavar="N",
+                       help="approve a device code after N polls (1); the authorization URL "
+                       "consents at once")
+
+
+def _oauth2_options(args: argparse.Namespace) -> Mapping[str, Any] | None:
+    """FakeOAuth2's options from the command line (None: no --oauth2)."""
+    if not args.oauth2:
+        return None
+    return {"client_id": args.oauth2_client_id, "client_secret": args.oauth2_client_secret,
+            "access_lifetime": args.oauth2_access_lifetime,
+            "refresh_lifetime": args.oauth2_refresh_lifetime,
+            "device_interval": args.oauth2_interval, "approve_after": args.oauth2_approve_after,
+            "host": "::1" if ":" in args.host else "127.0.0.1"}
+
+
+def _print_oauth2(oauth2: FakeOAuth2 | None, where: str, user: str) -> None:
+    """The endpoints, one per line right after HOST:PORT (for scripts), and a sign-in to try."""
+    if oauth2 is None:
+        return
+    print("token-url %s\ndevice-url %s\nauth-url %s\nclient-id %s" % (
+        oauth2.token_url, oauth2.device_url, oauth2.auth_url, oauth2.client_id))
+    print("fakeserver: OAuth2 for user %s: device codes approved after %s poll(s), the "
+          "authorization URL consents at once; access tokens live %gs"
+          % (oauth2.default_user, oauth2.approve_after, oauth2.access_lifetime))
+    print("sign in: python pop3lite.py %s %s oauth2 --tls none --token-url %s --device-url %s "
+          "--client-id %s --oauth2 TOKEN-FILE" % (where, user, oauth2.token_url,
+                                                   oauth2.device_url, oauth2.client_id),
+          flush=True)
 
 
 def _log_to_stderr(level: int) -> None:
@@ -4024,6 +4252,7 @@ def _print_banner(server: FakeServer, args: argparse.Namespace) -> None:
     shown = password if password == "fugafuga" else "as given"
     what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
     print(where, flush=True)
+    _print_oauth2(server.oauth2, where, user)
     print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
           % (what, args.tls, "(any)" if args.replay else user, shown))
     ca = args.write_ca or "CA.pem"

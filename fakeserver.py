@@ -3998,8 +3998,8 @@ def _add_to_report(report: Any, servers: Sequence[FakeServer] | None) -> None:
 
 
 def _pytest_plugin() -> object:
-    """The fixtures pop3_server, make_pop3_server and pop3_ca_file and the report hook, as a
-    module: plain functions, since pytest 9 deprecates fixtures that are instance methods."""
+    """The fixtures pop3_server, make_pop3_server, pop3_oauth2_server and pop3_ca_file and the
+    report hook, as a module: plain functions (pytest 9 deprecates instance-method fixtures)."""
     import types
 
     import pytest
@@ -4055,11 +4055,9 @@ def _pytest_plugin() -> object:
         _add_to_report(outcome.get_result(), servers.get(item.nodeid))  # type: ignore[attr-defined]
 
     plugin = types.ModuleType("fakeserver_fixtures")
-    plugin.make_pop3_server = make_pop3_server  # type: ignore[attr-defined]
-    plugin.pop3_server = pop3_server  # type: ignore[attr-defined]
-    plugin.pop3_ca_file = pop3_ca_file  # type: ignore[attr-defined]
-    plugin.pop3_oauth2_server = pop3_oauth2_server  # type: ignore[attr-defined]
-    plugin.pytest_runtest_makereport = pytest_runtest_makereport  # type: ignore[attr-defined]
+    plugin.__dict__.update(make_pop3_server=make_pop3_server, pop3_server=pop3_server,
+                           pop3_ca_file=pop3_ca_file, pop3_oauth2_server=pop3_oauth2_server,
+                           pytest_runtest_makereport=pytest_runtest_makereport)
     return plugin
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -41,9 +41,10 @@ def password(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeServer]:
-    with FakeServer(idle_timeout=10) as running:
-        yield running
+def server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+    """The seed's OperaMail server (the plugin's fixture: stopped, and its errors reported, when
+    the test ends)."""
+    return make_pop3_server("operamail", idle_timeout=10)
 
 
 def address(server: FakeServer) -> str:
@@ -354,6 +355,7 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
         "<-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp\n >",
         "<200201210744.QAA05582@platz.jp>",
     ]
+    box.close()
     assert messages_left(server) == 0
     if os.name == "posix":
         assert stat.S_IMODE(target.stat().st_mode) == 0o600  # mail is private

@@ -1304,7 +1304,7 @@ def test_a_handler_exception_is_raised_at_exit(monkeypatch: pytest.MonkeyPatch) 
     def broken(self: object, args: str) -> None:
         raise ZeroDivisionError("bug in a handler")
 
-    monkeypatch.setattr(fakeserver._Session, "cmd_noop", broken)
+    monkeypatch.setattr(fakeserver._Pop3, "cmd_noop", broken)
     bug = pytest.raises(ZeroDivisionError, match="bug in a handler")
     with bug, FakeServer() as server, RawClient(server) as client:
         login(client)
@@ -1418,6 +1418,9 @@ class Cli:
             raise
         for reader in self.readers:
             reader.join(timeout=20)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         err = "".join(self.err)
         assert self.process.returncode == 0, err
         assert "Traceback" not in err
@@ -1459,5 +1462,83 @@ def test_command_line_implicit_tls_with_written_ca_and_eml_dir(tmp_path: Path) -
         pop.quit()
     finally:
         err = cli.interrupt()
-    assert "--cafile CA.pem" in out and err == ""
+    assert "--cafile %s" % ca in out and "-CAfile %s" % ca in out and err == ""
+    assert "CA.pem" not in out  # the banner names the file --write-ca wrote
     assert "pw" not in out.split()
+
+
+def test_a_reply_cut_by_a_drop_fault_looks_cut_in_the_transcript() -> None:
+    with FakeServer("rfc", faults=[Fault("drop", "RETR", 100)]) as server:
+        with RawClient(server) as client:
+            login(client)
+            client.send(b"RETR 1\r\n")
+            received = client.until_eof()
+        wait_until(lambda: server.sessions[0].closed)
+    assert len(received) == 100
+    transcript = server.transcripts[0]
+    start = transcript.index("C: RETR 1") + 1
+    shown = transcript[start:]
+    # Whole lines, then the part of the last line that was sent (a lone "\" ends it), then where
+    # and why it stopped; never the rest of the message or its "S: .".
+    assert "S: ." not in shown
+    assert shown[-1] == "S: (connection dropped by a fault after 100 of the reply's %d octets)" % (
+        len(b"+OK %d octets\r\n" % len(fakeserver.RFC_MESSAGES[0])) + len(
+            fakeserver.RFC_MESSAGES[0]) + 3)
+    assert shown[-2].endswith("\\")
+    lines = [line[3:] for line in shown[:-1]]
+    rebuilt = "\r\n".join(lines)[:-1].encode()  # without the lone "\"
+    assert rebuilt == received
+
+
+def test_command_line_replay_banner_suggests_what_the_recording_answers(tmp_path: Path) -> None:
+    path = tmp_path / "seed.pop3"
+    path.write_text(fakeserver.OPERAMAIL_RECORDING, encoding="utf-8")
+    cli = Cli("--replay", str(path), "-q")
+    where, out = cli.start()
+    cli.interrupt()
+    assert "pop3lite.py" not in out  # its commands (CAPA first, ...) are not all recorded
+    assert "the recording answers (session 1): CAPA, USER hogehoge, PASS ****, STAT, LIST" in out
+
+
+UTF8_MESSAGE = ("From: Jörg <joerg@example.org>\r\nSubject: Grüße\r\n"
+                "Date: Tue, 01 Apr 2025 12:00:00 +0000\r\n\r\nHallo\r\n").encode()
+
+
+def test_utf8_downconvert_serves_a_surrogate_to_clients_without_utf8() -> None:
+    users = {"hogehoge": Maildrop("fugafuga", [UTF8_MESSAGE, fakeserver.RFC_MESSAGES[0]])}
+    with FakeServer("rfc", users=users, utf8_downconvert=True) as server:
+        with RawClient(server) as client:
+            login(client)
+            sizes = [line.split() for line in (client.cmd("LIST"), *client.body())][1:]
+            client.send(b"RETR 1\r\n")
+            assert client.line().startswith(b"+OK")
+            surrogate = unstuff(client.body())
+            client.send(b"RETR 2\r\n")
+            assert client.line().startswith(b"+OK")
+            plain = unstuff(client.body())
+            stat = client.cmd("STAT")
+        with RawClient(server) as client:
+            assert client.line().startswith(b"+OK")
+            assert client.cmd("UTF8").startswith("+OK")
+            assert client.cmd("USER hogehoge").startswith("+OK")
+            assert client.cmd("PASS fugafuga").startswith("+OK")
+            assert client.cmd("LIST 1") == "+OK 1 %d" % len(UTF8_MESSAGE)
+            client.send(b"RETR 1\r\n")
+            assert client.line().startswith(b"+OK")
+            assert unstuff(client.body()) == UTF8_MESSAGE
+    header, _, body = surrogate.partition(b"\r\n\r\n")
+    assert all(byte < 0x80 for byte in header)
+    assert b"Subject: Cannot display Unicode content" in header
+    assert b"multipart/mixed" in header
+    assert b"Content-Type: message/global\r\n\r\n" + UTF8_MESSAGE in body
+    assert sizes == [[b"1", b"%d" % len(surrogate)], [b"2", b"%d" % len(plain)]]
+    assert plain == fakeserver.RFC_MESSAGES[0]  # 7-bit headers: served as they are
+    assert stat == "+OK 2 %d" % (len(surrogate) + len(plain))
+
+
+def test_without_utf8_downconvert_the_original_is_served() -> None:
+    users = {"hogehoge": Maildrop("fugafuga", [UTF8_MESSAGE])}
+    with FakeServer("rfc", users=users) as server:
+        with RawClient(server) as client:
+            login(client)
+            assert client.cmd("LIST 1") == "+OK 1 %d" % len(UTF8_MESSAGE)

@@ -146,7 +146,9 @@ def module_level_bindings(path: str) -> dict[str, list[int]]:
             elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
                 names = targets(node.target)
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and not type_checking:
-                names = [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+                # `import http.client` and `import http.server` both bind `http`, to the same
+                # package: each counts under its dotted name, so only a real rebinding shows.
+                names = [alias.asname or alias.name for alias in node.names]
             elif isinstance(node, ast.If):
                 # `if TYPE_CHECKING:` imports exist only for the type checker
                 checking = isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"

@@ -3997,6 +3997,17 @@ def _add_to_report(report: Any, servers: Sequence[FakeServer] | None) -> None:
         report.sections.append(("fakeserver transcript", _report_text(servers)))
 
 
+def _ca_file_fixture(pytest: Any) -> object:
+    @pytest.fixture(scope="session")  # type: ignore[untyped-decorator]
+    def pop3_ca_file(tmp_path_factory: Any) -> Path:
+        """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
+        path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
+        path.write_text(CA_PEM)
+        return path
+
+    return pop3_ca_file
+
+
 def _pytest_plugin() -> object:
     """The fixtures pop3_server, make_pop3_server, pop3_oauth2_server and pop3_ca_file and the
     report hook, as a module: plain functions (pytest 9 deprecates instance-method fixtures)."""
@@ -4036,13 +4047,6 @@ def _pytest_plugin() -> object:
             return make_pop3_server()
         return make_pop3_server(*marker.args, **marker.kwargs)
 
-    @pytest.fixture(scope="session")
-    def pop3_ca_file(tmp_path_factory: Any) -> Path:
-        """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
-        path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
-        path.write_text(CA_PEM)
-        return path
-
     @pytest.fixture
     def pop3_oauth2_server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
         """A started FakeServer (preset "rfc") with a FakeOAuth2 (``.oauth2``) beside it, its
@@ -4056,7 +4060,8 @@ def _pytest_plugin() -> object:
 
     plugin = types.ModuleType("fakeserver_fixtures")
     plugin.__dict__.update(make_pop3_server=make_pop3_server, pop3_server=pop3_server,
-                           pop3_ca_file=pop3_ca_file, pop3_oauth2_server=pop3_oauth2_server,
+                           pop3_ca_file=_ca_file_fixture(pytest),
+                           pop3_oauth2_server=pop3_oauth2_server,
                            pytest_runtest_makereport=pytest_runtest_makereport)
     return plugin
 

@@ -36,9 +36,7 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="signals and fsync co
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
+def environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("POP3_PASSWORD", PASSWORD)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
@@ -983,6 +981,35 @@ def test_a_killed_mda_save_loses_nothing_and_delivers_at_most_the_one_in_flight_
     got = [message for _, message in delivered(tmp_path)]
     assert set(got) == {as_stored(m) for m in messages}  # nothing lost
     assert len(got) <= len(messages) + killed  # at most the one in flight, per kill
+
+
+# Issue 19 item 17: Courier replaces a message with 8-bit headers by a "Cannot display Unicode
+# content" wrapper for a client that did not send UTF8 (RFC 6856 section 2.1); save and retr
+# send UTF8 when it is offered, so the message is kept as it is.
+EIGHT_BIT = (
+    "From: Jörg Müller <joerg@example.org>\r\nTo: alice@example.org\r\n"
+    "Subject: Grüße aus Köln, 日本語の件名\r\nMessage-ID: <u8@example.org>\r\n\r\nHallo!\r\n"
+).encode()
+
+
+def test_save_and_retr_keep_a_message_whose_server_down_converts_without_utf8(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    with server_with([EIGHT_BIT], utf8_downconvert=True) as server:
+        assert save(server, tmp_path / "Mail").saved == 1
+        address = f"{server.host}:{server.port}"
+        status = pop3lite.main([address, "alice", "save", str(tmp_path / "cli.mbox"), "-q"])
+        assert status == 0
+        assert pop3lite.main([address, "alice", "retr", "1"]) == 0
+        for log in server.sessions:
+            assert log.commands[:2] == ["CAPA", "UTF8"]
+        with pop3lite.POP3(server.host, server.port, timeout=10, utf8=False) as pop:
+            pop.login("alice", PASSWORD)
+            wrapper = pop.retr(1)  # what a client that keeps to ASCII gets: not the message
+    assert maildir_contents(tmp_path / "Mail") == [as_stored(EIGHT_BIT)]
+    assert as_stored(EIGHT_BIT) in (tmp_path / "cli.mbox").read_bytes()
+    assert capsysbinary.readouterr().out == EIGHT_BIT
+    assert b"Cannot display Unicode content" in wrapper and EIGHT_BIT in wrapper
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -56,6 +56,28 @@ def home(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def cli_environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
+    """For the command line in-process: HOME is ``home`` (returned), no inherited password, a
+    wide table, a stdin that is not a terminal."""
+    import io
+    import sys
+
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("POP3_PASSWORD", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    return home
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """pop3lite.main(argv) in-process: (exit status, stdout, stderr); never a traceback."""
+    status = pop3lite.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
 # =============================================================================================
 # A scripted peer: the server side of one connection, exact bytes both ways (client tests)
 # =============================================================================================

@@ -18,6 +18,7 @@ import pytest
 
 import fakeserver
 import pop3lite
+from conftest import run_cli
 from fakeserver import FakeServer, Fault
 
 ATMARKIT_SUBJECT = "＠IT新着速報 - 2002/1/19　1FD Linuxで作る高機能ルータ ［インストール編］"
@@ -26,13 +27,8 @@ SEED_SESSION = "STAT\nLIST\nTOP 2 5\nRETR 1\nDELE 1\nLIST\nRSET\nLIST\nQUIT\n"
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
-    """No real ~/.netrc, no inherited password, a wide table, a stdin that is not a TTY."""
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    return home
+def environment(cli_environment: Path) -> Path:
+    return cli_environment
 
 
 @pytest.fixture
@@ -49,13 +45,6 @@ def server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
 
 def address(server: FakeServer) -> str:
     return f"{server.host}:{server.port}"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = pop3lite.main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return status, out, err
 
 
 def messages_left(server: FakeServer, user: str = "hogehoge") -> int:
@@ -79,7 +68,7 @@ def display_width(text: str) -> int:
 def test_check_shows_the_seed_mailbox_with_decoded_subjects(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, err = run(capsys, address(server), "hogehoge")
+    status, out, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 0, err
     assert "+OK InterChange POP3 Server v3.62 Ready (X-INF-V1)" in out
     assert "plaintext (loopback)" in out
@@ -102,7 +91,7 @@ def test_check_table_fits_a_narrow_terminal_and_stays_aligned(
     capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "72")
-    status, out, _ = run(capsys, address(server), "hogehoge")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0
     table = out.split("\n\n", 1)[1].splitlines()
     assert table[0].startswith("#") and len(table) == 3
@@ -119,7 +108,7 @@ def test_check_table_fits_a_narrow_terminal_and_stays_aligned(
 def test_check_json_has_the_documented_fields(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, _ = run(capsys, address(server), "hogehoge", "--json")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--json")
     assert status == 0
     report = json.loads(out)
     assert set(report) == {
@@ -147,12 +136,12 @@ def test_check_json_has_the_documented_fields(
 def test_check_limit_shows_the_last_messages(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, _ = run(capsys, address(server), "hogehoge", "--json", "--limit", "1")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--json", "--limit", "1")
     assert status == 0
     report = json.loads(out)
     assert report["count"] == 2 and [m["number"] for m in report["messages"]] == [2]
     assert "TOP 1 0" not in server.sessions[-1].commands
-    status, out, _ = run(capsys, address(server), "hogehoge", "--limit", "1")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--limit", "1")
     assert "(the last 1 of 2 shown; --limit 0 shows all)" in out
 
 
@@ -161,7 +150,7 @@ def test_check_against_a_modern_server_uses_sasl_and_pipelined_top(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeServer("rfc") as server:
-        status, out, _ = run(capsys, address(server), "hogehoge")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0
     assert "SCRAM-SHA-256 as hogehoge" in out
     assert "PIPELINING" in out and "SASL PLAIN LOGIN" in out
@@ -176,7 +165,7 @@ def test_check_degrades_when_the_server_has_no_uidl_and_no_top(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeServer("rfc", capabilities=["USER", "SASL PLAIN"]) as server:
-        status, out, _ = run(capsys, address(server), "hogehoge")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0
     assert "3 messages" in out
     assert "UID" not in out.split("\n\n", 1)[1]
@@ -189,7 +178,7 @@ def test_check_survives_top_refused_without_capa(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeServer(faults=[Fault("sys-perm", "TOP")]) as server:
-        status, out, _ = run(capsys, address(server), "hogehoge")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0
     assert "2 messages, 10180 octets" in out and "3C4BC6A100000002" in out
     assert [c for c in server.sessions[-1].commands if c.startswith("TOP")] == ["TOP 1 0"]
@@ -220,7 +209,7 @@ def test_retr_writes_the_message_to_a_file(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
     target = tmp_path / "m1.eml"
-    status, out, _ = run(capsys, address(server), "hogehoge", "retr", "1", "-o", str(target))
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "retr", "1", "-o", str(target))
     assert status == 0
     assert target.read_bytes() == fakeserver.OPERAMAIL_MESSAGES[0]
     assert f"message 1: 5954 octets (5.8 KiB) written to {target}" in out
@@ -232,10 +221,12 @@ def test_retr_writes_the_message_to_a_file(
 def test_retr_several_messages_into_a_directory(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
-    status, _, _ = run(capsys, address(server), "hogehoge", "retr", "1", "2", "-o", str(tmp_path))
+    status, _, _ = run_cli(
+        capsys, address(server), "hogehoge", "retr", "1", "2", "-o", str(tmp_path)
+    )
     assert status == 0
     assert (tmp_path / "2.eml").read_bytes() == fakeserver.OPERAMAIL_MESSAGES[1]
-    status, _, err = run(capsys, address(server), "hogehoge", "retr", "1", "2", "-o", "x.eml")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "retr", "1", "2", "-o", "x.eml")
     assert status == 2 and "existing directory" in err
 
 
@@ -251,7 +242,7 @@ def test_retr_to_a_pipe_writes_the_raw_bytes(
 def test_retr_of_a_missing_message_fails_with_status_6(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, err = run(capsys, address(server), "hogehoge", "retr", "9")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "retr", "9")
     assert status == 6 and "RETR" in err
 
 
@@ -282,21 +273,21 @@ def test_message_rendering_decodes_for_a_terminal() -> None:
 
 def test_capa_needs_no_password(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeServer("rfc") as server:
-        status, out, _ = run(capsys, address(server), "hogehoge", "capa")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge", "capa")
         assert status == 0
         assert "SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256 XOAUTH2 OAUTHBEARER" in out
         assert "EXPIRE NEVER" in out.splitlines()
-        status, out, _ = run(capsys, address(server), "hogehoge", "capa", "--json")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge", "capa", "--json")
     assert json.loads(out)["EXPIRE"] == ["NEVER"]
     assert not [c for c in server.sessions[-1].commands if c.startswith(("USER", "PASS", "AUTH"))]
 
 
 @pytest.mark.usefixtures("password")
 def test_uidl_lists_unique_ids(capsys: pytest.CaptureFixture[str], server: FakeServer) -> None:
-    status, out, _ = run(capsys, address(server), "hogehoge", "uidl")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "uidl")
     assert status == 0
     assert out.splitlines() == ["1 3C4B82C800000001", "2 3C4BC6A100000002"]
-    status, out, _ = run(capsys, address(server), "hogehoge", "uidl", "--json")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "uidl", "--json")
     assert json.loads(out)[1] == {"number": 2, "uid": "3C4BC6A100000002"}
 
 
@@ -317,7 +308,7 @@ def test_save_new_twice_fetches_nothing_the_second_time(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
     target = tmp_path / "Mail"
-    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 2 messages (10180 octets)" in out and "(Maildir)" in out
     assert maildir_messages(target) == sorted(lf(m) for m in fakeserver.OPERAMAIL_MESSAGES)
     state = [p for p in target.iterdir() if p.name.endswith(".journal")]
@@ -325,19 +316,19 @@ def test_save_new_twice_fetches_nothing_the_second_time(
     recorded = [line[2:] for line in state[0].read_text().splitlines()[1:]]
     assert recorded == list(fakeserver.OPERAMAIL_UIDS)
 
-    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 0 messages" in out and "2 messages already saved" in out
     assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert len(maildir_messages(target)) == 2 and messages_left(server) == 2
 
     server.maildrops["hogehoge"].add(b"Subject: third\r\n\r\nnew mail\r\n", uid="third-uid")
-    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert "saved 1 message (" in out
     assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 3"]
 
     # --delete also deletes what earlier runs saved, or --new would skip it forever.
     argv = [address(server), "hogehoge", "save", str(target), "--new", "--delete"]
-    status, out, _ = run(capsys, *argv)
+    status, out, _ = run_cli(capsys, *argv)
     assert status == 0 and "saved 0 messages" in out and "deleted 3 messages" in out
     assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert messages_left(server) == 0 and len(maildir_messages(target)) == 3
@@ -348,7 +339,7 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
     target = tmp_path / "seed.mbox"
-    status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "save", str(target), "--delete")
     assert status == 0 and "deleted 2 messages on the server" in out and "(mbox)" in out
     box = mailbox.mbox(str(target))
     assert [m["Message-ID"] for m in box] == [
@@ -373,12 +364,14 @@ def test_save_delete_deletes_nothing_when_the_connection_drops(
 ) -> None:
     target = tmp_path / "Mail"
     with FakeServer(faults=[Fault("drop", "RETR 2", 100, times=1)]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
+        status, _, err = run_cli(
+            capsys, address(server), "hogehoge", "save", str(target), "--delete"
+        )
         assert status == 4 and "closed" in err
         assert messages_left(server) == 2
         assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
         assert len(maildir_messages(target)) == 1  # message 1 was saved before the drop
-        status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
+        status, out, _ = run_cli(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 1 message" in out  # the state file remembered message 1
     assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 2"]
 
@@ -400,7 +393,7 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
         original(store)
 
     monkeypatch.setattr(pop3lite.Maildir, "finish", failing_finish)
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys, address(server), "hogehoge", "save", str(tmp_path / "M"), "--delete"
     )
     assert status == 1 and "No space left on device" in err
@@ -413,7 +406,7 @@ def test_save_refuses_a_directory_that_is_not_a_maildir(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
     (tmp_path / "notes.txt").write_text("mine")
-    status, _, err = run(capsys, address(server), "hogehoge", "save", str(tmp_path), "--delete")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "save", str(tmp_path), "--delete")
     assert status == 1 and "not a Maildir" in err
     assert messages_left(server) == 2
     assert not [c for c in server.sessions[-1].commands if c.startswith(("RETR", "DELE"))]
@@ -427,7 +420,7 @@ def test_password_from_a_file(
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_text("fugafuga\nsecond line ignored\n")
-    status, out, _ = run(capsys, address(server), "hogehoge", "--password-file", str(secret))
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--password-file", str(secret))
     assert status == 0 and "2 messages" in out
 
 
@@ -440,7 +433,7 @@ def test_password_file_line_ends_only_at_a_line_feed(
     secret.write_bytes(password.encode() + b"\r\nsecond line\n")
     with FakeServer("rfc", users={"hogehoge": drop}) as server:
         argv = [address(server), "hogehoge", "--password-file", str(secret), "--auth", "USER"]
-        status, out, _ = run(capsys, *argv)  # USER: SASLprep refuses control characters
+        status, out, _ = run_cli(capsys, *argv)  # USER: SASLprep refuses control characters
     assert status == 0 and "3 messages" in out
 
 
@@ -450,14 +443,14 @@ def test_password_from_netrc(
     netrc = environment / ".netrc"
     netrc.write_text(f"machine {server.host} login hogehoge password fugafuga\n")
     netrc.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    status, out, _ = run(capsys, address(server), "hogehoge")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0 and "2 messages" in out
 
 
 def test_no_password_without_a_terminal_is_a_clear_error(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, err = run(capsys, address(server), "hogehoge")
+    status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 2
     assert "POP3_PASSWORD" in err and "--password-file" in err and "netrc" in err
     assert server.transcripts == []  # nothing was even connected
@@ -480,7 +473,7 @@ def test_password_prompt_on_a_terminal(
 
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr(getpass, "getpass", fake_getpass)
-    status, out, _ = run(capsys, address(server), "hogehoge")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0 and "2 messages" in out
     assert prompts == [f"Password for hogehoge on {address(server)}: "]
 
@@ -488,7 +481,7 @@ def test_password_prompt_on_a_terminal(
         raise EOFError  # Ctrl-D at the prompt
 
     monkeypatch.setattr(getpass, "getpass", end_of_input)
-    status, _, err = run(capsys, address(server), "hogehoge")
+    status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 2 and err == "\npop3lite: no password entered\n"  # not after the prompt
 
 
@@ -496,7 +489,7 @@ def test_the_password_is_never_taken_from_argv(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
     for argv in (["--password", "fugafuga"], ["--password=fugafuga"], ["--pass", "fugafuga"]):
-        status, _, err = run(capsys, address(server), "hogehoge", *argv)
+        status, _, err = run_cli(capsys, address(server), "hogehoge", *argv)
         assert status == 2 and "never taken from the command line" in err
         assert "fugafuga" not in err  # the usage error does not echo it
     assert server.transcripts == []
@@ -509,16 +502,16 @@ def test_the_password_is_never_taken_from_argv(
 def test_apop_and_auth_and_oauth2(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
-    status, out, _ = run(capsys, address(server), "hogehoge", "--apop")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--apop")
     assert status == 0 and "Login:         APOP as hogehoge" in out
     logins = [c for c in server.sessions[-1].commands if c.startswith(("APOP", "USER", "PASS"))]
     assert len(logins) == 1 and logins[0].startswith("APOP hogehoge ")
     with FakeServer("rfc") as modern:
-        status, out, _ = run(capsys, address(modern), "hogehoge", "--auth", "plain")
+        status, out, _ = run_cli(capsys, address(modern), "hogehoge", "--auth", "plain")
         assert status == 0 and "PLAIN as hogehoge" in out
         token = tmp_path / "token"
         token.write_text("fake-oauth-token\n")
-        status, out, _ = run(
+        status, out, _ = run_cli(
             capsys, address(modern), "hogehoge", "--oauth2-token-file", str(token), "--json"
         )
     assert status == 0 and json.loads(out)["auth"] == "OAUTHBEARER"
@@ -528,7 +521,7 @@ def test_apop_and_auth_and_oauth2(
 def test_verbose_prints_the_transcript_without_the_password(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, err = run(capsys, address(server), "hogehoge", "-v", "uidl")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "-v", "uidl")
     assert status == 0
     assert "C: USER hogehoge" in err and "C: PASS ****" in err and "S: +OK 2 10180" not in err
     assert "C: UIDL" in err and "fugafuga" not in err
@@ -541,12 +534,12 @@ def test_verbose_prints_the_transcript_without_the_password(
 def test_implicit_tls_with_a_private_ca(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with FakeServer("rfc", tls="implicit") as server:
         argv = [address(server), "hogehoge", "--tls", "implicit"]
-        status, out, _ = run(capsys, *argv, "--cafile", ca_file(tmp_path))
+        status, out, _ = run_cli(capsys, *argv, "--cafile", ca_file(tmp_path))
         assert status == 0
         assert "implicit TLS" in out and "certificate verified" in out and "DNS:localhost" in out
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
         assert status == 4 and "--cafile" in err
-        status, out, err = run(capsys, *argv, "--insecure", "--json")
+        status, out, err = run_cli(capsys, *argv, "--insecure", "--json")
     assert status == 0 and "WARNING: --insecure" in err
     assert json.loads(out)["tls"]["verified"] is False
 
@@ -555,7 +548,7 @@ def test_implicit_tls_with_a_private_ca(capsys: pytest.CaptureFixture[str], tmp_
 def test_starttls_required_but_not_offered_says_what_to_do(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, err = run(capsys, address(server), "hogehoge", "--tls", "starttls")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "--tls", "starttls")
     assert status == 4 and "STLS" in err and "--tls none" in err and "tls='none'" not in err
 
 
@@ -565,7 +558,7 @@ def test_stls_upgrade_on_a_modern_server(
 ) -> None:
     with FakeServer("rfc", tls="stls") as server:
         argv = [address(server), "hogehoge", "--cafile", ca_file(tmp_path), "--json"]
-        status, out, _ = run(capsys, *argv)
+        status, out, _ = run_cli(capsys, *argv)
     assert status == 0 and json.loads(out)["tls"]["version"].startswith("TLSv1.")
     assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
@@ -577,7 +570,7 @@ def test_bad_password_exits_3(
     capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("POP3_PASSWORD", "wrong")
-    status, _, err = run(capsys, address(server), "hogehoge")
+    status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 3 and "login refused" in err and "Invalid user name or password" in err
     assert "wrong" not in err
     assert len(err.strip().splitlines()) == 1
@@ -588,28 +581,28 @@ def test_refused_connection_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as closed:  # bound but not listening: connections are refused
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-        status, _, err = run(capsys, f"127.0.0.1:{port}", "hogehoge", "--timeout", "5")
+        status, _, err = run_cli(capsys, f"127.0.0.1:{port}", "hogehoge", "--timeout", "5")
     assert status == 4 and "cannot connect" in err and "-p PORT" in err
 
 
 @pytest.mark.usefixtures("password")
 def test_timeout_exits_4(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeServer(faults=[Fault("delay", "GREETING", 0.6)]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge", "--timeout", "0.2")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--timeout", "0.2")
     assert status == 4 and "--timeout" in err
 
 
 @pytest.mark.usefixtures("password")
 def test_mailbox_in_use_exits_5(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeServer(faults=[Fault("in-use", "PASS")]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge")
+        status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 5 and "in use" in err and "try again" in err
 
 
 @pytest.mark.usefixtures("password")
 def test_other_server_error_exits_6(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeServer(faults=[Fault("sys-perm", "STAT")]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge")
+        status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 6 and "STAT" in err
 
 
@@ -621,7 +614,7 @@ def test_ctrl_c_closes_without_quit_and_exits_130(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pop3lite.POP3, "stat", interrupted)
-    status, _, err = run(capsys, address(server), "hogehoge")
+    status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 130 and "no QUIT was sent" in err
     assert "QUIT" not in server.sessions[-1].commands
 
@@ -654,7 +647,7 @@ def test_ctrl_c_closes_without_quit_and_exits_130(
     ids=lambda argv: " ".join(argv) or "nothing",
 )
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
-    status, out, err = run(capsys, *argv)
+    status, out, err = run_cli(capsys, *argv)
     assert status == 2 and "error:" in err and out == ""
 
 
@@ -737,7 +730,7 @@ def test_shell_follows_the_seed_session(
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(SEED_SESSION))
     log = tmp_path / "session.log"
-    status, out, _ = run(capsys, address(server), "hogehoge", "shell", "--log", str(log))
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "shell", "--log", str(log))
     assert status == 0
     for text in (
         "+OK InterChange POP3 Server v3.62 Ready",
@@ -767,7 +760,7 @@ def test_shell_refuses_login_commands_and_leaves_without_quit_at_eof(
 ) -> None:
     script = "PASS fugafuga\nhelp\nDELE 1\nLIST 9\n:raw\nTOP 2 0\nNOOP\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    status, out, _ = run(capsys, address(server), "hogehoge", "shell")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "shell")
     assert status == 0
     assert "(not sent: PASS is the login" in out
     assert "RETR N" in out  # the help
@@ -785,7 +778,7 @@ def test_shell_refuses_login_commands_and_leaves_without_quit_at_eof(
 
 
 def test_demo_runs_the_check_against_the_fake_server(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = run(capsys, "--demo")
+    status, out, err = run_cli(capsys, "--demo")
     assert status == 0
     assert ATMARKIT_SUBJECT in out and CSC_SUBJECT in out and "2 messages, 10180 octets" in out
     assert "fake OperaMail server" in err and "fugafuga" not in out + err
@@ -793,7 +786,7 @@ def test_demo_runs_the_check_against_the_fake_server(capsys: pytest.CaptureFixtu
 
 def test_demo_shell(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("STAT\nQUIT\n"))
-    status, out, _ = run(capsys, "--demo", "shell")
+    status, out, _ = run_cli(capsys, "--demo", "shell")
     assert status == 0 and "+OK 2 10180" in out and "Signing Off" in out
 
 
@@ -831,12 +824,12 @@ def test_an_implicit_tls_port_without_tls_implicit_is_tried_with_implicit_tls(
 ) -> None:
     with FakeServer("rfc", tls="implicit") as server:
         argv = [address(server), "hogehoge", "--timeout", "20"]
-        status, out, err = run(capsys, *argv, "--cafile", ca_file(tmp_path), "--json")
+        status, out, err = run_cli(capsys, *argv, "--cafile", ca_file(tmp_path), "--json")
         assert status == 0, err
         assert "may expect TLS from the first byte" in err and "--tls implicit" in err
         assert json.loads(out)["tls"]["verified"] is True
         # A private CA: the first byte is TLS, so the hint is about the certificate.
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
     assert status == 4 and "trying implicit TLS" in err and "--cafile" in err
 
 
@@ -844,7 +837,7 @@ def test_an_implicit_tls_port_without_tls_implicit_is_tried_with_implicit_tls(
 def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, err = run(capsys, address(server), "hogehoge", "--timeout", "20")
+    status, out, err = run_cli(capsys, address(server), "hogehoge", "--timeout", "20")
     assert status == 0 and "2 messages" in out
     assert "TLS" not in err  # it greeted at once: no probing said
     assert server.sessions[-1].commands[-1] == "QUIT"
@@ -858,10 +851,10 @@ def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
     slow = [Fault("delay", "GREETING", 0.6)]
     with FakeServer("rfc", tls="stls", faults=slow) as server:
         argv = [address(server), "hogehoge", "--timeout", "20", "--cafile", ca_file(tmp_path)]
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
         assert status == 4 and "trying implicit TLS" in err
         assert "speaks plaintext" in err and "--tls starttls" in err
-        status, out, err = run(capsys, *argv, "--tls", "starttls")  # what the hint says
+        status, out, err = run_cli(capsys, *argv, "--tls", "starttls")  # what the hint says
     assert status == 0 and "3 messages" in out and "TLS" not in err
     assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
@@ -870,9 +863,9 @@ def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
 def test_tls_hints_on_a_plaintext_only_port_do_not_go_in_a_circle(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, _, implicit = run(capsys, address(server), "hogehoge", "--tls", "implicit")
+    status, _, implicit = run_cli(capsys, address(server), "hogehoge", "--tls", "implicit")
     assert status == 4 and "--tls starttls" in implicit
-    status, _, starttls = run(capsys, address(server), "hogehoge", "--tls", "starttls")
+    status, _, starttls = run_cli(capsys, address(server), "hogehoge", "--tls", "starttls")
     assert status == 4 and "STLS" in starttls
     assert "--tls implicit" not in starttls  # which would send the user back to the first
     assert "995" in starttls and "--tls none" in starttls
@@ -881,7 +874,7 @@ def test_tls_hints_on_a_plaintext_only_port_do_not_go_in_a_circle(
 @pytest.mark.usefixtures("password")
 def test_a_silent_server_hint_mentions_implicit_tls(capsys: pytest.CaptureFixture[str]) -> None:
     with FakeServer(faults=[Fault("delay", "GREETING", 0.6)]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge", "--timeout", "0.2")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--timeout", "0.2")
     assert status == 4 and "--timeout" in err and "--tls implicit" in err
 
 
@@ -903,11 +896,11 @@ def test_the_password_is_asked_for_once_the_server_is_reached(
 
     monkeypatch.setattr(sys, "stdin", _Terminal())
     monkeypatch.setattr(getpass, "getpass", fake_getpass)
-    status, out, _ = run(capsys, address(server), "hogehoge")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0 and "2 messages" in out
     assert connected_at_prompt and connected_at_prompt[0] >= 1
     with FakeServer("rfc", tls="implicit") as untrusted:  # a private CA, not passed
-        status, _, err = run(capsys, address(untrusted), "hogehoge", "--tls", "implicit")
+        status, _, err = run_cli(capsys, address(untrusted), "hogehoge", "--tls", "implicit")
     assert status == 4 and "not trusted" in err
     assert len(connected_at_prompt) == 1  # no password typed for a server never reached
 
@@ -922,7 +915,7 @@ def test_a_refused_login_says_where_the_password_came_from(
     import getpass
 
     def refused(*argv: str) -> str:
-        status, _, err = run(capsys, address(server), "hogehoge", *argv)
+        status, _, err = run_cli(capsys, address(server), "hogehoge", *argv)
         assert status == 3 and "login refused" in err and "bad-secret" not in err
         return err
 
@@ -947,7 +940,7 @@ def test_a_refused_login_says_where_the_password_came_from(
 def test_several_messages_to_a_pipe_are_refused_before_connecting(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, err = run(capsys, address(server), "hogehoge", "retr", "1", "2")
+    status, out, err = run_cli(capsys, address(server), "hogehoge", "retr", "1", "2")
     assert status == 2 and out == ""
     assert "-o DIR" in err and "save FILE.mbox" in err
     assert server.transcripts == []
@@ -960,11 +953,11 @@ def test_auth_with_a_mechanism_the_server_does_not_offer_lists_the_offered_ones(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeServer("rfc", capabilities=["USER", "SASL PLAIN LOGIN"]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "CRAM-MD5")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--auth", "CRAM-MD5")
     assert status == 3 and "does not offer AUTH CRAM-MD5" in err and "SASL PLAIN LOGIN" in err
     assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "USER", "PASS"))]
     with FakeServer("rfc", capabilities=["USER"]) as server:
-        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--auth", "PLAIN")
     assert status == 3 and "no SASL mechanism" in err and "USER/PASS" in err
 
 
@@ -973,11 +966,11 @@ def test_auth_on_a_server_without_capa_suggests_user_pass(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with FakeServer() as server:  # OperaMail: no CAPA, and -ERR for AUTH
-        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--auth", "PLAIN")
     assert status == 3 and "does not answer CAPA" in err and "leave --auth out" in err
     assert "$POP3_PASSWORD" in err
     with FakeServer(faults=[Fault("drop", "AUTH", 0)]) as server:  # hangs up instead
-        status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
+        status, _, err = run_cli(capsys, address(server), "hogehoge", "--auth", "PLAIN")
     assert status == 4 and "closed" in err and "leave --auth out" in err
 
 
@@ -986,14 +979,14 @@ def test_a_password_saslprep_refuses_names_the_position_and_the_source(
 ) -> None:
     monkeypatch.setenv("POP3_PASSWORD", "fugafuga\n")
     with FakeServer("rfc") as server:  # SCRAM-SHA-256: SASLprep applies
-        status, _, err = run(capsys, address(server), "hogehoge")
+        status, _, err = run_cli(capsys, address(server), "hogehoge")
         assert status == 2 and "line feed (U+000A) at character 9 of 9" in err
         assert "$POP3_PASSWORD" in err and "trailing newline" in err
         assert "fugafuga" not in err
         secret = tmp_path / "secret"
         secret.write_text("fu\ue000ga\n", encoding="utf-8")  # a private-use character
         argv = [address(server), "hogehoge", "--password-file", str(secret)]
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
         assert status == 2 and "(U+E000) at character 3 of 5" in err
         assert f"--password-file {secret}" in err and "trailing newline" not in err
     assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "PASS"))]
@@ -1046,7 +1039,7 @@ def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
     ids=lambda argv: " ".join(argv),
 )
 def test_host_forms_that_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
-    status, out, err = run(capsys, *argv)
+    status, out, err = run_cli(capsys, *argv)
     assert status == 2 and "error:" in err and out == "" and "secret" not in err
 
 
@@ -1054,16 +1047,16 @@ def test_host_forms_that_are_refused(capsys: pytest.CaptureFixture[str], argv: l
 def test_urls_and_user_at_host_reach_the_server(
     capsys: pytest.CaptureFixture[str], server: FakeServer, tmp_path: Path
 ) -> None:
-    status, out, _ = run(capsys, f"hogehoge@{address(server)}", "uidl")
+    status, out, _ = run_cli(capsys, f"hogehoge@{address(server)}", "uidl")
     assert status == 0 and out.splitlines()[0] == "1 3C4B82C800000001"
     with FakeServer("rfc", tls="stls") as stls:  # pop3:// means STLS
         url = f"pop3://hogehoge@{address(stls)}"
-        status, out, _ = run(capsys, url, "--json", "--cafile", ca_file(tmp_path))
+        status, out, _ = run_cli(capsys, url, "--json", "--cafile", ca_file(tmp_path))
         assert status == 0 and json.loads(out)["user"] == "hogehoge"
         assert stls.sessions[-1].commands[:2] == ["CAPA", "STLS"]
     with FakeServer("rfc", tls="implicit") as secure:
         url = f"pop3s://{address(secure)}"
-        status, out, err = run(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
+        status, out, err = run_cli(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
     assert status == 0 and json.loads(out)["tls"]["verified"] is True
     assert "may expect TLS" not in err  # pop3s:// says implicit TLS: nothing to probe
 
@@ -1072,11 +1065,11 @@ def test_password_file_dash_reads_a_line_of_stdin(
     capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("fugafuga\nSTAT\nQUIT\n"))
-    status, out, _ = run(capsys, address(server), "hogehoge", "--password-file", "-", "shell")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge", "--password-file", "-", "shell")
     assert status == 0
     assert "pop3> STAT\n+OK 2 10180\n" in out and "Signing Off" in out  # the rest: commands
     monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))
-    status, _, err = run(capsys, address(server), "hogehoge", "--password-file", "-")
+    status, _, err = run_cli(capsys, address(server), "hogehoge", "--password-file", "-")
     assert status == 2 and "terminal" in err
 
 
@@ -1086,7 +1079,7 @@ def test_action_help_shows_that_actions_help(capsys: pytest.CaptureFixture[str])
         (["host", "alice", "save", "-h"], "--new"),
         (["--help", "shell"], "Ctrl-C cancels the line"),
     ):
-        status, out, err = run(capsys, *argv)
+        status, out, err = run_cli(capsys, *argv)
         assert status == 0 and err == ""
         assert out.startswith("usage: pop3lite HOST[:PORT] USER ") and wanted in out
         assert "exit status:" not in out  # not the whole --help
@@ -1096,7 +1089,7 @@ def test_action_help_shows_that_actions_help(capsys: pytest.CaptureFixture[str])
 def test_sizes_are_shown_in_human_units_beside_octets(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, _ = run(capsys, address(server), "hogehoge")
+    status, out, _ = run_cli(capsys, address(server), "hogehoge")
     assert status == 0 and "2 messages, 10180 octets (9.9 KiB)" in out
     assert "5.8 KiB" in out.split("\n\n", 1)[1]  # the table
     assert pop3lite._size(21_076_378) == "21076378 octets (20.1 MiB)"
@@ -1159,7 +1152,7 @@ def test_readme_exit_status_table_is_the_programs_table() -> None:
 def test_help_and_failures_take_their_exit_statuses_from_the_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, out, _ = run(capsys, "--help")
+    status, out, _ = run_cli(capsys, "--help")
     out = " ".join(out.split())  # the meanings are wrapped to the width of the help
     assert status == 0
     for code, _, meaning in pop3lite._EXIT_STATUSES:
@@ -1181,11 +1174,11 @@ def netrc(home: Path, text: str) -> None:
 def test_an_action_word_after_a_url_is_never_the_user(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, err = run(capsys, f"pop3://{address(server)}", "capa", "--tls", "none")
+    status, out, err = run_cli(capsys, f"pop3://{address(server)}", "capa", "--tls", "none")
     assert status == 0, err
     sent = server.sessions[-1].commands
     assert "capa" not in err and not [c for c in sent if c.startswith("USER")]
-    status, _, err = run(capsys, address(server), "uidl")  # no netrc, no terminal to ask at
+    status, _, err = run_cli(capsys, address(server), "uidl")  # no netrc, no terminal to ask at
     assert status == 2 and "no user for 127.0.0.1" in err and "~/.netrc" in err
     assert len(server.transcripts) == 1  # refused before connecting
 
@@ -1196,7 +1189,7 @@ def test_the_user_comes_from_netrc_when_the_url_has_none(
 ) -> None:
     # $POP3_PASSWORD comes before ~/.netrc's password, which Python 3.7-3.10 require
     netrc(environment, f"machine {server.host} login hogehoge password unused\n")
-    status, out, err = run(capsys, address(server), "uidl")
+    status, out, err = run_cli(capsys, address(server), "uidl")
     assert status == 0, err
     assert out.splitlines()[0] == "1 3C4B82C800000001"
     assert "USER hogehoge" in server.sessions[-1].commands
@@ -1206,7 +1199,7 @@ def test_the_user_and_password_both_come_from_netrc(
     capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
 ) -> None:
     netrc(environment, f"machine {server.host} login hogehoge password fugafuga\n")
-    status, out, err = run(capsys, f"pop3://{address(server)}", "check", "--tls", "none")
+    status, out, err = run_cli(capsys, f"pop3://{address(server)}", "check", "--tls", "none")
     assert status == 0, err
     assert "USER/PASS as hogehoge" in out
 
@@ -1216,7 +1209,7 @@ def test_the_user_is_asked_for_at_a_terminal_once_the_server_is_reached(
     capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "stdin", _Terminal("hogehoge\n"))
-    status, out, err = run(capsys, address(server), "uidl")
+    status, out, err = run_cli(capsys, address(server), "uidl")
     assert status == 0, err
     assert f"User on {address(server)}: " in err
     assert "USER hogehoge" in server.sessions[-1].commands
@@ -1230,7 +1223,7 @@ def test_the_user_is_asked_for_at_a_terminal_once_the_server_is_reached(
 def test_an_unknown_url_scheme_is_named(
     capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    status, out, err = run(capsys, *argv)
+    status, out, err = run_cli(capsys, *argv)
     scheme = argv[0].split(":", 1)[0]
     assert status == 2 and f"unknown scheme {scheme}://" in err
     assert "pop3://" in err and "pop3s://" in err
@@ -1243,7 +1236,7 @@ def test_pop3_url_means_stls_and_its_hint_names_pop3s(
 ) -> None:
     with FakeServer("rfc", tls="implicit") as server:
         url = f"pop3://hogehoge@{address(server)}"
-        status, _, err = run(capsys, url, "--timeout", "0.6")
+        status, _, err = run_cli(capsys, url, "--timeout", "0.6")
     assert status == 4 and "trying implicit TLS" not in err  # explicit: no probing
     assert f"use pop3s://{address(server)}" in err
 
@@ -1254,7 +1247,7 @@ def test_pop3s_url_on_a_plaintext_port_hints_pop3(
 ) -> None:
     with FakeServer("rfc", tls="stls") as server:
         url = f"pop3s://hogehoge@{address(server)}"
-        status, _, err = run(capsys, url, "--cafile", ca_file(tmp_path))
+        status, _, err = run_cli(capsys, url, "--cafile", ca_file(tmp_path))
     assert status == 4 and "speaks plaintext" in err
     assert f"pop3://{address(server)} (STLS)" in err
 
@@ -1266,7 +1259,7 @@ def test_a_short_timeout_still_probes_for_implicit_tls(
     monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 5.0)  # longer than --timeout
     with FakeServer("rfc", tls="implicit") as server:
         argv = [address(server), "hogehoge", "--timeout", "0.4", "--cafile", ca_file(tmp_path)]
-        status, out, err = run(capsys, *argv, "--json")
+        status, out, err = run_cli(capsys, *argv, "--json")
     assert status == 0, err
     assert "within 0.4s" in err and "trying implicit TLS" in err
     assert json.loads(out)["tls"]["verified"] is True
@@ -1302,19 +1295,19 @@ def test_a_closed_pipe_ends_every_action_quietly_with_141(
 def test_quiet_check_keeps_its_table_and_json(
     capsys: pytest.CaptureFixture[str], server: FakeServer
 ) -> None:
-    status, out, err = run(capsys, address(server), "hogehoge", "-q")
+    status, out, err = run_cli(capsys, address(server), "hogehoge", "-q")
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].startswith("#") and "Subject" in lines[0] and len(lines) == 3
     assert ATMARKIT_SUBJECT in out and "Server:" not in out and "Greeting:" not in out
-    status, out, err = run(capsys, address(server), "hogehoge", "-q", "--json")
+    status, out, err = run_cli(capsys, address(server), "hogehoge", "-q", "--json")
     assert status == 0 and json.loads(out)["count"] == 2
 
 
 def test_save_help_lists_max_size_and_speaks_of_the_journal(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, out, _ = run(capsys, "save", "--help")
+    status, out, _ = run_cli(capsys, "save", "--help")
     assert status == 0 and "--max-size SIZE" in out and "--new" in out and "--delete" in out
     assert "state file" not in out and "journal" in out
 
@@ -1322,7 +1315,7 @@ def test_save_help_lists_max_size_and_speaks_of_the_journal(
 def test_the_version_tells_this_release_from_the_old_state_file_format(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, out, _ = run(capsys, "--version")
+    status, out, _ = run_cli(capsys, "--version")
     assert status == 0 and out.strip() == f"pop3lite {pop3lite.__version__}"
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     assert "A state file of pop3lite 0.1" in readme  # the old format, named by its release
@@ -1337,14 +1330,14 @@ def test_verbose_shows_capa_and_listings_line_by_line_but_not_bodies(
 ) -> None:
     with FakeServer("rfc") as server:
         argv = [address(server), "hogehoge", "--tls", "none", "-v"]
-        status, _, err = run(capsys, *argv, "uidl")
+        status, _, err = run_cli(capsys, *argv, "uidl")
         assert status == 0, err
         lines = err.splitlines()
         assert "S: PIPELINING" in lines and "S: IMPLEMENTATION fakeserver" in lines
         uids = server.maildrops["hogehoge"].uids
         assert f"S: 1 {uids[0]}" in lines and "S: ." in lines
         assert "fugafuga" not in err
-        status, out, err = run(capsys, *argv, "retr", "1")
+        status, out, err = run_cli(capsys, *argv, "retr", "1")
     assert status == 0
     assert "S: <" in err and "octets, then .>" in err  # a message body stays summarised
     assert out.splitlines()[0] not in err.splitlines()
@@ -1355,6 +1348,6 @@ def test_a_stored_password_that_is_refused_is_not_asked_again(
 ) -> None:
     monkeypatch.setenv("POP3_PASSWORD", "wrong")
     monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))  # a terminal to ask at
-    status, _, err = run(capsys, address(server), "hogehoge")
+    status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
     assert len([c for c in server.sessions[-1].commands if c.startswith("PASS")]) == 1

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import pop3lite as m
+from conftest import run_cli
 
 SECRET = "client-Secret-42"
 
@@ -361,27 +362,7 @@ def test_the_lock_wait_is_bounded(tmp_path: Path) -> None:
 # ---- the command line: secrets from commands ------------------------------------------------
 
 
-@pytest.fixture
-def no_password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No ~/.netrc, no $POP3_PASSWORD, a stdin that is not a terminal."""
-    import io
-    import sys
-
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("POP3_PASSWORD", raising=False)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = m.main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return status, out, err
-
-
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_password_command_gives_the_first_line(capsys: pytest.CaptureFixture[str]) -> None:
     from fakeserver import FakeServer
 
@@ -389,17 +370,17 @@ def test_password_command_gives_the_first_line(capsys: pytest.CaptureFixture[str
         where = f"{server.host}:{server.port}"
         command = "printf 'fugafuga\\r\\nsecond line\\n'; cat"  # cat ends: stdin is closed
         argv = [where, "hogehoge", "uidl", "-v", "--password-command", command]
-        status, out, err = run(capsys, *argv)
+        status, out, err = run_cli(capsys, *argv)
         assert status == 0, err
         assert "C: PASS ****" in err and "fugafuga" not in out + err
-        status, _, err = run(
+        status, _, err = run_cli(
             capsys, where, "hogehoge", "uidl", "--password-command", "printf wrong"
         )
     assert status == 3 and "(the password came from --password-command)" in err
     assert "wrong" not in err
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 @pytest.mark.parametrize(
     ("command", "words"),
     [
@@ -419,29 +400,29 @@ def test_a_failing_password_command_is_named(
     with FakeServer() as server:
         where = f"{server.host}:{server.port}"
         argv = [where, "hogehoge", "uidl", "--timeout", "1", "--password-command", command]
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
         assert server.transcripts == []  # nothing was sent: the password came first
     assert status == 2
     assert f"--password-command {command!r}" in err and words in err
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_oauth2_token_command(capsys: pytest.CaptureFixture[str]) -> None:
     from fakeserver import FakeServer
 
     with FakeServer("rfc") as server:
         where = f"{server.host}:{server.port}"
         argv = [where, "hogehoge", "--json", "--oauth2-token-command", "echo fake-oauth-token"]
-        status, out, err = run(capsys, *argv)
+        status, out, err = run_cli(capsys, *argv)
         assert status == 0, err
         assert json.loads(out)["auth"] == "OAUTHBEARER"
         argv[-1] = "echo another-token"
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
     assert status == 3 and "the token came from --oauth2-token-command" in err
     assert "another-token" not in err
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
@@ -459,7 +440,7 @@ def test_oauth2_token_command(capsys: pytest.CaptureFixture[str]) -> None:
 def test_oauth2_option_mistakes(
     capsys: pytest.CaptureFixture[str], argv: list[str], words: str
 ) -> None:
-    status, _, err = run(capsys, "127.0.0.1:9", "alice", *argv)
+    status, _, err = run_cli(capsys, "127.0.0.1:9", "alice", *argv)
     assert status == 2 and words in err
 
 
@@ -766,18 +747,18 @@ def secrets_in(path: Path) -> list[str]:
             if content.get(key)]
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_cli_device_sign_in_then_cron_runs(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     path = tmp_path / "alice.json"
     with oauth_server(access_lifetime=2.0, approve_after=1) as server:
-        status, out, err = run(capsys, *cli_sign_in(server, path))
+        status, out, err = run_cli(capsys, *cli_sign_in(server, path))
         assert status == 0, err
         assert "To sign in, open " in err and "enter the code" in err
         assert f"check --oauth2 {path}" in err
         where = f"{server.host}:{server.port}"
-        status, out, err = run(capsys, where, USER, "uidl", "-v", "--oauth2", str(path))
+        status, out, err = run_cli(capsys, where, USER, "uidl", "-v", "--oauth2", str(path))
         assert status == 0, err
         assert "C: AUTH OAUTHBEARER ****" in err or "C: AUTH XOAUTH2 ****" in err
         transcripts = "\n".join("\n".join(lines) for lines in server.transcripts)
@@ -786,7 +767,7 @@ def test_cli_device_sign_in_then_cron_runs(
         assert secret not in out + err + transcripts
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_cli_loopback_sign_in(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -794,13 +775,14 @@ def test_cli_loopback_sign_in(
     opened: list[str] = []
     with oauth_server() as server:
         monkeypatch.setattr(m, "_show_sign_in", browse(server, opened))
-        status, _, err = run(capsys, *cli_sign_in(server, path, "--grant", "loopback"))
+        status, _, err = run_cli(capsys, *cli_sign_in(server, path, "--grant", "loopback"))
         assert status == 0, err
-        status, _, err = run(capsys, f"{server.host}:{server.port}", USER, "--oauth2", str(path))
+        address = f"{server.host}:{server.port}"
+        status, _, err = run_cli(capsys, address, USER, "--oauth2", str(path))
     assert status == 0 and len(opened) == 1 and saved(path)["grant"] == "loopback"
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_cli_client_credentials_sign_in_reads_the_secret_from_a_file(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -809,23 +791,23 @@ def test_cli_client_credentials_sign_in_reads_the_secret_from_a_file(
     secret_file.write_text(SECRET + "\n")
     with oauth_server(client_secret=SECRET) as server:
         argv = cli_sign_in(server, path, "--grant", "client-credentials")
-        status, _, err = run(capsys, *argv)
+        status, _, err = run_cli(capsys, *argv)
         assert status == 2 and "needs the client secret" in err
-        status, out, err = run(capsys, *argv, "--client-secret-file", str(secret_file))
+        status, out, err = run_cli(capsys, *argv, "--client-secret-file", str(secret_file))
         assert status == 0, err
-        status, out, err = run(capsys, f"{server.host}:{server.port}", USER, "-v",
+        status, out, err = run_cli(capsys, f"{server.host}:{server.port}", USER, "-v",
                                "--oauth2", str(path))
     assert status == 0 and SECRET not in out + err
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 def test_twenty_unattended_save_runs_across_expiries(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     path = tmp_path / "alice.json"
     maildir = tmp_path / "Maildir"
     with oauth_server(access_lifetime=2.0, approve_after=0) as server:
-        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        assert run_cli(capsys, *cli_sign_in(server, path))[0] == 0
         drop = server.maildrops[USER]
         argv = [f"{server.host}:{server.port}", USER, "save", str(maildir), "--new", "-q",
                 "--oauth2", str(path)]
@@ -835,7 +817,7 @@ def test_twenty_unattended_save_runs_across_expiries(
                 time.sleep(max(0.0, saved(path)["expires_at"] - time.time()) + 0.05)
             elif number % 5 == 2:  # or be refused by the server while it looks valid
                 server.oauth2.expire_access_tokens()
-            status, out, err = run(capsys, *argv)
+            status, out, err = run_cli(capsys, *argv)
             assert (status, out, err) == (0, "", "")
         refreshes = grants(server).count("refresh_token")
         errors = [r.error for r in server.oauth2.requests if r.error]
@@ -846,7 +828,7 @@ def test_twenty_unattended_save_runs_across_expiries(
     assert refreshes >= 8 and errors == []  # every expiry refreshed; no spent token reused
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 @pytest.mark.parametrize(
     ("trouble", "status", "words"),
     [
@@ -870,7 +852,7 @@ def test_cli_refresh_failures_say_what_to_do(
     faulty = trouble in ("html", "500", "huge", "silent")
     faults = [Fault(trouble, "refresh_token")] if faulty else []
     with oauth_server(approve_after=0, faults=faults) as server:
-        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        assert run_cli(capsys, *cli_sign_in(server, path))[0] == 0
         content = saved(path)
         content["expires_at"] = 0
         if trouble == "closed":
@@ -883,7 +865,7 @@ def test_cli_refresh_failures_say_what_to_do(
         if trouble == "revoked":
             server.oauth2.revoke()
         where = f"{server.host}:{server.port}"
-        got, out, err = run(capsys, where, USER, "--timeout", "1", "--oauth2", str(path))
+        got, out, err = run_cli(capsys, where, USER, "--timeout", "1", "--oauth2", str(path))
         assert server.transcripts == []  # the token is refreshed before connecting
     assert got == status and words in err
     if status == 3:
@@ -893,7 +875,7 @@ def test_cli_refresh_failures_say_what_to_do(
         assert secret not in out + err
 
 
-@pytest.mark.usefixtures("no_password")
+@pytest.mark.usefixtures("cli_environment")
 @pytest.mark.parametrize(
     ("damage", "status", "words"),
     [
@@ -908,7 +890,7 @@ def test_cli_token_file_problems(
 ) -> None:
     path = tmp_path / "alice.json"
     with oauth_server(approve_after=0) as server:
-        assert run(capsys, *cli_sign_in(server, path))[0] == 0
+        assert run_cli(capsys, *cli_sign_in(server, path))[0] == 0
         user, extra = USER, []
         if damage == "corrupt":
             path.write_bytes(path.read_bytes()[:40])
@@ -919,7 +901,7 @@ def test_cli_token_file_problems(
         else:
             extra = ["--provider", "microsoft"]
         where = f"{server.host}:{server.port}"
-        got, out, err = run(capsys, where, user, "--oauth2", str(path), *extra)
+        got, out, err = run_cli(capsys, where, user, "--oauth2", str(path), *extra)
     assert got == status and words in err and str(path) in err
     if status == 3:
         assert "oauth2 --oauth2" in err

@@ -8,6 +8,7 @@ Helpers that are not fixtures are imported by name: ``from conftest import scrip
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -38,6 +39,15 @@ MiB = 1024 * 1024
 SLACK = 2.0  # how far past its timeout a client may be (scheduling, not speed)
 # POP3LITE_SOAK=N multiplies every random case count of the hostile-input tests by N.
 SOAK = max(1, int(os.environ.get("POP3LITE_SOAK") or "1"))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def address(server: FakeServer) -> str:
+    """HOST:PORT of a server, as the command lines take it."""
+    return f"{server.host}:{server.port}"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 import fakeserver
 import pop3lite
-from conftest import run_cli
+from conftest import address, run_cli
 from fakeserver import FakeServer, Fault
 
 ATMARKIT_SUBJECT = "＠IT新着速報 - 2002/1/19　1FD Linuxで作る高機能ルータ ［インストール編］"
@@ -41,10 +41,6 @@ def server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
     """The seed's OperaMail server (the plugin's fixture: stopped, and its errors reported, when
     the test ends)."""
     return make_pop3_server("operamail", idle_timeout=10)
-
-
-def address(server: FakeServer) -> str:
-    return f"{server.host}:{server.port}"
 
 
 def messages_left(server: FakeServer, user: str = "hogehoge") -> int:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 import fakeserver
+from conftest import address
 from fakeserver import FakeServer, Maildrop
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
@@ -133,10 +134,6 @@ def spawn(terminal_env: dict[str, str]) -> Iterator[Spawn]:
     yield start
     for terminal in started:
         terminal.close()
-
-
-def address(server: FakeServer) -> str:
-    return f"{server.host}:{server.port}"
 
 
 def test_retr_on_a_terminal_shows_lines_starting_with_a_dot_as_they_are(spawn: Spawn) -> None:

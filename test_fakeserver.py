@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import pytest
 
 import fakeserver
-from conftest import TIMEOUT, RawClient, login, wait_until
+from conftest import TIMEOUT, RawClient, b64, login, wait_until
 from fakeserver import FakeServer, Fault, Maildrop
 
 HERE = Path(__file__).resolve().parent
@@ -770,10 +770,6 @@ def test_stls_in_transaction_state_is_refused() -> None:
 # ==================================================================================================
 # SASL (RFC 5034): every mechanism, both forms, cancel, strict base64
 # ==================================================================================================
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def cram_md5(password: str, challenge: bytes) -> str:

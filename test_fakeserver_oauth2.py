@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 
 import pytest
 
-from conftest import TIMEOUT, RawClient, wait_until
+from conftest import TIMEOUT, RawClient, b64, wait_until
 from fakeserver import (
     DEVICE_GRANT,
     FakeOAuth2,
@@ -109,10 +109,6 @@ def signed_in(oauth2: FakeOAuth2, user: str | None = None) -> dict[str, Any]:
     return dict(reply.json)
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def xoauth2(user: str, token: str) -> str:
     return b64(b"user=%s\x01auth=Bearer %s\x01\x01" % (user.encode(), token.encode()))
 
@@ -145,10 +141,9 @@ def auth(server: FakeServer | tuple[str, int], mechanism: str, user: str, token:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeServer]:
-    oauth2 = FakeOAuth2(access_lifetime=2.0, device_interval=0.05)
-    with FakeServer("rfc", oauth2=oauth2) as started:
-        yield started
+def server(pop3_oauth2_server: FakeServer) -> FakeServer:
+    """The plugin's POP3 server with a FakeOAuth2 beside it (2 s tokens, fast polling)."""
+    return pop3_oauth2_server
 
 
 # ----- device authorization grant (RFC 8628) --------------------------------------------
@@ -163,7 +158,7 @@ def test_device_authorization_reply(server: FakeServer) -> None:
     assert reply.headers["cache-control"] == "no-store"
     code = reply.json
     assert code["verification_uri"] == oauth2.base_url + "/device"
-    assert code["expires_in"] == 600 and code["interval"] == 0.05
+    assert code["expires_in"] == 60 and code["interval"] == 0.05
     assert len(code["device_code"]) >= 32
     letters = code["user_code"].replace("-", "")
     assert len(letters) == 8 and set(letters) <= set("BCDFGHJKLMNPQRSTVWXZ")

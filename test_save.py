@@ -36,10 +36,9 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="signals and fsync co
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    monkeypatch.setenv("HOME", str(home))
+def alice_password(monkeypatch: pytest.MonkeyPatch, cli_environment: Path) -> None:
+    """The command line's environment, with alice's password in $POP3_PASSWORD."""
     monkeypatch.setenv("POP3_PASSWORD", PASSWORD)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
 
 def make_messages(count: int, seed: int) -> list[bytes]:

@@ -2009,11 +2009,21 @@ class _Transport:
     def check_open(self) -> None:
         self._live()
 
-    def close(self, reason: str = "closed by the client") -> None:
+    def close(self, reason: str = "closed by the client", graceful: bool = False) -> None:
         sock, self._sock = self._sock, None
         self.is_open = False
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
+            unwrap = getattr(sock, "unwrap", None) if graceful else None
+            if unwrap is not None:
+                # RFC 8446 section 6.1: close_notify first, so that the server can tell a
+                # finished session from a cut one (couriertls logs the latter as an error);
+                # unwrap() waits for the server's own close_notify, briefly.
+                sock.settimeout(min(self.timeout, 1.0))
+                try:
+                    unwrap()
+                except (OSError, ValueError):
+                    pass
             sock.close()
 
     def abort(self, reason: str = "aborted by the client") -> None:
@@ -2994,7 +3004,7 @@ class POP3:
         try:
             text = self._status("QUIT")
         finally:
-            self._transport.close("QUIT sent")
+            self._transport.close("QUIT sent", graceful=True)
         return display_text(text)
 
     # -- batches, pipelined where the server allows it ------------------------------------------

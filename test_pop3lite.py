@@ -1530,6 +1530,34 @@ def test_untrusted_certificate_is_a_tls_error() -> None:
     assert commands == []
 
 
+def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
+    # RFC 8446 section 6.1. Courier's couriertls logged "Unexpected SSL connection shutdown"
+    # after every pop3lite session (tools/interop.sh, C:courier-tls-closed-with-close_notify).
+    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(tmp_path / "server.pem"))
+    ended: list[str] = []
+
+    def script(peer: Peer) -> None:
+        peer.conn = server_context.wrap_socket(
+            peer.conn, server_side=True, suppress_ragged_eofs=False
+        )
+        peer.send(GREETING)
+        peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
+        try:
+            peer.conn.unwrap()  # sends ours, then waits for the client's
+        except (ssl.SSLError, OSError) as exc:
+            ended.append(type(exc).__name__)
+        else:
+            ended.append("close_notify")
+
+    with scripted(script) as port:
+        pop = pop3lite.POP3("localhost", port, tls="implicit", ssl_context=client_context(),
+                            timeout=TIMEOUT)
+        pop.quit()
+    assert ended == ["close_notify"]
+
+
 def test_default_context_verifies_host_names_and_needs_tls12() -> None:
     default = pop3lite.POP3.__new__(pop3lite.POP3)
     default._ssl_context = None

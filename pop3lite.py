@@ -2424,7 +2424,7 @@ class POP3:
         self._transport.start_operation()
         if self._log.isEnabledFor(_DEBUG):
             shown = line
-            if public is not None:
+            if public is not None and len(args) > public:  # "****" only where a secret went
                 shown = " ".join((verb, *args[:public], "****")).encode()
             self._log_line("C:", shown)
         self._reader.expect(expected)

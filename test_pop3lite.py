@@ -647,6 +647,25 @@ def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -
     assert "c4c9334b" not in caplog.text and "tanstaaf" not in caplog.text
 
 
+def test_auth_without_initial_response_is_logged_as_sent(caplog: pytest.LogCaptureFixture) -> None:
+    # "C: AUTH CRAM-MD5 ****" in a -v transcript (seen against Courier) claimed an initial
+    # response that was never sent; RFC 2195's example exchange.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(
+            b"AUTH CRAM-MD5\r\n", b"+ PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n"
+        )
+        peer.expect(b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with scripted(script) as port, connect(port) as pop:
+        pop.auth("CRAM-MD5", "tim", "tanstaaftanstaaf")
+    commands = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C:")]
+    assert commands[:2] == ["C: AUTH CRAM-MD5", "C: ****"]
+    assert "dGlt" not in caplog.text and "tanstaaf" not in caplog.text
+
+
 def test_apop_without_timestamp_refuses_before_sending() -> None:
     def script(peer: Peer) -> None:
         peer.send(b"+OK no timestamp here\r\n")

@@ -24,9 +24,10 @@
 # more_packages: the Debian packages parts C and D need (added to interop.sh's install list)
 more_packages() {
     command -v socat >/dev/null || echo socat
-    command -v authtest >/dev/null || echo courier-authdaemon courier-base
-    [ -e /usr/lib/x86_64-linux-gnu/libmailutils.so.9 ] || ls /usr/lib/*/libmailutils.so.9 >/dev/null 2>&1 ||
-        echo mailutils-common libmailutils9 libmu-dbm9
+    # what the unpacked servers need: couriertls, authdaemond and authtest; Mailutils' libraries
+    [ -x /usr/bin/couriertls ] && [ -x /usr/lib/courier/courier-authlib/authdaemond ] && command -v authtest >/dev/null ||
+        echo courier-base courier-authdaemon
+    ls /usr/lib/*/libmailutils.so.9 /usr/lib/*/libmu_dbm.so.9 >/dev/null 2>&1 || echo mailutils-common libmailutils9 libmu-dbm9
     perl -MIO::Socket::SSL -MAuthen::SASL -MDigest::HMAC_MD5 -e 1 2>/dev/null ||
         echo libio-socket-ssl-perl libauthen-sasl-perl libdigest-hmac-perl
     command -v ruby >/dev/null || echo ruby
@@ -56,8 +57,11 @@ more_setup_servers() {
     (cd "$C/debs" && timeout 300 apt-get download popa3d courier-pop mailutils-pop3d) >"$C/apt.log" 2>&1 ||
         { timeout 600 apt-get update -qq && (cd "$C/debs" && timeout 300 apt-get download popa3d courier-pop mailutils-pop3d); } \
             >>"$C/apt.log" 2>&1 || die "apt-get download failed (see $C/apt.log)"
-    local deb
+    local deb missing
     for deb in "$C"/debs/*.deb; do dpkg -x "$deb" "$C/root" || die "dpkg -x $deb failed"; done
+    missing=$(ldd "$C/root/usr/sbin/popa3d" "$C/root/usr/sbin/pop3d" "$C/root/usr/lib/courier/courier/courierpop3d" \
+        "$C/root/usr/lib/courier/courier/courierpop3login" 2>&1 | grep 'not found' | sort -u | tr '\n' ' ')
+    [ -z "$missing" ] || die "the unpacked servers need libraries that are not installed: $missing"
     echo "versions: $(for deb in "$C"/debs/*.deb; do printf '%s %s, ' "$(dpkg-deb -f "$deb" Package)" "$(dpkg-deb -f "$deb" Version)"; done)$(socat -V | sed -n 's/^socat version \([^ ]*\).*/\1/p') (socat)"
     C_USER=p3linterop
     C_PASSWORD=$("$PY" -c 'import secrets; print("Ip-" + secrets.token_hex(8))')

@@ -13,7 +13,7 @@ API (everything else is private):
 
 ``FakeServer(preset="operamail", *, host="127.0.0.1", port=0, users=None, capabilities=None,
 tls=None, faults=(), script=None, idle_timeout=600.0, max_sessions=50, oauth_token=None,
-greeting=None, keep_transcripts=True, replay=None)``
+greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False, oauth2=None)``
     ``preset``: ``"operamail"`` (the seed: no CAPA, USER/PASS/APOP, fixed greeting timestamp) or
     ``"rfc"`` (a modern server: full CAPA and SASL, a fresh timestamp per connection, user
     ``hogehoge``/``fugafuga`` with three messages, one of them with lines that start with ".").
@@ -34,12 +34,19 @@ greeting=None, keep_transcripts=True, replay=None)``
     ``+OK``; ``{timestamp}`` in it becomes a fresh APOP timestamp. ``keep_transcripts``: False
     forgets each connection's transcript when it ends (a long-running server; the log still
     shows it). ``replay``: a recording to serve instead of a preset (below).
+    ``utf8_downconvert``: as Courier, when UTF8 is offered and the client did not send it, a
+    message with 8-bit header bytes is served as a 7-bit "Cannot display Unicode content"
+    multipart with the original inside as ``message/global`` (RFC 6856 section 2.1, RFC 6532);
+    LIST and STAT announce that size; after UTF8 the original is served.
+    ``oauth2``: a fake OAuth2 authorization server to run beside it (below, "OAuth2").
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
 ``Maildrop``; ``.messages`` shows the current contents), ``transcripts`` (one list of ``"C: ..."``
 / ``"S: ..."`` strings per connection, in order of connection; each line is recorded before it is
 written; passwords and SASL responses appear as ``****``), ``errors`` (exceptions sessions hit),
-``start()``, ``close()`` (stop, then raise the first error), ``ssl_context_for_clients()``,
+``start()``, ``stop()`` (stop serving, end every session; errors stay in ``errors``),
+``close()`` (stop, then raise the first error), ``wait_idle(timeout=5.0)``,
+``ssl_context_for_clients()``,
 context manager. For assertions: ``sessions`` (a ``SessionLog`` per connection: ``number``,
 ``transcript``, ``commands``, ``tls``, ``login`` ("USER", "APOP" or "AUTH"), ``mechanism`` (of
 AUTH), ``user``, ``state`` (the last: AUTHORIZATION, TRANSACTION, or UPDATE after QUIT), ``quit``,
@@ -47,16 +54,20 @@ AUTH), ``user``, ``state`` (the last: AUTHORIZATION, TRANSACTION, or UPDATE afte
 lines) and ``deleted`` (every message QUIT removed); ``mismatches`` (replay, below).
 
 Record and replay. ``Recorder(upstream="HOST[:PORT]", out=PATH, *, tls=None, host="127.0.0.1",
-port=0, context=None, headers_only=False, timeout=60.0)`` is a proxy: a client connects to its
-``address`` in plaintext, the proxy talks to the real server (``tls``: "implicit", the default on
-port 995 or with no port, "stls" (the proxy sends STLS) otherwise, or "none"; certificates are
-verified with ``context`` or the system's CAs) and appends each session to the transcript file
-(format: section "Transcript files" below), secrets as ``****``; ``headers_only`` keeps only the
-header of RETR and TOP messages. ``FakeServer(replay=...)`` (a file path, transcript text, or
-``parse_transcript()``'s sessions) serves a recording: connection n gets recorded session n (later
-ones the last); each command gets the next recorded reply to the same command line, whatever the
-order or pipelining; USER/PASS, APOP and AUTH are checked against ``REPLAY_PASSWORD`` (any user
-name; ``users=`` to choose) and then get the recorded reply; a command the recording has no
+port=0, context=None, headers_only=False, timeout=60.0, overwrite=False)`` is a proxy: a client
+connects to its ``address`` in plaintext, the proxy talks to the real server (``tls``:
+"implicit", the default on port 995 or with no port; "stls" (the proxy sends STLS), the default
+on port 110; "auto", the default on other ports: a plaintext greeting within ``GREETING_WAIT``
+seconds means STLS, none means implicit TLS, and the file says which; or "none"; certificates
+are verified with ``context`` or the system's CAs) and appends each session to the transcript
+file (format: section "Transcript files" below), secrets as ``****``, logging how many client
+lines went into it; an existing ``out`` file raises FileExistsError unless ``overwrite``;
+``headers_only`` keeps only the header of RETR and TOP messages. ``FakeServer(replay=...)`` (a
+file path, transcript text, or ``parse_transcript()``'s sessions) serves a recording:
+connection n gets recorded session n (later ones the last); each command gets the next recorded
+reply to the same command line, whatever the order or pipelining; USER/PASS, APOP and AUTH are
+checked against ``REPLAY_PASSWORD`` (any user name; ``users=`` to choose) and then get the
+recorded reply; a command the recording has no
 answer for gets ``-ERR`` and a ``ReplayMismatch(session, command, recorded)`` in
 ``mismatches``. ``OPERAMAIL_RECORDING`` is the seed session the operamail preset is built from.
 ``transcript_line(direction, data)``, ``parse_transcript(text)`` and ``load_transcript(path)``
@@ -66,10 +77,13 @@ write the format.
 pytest plugin (``pytest11`` entry point of an installed pop3lite, or ``pytest_plugins =
 ["fakeserver"]`` in a conftest): fixtures ``pop3_server`` (a started server, preset "rfc",
 configured by ``@pytest.mark.pop3_server(preset, **options)``), ``make_pop3_server(preset="rfc",
-*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``
-and ``pop3_ca_file`` (the test CA as a file). When a test fails, the transcripts of its servers
-appear in the report as the section "fakeserver transcript"; an exception in a session fails the
-test that was running.
+*, messages=None, maildir=None, mbox=None, eml_dir=None, user=None, password=None, **options)``,
+``pop3_oauth2_server`` (preset "rfc" with a FakeOAuth2 of ``OAUTH2_TEST_OPTIONS``: 2-second
+access tokens, 0.05-second device polling) and ``pop3_ca_file`` (the test
+CA as a file); plain functions, clean under ``-W error``; a relative ``replay`` path is taken
+from the test file's folder. When a test fails, the transcripts of its servers (and the
+requests of their FakeOAuth2) appear in the report as the section "fakeserver transcript"; an
+exception in a session fails the test that was running.
 
 ``Maildrop(password, messages=(), *, uids=None)`` with ``.messages``, ``.uids``, ``.add(data,
 uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
@@ -77,12 +91,14 @@ uid=None)``, and ``Maildrop.from_maildir(path, password)``, ``.from_mbox(...)``,
 
 ``Fault(kind, command=None, value=None, times=None)``: ``command`` None selects every reply the
 kind can apply to; a verb (``"RETR"``) selects that command; a full command line
-(``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how often it fires.
+(``"RETR 2"``) only that one; ``"GREETING"`` the greeting. ``times`` limits how many replies it
+changes. Every reply passes through one place that chooses and applies its faults.
 Kinds (``value`` in brackets):
 
 - transport: ``delay`` [seconds, default 1] before the reply; ``drop`` [N, default 0] closes the
   connection after N bytes of the reply (command None: after N bytes of the whole connection; no
-  UPDATE); ``bytewise`` sends one byte per send call.
+  UPDATE); the transcript shows the cut: the part of a line sent ends in a lone ``\\``, then a
+  note of how many octets went out; ``bytewise`` sends one byte per send call.
 - format: ``lf`` (LF-only line ends); ``long-line`` [octets, default 2048] (a single-line reply is
   padded, a multi-line reply gets such a first line); ``no-terminator`` (no final ".", then
   hang up); ``unstuffed-dot`` (body lines that start with "." are not dot-stuffed); ``8bit`` (8-bit
@@ -99,14 +115,90 @@ Kinds (``value`` in brackets):
   ``raw`` [bytes, command required] the command runs, but these exact bytes are sent instead
   of its reply.
 
+OAuth2 (a fake of Microsoft's and Google's sign-in for POP3, for testing a client's whole
+sign-in and refresh offline): ``FakeServer(oauth2=FakeOAuth2(...))`` (``True``: the defaults; a
+dict: FakeOAuth2's options) serves ``server.oauth2``, started and stopped with the server (or
+alone: ``with FakeOAuth2() as oauth2:``). ``FakeOAuth2(*, client_id="pop3lite-test",
+client_secret=None, access_lifetime=3600.0, refresh_lifetime=None, device_interval=1.0,
+device_lifetime=600.0, approve_after=None, user=None, faults=(), slow_down_step=5.0,
+offline_scope=None, host="127.0.0.1")`` is an authorization server over plain HTTP on a free
+loopback port.
+Lifetimes and intervals are seconds, fractions allowed (sent as such in ``expires_in`` and
+``interval``; whole numbers as integers). ``user``: the account it signs in (default: the
+server's first user). ``client_secret``: the registration has one (a confidential client): every
+token and device request must carry it, in the body or by HTTP Basic (RFC 6749 section 2.3.1).
+``offline_scope``: a scope without which no refresh token is issued (Microsoft's
+``"offline_access"``); None: a refresh token with every grant but client credentials.
+Attributes: ``base_url``, ``address``, ``token_url`` (``{base}/token``), ``device_url``
+(``{base}/devicecode``), ``auth_url`` (``{base}/authorize``), ``default_user``.
+
+- Device grant (RFC 8628): ``POST /devicecode`` (client_id, scope) answers device_code,
+  user_code, verification_uri, expires_in, interval, message. ``POST /token`` with grant_type
+  ``DEVICE_GRANT`` (``urn:ietf:params:oauth:grant-type:device_code``) answers
+  ``authorization_pending`` until the test calls ``approve(user_code=None, user=None)`` (the code
+  with that user code, else the latest pending one, else the next one requested) or
+  ``deny(user_code=None)`` (then ``access_denied``), or automatically: ``approve_after=N``
+  answers N polls pending and the next with tokens, or by hand: the verification_uri
+  (``{base}/device``) is a page with a form that approves a user code. A poll sooner than the
+  interval after the previous poll's reply gets ``slow_down``, and the interval grows by
+  ``slow_down_step`` (RFC 8628 section 3.5 says 5 s); past ``device_lifetime``,
+  ``expired_token``; once redeemed, ``invalid_grant``.
+- Authorization code with PKCE (RFC 7636) and a loopback redirect (RFC 8252): ``GET
+  /authorize`` (client_id, redirect_uri: http to 127.0.0.1, [::1] or localhost, any port;
+  response_type=code; scope; state; code_challenge; code_challenge_method=S256, required)
+  answers 302 to ``redirect_uri?code=...&state=...`` (errors go there too, with the state, except
+  a bad client_id or redirect_uri: 400). ``browse(url, user=None, *, deny=False,
+  timeout=5.0)`` is the user's browser: it opens the URL, signs in as ``user``, consents (or
+  declines), and follows the redirect to the client's listener. The token request needs the
+  same redirect_uri and the code_verifier; a code is good for one request.
+- ``refresh_token``: a new access token and a new refresh token (rotation); the spent one is
+  refused (``invalid_grant``, AADSTS70000), an expired one (``refresh_lifetime``, or after
+  ``expire_refresh_tokens()``) gets ``invalid_grant`` AADSTS700082, a revoked one (``revoke()``)
+  AADSTS50173.
+- ``client_credentials`` (needs ``client_secret``): an access token without a refresh token,
+  good for every user of the server (Microsoft 365's POP.AccessAsApp).
+
+Replies are JSON with ``Cache-Control: no-store``: ``access_token``, ``token_type`` "Bearer",
+``expires_in``, ``scope`` (as requested), ``refresh_token``. Errors as Microsoft words them (RFC
+6749 section 5.2): ``error``, ``error_description`` ("AADSTS70000: ..." followed by trace id,
+correlation id and timestamp lines), ``error_codes``, ``trace_id``, ``correlation_id``,
+``timestamp``; status 400, or 401 for ``invalid_client``. Malformed HTTP, a form without
+Content-Length (411) or over 64 KiB (413), a parameter given twice, an unknown path (404) or
+method all get JSON ``invalid_request`` errors; every other client is served meanwhile.
+Faults of the token endpoint: ``faults=[Fault(kind, command=None, value=None, times=None)]``
+(or the kind alone as a string), ``kind`` one of ``OAUTH2_FAULT_KINDS``: ``"html"`` (200
+text/html, a sign-in page; [bytes]), ``"500"`` (an HTML error page; [bytes]), ``"huge"`` (200
+with a body of [octets, default 10 MiB]), ``"silent"`` (read the request, never answer, for
+[seconds, default until close()]; close() does not wait for it), ``"slow_down"`` (a device-code
+poll answered ``slow_down``). ``command``: a grant type (``"refresh_token"``, ``"device_code"``,
+``"authorization_code"``, ``"client_credentials"``) or ``"devicecode"`` (the device authorization
+endpoint); None: every token request. ``times`` limits how often it fires.
+
+The POP3 side (XOAUTH2, two-step as Microsoft requires or with an initial response, and
+OAUTHBEARER) accepts exactly the unexpired access tokens issued for that user, or by client
+credentials (``FakeServer.accepts_token(user, token)``; ``FakeOAuth2.accepts(user, token)``);
+the preset's static token is then off unless ``oauth_token=`` is given. A refused token gets the
+error challenge, then ``-ERR [AUTH]``. ``expire_access_tokens()`` expires every access token
+issued so far. For assertions: ``issued`` (``Issued(grant, user, scope, refresh)`` per token
+reply) and ``requests`` (``OAuth2Request(path, grant, error)`` per request, ``error`` the OAuth2
+error, ``"fault:KIND"``, or None); tokens, codes and secrets are in neither, nor in any repr,
+log or transcript (the fake keeps only their SHA-256). ``errors``: exceptions a request handler
+hit (with a FakeServer: its ``errors``).
+
 ``CA_PEM``: the test CA; ``ssl.create_default_context(cadata=CA_PEM)`` (or ``client_context()``)
 verifies the server. ``OPERAMAIL_MESSAGES`` and ``RFC_MESSAGES``: the presets' messages (bytes).
 ``FAULT_KINDS``: the kind names.
 
 Command line: ``python fakeserver.py --port 0`` (``--help`` lists the rest); the first line on
 stdout is ``HOST:PORT``; Ctrl-C stops it. ``--replay FILE`` serves a recording;
-``--record HOST[:PORT] --out FILE [--tls implicit|stls|none] [--headers-only]`` runs the
-recording proxy.
+``--record HOST[:PORT] --out FILE [--force] [--tls implicit|stls|none] [--headers-only]`` runs
+the recording proxy (``--force`` to overwrite an existing FILE). The banner names the file
+``--write-ca`` wrote, and with ``--replay`` the commands the recording answers. ``--oauth2``
+runs a FakeOAuth2 beside the server (preset "rfc" by default) and prints ``token-url URL``,
+``device-url URL``, ``auth-url URL`` and ``client-id ID`` on the lines after HOST:PORT;
+``--oauth2-access-lifetime``, ``--oauth2-refresh-lifetime``,
+``--oauth2-interval``, ``--oauth2-approve-after`` (default 1), ``--oauth2-client-id`` and
+``--oauth2-client-secret`` set its options.
 
 The module never imports pop3lite: its framing and dot-stuffing are its own, so a bug shared by
 both cannot hide.
@@ -117,14 +209,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
+import html
+import http.server
 import itertools
 import json
 import logging
 import mailbox
 import os
 import re
+import secrets
 import socket
 import socketserver
 import ssl
@@ -132,6 +228,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -151,15 +249,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CA_PEM",
+    "DEVICE_GRANT",
     "FAULT_KINDS",
+    "OAUTH2_FAULT_KINDS",
+    "OAUTH2_TEST_OPTIONS",
     "OPERAMAIL_MESSAGES",
     "OPERAMAIL_RECORDING",
     "REPLAY_PASSWORD",
     "RFC_MESSAGES",
     "Exchange",
+    "FakeOAuth2",
     "FakeServer",
     "Fault",
+    "Issued",
     "Maildrop",
+    "OAuth2Request",
     "RecordedSession",
     "Recorder",
     "ReplayMismatch",
@@ -1057,8 +1161,970 @@ _PRESETS = {
 }
 
 # ======================================================================================
+# OAuth2 authorization server
+# ======================================================================================
+
+# A fake of the sign-in side of Microsoft's and Google's POP3 service: the token, device
+# authorization and authorization endpoints of RFC 6749, RFC 8628 and RFC 7636, over plain HTTP on
+# a loopback address. FakeOAuth2 holds the state (under one lock) and what a test controls;
+# _OAuth2Endpoints, its base, turns each request into its reply as a value (_HttpReply), without
+# I/O; _OAuth2Handler is the only code that reads and writes HTTP. Tokens and codes are kept as
+# their SHA-256 only, so no repr, log or traceback can show one.
+
+#: A token or device request is a few hundred octets; a larger body is refused (413).
+MAX_OAUTH2_BODY = 65536
+#: A connection that sends nothing for this long is closed (every read is bounded in time).
+OAUTH2_READ_TIMEOUT = 30.0
+#: The size of the "huge" fault's body: far more than any token reply (10 MiB).
+HUGE_REPLY_SIZE = 10 * 1024 * 1024
+#: An authorization code is good for this long (RFC 6749 section 4.1.2: 10 minutes at most).
+AUTH_CODE_LIFETIME = 600.0
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+OAUTH2_FAULT_KINDS = frozenset({"html", "500", "huge", "silent", "slow_down"})
+_GRANTS = ("refresh_token", "device_code", "authorization_code", "client_credentials")
+#: RFC 8628 section 6.1: user codes from 20 consonants, no vowels (no words), no lookalikes.
+_USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
+#: RFC 7636 section 4.1: code-verifier = 43*128unreserved.
+_VERIFIER_RE = re.compile(r"[A-Za-z0-9\-._~]{43,128}\Z")
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+_INFINITY = float("inf")
+
+
+class Issued(NamedTuple):
+    """Tokens the fake authorization server handed out (``FakeOAuth2.issued``); no secret here."""
+
+    grant: str  # "device_code", "authorization_code", "refresh_token" or "client_credentials"
+    user: str | None  # None: client credentials (good for every user of the server)
+    scope: str
+    refresh: bool  # a (new) refresh token came with the access token
+
+
+class OAuth2Request(NamedTuple):
+    """One request to the fake authorization server (``FakeOAuth2.requests``); no secret here."""
+
+    path: str  # "/token", "/devicecode", "/authorize" or another path asked for
+    grant: str  # the short grant type of a token request ("device_code", ...), else ""
+    error: str | None  # the OAuth2 error answered, "fault:KIND", or None for success
+
+
+class _HttpReply(NamedTuple):
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    location: str | None = None  # for 302
+    fault: Fault | None = None  # the token endpoint fault this reply carries out
+
+
+class _Token(NamedTuple):
+    user: str | None  # None: a client-credentials token
+    scope: str
+    expires: float  # time.monotonic() deadline
+
+
+class _DeviceCode:
+    """A device authorization request (RFC 8628 section 3.2) and how its polling went."""
+
+    __slots__ = ("user_code", "scope", "expires", "interval", "polls", "last", "state", "user")
+
+    def __init__(self, user_code: str, scope: str, expires: float, interval: float) -> None:
+        self.user_code = user_code
+        self.scope = scope
+        self.expires = expires
+        self.interval = interval  # grows by slow_down_step with every slow_down
+        self.polls = 0
+        self.last: float | None = None  # when the previous poll was answered
+        self.state = "pending"  # then "approved", "denied" or "used"
+        self.user: str | None = None
+
+
+class _AuthCode(NamedTuple):
+    redirect_uri: str
+    challenge: str
+    scope: str
+    user: str
+    expires: float
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _seconds(value: float) -> float | int:
+    """A lifetime for JSON: an integer when it is one (what providers send), else the fraction."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _json(status: int, fields: Mapping[str, object]) -> _HttpReply:
+    return _HttpReply(status, json.dumps(fields).encode())
+
+
+def _oauth2_error(error: str, description: str = "", code: int | None = None,
+                  status: int = 400) -> _HttpReply:
+    """An error reply as Microsoft's identity platform words it (RFC 6749 section 5.2 plus the
+    AADSTS code, trace and correlation ids in the description, which a client must keep whole)."""
+    fields: dict[str, object] = {"error": error}
+    if description:
+        trace, correlation = secrets.token_hex(16), secrets.token_hex(16)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+        prefix = "AADSTS%d: " % code if code is not None else ""
+        fields["error_description"] = "%s%s\r\nTrace ID: %s\r\nCorrelation ID: %s\r\n" \
+            "Timestamp: %s" % (prefix, description, trace, correlation, stamp)
+        if code is not None:
+            fields["error_codes"] = [code]
+        fields.update(timestamp=stamp, trace_id=trace, correlation_id=correlation)
+    return _json(status, fields)
+
+
+def _missing(parameter: str, code: int = 900144) -> _HttpReply:
+    """A required parameter is missing: invalid_request, or invalid_client for the secret."""
+    if code == 900144:
+        error, status = "invalid_request", 400
+    else:
+        error, status = "invalid_client", 401
+    return _oauth2_error(error, "The request body must contain the following parameter: '%s'."
+                         % parameter, code, status)
+
+
+def _key_of(form: Mapping[str, str], parameter: str) -> str | _HttpReply:
+    """The SHA-256 of a required token or code parameter (the key it is kept under), or the
+    reply that says it is missing."""
+    value = form.get(parameter, "")
+    return _digest(value) if value else _missing(parameter)
+
+
+def _fault_reply(fault: Fault) -> _HttpReply:
+    """What a transport-level fault of the token endpoint sends instead of the reply."""
+    if fault.kind == "html":
+        page = fault.value if isinstance(fault.value, bytes) else (
+            b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><form method=post>"
+            b"<p>Your session has expired. Please sign in to continue.</p></form></body></html>")
+        return _HttpReply(200, page, "text/html; charset=utf-8", fault=fault)
+    if fault.kind == "500":
+        page = fault.value if isinstance(fault.value, bytes) else (
+            b"<html><body><h1>500 Internal Server Error</h1></body></html>")
+        return _HttpReply(500, page, "text/html; charset=utf-8", fault=fault)
+    return _HttpReply(200, fault=fault)  # "silent" and "huge": the handler carries them out
+
+
+def _as_oauth2_fault(fault: Fault | str) -> Fault:
+    fault = Fault(fault) if isinstance(fault, str) else fault
+    if fault.kind not in OAUTH2_FAULT_KINDS:
+        raise ValueError("unknown OAuth2 fault kind %r (use one of %s)"
+                         % (fault.kind, ", ".join(sorted(OAUTH2_FAULT_KINDS))))
+    if fault.command not in (None, "devicecode") + _GRANTS:
+        raise ValueError("an OAuth2 fault's command is a grant type or \"devicecode\", not %r"
+                         % (fault.command,))
+    return fault
+
+
+def _short_grant(grant_type: str) -> str:
+    return "device_code" if grant_type == DEVICE_GRANT else grant_type
+
+
+def _loopback_redirect(uri: str) -> bool:
+    """RFC 8252 section 7.3: a native app's redirect is http to a loopback address, any port.
+    Printable ASCII only: it goes back into a Location header as it came."""
+    if not re.match(r"[\x21-\x7e]+\Z", uri):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        return False
+    return (parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS and not parts.fragment
+            and not parts.username and not parts.password and port != 0)
+
+
+def _with_query(uri: str, fields: Mapping[str, str]) -> str:
+    return uri + ("&" if "?" in uri else "?") + urllib.parse.urlencode(fields)
+
+
+def _check_oauth2_options(access_lifetime: float, refresh_lifetime: float | None,
+                          device_interval: float, device_lifetime: float,
+                          approve_after: int | None, slow_down_step: float, host: str) -> None:
+    for name, value in (("access_lifetime", access_lifetime),
+                        ("device_interval", device_interval),
+                        ("device_lifetime", device_lifetime)):
+        if not 0 < value < _INFINITY:  # also refuses nan
+            raise ValueError("%s must be a positive number of seconds" % name)
+    if refresh_lifetime is not None and not 0 < refresh_lifetime < _INFINITY:
+        raise ValueError("refresh_lifetime must be a positive number of seconds or None")
+    if approve_after is not None and approve_after < 0:
+        raise ValueError("approve_after must be 0 or more polls, or None")
+    if not 0 <= slow_down_step < _INFINITY:
+        raise ValueError("slow_down_step must be 0 or more seconds")
+    if host not in _LOOPBACK_HOSTS - {"localhost"}:
+        raise ValueError("the fake authorization server listens on a loopback address only")
+
+
+class _OAuth2Endpoints:
+    """What a client sees: each request's answer, from the state FakeOAuth2 keeps (no I/O).
+    Part of FakeOAuth2, kept apart from what a test sees and controls."""
+
+    client_id: str
+    client_secret: str | None
+    access_lifetime: float
+    refresh_lifetime: float | None
+    device_interval: float
+    device_lifetime: float
+    approve_after: int | None
+    user: str | None
+    faults: list[Fault]
+    slow_down_step: float
+    offline_scope: str | None
+    issued: list[Issued]
+    requests: list[OAuth2Request]
+    _uses: list[int]
+    _lock: threading.Lock
+    _access: dict[str, _Token]
+    _refresh: dict[str, _Token]
+    _spent: set[str]
+    _revoked: set[str]
+    _devices: dict[str, _DeviceCode]
+    _codes: dict[str, _AuthCode]
+    _used_codes: set[str]
+    _next_device: tuple[str, str | None] | None
+    _users: Callable[[], Sequence[str]]
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def default_user(self) -> str:
+        """The account tokens are issued for: ``user``, else the server's first user."""
+        if self.user is not None:
+            return self.user
+        users = self._users()
+        return users[0] if users else "hogehoge"
+
+    # ----- inside ------------------------------------------------------------------
+    def _take_fault(self, kinds: Sequence[str], command: str) -> Fault | None:
+        """The first fault of `kinds` that selects this request (`command`: the short grant
+        type, or "devicecode"); it counts against its `times`. A fault without a command
+        selects every token request ("slow_down": every device-code poll)."""
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                wanted = fault.command
+                if wanted is None and fault.kind == "slow_down":
+                    wanted = "device_code"
+                if fault.kind not in kinds or wanted not in (None, command):
+                    continue
+                if wanted is None and command == "devicecode":
+                    continue
+                if fault.times is not None and self._uses[index] >= fault.times:
+                    continue
+                self._uses[index] += 1
+                return fault
+        return None
+
+    def _note(self, path: str, grant: str, reply: _HttpReply) -> _HttpReply:
+        """Log the request (no secret: the error code only) and pass its reply on."""
+        error: str | None = None
+        if reply.fault is not None:
+            error = "fault:" + reply.fault.kind
+        elif reply.location is not None:
+            error = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(reply.location).query)
+                         ).get("error")
+        elif reply.status >= 400:
+            error = json.loads(reply.body).get("error")
+        elif reply.content_type.startswith("text/html") and b"class=refused" in reply.body:
+            error = "invalid_request"  # the verification page did not know the code
+        with self._lock:
+            self.requests.append(OAuth2Request(path, grant, error))
+        return reply
+
+    def _issue(self, grant: str, user: str | None, scope: str, refresh: bool) -> _HttpReply:
+        """Mint an access token (and a refresh token) and the RFC 6749 section 5.1 reply."""
+        if self.offline_scope is not None and self.offline_scope not in scope.split():
+            refresh = False  # Microsoft: no refresh token unless offline_access was asked for
+        now = time.monotonic()
+        access = secrets.token_urlsafe(32)
+        fields: dict[str, object] = {
+            "token_type": "Bearer", "scope": scope,
+            "expires_in": _seconds(self.access_lifetime), "access_token": access}
+        with self._lock:
+            self._access[_digest(access)] = _Token(user, scope, now + self.access_lifetime)
+            if refresh:
+                token = secrets.token_urlsafe(48)
+                lifetime = self.refresh_lifetime
+                expires = _INFINITY if lifetime is None else now + lifetime
+                self._refresh[_digest(token)] = _Token(user, scope, expires)
+                fields["refresh_token"] = token
+            self.issued.append(Issued(grant, user, scope, refresh))
+        return _json(200, fields)
+
+    # ----- endpoints ---------------------------------------------------------------
+    def _post(self, path: str, form: Mapping[str, str], basic: tuple[str, str] | None
+              ) -> _HttpReply:
+        if path == "/token":
+            grant = _short_grant(form.get("grant_type", ""))
+            return self._note(path, grant, self._token(grant, form, basic))
+        if path == "/devicecode":
+            return self._note(path, "", self._device_authorization(form, basic))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(form))
+        return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
+                                                  status=404))
+
+    def _get(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]
+             ) -> _HttpReply:
+        if path == "/authorize":
+            return self._note(path, "", self._authorize(query, headers))
+        if path == "/device":
+            return self._note(path, "", self._verification_page(None))
+        if path in ("/token", "/devicecode"):
+            return self._note(path, "", _oauth2_error(
+                "invalid_request", "The endpoint only accepts POST requests.", 900561, 405))
+        return self._note(path, "", _oauth2_error("invalid_request", "No such endpoint.",
+                                                  status=404))
+
+    def _client_error(self, form: Mapping[str, str], basic: tuple[str, str] | None,
+                      need_secret: bool) -> _HttpReply | None:
+        """RFC 6749 section 2.3.1: the client id (and secret) in the body or in HTTP Basic."""
+        client_id, secret = basic if basic is not None else (
+            form.get("client_id", ""), form.get("client_secret"))
+        if basic is not None and form.get("client_id", client_id) != client_id:
+            return _oauth2_error("invalid_request", "Two different client ids were given.",
+                                 900144)
+        if not client_id:
+            return _missing("client_id")
+        if client_id != self.client_id:
+            return _oauth2_error("invalid_client", "Application with identifier '%s' was not "
+                                 "found in the directory." % client_id[:100], 700016, 401)
+        if self.client_secret is None and not need_secret:
+            return None
+        if self.client_secret is None or secret is None:
+            return _missing("client_assertion' or 'client_secret", 7000218)
+        if not hmac.compare_digest(_digest(secret), _digest(self.client_secret)):
+            return _oauth2_error("invalid_client", "Invalid client secret provided. Ensure the "
+                                 "secret being sent in the request is the client secret value.",
+                                 7000215, 401)
+        return None
+
+    def _token(self, grant: str, form: Mapping[str, str], basic: tuple[str, str] | None
+               ) -> _HttpReply:
+        """POST /token (RFC 6749 section 3.2)."""
+        fault = self._take_fault(("html", "500", "huge", "silent"), grant)
+        if fault is not None:
+            return _fault_reply(fault)
+        if not grant:
+            return _missing("grant_type")
+        if grant not in _GRANTS:
+            return _oauth2_error("unsupported_grant_type", "The provided value for the input "
+                                 "parameter 'grant_type' is not valid.", 70003)
+        refused = self._client_error(form, basic, grant == "client_credentials")
+        if refused is not None:
+            return refused
+        if grant == "client_credentials":
+            return self._issue(grant, None, form.get("scope", "") or "pop", refresh=False)
+        step = {"refresh_token": self._refresh_grant, "device_code": self._device_grant,
+                "authorization_code": self._code_grant}[grant]
+        return step(form)
+
+    def _refresh_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """RFC 6749 section 6, with rotation: the spent refresh token is refused afterwards."""
+        key = _key_of(form, "refresh_token")
+        if isinstance(key, _HttpReply):
+            return key
+        with self._lock:
+            granted = self._refresh.get(key)
+            if granted is None or key in self._spent:
+                problem: str | None = "unknown"
+            elif key in self._revoked:
+                problem = "revoked"
+            elif granted.expires <= time.monotonic():
+                problem = "expired"
+            else:
+                problem = None
+                self._spent.add(key)
+        if problem == "expired":
+            return _oauth2_error("invalid_grant", "The refresh token has expired due to "
+                                 "inactivity: it was not used for longer than its lifetime.",
+                                 700082)
+        if problem == "revoked":
+            return _oauth2_error("invalid_grant", "The provided grant has been revoked (the "
+                                 "user changed the password or an administrator revoked it).",
+                                 50173)
+        if problem is not None or granted is None:
+            return _oauth2_error("invalid_grant", "The provided value for 'refresh_token' is "
+                                 "not valid: it is unknown or has already been used.", 70000)
+        return self._issue("refresh_token", granted.user, granted.scope, refresh=True)
+
+    def _device_authorization(self, form: Mapping[str, str], basic: tuple[str, str] | None
+                              ) -> _HttpReply:
+        """POST /devicecode (RFC 8628 sections 3.1 and 3.2)."""
+        fault = self._take_fault(("html", "500", "huge", "silent"), "devicecode")
+        if fault is not None:
+            return _fault_reply(fault)
+        refused = self._client_error(form, basic, need_secret=False)
+        if refused is not None:
+            return refused
+        device_code = secrets.token_urlsafe(32)
+        letters = "".join(secrets.choice(_USER_CODE_ALPHABET) for _ in range(8))
+        user_code = letters[:4] + "-" + letters[4:]
+        entry = _DeviceCode(user_code, form.get("scope", ""),
+                            time.monotonic() + self.device_lifetime, self.device_interval)
+        with self._lock:
+            if self._next_device is not None:  # approve() or deny() came first
+                entry.state, entry.user = self._next_device
+                self._next_device = None
+            self._devices[_digest(device_code)] = entry
+        page = self.base_url + "/device"
+        return _json(200, {
+            "device_code": device_code, "user_code": user_code, "verification_uri": page,
+            "expires_in": _seconds(self.device_lifetime),
+            "interval": _seconds(self.device_interval),
+            "message": "To sign in, open the page %s in a web browser and enter the code %s."
+            % (page, user_code)})
+
+    def _device_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """One poll of the device access token request (RFC 8628 sections 3.4 and 3.5)."""
+        key = _key_of(form, "device_code")
+        if isinstance(key, _HttpReply):
+            return key
+        slow = self._take_fault(("slow_down",), "device_code") is not None
+        with self._lock:
+            entry = self._devices.get(key)
+            outcome = "unknown" if entry is None else self._poll(entry, slow)
+        if outcome == "approved" and entry is not None:
+            return self._issue("device_code", entry.user, entry.scope, refresh=True)
+        return {
+            "unknown": _oauth2_error("invalid_grant", "The provided value for 'device_code' "
+                                     "is not valid.", 70000),
+            "used": _oauth2_error("invalid_grant", "The device code has already been redeemed "
+                                  "for tokens.", 54005),
+            "expired": _oauth2_error("expired_token", "The device code has expired: start "
+                                     "again with a new device authorization request.", 70019),
+            "slow_down": _oauth2_error("slow_down", "Polling too fast: wait longer between "
+                                       "requests (RFC 8628 section 3.5)."),
+            "pending": _oauth2_error("authorization_pending", "Authorization is pending: the "
+                                     "user has not yet entered the code. Continue polling.",
+                                     70016),
+            "denied": _oauth2_error("access_denied", "The user declined the authorization "
+                                    "request.", 65004),
+        }[outcome]
+
+    def _poll(self, entry: _DeviceCode, slow: bool) -> str:
+        """Account for one poll of `entry` (with the lock held); the outcome's name."""
+        now = time.monotonic()
+        if entry.state == "used":
+            return "used"
+        if now >= entry.expires:
+            return "expired"
+        entry.polls += 1
+        # Measured from when the previous poll was answered, so a client that waits `interval`
+        # after each reply is never too fast, however late its requests arrive.
+        too_fast = entry.last is not None and now < entry.last + entry.interval - 0.001
+        entry.last = now
+        if slow or too_fast:
+            entry.interval += self.slow_down_step  # RFC 8628 section 3.5: for all later polls
+            return "slow_down"
+        if entry.state == "pending" and self.approve_after is not None \
+                and entry.polls > self.approve_after:
+            entry.state, entry.user = "approved", self.default_user
+        if entry.state == "approved":
+            entry.state = "used"
+            return "approved"
+        return entry.state
+
+    def _verification_page(self, form: Mapping[str, str] | None) -> _HttpReply:
+        """The device grant's verification_uri, for a person who tries the fake by hand: GET
+        shows a form for the user code, POST approves that code for the default user."""
+        text = "Enter the code that the application shows."
+        refused = False
+        if form is not None:
+            code = form.get("user_code", "").strip().upper()
+            with self._lock:
+                found = [entry for entry in self._devices.values()
+                         if entry.state == "pending" and entry.user_code == code]
+                if found:
+                    found[0].state, found[0].user = "approved", self.default_user
+            text = "Approved: the application signs in as %s." % self.default_user
+            if not found:
+                text, refused = "No device code waits for that code.", True
+        page = ("<!DOCTYPE html><html><head><title>fakeserver sign-in</title></head><body>"
+                "<p%s>%s</p><form method=post><input name=user_code autofocus> "
+                "<button>Approve</button></form></body></html>"
+                % (" class=refused" if refused else "", html.escape(text)))
+        return _HttpReply(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def _authorize(self, query: Mapping[str, str], headers: Mapping[str, str]) -> _HttpReply:
+        """GET /authorize: the user signs in and consents, then goes back to the client
+        (RFC 6749 section 4.1.1, RFC 7636 section 4.3, RFC 8252 section 7.3)."""
+        if query.get("client_id") != self.client_id:  # section 4.1.2.1: no redirect then
+            return _oauth2_error("unauthorized_client", "Application with identifier '%s' was "
+                                 "not found." % query.get("client_id", "")[:100], 700016)
+        redirect = query.get("redirect_uri", "")
+        if not _loopback_redirect(redirect):
+            return _oauth2_error("invalid_request", "The redirect URI must be http to a "
+                                 "loopback address (RFC 8252 section 7.3).", 50011)
+        back = {"state": query["state"]} if "state" in query else {}
+        if query.get("response_type") != "code":
+            back.update(error="unsupported_response_type")
+        elif query.get("code_challenge_method") != "S256" or not re.match(
+                r"[A-Za-z0-9_-]{43}\Z", query.get("code_challenge", "")):
+            back.update(error="invalid_request",
+                        error_description="PKCE with code_challenge_method S256 is required")
+        elif headers.get("x-fakeserver-consent") == "deny":
+            back.update(error="access_denied", error_description="the user declined")
+        else:
+            code = secrets.token_urlsafe(32)
+            user = urllib.parse.unquote(headers.get("x-fakeserver-user", "")) or self.default_user
+            with self._lock:
+                self._codes[_digest(code)] = _AuthCode(
+                    redirect, query["code_challenge"], query.get("scope", ""), user,
+                    time.monotonic() + AUTH_CODE_LIFETIME)
+            back.update(code=code)
+        return _HttpReply(302, b"", "text/plain", location=_with_query(redirect, back))
+
+    def _code_grant(self, form: Mapping[str, str]) -> _HttpReply:
+        """The access token request of RFC 6749 section 4.1.3, checked as RFC 7636 section 4.6
+        says. A code is good for one request, even a failed one (section 4.1.2)."""
+        key = _key_of(form, "code")
+        if isinstance(key, _HttpReply):
+            return key
+        with self._lock:
+            granted = self._codes.get(key)
+            used = key in self._used_codes
+            self._used_codes.add(key)
+        verifier = form.get("code_verifier", "")
+        if granted is None:
+            return _oauth2_error("invalid_grant", "The provided authorization code is not "
+                                 "valid.", 70000)
+        if used:
+            return _oauth2_error("invalid_grant", "The authorization code has already been "
+                                 "redeemed.", 54005)
+        if granted.expires <= time.monotonic():
+            return _oauth2_error("invalid_grant", "The authorization code has expired.", 70008)
+        if form.get("redirect_uri") != granted.redirect_uri:
+            return _oauth2_error("invalid_grant", "The redirect_uri does not match the one of "
+                                 "the authorization request.", 50148)
+        computed = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        if not _VERIFIER_RE.match(verifier) or not hmac.compare_digest(
+                computed.rstrip(b"=").decode(), granted.challenge):
+            return _oauth2_error("invalid_grant", "The code_verifier does not match the "
+                                 "code_challenge of the authorization request.", 501481)
+        return self._issue("authorization_code", granted.user, granted.scope, refresh=True)
+
+
+class FakeOAuth2(_OAuth2Endpoints):
+    """A fake OAuth2 authorization server over HTTP (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "pop3lite-test",
+        client_secret: str | None = None,
+        access_lifetime: float = 3600.0,
+        refresh_lifetime: float | None = None,
+        device_interval: float = 1.0,
+        device_lifetime: float = 600.0,
+        approve_after: int | None = None,
+        user: str | None = None,
+        faults: Sequence[Fault | str] = (),
+        slow_down_step: float = 5.0,
+        offline_scope: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        _check_oauth2_options(access_lifetime, refresh_lifetime, device_interval,
+                              device_lifetime, approve_after, slow_down_step, host)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.access_lifetime = access_lifetime
+        self.refresh_lifetime = refresh_lifetime
+        self.device_interval = device_interval
+        self.device_lifetime = device_lifetime
+        self.approve_after = approve_after
+        self.user = user
+        self.faults = [_as_oauth2_fault(fault) for fault in faults]
+        self.slow_down_step = slow_down_step
+        self.offline_scope = offline_scope
+        self.issued: list[Issued] = []
+        self.requests: list[OAuth2Request] = []
+        self.errors: list[BaseException] = []  # shared with the FakeServer it is attached to
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+        self._access: dict[str, _Token] = {}  # SHA-256 of the token -> what it grants
+        self._refresh: dict[str, _Token] = {}
+        self._spent: set[str] = set()  # refresh tokens already exchanged (rotation)
+        self._revoked: set[str] = set()
+        self._devices: dict[str, _DeviceCode] = {}  # SHA-256 of the device code -> request
+        self._codes: dict[str, _AuthCode] = {}  # SHA-256 of the authorization code -> grant
+        self._used_codes: set[str] = set()
+        self._next_device: tuple[str, str | None] | None = None  # approve()/deny() in advance
+        self._users: Callable[[], Sequence[str]] = lambda: ()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._attached = False
+        self._http = _OAuth2HTTPServer(self, host)
+
+    def __repr__(self) -> str:  # no token, code or secret here
+        return "<FakeOAuth2 %s, client %s, %d issued>" % (
+            self.base_url, self.client_id, len(self.issued))
+
+    # ----- public ------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = self.address
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return str(self._http.server_address[0]), int(self._http.server_address[1])
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + "/token"
+
+    @property
+    def device_url(self) -> str:
+        return self.base_url + "/devicecode"
+
+    @property
+    def auth_url(self) -> str:
+        return self.base_url + "/authorize"
+
+    def start(self) -> FakeOAuth2:
+        """Serve in a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
+                name="fakeserver oauth2 %s" % self.base_url)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving (a "silent" reply in progress ends too), then raise the first error a
+        request handler hit (when not attached to a FakeServer, which raises it instead)."""
+        self._stop()
+        if self.errors and not self._attached:
+            raise self.errors[0]
+
+    def __enter__(self) -> FakeOAuth2:
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        self._stop()
+        if exc_type is None and self.errors and not self._attached:
+            raise self.errors[0]
+
+    def approve(self, user_code: str | None = None, user: str | None = None) -> None:
+        """Approve a device code as its user would on the verification page: the one with this
+        user code, or else the latest one still pending, or else the next one requested."""
+        self._decide(user_code, "approved", user if user is not None else self.default_user)
+
+    def deny(self, user_code: str | None = None) -> None:
+        """Decline a device code (the client gets access_denied); chosen as by approve()."""
+        self._decide(user_code, "denied", None)
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far expires now (POP3 refuses it)."""
+        with self._lock:
+            self._access = {key: token._replace(expires=-_INFINITY)
+                            for key, token in self._access.items()}
+
+    def expire_refresh_tokens(self) -> None:
+        """Every refresh token issued so far expires now: the next refresh gets invalid_grant
+        with AADSTS700082, as after Microsoft's 90 days of inactivity."""
+        with self._lock:
+            self._refresh = {key: token._replace(expires=-_INFINITY)
+                             for key, token in self._refresh.items()}
+
+    def revoke(self) -> None:
+        """Revoke every token issued so far (a changed password, an admin's revocation): access
+        tokens are refused by POP3, refresh tokens get invalid_grant (AADSTS50173)."""
+        with self._lock:
+            self._revoked.update(self._refresh)
+            self._access.clear()
+
+    def accepts(self, user: str, token: str) -> bool:
+        """Whether `token` is an unexpired access token issued for `user` (or by client
+        credentials, then for any user; the caller checks that the user exists)."""
+        with self._lock:
+            granted = self._access.get(_digest(token))
+        if granted is None or granted.expires <= time.monotonic():
+            return False
+        return granted.user is None or granted.user == user
+
+    # ----- the user's browser ------------------------------------------------------
+    def browse(self, url: str, user: str | None = None, *, deny: bool = False,
+               timeout: float = 5.0) -> None:
+        """Act as the user's browser in the authorization-code grant: open `url` (this
+        server's authorization URL; sign in as `user`, consent unless `deny`), then follow
+        the redirect to the client's loopback redirect_uri. ValueError if the authorization
+        endpoint refuses (no redirect: a bad client id or redirect_uri)."""
+        parts = urllib.parse.urlsplit(url)
+        if (parts.scheme, parts.netloc, parts.path) != (
+                "http", urllib.parse.urlsplit(self.base_url).netloc, "/authorize"):
+            raise ValueError("not this server's authorization URL")
+        headers = {"X-Fakeserver-User": urllib.parse.quote(user or self.default_user)}
+        if deny:
+            headers["X-Fakeserver-Consent"] = "deny"
+        status, location, body = _http_get(url, headers, timeout)
+        if status != 302 or location is None or not _loopback_redirect(location):
+            raise ValueError("the authorization endpoint refused (HTTP %d): %s"
+                             % (status, body[:300].decode("utf-8", "replace")))
+        _http_get(location, {}, timeout)  # the client's listener; its page is not needed
+
+    # ----- inside ------------------------------------------------------------------
+    def _attach(self, users: Callable[[], Sequence[str]], errors: list[BaseException]) -> None:
+        """Serve beside a FakeServer: its users are the default account, errors go to its list."""
+        self._users = users
+        self.errors = errors
+        self._attached = True
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopping.set()  # ends "silent" replies
+        if self._thread is not None:
+            self._http.shutdown()
+            self._thread.join()
+        self._http.abort_all()
+        self._http.server_close()  # joins the request threads
+
+    def _decide(self, user_code: str | None, state: str, user: str | None) -> None:
+        with self._lock:
+            pending = [d for d in self._devices.values() if d.state == "pending"
+                       and (user_code is None or d.user_code == user_code)]
+            if not pending:
+                if user_code is not None:
+                    raise ValueError("no pending device code with that user code")
+                self._next_device = (state, user)
+                return
+            pending[-1].state, pending[-1].user = state, user
+
+
+def _http_get(url: str, headers: Mapping[str, str], timeout: float
+              ) -> tuple[int, str | None, bytes]:
+    """GET a URL on a loopback address: status, Location and (up to 64 KiB of) the body."""
+    parts = urllib.parse.urlsplit(url)
+    connection = HTTPConnection(parts.hostname or "", parts.port or 80,
+                                            timeout=timeout)
+    try:
+        connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/",
+                                                           parts.query, "")), headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheader("Location"), response.read(MAX_OAUTH2_BODY)
+    finally:
+        connection.close()
+
+
+def _parse_form(text: str) -> dict[str, str] | None:
+    """Form fields (RFC 6749 appendix B), or None: bad encoding, or a field given twice
+    (sections 3.1 and 3.2: parameters MUST NOT be included more than once)."""
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
+    except ValueError:  # UnicodeDecodeError: percent-encoded bytes that are not UTF-8
+        return None
+    form = dict(pairs)
+    return form if len(form) == len(pairs) else None
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """Client id and secret from HTTP Basic (RFC 6749 section 2.3.1: each form-encoded first);
+    ValueError for a malformed header."""
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise ValueError("only HTTP Basic client authentication is supported")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("malformed HTTP Basic credentials") from None
+    client_id, colon, secret = decoded.partition(":")
+    if not colon:
+        raise ValueError("malformed HTTP Basic credentials")
+    return urllib.parse.unquote_plus(client_id), urllib.parse.unquote_plus(secret)
+
+
+class _OAuth2Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP connection to the fake authorization server: the section's only I/O."""
+
+    server: _OAuth2HTTPServer
+    protocol_version = "HTTP/1.0"  # one request per connection
+    default_request_version = "HTTP/1.0"  # every reply has a status line, even to garbage
+    server_version = "fakeserver-oauth2"
+    sys_version = ""
+    timeout = OAUTH2_READ_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            pass  # the client went away or went silent: not our bug
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self.server.track(self.connection, False)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        parts = urllib.parse.urlsplit(self.path)
+        query = _parse_form(parts.query)
+        if query is None:
+            return self.answer(_oauth2_error("invalid_request", "Malformed query string."))
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        self.answer(self.server.oauth2._get(parts.path, query, headers))
+
+    def do_POST(self) -> None:  # noqa: N802
+        form = self.read_form()
+        if isinstance(form, _HttpReply):
+            return self.answer(form)
+        try:
+            basic = _basic_credentials(self.headers.get("Authorization"))
+        except ValueError as error:
+            return self.answer(_oauth2_error("invalid_client", str(error), status=401))
+        path = urllib.parse.urlsplit(self.path).path
+        self.answer(self.server.oauth2._post(path, form, basic))
+
+    def read_form(self) -> dict[str, str] | _HttpReply:
+        """The form body, read within MAX_OAUTH2_BODY, or the error reply."""
+        length = self.headers.get("Content-Length", "")
+        if "Transfer-Encoding" in self.headers or not length.isdigit():
+            return _oauth2_error("invalid_request", "A Content-Length is required.", status=411)
+        if int(length) > MAX_OAUTH2_BODY:
+            return _oauth2_error("invalid_request", "The request body is too large.",
+                                 status=413)
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise ConnectionResetError("the client closed in the middle of its request")
+        if self.headers.get_content_type() != "application/x-www-form-urlencoded":
+            return _oauth2_error("invalid_request", "The body must be "
+                                 "application/x-www-form-urlencoded.", 900144)
+        try:
+            form = _parse_form(body.decode("ascii"))
+        except UnicodeDecodeError:
+            form = None
+        if form is None:
+            return _oauth2_error("invalid_request", "Malformed form body (bad encoding, or a "
+                                 "parameter given more than once).", 900144)
+        return form
+
+    def answer(self, reply: _HttpReply) -> None:
+        """Send a reply, or carry out its fault ("silent": say nothing; "huge": 10 MiB)."""
+        fault = reply.fault
+        if fault is not None and fault.kind == "silent":
+            seconds = float(cast(float, fault.value)) if fault.value is not None else None
+            self.server.oauth2._stopping.wait(seconds)  # until shutdown, or `value` seconds
+            self.close_connection = True
+            return
+        huge = fault is not None and fault.kind == "huge"
+        size = len(reply.body)
+        if fault is not None and huge:
+            size = int(cast(int, fault.value or HUGE_REPLY_SIZE))
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Cache-Control", "no-store")  # RFC 6749 section 5.1
+        self.send_header("Pragma", "no-cache")
+        if reply.location is not None:
+            self.send_header("Location", reply.location)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        if not huge:
+            self.wfile.write(reply.body)
+            return
+        start = b'{"access_token": "'
+        self.wfile.write(start)
+        left = size - len(start)
+        while left > 0:
+            chunk = min(left, 65536)
+            self.wfile.write(b"A" * chunk)
+            left -= chunk
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None
+                   ) -> None:
+        """http.server's own errors (a malformed request line, headers too long, an unknown
+        method) as JSON, like every other error here."""
+        self.close_connection = True
+        self.answer(_oauth2_error("invalid_request", message or "Bad request.", status=code))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # The path only: a query string carries state and PKCE values.
+        path = urllib.parse.urlsplit(getattr(self, "path", "")).path
+        logger.debug("oauth2: %s %s -> %s", getattr(self, "command", ""), path[:100], code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("oauth2: %s", format.split("%")[0].strip())  # arguments may hold secrets
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _OAuth2HTTPServer(http.server.ThreadingHTTPServer):
+    """The HTTP side of a FakeOAuth2: threaded, on a loopback address, every connection
+    closable from outside so that shutdown never waits for a client."""
+
+    # Request threads are joined by server_close() (block_on_close), after abort_all().
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 128
+
+    def __init__(self, oauth2: FakeOAuth2, host: str) -> None:
+        self.oauth2 = oauth2
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        self._aborted = False
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, 0), _OAuth2Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up the host's name (a DNS query); nothing here needs it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "localhost", int(self.server_address[1])
+
+    def track(self, connection: socket.socket, is_open: bool) -> None:
+        with self._open_lock:
+            if not is_open:
+                self._open.discard(connection)
+                return
+            self._open.add(connection)
+            aborted = self._aborted
+        if aborted:  # accepted just before shutdown: abort_all() did not see it
+            _shut(connection)
+
+    def abort_all(self) -> None:
+        """Unblock every request thread (shutdown): its reads and writes fail at once."""
+        with self._open_lock:
+            self._aborted = True
+            connections = list(self._open)
+        for connection in connections:
+            _shut(connection)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, OSError):
+            logger.error("oauth2 request failed: %r", error)
+            self.oauth2.errors.append(error)
+
+
+# ======================================================================================
 # Sessions
 # ======================================================================================
+#
+# A connection is a _Session (the socket, the transcript, reading and writing), which hands each
+# command to its protocol: _Pop3 (the POP3 states and commands) or, for a recording, _ReplayedPop3
+# (recorded answers); AUTH goes on to _Sasl. A script (FakeServer(script=...)) replaces the
+# protocol with _run_script (its raw replies take no faults). Faults act in one place,
+# _Faults.reply(), through which every other reply passes; _Session.send(), the one path for
+# the bytes the server sends, only carries out the transport faults chosen there.
 
 
 class _HangUp(Exception):
@@ -1080,7 +2146,8 @@ class _LineTooLong(Exception):
 class _Reply:
     """One reply: a status line and, for multi-line replies, the body lines (not yet stuffed)."""
 
-    __slots__ = ("status", "body", "after", "extra", "raw")
+    __slots__ = ("status", "body", "after", "extra", "raw", "sized", "timestamp", "end",
+                 "stuffed", "terminated")
 
     def __init__(
         self, status: bytes, body: list[bytes] | None = None, raw: bytes | None = None
@@ -1090,6 +2157,178 @@ class _Reply:
         self.raw = raw  # a recorded reply: these exact bytes replace status and body
         self.after: Callable[[], None] | None = None  # runs once the reply is sent
         self.extra = b""  # raw bytes sent right after the reply, in the same send
+        # The same reply with every size it announces passed through a function (STAT, LIST,
+        # RETR), for the size faults.
+        self.sized: Callable[[Callable[[int], int]], _Reply] | None = None
+        self.timestamp: str | None = None  # a greeting's APOP timestamp
+        self.end = b"\r\n"  # the line end (faults: "lf")
+        self.stuffed = True  # body lines that start with "." get another (RFC 1939 section 3)
+        self.terminated = True  # a multi-line reply ends with "."
+
+    def wire(self) -> bytes:
+        """The bytes to send."""
+        if self.raw is not None:
+            return self.raw
+        lines = [self.status]
+        if self.body is not None:
+            if self.stuffed:
+                lines += [b"." + line if line.startswith(b".") else line for line in self.body]
+            else:
+                lines += self.body
+            if self.terminated:
+                lines.append(b".")
+        return b"".join(line + self.end for line in lines) + self.extra
+
+
+_TRANSPORT_KINDS = ("delay", "drop", "bytewise")
+_SHAPE_KINDS = ("lf", "long-line", "8bit", "raw")
+_MULTI_LINE_KINDS = ("no-terminator", "unstuffed-dot")
+_SIZE_KINDS = {"STAT": "huge-sizes", "LIST": "huge-sizes", "RETR": "wrong-octets"}
+
+
+class _Faults:
+    """A server's faults: which ones select a reply (each use counts against its ``times``) and
+    what they do to it. Every reply passes through reply(), the one place where faults act."""
+
+    def __init__(self, faults: Sequence[Fault]) -> None:
+        for fault in faults:
+            _check_fault(fault)
+        self.faults = list(faults)
+        self._uses = [0] * len(self.faults)
+        self._lock = threading.Lock()
+
+    def take(self, kinds: Iterable[str], verb: str, line: str = "") -> list[Fault]:
+        """The faults of `kinds` that select this reply; each use counts against its `times`."""
+        wanted = frozenset(kinds)
+        found = []
+        with self._lock:
+            for index, fault in enumerate(self.faults):
+                if fault.kind not in wanted or not _fault_matches(fault, verb, line):
+                    continue
+                if fault.times is not None and self._uses[index] >= fault.times:
+                    continue
+                self._uses[index] += 1
+                found.append(fault)
+        return found
+
+    def reply(self, session: _Session, verb: str, line: str,
+              produce: Callable[[], _Reply]) -> _Reply:
+        """The reply to `line` (`verb` "GREETING" for the greeting, "TLS" for the implicit TLS
+        handshake) with its faults applied. A response-code fault answers instead of the
+        command, which then does not run; the transport faults are chosen before the command
+        runs, so that they shape its SASL challenges too."""
+        if verb == "TLS":
+            reply = produce()
+            if self.take(("tls-stall",), verb, verb):
+                reply.after = session.stall_tls
+            return reply
+        # Response codes answer commands: not the greeting, nor a line too long to be one.
+        codes = self.take(_CODE_KINDS, verb, line) if verb not in ("GREETING", "") else []
+        session.transport = self.take(_TRANSPORT_KINDS, verb, line)
+        if codes:
+            text = codes[0].value if codes[0].value is not None else _CODE_TEXTS[codes[0].kind]
+            reply = session.pop.err(str(text), _CODE_KINDS[codes[0].kind])
+        else:
+            reply = produce()
+        return self.shape(verb, line, self.change(session, verb, line, reply))
+
+    def change(self, session: _Session, verb: str, line: str, reply: _Reply) -> _Reply:
+        """The faults that change what a reply says."""
+        if reply.raw is not None:
+            return reply
+        if verb == "GREETING":
+            for fault in self.take(("bad-timestamp",), verb):
+                bad = str(fault.value) if fault.value is not None else "<1896.697170952@localhost"
+                bad_bytes = bad.encode("utf-8")
+                if reply.timestamp:
+                    reply.status = reply.status.replace(reply.timestamp.encode(), bad_bytes)
+                else:
+                    reply.status += b" " + bad_bytes
+                reply.timestamp = None
+        size_kind = _SIZE_KINDS.get(verb)
+        if size_kind is not None and reply.sized is not None:
+            faults = self.take((size_kind,), verb, line)
+            if faults:
+                reply = reply.sized(functools.partial(_resize, faults))
+        offered = verb in ("CAPA", "STLS") and session.pop.offers_stls()
+        if offered and self.take(("stls-absent",), verb, line):
+            return session.pop.without_stls(verb, reply)
+        if verb == "STLS" and reply.status.startswith(b"+OK"):
+            refused = self.take(("stls-refused",), verb, line)
+            if refused:
+                voice = session.server.voice
+                return session.pop.err(str(refused[0].value or voice["no-tls"]))
+            for fault in self.take(("stls-inject",), verb, line):
+                data = fault.value
+                reply.extra = data if isinstance(data, bytes) else b"+OK injected before TLS\r\n"
+            if self.take(("tls-stall",), verb, line):
+                reply.after = session.stall_tls
+        return reply
+
+    def shape(self, verb: str, line: str, reply: _Reply) -> _Reply:
+        """The faults that change how a reply is framed."""
+        multi = reply.body is not None
+        found = self.take(_SHAPE_KINDS + (_MULTI_LINE_KINDS if multi else ()), verb, line)
+        raw = [fault for fault in found if fault.kind == "raw"]
+        if raw:
+            reply.raw = cast(bytes, raw[0].value)  # the command ran; these bytes are its reply
+        if reply.raw is not None:
+            return reply
+        for fault in found:
+            if fault.kind == "long-line":
+                width = int(cast(int, fault.value or 2048))
+                if reply.body is None:
+                    reply.status += b" " + b"x" * max(0, width - len(reply.status) - 1)
+                else:
+                    reply.body = [b"x" * width] + reply.body
+            elif fault.kind == "8bit":
+                if reply.body is None:
+                    reply.status += b" 8bit:\xe9\xff\x80 nul:\x00"
+                else:
+                    reply.body = reply.body + [b"8bit:\xe9\xff\x80 nul:\x00"]
+            elif fault.kind == "lf":
+                reply.end = b"\n"
+            elif fault.kind == "unstuffed-dot":
+                reply.stuffed = False
+            elif fault.kind == "no-terminator":
+                reply.terminated = False
+                reply.after = _hang_up
+        return reply
+
+    @staticmethod
+    def limit(transport: Sequence[Fault], sent: int) -> int | None:
+        """How many octets of the next write the drop faults let through (None: all);
+        `sent` is what the connection sent before."""
+        limit: int | None = None
+        for fault in transport:
+            if fault.kind == "drop":
+                budget = int(cast(int, fault.value or 0))
+                if fault.command is None:  # N octets of the whole connection
+                    budget -= sent
+                limit = max(0, budget if limit is None else min(limit, budget))
+        return limit
+
+    @staticmethod
+    def deliver(sock: socket.socket, data: bytes, transport: Sequence[Fault]) -> None:
+        """Send `data` after the delays, one byte per send with "bytewise"."""
+        for fault in transport:
+            if fault.kind == "delay":
+                time.sleep(float(cast(float, fault.value if fault.value is not None else 1.0)))
+        if any(fault.kind == "bytewise" for fault in transport):
+            for index in range(len(data)):
+                sock.sendall(data[index : index + 1])
+        else:
+            sock.sendall(data)
+
+
+def _resize(faults: Sequence[Fault], size: int) -> int:
+    """An announced size after the size faults ("huge-sizes", "wrong-octets")."""
+    for fault in faults:
+        if fault.kind == "huge-sizes":
+            size += int(cast(int, fault.value if fault.value is not None else 2**32))
+        else:
+            size = int(cast(int, fault.value)) if fault.value is not None else size + 1
+    return size
 
 
 def _show(line: bytes) -> str:
@@ -1160,7 +2399,8 @@ class ReplayMismatch(NamedTuple):
 
 
 class _Session(socketserver.BaseRequestHandler):
-    """One POP3 connection. Commands dispatch to ``cmd_<verb>``; every command gets one reply."""
+    """One connection: its socket, transcript, reading and writing. Each command goes to the
+    protocol (``self.pop``), each reply through the server's faults (``_Faults.reply``)."""
 
     server: FakeServer
 
@@ -1169,21 +2409,12 @@ class _Session(socketserver.BaseRequestHandler):
         self.buffer = bytearray()
         self.log = SessionLog()
         self.transcript = self.log.transcript
-        self.state = "AUTHORIZATION"
         self.tls = False
-        self.utf8 = False
-        self.pending_user: str | None = None
-        self.timestamp: str | None = None
-        self.user: str | None = None
-        self.maildrop: Maildrop | None = None
-        self.entries: list[tuple[str, bytes]] = []
-        self.marked: set[int] = set()
-        self.sent = 0
-        self.faults: list[Fault] = []
-        self.verb = "GREETING"
-        self.line = ""
+        self.sent = 0  # octets sent on this connection
+        self.transport: list[Fault] = []  # the transport faults of the current reply
         self.serial = 0  # the connection's number, from 1, set by the server
-        self.replies: dict[str, list[bytes]] = {}  # replay: command -> recorded replies
+        protocol = _ReplayedPop3 if self.server.recording is not None else _Pop3
+        self.pop: _Pop3 = protocol(self)
 
     # ----- entry point -------------------------------------------------------------
     def handle(self) -> None:
@@ -1193,23 +2424,53 @@ class _Session(socketserver.BaseRequestHandler):
             self.sock.settimeout(server.idle_timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not server._admit(self):
-                self.record("S: -ERR [SYS/TEMP] " + server.voice["busy"])
-                self.sock.sendall(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
+                self.send(b"-ERR [SYS/TEMP] " + server.voice["busy"].encode() + b"\r\n")
                 return
             if server.script is not None:
-                self.run_script(server.script)
+                _run_script(self, server.script)
             else:
                 self.run()
         except (_HangUp, OSError):
             pass  # the peer went away, timed out, failed TLS, or a fault hung up: not our bug
         finally:
-            if self.maildrop is not None:
-                self.maildrop._release()  # no UPDATE: only QUIT applies deletions
-                self.maildrop = None
-            self.log.state = self.state
+            self.pop.release()
+            self.log.state = self.pop.state
             self.log.closed = True
             server._leave(self)
             self.linger()
+
+    def run(self) -> None:
+        if self.server.tls == "implicit":
+            handshake = _Reply(b"", raw=b"")  # nothing to send; then the TLS handshake
+            handshake.after = self.start_tls
+            self.respond("TLS", "", lambda: handshake)
+        self.pop.timestamp = self.respond("GREETING", "", self.pop.greeting).timestamp
+        while True:
+            try:
+                raw = self.readline(MAX_COMMAND_LINE)
+            except _LineTooLong:
+                self.record("C: (a command line over %d octets, skipped)" % MAX_COMMAND_LINE)
+                self.respond("", "", lambda: self.pop.err("too-long"))
+                continue
+            if raw is None:
+                return
+            text = raw.decode("utf-8", "surrogateescape")
+            verb, _, args = text.partition(" ")
+            verb = verb.upper()
+            self.record("C: " + _show(_redact_command(raw)))
+            pending, self.pop.pending_user = self.pop.pending_user, None
+            line = verb + (" " + args if args else "")
+            answer = functools.partial(self.pop.dispatch, verb, args, line, pending)
+            self.respond(verb, line, answer)
+
+    def respond(self, verb: str, line: str, produce: Callable[[], _Reply]) -> _Reply:
+        """Answer one command (or greet): the reply through the faults, sent, then its
+        follow-up (STLS's handshake, QUIT's hang-up)."""
+        reply = self.server.faults.reply(self, verb, line, produce)
+        self.send(reply.wire())
+        if reply.after is not None:
+            reply.after()
+        return reply
 
     def linger(self) -> None:
         """Close our side, let the client close its side (so it sees no reset), then close."""
@@ -1272,77 +2533,71 @@ class _Session(socketserver.BaseRequestHandler):
             self.buffer += data
 
     # ----- writing -----------------------------------------------------------------
-    def transmit(self, data: bytes) -> None:
-        """Send bytes through the transport faults selected for the current reply."""
-        limit: int | None = None
-        for fault in self.faults:
-            if fault.kind == "delay":
-                time.sleep(float(cast(float, fault.value if fault.value is not None else 1.0)))
-            elif fault.kind == "drop":
-                budget = int(cast(int, fault.value or 0))
-                if fault.command is None:
-                    budget -= self.sent
-                limit = max(0, budget if limit is None else min(limit, budget))
+    def send(self, data: bytes) -> None:
+        """Record, then send, server bytes through the current reply's transport faults: every
+        byte the server sends passes here. A reply cut by a "drop" fault is recorded as cut:
+        the lines sent, the part of a line sent (ending in a lone "\\"), and a note."""
+        limit = _Faults.limit(self.transport, self.sent)
         cut = limit is not None and len(data) > limit
+        sent = data[:limit] if cut else data
+        lines = sent.splitlines(keepends=True)
+        for index, line in enumerate(lines):
+            open_end = cut and index == len(lines) - 1 and not line.endswith((b"\n", b"\r"))
+            self.record("S: " + _show(line.rstrip(b"\r\n")) + ("\\" if open_end else ""))
         if cut:
-            data = data[: cast(int, limit)]
-        if any(fault.kind == "bytewise" for fault in self.faults):
-            for index in range(len(data)):
-                self.sock.sendall(data[index : index + 1])
-        else:
-            self.sock.sendall(data)
-        self.sent += len(data)
+            self.record("S: (connection dropped by a fault after %d of the reply's %d octets)"
+                        % (len(sent), len(data)))
+        _Faults.deliver(self.sock, sent, self.transport)
+        self.sent += len(sent)
         if cut:
             raise _HangUp()
 
     def send_line(self, line: bytes) -> None:
-        """Record and send one line outside the reply framing (SASL challenges)."""
-        self.record("S: " + _show(line))
-        self.transmit(line + b"\r\n")
+        """Send one line outside the reply framing (SASL challenges)."""
+        self.send(line + b"\r\n")
 
-    def send_reply(self, reply: _Reply) -> None:
-        """Apply the format faults, record every line, then send the reply."""
-        multi = reply.body is not None
-        kinds = _FORMAT_KINDS if multi else tuple(
-            k for k in _FORMAT_KINDS if k not in ("no-terminator", "unstuffed-dot")
+    def start_tls(self) -> None:
+        """Discard plaintext the client sent after STLS (RFC 2595 section 4), then handshake."""
+        del self.buffer[:]
+        # Handshake only once self.sock is the TLS socket, so abort() can unblock a client that
+        # never starts one (a plaintext client on the implicit TLS port waiting for a greeting).
+        self.sock = _tls_server_context().wrap_socket(
+            self.sock, server_side=True, do_handshake_on_connect=False
         )
-        self.faults = self.server._take(kinds, self.verb, self.line)
-        raw = [f for f in self.faults if f.kind == "raw"]
-        if raw or reply.raw is not None:
-            data = cast(bytes, raw[0].value) if raw else cast(bytes, reply.raw)
-            for line in data.splitlines():
-                self.record("S: " + _show(line))
-            self.transmit(data)
-            return
-        kinds_on = {fault.kind for fault in self.faults}
-        status = reply.status
-        body = list(reply.body) if reply.body is not None else None
-        for fault in self.faults:
-            if fault.kind == "long-line":
-                width = int(cast(int, fault.value or 2048))
-                if body is None:
-                    status += b" " + b"x" * max(0, width - len(status) - 1)
-                else:
-                    body.insert(0, b"x" * width)
-            elif fault.kind == "8bit":
-                if body is None:
-                    status += b" 8bit:\xe9\xff\x80 nul:\x00"
-                else:
-                    body.append(b"8bit:\xe9\xff\x80 nul:\x00")
-        lines = [status]
-        if body is not None:
-            if "unstuffed-dot" in kinds_on:
-                lines += body
-            else:
-                lines += [b"." + line if line.startswith(b".") else line for line in body]
-            if "no-terminator" not in kinds_on:
-                lines.append(b".")
-        for line in lines + reply.extra.splitlines():
-            self.record("S: " + _show(line))
-        end = b"\n" if "lf" in kinds_on else b"\r\n"
-        self.transmit(b"".join(line + end for line in lines) + reply.extra)
-        if "no-terminator" in kinds_on:
-            raise _HangUp()
+        if self.server._closing:
+            raise _HangUp()  # abort() ran while the plain socket was being wrapped
+        self.sock.do_handshake()
+        self.tls = self.log.tls = True
+        self.pop.pending_user = None
+
+    def stall_tls(self) -> None:
+        """The "tls-stall" fault: no handshake; wait silently until the client gives up."""
+        del self.buffer[:]
+        for _ in range(1024):
+            if not self.sock.recv(4096):
+                break
+        raise _HangUp()
+
+
+class _Pop3:
+    """The POP3 states and commands (RFC 1939; CAPA RFC 2449, STLS RFC 2595, UTF8 RFC 6856):
+    ``cmd_<verb>`` methods, one reply each. AUTH's exchange is _Sasl's."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.server = session.server
+        self.log = session.log
+        self.sasl = _Sasl(session, self)
+        self.state = "AUTHORIZATION"
+        self.utf8 = False
+        self.pending_user: str | None = None
+        self.timestamp: str | None = None  # the greeting's, for APOP
+        self.line = ""  # the current command line
+        self.user: str | None = None
+        self.maildrop: Maildrop | None = None
+        self.entries: list[tuple[str, bytes]] = []
+        self.shown: list[bytes] = []  # what RETR sends of each entry (a surrogate or the message)
+        self.marked: set[int] = set()
 
     def ok(self, key: str, body: list[bytes] | None = None, **values: object) -> _Reply:
         text = self.server.voice[key].format(**values)
@@ -1356,60 +2611,18 @@ class _Session(socketserver.BaseRequestHandler):
             text = "[%s] %s" % (code, text)
         return _Reply(b"-ERR " + text.encode("utf-8", "surrogateescape"))
 
-    # ----- the session -------------------------------------------------------------
-    def greeting(self) -> bytes:
+    def greeting(self) -> _Reply:
         text = self.server.greeting
         if "{timestamp}" in text:
             text = text.replace("{timestamp}", self.server._fresh_timestamp())
         found = re.search(r"<[^<>\s]*@[^<>\s]*>", text)
-        self.timestamp = found.group(0) if found else None
-        for fault in self.server._take(("bad-timestamp",), "GREETING"):
-            bad = str(fault.value) if fault.value is not None else "<1896.697170952@localhost"
-            text = text.replace(self.timestamp, bad) if self.timestamp else text + " " + bad
-            self.timestamp = None
-        return ("+OK " + text).encode("utf-8")
+        reply = _Reply(("+OK " + text).encode("utf-8"))
+        reply.timestamp = found.group(0) if found else None
+        return reply
 
-    def run(self) -> None:
-        server = self.server
-        if server.tls == "implicit":
-            self.start_tls("TLS")
-        self.verb, self.line = "GREETING", ""
-        if server.recording is not None:
-            self.start_replay(server.recording)
-        else:
-            self.send_reply(_Reply(self.greeting()))
-        while True:
-            try:
-                raw = self.readline(MAX_COMMAND_LINE)
-            except _LineTooLong:
-                self.record("C: (a command line over %d octets, skipped)" % MAX_COMMAND_LINE)
-                self.verb, self.line = "", ""
-                self.send_reply(self.err("too-long"))
-                continue
-            if raw is None:
-                return
-            text = raw.decode("utf-8", "surrogateescape")
-            verb, _, args = text.partition(" ")
-            verb = verb.upper()
-            self.verb, self.line = verb, verb + (" " + args if args else "")
-            self.record("C: " + self.redact(verb, raw))
-            reply = self.dispatch(verb, args)
-            self.send_reply(reply)
-            if reply.after is not None:
-                reply.after()
-
-    def redact(self, verb: str, raw: bytes) -> str:
-        return _show(_redact_command(raw))
-
-    def dispatch(self, verb: str, args: str) -> _Reply:
-        pending, self.pending_user = self.pending_user, None
-        codes = self.server._take(tuple(_CODE_KINDS), verb, self.line)
-        if codes:
-            fault = codes[0]
-            text = str(fault.value) if fault.value is not None else _CODE_TEXTS[fault.kind]
-            return self.err(text, _CODE_KINDS[fault.kind])
-        if self.server.recording is not None:
-            return self.replay(verb, args, pending)
+    def dispatch(self, verb: str, args: str, line: str, pending: str | None) -> _Reply:
+        """The reply to one command (`pending`: the user name of a USER just before)."""
+        self.line = line
         method = getattr(self, "cmd_" + verb.lower(), None) if _VERB_RE.match(verb) else None
         if method is None:
             return self.err("unknown")
@@ -1419,6 +2632,12 @@ class _Session(socketserver.BaseRequestHandler):
         if verb == "PASS":
             return self.cmd_pass(args, pending)
         return cast(Callable[[str], _Reply], method)(args)
+
+    def release(self) -> None:
+        """The connection ended: let go of the maildrop (no UPDATE: only QUIT deletes)."""
+        if self.maildrop is not None:
+            self.maildrop._release()
+            self.maildrop = None
 
     # ----- AUTHORIZATION -----------------------------------------------------------
     def cmd_user(self, args: str) -> _Reply:
@@ -1452,6 +2671,15 @@ class _Session(socketserver.BaseRequestHandler):
             return self.err("bad-login", self.auth_code())
         return parts[0]
 
+    def cmd_auth(self, args: str) -> _Reply:
+        mechanisms = self.sasl.mechanisms()
+        if not mechanisms:
+            return self.err("unknown")
+        if not args:
+            return self.ok("capa", [m.encode() for m in mechanisms])
+        user = self.sasl.authenticate(args)
+        return user if isinstance(user, _Reply) else self.login(user, "auth")
+
     def auth_code(self) -> str | None:
         return "AUTH" if "AUTH-RESP-CODE" in self.server.capabilities else None
 
@@ -1461,6 +2689,10 @@ class _Session(socketserver.BaseRequestHandler):
         if entries is None:
             return self.err("in-use", "IN-USE")
         self.user, self.maildrop, self.entries = user, drop, entries
+        # RFC 6856 section 2.1: without UTF8, a message with 8-bit headers is not sent as is;
+        # with utf8_downconvert the server sends a surrogate, as Courier does.
+        convert = self.server.utf8_downconvert and self.offers_utf8() and not self.utf8
+        self.shown = [_surrogate(data) if convert else data for _, data in entries]
         self.marked = set()
         self.logged_in(user, key)
         count, size = self.totals()
@@ -1488,52 +2720,34 @@ class _Session(socketserver.BaseRequestHandler):
         return lines
 
     def offers_stls(self) -> bool:
-        return (
-            self.server.tls == "stls"
-            and not self.tls
-            and not self.server._take(("stls-absent",), self.verb, self.line)
-        )
+        return self.server.tls == "stls" and not self.session.tls
+
+    def without_stls(self, verb: str, reply: _Reply) -> _Reply:
+        """The reply of a server that does not offer STLS (the "stls-absent" fault)."""
+        if verb == "STLS":
+            return self.err("unknown")
+        body = [line for line in reply.body or [] if line.upper() != b"STLS"]
+        if not body:
+            return self.err("unknown")
+        reply.body = body
+        return reply
 
     def cmd_stls(self, args: str) -> _Reply:
-        if self.tls:
+        if self.session.tls:
             return self.err("tls-active")
         if not self.offers_stls():
             return self.err("unknown")
         if args:
             return self.err("syntax")
-        refused = self.server._take(("stls-refused",), "STLS", self.line)
-        if refused:
-            return self.err(str(refused[0].value or self.server.voice["no-tls"]))
         reply = self.ok("stls")
-        injected = self.server._take(("stls-inject",), "STLS", self.line)
-        if injected:
-            data = injected[0].value
-            extra = data if isinstance(data, bytes) else b"+OK injected before TLS\r\n"
-            reply.extra = extra
-        reply.after = lambda: self.start_tls("STLS")
+        reply.after = self.session.start_tls
         return reply
 
-    def start_tls(self, verb: str) -> None:
-        """Discard plaintext the client sent after STLS (RFC 2595 section 4), then handshake."""
-        del self.buffer[:]
-        if self.server._take(("tls-stall",), verb, verb):
-            for _ in range(1024):
-                if not self.sock.recv(4096):
-                    break
-            raise _HangUp()
-        # Handshake only once self.sock is the TLS socket, so abort() can unblock a client that
-        # never starts one (a plaintext client on the implicit TLS port waiting for a greeting).
-        self.sock = _tls_server_context().wrap_socket(
-            self.sock, server_side=True, do_handshake_on_connect=False
-        )
-        if self.server._closing:
-            raise _HangUp()  # abort() ran while the plain socket was being wrapped
-        self.sock.do_handshake()
-        self.tls = self.log.tls = True
-        self.pending_user = None
+    def offers_utf8(self) -> bool:
+        return any(line.split(" ")[0].upper() == "UTF8" for line in self.server.capabilities)
 
     def cmd_utf8(self, args: str) -> _Reply:
-        if not any(line.split(" ")[0].upper() == "UTF8" for line in self.server.capabilities):
+        if not self.offers_utf8():
             return self.err("unknown")
         if args:
             return self.err("syntax")
@@ -1558,7 +2772,146 @@ class _Session(socketserver.BaseRequestHandler):
         reply.after = _hang_up
         return reply
 
-    # ----- SASL (RFC 5034) -----------------------------------------------------------
+    # ----- TRANSACTION -------------------------------------------------------------
+    def totals(self, change: Callable[[int], int] = int) -> tuple[int, int]:
+        """The number and the octets of the messages not marked (`change`: a size fault)."""
+        sizes = [len(data) for n, data in enumerate(self.shown, 1) if n not in self.marked]
+        return len(sizes), change(sum(sizes))
+
+    def message(self, args: str, count: int) -> int | _Reply:
+        """The number in `args` (of `count` arguments) of a message not marked, or the -ERR."""
+        parts = args.split()
+        if len(parts) != count:
+            return self.err("syntax")
+        if not re.match(r"[0-9]{1,9}\Z", parts[0]) or not 1 <= int(parts[0]) <= len(self.shown):
+            return self.err("no-message")
+        n = int(parts[0])
+        if n in self.marked:
+            return self.err("deleted", n=n)
+        return n
+
+    def cmd_stat(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+
+        def sized(change: Callable[[int], int]) -> _Reply:
+            count, size = self.totals(change)
+            return self.ok("stat", count=count, size=size)
+
+        return _sized(sized)
+
+    def cmd_list(self, args: str) -> _Reply:
+        n = self.message(args, 1) if args else None
+        if isinstance(n, _Reply):
+            return n
+
+        def sized(change: Callable[[int], int]) -> _Reply:
+            if n is not None:
+                return self.ok("list-one", n=n, size=change(len(self.shown[n - 1])))
+            sizes = [(n, change(len(data))) for n, data in enumerate(self.shown, 1)
+                     if n not in self.marked]
+            body = [b"%d %d" % pair for pair in sizes]
+            key = "list-marked" if self.marked else "list"
+            return self.ok(key, body, count=len(sizes), size=sum(size for _, size in sizes))
+
+        return _sized(sized)
+
+    def cmd_uidl(self, args: str) -> _Reply:
+        if args:
+            n = self.message(args, 1)
+            if isinstance(n, _Reply):
+                return n
+            return self.ok("uidl-one", n=n, uid=self.entries[n - 1][0])
+        body = [
+            b"%d %s" % (n, uid.encode())
+            for n, (uid, _) in enumerate(self.entries, 1)
+            if n not in self.marked
+        ]
+        return self.ok("uidl", body)
+
+    def cmd_retr(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.shown[n - 1]
+        lines = data[:-2].split(b"\r\n") if data else []
+        return _sized(lambda change: self.ok("retr", lines, size=change(len(data))))
+
+    def cmd_top(self, args: str) -> _Reply:
+        parts = args.split()
+        if len(parts) != 2 or not re.match(r"[0-9]{1,9}\Z", parts[1]):
+            return self.err("syntax")
+        n = self.message(parts[0], 1)
+        if isinstance(n, _Reply):
+            return n
+        data = self.shown[n - 1]
+        lines = data[:-2].split(b"\r\n") if data else []
+        header_end = lines.index(b"") + 1 if b"" in lines else len(lines)
+        return self.ok("top", lines[: header_end + int(parts[1])])
+
+    def cmd_dele(self, args: str) -> _Reply:
+        n = self.message(args, 1)
+        if isinstance(n, _Reply):
+            return n
+        self.marked.add(n)
+        return self.ok("dele", n=n)
+
+    def cmd_rset(self, args: str) -> _Reply:
+        if args:
+            return self.err("syntax")
+        self.marked = set()
+        count, size = self.totals()
+        return self.ok("rset", count=count, size=size)
+
+    def cmd_noop(self, args: str) -> _Reply:
+        return self.err("syntax") if args else self.ok("noop")
+
+
+def _sized(build: Callable[[Callable[[int], int]], _Reply]) -> _Reply:
+    """A reply that announces sizes, and can be rebuilt with them changed (size faults)."""
+    reply = build(int)
+    reply.sized = build
+    return reply
+
+
+def _surrogate(message: bytes) -> bytes:
+    """What a down-converting server (Courier) sends instead of a message whose header has
+    8-bit bytes, to a client that did not send UTF8 (RFC 6856 section 2.1): a 7-bit note
+    with the original inside as message/global (RFC 6532 section 3.7). Others as they are."""
+    header = message.split(b"\r\n\r\n", 1)[0]
+    if all(byte < 0x80 for byte in header):
+        return message
+    boundary = b"=_fakeserver_" + hashlib.md5(message).hexdigest().encode()
+    kept = (b"date:", b"message-id:")  # unfolded, 7-bit
+    headers = [line for line in header.split(b"\r\n")
+               if line.lower().startswith(kept) and all(byte < 0x80 for byte in line)]
+    return _crlf(b"\r\n".join(headers + [
+        b"From: Mail Delivery Subsystem <postmaster@localhost>",
+        b"Subject: Cannot display Unicode content",
+        b"MIME-Version: 1.0",
+        b'Content-Type: multipart/mixed; boundary="' + boundary + b'"',
+        b"",
+        b"--" + boundary,
+        b"Content-Type: text/plain; charset=us-ascii",
+        b"",
+        b"This message contains Unicode content that your mail program cannot display.",
+        b"The original message is attached.",
+        b"",
+        b"--" + boundary,
+        b"Content-Type: message/global",
+        b"",
+    ]) + b"\r\n" + message + b"--" + boundary + b"--\r\n")
+
+
+class _Sasl:
+    """AUTH's SASL exchange (RFC 5034) and its mechanisms, ``sasl_<name>`` methods that return
+    the user a client proved to be, or raise _SaslFailure."""
+
+    def __init__(self, session: _Session, pop: _Pop3) -> None:
+        self.session = session
+        self.pop = pop
+        self.server = session.server
+
     def mechanisms(self) -> list[str]:
         for line in self.server.capabilities:
             words = line.split()
@@ -1566,29 +2919,18 @@ class _Session(socketserver.BaseRequestHandler):
                 return [word.upper() for word in words[1:]]
         return []
 
-    def cmd_auth(self, args: str) -> _Reply:
-        mechanisms = self.mechanisms()
-        if not mechanisms:
-            return self.err("unknown")
-        if not args:
-            return self.ok("capa", [m.encode() for m in mechanisms])
-        user = self.authenticate(args)
-        return user if isinstance(user, _Reply) else self.login(user, "auth")
-
     def authenticate(self, args: str) -> str | _Reply:
         """Run the SASL exchange of ``AUTH args``: the user it proves, or the -ERR."""
         mechanisms = self.mechanisms()
         parts = args.split(" ")
         if len(parts) > 2:
-            return self.err("syntax")
+            return self.pop.err("syntax")
         mechanism = parts[0].upper()
         if mechanism not in mechanisms:
-            return self.err("mechanism")
+            return self.pop.err("mechanism")
         step = getattr(self, "sasl_" + mechanism.replace("-", "_").lower(), None)
         if step is None:
-            return self.err("mechanism")
-        # The AUTH reply's faults also shape the challenges.
-        self.faults = self.server._take(("delay", "drop", "bytewise"), self.verb, self.line)
+            return self.pop.err("mechanism")
         try:
             # The line was decoded with surrogateescape: undo it the same way (8-bit bytes are
             # then simply not base64).
@@ -1597,24 +2939,24 @@ class _Session(socketserver.BaseRequestHandler):
             user = cast(Callable[[Optional[bytes]], str], step)(initial)
         except _SaslFailure as failure:
             key = failure.args[0]
-            return self.err(key, self.auth_code() if key == "bad-login" else None)
-        self.log.mechanism = mechanism
+            return self.pop.err(key, self.pop.auth_code() if key == "bad-login" else None)
+        self.session.log.mechanism = mechanism
         return user
 
     def exchange(self, challenge: bytes) -> bytes:
         """Send a challenge, return the decoded response; "*" cancels."""
-        self.send_line(b"+ " + base64.b64encode(challenge))
+        self.session.send_line(b"+ " + base64.b64encode(challenge))
         try:
-            raw = self.readline(MAX_SASL_LINE)
+            raw = self.session.readline(MAX_SASL_LINE)
         except _LineTooLong:
-            self.record("C: (a response over %d octets, skipped)" % MAX_SASL_LINE)
+            self.session.record("C: (a response over %d octets, skipped)" % MAX_SASL_LINE)
             raise _SaslFailure("too-long") from None
         if raw is None:
             raise _HangUp()
         if raw == b"*":
-            self.record("C: *")
+            self.session.record("C: *")
             raise _SaslFailure("cancelled")
-        self.record("C: ****")
+        self.session.record("C: ****")
         return _b64decode(raw) if raw else b""
 
     def check(self, user: str, password: str) -> str:
@@ -1724,131 +3066,37 @@ class _Session(socketserver.BaseRequestHandler):
         return self.bearer(user, token, error)
 
     def bearer(self, user: str, token: str, error: Mapping[str, str]) -> str:
-        valid = self.server.oauth_token
-        if self.server._maildrop(user) is not None and valid is not None and hmac.compare_digest(
-            token.encode(), valid.encode()
-        ):
+        if self.server.accepts_token(user, token):
             return user
         # RFC 7628 section 3.2.2: an error challenge, to which the client answers %x01 (or, with
         # XOAUTH2, an empty line); only then the -ERR.
         self.exchange(json.dumps(error).encode())
         raise _SaslFailure("bad-login")
 
-    # ----- TRANSACTION -------------------------------------------------------------
-    def totals(self) -> tuple[int, int]:
-        sizes = [len(data) for n, (_, data) in enumerate(self.entries, 1) if n not in self.marked]
-        return len(sizes), sum(sizes)
 
-    def huge(self) -> int:
-        faults = self.server._take(("huge-sizes",), self.verb, self.line)
-        return sum(int(cast(int, f.value if f.value is not None else 2**32)) for f in faults)
+class _ReplayedPop3(_Pop3):
+    """A recorded session served again (FakeServer(replay=...)): connection n gets recorded
+    session n (later ones the last); each command gets the next recorded reply to the same
+    command line. Credentials are checked against the test password, not replayed; STLS is
+    real when the server has ``tls="stls"``."""
 
-    def number(self, text: str) -> int | None:
-        """A message number that exists and is not marked, else None."""
-        if not re.match(r"[0-9]{1,9}\Z", text):
-            return None
-        n = int(text)
-        return n if 1 <= n <= len(self.entries) else None
+    def __init__(self, session: _Session) -> None:
+        super().__init__(session)
+        self.replies: dict[str, list[bytes]] = {}  # command -> recorded replies
 
-    def message(self, args: str, count: int) -> int | _Reply:
-        parts = args.split()
-        if len(parts) != count:
-            return self.err("syntax")
-        n = self.number(parts[0])
-        if n is None:
-            return self.err("no-message")
-        if n in self.marked:
-            return self.err("deleted", n=n)
-        return n
-
-    def cmd_stat(self, args: str) -> _Reply:
-        if args:
-            return self.err("syntax")
-        count, size = self.totals()
-        return self.ok("stat", count=count, size=size + self.huge())
-
-    def cmd_list(self, args: str) -> _Reply:
-        extra = self.huge()
-        if args:
-            n = self.message(args, 1)
-            if isinstance(n, _Reply):
-                return n
-            return self.ok("list-one", n=n, size=len(self.entries[n - 1][1]) + extra)
-        count, size = self.totals()
-        body = [
-            b"%d %d" % (n, len(data) + extra)
-            for n, (_, data) in enumerate(self.entries, 1)
-            if n not in self.marked
-        ]
-        key = "list-marked" if self.marked else "list"
-        return self.ok(key, body, count=count, size=size + extra * count)
-
-    def cmd_uidl(self, args: str) -> _Reply:
-        if args:
-            n = self.message(args, 1)
-            if isinstance(n, _Reply):
-                return n
-            return self.ok("uidl-one", n=n, uid=self.entries[n - 1][0])
-        body = [
-            b"%d %s" % (n, uid.encode())
-            for n, (uid, _) in enumerate(self.entries, 1)
-            if n not in self.marked
-        ]
-        return self.ok("uidl", body)
-
-    def cmd_retr(self, args: str) -> _Reply:
-        n = self.message(args, 1)
-        if isinstance(n, _Reply):
-            return n
-        data = self.entries[n - 1][1]
-        size = len(data)
-        for fault in self.server._take(("wrong-octets",), self.verb, self.line):
-            size = int(cast(int, fault.value)) if fault.value is not None else size + 1
-        return self.ok("retr", data[:-2].split(b"\r\n") if data else [], size=size)
-
-    def cmd_top(self, args: str) -> _Reply:
-        parts = args.split()
-        if len(parts) != 2 or not re.match(r"[0-9]{1,9}\Z", parts[1]):
-            return self.err("syntax")
-        n = self.message(parts[0], 1)
-        if isinstance(n, _Reply):
-            return n
-        data = self.entries[n - 1][1]
-        lines = data[:-2].split(b"\r\n") if data else []
-        header_end = lines.index(b"") + 1 if b"" in lines else len(lines)
-        return self.ok("top", lines[: header_end + int(parts[1])])
-
-    def cmd_dele(self, args: str) -> _Reply:
-        n = self.message(args, 1)
-        if isinstance(n, _Reply):
-            return n
-        self.marked.add(n)
-        return self.ok("dele", n=n)
-
-    def cmd_rset(self, args: str) -> _Reply:
-        if args:
-            return self.err("syntax")
-        self.marked = set()
-        count, size = self.totals()
-        return self.ok("rset", count=count, size=size)
-
-    def cmd_noop(self, args: str) -> _Reply:
-        return self.err("syntax") if args else self.ok("noop")
-
-    # ----- replayed sessions -------------------------------------------------------
-    def start_replay(self, sessions: Sequence[RecordedSession]) -> None:
-        """Send the greeting of this connection's recorded session (connection n gets session n,
-        later ones the last) and index its replies by command."""
-        recorded = sessions[min(self.serial, len(sessions)) - 1]
+    def greeting(self) -> _Reply:
+        """The recorded greeting; the session's replies indexed by command."""
+        sessions = cast(Sequence[RecordedSession], self.server.recording)
+        recorded = sessions[min(self.session.serial, len(sessions)) - 1]
         for exchange in recorded.exchanges:
             self.replies.setdefault(_command_key(exchange.command), []).append(exchange.reply)
         found = re.search(rb"<[^<>\s]*@[^<>\s]*>", recorded.greeting)
-        self.timestamp = found.group(0).decode("utf-8", "replace") if found else None
-        self.send_reply(_Reply(b"", raw=recorded.greeting))
+        reply = _Reply(b"", raw=recorded.greeting)
+        reply.timestamp = found.group(0).decode("utf-8", "replace") if found else None
+        return reply
 
-    def replay(self, verb: str, args: str, pending: str | None) -> _Reply:
-        """Answer with the recorded reply to this command. Credentials are checked against the
-        test password, not replayed; STLS is real when the server has ``tls="stls"``."""
+    def dispatch(self, verb: str, args: str, line: str, pending: str | None) -> _Reply:
+        self.line = line
         states = _STATES.get(verb)
         if states is not None and self.state not in states:
             return self.err("state")
@@ -1857,19 +3105,7 @@ class _Session(socketserver.BaseRequestHandler):
                 return self.err("syntax")
             self.pending_user = args
         elif verb in ("PASS", "APOP") or (verb == "AUTH" and args):
-            user: str | _Reply
-            if verb == "PASS":
-                user = pending if pending is not None else self.err("no-user")
-                if pending is not None and not self.server._password_ok(pending, args):
-                    user = self.err("bad-login", self.auth_code())
-            else:
-                user = self.apop_user(args) if verb == "APOP" else self.authenticate(args)
-            if isinstance(user, _Reply):
-                return user
-            reply = self.recorded(verb)
-            if reply.raw is not None and reply.raw.startswith(b"+OK"):
-                self.logged_in(user, verb.lower())
-            return reply
+            return self.login_replayed(verb, args, pending)
         elif verb == "STLS" and self.server.tls == "stls":
             return self.cmd_stls(args)
         elif verb == "QUIT":
@@ -1878,11 +3114,27 @@ class _Session(socketserver.BaseRequestHandler):
             return self.hang_up_after(self.recorded(verb))
         return self.recorded(verb)
 
+    def login_replayed(self, verb: str, args: str, pending: str | None) -> _Reply:
+        """Check the credentials for real; then the recorded reply."""
+        user: str | _Reply
+        if verb == "PASS":
+            user = pending if pending is not None else self.err("no-user")
+            if pending is not None and not self.server._password_ok(pending, args):
+                user = self.err("bad-login", self.auth_code())
+        else:
+            user = self.apop_user(args) if verb == "APOP" else self.sasl.authenticate(args)
+        if isinstance(user, _Reply):
+            return user
+        reply = self.recorded(verb)
+        if reply.raw is not None and reply.raw.startswith(b"+OK"):
+            self.logged_in(user, verb.lower())
+        return reply
+
     def recorded(self, verb: str) -> _Reply:
         """The next recorded reply to the current command (the last one again once used up).
         Names and credentials differ between a recording and a test, so USER, PASS, APOP, AUTH
         (same mechanism) and QUIT fall back to any recorded command with the same verb."""
-        key = _command_key(self.redact(verb, self.line.encode("utf-8", "surrogateescape")))
+        key = _command_key(_show(_redact_command(self.line.encode("utf-8", "surrogateescape"))))
         replies = self.replies.get(key)
         if replies is None and verb in ("USER", "PASS", "APOP", "AUTH", "QUIT"):
             prefix = " ".join(key.split(" ")[: 2 if verb == "AUTH" else 1])
@@ -1891,33 +3143,30 @@ class _Session(socketserver.BaseRequestHandler):
                     replies = answers
                     break
         if replies is None:
-            self.server._mismatch(ReplayMismatch(self.serial, key, tuple(self.replies)))
+            self.server._mismatch(ReplayMismatch(self.session.serial, key, tuple(self.replies)))
             return self.err("no recorded answer to this command (fakeserver replay)")
         reply = _Reply(b"", raw=replies.pop(0) if len(replies) > 1 else replies[0])
         if not reply.raw:  # the recorded server never answered: the connection ended there
             reply.after = _hang_up
         return reply
 
-    # ----- scripted sessions -------------------------------------------------------
-    def run_script(self, script: Sequence[tuple[str | None, bytes]]) -> None:
-        """Replay raw replies; each expected command must match exactly (else AssertionError)."""
-        challenged = False  # a SASL response follows a "+ " line: never shown
-        for step, (expected, reply) in enumerate(script):
-            if expected is not None:
-                raw = self.readline(MAX_SASL_LINE)
-                if raw is None:
-                    return  # the client closed: what it sent so far is in the transcript
-                verb = _show(raw).partition(" ")[0].upper()
-                shown = "****" if challenged and raw != b"*" else self.redact(verb, raw)
-                self.record("C: " + shown)
-                if _show(raw) != expected:
-                    raise AssertionError(
-                        "script step %d: expected %r, the client sent %r" % (step, expected, shown)
-                    )
-            for line in reply.splitlines():
-                self.record("S: " + _show(line))
-            self.sock.sendall(reply)
-            challenged = reply.startswith(b"+ ")
+
+def _run_script(session: _Session, script: Sequence[tuple[str | None, bytes]]) -> None:
+    """Send raw replies; each expected command must match exactly (else AssertionError)."""
+    challenged = False  # a SASL response follows a "+ " line: never shown
+    for step, (expected, reply) in enumerate(script):
+        if expected is not None:
+            raw = session.readline(MAX_SASL_LINE)
+            if raw is None:
+                return  # the client closed: what it sent so far is in the transcript
+            shown = "****" if challenged and raw != b"*" else _show(_redact_command(raw))
+            session.record("C: " + shown)
+            if _show(raw) != expected:
+                raise AssertionError(
+                    "script step %d: expected %r, the client sent %r" % (step, expected, shown)
+                )
+        session.send(reply)
+        challenged = reply.startswith(b"+ ")
 
 
 def _command_key(command: str) -> str:
@@ -1991,6 +3240,36 @@ def _recorded_capabilities(sessions: Sequence[RecordedSession]) -> list[str]:
     return lines
 
 
+def _oauth2_beside(server: FakeServer, oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None
+                   ) -> FakeOAuth2 | None:
+    """The FakeOAuth2 a FakeServer serves beside itself (``oauth2=True``: the defaults; a
+    mapping: FakeOAuth2's options, e.g. in a ``pop3_server`` marker)."""
+    if oauth2 is None or oauth2 is False:
+        return None
+    if isinstance(oauth2, FakeOAuth2):
+        beside = oauth2
+    else:
+        beside = FakeOAuth2(**({} if oauth2 is True else dict(oauth2)))
+    beside._attach(lambda: list(server.maildrops), server.errors)
+    return beside
+
+
+def _check_options(
+    preset: str, tls: str | None, port: int, idle_timeout: float, max_sessions: int
+) -> None:
+    """FakeServer's checks of its arguments (ValueError)."""
+    if preset not in _PRESETS:
+        raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
+    if tls not in (None, "stls", "implicit"):
+        raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
+    if not 0 <= port <= 65535:
+        raise ValueError("the port must be 0-65535, not %r" % (port,))
+    if not 0 < idle_timeout < float("inf"):  # also refuses nan, which sockets cannot take
+        raise ValueError("the idle timeout must be a positive number of seconds")
+    if max_sessions < 1:
+        raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
+
+
 class FakeServer(socketserver.ThreadingTCPServer):
     """A POP3 server in a thread: ``with FakeServer(...) as server:`` (see the module docstring)."""
 
@@ -2020,19 +3299,11 @@ class FakeServer(socketserver.ThreadingTCPServer):
         greeting: str | None = None,
         keep_transcripts: bool = True,
         replay: str | Path | Sequence[RecordedSession] | None = None,
+        utf8_downconvert: bool = False,
+        oauth2: FakeOAuth2 | bool | Mapping[str, Any] | None = None,
     ) -> None:
-        if preset not in _PRESETS:
-            raise ValueError("unknown preset %r (use one of %s)" % (preset, ", ".join(_PRESETS)))
-        if tls not in (None, "stls", "implicit"):
-            raise ValueError('tls must be None, "stls" or "implicit", not %r' % (tls,))
-        if not 0 <= port <= 65535:
-            raise ValueError("the port must be 0-65535, not %r" % (port,))
-        if not 0 < idle_timeout < float("inf"):  # also refuses nan, which sockets cannot take
-            raise ValueError("the idle timeout must be a positive number of seconds")
-        if max_sessions < 1:
-            raise ValueError("max_sessions must be at least 1, not %r" % (max_sessions,))
-        for fault in faults:
-            _check_fault(fault)
+        _check_options(preset, tls, port, idle_timeout, max_sessions)
+        self.faults = _Faults(faults)
         self.recording = _load_replay(replay) if replay is not None else None
         if self.recording is not None and capabilities is None:
             capabilities = _recorded_capabilities(self.recording)
@@ -2046,32 +3317,36 @@ class FakeServer(socketserver.ThreadingTCPServer):
         )
         # A replay checks credentials, not recorded ones: any user name with REPLAY_PASSWORD.
         self._replay_password = REPLAY_PASSWORD if replay is not None and users is None else None
-        if oauth_token is None:
+        if oauth_token is None and oauth2 in (None, False):  # OAuth2: only the tokens it issued
             oauth_token = OAUTH_TOKEN if replay is not None else chosen.oauth_token
         self.oauth_token = oauth_token
         self.tls = tls
-        self.faults = list(faults)
+        self.utf8_downconvert = utf8_downconvert
         self.script = list(script) if script is not None else None
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
-        self.transcripts: list[list[str]] = []
-        self.sessions: list[SessionLog] = []
-        self.mismatches: list[ReplayMismatch] = []
         self.keep_transcripts = keep_transcripts
-        self._connections = 0
-        self.errors: list[BaseException] = []
-        self._lock = threading.Lock()
-        self._uses = [0] * len(self.faults)
-        self._sessions: list[_Session] = []
-        self._admitted: set[int] = set()
-        self._serials = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._closing = False
+        self._init_bookkeeping()
+        self.oauth2 = _oauth2_beside(self, oauth2)
         if tls is not None:
             _tls_server_context()  # a broken certificate fails here, not in a session
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Session)
+
+    def _init_bookkeeping(self) -> None:
+        """What the server records (logs, errors) and its session bookkeeping."""
+        self.transcripts: list[list[str]] = []
+        self.sessions: list[SessionLog] = []
+        self.mismatches: list[ReplayMismatch] = []
+        self.errors: list[BaseException] = []
+        self._connections = 0
+        self._lock = threading.Lock()
+        self._sessions: list[_Session] = []
+        self._admitted: set[int] = set()
+        self._serials = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     # ----- public ------------------------------------------------------------------
     @property
@@ -2094,11 +3369,30 @@ class FakeServer(socketserver.ThreadingTCPServer):
                 name="fakeserver %s:%d" % self.address,
             )
             self._thread.start()
+            if self.oauth2 is not None:
+                self.oauth2.start()
         return self
+
+    def stop(self) -> None:
+        """Stop serving and end every session (their exceptions stay in ``errors``)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.abort()
+        self.server_close()  # joins the session threads
+        if self.oauth2 is not None:
+            self.oauth2._stop()
 
     def close(self) -> None:
         """Stop serving, end every session, then raise the first exception a session hit."""
-        self._stop()
+        self.stop()
         if self.errors:
             raise self.errors[0]
 
@@ -2136,7 +3430,7 @@ class FakeServer(socketserver.ThreadingTCPServer):
         return self.start()
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
-        self._stop()
+        self.stop()
         if exc_type is None and self.errors:
             raise self.errors[0]
 
@@ -2147,20 +3441,6 @@ class FakeServer(socketserver.ThreadingTCPServer):
             logger.error("session failed: %r", error)
             with self._lock:
                 self.errors.append(error)
-
-    def _stop(self) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-        with self._lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.abort()
-        self.server_close()  # joins the session threads
 
     def _join(self, session: _Session) -> None:
         with self._lock:
@@ -2186,19 +3466,6 @@ class FakeServer(socketserver.ThreadingTCPServer):
             self._sessions.remove(session)
             self._admitted.discard(id(session))
 
-    def _take(self, kinds: Sequence[str], verb: str, line: str = "") -> list[Fault]:
-        """The faults of `kinds` that select this reply; each use counts against its `times`."""
-        found = []
-        with self._lock:
-            for index, fault in enumerate(self.faults):
-                if fault.kind not in kinds or not _fault_matches(fault, verb, line):
-                    continue
-                if fault.times is not None and self._uses[index] >= fault.times:
-                    continue
-                self._uses[index] += 1
-                found.append(fault)
-        return found
-
     def _fresh_timestamp(self) -> str:
         """A new APOP/CRAM-MD5 challenge (RFC 1939 section 7: unique per connection)."""
         return "<%d.%d.%d@localhost>" % (os.getpid(), next(self._serials), time.time_ns())
@@ -2220,6 +3487,17 @@ class FakeServer(socketserver.ThreadingTCPServer):
         given = password.encode("utf-8", "surrogateescape")
         return drop is not None and hmac.compare_digest(given, drop.password.encode("utf-8"))
 
+    def accepts_token(self, user: str, token: str) -> bool:
+        """Whether XOAUTH2 and OAUTHBEARER accept this bearer token for this user: the static
+        ``oauth_token``, or an unexpired access token ``oauth2`` issued for the user (or by
+        client credentials)."""
+        if self._maildrop(user) is None:
+            return False
+        static = self.oauth_token
+        if static is not None and hmac.compare_digest(token.encode(), static.encode()):
+            return True
+        return self.oauth2 is not None and self.oauth2.accepts(user, token)
+
 
 # ======================================================================================
 # Recording proxy
@@ -2227,6 +3505,9 @@ class FakeServer(socketserver.ThreadingTCPServer):
 
 #: A wire line longer than this is written in chunks that end in a lone "\" (no line end).
 MAX_RECORDED_CHUNK = 65536
+#: With tls="auto", how long the proxy waits for a plaintext greeting before it tries implicit
+#: TLS (pop3lite's command line waits as long).
+GREETING_WAIT = 3.0
 
 
 def _multi_line(command: bytes) -> bool:
@@ -2372,12 +3653,13 @@ class Recorder(socketserver.ThreadingTCPServer):
         context: ssl.SSLContext | None = None,
         headers_only: bool = False,
         timeout: float = 60.0,
+        overwrite: bool = False,
     ) -> None:
         server_host, server_port = _parse_upstream(upstream)
         if tls is None:  # secure by default: TLS either way, implicit on the POP3S port
-            tls = "implicit" if server_port in (None, 995) else "stls"
-        if tls not in ("implicit", "stls", "none"):
-            raise ValueError('tls must be "implicit", "stls" or "none", not %r' % (tls,))
+            tls = {None: "implicit", 995: "implicit", 110: "stls"}.get(server_port, "auto")
+        if tls not in ("implicit", "stls", "none", "auto"):
+            raise ValueError('tls must be "implicit", "stls", "auto" or "none", not %r' % (tls,))
         self.upstream = (server_host, server_port or (995 if tls == "implicit" else 110))
         self.tls = tls
         self.out = Path(out)
@@ -2388,7 +3670,8 @@ class Recorder(socketserver.ThreadingTCPServer):
         self._lock = threading.Lock()
         self._sessions = itertools.count(1)
         self._thread: threading.Thread | None = None
-        with self.out.open("w", encoding="utf-8") as file:
+        # A recording is somebody's regression test: never truncate one unasked.
+        with self.out.open("w" if overwrite else "x", encoding="utf-8") as file:
             file.write("%s\n# recorded through fakeserver.py --record %s:%d (TLS %s) on %s\n"
                        % (TRANSCRIPT_HEADER, self.upstream[0], self.upstream[1], tls,
                           time.strftime("%Y-%m-%d %H:%M:%S %z")))
@@ -2430,20 +3713,45 @@ class Recorder(socketserver.ThreadingTCPServer):
             with self._lock:
                 self.errors.append(error)
 
-    def _connect(self) -> socket.socket:
-        """A connection to the real server, TLS verified (STLS done here, RFC 2595)."""
+    def _connect(self, tap: _Tap) -> tuple[socket.socket, str]:
+        """A connection to the real server, TLS verified, and its TLS mode: with "auto", a
+        server that sends no plaintext greeting within GREETING_WAIT seconds is taken to
+        expect TLS from the first byte (as pop3lite's command line does)."""
         host, port = self.upstream
         sock = socket.create_connection((host, port), timeout=self.timeout)
-        context = self.context or ssl.create_default_context()
-        if self.tls == "implicit":
+        tls = self.tls
+        if tls == "auto":
+            sock.settimeout(GREETING_WAIT)
+            try:
+                plaintext = bool(sock.recv(1, socket.MSG_PEEK))
+            except socket.timeout:
+                plaintext = False
+            sock.settimeout(self.timeout)
+            tls = "stls" if plaintext else "implicit"
+            tap.write("# the proxy chose TLS %s: %s" % (tls, "the server greeted in plaintext"
+                      if plaintext else "no plaintext greeting within %g s" % GREETING_WAIT))
+        if tls == "implicit":
+            context = self.context or ssl.create_default_context()
             sock = context.wrap_socket(sock, server_hostname=host)
-        return sock
+        return sock, tls
 
     def _append(self, number: int, peer: str, lines: Iterable[str]) -> None:
+        commands = 0
         with self._lock, self.out.open("a", encoding="utf-8") as file:
             file.write("= session %d (client %s)\n" % (number, peer))
             for line in lines:
+                commands += line.startswith("C:")
                 file.write(line + "\n")
+        logger.info("recorded session %d: %d client lines into %s", number, commands, self.out)
+
+
+def _tls_hint(tls: str, error: BaseException) -> str:
+    """What to pass when a recording session failed the way a wrong TLS mode fails."""
+    if isinstance(error, socket.timeout) and tls == "stls":
+        return " (if the server expects TLS from the first byte, pass --tls implicit)"
+    if isinstance(error, ssl.SSLError) and tls == "implicit":
+        return " (if the server greets in plaintext, pass --tls stls)"
+    return ""
 
 
 class _ProxySession(socketserver.BaseRequestHandler):
@@ -2462,7 +3770,8 @@ class _ProxySession(socketserver.BaseRequestHandler):
             except (OSError, ValueError) as error:  # the peer went away, TLS failed, ...
                 tap.finish()
                 spool.write("# the session ended: %s\n" % (error,))
-                logger.warning("recording session %d ended: %s", number, error)
+                logger.warning("recording session %d ended: %s%s", number, error, _tls_hint(
+                    recorder.tls, error))
             spool.seek(0)
             recorder._append(number, "%s:%d" % self.client_address[:2],
                              (line.rstrip("\n") for line in spool))
@@ -2473,9 +3782,9 @@ class _ProxySession(socketserver.BaseRequestHandler):
         recorder = self.server
         client: socket.socket = self.request
         client.settimeout(recorder.timeout)
-        upstream = recorder._connect()
+        upstream, tls = recorder._connect(tap)
         try:
-            if recorder.tls == "stls":
+            if tls == "stls":
                 upstream = self.start_tls(upstream, tap)
             sockets = [client, upstream]
             while True:
@@ -2511,7 +3820,7 @@ class _ProxySession(socketserver.BaseRequestHandler):
                             # handshake we could not record.
                             tap.sent.pop()
                             tap.write("# the proxy refused the client's STLS (client side is "
-                                      "plaintext; the server side is TLS %s)" % recorder.tls)
+                                      "plaintext; the server side is TLS %s)" % tls)
                             client.sendall(b"-ERR STLS is not relayed by the recording proxy\r\n")
                             continue
                         upstream.sendall(line)
@@ -2564,6 +3873,12 @@ class _ProxySession(socketserver.BaseRequestHandler):
 # standard-library-only for everyone else.
 
 
+#: The pop3_oauth2_server fixture's FakeOAuth2 options: access tokens that expire while a test
+#: runs, device polling fast enough not to slow it down.
+OAUTH2_TEST_OPTIONS: Mapping[str, Any] = {
+    "access_lifetime": 2.0, "device_interval": 0.05, "device_lifetime": 60.0}
+
+
 def pytest_configure(config: Any) -> None:
     """pytest hook: declare the marker and register the fixtures."""
     config.addinivalue_line(
@@ -2604,111 +3919,146 @@ def _report_text(servers: Sequence[FakeServer]) -> str:
         for mismatch in server.mismatches:
             parts.append("  replay: connection %d sent %r, which the recording has no answer for"
                          % (mismatch.session, mismatch.command))
+        parts.extend(_oauth2_report(server.oauth2))
     return "\n".join(parts)
 
 
-def _pytest_plugin() -> object:
+def _oauth2_report(oauth2: FakeOAuth2 | None) -> list[str]:
+    """The requests a server's FakeOAuth2 answered, for a failure report (no secret in them)."""
+    if oauth2 is None:
+        return []
+    lines = ["  oauth2 %s: %d request(s), %d token reply(ies)"
+             % (oauth2.base_url, len(oauth2.requests), len(oauth2.issued))]
+    lines.extend("    %s %s -> %s" % (request.path, request.grant or "-", request.error or "ok")
+                 for request in oauth2.requests)
+    return lines
+
+
+def _make_server(
+    preset: str = "rfc",
+    *,
+    messages: Iterable[object] | None = None,
+    maildir: str | Path | None = None,
+    mbox: str | Path | None = None,
+    eml_dir: str | Path | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    folder: Path | None = None,
+    **options: Any,
+) -> FakeServer:
+    """make_pop3_server's server (not started); a relative ``replay`` path is taken from
+    `folder` (the test file's)."""
+    name = user if user is not None else "hogehoge"
+    secret = password if password is not None else "fugafuga"
+    sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
+    if len(sources) > 1:
+        raise ValueError("give one of messages, maildir, mbox and eml_dir")
+    drop: Maildrop | None = None
+    if messages is not None:
+        drop = Maildrop(secret, (_mail_bytes(m) for m in messages))
+    elif maildir is not None:
+        drop = Maildrop.from_maildir(maildir, secret)
+    elif mbox is not None:
+        drop = Maildrop.from_mbox(mbox, secret)
+    elif eml_dir is not None:
+        drop = Maildrop.from_eml_dir(eml_dir, secret)
+    elif (user, password) != (None, None) and preset in _PRESETS:
+        base = next(iter(_PRESETS[preset].make_users().values()))
+        drop = Maildrop(secret, base.messages, uids=base.uids)
+    if drop is not None:
+        options["users"] = {name: drop}
+    replay = options.get("replay")
+    if folder is not None and isinstance(replay, (str, Path)) and "\n" not in str(replay):
+        options["replay"] = folder / replay  # an absolute `replay` stays as it is
+    return FakeServer(preset, **options)
+
+
+def _add_to_report(report: Any, servers: Sequence[FakeServer] | None) -> None:
+    """A test's servers in its report: once the test has run, its sessions are ended, so that
+    an exception one of them hit is known now and fails this test (not a later one, not only
+    the teardown); a failed test gets the transcripts."""
     import traceback
+
+    if not servers:
+        return
+    if report.when == "call":
+        for server in servers:
+            server.stop()
+        errors = [error for server in servers for error in server.errors]
+        if errors:
+            text = "".join(traceback.format_exception(
+                type(errors[0]), errors[0], errors[0].__traceback__))
+            if report.passed:
+                report.outcome = "failed"
+                report.longrepr = "a fakeserver session raised:\n" + text
+            else:
+                report.sections.append(("fakeserver session error", text))
+    if report.failed:
+        report.sections.append(("fakeserver transcript", _report_text(servers)))
+
+
+def _pytest_plugin() -> object:
+    """The fixtures pop3_server, make_pop3_server, pop3_oauth2_server and pop3_ca_file and the
+    report hook, as a module: plain functions (pytest 9 deprecates instance-method fixtures)."""
+    import types
 
     import pytest
 
-    class FakeServerPlugin:
-        """Fixtures pop3_server, make_pop3_server and pop3_ca_file; transcripts in reports."""
+    # The servers of each running test (its node id): per process, so pytest-xdist workers
+    # share nothing, and every server has its own free port.
+    servers: dict[str, list[FakeServer]] = {}
 
-        def __init__(self) -> None:
-            # The servers of each running test (its node id): per process, so pytest-xdist
-            # workers share nothing, and every server has its own free port.
-            self.servers: dict[str, list[FakeServer]] = {}
+    @pytest.fixture
+    def make_pop3_server(request: Any) -> Iterator[Callable[..., FakeServer]]:
+        """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
+        mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
+        options)`` returns a started server; all are stopped when the test ends. Messages
+        are bytes, str or email Messages; with no mail source, `user` and `password` get
+        the preset's messages. A relative ``replay`` path is relative to the test file."""
+        started = servers.setdefault(request.node.nodeid, [])
+        folder = Path(str(request.path)).parent
 
-        @pytest.fixture
-        def make_pop3_server(self, request: Any) -> Iterator[Callable[..., FakeServer]]:
-            """A factory: ``make_pop3_server(preset="rfc", *, messages=None, maildir=None,
-            mbox=None, eml_dir=None, user="hogehoge", password="fugafuga", **FakeServer
-            options)`` returns a started server; all are stopped when the test ends. Messages
-            are bytes, str or email Messages; with no mail source, `user` and `password` get
-            the preset's messages."""
-            servers = self.servers.setdefault(request.node.nodeid, [])
+        def make(preset: str = "rfc", **options: Any) -> FakeServer:
+            server = _make_server(preset, folder=folder, **options)
+            started.append(server.start())
+            return server
 
-            def make(
-                preset: str = "rfc",
-                *,
-                messages: Iterable[object] | None = None,
-                maildir: str | Path | None = None,
-                mbox: str | Path | None = None,
-                eml_dir: str | Path | None = None,
-                user: str | None = None,
-                password: str | None = None,
-                **options: Any,
-            ) -> FakeServer:
-                name = user if user is not None else "hogehoge"
-                secret = password if password is not None else "fugafuga"
-                sources = [s for s in (messages, maildir, mbox, eml_dir) if s is not None]
-                if len(sources) > 1:
-                    raise ValueError("give one of messages, maildir, mbox and eml_dir")
-                drop: Maildrop | None = None
-                if messages is not None:
-                    drop = Maildrop(secret, (_mail_bytes(m) for m in messages))
-                elif maildir is not None:
-                    drop = Maildrop.from_maildir(maildir, secret)
-                elif mbox is not None:
-                    drop = Maildrop.from_mbox(mbox, secret)
-                elif eml_dir is not None:
-                    drop = Maildrop.from_eml_dir(eml_dir, secret)
-                elif (user, password) != (None, None) and preset in _PRESETS:
-                    base = next(iter(_PRESETS[preset].make_users().values()))
-                    drop = Maildrop(secret, base.messages, uids=base.uids)
-                if drop is not None:
-                    options["users"] = {name: drop}
-                server = FakeServer(preset, **options)
-                servers.append(server.start())
-                return server
+        yield make
+        for server in started:
+            server.stop()  # errors were reported with the test (pytest_runtest_makereport)
+        servers.pop(request.node.nodeid, None)
 
-            yield make
-            for server in servers:
-                server._stop()  # errors were reported with the test (pytest_runtest_makereport)
-            self.servers.pop(request.node.nodeid, None)
+    @pytest.fixture
+    def pop3_server(request: Any, make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+        """A started FakeServer (preset "rfc"), configured by a ``pop3_server`` marker."""
+        marker = request.node.get_closest_marker("pop3_server")
+        if marker is None:
+            return make_pop3_server()
+        return make_pop3_server(*marker.args, **marker.kwargs)
 
-        @pytest.fixture
-        def pop3_server(self, request: Any, make_pop3_server: Callable[..., FakeServer]
-                        ) -> FakeServer:
-            """A started FakeServer (preset "rfc"), configured by a ``pop3_server`` marker."""
-            marker = request.node.get_closest_marker("pop3_server")
-            if marker is None:
-                return make_pop3_server()
-            return make_pop3_server(*marker.args, **marker.kwargs)
+    @pytest.fixture(scope="session")
+    def pop3_ca_file(tmp_path_factory: Any) -> Path:
+        """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
+        path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
+        path.write_text(CA_PEM)
+        return path
 
-        @pytest.fixture(scope="session")
-        def pop3_ca_file(self, tmp_path_factory: Any) -> Path:
-            """The test CA (PEM) in a file, for clients that want a path (``--cafile``)."""
-            path = Path(tmp_path_factory.mktemp("fakeserver-ca")) / "ca.pem"
-            path.write_text(CA_PEM)
-            return path
+    @pytest.fixture
+    def pop3_oauth2_server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+        """A started FakeServer (preset "rfc") with a FakeOAuth2 (``.oauth2``) beside it, its
+        lifetimes short for tests (``OAUTH2_TEST_OPTIONS``)."""
+        return make_pop3_server(oauth2=OAUTH2_TEST_OPTIONS)
 
-        @pytest.hookimpl(hookwrapper=True)
-        def pytest_runtest_makereport(self, item: Any, call: Any) -> Iterator[None]:
-            outcome = yield
-            report = outcome.get_result()  # type: ignore[attr-defined]
-            servers = self.servers.get(item.nodeid)
-            if not servers:
-                return
-            if report.when == "call":
-                # The test is over: end its sessions, so that an exception one of them hit is
-                # known now and fails this test (not a later one, not only the teardown).
-                for server in servers:
-                    server._stop()
-                errors = [error for server in servers for error in server.errors]
-                if errors:
-                    text = "".join(traceback.format_exception(
-                        type(errors[0]), errors[0], errors[0].__traceback__))
-                    if report.passed:
-                        report.outcome = "failed"
-                        report.longrepr = "a fakeserver session raised:\n" + text
-                    else:
-                        report.sections.append(("fakeserver session error", text))
-            if report.failed:
-                report.sections.append(("fakeserver transcript", _report_text(servers)))
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+        outcome = yield
+        _add_to_report(outcome.get_result(), servers.get(item.nodeid))  # type: ignore[attr-defined]
 
-    return FakeServerPlugin()
+    plugin = types.ModuleType("fakeserver_fixtures")
+    plugin.__dict__.update(make_pop3_server=make_pop3_server, pop3_server=pop3_server,
+                           pop3_ca_file=pop3_ca_file, pop3_oauth2_server=pop3_oauth2_server,
+                           pytest_runtest_makereport=pytest_runtest_makereport)
+    return plugin
 
 
 # ======================================================================================
@@ -2716,22 +4066,25 @@ def _pytest_plugin() -> object:
 # ======================================================================================
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a fake server until Ctrl-C; the first line on stdout is HOST:PORT."""
+def _parser() -> argparse.ArgumentParser:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="fakeserver.py",
         description="A fake POP3 server. By default it replays the OperaMail session of the "
-        "seed: user hogehoge, password fugafuga, two Japanese messages.",
+        "seed: user hogehoge, password fugafuga, two Japanese messages. With --oauth2, a fake "
+        "OAuth2 authorization server runs beside it; its endpoints are printed after the "
+        "HOST:PORT line.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=int, default=1110, help="port, 0 for a free one (1110)")
     parser.add_argument("--tls", choices=("none", "implicit", "stls"),
                         help="TLS mode (none); with --record, to the real server (implicit on "
-                        "port 995 and when no port is given, else stls)")
-    parser.add_argument("--preset", choices=sorted(_PRESETS), default="operamail",
-                        help="operamail (the seed) or rfc (full CAPA, SASL, fresh timestamps)")
+                        "port 995 and when no port is given, stls on 110; on other ports the "
+                        "proxy waits 3 s for a plaintext greeting, then tries implicit TLS)")
+    parser.add_argument("--preset", choices=sorted(_PRESETS),
+                        help="operamail (the seed; the default) or rfc (full CAPA, SASL, fresh "
+                        "timestamps; the default with --oauth2)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--maildir", metavar="PATH", help="serve this Maildir")
     source.add_argument("--mbox", metavar="PATH", help="serve this mbox file")
@@ -2753,30 +4106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     record.add_argument("--record", metavar="HOST[:PORT]",
                         help="the real server (TLS verified); point your client at this proxy "
                         "in plaintext")
-    record.add_argument("--out", metavar="FILE", help="the transcript file to write")
+    record.add_argument("--out", metavar="FILE",
+                        help="the transcript file to write (an existing one only with --force)")
+    record.add_argument("--force", action="store_true",
+                        help="overwrite the --out file if it exists")
     record.add_argument("--cafile", metavar="FILE",
                         help="trust these CA certificates for the real server (default: system)")
     record.add_argument("--headers-only", action="store_true",
                         help="record only the header of each RETR/TOP message")
+    _add_oauth2_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a fake server until Ctrl-C; the first line on stdout is HOST:PORT."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.record:
         return _record(parser, args)
-
-    users: dict[str, Maildrop] | None = None
+    args.preset = args.preset or ("rfc" if args.oauth2 else "operamail")
+    args.tls = args.tls or "none"
     try:
-        if args.maildir:
-            users = {args.user: Maildrop.from_maildir(args.maildir, args.password)}
-        elif args.mbox:
-            users = {args.user: Maildrop.from_mbox(args.mbox, args.password)}
-        elif args.eml_dir:
-            users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
-        if args.write_ca:
-            Path(args.write_ca).write_text(CA_PEM)
-        args.tls = args.tls or "none"
-        tls = None if args.tls == "none" else args.tls
-        server = FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
-                            idle_timeout=args.idle_timeout, keep_transcripts=False,
-                            replay=Path(args.replay) if args.replay else None)
+        server = _server_from(args)
     except mailbox.NoSuchMailboxError as error:
         print("fakeserver: no such mailbox: %s" % error, file=sys.stderr)
         return 1
@@ -2786,45 +4137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # a port or timeout out of range
         parser.error(str(error))
     if not args.quiet:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-    host = "[%s]" % server.host if ":" in server.host else server.host
-    where = "%s:%d" % (host, server.port)
-    user = args.user if users is not None else "hogehoge"
-    password = args.password if users is not None else "fugafuga"
-    # A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops us.
-    import signal
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _log_to_stderr(logging.DEBUG)
+    _take_back_sigint()
     try:
         server.start()
-        print(where, flush=True)
-        # The demo password is the seed's, public on purpose; a password given on the command
-        # line is the user's own and is not repeated.
-        shown = password if password == "fugafuga" else "as given"
-        what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
-        print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
-              % (what, args.tls, "(any)" if args.replay else user, shown))
-        if tls is None:
-            print("try:  telnet %s %d   (or: nc -C %s %d)"
-                  % (server.host, server.port, server.host, server.port))
-        else:
-            starttls = " -starttls pop3" if tls == "stls" else ""
-            print("try:  openssl s_client -connect %s%s -CAfile CA.pem  (CA.pem from --write-ca)"
-                  % (where, starttls))
-        client_tls = {"none": "none", "implicit": "implicit", "stls": "starttls"}[args.tls]
-        print("  or: python pop3lite.py %s %s --tls %s%s"
-              % (where, user, client_tls, "" if tls is None else " --cafile CA.pem"))
-        print("stop: Ctrl-C", flush=True)
+        _print_banner(server, args)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        server._stop()
+        server.stop()
     for failure in server.errors:
         print("fakeserver: a session failed: %r" % (failure,), file=sys.stderr)
     for mismatch in server.mismatches:
@@ -2833,23 +4156,142 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if server.errors else 0
 
 
-def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """--record: run the recording proxy until Ctrl-C."""
+def _server_from(args: argparse.Namespace) -> FakeServer:
+    """The FakeServer the command line asks for (not started); writes --write-ca's file."""
+    users: dict[str, Maildrop] | None = None
+    if args.maildir:
+        users = {args.user: Maildrop.from_maildir(args.maildir, args.password)}
+    elif args.mbox:
+        users = {args.user: Maildrop.from_mbox(args.mbox, args.password)}
+    elif args.eml_dir:
+        users = {args.user: Maildrop.from_eml_dir(args.eml_dir, args.password)}
+    if args.write_ca:
+        Path(args.write_ca).write_text(CA_PEM)
+    tls = None if args.tls == "none" else args.tls
+    return FakeServer(args.preset, host=args.host, port=args.port, users=users, tls=tls,
+                      idle_timeout=args.idle_timeout, keep_transcripts=False,
+                      replay=Path(args.replay) if args.replay else None,
+                      oauth2=_oauth2_options(args))
+
+
+def _add_oauth2_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "OAuth2", "a fake OAuth2 authorization server beside the POP3 server (on another free "
+        "port of the same host); XOAUTH2 and OAUTHBEARER then accept the tokens it issues")
+    group.add_argument("--oauth2", action="store_true",
+                       help="run it; lines 2-5 of the output are token-url, device-url, "
+                       "auth-url and client-id, each followed by its value")
+    group.add_argument("--oauth2-client-id", default="pop3lite-test", metavar="ID",
+                       help="the client id it knows (pop3lite-test)")
+    group.add_argument("--oauth2-client-secret", metavar="SECRET",
+                       help="a test client secret, needed for client credentials (none)")
+    group.add_argument("--oauth2-access-lifetime", type=float, default=3600.0,
+                       metavar="SECONDS", help="access token lifetime (3600)")
+    group.add_argument("--oauth2-refresh-lifetime", type=float, metavar="SECONDS",
+                       help="refresh token lifetime (unlimited)")
+    group.add_argument("--oauth2-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="device grant polling interval (1)")
+    group.add_argument("--oauth2-approve-after", type=int, default=1, metavar="N",
+                       help="approve a device code after N polls (1); the authorization URL "
+                       "consents at once")
+
+
+def _oauth2_options(args: argparse.Namespace) -> Mapping[str, Any] | None:
+    """FakeOAuth2's options from the command line (None: no --oauth2)."""
+    if not args.oauth2:
+        return None
+    return {"client_id": args.oauth2_client_id, "client_secret": args.oauth2_client_secret,
+            "access_lifetime": args.oauth2_access_lifetime,
+            "refresh_lifetime": args.oauth2_refresh_lifetime,
+            "device_interval": args.oauth2_interval, "approve_after": args.oauth2_approve_after,
+            "host": "::1" if ":" in args.host else "127.0.0.1"}
+
+
+def _print_oauth2(oauth2: FakeOAuth2 | None, where: str, user: str) -> None:
+    """The endpoints, one per line right after HOST:PORT (for scripts), and a sign-in to try."""
+    if oauth2 is None:
+        return
+    print("token-url %s\ndevice-url %s\nauth-url %s\nclient-id %s" % (
+        oauth2.token_url, oauth2.device_url, oauth2.auth_url, oauth2.client_id))
+    print("fakeserver: OAuth2 for user %s: device codes approved after %s poll(s), the "
+          "authorization URL consents at once; access tokens live %gs"
+          % (oauth2.default_user, oauth2.approve_after, oauth2.access_lifetime))
+    print("sign in: python pop3lite.py %s %s oauth2 --tls none --token-url %s --device-url %s "
+          "--client-id %s --oauth2 TOKEN-FILE" % (where, user, oauth2.token_url,
+                                                   oauth2.device_url, oauth2.client_id),
+          flush=True)
+
+
+def _log_to_stderr(level: int) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _take_back_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored; take it back so `kill -INT` stops
+    us."""
     import signal
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _print_banner(server: FakeServer, args: argparse.Namespace) -> None:
+    """HOST:PORT on the first line, then who can log in and how to try it."""
+    host = "[%s]" % server.host if ":" in server.host else server.host
+    where = "%s:%d" % (host, server.port)
+    custom = args.maildir or args.mbox or args.eml_dir
+    user = args.user if custom else "hogehoge"
+    # The demo password is the seed's, public on purpose; a password given on the command
+    # line is the user's own and is not repeated.
+    password = args.password if custom else "fugafuga"
+    shown = password if password == "fugafuga" else "as given"
+    what = "replay of %s" % args.replay if args.replay else "%s preset" % args.preset
+    print(where, flush=True)
+    _print_oauth2(server.oauth2, where, user)
+    print("fakeserver: POP3 (%s, TLS %s) for user %s, password %s"
+          % (what, args.tls, "(any)" if args.replay else user, shown))
+    ca = args.write_ca or "CA.pem"
+    if server.tls is None:
+        print("try:  telnet %s %d   (or: nc -C %s %d)"
+              % (server.host, server.port, server.host, server.port))
+    else:
+        starttls = " -starttls pop3" if server.tls == "stls" else ""
+        print("try:  openssl s_client -connect %s%s -CAfile %s%s" % (
+            where, starttls, ca, "" if args.write_ca else "  (CA.pem from --write-ca)"))
+    if server.recording is not None:
+        # A client other than the one recorded sends other commands: show what it can answer.
+        print("  the recording answers (session 1): %s" % ", ".join(
+            exchange.command for exchange in server.recording[0].exchanges))
+    else:
+        client_tls = {"none": "none", "implicit": "implicit", "stls": "starttls"}[args.tls]
+        print("  or: python pop3lite.py %s %s --tls %s%s"
+              % (where, user, client_tls, "" if server.tls is None else " --cafile " + ca))
+    print("stop: Ctrl-C", flush=True)
+
+
+def _record(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--record: run the recording proxy until Ctrl-C."""
     if not args.out:
         parser.error("--record needs --out FILE")
     try:
         context = ssl.create_default_context(cafile=args.cafile) if args.cafile else None
         recorder = Recorder(args.record, args.out, tls=args.tls, host=args.host, port=args.port,
-                            context=context, headers_only=args.headers_only)
+                            context=context, headers_only=args.headers_only,
+                            overwrite=args.force)
+    except FileExistsError:
+        print("fakeserver: %s exists, and a recording is somebody's test: choose another --out "
+              "file, or pass --force to overwrite it" % args.out, file=sys.stderr)
+        return 1
     except ValueError as error:
         parser.error(str(error))
     except OSError as error:
         print("fakeserver: %s" % error, file=sys.stderr)
         return 1
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    _take_back_sigint()
+    _log_to_stderr(logging.INFO)
     host, port = recorder.address
     try:
         recorder.start()

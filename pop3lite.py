@@ -32,6 +32,7 @@ from typing import (
     List,
     NamedTuple,
     NoReturn,
+    Sequence,
     TypeVar,
     Union,
     cast,
@@ -39,11 +40,13 @@ from typing import (
 )
 
 if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
+    import argparse
     import logging
     import ssl
+    import subprocess
     from email.message import EmailMessage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "POP3",
@@ -66,6 +69,7 @@ __all__ = [
     "TLSError",
     "Timeout",
     "InsecureError",
+    "OAuth2Error",
     "SizeMismatchWarning",
     "repair_encoded_words",
     "create_tls_context",
@@ -78,10 +82,14 @@ __all__ = [
     "BodyEnd",
     "NEED_DATA",
     "SaslExchange",
+    "DeliveryError",
+    "Destination",
     "Maildir",
     "Mbox",
+    "MDA",
     "SaveReport",
     "save",
+    "OAuth2",
     "main",
 ]
 
@@ -259,6 +267,32 @@ class InsecureError(Error):
         self.what = what
 
 
+class OAuth2Error(Error):
+    """No OAuth2 access token could be had. ``reason``: "sign-in" (the provider refused: the
+    refresh token expired or was revoked, the sign-in was declined or timed out; sign in
+    again), "endpoint" (the token endpoint could not be reached, or answered with something
+    that is not OAuth2: a 5xx, HTML, a huge body), "token-file" (the file is damaged, locked,
+    or made for another account or provider), "permissions" (the file is open to others).
+    ``error`` and ``description`` are the provider's words (RFC 6749 section 5.2), AADSTS
+    codes included."""
+
+    def __init__(self, message: str, *, reason: str, error: str = "", description: str = ""):
+        super().__init__(message, reason=reason)
+        self.error = error
+        self.description = description
+
+
+class DeliveryError(Error):
+    """A delivery command (MDA) failed: the message stays on the server and save() stops.
+    ``reason``: "tempfail" (exit status 75, EX_TEMPFAIL: try again later), "failed" (another
+    status, or killed by a signal), "timeout" (it ran out of time and was killed), "start" (it
+    could not be started). ``status``: its exit status (negative: the signal), or None."""
+
+    def __init__(self, message: str, *, reason: str, status: int | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+
+
 class SizeMismatchWarning(UserWarning):
     """A message's length differs from the size the server announced for it."""
 
@@ -291,7 +325,7 @@ def server_error(text: str, code: str | None, command: str) -> ServerError:
 
 
 # =============================================================================================
-# Text shown to people: server text made safe, charsets that lie, sizes
+# Text shown to people: server text made safe, charsets that lie
 # =============================================================================================
 #
 # Whatever a server sends may reach a terminal or a log. Every string shown to people passes
@@ -371,113 +405,6 @@ def repair_encoded_words(header: bytes) -> bytes:
         return b"=?%s?B?%s?=" % (match.group(1), text)
 
     return _ENCODED_WORD.sub(fix, header)
-
-
-# -- text decoding: RFC 2047 headers, charsets that lie ----------------------------------------
-
-# Patterns as strings: re compiles and caches them on first use, not at import time.
-_HIGH_BYTE = rb"[\x80-\xff]"
-_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
-_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
-_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest is noise
-
-
-def _decode_text(data: bytes, charset: str | None = None) -> str:
-    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
-    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
-
-    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
-    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
-    almost never an accident, while cp932 decodes most byte strings without error."""
-    codecs: list[str] = []
-    declared = (charset or "").strip().strip('"').lower()
-    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
-        codecs.append(declared)
-    if re.search(_JIS_ESCAPE, data):
-        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
-    codecs += _FALLBACK_CHARSETS
-    for codec in codecs:
-        try:
-            return data.decode(codec)
-        except (LookupError, UnicodeDecodeError):
-            continue
-    return data.decode("utf-8", "replace")
-
-
-def _decode_header(raw: bytes) -> str:
-    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
-    text = _decode_text(raw[:_HEADER_LIMIT])
-    if "=?" in text:
-        import email.errors
-        import email.header
-
-        try:
-            parts = email.header.decode_header(text)
-        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
-            parts = [(text, None)]
-        words = []
-        for value, charset in parts:
-            if isinstance(value, str):
-                words.append(value)
-            elif charset is None:  # decode_header encodes undecoded runs this way
-                try:
-                    words.append(value.decode("raw-unicode-escape"))
-                except UnicodeDecodeError:
-                    words.append(value.decode("latin-1"))
-            else:
-                words.append(_decode_text(value, charset))
-        text = "".join(words)
-    return printable(re.sub(_BLANKS, " ", text).strip(" "))
-
-
-def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
-    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
-    fields: list[tuple[str, list[bytes]]] = []
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1].append(line)
-        elif b":" in line:
-            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-            fields.append((name, [line]))
-    return fields
-
-
-def _field_value(lines: list[bytes]) -> bytes:
-    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
-    return b"".join(lines).split(b":", 1)[1].strip()
-
-
-def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
-    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
-    if data.startswith(b"\r\n"):
-        return b"", data[2:]
-    head, sep, body = data.partition(b"\r\n\r\n")
-    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
-
-
-# -- sizes ----------------------------------------------------------------------------------------
-
-
-def _human_size(count: int) -> str:
-    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
-    value, unit = float(count), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def _size(count: int) -> str:
-    """Octets, exact, and in human units beside them once that says more: "10180 octets
-    (9.9 KiB)"."""
-    if count < 1024:
-        return _plural(count, "octet")
-    return f"{count} octets ({_human_size(count)})"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # =============================================================================================
@@ -1703,15 +1630,21 @@ class ScramSHA256Mechanism(ScramMechanism):
     hash_name = "sha256"
 
 
-def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
-    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """A JSON object from UTF-8 bytes, or None if they hold anything else."""
     import json
 
     try:
-        details = json.loads(challenge.decode("utf-8"))
+        details = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError):  # Unicode/JSON errors; "[[[[..." nested too deep
-        details = None
-    if not isinstance(details, dict):
+        return None
+    return details if isinstance(details, dict) else None
+
+
+def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
+    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
+    details = _json_object(challenge)
+    if details is None:
         raise _protocol_error(f"{mechanism} challenge is not a JSON error object", challenge)
     return details
 
@@ -2465,8 +2398,9 @@ class POP3:
             indicator = b"+OK" if event.ok else b"-ERR"
             self._log_line("S:", indicator + (b" " + event.text if event.text else b""))
 
-    def _body(self) -> bytes:
-        """Read a whole multi-line body (after its +OK)."""
+    def _body(self, summarise: bool = True) -> bytes:
+        """Read a whole multi-line body (after its +OK); logged as its size, or not at all
+        without ``summarise`` (the caller logs its lines)."""
         body = b""
         event = self._event("reading a multi-line response")
         if isinstance(event, BodyPiece):  # whole: only a streamed body comes in pieces
@@ -2474,7 +2408,7 @@ class POP3:
             event = self._event("reading a multi-line response")
         if not isinstance(event, BodyEnd):
             self._transport.fail(ProtocolError(f"expected the end of a body, not {event!r}"))
-        if self._log.isEnabledFor(_DEBUG):
+        if summarise and self._log.isEnabledFor(_DEBUG):
             self._log.debug("S: <%d octets, then .>", len(body))
         return body
 
@@ -2503,7 +2437,12 @@ class POP3:
         """A command with a multi-line answer, as a list of lines without line ends."""
         self._send(verb, *args, expected=Expected(multiline=True, limit=MAX_LISTING_SIZE))
         self._status(verb)
-        return _lines(self._body())
+        lines = _lines(self._body(summarise=False))
+        if self._log.isEnabledFor(_DEBUG):  # CAPA and listings are what -v is turned on to see
+            for line in lines:
+                self._log_line("S:", b"." + line if line.startswith(b".") else line)
+            self._log.debug("S: .")
+        return lines
 
     def command(
         self,
@@ -2787,11 +2726,25 @@ class POP3:
         self, user: str, token: str | Callable[[], str], mechanism: str | None = None
     ) -> str:
         """OAuth 2.0: OAUTHBEARER (RFC 7628) if offered, else XOAUTH2 (Google, Microsoft).
-        ``token`` may be a callable returning a fresh token."""
+        ``token`` may be a callable returning a fresh token, such as an OAuth2 token source:
+        then a token the server refuses is refreshed once and tried once more, and a source
+        made for another account is refused before anything is sent."""
         value = token() if callable(token) else token
+        account = getattr(token, "user", None)
+        if account and account.lower() != user.lower():
+            where = getattr(token, "path", "the token source")
+            message = f"token file {where} was made for {account!r}, not {user!r}; sign in again"
+            raise OAuth2Error(message, reason="token-file")
         if mechanism is None:
             mechanism = choose_oauth2_mechanism(self.capa().sasl)
-        return self.auth(mechanism, user, token=value)
+        refresh = getattr(token, "refresh", None)
+        try:
+            return self.auth(mechanism, user, token=value)
+        except AuthenticationError:
+            if refresh is None or not self.is_open:
+                raise
+        # The token looked valid here but the server refused it (revoked, or clocks apart).
+        return self.auth(mechanism, user, token=refresh(value))
 
     def login_best(self, user: str, password: str) -> str:
         """Log in with the strongest password mechanism offered (SCRAM-SHA-256, SCRAM-SHA-1,
@@ -3217,40 +3170,44 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
 
 
 # =============================================================================================
-# Delivery: save a mailbox into a Maildir or an mbox, crash-safe and in constant memory
+# Delivery: save a mailbox into a Maildir, an mbox or a command, crash-safe, in constant memory
 # =============================================================================================
 #
 #     with pop3lite.POP3("pop.example.com") as pop:
 #         pop.login("alice", password)
-#         pop3lite.save(pop, "~/Maildir", new=True, delete=True)
+#         pop3lite.save(pop, "~/Maildir", delete=True)
 #
-# The durability order, in one place (what may be lost or doubled follows from it):
+# save() drives a Destination (Maildir, Mbox, MDA) through these steps; the table is the
+# durability order, in one place (what may be lost or doubled follows from it):
 #
 #   step                                            why
-#   (1) write the message to tmp/ (Maildir) or      nothing else may point at data that is not
-#       append it to the mbox                       there yet
-#   (2) fdatasync the file                          its octets are on disk before anything
-#                                                   counts it as saved
-#   (3) Maildir: rename it into new/ under a name   the rename is what makes it a message and
-#       that carries the record (tag and key);      its name its record; a file still in tmp/
-#       per batch, fsync(new/)                      is incomplete (removed by the next run)
-#   (4) journal lines ONLY for messages whose       a line never names a message that a power
-#       step 3 (Maildir) / step 2 (mbox) completed; cut can take away; the mbox syncs once
-#       fsync the journal (mbox: per message)       per message for it: at most the one
-#                                                   message in flight is saved twice
+#   (1) begin/finish: write the message to tmp/     nothing else may point at data that is not
+#       (Maildir), append it to the mbox, or        there yet
+#       spool it for the command (MDA)
+#   (2) sync: fdatasync the file (MDA: run the      its octets are on disk (the command said
+#       command on it and wait for exit 0)          so) before anything counts it as saved
+#   (3) deliver: Maildir renames it into new/       the rename is what makes it a message and
+#       under a name that carries the record (tag   its name its record; a file still in tmp/
+#       and key), then fsyncs new/ (per batch)      is incomplete (removed by the next run)
+#   (4) journal lines ONLY for the keys step 3      a line never names a message that a power
+#       returned; fsync the journal (per message    cut can take away; per message: at most
+#       for an mbox and a command)                  the one message in flight is saved twice
 #   (5) DELE only what is durable: this run's       the server's copy goes only when ours is
-#       synced messages; an earlier run's only      on disk; a Maildir file the user deleted
+#       delivered messages; an earlier run's only   on disk; a Maildir file the user deleted
 #       when its record is (Maildir: the file in    keeps the server's copy
-#       new/ or cur/; mbox: the journal line)
+#       new/ or cur/; mbox, MDA: the journal line)
 #   (6) QUIT only after every write succeeded       QUIT commits the DELEs (RFC 1939 section
 #                                                   6); any failure leaves without it
 #
+# Before step 1, save() reads what earlier runs saved: the journal, and the records the
+# destination holds itself (Maildir file names a kill kept out of the journal: recorded(),
+# made durable by settle() before the journal names them).
 # A failure the process survives journals nothing more: it cuts an mbox back to where the
 # message began, and delivers a Maildir's complete messages (steps 2 and 3), whose names the
 # next run journals after syncing new/ and cur/ again.
-# Without new= or delete= (keep mode) nothing depends on records, so none are written (no
-# record in file names, no journal) and nothing is synced: the mail stays on the server, and
-# a later new= run fetches those messages once more.
+# Every run writes records (issue 19: a second `save` must not fetch everything again), so
+# every run syncs: the records cost what the journal costs. new=False fetches every message
+# again (and records it again).
 # Records are keyed by the UID (_record_keys): a UID several messages share is told apart by
 # the size when it can be, else those messages get no record and are fetched every time.
 
@@ -3278,7 +3235,7 @@ class SaveReport(NamedTuple):
     """What save() did: ``saved`` messages of ``octets`` octets (as the server sent them);
     ``already`` skipped as saved by an earlier run; ``skipped`` ``(number, size)`` of those
     over ``max_size`` (neither saved nor deleted); ``deleted`` on the server; ``kind`` of the
-    destination ("Maildir" or "mbox")."""
+    destination ("Maildir", "mbox" or "MDA")."""
 
     saved: int
     octets: int
@@ -3434,7 +3391,7 @@ class _Journal:
         self.descriptor = -1
         self.lines = 0
 
-    def open(self, durable: bool) -> set[str]:
+    def open(self) -> set[str]:
         """Lock the journal (creating it) and return the keys it records."""
         import os
 
@@ -3457,7 +3414,7 @@ class _Journal:
         self.descriptor = descriptor
         if os.fstat(descriptor).st_size == 0:
             os.write(descriptor, f"{_JOURNAL_MAGIC} {self.identity}\n".encode())
-            if created and durable:
+            if created:
                 _fsync_directory(os.path.dirname(self.path))
         return self._read()
 
@@ -3501,7 +3458,7 @@ class _Journal:
         if sync:
             os.fsync(self.descriptor)
 
-    def compact(self, keep: set[str], durable: bool) -> None:
+    def compact(self, keep: set[str]) -> None:
         """Rewrite the journal with ``keep`` only, atomically, when it has grown mostly stale."""
         import os
 
@@ -3512,8 +3469,7 @@ class _Journal:
             file.write(f"{_JOURNAL_MAGIC} {self.identity}\n")
             file.writelines(f"+ {key}\n" for key in sorted(keep))
             file.flush()
-            if durable:
-                os.fsync(file.fileno())
+            os.fsync(file.fileno())
         new = os.open(temporary, os.O_RDWR | os.O_APPEND)
         try:
             _flock(new, f"the state file {self.path}")
@@ -3521,8 +3477,7 @@ class _Journal:
         except BaseException:
             os.close(new)
             raise
-        if durable:
-            _fsync_directory(os.path.dirname(self.path))
+        _fsync_directory(os.path.dirname(self.path))
         os.close(self.descriptor)
         self.descriptor = new
         self.lines = len(keep)
@@ -3624,61 +3579,86 @@ class _MboxMessage:
         self._write(_from_line(held[:end] if end >= 0 else held) + held)
 
 
-class _Destination:
-    """What save() needs of a destination; Maildir and Mbox implement it. The calls come in
-    this order: _open; _state_path; _recorded and _settle (durable runs); then per message
-    _begin, _finish (or _abandon when it failed) and, per batch, _sync; finally _close."""
+class Destination:
+    """Where save() puts messages: the delivery interface (Maildir, Mbox and MDA implement it;
+    a subclass of your own works the same way). save() calls, in this order:
+
+    - ``open()``, then ``state_path()`` for the journal, ``recorded()`` and ``settle()``;
+    - per message ``begin()``, whose sink receives the octets, then ``finish()`` (step 1), or
+      ``abandon()`` when the message failed;
+    - after every message (``per_message``) or per batch: ``sync()`` (step 2) and
+      ``deliver()`` (step 3), whose keys it journals (step 4);
+    - finally ``close()``, whatever happened.
+
+    What save() needs to know, each destination declares: ``per_message``, and
+    ``records_in_place``. Local failures raise OSError (the MDA: DeliveryError)."""
 
     kind = ""
+    """A word for people: "Maildir", "mbox", "MDA" (SaveReport.kind)."""
     path = ""
-    _journal_per_message = True  # whether _sync runs after every message or per batch
+    """Where the mail goes: the Maildir or the mbox; the MDA's state directory."""
+    per_message = True
+    """True: sync, deliver and journal after every message (a kill doubles at most the one
+    in flight); False: per batch of up to _SYNC_BATCH messages (Maildir: its file names are
+    the record, so a batch loses no record)."""
+    records_in_place = False
+    """True: the destination holds its own records (Maildir: file names), and an earlier
+    run's message is deleted on the server only while that record is there; False: the
+    journal line is the record."""
 
-    def _open(self, durable: bool) -> None:
-        """Create or lock the destination; with ``durable``, sync what was created."""
+    def open(self) -> None:
+        """Create or lock the destination, syncing what was created."""
         raise NotImplementedError
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         """Where the journal (or a 0.1 state file) named ``name`` lives."""
         raise NotImplementedError
 
-    def _recorded(self, tag: str) -> set[str]:
+    def recorded(self, tag: str) -> set[str]:
         """The keys of the records the destination itself holds for the account ``tag``
         (Maildir: file names in new/ and cur/); our cut-short leftovers removed."""
         return set()
 
-    def _settle(self) -> None:
-        """Make the records _recorded() found durable before the journal names them (a kill
+    def settle(self) -> None:
+        """Make the records recorded() found durable before the journal names them (a kill
         between a rename and the directory fsync leaves them undurable)."""
 
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
-        """Start a message recorded under ``key`` (None: no record); ``count(octets)`` is
-        called as octets arrive. Step 1 of the section comment."""
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
+        """Start a message recorded under ``key`` (None: no record) and return the binary
+        file its octets (CRLF line ends, as the server sends them) are written to;
+        ``count(octets)`` is to be called as they arrive. Step 1."""
         raise NotImplementedError
 
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
-        """The message is complete (mbox: step 2 too, with ``durable``)."""
+    def finish(self) -> None:
+        """The message begun last is complete (step 1 done)."""
         raise NotImplementedError
 
-    def _abandon(self) -> None:
-        """Drop the message being written (it failed)."""
+    def abandon(self) -> None:
+        """Drop the message being written (it failed); the finished ones stay."""
         raise NotImplementedError
 
-    def _sync(self, durable: bool) -> list[str]:
-        """Deliver the messages finished since the last call; return the keys that are now
-        durably delivered (steps 2 and 3), the only ones the journal may name. Raises when
-        it cannot: then nothing more is journaled."""
+    def sync(self) -> None:
+        """Step 2: make the finished messages durable. When it raises, those messages are
+        dropped (not delivered; the next run fetches them again)."""
         raise NotImplementedError
 
-    def _close(self) -> None:
-        """Release everything, abandoning a message being written."""
+    def deliver(self) -> list[str]:
+        """Step 3: make the synced messages messages; return their keys (those that have
+        one), the only ones the journal may name."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release everything; what was not delivered is dropped (Maildir: left in tmp/,
+        where the next run removes it)."""
         raise NotImplementedError
 
 
-class Maildir(_Destination):
+class Maildir(Destination):
     """A Maildir destination for save() (created if missing, as cur, new and tmp)."""
 
     kind = "Maildir"
-    _journal_per_message = False  # the file names are the record; the journal follows per batch
+    per_message = False  # the file names are the record; the journal follows per batch
+    records_in_place = True
 
     def __init__(self, path: str) -> None:
         import os
@@ -3686,15 +3666,17 @@ class Maildir(_Destination):
         self.path = os.path.abspath(os.path.expanduser(path))
         self._sequence = 0
         self._tag = ""
-        # (descriptor, tmp path, new path, key) of the message being written, and of those
-        # written but not yet synced and renamed
+        # (descriptor, tmp path, new path, key) of the message being written, of those
+        # finished but not synced, and of those synced but not renamed
         self._current: tuple[int, str, str, str | None] | None = None
         self._complete: list[tuple[int, str, str, str | None]] = []
+        self._synced: list[tuple[str, str, str | None]] = []
+        self._sink: _LocalLines | None = None
 
     def __repr__(self) -> str:
         return f"<pop3lite.Maildir {self.path!r}>"
 
-    def _open(self, durable: bool) -> None:
+    def open(self) -> None:
         import os
 
         layout = [os.path.join(self.path, sub) for sub in ("cur", "new", "tmp")]
@@ -3710,18 +3692,18 @@ class Maildir(_Destination):
             if not os.path.isdir(sub):
                 os.mkdir(sub, 0o700)
                 created = True
-        if created and durable:
+        if created:
             for sub in layout:
                 _fsync_directory(sub)
             _fsync_directory(self.path)
             _fsync_directory(os.path.dirname(self.path))
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         import os
 
         return os.path.join(self.path, f".pop3lite-{name}")
 
-    def _recorded(self, tag: str) -> set[str]:
+    def recorded(self, tag: str) -> set[str]:
         import os
 
         self._tag = tag
@@ -3738,13 +3720,13 @@ class Maildir(_Destination):
                 os.unlink(os.path.join(tmp, name))
         return keys
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         import os
 
         for sub in ("new", "cur"):
             _fsync_directory(os.path.join(self.path, sub))
 
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
         import os
 
         self._sequence += 1
@@ -3758,17 +3740,17 @@ class Maildir(_Destination):
         temporary = os.path.join(self.path, "tmp", unique)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._current = (descriptor, temporary, os.path.join(self.path, "new", unique), key)
+        self._sink = _LocalLines(_descriptor_writer(descriptor), False, count)
+        return cast(IO[bytes], self._sink)
 
-        return _LocalLines(_descriptor_writer(descriptor), False, count)
-
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
-        """The message is complete in tmp/; _sync() moves it into new/."""
-        assert self._current is not None
-        sink.finish()
+    def finish(self) -> None:
+        """The message is complete in tmp/; sync() and deliver() move it into new/."""
+        assert self._current is not None and self._sink is not None
+        self._sink.finish()
         self._complete.append(self._current)
         self._current = None
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         import os
 
         if self._current is not None:
@@ -3777,41 +3759,44 @@ class Maildir(_Destination):
             os.close(descriptor)
             os.unlink(temporary)
 
-    def _sync(self, durable: bool) -> list[str]:
-        """Sync the batch's files (all at once, see _sync_all), rename each into new/, then
-        one fsync of new/. When a sync fails the whole batch stays in tmp/ (the next run
-        removes it and fetches those messages again)."""
+    def sync(self) -> None:
+        """Sync the batch's files all at once (see _sync_all). When a sync fails the whole
+        batch stays in tmp/ (the next run removes it and fetches those messages again)."""
         import os
 
         complete, self._complete = self._complete, []
-        delivered: list[str] = []
         try:
-            if durable:
-                _sync_all([descriptor for descriptor, _, _, _ in complete])
-            while complete:
-                descriptor, temporary, final, key = complete[0]
-                os.close(descriptor)
-                complete.pop(0)
-                os.rename(temporary, final)
-                if key is not None:
-                    delivered.append(key)
+            _sync_all([descriptor for descriptor, _, _, _ in complete])
         finally:
             for descriptor, _, _, _ in complete:
                 os.close(descriptor)
-        if durable:
+        self._synced.extend((temporary, final, key) for _, temporary, final, key in complete)
+
+    def deliver(self) -> list[str]:
+        """Rename each synced file into new/, then one fsync of new/."""
+        import os
+
+        synced, self._synced = self._synced, []
+        delivered: list[str] = []
+        for temporary, final, key in synced:
+            os.rename(temporary, final)
+            if key is not None:
+                delivered.append(key)
+        if synced:
             _fsync_directory(os.path.join(self.path, "new"))
         return delivered  # only now: renamed and the directory synced
 
-    def _close(self) -> None:
+    def close(self) -> None:
         import os
 
-        self._abandon()
+        self.abandon()
         complete, self._complete = self._complete, []
         for descriptor, _, _, _ in complete:  # never renamed: left in tmp/, fetched again
             os.close(descriptor)
+        self._synced = []
 
 
-class Mbox(_Destination):
+class Mbox(Destination):
     """An mbox destination for save() (mboxrd, see the README), dot-locked and flock'd while
     save() runs. A lock left by a dead process is taken over with a warning."""
 
@@ -3823,15 +3808,19 @@ class Mbox(_Destination):
         self.path = os.path.abspath(os.path.expanduser(path))
         self._descriptor = -1
         self._locked = False
-        self._start = 0  # where the message being written begins, to cut a failed one off
+        # Where the message being written begins, and the first one not yet synced: a
+        # failed message, or a failed sync, cuts the mbox back there.
+        self._start = self._unsynced = 0
         self._sink: _LocalLines | None = None
         self._message: _MboxMessage | None = None
-        self._finished: list[str] = []  # keys of the messages appended since the last _sync
+        self._key: str | None = None
+        self._finished: list[str | None] = []  # keys of the messages appended, not synced
+        self._synced: list[str] = []
 
     def __repr__(self) -> str:
         return f"<pop3lite.Mbox {self.path!r}>"
 
-    def _open(self, durable: bool) -> None:
+    def open(self) -> None:
         import os
 
         self._lock()
@@ -3840,7 +3829,7 @@ class Mbox(_Destination):
             # Mail is private: a new mbox is the user's alone.
             self._descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             _flock(self._descriptor, self.path)
-            if created and durable:
+            if created:
                 _fsync_directory(os.path.dirname(self.path))
             size = os.lseek(self._descriptor, 0, os.SEEK_END)
             if size:  # a new From_ line must follow an empty line
@@ -3851,7 +3840,7 @@ class Mbox(_Destination):
                 elif end != b"\n\n" and size > 1:
                     os.write(self._descriptor, b"\n")
         except BaseException:
-            self._close()
+            self.close()
             raise
 
     def _lock(self) -> None:
@@ -3927,52 +3916,65 @@ class Mbox(_Destination):
             f"the mbox; it counts as stale after {_STALE_LOCK_AGE} s"
         )
 
-    def _state_path(self, name: str) -> str:
+    def state_path(self, name: str) -> str:
         import os
 
         folder, base = os.path.split(self.path)
         return os.path.join(folder, f".{base}.pop3lite-{name}")
 
-    # _recorded: an mbox carries no records; the journal alone says what was saved.
-
-    def _begin(self, key: str | None, count: Callable[[int], None]) -> _LocalLines:
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
         import os
 
         self._start = os.lseek(self._descriptor, 0, os.SEEK_END)
+        if not self._finished:
+            self._unsynced = self._start
+        self._key = key
         self._message = _MboxMessage(_descriptor_writer(self._descriptor))
         self._sink = _LocalLines(self._message.write, True, count)
-        return self._sink
+        return cast(IO[bytes], self._sink)
 
-    def _finish(self, sink: _LocalLines, key: str | None, durable: bool) -> None:
+    def finish(self) -> None:
         import os
 
-        sink.finish()
-        assert self._message is not None
+        assert self._sink is not None and self._message is not None
+        self._sink.finish()
         self._message.close()
         # mboxrd: the message ends with a line end, then an empty line before the next From_.
-        os.write(self._descriptor, b"\n" if sink.last == b"\n" else b"\n\n")
-        if durable:
-            _sync_data(self._descriptor)
-        self._sink = None
-        if key is not None:
-            self._finished.append(key)
+        os.write(self._descriptor, b"\n" if self._sink.last == b"\n" else b"\n\n")
+        self._sink = self._message = None
+        self._finished.append(self._key)
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         import os
 
         if self._sink is not None and self._descriptor >= 0:
             self._sink = self._message = None
             os.ftruncate(self._descriptor, self._start)  # we hold the lock: nothing came after
 
-    def _sync(self, durable: bool) -> list[str]:
-        delivered, self._finished = self._finished, []  # each was synced by _finish
+    def sync(self) -> None:
+        import os
+
+        finished, self._finished = self._finished, []
+        if finished:
+            try:
+                _sync_data(self._descriptor)
+            except BaseException:
+                os.ftruncate(self._descriptor, self._unsynced)
+                raise
+            self._synced.extend(key for key in finished if key is not None)
+
+    def deliver(self) -> list[str]:
+        delivered, self._synced = self._synced, []  # an appended, synced message is delivered
         return delivered
 
-    def _close(self) -> None:
+    def close(self) -> None:
         import os
 
         try:
-            self._abandon()
+            self.abandon()
+            if self._finished and self._descriptor >= 0:  # appended, never synced: cut off
+                self._finished = []
+                os.ftruncate(self._descriptor, self._unsynced)
         finally:
             if self._descriptor >= 0:
                 os.close(self._descriptor)
@@ -3987,14 +3989,21 @@ class Mbox(_Destination):
 
 def _from_line(header: bytes) -> bytes:
     """The mbox separator for a message with this header (LF line ends): "From SENDER DATE"
-    with the envelope sender (Return-Path, else From) and the Date header in UTC, in the
-    asctime() form mailers write; MAILER-DAEMON and the current time where they are missing
-    or unusable (an address made up by reading a folded header; a year outside 1970..9999)."""
+    (see _envelope)."""
+    sender, stamp = _envelope(header)
+    return f"From {sender} {stamp}\n".encode("ascii")
+
+
+def _envelope(header: bytes) -> tuple[str, str]:
+    """The envelope sender (Return-Path, else From) and the Date header in UTC, in the
+    asctime() form mailers write, of a message with this header (LF line ends);
+    MAILER-DAEMON and the current time where they are missing or unusable (an address made up
+    by reading a folded header; a year outside 1970..9999)."""
     sender, when = "MAILER-DAEMON", time.time()
     try:
         from email.utils import mktime_tz, parseaddr, parsedate_tz
     except ImportError:  # a Python without the email package: the plain separator
-        return f"From {sender} {time.asctime(time.gmtime(when))}\n".encode("ascii")
+        return sender, time.asctime(time.gmtime(when))
     fields: dict[str, str] = {}
     name = ""
     for line in header.split(b"\n"):
@@ -4029,7 +4038,168 @@ def _from_line(header: bytes) -> bytes:
         stamp = time.asctime(time.gmtime(when))
     except (OverflowError, ValueError, OSError):
         stamp = time.asctime(time.gmtime())
-    return f"From {sender} {stamp}\n".encode("ascii")
+    return sender, stamp
+
+
+_EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, the sender should try again later
+_MDA_OUTPUT = 1024  # octets of a failed command's output shown in the error
+
+
+class MDA(Destination):
+    """Delivery to a command, as fetchmail's --mda and mpop's ``delivery mda`` do: each
+    message (LF line ends, no From_ line) on the command's standard input; a message counts as
+    delivered when the command exits with 0. ``command`` is a string for the shell, or a list
+    of arguments run without one; "%F" in it is replaced by the envelope sender (as the mbox
+    From_ line has it: Return-Path, else From; MAILER-DAEMON for a bounce, when neither is
+    usable, or for an address that starts with "-", which a command would take for an option),
+    quoted for the shell in a string. The command runs in its own process group, with its
+    output kept apart (shown in the error when it fails); one that runs longer than
+    ``timeout`` seconds is killed, group and all. A command that fails raises DeliveryError.
+
+    The journal is the record: ``state_dir`` holds one per account (default
+    ``$XDG_STATE_HOME/pop3lite``, else ``~/.local/state/pop3lite``), whatever the command."""
+
+    kind = "MDA"
+
+    def __init__(
+        self, command: str | Sequence[str], *, timeout: float = 60.0, state_dir: str | None = None
+    ) -> None:
+        import os
+
+        if not command or (not isinstance(command, str) and not all(command)):
+            raise ValueError("MDA() needs a command")
+        self.command = command if isinstance(command, str) else list(command)
+        self.timeout = timeout
+        if state_dir is None:
+            base = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+            state_dir = os.path.join(base, "pop3lite")
+        self.path = os.path.abspath(os.path.expanduser(state_dir))
+        self._spool: IO[bytes] | None = None  # the message being written, then run
+        self._key: str | None = None
+        self._finished: tuple[IO[bytes], str | None] | None = None
+        self._synced: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"<pop3lite.MDA {self.command!r}>"
+
+    def open(self) -> None:
+        import os
+
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path, 0o700)
+            _fsync_directory(self.path)
+            _fsync_directory(os.path.dirname(self.path))
+
+    def state_path(self, name: str) -> str:
+        import os
+
+        return os.path.join(self.path, f"mda-{name}")
+
+    def begin(self, key: str | None, count: Callable[[int], None]) -> IO[bytes]:
+        import tempfile
+
+        # Private (0600) and gone once closed; it outlives this call, so no ``with``.
+        spool = self._spool = tempfile.TemporaryFile()  # noqa: SIM115
+        self._key = key
+        return cast(IO[bytes], _LocalLines(lambda data: _write_all(spool, data), False, count))
+
+    def finish(self) -> None:
+        assert self._spool is not None
+        self._finished, self._spool = (self._spool, self._key), None
+
+    def abandon(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def sync(self) -> None:
+        """Run the command on the finished message (its exit 0 is its promise to keep it)."""
+        if self._finished is None:
+            return
+        (spool, key), self._finished = self._finished, None
+        with spool:
+            spool.seek(0)
+            header = spool.read(_HEADER_LIMIT).split(b"\n\n")[0]  # LF: see begin()
+            spool.seek(0)
+            self._run(spool, _envelope(header)[0])
+        if key is not None:
+            self._synced.append(key)
+
+    def deliver(self) -> list[str]:
+        delivered, self._synced = self._synced, []
+        return delivered
+
+    def close(self) -> None:
+        self.abandon()
+        if self._finished is not None:
+            self._finished[0].close()
+            self._finished = None
+
+    def _argv(self, sender: str) -> str | list[str]:
+        import shlex
+
+        if sender.startswith("-"):
+            sender = "MAILER-DAEMON"
+        if isinstance(self.command, str):
+            return self.command.replace("%F", shlex.quote(sender))
+        return [part.replace("%F", sender) for part in self.command]
+
+    def _run(self, spool: IO[bytes], sender: str) -> None:
+        import os
+        import subprocess
+        import tempfile
+
+        argv = self._argv(sender)
+        shown = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
+        with tempfile.TemporaryFile() as output:
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    shell=isinstance(argv, str),
+                    stdin=spool,
+                    stdout=output,
+                    stderr=output,
+                    start_new_session=True,  # a group of its own, to kill it whole
+                )
+            except OSError as exc:
+                raise DeliveryError(
+                    f"cannot run {shown}: {exc.strerror or exc}", reason="start"
+                ) from None
+            try:
+                status = process.wait(self.timeout)
+            except BaseException as exc:  # the timeout, Ctrl-C, SIGTERM: never left running
+                _kill_group(process)
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise DeliveryError(
+                        f"{shown} did not finish within {self.timeout:g} s; killed it",
+                        reason="timeout",
+                    ) from None
+                raise
+            if status == 0:
+                return
+            size = output.seek(0, os.SEEK_END)
+            output.seek(max(0, size - _MDA_OUTPUT))
+            said = printable(output.read(_MDA_OUTPUT).decode("utf-8", "replace").strip())
+        how = f"exited with {status}" if status > 0 else f"was killed by signal {-status}"
+        if status == _EX_TEMPFAIL:
+            how += " (EX_TEMPFAIL)"
+        raise DeliveryError(
+            f"{shown} {how}" + (f": {said}" if said else ""),
+            reason="tempfail" if status == _EX_TEMPFAIL else "failed",
+            status=status,
+        )
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the command and everything it started (its own process group), then reap it."""
+    import os
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (AttributeError, OSError):  # Windows (no groups), or it has just ended
+        process.kill()
+    process.wait()
 
 
 def _server_identity(pop: POP3) -> str:
@@ -4056,11 +4226,11 @@ def _server_identity(pop: POP3) -> str:
     return f"[{name}]:{pop.port}" if ":" in name else f"{name}:{pop.port}"
 
 
-def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
+def _destination(dest: str | Destination) -> Destination:
     """A path names an mbox when it ends in .mbox or is an existing file, else a Maildir."""
     import os
 
-    if isinstance(dest, (Maildir, Mbox)):
+    if isinstance(dest, Destination):
         return dest
     path = os.path.expanduser(dest)
     return Mbox(path) if path.endswith(".mbox") or os.path.isfile(path) else Maildir(path)
@@ -4068,96 +4238,101 @@ def _destination(dest: str | Maildir | Mbox) -> Maildir | Mbox:
 
 def save(
     pop: POP3,
-    dest: str | Maildir | Mbox,
+    dest: str | Destination,
     *,
-    new: bool = False,
+    new: bool = True,
     delete: bool = False,
     max_size: int | None = None,
     progress: Callable[[int, int, int, int], None] | None = None,
     user: str | None = None,
 ) -> SaveReport:
-    """Save the mailbox into ``dest`` (a Maildir, an Mbox, or a path: FILE.mbox or an existing
-    file is an mbox, anything else a Maildir), streaming, crash-safe (see the README).
+    """Save the mailbox into ``dest``: a Destination (Maildir, Mbox, MDA) or a path (FILE.mbox
+    or an existing file is an mbox, anything else a Maildir); streaming, crash-safe (see the
+    README). Every message saved is recorded (by UIDL) in the destination's journal.
 
-    ``new``: only messages no earlier run saved (by UIDL). ``delete``: once everything is
-    durable, DELE what is saved (with ``new``, also what earlier runs saved) and QUIT.
-    ``max_size``: skip (and report) messages larger than this. ``progress(messages_done,
-    messages, octets_done, octets)`` is called as octets arrive. ``user`` names the account in
-    the state (default: the user name of the login). Local failures raise OSError."""
+    ``new``: only messages no earlier run saved into this destination (the default);
+    ``new=False`` fetches every message again. ``delete``: once everything is durable, DELE
+    what is saved (with ``new``, also what earlier runs saved) and QUIT. ``max_size``: skip
+    (and report) messages larger than this. ``progress(messages_done, messages, octets_done,
+    octets)`` is called as octets arrive. ``user`` names the account in the records (default:
+    the user name of the login). Local failures raise OSError; a command's, DeliveryError."""
     import hashlib
 
     destination = _destination(dest)
     account = user if user is not None else pop.user
     if not account:
         raise ValueError("save() needs the user name: log in first, or pass user=")
-    durable = new or delete  # else keep mode: no records, no syncs (see the section comment)
     _, sizes, uids = pop.scan()
     if new and uids is None and sizes:
         pop.uidl()  # raises the server's refusal: without UIDs "new" has no meaning
-    keys = _record_keys(sizes, uids) if durable else {}
+    keys = _record_keys(sizes, uids)
     identity = f"{account}@{_server_identity(pop)}"
     tag = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    destination._open(durable)
-    journal: _Journal | None = None
-    seen: set[str] = set()
-    present: set[str] = set()  # keys whose records the destination itself holds
+    destination.open()
+    name = f"{_state_part(identity)}-{tag}.journal"
+    journal = _Journal(destination.state_path(name), identity)
     try:
-        if durable:
-            journal = _Journal(
-                destination._state_path(f"{_state_part(identity)}-{tag}.journal"), identity
-            )
-            seen = journal.open(durable)
-            host = f"[{pop.host}]" if ":" in pop.host else pop.host
-            legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
-            _migrate(journal, destination._state_path(f"{_state_part(legacy, None)}.json"), seen)
-            present = destination._recorded(tag)
-            current = set(keys.values())
-            # Saved, but killed before the journal line: the file names say so. Only the
-            # current messages' keys: the others are gone from the server, and journaling
-            # them again would make every run rewrite the journal.
-            found = (present - seen) & current
-            if found:
-                destination._settle()
-                journal.append(sorted(found), sync=True)
-                seen |= found
-            if uids is not None:
-                journal.compact(seen & current, durable)
-        numbers = sorted(sizes)
-        if new:
-            numbers = [n for n in numbers if n not in keys or keys[n] not in seen]
-        skipped = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
-        too_big = {n for n, _ in skipped}
-        fetch = [n for n in numbers if n not in too_big]
-        saved = _fetch(
-            pop, destination, journal, fetch, sizes, keys, durable, max_size, progress, skipped
-        )
+        seen, present = _earlier_runs(pop, destination, journal, account, tag, keys, uids)
+        numbers = [n for n in sorted(sizes) if not new or keys.get(n) not in seen]
+        fetch = [n for n in numbers if max_size is None or sizes[n] <= max_size]
+        too_big = [(n, sizes[n]) for n in numbers if max_size is not None and sizes[n] > max_size]
+        saved, skipped = _fetch(pop, destination, journal, fetch, sizes, keys, max_size, progress)
+        skipped = sorted(too_big + skipped)  # steps 1 to 4 are done
     finally:
         try:
-            if journal is not None:
-                journal.close()
+            journal.close()
         finally:
-            destination._close()
-    octets = sum(sizes_saved for sizes_saved in saved.values())
+            destination.close()
     deleted = 0
     if delete and sizes:
-        # Step 5: what this run saved (synced), and what an earlier run saved where its record
-        # is durable: new=True skips it, so left on the server it would stay forever. A Maildir
-        # message counts only while its file is there (never on a journal line alone).
-        records = present if isinstance(destination, Maildir) else seen
-        kept = {n for n, _ in skipped}
-        doomed = [
-            n
-            for n in sorted(sizes)
-            if n not in kept and (n in saved or (n not in numbers and keys.get(n) in records))
-        ]
-        for fetched in pop.dele_many(doomed):
-            if fetched.error is not None:
-                raise fetched.error
-        pop.quit()  # step 6: only now are the deletions committed
-        deleted = len(doomed)
+        records = present if destination.records_in_place else seen
+        earlier = {n for n in sizes if keys.get(n) in records}.difference(numbers)
+        deleted = _delete(pop, sorted(earlier.union(saved)))  # steps 5 and 6
+    octets = sum(saved.values())
     return SaveReport(
         len(saved), octets, len(sizes) - len(numbers), skipped, deleted, destination.kind
     )
+
+
+def _earlier_runs(
+    pop: POP3,
+    destination: Destination,
+    journal: _Journal,
+    account: str,
+    tag: str,
+    keys: dict[int, str],
+    uids: UIDList | None,
+) -> tuple[set[str], set[str]]:
+    """What earlier runs saved: the keys the journal names (a 0.1 state file folded in), and
+    those whose records the destination holds itself."""
+    seen = journal.open()
+    host = f"[{pop.host}]" if ":" in pop.host else pop.host
+    legacy = f"{account}@{host}:{pop.port}"  # pop3lite 0.1: as typed
+    _migrate(journal, destination.state_path(f"{_state_part(legacy, None)}.json"), seen)
+    present = destination.recorded(tag)
+    current = set(keys.values())
+    # Saved, but killed before the journal line: the records in place say so. Only the
+    # current messages' keys: the others are gone from the server, and journaling them
+    # again would make every run rewrite the journal.
+    found = (present - seen) & current
+    if found:
+        destination.settle()
+        journal.append(sorted(found), sync=True)
+        seen |= found
+    if uids is not None:
+        journal.compact(seen & current)
+    return seen, present
+
+
+def _delete(pop: POP3, numbers: list[int]) -> int:
+    """Steps 5 and 6: DELE what is durable (this run's delivered messages, an earlier run's
+    while its record is there: a message left on the server would stay forever, as new=True
+    skips it), then QUIT, which alone commits the deletions."""
+    for fetched in pop.dele_many(numbers):
+        if fetched.error is not None:
+            raise fetched.error
+    pop.quit()
+    return len(numbers)
 
 
 def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
@@ -4182,77 +4357,669 @@ def _migrate(journal: _Journal, legacy_path: str, seen: set[str]) -> None:
 
 def _fetch(
     pop: POP3,
-    destination: _Destination,
-    journal: _Journal | None,
+    destination: Destination,
+    journal: _Journal,
     numbers: list[int],
     sizes: dict[int, int],
     keys: dict[int, str],
-    durable: bool,
     max_size: int | None,
     progress: Callable[[int, int, int, int], None] | None,
-    skipped: list[tuple[int, int]],
-) -> dict[int, int]:
-    """RETR ``numbers`` into ``destination``, journaling each once it is durable (steps 1 to
-    4 of the section comment); returns {number: octets} of the messages saved."""
+) -> tuple[dict[int, int], list[tuple[int, int]]]:
+    """Steps 1 to 4: RETR ``numbers`` into ``destination``, journaling each once it is
+    delivered. Returns {number: octets} of the messages saved, and (number, octets) of those
+    that turned out larger than ``max_size`` (LIST said otherwise)."""
     total = sum(sizes[n] for n in numbers)
     saved: dict[int, int] = {}
-    done_octets = 0
-    in_message = 0
-    sink: _LocalLines | None = None
-    batch_messages = batch_octets = 0
+    too_big: list[tuple[int, int]] = []
+    done = [0, 0]  # octets of the messages saved, of the one arriving
+    batch = [0, 0]  # messages and octets not yet synced
 
     def count(octets: int) -> None:
-        nonlocal in_message
-        in_message += octets
+        done[1] += octets
         if progress is not None:
-            progress(len(saved), len(numbers), done_octets + in_message, total)
+            progress(len(saved), len(numbers), done[0] + done[1], total)
 
     def open_sink(number: int) -> IO[bytes]:
-        nonlocal sink, in_message
-        in_message = 0
-        sink = destination._begin(keys.get(number), count)
-        return cast(IO[bytes], sink)
+        done[1] = 0
+        return destination.begin(keys.get(number), count)  # step 1
 
-    def flush_batch() -> None:
-        nonlocal batch_messages, batch_octets
-        if batch_messages:
-            delivered = destination._sync(durable)  # steps 2 and 3
-            if journal is not None:  # step 4: mbox per message, so synced each time
-                journal.append(delivered, sync=durable and destination._journal_per_message)
-        batch_messages = batch_octets = 0
+    def commit() -> None:
+        if batch[0]:
+            destination.sync()  # step 2
+            delivered = destination.deliver()  # step 3
+            journal.append(delivered, sync=destination.per_message)  # step 4
+        batch[:] = [0, 0]
 
     try:
         for result in pop.retr_many_to(numbers, open_sink, max_size):
             if result.error is not None:
-                destination._abandon()
-                if isinstance(result.error, LimitExceeded):
-                    skipped.append((result.number, result.octets))
-                    continue
-                raise result.error
-            assert sink is not None
-            destination._finish(sink, keys.get(result.number), durable)
+                destination.abandon()
+                if not isinstance(result.error, LimitExceeded):
+                    raise result.error
+                too_big.append((result.number, result.octets))
+                continue
+            destination.finish()
             saved[result.number] = result.octets
-            done_octets += result.octets
-            batch_messages += 1
-            batch_octets += result.octets
-            if destination._journal_per_message or (
-                batch_messages >= _SYNC_BATCH or batch_octets >= _SYNC_BATCH_OCTETS
-            ):
-                flush_batch()
+            done[0] += result.octets
+            batch[0] += 1
+            batch[1] += result.octets
+            if destination.per_message or batch[0] >= _SYNC_BATCH or batch[1] >= _SYNC_BATCH_OCTETS:
+                commit()
             if progress is not None:
-                progress(len(saved), len(numbers), done_octets, total)
-        flush_batch()
-        if journal is not None and durable and not destination._journal_per_message:
-            journal.append((), sync=True)  # the records are durable before any DELE
+                progress(len(saved), len(numbers), done[0], total)
+        commit()
+        if not destination.per_message:  # step 4 of the batches: durable before any DELE
+            journal.append((), sync=True)
     except BaseException:
-        destination._abandon()
-        try:  # deliver what is complete, but journal nothing more: a Maildir's file names
-            destination._sync(durable)  # are the record the next run rebuilds from (after
-        except OSError:  # syncing new/ and cur/); what stays in tmp/ is fetched again
-            pass
+        _give_up(destination)
         raise
-    skipped.sort()
-    return saved
+    return saved, too_big
+
+
+def _give_up(destination: Destination) -> None:
+    """After a failure: drop the message being written, and journal nothing more. Where the
+    destination holds its own records, deliver what is complete: the next run rebuilds the
+    records from it (recorded()); elsewhere, and when that fails, it is fetched again."""
+    destination.abandon()
+    if destination.records_in_place:
+        try:
+            destination.sync()
+            destination.deliver()
+        except OSError:
+            pass
+
+
+# =============================================================================================
+# OAuth 2.0: fresh access tokens for XOAUTH2 and OAUTHBEARER, from a token file
+# =============================================================================================
+#
+#     source = pop3lite.OAuth2("~/.config/pop3lite/alice.json")  # written once by sign_in()
+#     with pop3lite.POP3("outlook.office365.com") as pop:
+#         pop.login_oauth2("alice@contoso.com", source)  # refreshes when needed
+#
+# The token file (JSON, mode 0600) holds what an unattended run needs: the endpoints, the
+# client id (and secret), the scope, the account, the refresh token, the access token and its
+# expiry. Providers rotate refresh tokens and refuse a spent one (RFC 6749 section 6: the
+# client MUST discard the old one), so every refresh is written back at once, under a lock that
+# makes a second run sharing the file read the new token instead of spending the old one.
+# Secrets stay in the state dict and the file; reprs and messages never show them.
+
+# Provider presets ({tenant}: "common", "organizations", "consumers", a tenant id or domain).
+OAUTH2_PROVIDERS: dict[str, dict[str, str]] = {
+    "microsoft": {
+        "auth_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/authorize",
+        "token_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+        "device_url": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode",
+        "scope": "https://outlook.office.com/POP.AccessAsUser.All offline_access",
+        # App-only access (POP.AccessAsApp) is asked for as the resource's ".default" scope.
+        "app_scope": "https://outlook.office365.com/.default",
+        "grant": "device",
+    },
+    # Google's device grant refuses the Gmail scope (invalid_scope): the loopback grant.
+    "google": {
+        "auth_url": "https://accounts.google.com/o/oauth2/v2/auth",
+        "token_url": "https://oauth2.googleapis.com/token",
+        "scope": "https://mail.google.com/",
+        "grant": "loopback",
+    },
+}
+OAUTH2_GRANTS = ("device", "loopback", "client-credentials")
+MAX_OAUTH2_REPLY = 1024 * 1024  # octets; a token reply is a few KiB, a larger one is not OAuth2
+OAUTH2_REFRESH_MARGIN = 60.0  # seconds: a token this close to its expiry is refreshed first
+MAX_SIGN_IN_WAIT = 900.0  # seconds a sign-in waits for the user (device code, browser)
+SLOW_DOWN_STEP = 5.0  # RFC 8628 section 3.5: slow_down adds 5 seconds to the poll interval
+_DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"  # RFC 8628 section 3.4
+_TOKEN_FILE_FORMAT = "pop3lite-oauth2/1"
+# What the user can do about a provider's error (RFC 6749 section 5.2, RFC 8628 section 3.5).
+_OAUTH2_HINTS = {
+    "invalid_grant": "the refresh token or code has expired, was revoked or was already used: "
+    "sign in again",
+    "access_denied": "the sign-in was declined: sign in again and accept the request",
+    "expired_token": "the code expired before the sign-in was completed: sign in again",
+    "invalid_client": "the client id or secret is wrong, or the registration does not allow "
+    "this grant: check the app registration and sign in again",
+    "unauthorized_client": "the app registration does not allow this grant (Microsoft: turn "
+    "on 'Allow public client flows'); sign in again once it does",
+    "invalid_scope": "the scope was refused (Google's device grant refuses the Gmail scope: "
+    "use the loopback grant); sign in again with another scope or grant",
+    "server_error": "the provider has a passing problem: try again later",
+    "temporarily_unavailable": "the provider has a passing problem: try again later",
+}
+
+
+def _oauth2_text(value: object) -> str:
+    """A provider's string made safe to show, white space runs folded, at most 500 chars."""
+    if not isinstance(value, str):
+        return ""
+    return printable(" ".join(value.split()))[:500]
+
+
+def _provider_error(details: dict[str, Any], where: str) -> OAuth2Error:
+    """The OAuth2Error for a provider's error reply; AADSTS codes stay in the description."""
+    error = _oauth2_text(details.get("error")) or "unknown error"
+    description = _oauth2_text(details.get("error_description"))
+    said = f"{error}: {description}" if description else error
+    hint = _OAUTH2_HINTS.get(error, "sign in again, or check the app registration")
+    reason = "endpoint" if hint.endswith("try again later") else "sign-in"
+    return OAuth2Error(
+        f"{where} refused ({said}); {hint}", reason=reason, error=error, description=description
+    )
+
+
+def _endpoint_name(url: str) -> str:
+    import urllib.parse
+
+    return f"the OAuth2 endpoint {urllib.parse.urlsplit(url).netloc}"
+
+
+def _oauth2_opener(url: str) -> Any:
+    """A urllib opener that never follows redirects and verifies TLS; plain http only to a
+    loopback address (tests), so a token or secret never crosses a network in clear."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.scheme == "https" and parts.hostname) and not (
+        parts.scheme == "http" and is_loopback(parts.hostname or "")
+    ):
+        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # a 3xx becomes an HTTPError: the form is never re-sent elsewhere
+
+    handlers: list[Any] = [NoRedirect()]
+    if parts.scheme == "https":
+        handlers.append(urllib.request.HTTPSHandler(context=create_tls_context()))
+    return urllib.request.build_opener(*handlers)
+
+
+def _read_reply(response: Any, deadline: float, where: str) -> bytes:
+    """The reply's body, bounded in size (MAX_OAUTH2_REPLY) and in total time."""
+    data = bytearray()
+    while len(data) <= MAX_OAUTH2_REPLY:
+        if time.monotonic() > deadline:
+            raise OAuth2Error(f"{where} did not finish its reply in time", reason="endpoint")
+        chunk = response.read(16 * 1024)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise OAuth2Error(f"{where} sent more than 1 MiB, which is no OAuth2 reply", reason="endpoint")
+
+
+def oauth2_post(
+    url: str, fields: dict[str, str], timeout: float = DEFAULT_TIMEOUT
+) -> dict[str, Any]:
+    """POST a form to an OAuth2 endpoint and return its JSON object (RFC 6749 section 5.1).
+    An error reply (section 5.2) raises OAuth2Error (reason "sign-in") with the provider's
+    ``error`` and ``error_description``; no answer, a 5xx, HTML or a huge body raise
+    OAuth2Error with reason "endpoint"."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    where = _endpoint_name(url)
+    opener = _oauth2_opener(url)
+    body = urllib.parse.urlencode(fields).encode("ascii")
+    request = urllib.request.Request(url, body, {"Accept": "application/json"}, method="POST")
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                status, headers = response.status, response.headers
+                data = _read_reply(response, deadline, where)
+        except urllib.error.HTTPError as exc:
+            try:
+                status, headers = exc.code, exc.headers
+                data = _read_reply(exc, deadline, where) if exc.fp is not None else b""
+            finally:
+                exc.close()
+    except OSError as exc:  # URLError, a timeout, a refused connection, a TLS failure
+        cause = getattr(exc, "reason", None) or exc
+        message = f"cannot reach {where}: {printable(str(cause)) or type(cause).__name__}"
+        raise OAuth2Error(message, reason="endpoint") from None
+    return _oauth2_reply(status, headers.get_content_type(), data, where)
+
+
+def _oauth2_reply(status: int, kind: str, data: bytes, where: str) -> dict[str, Any]:
+    """Judge a token endpoint's reply: its JSON object, or the fitting OAuth2Error."""
+    if status >= 500:
+        raise OAuth2Error(f"{where} failed (HTTP {status}); try again later", reason="endpoint")
+    details = _json_object(data)
+    if details is None:
+        what = "an HTML page" if "html" in kind or data.lstrip()[:1] == b"<" else "no JSON"
+        raise OAuth2Error(
+            f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy or a captive "
+            "portal? check the URL)",
+            reason="endpoint",
+        )
+    if "error" in details:
+        raise _provider_error(details, where)
+    if status != 200:
+        raise OAuth2Error(f"{where} answered HTTP {status} without an error", reason="endpoint")
+    return details
+
+
+def _oauth2_token(details: dict[str, Any], key: str, where: str) -> str:
+    """A token from a reply, checked as a bearer token (RFC 6750 section 2.1)."""
+    value = details.get(key)
+    if isinstance(value, str) and len(value) <= 16 * 1024:
+        try:
+            _check_token(value)
+            return value
+        except ValueError:
+            pass
+    raise OAuth2Error(f"{where} sent no usable {key}", reason="endpoint")
+
+
+def _reply_seconds(value: object, default: float, where: str, what: str) -> float:
+    """A number of seconds from a reply (Microsoft once sent them as strings)."""
+    if value is None:
+        return default
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) else -1.0
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 10 * 365 * 86400 or isinstance(value, bool):
+        raise OAuth2Error(f"{where} sent an invalid {what}: {value!r:.40}", reason="endpoint")
+    return number
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier and its S256 challenge (RFC 7636 sections 4.1 and 4.2)."""
+    import secrets
+
+    verifier = secrets.token_urlsafe(64)  # 86 unreserved characters; 43 to 128 allowed
+    return verifier, pkce_challenge(verifier)
+
+
+def pkce_challenge(verifier: str) -> str:
+    """BASE64URL(SHA256(ASCII(code_verifier))) without padding (RFC 7636 section 4.2)."""
+    import base64
+    import hashlib
+
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> tuple[str, str]:
+    """Listen on 127.0.0.1 at a random port (RFC 8252 section 7.3), call ``show`` with the
+    redirect URI, and wait (at most ``wait`` seconds) for the browser to come back with
+    ``state`` and a code. Returns (code, redirect URI)."""
+    import http.server
+    import secrets
+    import threading
+    import urllib.parse
+
+    result: dict[str, str] = {}
+    arrived = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = 10.0  # a browser that connects and says nothing must not hold the listener
+
+        def do_GET(self) -> None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+            if "state" not in query or arrived.is_set():
+                self._page(404, "This is not the sign-in redirect pop3lite waits for.")
+                return
+            if not secrets.compare_digest(query["state"].encode(), state.encode()):
+                self._page(400, "The sign-in reply does not match the request; try again.")
+                result["error"] = "the browser came back with another state (RFC 6749 10.12)"
+            elif "code" in query:
+                result["code"] = query["code"]
+                self._page(200, "pop3lite is signed in. You can close this window.")
+            else:
+                said = _oauth2_text(query.get("error")) or "no code"
+                result["error"] = f"the sign-in was not completed ({said})"
+                self._page(200, "The sign-in was not completed; see the terminal.")
+            arrived.set()
+
+        def _page(self, status: int, text: str) -> None:
+            body = f"<!DOCTYPE html><title>pop3lite</title><p>{text}</p>\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the request line holds the code: it never reaches stderr
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    redirect_uri = f"http://127.0.0.1:{server.server_address[1]}/"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        show(redirect_uri)
+        arrived.wait(wait)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(wait)
+    if "code" in result:
+        return result["code"], redirect_uri
+    problem = result.get("error", f"no browser came back within {wait:.0f} s")
+    raise OAuth2Error(f"{problem}; sign in again", reason="sign-in")
+
+
+class _TokenFileLock:
+    """An exclusive lock on PATH.lock while a run reads, refreshes and rewrites the token file
+    (a refresh token may be spent once). Waits at most ``wait`` seconds; on systems without
+    fcntl (Windows) there is no lock: do not share a token file between runs there."""
+
+    def __init__(self, path: str, wait: float) -> None:
+        self.path = path + ".lock"
+        self.wait = wait
+        self.descriptor = -1
+
+    def __enter__(self) -> _TokenFileLock:
+        import os
+
+        self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                _flock(self.descriptor, f"the token file lock {self.path}")
+                return self
+            except BlockingIOError as exc:
+                if time.monotonic() > deadline:
+                    os.close(self.descriptor)
+                    raise OAuth2Error(f"{exc}; try again", reason="token-file") from None
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        os.close(self.descriptor)
+
+
+def _read_token_file(path: str) -> dict[str, Any]:
+    """The token file's state; OAuth2Error if it is missing, open to others or damaged."""
+    import os
+
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        message = f"token file {path} does not exist; sign in first"
+        raise OAuth2Error(message, reason="sign-in") from None
+    with open(descriptor, "rb") as file:
+        mode = os.fstat(descriptor).st_mode & 0o777
+        # Refused, not tightened: whoever could read it may already hold the refresh token.
+        if os.name == "posix" and mode & 0o077:
+            raise OAuth2Error(
+                f"token file {path} is open to other users (mode {mode:03o}); run chmod 600 "
+                f"{path}, and sign in again if someone else may have read it",
+                reason="permissions",
+            )
+        data = file.read(MAX_OAUTH2_REPLY + 1)
+    state = _json_object(data) if len(data) <= MAX_OAUTH2_REPLY else None
+    if state is None or state.get("format") != _TOKEN_FILE_FORMAT or not _valid_state(state):
+        raise OAuth2Error(
+            f"token file {path} is damaged or not a pop3lite token file; sign in again to "
+            "write a new one",
+            reason="token-file",
+        )
+    return state
+
+
+def _valid_state(state: dict[str, Any]) -> bool:
+    texts = ("provider", "token_url", "client_id", "scope", "user", "grant", "access_token")
+    numbers = ("expires_at", "lifetime")
+    return all(isinstance(state.get(key), str) for key in texts) and all(
+        isinstance(state.get(key), (int, float)) for key in numbers
+    )
+
+
+def _write_token_file(path: str, state: dict[str, Any]) -> None:
+    """Replace the token file atomically: a temporary file in the same directory, 0600 from
+    its first byte, synced, renamed over the old one, and the directory synced."""
+    import json
+    import os
+    import secrets
+
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with open(descriptor, "wb") as file:
+            file.write(json.dumps(state, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+_Prompt = Callable[[str, str], object]  # prompt(message, url): what the user must open
+_Reply = Dict[str, Any]  # a token endpoint's JSON reply
+
+
+def _print_prompt(message: str, url: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class OAuth2:
+    """A token source for login_oauth2(): the access token from ``token_file``, refreshed
+    (and the file rewritten) when it has expired or will within OAUTH2_REFRESH_MARGIN.
+
+    ``OAuth2(path)`` alone uses what sign_in() wrote there. The other arguments say how to
+    sign in: ``provider`` "microsoft" (``tenant`` "common" unless given) or "google", or the
+    endpoints themselves; ``client_id`` (and ``client_secret``) of your app registration;
+    ``scope`` overrides the provider's. When the file exists, a provider, token URL or client
+    id that differs from the file's is refused (OAuth2Error, reason "token-file").
+    """
+
+    def __init__(
+        self,
+        token_file: str,
+        provider: str | None = None,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        scope: str | None = None,
+        tenant: str | None = None,
+        token_url: str | None = None,
+        device_url: str | None = None,
+        auth_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        import os
+
+        self.path = os.path.expanduser(token_file)
+        self.timeout = timeout
+        preset = OAUTH2_PROVIDERS.get(provider or "")
+        if provider is not None and preset is None:
+            raise ValueError(f"unknown OAuth2 provider {provider!r}; known: microsoft, google")
+        given = {"token_url": token_url, "device_url": device_url, "auth_url": auth_url}
+        tenant = tenant or "common"
+        config = {key: value.format(tenant=tenant) for key, value in (preset or {}).items()}
+        config.update({key: value for key, value in given.items() if value})
+        if provider or token_url:
+            config["provider"] = provider or "custom"
+        for key, value in (("client_id", client_id), ("scope", scope)):
+            if value:
+                config[key] = value
+        self._config = config
+        self._secret = client_secret
+        self._state: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        provider = (self._state or self._config).get("provider", "?")
+        return f"<pop3lite.OAuth2 {self.path!r} provider={provider} user={self.user!r}>"
+
+    @property
+    def user(self) -> str | None:
+        """The account the token file was made for (None before it was read or written;
+        "" for client credentials, which serve every mailbox the app may read)."""
+        return None if self._state is None else str(self._state["user"])
+
+    def __call__(self) -> str:
+        """A fresh access token (refreshed first if it expires within the margin)."""
+        state = self._load()
+        if self._fresh(state):
+            return str(state["access_token"])
+        return self.refresh(str(state["access_token"]))
+
+    def refresh(self, spent: str | None = None) -> str:
+        """A new access token, unless another run already replaced ``spent`` with one that is
+        still fresh; the file is rewritten before this returns."""
+        with _TokenFileLock(self.path, self.timeout + 5.0):
+            state = self._load()  # after the lock: another run may have refreshed
+            if state["access_token"] != spent and self._fresh(state):
+                return str(state["access_token"])
+            if state.get("refresh_token"):
+                fields = {"grant_type": "refresh_token", "refresh_token": state["refresh_token"]}
+                fields["scope"] = state["scope"]
+            elif state["grant"] == "client-credentials":
+                fields = {"grant_type": "client_credentials", "scope": state["scope"]}
+            else:
+                raise OAuth2Error(
+                    f"token file {self.path} has no refresh token (was offline_access in the "
+                    "scope?); sign in again",
+                    reason="sign-in",
+                )
+            self._store(state, self._token_request(state, fields))
+        return str(state["access_token"])
+
+    def _fresh(self, state: dict[str, Any]) -> bool:
+        margin = min(OAUTH2_REFRESH_MARGIN, float(state["lifetime"]) / 2)
+        return time.time() < float(state["expires_at"]) - margin
+
+    def _load(self) -> dict[str, Any]:
+        state = _read_token_file(self.path)
+        for key in ("provider", "token_url", "client_id"):
+            if key in self._config and self._config[key] != state[key]:
+                raise OAuth2Error(
+                    f"token file {self.path} was made for {key} {_oauth2_text(state[key])!r}, "
+                    f"not {self._config[key]!r}; sign in again or name another file",
+                    reason="token-file",
+                )
+        self._state = state
+        return state
+
+    def _token_request(self, state: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+        fields["client_id"] = state["client_id"]
+        secret = self._secret or state.get("client_secret")
+        if secret:
+            fields["client_secret"] = secret
+        return oauth2_post(state["token_url"], fields, self.timeout)
+
+    def _store(self, state: dict[str, Any], reply: dict[str, Any]) -> None:
+        """Take a token reply into ``state`` and write the file at once (RFC 6749 section 6:
+        a new refresh token replaces the old one, which may already be refused)."""
+        where = _endpoint_name(state["token_url"])
+        state["access_token"] = _oauth2_token(reply, "access_token", where)
+        if str(reply.get("token_type", "")).lower() != "bearer":  # RFC 6750 tokens only
+            raise OAuth2Error(f"{where} sent a token that is not a bearer token", reason="endpoint")
+        lifetime = _reply_seconds(reply.get("expires_in"), 3600.0, where, "expires_in")
+        state["lifetime"] = lifetime
+        state["expires_at"] = time.time() + lifetime
+        if "refresh_token" in reply:
+            state["refresh_token"] = _oauth2_token(reply, "refresh_token", where)
+        _write_token_file(self.path, state)
+        self._state = state
+
+    def sign_in(
+        self,
+        user: str = "",
+        grant: str | None = None,
+        prompt: _Prompt = _print_prompt,
+        wait: float = MAX_SIGN_IN_WAIT,
+    ) -> None:
+        """Obtain the first token for ``user`` and write the token file.
+
+        ``grant``: "device" (RFC 8628), "loopback" (authorization code with PKCE and a
+        redirect to 127.0.0.1, RFC 8252) or "client-credentials" (needs the secret); by
+        default the provider's, else "device" when a device URL is known, else "loopback".
+        ``prompt(message, url)`` tells the user what to open (and the device code); the wait
+        for the user ends after ``wait`` seconds at most."""
+        config = dict(self._config)
+        if "token_url" not in config or "client_id" not in config:
+            raise ValueError("sign_in() needs a provider or token_url, and a client_id")
+        grant = grant or config.get("grant") or ("device" if "device_url" in config else "loopback")
+        if grant not in OAUTH2_GRANTS:
+            raise ValueError(f"unknown grant {grant!r}; known: {', '.join(OAUTH2_GRANTS)}")
+        if grant == "client-credentials":
+            if not self._secret:
+                raise ValueError("the client-credentials grant needs the client secret")
+            config["scope"] = self._config.get("scope") or config.get("app_scope") or ""
+        state: dict[str, Any] = {key: config.get(key, "") for key in ("token_url", "client_id")}
+        state.update((key, config[key]) for key in ("device_url", "auth_url") if key in config)
+        state.update(provider=config.get("provider", ""), scope=config.get("scope", ""))
+        state.update(format=_TOKEN_FILE_FORMAT, grant=grant, access_token="", lifetime=0)
+        state.update(expires_at=0, user="" if grant == "client-credentials" else user)
+        if self._secret:
+            state["client_secret"] = self._secret
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o700, exist_ok=True)
+        if grant == "device":
+            reply = self._device_grant(state, prompt, wait)
+        elif grant == "loopback":
+            reply = self._loopback_grant(state, prompt, wait)
+        else:
+            fields = {"grant_type": "client_credentials", "scope": state["scope"]}
+            reply = self._token_request(state, fields)
+        with _TokenFileLock(self.path, self.timeout + 5.0):
+            self._store(state, reply)
+
+    def _device_grant(self, state: dict[str, Any], prompt: _Prompt, wait: float) -> _Reply:
+        """RFC 8628 sections 3.1 to 3.5: ask for a code, show it, poll until approved."""
+        if "device_url" not in state:
+            raise ValueError("the device grant needs a device authorization URL")
+        where = _endpoint_name(state["device_url"])
+        fields = {"client_id": state["client_id"], "scope": state["scope"]}
+        codes = oauth2_post(state["device_url"], fields, self.timeout)
+        device_code = _oauth2_token(codes, "device_code", where)
+        user_code = _oauth2_text(codes.get("user_code"))
+        # Google names it verification_url.
+        url = _oauth2_text(codes.get("verification_uri") or codes.get("verification_url"))
+        if not user_code or not url:
+            raise OAuth2Error(f"{where} sent no user_code or verification_uri", reason="endpoint")
+        interval = max(_reply_seconds(codes.get("interval"), 5.0, where, "interval"), 0.01)
+        lifetime = _reply_seconds(codes.get("expires_in"), 600.0, where, "expires_in")
+        deadline = time.monotonic() + min(lifetime, wait)
+        prompt(f"To sign in, open {url} and enter the code {user_code}", url)
+        fields = {"grant_type": _DEVICE_GRANT, "device_code": device_code}
+        while True:
+            time.sleep(interval)  # section 3.5: wait at least the interval between requests
+            if time.monotonic() > deadline:
+                message = "the code expired before the sign-in was completed; sign in again"
+                raise OAuth2Error(message, reason="sign-in")
+            try:
+                return self._token_request(state, dict(fields))
+            except OAuth2Error as exc:
+                if exc.error == "slow_down":
+                    interval += SLOW_DOWN_STEP
+                elif exc.error != "authorization_pending":
+                    raise
+
+    def _loopback_grant(self, state: dict[str, Any], prompt: _Prompt, wait: float) -> _Reply:
+        """The authorization code grant with PKCE S256 (RFC 7636) and a loopback redirect."""
+        import secrets
+        import urllib.parse
+
+        if "auth_url" not in state:
+            raise ValueError("the loopback grant needs an authorization URL")
+        verifier, challenge = pkce_pair()
+        expected = secrets.token_urlsafe(24)
+        query = {"client_id": state["client_id"], "response_type": "code"}
+        query.update(scope=state["scope"], state=expected, code_challenge=challenge)
+        query["code_challenge_method"] = "S256"
+        if state["provider"] == "google":
+            query["access_type"] = "offline"  # Google's name for "send a refresh token"
+
+        def show(redirect_uri: str) -> None:
+            query["redirect_uri"] = redirect_uri
+            url = state["auth_url"] + "?" + urllib.parse.urlencode(query)
+            prompt(f"To sign in, open this address in a browser on this computer:\n{url}", url)
+
+        code, redirect_uri = _await_redirect(expected, show, wait)
+        fields = {"grant_type": "authorization_code", "code": code}
+        fields.update(redirect_uri=redirect_uri, code_verifier=verifier)
+        return self._token_request(state, fields)
 
 
 # =============================================================================================
@@ -4260,22 +5027,33 @@ def _fetch(
 # =============================================================================================
 #
 # ``python pop3lite.py HOST USER [ACTION]``: the quick check, retr/top/capa/uidl, save into a
-# Maildir or mbox, and an interactive shell. Everything beyond the client (argparse, getpass,
-# json, email, mailbox, unicodedata...) is imported inside the functions that need it, so
-# ``import pop3lite`` stays cheap. main() returns an exit status and never lets an expected
-# failure become a traceback.
+# Maildir, an mbox or a command, and an interactive shell. Everything beyond the client
+# (argparse, getpass, json, email, mailbox, unicodedata...) is imported inside the functions
+# that need it, so ``import pop3lite`` stays cheap. main() returns an exit status and never
+# lets an expected failure become a traceback.
 
-_EXIT_OK = 0
-_EXIT_LOCAL = 1  # a local file could not be read or written
-_EXIT_USAGE = 2  # bad arguments or no password available (argparse exits with 2 as well)
-_EXIT_AUTH = 3  # the credentials were refused
-_EXIT_CONNECTION = 4  # connection, TLS, timeout, or a password would cross an unencrypted link
-_EXIT_TEMPORARY = 5  # IN-USE, LOGIN-DELAY, SYS/TEMP: trying again later may work
-_EXIT_SERVER = 6  # any other -ERR, or bytes that are not POP3
-_EXIT_SKIPPED = 7  # save: messages over --max-size were left on the server, the rest saved
-_EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it; SIGTERM 143, SIGHUP 129
+# The exit statuses, one row each: the code, the name the code uses (_EXIT["AUTH"]) and what
+# it means. The --help epilog, _FAILURES and the README's table (checked by a test) come
+# from here.
+_EXIT_STATUSES = (
+    (0, "OK", "success"),
+    (1, "LOCAL", "a local file could not be read or written, or the --mda command failed"),
+    (2, "USAGE", "usage error, or no password available"),
+    (3, "AUTH", "authentication failed"),
+    (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
+     "unencrypted link)"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), or "
+     "the --mda command exited with 75 (EX_TEMPFAIL): try again later"),
+    (6, "SERVER", "other server or protocol error"),
+    (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
+    (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
+     "nothing is deleted; 143 (SIGTERM) and 129 (SIGHUP) the same"),
+    (141, "PIPE", "the output was closed early (a pipe into head, say): the run stops "
+     "quietly, as a tool that SIGPIPE ends (128 + 13), and closes the connection without QUIT"),
+)  # fmt: skip
+_EXIT = {name: code for code, name, _ in _EXIT_STATUSES}
 
-_ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell")
+_ACTIONS = ("check", "retr", "top", "capa", "uidl", "save", "shell", "oauth2")
 _PASSWORD_VARIABLE = "POP3_PASSWORD"
 _DEMO_USER = "hogehoge"  # the seed's account on the fake OperaMail server
 _DEMO_PASSWORD = "fugafuga"  # handed to the login in-process, never through argv
@@ -4286,16 +5064,18 @@ _SHELL_PROMPT = "pop3> "
 # Seconds a server on a port other than 110 and 995 gets to greet in plaintext (auto mode)
 # before implicit TLS is tried: greetings come within a second; a TLS-first port never greets.
 _GREETING_WAIT = 3.0
-_SHELL_PRINT_LIMIT = 1024 * 1024  # octets: the shell asks before printing a larger message
+_PRINT_LIMIT = 1024 * 1024  # octets: retr and the shell ask before printing a larger message
+_PASSWORD_TRIES = 3  # a password typed at the prompt and refused is asked again, as ssh does
 _PASSWORD_OPTIONS = ("--password", "--pass", "--passwd", "--pw")  # what people try; not options
 
 _USAGE = """\
-%(prog)s HOST[:PORT] USER [ACTION [ARGS...]] [OPTIONS]
+%(prog)s HOST[:PORT] [USER] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s USER@HOST[:PORT] [ACTION [ARGS...]] [OPTIONS]
        %(prog)s --demo [ACTION [ARGS...]] [OPTIONS]
 HOST may be a URL: pop3s://HOST[:PORT] (implicit TLS), pop3://HOST[:PORT] (STLS, port 110),
 with USER@ in it too; the last "@" ends the user name (alice@example.com@pop.example.com).
-ACTION --help shows the help of one action."""
+Without USER, the user is ~/.netrc's login for HOST, or asked for at a terminal (an action
+word is never taken for a user). ACTION --help shows the help of one action."""
 
 _DESCRIPTION = """\
 Check a POP3 mailbox, fetch or save its messages, or talk POP3 by hand.
@@ -4310,22 +5090,28 @@ actions:
   top N [LINES]       the header and the first LINES body lines (default 10) of message N
   capa                the capabilities offered before login (needs no password)
   uidl                the unique id of each message
-  save DIR|FILE.mbox  copy the messages into a Maildir (a directory) or an mbox file (a
-                      name ending in .mbox, or an existing file)
+  save DIR|FILE.mbox  copy the messages no earlier run saved there into a Maildir (a
+                      directory) or an mbox file (a name ending in .mbox, or an existing
+                      file); save --mda CMD hands each to a command
   shell               an interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1,
-                      DELE 1, RSET, QUIT...; TLS and the login are done for you"""
+                      DELE 1, RSET, QUIT...; TLS and the login are done for you
+  oauth2              sign in once with OAuth 2.0 and write the --oauth2 FILE that every
+                      other action then logs in with (refreshing it as needed)"""
 
+# The exit statuses are added below this from _EXIT_STATUSES.
 _EPILOG = """\
 password:
   read from --password-file FILE (its first line; "-" reads a line of stdin), else
   $POP3_PASSWORD, else ~/.netrc ("machine HOST login USER password ..."), else asked for
-  without echo when stdin is a terminal, once the server has been reached. Never from the
-  command line, where other users could see it. A refused login says where it came from.
+  without echo when stdin is a terminal, once the server has been reached (and again when it
+  is refused, three tries in all). Never from the command line, where other users could see
+  it. A refused login says where it came from.
 
 TLS:
-  --tls auto on a port other than 110 and 995 waits 3 seconds for a plaintext greeting; a
-  server that stays silent is taken to expect TLS from the first byte and implicit TLS is
-  tried instead (said on stderr). --tls implicit or --tls starttls skips that wait.
+  --tls auto on a port other than 110 and 995 waits 3 seconds (or --timeout, if shorter) for
+  a plaintext greeting; a server that stays silent is taken to expect TLS from the first byte
+  and implicit TLS is tried instead (said on stderr). --tls implicit or --tls starttls skips
+  that wait, and so does a URL: pop3:// means STLS, pop3s:// implicit TLS.
 
 examples:
   %(prog)s --demo                     try it against the built-in fake server
@@ -4335,8 +5121,9 @@ examples:
   %(prog)s mail.example.com:110 alice --tls starttls --limit 10
   %(prog)s pop.example.com alice --json
   %(prog)s pop.example.com alice retr 3 -o message3.eml
-  %(prog)s pop.example.com alice save ~/Maildir --new
+  %(prog)s pop.example.com alice save ~/Maildir
   %(prog)s pop.example.com alice save mail.mbox --delete
+  %(prog)s pop.example.com alice save --mda 'procmail -f %%F'
   %(prog)s pop.example.com alice shell --log session.txt
 
 check --json prints one object with these fields:
@@ -4348,31 +5135,17 @@ check --json prints one object with these fields:
   messages      [{"number", "size", "uid", "date", "from", "subject"}], all of them
                 unless --limit N (then the last N); "date" is ISO 8601 when the Date
                 header can be parsed, else as written; unknown values are null
-capa --json prints the capabilities object, uidl --json [{"number", "uid"}].
+capa --json prints the capabilities object, uidl --json [{"number", "uid"}]."""
 
-exit status:
-  0    success
-  1    a local file could not be read or written
-  2    usage error, or no password available
-  3    authentication failed
-  4    connection, TLS or timeout failure (or a password would cross an unencrypted link)
-  5    temporary server condition (mailbox in use, login delay, SYS/TEMP): try again later
-  6    other server or protocol error
-  7    save: messages larger than --max-size were skipped (the rest were saved)
-  130  interrupted (Ctrl-C): the connection is closed without QUIT, nothing is deleted;
-       143 (SIGTERM) and 129 (SIGHUP) the same"""
-
-
+# ACTION --help: the usage and what the action does; its options are listed from _OPTIONS.
 _ACTION_HELP = {
     "check": (
         "[check] [--limit N] [--json]",
         """\
 The default action. Shows the greeting, the TLS version and certificate, the capabilities,
 the login method, "N messages, M octets" and a table of number, size, UID, date, sender
-and subject (from TOP n 0). Never deletes anything.
-
-  --limit N   show the last N messages (default 50, all with --json; 0: all)
-  --json      print one JSON object (its fields are listed in --help)""",
+and subject (from TOP n 0). Never deletes anything. --json prints one object (its fields
+are listed in --help).""",
     ),
     "retr": (
         "retr N [N...] [-o PATH]",
@@ -4380,10 +5153,8 @@ and subject (from TOP n 0). Never deletes anything.
 Print messages: decoded on a terminal (headers, charsets and transfer encodings undone),
 the raw bytes when stdout is a pipe or a file. Several messages go to a terminal one after
 the other, or with -o DIR into files; to a pipe or file they are refused, as raw messages
-have nothing between them (save FILE.mbox writes one mbox file).
-
-  -o FILE     write the one message N to FILE (through a temporary file: never half-written)
-  -o DIR      write each message to DIR/N.eml""",
+have nothing between them (save FILE.mbox writes one mbox file). On a terminal, a message
+larger than 1 MiB is printed only once you say so, as in the shell.""",
     ),
     "top": (
         "top N [LINES]",
@@ -4394,26 +5165,22 @@ a terminal, raw for a pipe or a file.""",
     "capa": (
         "capa [--json]",
         """\
-The capabilities the server offers before login (POP3 CAPA). Needs no password.
-
-  --json      print them as {NAME: [ARGUMENT...]}""",
+The capabilities the server offers before login (POP3 CAPA), as {NAME: [ARGUMENT...]}
+with --json. Needs no password.""",
     ),
     "uidl": (
         "uidl [--json]",
         """\
-The unique id of each message (POP3 UIDL), "NUMBER UID" per line.
-
-  --json      print [{"number", "uid"}]""",
+The unique id of each message (POP3 UIDL), "NUMBER UID" per line; --json prints
+[{"number", "uid"}].""",
     ),
     "save": (
-        "save DIR|FILE.mbox [--new] [--delete]",
+        "save DIR|FILE.mbox | --mda CMD [--all] [--delete] [--max-size SIZE]",
         """\
 Copy the messages into a Maildir (a directory) or an mbox file (a name ending in .mbox, or
-an existing file). A message counts as saved once it is on disk (fsync).
-
-  --new       only messages not saved before (remembered by UIDL in a state file)
-  --delete    once every message is safely on disk, delete them on the server (with
-              --new, also those saved by earlier runs)""",
+an existing file), or hand each to a command (--mda). A message counts as saved once it is
+on disk (fsync), or the command exited with 0. Only messages no earlier run saved there are
+fetched (each run records what it saved); --all fetches every message again.""",
     ),
     "shell": (
         "shell [--log FILE]",
@@ -4422,9 +5189,16 @@ An interactive POP3 session: type STAT, LIST, TOP 2 5, RETR 1, DELE 1, RSET, QUI
 the server's answers (responses as on the wire; messages decoded, ":raw" shows the bytes).
 TLS and the login are done for you. Ctrl-C cancels the line being typed; Ctrl-D or exit
 leaves without QUIT (nothing is deleted); QUIT commits the deletions. On a terminal, RETR
-asks before printing a message larger than 1 MiB.
-
-  --log FILE  append the session to FILE (the password never appears in it)""",
+asks before printing a message larger than 1 MiB.""",
+    ),
+    "oauth2": (
+        "oauth2 --oauth2 FILE --client-id ID (--provider microsoft|google | --token-url URL)",
+        """\
+Sign in once with OAuth 2.0 and write FILE (mode 0600): the device grant prints an address
+and a code to enter there (microsoft); the loopback grant prints an address to open in a
+browser on this computer (google). From then on every action takes --oauth2 FILE alone and
+refreshes the token in it as needed. See the README's OAuth2 section for the app
+registration each provider needs.""",
     ),
 }
 
@@ -4432,53 +5206,9 @@ asks before printing a message larger than 1 MiB.
 class _CommandLineError(Exception):
     """A failure the command line reports in one line, with the exit status to return."""
 
-    def __init__(self, message: str, status: int = _EXIT_USAGE) -> None:
+    def __init__(self, message: str, status: int = _EXIT["USAGE"]) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _Options:
-    """The parsed command line."""
-
-    def __init__(self) -> None:
-        self.host = ""
-        self.port: int | None = None
-        self.user = ""
-        self.action = "check"
-        self.numbers: list[int] = []
-        self.lines = _TOP_LINES
-        self.target = ""
-        self.tls = "auto"
-        self.cafile: str | None = None
-        self.insecure = False
-        self.timeout = DEFAULT_TIMEOUT
-        self.password_file: str | None = None
-        self.auth: str | None = None
-        self.apop = False
-        self.oauth2_token_file: str | None = None
-        self.limit: int | None = None
-        self.json = False
-        self.output: str | None = None
-        self.new = False
-        self.delete = False
-        self.max_size: int | None = None
-        self.log: str | None = None
-        self.verbose = False
-        self.quiet = False
-        self.demo = False
-        self.password: str | None = None  # set by --demo only; never from argv
-        self.password_source = ""  # where the password came from, for a refused login
-        self.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
-
-    @property
-    def implicit_tls(self) -> bool:
-        return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
-
-    @property
-    def target_name(self) -> str:
-        port = self.port or (POP3S_PORT if self.implicit_tls else POP3_PORT)
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{port}"
 
 
 def _program_name() -> str:
@@ -4518,9 +5248,14 @@ class _Server:
         self.scheme = ""
         self.user: str | None = None
         rest = text
-        for scheme in ("pop3", "pop3s"):
-            if text[: len(scheme) + 3].lower() == scheme + "://":
-                self.scheme, rest = scheme, text[len(scheme) + 3 :]
+        scheme, sep, after = text.partition("://")
+        if sep and scheme.lower() not in ("pop3", "pop3s"):
+            raise _CommandLineError(
+                f"unknown scheme {printable(scheme)}://; pop3lite knows pop3:// (STLS) and "
+                "pop3s:// (TLS from the first byte)"
+            )
+        if sep:
+            self.scheme, rest = scheme.lower(), after
         if self.scheme:
             rest = rest[:-1] if rest.endswith("/") else rest
             if any(mark in rest for mark in "/?#"):
@@ -4561,176 +5296,329 @@ def _positive(text: str, what: str, minimum: int = 1) -> int:
     return int(text)
 
 
-def _parse_command_line(argv: list[str] | None) -> _Options:
-    """Parse ``argv``; raises SystemExit (from argparse) for --help, --version and errors."""
-    import argparse
+def _parse_size(text: str) -> int:
+    """--max-size: octets, or a number with K, M or G (KiB, MiB, GiB)."""
+    match = re.fullmatch(r"([0-9]{1,15})([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise _CommandLineError(f"--max-size must be a size like 500000, 800K or 20M, not {text!r}")
+    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
-    prog = _program_name() if argv is None else "pop3lite"
+
+def _tls_mode(text: str) -> str:
+    if text not in TLS_MODES:
+        raise _CommandLineError(f"--tls must be one of {', '.join(TLS_MODES)}, not {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= 86400:  # also refuses nan and inf, which sockets cannot take
+        raise _CommandLineError("--timeout must be a number of seconds, at most 86400")
+    return seconds
+
+
+def _mechanism(text: str) -> str:
+    mechanism = text.upper() if text.isascii() else text
+    if mechanism not in (*SUPPORTED_MECHANISMS, "USER"):
+        raise _CommandLineError(
+            f"unknown --auth {text!r}; choose from {', '.join(SUPPORTED_MECHANISMS)}, USER"
+        )
+    return mechanism
+
+
+_OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+
+def _token_option(o: Any) -> str | None:
+    """The option that gives an OAuth 2.0 token, if one does."""
+    given: str | None = o.oauth2 or o.oauth2_token_file or o.oauth2_token_command
+    return given
+
+
+def _token_check(o: Any) -> str:
+    if o.apop or o.auth not in (None, *_OAUTH2_MECHANISMS):
+        return "an OAuth 2.0 token goes with --auth XOAUTH2 or OAUTHBEARER only"
+    return ""
+
+
+def _needs_oauth2_file(o: Any) -> str:
+    return "" if o.oauth2 else "--provider, --client-id and --token-url go with --oauth2 FILE"
+
+
+def _provider(text: str) -> str:
+    if text not in OAUTH2_PROVIDERS:
+        raise _CommandLineError(f"--provider {text!r}: choose from microsoft, google")
+    return text
+
+
+def _grant(text: str) -> str:
+    if text not in OAUTH2_GRANTS:
+        raise _CommandLineError(f"--grant {text!r}: choose from {', '.join(OAUTH2_GRANTS)}")
+    return text
+
+
+class _Option(NamedTuple):
+    """One option of the command line: how it is read, what it goes with, how it is checked.
+    Its value is the attribute its last flag names (--max-size: ``o.max_size``)."""
+
+    flags: tuple[str, ...]
+    group: str  # the heading --help lists it under
+    help: str
+    metavar: str = ""  # "": a switch, True when given
+    value: Callable[[str], Any] = str  # the text to the value; raises _CommandLineError
+    default: Any = None
+    actions: tuple[str, ...] = ()  # the actions it goes with; (): all of them
+    conflicts: tuple[str, ...] = ()  # options it cannot be given with
+    check: Callable[[Any], str] | None = None  # what is wrong given the other options, or ""
+
+    @property
+    def dest(self) -> str:
+        return self.flags[-1].lstrip("-").replace("-", "_")
+
+    def given(self, o: Any) -> bool:
+        return bool(getattr(o, self.dest) != (self.default if self.metavar else False))
+
+
+# Every option, in the order --help lists them. Adding one is one row here, and its use.
+_OPTIONS = (
+    _Option(("-p", "--port"), "connection", "port (default 995; 110 with --tls starttls or "
+            "none)", "PORT", _port_number),
+    _Option(("--tls",), "connection", "auto (default): implicit TLS on port 995, STLS on other "
+            "ports (optional only on loopback); implicit; starttls; none: plaintext, the "
+            "password is sent in clear", "{" + ",".join(TLS_MODES) + "}", _tls_mode, "auto"),
+    _Option(("--cafile",), "connection", "trust the CA certificates in FILE (PEM)", "FILE"),
+    _Option(("--insecure",), "connection", "do not verify the certificate (dangerous)",
+            conflicts=("--cafile",),
+            check=lambda o: "--insecure has no meaning with --tls none (there is no TLS)"
+            if o.tls == "none" else ""),
+    _Option(("--timeout",), "connection", f"give up on a silent server after SECONDS "
+            f"(default {DEFAULT_TIMEOUT:g})", "SECONDS", _seconds, DEFAULT_TIMEOUT),
+    _Option(("--password-file",), "login", 'read the password from FILE ("-": stdin)', "FILE",
+            conflicts=("--oauth2-token-file",)),
+    _Option(("--auth",), "login", "log in with this SASL mechanism ({}), or USER for "
+            "USER/PASS; default: the strongest offered".format(", ".join(SUPPORTED_MECHANISMS)),
+            "MECH", _mechanism,
+            check=lambda o: f"--auth {o.auth} needs --oauth2 FILE or --oauth2-token-file FILE"
+            if o.auth in _OAUTH2_MECHANISMS and not _token_option(o) else ""),
+    _Option(("--apop",), "login", "log in with APOP", conflicts=("--auth",)),
+    _Option(("--oauth2-token-file",), "login", "log in with the OAuth 2.0 access token in FILE "
+            "(OAUTHBEARER, else XOAUTH2)", "FILE", check=_token_check),
+    _Option(("--password-command",), "login", "the password is the first line CMD prints (run "
+            "by the shell, stdin closed)", "CMD",
+            conflicts=("--password-file", "--oauth2", "--oauth2-token-file",
+                       "--oauth2-token-command")),
+    _Option(("--oauth2",), "login", "log in with OAuth 2.0, the tokens kept in FILE (written "
+            "by the oauth2 action, refreshed as needed)", "FILE",
+            conflicts=("--password-file", "--oauth2-token-file", "--oauth2-token-command"),
+            check=_token_check),
+    _Option(("--oauth2-token-command",), "login", "log in with the OAuth 2.0 access token "
+            "that CMD prints (run by the shell, stdin closed)", "CMD",
+            conflicts=("--password-file", "--oauth2-token-file"), check=_token_check),
+    _Option(("--provider",), "oauth2", "microsoft (tenant common unless --tenant) or google: "
+            "their endpoints, scope and grant", "{microsoft,google}", _provider,
+            check=_needs_oauth2_file),
+    _Option(("--client-id",), "oauth2", "the client (application) id of your app "
+            "registration", "ID", check=_needs_oauth2_file),
+    _Option(("--client-secret-file",), "oauth2", "the registration's client secret, if it "
+            "has one (client-credentials needs it); kept in the --oauth2 FILE", "FILE",
+            actions=("oauth2",)),
+    _Option(("--grant",), "oauth2", "default: the provider's; with URLs given, device when "
+            "--device-url is, else loopback", "{" + ",".join(OAUTH2_GRANTS) + "}", _grant,
+            actions=("oauth2",)),
+    _Option(("--tenant",), "oauth2", "microsoft: common (default), organizations, consumers, "
+            "or a tenant id or domain", "TENANT", actions=("oauth2",)),
+    _Option(("--scope",), "oauth2", "the scope to ask for (default: the provider's)", "SCOPE",
+            actions=("oauth2",)),
+    _Option(("--token-url",), "oauth2", "another provider's token endpoint", "URL",
+            check=_needs_oauth2_file),
+    _Option(("--device-url",), "oauth2", "its device authorization endpoint", "URL",
+            actions=("oauth2",)),
+    _Option(("--auth-url",), "oauth2", "its authorization endpoint", "URL", actions=("oauth2",)),
+    _Option(("--limit",), "check, capa, uidl", f"show the last N messages (default "
+            f"{_TABLE_ROWS}, all with --json; 0: all)", "N",
+            lambda text: _positive(text, "--limit", 0), actions=("check",)),
+    _Option(("--json",), "check, capa, uidl", "print JSON (fields below)",
+            actions=("check", "capa", "uidl")),
+    _Option(("-o", "--output"), "retr, save, shell", "write the one message N to the file "
+            "PATH (through a temporary file: never half-written), or each message to "
+            "PATH/N.eml when PATH is a directory", "PATH", actions=("retr",)),
+    _Option(("--new",), "retr, save, shell", "the default: only messages no earlier run saved "
+            "there (by UIDL, as the journal records them)", actions=("save",)),
+    _Option(("--all",), "retr, save, shell", "fetch every message again, also those earlier "
+            "runs saved (and record them again)", actions=("save",), conflicts=("--new",)),
+    _Option(("--mda",), "retr, save, shell", "deliver each message to the command CMD (run by "
+            "/bin/sh, the message on its stdin; %%F: the envelope sender, quoted) instead of "
+            "DIR or FILE.mbox; exit status 0 means delivered, 75 try again later; bounded by "
+            "--timeout", "CMD", actions=("save",)),
+    _Option(("--delete",), "retr, save, shell", "once every message is safely on disk (or "
+            "delivered), delete them on the server, and those earlier runs saved (unless "
+            "--all)", actions=("save",)),
+    _Option(("--max-size",), "retr, save, shell", "leave messages larger than SIZE (octets, or "
+            "with K, M, G) on the server and report them (exit status 7); default: no limit",
+            "SIZE", _parse_size, actions=("save",)),
+    _Option(("--log",), "retr, save, shell", "append the session to FILE (the password never "
+            "appears in it)", "FILE", actions=("shell",)),
+    _Option(("-v", "--verbose"), "other", "print the protocol exchange (C:/S:, secrets "
+            "hidden) on stderr"),
+    _Option(("-q", "--quiet"), "other", "print nothing on success but what the action exists "
+            "to print (messages, listings, --json): no report, notice or progress; errors "
+            "still go to stderr (cron)", conflicts=("--verbose",)),
+    _Option(("--demo",), "other", "run against a fake OperaMail server (fakeserver.py) as "
+            "hogehoge"),
+)  # fmt: skip
+
+
+def _option_help(option: _Option) -> str:
+    """The option's help in --help: under a heading naming several actions, its own first."""
+    if not option.actions or option.group == ", ".join(option.actions):
+        return option.help
+    return f"{', '.join(option.actions)}: {option.help}"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    import argparse
+    import textwrap
+
+    statuses = "".join(
+        textwrap.fill(meaning, 92, initial_indent=f"  {code:<5}", subsequent_indent=" " * 7)
+        + "\n"
+        for code, _, meaning in _EXIT_STATUSES
+    )
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=_USAGE,
         description=_DESCRIPTION,
-        epilog=_EPILOG,
+        epilog=f"{_EPILOG}\n\nexit status:\n{statuses}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # "--password SECRET" must not pass for --password-file
     )
     parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
-    link = parser.add_argument_group("connection")
-    link.add_argument("-p", "--port", help="port (default 995; 110 with --tls starttls or none)")
-    link.add_argument(
-        "--tls",
-        choices=TLS_MODES,
-        default="auto",
-        help="auto (default): implicit TLS on port 995, STLS on other ports (optional only "
-        "on loopback); implicit; starttls; none: plaintext, the password is sent in clear",
-    )
-    link.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE (PEM)")
-    link.add_argument(
-        "--insecure", action="store_true", help="do not verify the certificate (dangerous)"
-    )
-    link.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up on a silent server after SECONDS (default {DEFAULT_TIMEOUT:g})",
-    )
-    login = parser.add_argument_group("login")
-    login.add_argument(
-        "--password-file", metavar="FILE", help='read the password from FILE ("-": stdin)'
-    )
-    login.add_argument(
-        "--auth",
-        metavar="MECH",
-        help="log in with this SASL mechanism ({}), or USER for USER/PASS; default: the "
-        "strongest offered".format(", ".join(SUPPORTED_MECHANISMS)),
-    )
-    login.add_argument("--apop", action="store_true", help="log in with APOP")
-    login.add_argument(
-        "--oauth2-token-file",
-        metavar="FILE",
-        help="log in with the OAuth 2.0 access token in FILE (OAUTHBEARER, else XOAUTH2)",
-    )
-    shown = parser.add_argument_group("check, capa, uidl")
-    shown.add_argument(
-        "--limit",
-        metavar="N",
-        help=f"show the last N messages (default {_TABLE_ROWS}, all with --json; 0: all)",
-    )
-    shown.add_argument("--json", action="store_true", help="print JSON (fields below)")
-    fetch = parser.add_argument_group("retr, save, shell")
-    fetch.add_argument(
-        "-o", "--output", metavar="PATH", help="retr: write to this file (or directory)"
-    )
-    fetch.add_argument(
-        "--new", action="store_true", help="save: only messages not saved before (by UIDL)"
-    )
-    fetch.add_argument(
-        "--delete",
-        action="store_true",
-        help="save: once every message is safely on disk, delete them on the server (with "
-        "--new, also those saved by earlier runs)",
-    )
-    fetch.add_argument(
-        "--max-size",
-        metavar="SIZE",
-        help="save: leave messages larger than SIZE (octets, or with K, M, G) on the server "
-        "and report them (exit status 7); default: no limit",
-    )
-    fetch.add_argument("--log", metavar="FILE", help="shell: append the session to FILE")
-    other = parser.add_argument_group("other")
-    other.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="print the protocol exchange (C:/S:, secrets hidden) on stderr",
-    )
-    other.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="print nothing on success but what the action exists to print (messages, "
-        "listings, --json): no report, notice or progress; errors still go to stderr (cron)",
-    )
-    other.add_argument(
-        "--demo",
-        action="store_true",
-        help="run against a fake OperaMail server (fakeserver.py) as hogehoge",
-    )
-    other.add_argument("--version", action="version", version=f"pop3lite {__version__}")
-    for word in sys.argv[1:] if argv is None else argv:
-        option = word.split("=", 1)[0]
-        if option in _PASSWORD_OPTIONS:  # refused without echoing the value that follows
-            parser.error(
-                f"{option}: the password is never taken from the command line, "
-                "where other users can see it; use --password-file FILE, $POP3_PASSWORD, "
-                "~/.netrc, or type it when asked"
+    groups: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        if option.metavar:
+            groups[option.group].add_argument(
+                *option.flags, metavar=option.metavar, type=option.value,
+                default=option.default, help=_option_help(option),
+            )  # fmt: skip
+        else:
+            groups[option.group].add_argument(
+                *option.flags, action="store_true", help=_option_help(option)
             )
+    parser.add_argument("--version", action="version", version=f"pop3lite {__version__}")
+    return parser
+
+
+def _parse_command_line(argv: list[str] | None) -> Any:
+    """The options, read once from ``argv`` and checked; raises SystemExit (from argparse)
+    for --help, --version and errors."""
     words = sys.argv[1:] if argv is None else argv
-    if "-h" in words or "--help" in words:
-        # "retr --help": that action's help. The first word naming an action is taken, as
-        # a HOST or a USER called "retr" is not worth a worse help.
-        action = next((word for word in words if word in _ACTIONS), None)
-        if action is not None:
-            usage, text = _ACTION_HELP[action]
-            _out(f"usage: {prog} HOST[:PORT] USER {usage}\n\n{text}")
-            _out(f"\nConnection and login options: see {prog} --help.")
-            raise SystemExit(_EXIT_OK)
-    ns = parser.parse_intermixed_args(argv)
+    prog = _program_name() if argv is None else "pop3lite"
+    parser = _parser(prog)
+    asked_help = action = None
+    for word in words:
+        if word.split("=", 1)[0] in _PASSWORD_OPTIONS:  # refused without echoing its value
+            parser.error(
+                f"{word.split('=', 1)[0]}: the password is never taken from the command "
+                "line, where other users can see it; use --password-file FILE, "
+                "$POP3_PASSWORD, ~/.netrc, or type it when asked"
+            )
+        asked_help = asked_help or word in ("-h", "--help")
+        action = action or (word if word in _ACTIONS else None)
+    if asked_help and action:  # "retr --help": that action's help (a HOST called "retr" loses)
+        _out(_action_help(prog, action))
+        raise SystemExit(_EXIT["OK"])
     try:
-        return _options_from(ns)
+        o = parser.parse_intermixed_args(words)
+        _read_words(o)
+        for option in _OPTIONS:
+            _check_option(option, o)
     except _CommandLineError as exc:
         parser.error(str(exc))
-        raise  # not reached: parser.error() exits
+    return o
 
 
-def _options_from(ns: Any) -> _Options:
-    """Check the arguments argparse has collected and turn them into _Options."""
-    o = _Options()
-    words: list[str] = list(ns.words)
-    o.demo = bool(ns.demo)
+def _action_help(prog: str, action: str) -> str:
+    import textwrap
+
+    usage, text = _ACTION_HELP[action]
+    lines = [f"usage: {prog} HOST[:PORT] USER {usage}", "", text]
+    options = [option for option in _OPTIONS if action in option.actions]
+    if options:
+        lines.append("")
+    indent = " " * 20
+    for option in options:  # as argparse lays them out: a long name gets a line of its own
+        name = f"  {', '.join(option.flags)} {option.metavar}".rstrip()
+        if len(name) > 18:
+            lines.append(name)
+        first = f"{name:<20}" if len(name) <= 18 else indent
+        text = option.help.replace("%%", "%")  # written for argparse, which formats it
+        lines.append(textwrap.fill(text, 92, initial_indent=first, subsequent_indent=indent))
+    lines.append(f"\nConnection and login options: see {prog} --help.")
+    return "\n".join(lines)
+
+
+def _check_option(option: _Option, o: Any) -> None:
+    """Refuse an option given with an action it does not go with, or with another it
+    contradicts, or that its own check finds wrong."""
+    if not option.given(o):
+        return
+    flags = "/".join(option.flags)
+    if option.actions and o.action not in option.actions:
+        raise _CommandLineError(f"{flags} only goes with {' or '.join(option.actions)}")
+    for other in option.conflicts:
+        if next(opt for opt in _OPTIONS if other in opt.flags).given(o):
+            raise _CommandLineError(f"{option.flags[-1]} and {other}: choose one")
+    problem = option.check(o) if option.check is not None else ""
+    if problem:
+        raise _CommandLineError(problem)
+
+
+def _read_words(o: Any) -> None:
+    """HOST, USER, the action and its arguments, from the words among the options: sets
+    ``o.host``, ``o.user`` (None when not given: ~/.netrc or a prompt tells it), ``o.action``
+    and the action's arguments, and settles ``o.port`` and ``o.tls`` with what a URL or
+    HOST:PORT says. An action word is never taken for a user (USER@HOST gives such a one)."""
+    words: list[str] = o.words
+    o.scheme = ""  # "pop3" or "pop3s" when HOST was given as a URL
     if o.demo:
         if words and words[0] not in _ACTIONS:
             raise _CommandLineError(
                 f"--demo takes an action ({', '.join(_ACTIONS)}), not {words[0]!r}"
             )
-        o.host, o.user, o.password = "127.0.0.1", _DEMO_USER, _DEMO_PASSWORD
+        o.host, o.user = "127.0.0.1", _DEMO_USER
     elif not words:
         raise _CommandLineError("give HOST and USER (or try --demo; --help shows more)")
     else:
         server = _Server(words[0])
-        o.host, o.port, o.scheme = server.host, server.port, server.scheme
-        if server.user is not None:
-            o.user = server.user
-            if len(words) > 1 and words[1] not in _ACTIONS:
+        if None not in (o.port, server.port) and o.port != server.port:
+            raise _CommandLineError(
+                f"two ports given: {server.port} in HOST:PORT and {o.port} in -p"
+            )
+        o.host, o.scheme, o.port = server.host, server.scheme, o.port or server.port
+        o.user, host, words = server.user, words[0], words[1:]
+        if words and words[0] not in _ACTIONS:
+            if o.user is not None:
                 raise _CommandLineError(
-                    f"unknown action {words[1]!r} (the user is already given in {words[0]}); "
+                    f"unknown action {words[0]!r} (the user is already given in {host}); "
                     f"choose from {', '.join(_ACTIONS)}"
                 )
-            words = words[1:]
-        elif len(words) < 2:
-            raise _CommandLineError(
-                f"USER is missing after {words[0]}: give HOST USER (or USER@HOST)"
-            )
-        else:
-            o.user = words[1]
-            words = words[2:]
-        if not o.user:
+            o.user, words = words[0], words[1:]
+        if o.user == "":
             raise _CommandLineError("USER is empty")
-    if words:
-        if words[0] not in _ACTIONS:
-            raise _CommandLineError(
-                f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}"
-            )
-        o.action = words[0]
-        words = words[1:]
-    _action_arguments(o, words)
-    if ns.port is not None:
-        port = _port_number(ns.port)
-        if o.port is not None and o.port != port:
-            raise _CommandLineError(f"two ports given: {o.port} in HOST:PORT and {port} in -p")
-        o.port = port
-    o.tls = ns.tls
+    if words and words[0] not in _ACTIONS:
+        raise _CommandLineError(f"unknown action {words[0]!r}; choose from {', '.join(_ACTIONS)}")
+    o.action = words[0] if words else "check"
+    _action_arguments(o, words[1:])
+    _url_scheme(o)
+
+
+def _url_scheme(o: Any) -> None:
+    """What pop3:// and pop3s:// say about TLS and the port."""
     if o.scheme == "pop3s":  # POP3 over TLS from the first byte (RFC 8314 section 3.3)
         if o.tls in ("starttls", "none"):
             raise _CommandLineError(f"pop3s:// means TLS from the first byte, not --tls {o.tls}")
@@ -4739,62 +5627,14 @@ def _options_from(ns: Any) -> _Options:
         if o.tls == "implicit":
             raise _CommandLineError("pop3:// means STLS on port 110; write pop3s:// instead")
         o.port = o.port or POP3_PORT
-    o.cafile = ns.cafile
-    o.insecure = bool(ns.insecure)
-    if o.insecure and o.cafile:
-        raise _CommandLineError("--insecure and --cafile contradict each other")
-    if o.insecure and o.tls == "none":
-        raise _CommandLineError("--insecure has no meaning with --tls none (there is no TLS)")
-    if not 0 < ns.timeout <= 86400:  # also refuses nan and inf, which sockets cannot take
-        raise _CommandLineError("--timeout must be a number of seconds, at most 86400")
-    o.timeout = ns.timeout
-    o.password_file = ns.password_file
-    o.oauth2_token_file = ns.oauth2_token_file
-    o.apop = bool(ns.apop)
-    if ns.auth is not None:
-        mechanism = ns.auth.upper() if ns.auth.isascii() else ns.auth
-        if mechanism not in (*SUPPORTED_MECHANISMS, "USER"):
-            raise _CommandLineError(
-                f"unknown --auth {ns.auth!r}; choose from {', '.join(SUPPORTED_MECHANISMS)}, USER"
-            )
-        o.auth = mechanism
-    oauth = o.auth in ("XOAUTH2", "OAUTHBEARER")
-    if o.apop and o.auth:
-        raise _CommandLineError("--apop and --auth are two login methods: choose one")
-    if o.oauth2_token_file and (o.apop or (o.auth and not oauth)):
-        raise _CommandLineError("--oauth2-token-file goes with --auth XOAUTH2 or OAUTHBEARER only")
-    if oauth and not o.oauth2_token_file:
-        raise _CommandLineError(f"--auth {o.auth} needs --oauth2-token-file FILE")
-    if o.password_file and o.oauth2_token_file:
-        raise _CommandLineError("--password-file and --oauth2-token-file: choose one")
-    o.json = bool(ns.json)
-    if ns.limit is not None:
-        o.limit = _positive(ns.limit, "--limit", 0)
-    o.output, o.new, o.delete, o.log = ns.output, bool(ns.new), bool(ns.delete), ns.log
-    o.verbose = bool(ns.verbose)
-    o.quiet = bool(ns.quiet)
-    if o.quiet and o.verbose:
-        raise _CommandLineError("-q and -v contradict each other")
-    if ns.max_size is not None:
-        o.max_size = _parse_size(ns.max_size)
-    for given, flag, actions in (
-        (o.json, "--json", ("check", "capa", "uidl")),
-        (o.limit is not None, "--limit", ("check",)),
-        (o.output is not None, "-o/--output", ("retr",)),
-        (o.new, "--new", ("save",)),
-        (o.delete, "--delete", ("save",)),
-        (o.max_size is not None, "--max-size", ("save",)),
-        (o.log is not None, "--log", ("shell",)),
-    ):
-        if given and o.action not in actions:
-            raise _CommandLineError(f"{flag} only goes with {' or '.join(actions)}")
-    return o
+        o.tls = "starttls" if o.tls == "auto" else o.tls  # explicit: never implicit TLS
 
 
-def _action_arguments(o: _Options, words: list[str]) -> None:
+def _action_arguments(o: Any, words: list[str]) -> None:
     """The arguments after the action: message numbers, a line count, a save target."""
     import os
 
+    o.numbers, o.lines, o.target = [], _TOP_LINES, ""
     if o.action == "retr":
         if not words:
             raise _CommandLineError("usage: retr N [N...]")
@@ -4805,12 +5645,148 @@ def _action_arguments(o: _Options, words: list[str]) -> None:
         o.numbers = [_positive(words[0], "a message number")]
         if len(words) == 2:
             o.lines = _positive(words[1], "LINES", 0)
+    elif o.action == "save" and o.mda:
+        if words:
+            raise _CommandLineError(f"save --mda CMD takes no DIR or FILE.mbox: {words[0]!r}")
     elif o.action == "save":
         if len(words) != 1 or not words[0]:
-            raise _CommandLineError("usage: save DIR|FILE.mbox")
+            raise _CommandLineError("usage: save DIR|FILE.mbox, or save --mda CMD")
         o.target = os.path.expanduser(words[0])
+    elif o.action == "oauth2" and not words:
+        if not o.oauth2:
+            raise _CommandLineError("oauth2 needs --oauth2 FILE: the token file to write")
+        if not o.client_id or not (o.provider or o.token_url):
+            raise _CommandLineError("oauth2 needs --client-id ID and --provider (or --token-url)")
     elif words:
         raise _CommandLineError(f"{o.action} takes no arguments, but got {words[0]!r}")
+
+
+class _Run:
+    """What the run decides, beside the options (which stay as they were read): where it
+    connects (--demo: the fake server), whether auto TLS turned implicit after a silent
+    greeting, and where the password or token came from (for a refused login)."""
+
+    def __init__(self, o: Any) -> None:
+        self.o = o
+        self.host: str = o.host
+        self.port: int | None = o.port
+        self.tls: str = o.tls
+        self.user: str | None = o.user
+        self.source = ""
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
+
+    @property
+    def target_name(self) -> str:
+        port = self.port or (POP3S_PORT if self.implicit_tls else POP3_PORT)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
+
+
+# -- display: RFC 2047 headers, charsets that lie, sizes -----------------------------------
+
+# Patterns as strings: re compiles and caches them on first use, not at import time.
+_HIGH_BYTE = rb"[\x80-\xff]"
+_BLANKS = "[ \t\r\n]+"  # folding white space; U+3000 and friends are text
+_JIS_ESCAPE = rb"\x1b[$(][@BJ]"
+_DISPLAY_HEADER_LIMIT = 16 * 1024  # octets of a header value decoded for display; the rest: noise
+
+
+def _decode_text(data: bytes, charset: str | None = None) -> str:
+    """Decode ``data`` in its declared charset if the bytes fit it, else guess: ISO-2022-JP
+    when JIS escape sequences are present, UTF-8, Shift_JIS (cp932), then UTF-8 with U+FFFD.
+
+    ISO-2022-JP is 7-bit, so a declared ISO-2022-JP with 8-bit bytes is a lie (the seed's
+    message 2 puts Shift_JIS in it). UTF-8 is tried before cp932 because valid UTF-8 is
+    almost never an accident, while cp932 decodes most byte strings without error."""
+    codecs: list[str] = []
+    declared = (charset or "").strip().strip('"').lower()
+    if declared and not ("2022" in declared and re.search(_HIGH_BYTE, data)):
+        codecs.append(declared)
+    if re.search(_JIS_ESCAPE, data):
+        codecs += ["iso-2022-jp", "iso2022_jp_ext", "iso2022_jp_2"]
+    codecs += _FALLBACK_CHARSETS
+    for codec in codecs:
+        try:
+            return data.decode(codec)
+        except (LookupError, UnicodeDecodeError):
+            continue
+    return data.decode("utf-8", "replace")
+
+
+def _decode_header(raw: bytes) -> str:
+    """An unfolded header value with RFC 2047 encoded words decoded, on one line."""
+    text = _decode_text(raw[:_DISPLAY_HEADER_LIMIT])
+    if "=?" in text:
+        import email.errors
+        import email.header
+
+        try:
+            parts = email.header.decode_header(text)
+        except (email.errors.HeaderParseError, ValueError, LookupError, AssertionError):
+            parts = [(text, None)]
+        words = []
+        for value, charset in parts:
+            if isinstance(value, str):
+                words.append(value)
+            elif charset is None:  # decode_header encodes undecoded runs this way
+                try:
+                    words.append(value.decode("raw-unicode-escape"))
+                except UnicodeDecodeError:
+                    words.append(value.decode("latin-1"))
+            else:
+                words.append(_decode_text(value, charset))
+        text = "".join(words)
+    return printable(re.sub(_BLANKS, " ", text).strip(" "))
+
+
+def _header_fields(header: bytes) -> list[tuple[str, list[bytes]]]:
+    """The fields of a header block (CRLF line ends) as (lower-case name, physical lines)."""
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+        elif b":" in line:
+            name = line.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+            fields.append((name, [line]))
+    return fields
+
+
+def _field_value(lines: list[bytes]) -> bytes:
+    """A field's unfolded value (RFC 5322 section 2.2.3: remove the CRLFs, keep the rest)."""
+    return b"".join(lines).split(b":", 1)[1].strip()
+
+
+def _split_message(data: bytes) -> tuple[bytes, bytes | None]:
+    """(header, body) of a message with CRLF line ends; body None when there is no blank line."""
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    head, sep, body = data.partition(b"\r\n\r\n")
+    return (head, body) if sep else (data.rstrip(b"\r\n"), None)
+
+
+def _human_size(count: int) -> str:
+    """``count`` octets in binary units, for a person to read: "512 B", "20.1 MiB"."""
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _size(count: int) -> str:
+    """Octets, exact, and in human units beside them once that says more: "10180 octets
+    (9.9 KiB)"."""
+    if count < 1024:
+        return _plural(count, "octet")
+    return f"{count} octets ({_human_size(count)})"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # -- secrets ------------------------------------------------------------------------------------
@@ -4827,19 +5803,50 @@ def _read_secret_file(path: str, what: str) -> str:
                 data = file.read(_SECRET_FILE_LIMIT + 1)
         except OSError as exc:
             raise _CommandLineError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return _first_line(data, f"{what} {path}")
+
+
+def _first_line(data: bytes, where: str) -> str:
+    """The secret on the first line of ``data`` (which came from ``where``), without its CR/LF."""
     if len(data) > _SECRET_FILE_LIMIT:
-        raise _CommandLineError(f"{what} {path} is too large to hold a password or token")
+        raise _CommandLineError(f"{where} is too large to hold a password or token")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _CommandLineError(f"{what} {path} is not UTF-8 text") from None
+        raise _CommandLineError(f"{where} is not UTF-8 text") from None
     # Only a line feed ends the line: str.splitlines() would also cut at \x0b, \x1c, U+2028...,
     # which a password may contain.
     value = text.split("\n", 1)[0]
     value = value[:-1] if value.endswith("\r") else value
     if not value:
-        raise _CommandLineError(f"{what} {path} is empty (the secret goes on its first line)")
+        raise _CommandLineError(f"{where} is empty (the secret goes on its first line)")
     return value
+
+
+def _command_secret(command: str, option: str, timeout: float) -> str:
+    """The first line a shell command prints (as mpop's passwordeval, mbsync's PassCmd): stdin
+    closed, stderr left to the user, at most ``timeout`` seconds; its output goes to a
+    temporary file, so a command printing without end cannot fill the memory."""
+    import subprocess
+    import tempfile
+
+    where = f"{option} {command!r}"
+    with tempfile.TemporaryFile() as output:
+        try:
+            done = subprocess.run(
+                command, shell=True, stdin=subprocess.DEVNULL, stdout=output, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
+        except OSError as exc:
+            raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
+        if done.returncode != 0:
+            raise _CommandLineError(f"{where} failed (exit status {done.returncode})")
+        output.seek(0)
+        data = output.read(_SECRET_FILE_LIMIT + 1)
+    if not data.strip(b"\r\n"):
+        raise _CommandLineError(f"{where} printed nothing")
+    return _first_line(data, f"the output of {where}")
 
 
 def _read_secret_line(what: str) -> bytes:
@@ -4859,8 +5866,8 @@ def _read_secret_line(what: str) -> bytes:
     return stdin.readline(_SECRET_FILE_LIMIT + 1).encode("utf-8", "surrogateescape")
 
 
-def _netrc_password(host: str, user: str) -> str | None:
-    """The password ~/.netrc holds for ``host`` and ``user``, if any."""
+def _netrc_entry(host: str) -> tuple[str, str] | None:
+    """(login, password) of ~/.netrc's entry for ``host`` (either may be empty), if any."""
     import netrc
 
     try:
@@ -4869,6 +5876,8 @@ def _netrc_password(host: str, user: str) -> str | None:
         return None
     except netrc.NetrcParseError as exc:
         hint = " (chmod 600 ~/.netrc)" if "permissive" in str(exc) or "owned" in str(exc) else ""
+        if "malformed" in str(exc) and sys.version_info < (3, 11):
+            hint = " (before Python 3.11, every entry needs a password: add one)"
         raise _CommandLineError(f"cannot use ~/.netrc: {exc.msg}{hint}") from None
     except OSError as exc:
         if exc.errno is None:  # no home directory to look in (Python 3.7-3.9 raise this)
@@ -4878,19 +5887,21 @@ def _netrc_password(host: str, user: str) -> str | None:
     if found is None:
         return None
     login, _, password = found
-    if login and login != user:
-        return None
-    return password or None
+    return login or "", password or ""
 
 
-def _stored_password(o: _Options) -> str | None:
+def _stored_password(run: _Run) -> tuple[str | None, str]:
     """The password from --password-file, $POP3_PASSWORD or ~/.netrc (None if none holds
-    one); notes in ``o.password_source`` where it came from."""
+    one), and where it came from."""
     import os
 
+    o = run.o
     password: str | None
-    if o.password is not None:
-        source, password = "--demo", o.password
+    if o.demo:
+        source, password = "--demo", _DEMO_PASSWORD
+    elif o.password_command:
+        source = "--password-command"
+        password = _command_secret(o.password_command, source, o.timeout)
     elif o.password_file:
         where = "stdin" if o.password_file == "-" else o.password_file
         source = f"--password-file {where}"
@@ -4898,29 +5909,46 @@ def _stored_password(o: _Options) -> str | None:
     elif os.environ.get(_PASSWORD_VARIABLE):
         source, password = f"${_PASSWORD_VARIABLE}", os.environ[_PASSWORD_VARIABLE]
     else:
-        source, password = "~/.netrc", _netrc_password(o.host, o.user)
-    if password is not None:
-        o.password_source = source
-    return password
+        entry = _netrc_entry(run.host)
+        fits = entry is not None and entry[0] in ("", run.user)
+        source, password = "~/.netrc", (entry[1] or None) if entry and fits else None
+    return password, source
 
 
-def _check_password_prompt(o: _Options) -> None:
-    """Fail before connecting when no password is stored and there is no terminal to ask."""
+def _check_prompt(run: _Run, what: str) -> None:
+    """Fail before connecting when the user or password is not known and there is no
+    terminal to ask at."""
     stdin = sys.stdin
-    if stdin is None or not stdin.isatty():
+    if stdin is not None and stdin.isatty():
+        return
+    if what == "user":
         raise _CommandLineError(
-            f"no password for {o.user} on {o.host}: use --password-file FILE, set "
-            f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+            f"no user for {run.host}: give HOST USER or USER@HOST, add \"machine {run.host} "
+            "login USER\" to ~/.netrc, or run in a terminal to be asked"
         )
+    raise _CommandLineError(
+        f"no password for {run.user} on {run.host}: use --password-file FILE, set "
+        f"{_PASSWORD_VARIABLE}, add the host to ~/.netrc, or run in a terminal to be asked"
+    )
 
 
-def _typed_password(o: _Options) -> str:
+def _typed_user(run: _Run) -> str:
+    """The user name, typed at the terminal (with echo) once the server has been reached."""
+    _write(sys.stderr, f"User on {run.target_name}: ")
+    sys.stderr.flush()
+    typed = sys.stdin.readline().strip()
+    if not typed:
+        raise _CommandLineError("no user entered")
+    return typed
+
+
+def _typed_password(run: _Run) -> str:
     """The password, typed without echo: asked only once the server has been reached (as
     mpop does), so a wrong port or a bad certificate costs no typing."""
     import getpass
 
     try:
-        typed = getpass.getpass(f"Password for {o.user} on {o.target_name}: ")
+        typed = getpass.getpass(f"Password for {run.user} on {run.target_name}: ")
     except EOFError:  # Ctrl-D
         _write(sys.stderr, "\n")  # getpass leaves the cursor after its prompt
         typed = ""
@@ -4929,7 +5957,6 @@ def _typed_password(o: _Options) -> str:
         raise
     if not typed:
         raise _CommandLineError("no password entered")
-    o.password_source = "the prompt"
     return typed
 
 
@@ -5019,7 +6046,12 @@ def _write_bytes(data: bytes) -> None:
         _write(stdout, data.decode("utf-8", "replace"))
         return
     stdout.flush()
-    buffer.write(data)
+    # A write that a signal cuts short (as the reader closing the pipe does) returns how
+    # much went out, and CPython's buffered writer passes that count on without an error:
+    # write the rest, which then fails (EPIPE) or goes out.
+    view = memoryview(data)
+    while view:
+        view = view[buffer.write(view) or len(view) :]
     buffer.flush()
 
 
@@ -5097,7 +6129,7 @@ def _distinguished_name(rdns: Any) -> str:
     return ", ".join(parts)
 
 
-def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
+def _tls_report(pop: POP3, o: Any) -> dict[str, Any] | None:
     if not pop.tls_version:
         return None
     certificate = pop.peer_certificate or {}
@@ -5112,13 +6144,13 @@ def _tls_report(pop: POP3, o: _Options) -> dict[str, Any] | None:
     }
 
 
-def _security_line(pop: POP3, o: _Options) -> str:
-    tls = _tls_report(pop, o)
+def _security_line(pop: POP3, run: _Run) -> str:
+    tls = _tls_report(pop, run.o)
     if tls is None:
         if pop.loopback:
             return "plaintext (loopback)"
         return "PLAINTEXT: the password and the mail crossed the network unencrypted"
-    how = "implicit TLS" if o.implicit_tls else "STLS"
+    how = "implicit TLS" if run.implicit_tls else "STLS"
     text = f"{tls['version']} ({how}, {tls['cipher']})"
     if not tls["verified"]:
         return text + ", certificate NOT verified (--insecure)"
@@ -5138,7 +6170,8 @@ def _method_name(method: str) -> str:
     return "USER/PASS" if method == "USER" else method
 
 
-def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> int:
+def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int:
+    o = run.o
     count, size = pop.stat()
     sizes = pop.list() if count else {}
     numbers = sorted(sizes)
@@ -5147,10 +6180,10 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
     rows = _summaries(pop, sizes, shown)
     if o.json:
         report = {
-            "server": {"host": o.host, "port": pop.port, "greeting": pop.greeting},
+            "server": {"host": run.host, "port": pop.port, "greeting": pop.greeting},
             "tls": _tls_report(pop, o),
             "capabilities": caps,
-            "user": o.user,
+            "user": run.user,
             "auth": method,
             "count": count,
             "size": size,
@@ -5167,29 +6200,35 @@ def _check(pop: POP3, o: _Options, caps: dict[str, list[str]], method: str) -> i
             ],
         }
         _print_json(report)
-        return _EXIT_OK
-    _out(f"Server:        {o.target_name}")
-    _out(f"Greeting:      +OK {pop.greeting}")
-    _out(f"Security:      {_security_line(pop, o)}")
-    _out(f"Capabilities:  {_capabilities_line(caps)}")
-    _out(f"Login:         {_method_name(method)} as {printable(o.user)}")
-    _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
-    if rows:
+        return _EXIT["OK"]
+    if not o.quiet:  # -q: the table alone, what the check exists to print
+        _out(f"Server:        {run.target_name}")
+        _out(f"Greeting:      +OK {pop.greeting}")
+        _out(f"Security:      {_security_line(pop, run)}")
+        _out(f"Capabilities:  {_capabilities_line(caps)}")
+        _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
+        _out(f"Mailbox:       {_plural(count, 'message')}, {_size(size)}")
+    if rows and not o.quiet:
         _out()
-        for line in _table(rows, _terminal_width()):
-            _out(line)
-        if len(rows) < len(numbers):
-            _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
-    return _EXIT_OK
+    for line in _table(rows, _terminal_width()) if rows else []:
+        _out(line)
+    if len(rows) < len(numbers) and not o.quiet:
+        _out(f"(the last {len(rows)} of {len(numbers)} shown; --limit 0 shows all)")
+    return _EXIT["OK"]
 
 
 def _print_json(value: Any) -> None:
     import json
 
+    text = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
     try:
-        sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
-    except UnicodeEncodeError:  # a stdout that cannot encode the text: JSON escapes then
-        _out(json.dumps(value, ensure_ascii=True, indent=2))
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):  # a stdout that cannot encode it: JSON escapes
+        text = json.dumps(value, ensure_ascii=True, indent=2) + "\n"
+    # In pieces: the text layer hands one large write to the buffer and ignores a short
+    # count (see _write_bytes), so the rest of it would be lost without an error.
+    for start in range(0, len(text), 8192):
+        sys.stdout.write(text[start : start + 8192])
 
 
 def _terminal_width() -> int:
@@ -5325,7 +6364,21 @@ def _undo_transfer_encoding(body: bytes, encoding: str) -> bytes:
     return decoded.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _show_messages(pop: POP3, o: _Options) -> int:
+def _confirm_printing(octets: int) -> bool:
+    """At a terminal, ask before printing a message of more than _PRINT_LIMIT octets (retr
+    and the shell; the response has been read in full, so the session stays in step)."""
+    terminal = sys.stdin is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    if octets <= _PRINT_LIMIT or not terminal:
+        return True
+    try:
+        answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
+    except (EOFError, KeyboardInterrupt):
+        _out()
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _show_messages(pop: POP3, o: Any) -> int:
     """retr without -o, and top: decoded on a terminal, the raw bytes for a pipe or file."""
     terminal = sys.stdout.isatty()
     if o.action == "top":
@@ -5341,12 +6394,15 @@ def _show_messages(pop: POP3, o: _Options) -> int:
             continue
         if len(o.numbers) > 1:
             _out(f"--- message {fetched.number}: {_size(len(data))} ---")
+        if not _confirm_printing(len(data)):
+            _out(f"(message {fetched.number} not shown: {_size(len(data))})")
+            continue
         for line in _render_message(data, wire=False):
             _out(line)
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
-def _retr_to_files(pop: POP3, o: _Options) -> int:
+def _retr_to_files(pop: POP3, o: Any) -> int:
     import os
 
     output = o.output or ""
@@ -5355,7 +6411,7 @@ def _retr_to_files(pop: POP3, o: _Options) -> int:
         path = os.path.join(output, f"{number}.eml") if folder else output
         written = _retr_to_file(pop, number, path)
         _out(f"message {number}: {_size(written)} written to {path}")
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
 def _retr_to_file(pop: POP3, number: int, path: str) -> int:
@@ -5367,7 +6423,9 @@ def _retr_to_file(pop: POP3, number: int, path: str) -> int:
     try:
         handle, temporary = tempfile.mkstemp(prefix=".pop3lite-", dir=folder)
     except OSError as exc:
-        raise _CommandLineError(f"cannot write to {folder}: {exc.strerror}", _EXIT_LOCAL) from None
+        raise _CommandLineError(
+            f"cannot write to {folder}: {exc.strerror}", _EXIT["LOCAL"]
+        ) from None
     try:
         with os.fdopen(handle, "wb") as file:
             written = pop.retr_to(number, file)
@@ -5383,7 +6441,7 @@ def _retr_to_file(pop: POP3, number: int, path: str) -> int:
     return written
 
 
-def _capa(pop: POP3, o: _Options) -> int:
+def _capa(pop: POP3, o: Any) -> int:
     caps = pop.capa()
     if o.json:
         _print_json(caps)
@@ -5392,33 +6450,25 @@ def _capa(pop: POP3, o: _Options) -> int:
     else:
         for name, args in caps.items():
             _out(printable(" ".join([name, *args])))
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
-def _uidl(pop: POP3, o: _Options) -> int:
+def _uidl(pop: POP3, o: Any) -> int:
     try:
         uids = pop.uidl()
     except ServerError as exc:
         raise _CommandLineError(
-            f"the server refused UIDL ({exc.text}): it has no unique ids", _EXIT_SERVER
+            f"the server refused UIDL ({exc.text}): it has no unique ids", _EXIT["SERVER"]
         ) from None
     if o.json:
         _print_json([{"number": n, "uid": uid} for n, uid in sorted(uids.items())])
     else:
         for number, uid in sorted(uids.items()):
             _out(f"{number} {uid}")
-    return _EXIT_OK
+    return _EXIT["OK"]
 
 
-# -- save: Maildir or mbox, --new, --delete (the work is save() in the Delivery section) ------
-
-
-def _parse_size(text: str) -> int:
-    """--max-size: octets, or a number with K, M or G (KiB, MiB, GiB)."""
-    match = re.fullmatch(r"([0-9]{1,15})([KMG]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if not match or int(match.group(1)) == 0:
-        raise _CommandLineError(f"--max-size must be a size like 500000, 800K or 20M, not {text!r}")
-    return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
+# -- save: a Maildir, an mbox or a command (the work is save() in the Delivery section) -------
 
 
 class _SaveProgress:
@@ -5459,32 +6509,34 @@ class _SaveProgress:
             self.width = 0
 
 
-def _save(pop: POP3, o: _Options) -> int:
+def _save(pop: POP3, o: Any) -> int:
     """save() with the options; any failure raises, so the ``with POP3`` block closes without
     QUIT and nothing is deleted."""
     progress = _SaveProgress(sys.stderr.isatty() and not _quiet)
+    dest = MDA(o.mda, timeout=o.timeout) if o.mda else o.target
+    where = f"the command {printable(o.mda)!r}" if o.mda else o.target
     try:
         report = save(
-            pop, o.target, new=o.new, delete=o.delete, max_size=o.max_size, progress=progress
+            pop, dest, new=not o.all, delete=o.delete, max_size=o.max_size, progress=progress
         )
     except ServerError as exc:
-        if o.new and exc.command == "UIDL":
+        if exc.command == "UIDL":
             raise _CommandLineError(
-                f"the server refused UIDL ({exc.text}), so --new cannot tell new messages "
-                "from saved ones; leave --new out",
-                _EXIT_SERVER,
+                f"the server refused UIDL ({exc.text}), so save cannot tell new messages "
+                "from saved ones; --all fetches every message",
+                _EXIT["SERVER"],
             ) from None
         raise
     except OSError as exc:
         if isinstance(exc, Error):  # the connection, not the disk
             raise
-        where = f": {exc.filename}" if exc.filename else ""
+        file = f": {exc.filename}" if exc.filename else ""
         raise _CommandLineError(
-            f"cannot save into {o.target}: {exc.strerror or exc}{where}", _EXIT_LOCAL
+            f"cannot save into {where}: {exc.strerror or exc}{file}", _EXIT["LOCAL"]
         ) from None
     finally:
         progress.finish()
-    line = f"saved {_plural(report.saved, 'message')} ({report.octets} octets) to {o.target}"
+    line = f"saved {_plural(report.saved, 'message')} ({report.octets} octets) to {where}"
     line += f" ({report.kind})"
     if report.already:
         line += f"; {_plural(report.already, 'message')} already saved before"
@@ -5498,8 +6550,8 @@ def _save(pop: POP3, o: _Options) -> int:
             f"{_human_size(o.max_size or 0)}, left on the server: {listed}",
             always=True,
         )
-        return _EXIT_SKIPPED
-    return _EXIT_OK
+        return _EXIT["SKIPPED"]
+    return _EXIT["OK"]
 
 
 # -- shell ----------------------------------------------------------------------------------------
@@ -5531,16 +6583,17 @@ def _open_log(path: str) -> IO[str]:
         return open(path, "a", encoding="utf-8", errors="backslashreplace")
     except OSError as exc:
         raise _CommandLineError(
-            f"cannot open the log {path}: {exc.strerror}", _EXIT_LOCAL
+            f"cannot open the log {path}: {exc.strerror}", _EXIT["LOCAL"]
         ) from None
 
 
 class _Shell:
     """The seed's telnet session, done right: raw commands in, whole responses out."""
 
-    def __init__(self, pop: POP3, o: _Options, password: str | None, method: str) -> None:
+    def __init__(self, pop: POP3, run: _Run, password: str | None, method: str) -> None:
         self.pop = pop
-        self.o = o
+        self.facts = run
+        self.o = run.o
         self.method = method
         self.raw = False
         self.terminal = sys.stdin is not None and sys.stdin.isatty()
@@ -5566,7 +6619,7 @@ class _Shell:
         with _open_log(self.o.log) as log:
             self.log = log
             log.write(
-                f"# pop3lite shell, {self.o.user} on {self.o.target_name}, "
+                f"# pop3lite shell, {self.facts.user} on {self.facts.target_name}, "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
             )
             return self.loop()
@@ -5601,10 +6654,10 @@ class _Shell:
 
     def loop(self) -> int:
         pop = self.pop
-        self.show(f"Connected to {self.o.target_name}: {_security_line(pop, self.o)}")
+        self.show(f"Connected to {self.facts.target_name}: {_security_line(pop, self.facts)}")
         self.show(f"+OK {pop.greeting}")
         self.show(
-            f"Logged in as {printable(self.o.user)} with {_method_name(self.method)} "
+            f"Logged in as {printable(self.facts.user or '')} with {_method_name(self.method)} "
             "(the password is never shown)."
         )
         self.show(
@@ -5616,7 +6669,7 @@ class _Shell:
             if line is None or line.strip().lower() == "exit":
                 self.show("Leaving without QUIT: messages marked with DELE stay on the server.")
                 pop.abort()
-                return _EXIT_OK
+                return _EXIT["OK"]
             words = line.split()
             if not words:
                 continue
@@ -5643,21 +6696,9 @@ class _Shell:
                     self.show(f"+OK {pop.quit()}")
                 except ServerError as exc:
                     self.show(self.error_line(exc))
-                    return _EXIT_SERVER
-                return _EXIT_OK
+                    return _EXIT["SERVER"]
+                return _EXIT["OK"]
             self.command(verb, words[1:])
-
-    def confirm_printing(self, octets: int) -> bool:
-        """On a terminal, ask before printing a message of more than _SHELL_PRINT_LIMIT
-        octets (the response has been read in full, so the session stays in step)."""
-        if octets <= _SHELL_PRINT_LIMIT or not (self.terminal and sys.stdout.isatty()):
-            return True
-        try:
-            answer = input(f"Print {_size(octets)} on the terminal? [y/N] ")
-        except (EOFError, KeyboardInterrupt):
-            _out()
-            return False
-        return answer.strip().lower() in ("y", "yes")
 
     def error_line(self, exc: ServerError) -> str:
         return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
@@ -5678,7 +6719,7 @@ class _Shell:
         if body is not None:
             message = verb in ("RETR", "TOP")
             lines: list[str] = []
-            if message and not self.confirm_printing(len(body)):
+            if message and not _confirm_printing(len(body)):
                 self.show(f"(not shown: {_size(len(body))})")
             elif message or self.raw:
                 lines = _render_message(body, self.raw)
@@ -5692,13 +6733,13 @@ class _Shell:
 # -- running it all -------------------------------------------------------------------------------
 
 
-def _tls_context(o: _Options) -> ssl.SSLContext | None:
+def _tls_context(o: Any) -> ssl.SSLContext | None:
     if not (o.cafile or o.insecure):
         return None
     try:
         import ssl
     except ImportError:
-        raise _CommandLineError("this Python has no ssl module", _EXIT_CONNECTION) from None
+        raise _CommandLineError("this Python has no ssl module", _EXIT["CONNECTION"]) from None
     try:
         context = create_tls_context(None if o.insecure else o.cafile)
     except (OSError, ssl.SSLError) as exc:
@@ -5709,19 +6750,22 @@ def _tls_context(o: _Options) -> ssl.SSLContext | None:
     return context
 
 
-def _oauth2_mechanism(pop: POP3, o: _Options) -> str:
+def _oauth2_mechanism(pop: POP3, o: Any) -> str:
     if o.auth:
-        return o.auth
+        return str(o.auth)
     return choose_oauth2_mechanism(pop.capa().sasl)
 
 
-def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> str:
+def _log_in(
+    pop: POP3, run: _Run, password: str | None, token: str | Callable[[], str] | None
+) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
+    o, user = run.o, run.user or ""
     if token is not None:
         mechanism = _oauth2_mechanism(pop, o)
         if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
             _check_offered(pop, mechanism)
-        pop.login_oauth2(o.user, token, mechanism)
+        pop.login_oauth2(user, token, mechanism)
         return mechanism
     assert password is not None
     caps = pop.capa()
@@ -5733,9 +6777,9 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
     else:
         sasl = choose_password_mechanism(caps.sasl) is not None
     try:
-        return _log_in_with_password(pop, o, password)
+        return _log_in_with_password(pop, o, user, password)
     except ValueError:
-        problem = _password_problem(password, o.password_source, sasl)
+        problem = _password_problem(password, run.source, sasl)
         if problem is None:
             raise
         raise _CommandLineError(problem) from None
@@ -5745,13 +6789,31 @@ def _log_in(pop: POP3, o: _Options, password: str | None, token: str | None) -> 
         # No CAPA, so nobody knows whether AUTH works here; such servers often answer an
         # unknown AUTH with a bare -ERR, or by hanging up.
         said = exc.text if isinstance(exc, AuthenticationError) else str(exc)
-        status = _failure(exc, o)[0]
+        status = _failure(exc, run)[0]
         raise _CommandLineError(
             f"AUTH {o.auth} failed ({said}); the server announces no capabilities (it does not "
             f"answer CAPA), so it may not support AUTH {o.auth}: leave --auth out to log in "
-            f"with USER/PASS, or check the password (from {o.password_source})",
+            f"with USER/PASS, or check the password (from {run.source})",
             status,
         ) from None
+
+
+def _log_in_typing(pop: POP3, run: _Run) -> tuple[str, str]:
+    """Log in with a password typed at the prompt, asked again when it is refused (up to
+    _PASSWORD_TRIES times in all, as ssh and sudo do; a stored password is never retried).
+    Returns the method and the password that worked."""
+    run.source = "the prompt"
+    for attempt in range(1, _PASSWORD_TRIES):
+        password = _typed_password(run)
+        try:
+            return _log_in(pop, run, password, None), password
+        except AuthenticationError as exc:
+            if not pop.is_open:  # the server hung up: no second try on this connection
+                raise
+            said = f" ({exc.text})" if exc.text else ""
+            _say(f"login refused{said}; try again ({attempt} of {_PASSWORD_TRIES} tries)")
+    password = _typed_password(run)
+    return _log_in(pop, run, password, None), password
 
 
 def _check_offered(pop: POP3, mechanism: str) -> None:
@@ -5766,78 +6828,142 @@ def _check_offered(pop: POP3, mechanism: str) -> None:
         hint = "choose one of them with --auth, or leave --auth out for the strongest"
         raise _CommandLineError(
             f"the server does not offer AUTH {mechanism}; it offers SASL {listing}: {hint}",
-            _EXIT_AUTH,
+            _EXIT["AUTH"],
         )
     raise _CommandLineError(
         f"the server does not offer AUTH {mechanism}: it announces no SASL mechanism at all; "
         "leave --auth out (or give --auth USER) to log in with USER/PASS",
-        _EXIT_AUTH,
+        _EXIT["AUTH"],
     )
 
 
-def _log_in_with_password(pop: POP3, o: _Options, password: str) -> str:
+def _log_in_with_password(pop: POP3, o: Any, user: str, password: str) -> str:
     if o.apop:
         if pop.timestamp is None:
             raise _CommandLineError(
                 "the server's greeting has no APOP timestamp (or it came before STLS and was "
                 "discarded), so --apop cannot work; leave --apop out",
-                _EXIT_SERVER,
+                _EXIT["SERVER"],
             )
-        pop.apop(o.user, password)
+        pop.apop(user, password)
         return "APOP"
     if o.auth == "USER":
-        pop.login(o.user, password)
+        pop.login(user, password)
         return "USER"
     if o.auth:
-        pop.auth(o.auth, o.user, password)
-        return o.auth
-    return pop.login_best(o.user, password)
+        pop.auth(o.auth, user, password)
+        return str(o.auth)
+    return pop.login_best(user, password)
 
 
-def _greeting_probe_applies(o: _Options) -> bool:
-    return (
-        o.tls == "auto"
-        and not o.implicit_tls
-        and o.port != POP3_PORT
-        and o.timeout > _GREETING_WAIT
-    )
+def _greeting_probe_applies(run: _Run) -> bool:
+    return run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT
 
 
-def _connect(o: _Options, context: ssl.SSLContext | None) -> POP3:
+def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     """Connect as the options say. In auto mode on a port other than 110 and 995 the server
     gets _GREETING_WAIT seconds to greet in plaintext: a silent one probably waits for a TLS
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
-    connection, instead of waiting out --timeout."""
-    if _greeting_probe_applies(o):
+    connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
+    timeout = run.o.timeout
+    wait = min(_GREETING_WAIT, timeout)  # a shorter --timeout shortens it, and still probes
+    if _greeting_probe_applies(run):
         _Log().debug(  # -v says why a silent server gets a second connection
-            "(does %s greet in plaintext within %gs?)", o.target_name, _GREETING_WAIT
+            "(does %s greet in plaintext within %gs?)", run.target_name, wait
         )
         try:
             return POP3(
-                o.host,
-                o.port,
-                timeout=o.timeout,
-                tls=o.tls,
+                run.host,
+                run.port,
+                timeout=timeout,
+                tls=run.tls,
                 ssl_context=context,
-                greeting_timeout=_GREETING_WAIT,
+                greeting_timeout=wait,
             )
         except Timeout as exc:
             if exc.reason != "greeting":
                 raise
             _say(
-                f"no plaintext greeting from {o.target_name} within {_GREETING_WAIT:g}s: the "
+                f"no plaintext greeting from {run.target_name} within {wait:g}s: the "
                 "port may expect TLS from the first byte, so trying implicit TLS (--tls "
                 "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
             )
-            o.tls = "implicit"
-    return POP3(o.host, o.port, timeout=o.timeout, tls=o.tls, ssl_context=context)
+            run.tls = "implicit"
+    return POP3(run.host, run.port, timeout=timeout, tls=run.tls, ssl_context=context)
 
 
-def _session(o: _Options) -> int:
+def _oauth2_source(o: Any, secret: str | None) -> OAuth2:
+    """The token source for --oauth2 FILE; what else is given must agree with the file."""
+    return OAuth2(
+        o.oauth2,
+        o.provider,
+        client_id=o.client_id,
+        client_secret=secret,
+        scope=o.scope,
+        tenant=o.tenant,
+        token_url=o.token_url,
+        device_url=o.device_url,
+        auth_url=o.auth_url,
+        timeout=o.timeout,
+    )
+
+
+def _show_sign_in(message: str, url: str) -> None:
+    """What the user must open (and the device code): said even under -q."""
+    _say(message, always=True)
+
+
+def _oauth2_sign_in(o: Any) -> int:
+    """The oauth2 action: sign in once by the chosen grant and write the token file."""
+    secret = None
+    if o.client_secret_file:
+        secret = _read_secret_file(o.client_secret_file, "client secret file")
+    source = _oauth2_source(o, secret)
+    source.sign_in(o.user, o.grant, _show_sign_in)
+    where = f"{o.host}:{o.port}" if o.port else o.host
+    _say(f"signed in; the tokens are in {o.oauth2} (keep it private)")
+    _say(f"from now on: {_program_name()} {where} {o.user} check --oauth2 {o.oauth2}")
+    return _EXIT["OK"]
+
+
+def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
+    """(password, token) read before connecting, noting in ``run.source`` where they came
+    from; both None when the password is to be asked for (fails now if it cannot be)."""
+    o = run.o
+    if o.action == "capa":
+        return None, None
+    if run.user is None:  # a URL or HOST without USER: ~/.netrc's login, or asked for
+        entry = _netrc_entry(run.host)
+        run.user = entry[0] if entry and entry[0] else None
+        if run.user is None:
+            _check_prompt(run, "user")
+    if o.oauth2:
+        run.source = f"--oauth2 {o.oauth2}"
+        tokens = _oauth2_source(o, None)
+        tokens()  # refreshed now, if due: a slow token endpoint must not keep a server waiting
+        return None, tokens
+    if o.oauth2_token_command:
+        run.source = "--oauth2-token-command"
+        return None, _command_secret(o.oauth2_token_command, run.source, o.timeout)
+    if o.oauth2_token_file:
+        run.source = f"--oauth2-token-file {o.oauth2_token_file}"
+        return None, _read_secret_file(o.oauth2_token_file, "token file").strip()
+    password, source = _stored_password(run)
+    if password is None:
+        _check_prompt(run, "password")
+    else:
+        run.source = source
+    return password, None
+
+
+def _session(run: _Run) -> int:
     """Connect, then ask for a password if none is stored, log in (except for capa), run the
     action; QUIT only if it succeeded."""
     import os
 
+    o = run.o
+    if o.action == "oauth2":
+        return _oauth2_sign_in(o)
     if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
         raise _CommandLineError("-o must name an existing directory for several messages")
     if o.action == "retr" and not o.output and len(o.numbers) > 1 and not sys.stdout.isatty():
@@ -5846,35 +6972,27 @@ def _session(o: _Options) -> int:
             "them: give -o DIR for one N.eml file each, use save FILE.mbox, or retr them one "
             "at a time"
         )
-    password = token = None
-    if o.action != "capa":
-        if o.oauth2_token_file:
-            token = _read_secret_file(o.oauth2_token_file, "token file").strip()
-            o.password_source = f"--oauth2-token-file {o.oauth2_token_file}"
-        else:
-            password = _stored_password(o)
-            if password is None:
-                _check_password_prompt(o)
+    password, token = _secret(run)
     context = _tls_context(o)
     if o.insecure:
         _say(
-            f"WARNING: --insecure: the certificate of {o.host} is not checked; anyone on the "
+            f"WARNING: --insecure: the certificate of {run.host} is not checked; anyone on the "
             "network path can pose as the server and read the password and the mail"
         )
-    with _connect(o, context) as pop:
+    with _connect(run, context) as pop:
         if not pop.tls_version and not pop.loopback:
             _say("WARNING: --tls none: the password and the mail cross the network unencrypted")
         if o.action == "capa":
             return _capa(pop, o)
         caps = dict(pop.capa())
+        if run.user is None:
+            run.user = _typed_user(run)
         if password is None and token is None:
-            password = _typed_password(o)
-        method = _log_in(pop, o, password, token)
-        if o.action == "check" and o.quiet:  # the exit status says it all
-            with _no_stdout():
-                return _check(pop, o, caps, method)
+            method, password = _log_in_typing(pop, run)
+        else:
+            method = _log_in(pop, run, password, token)
         if o.action == "check":
-            return _check(pop, o, caps, method)
+            return _check(pop, run, caps, method)
         if o.action == "retr" and o.output:
             return _retr_to_files(pop, o)
         if o.action in ("retr", "top"):
@@ -5886,7 +7004,7 @@ def _session(o: _Options) -> int:
                 return _save(pop, o)
         if o.action == "save":
             return _save(pop, o)
-        return _Shell(pop, o, password, method).run()
+        return _Shell(pop, run, password, method).run()
 
 
 def _no_stdout() -> ContextManager[object]:
@@ -5914,7 +7032,7 @@ def _import_fakeserver() -> Any:
         raise _CommandLineError(
             "--demo needs fakeserver.py next to pop3lite.py (it comes with the pop3lite "
             "repository)",
-            _EXIT_LOCAL,
+            _EXIT["LOCAL"],
         )
     module = importlib.util.module_from_spec(spec)
     sys.modules["fakeserver"] = module
@@ -5922,12 +7040,12 @@ def _import_fakeserver() -> Any:
     return module
 
 
-def _demo(o: _Options) -> int:
+def _demo(run: _Run) -> int:
     fakeserver = _import_fakeserver()
     with fakeserver.FakeServer() as server:
-        o.host, o.port, o.tls = server.host, server.port, "auto"
+        run.host, run.port, run.tls = server.host, server.port, "auto"
         _say(f"demo: a fake OperaMail server (fakeserver.py) on {server.host}:{server.port}")
-        return _session(o)
+        return _session(run)
 
 
 # What the command line says about a pop3lite error: the first row whose class and reason
@@ -5937,75 +7055,106 @@ def _demo(o: _Options) -> int:
 # The library's messages speak of API arguments (tls='none'); rows that would repeat them
 # say it with the command line's options instead.
 _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
-    (AuthenticationError, "", _EXIT_AUTH,
+    (AuthenticationError, "", _EXIT["AUTH"],
      "login refused{said}; check the user name and the {secret}{source}, or choose another "
      "login method with --auth MECH or --apop"),
-    (InUseError, "", _EXIT_TEMPORARY,
+    (InUseError, "", _EXIT["TEMPORARY"],
      "the mailbox is in use by another session ({text}); try again once the other mail "
      "client has finished"),
-    (LoginDelayError, "", _EXIT_TEMPORARY,
+    (LoginDelayError, "", _EXIT["TEMPORARY"],
      "the server wants more time between logins ({text}); try again later"),
-    (TemporaryError, "", _EXIT_TEMPORARY, "temporary server problem ({text}); try again later"),
-    (ServerError, "", _EXIT_SERVER, "{error}"),
+    (TemporaryError, "", _EXIT["TEMPORARY"], "temporary server problem ({text}); try again later"),
+    (ServerError, "", _EXIT["SERVER"], "{error}"),
+    (DeliveryError, "tempfail", _EXIT["TEMPORARY"], "{error}; the command says: try again later"),
+    (DeliveryError, "", _EXIT["LOCAL"], "{error}; the message stays on the server"),
     # Not "--tls implicit" on this port: a plaintext port answers a ClientHello with an
     # error that would send the user back to --tls starttls (issue 13, a circle).
-    (TLSError, "no-stls", _EXIT_CONNECTION,
+    (TLSError, "no-stls", _EXIT["CONNECTION"],
      "{where} does not offer STLS; connect to its TLS port instead (HOST:995, or "
      "pop3s://HOST), or use --tls none to send everything unencrypted"),
-    (TLSError, "not-tls", _EXIT_CONNECTION,
+    (TLSError, "not-tls", _EXIT["CONNECTION"],
      "{error}; the server speaks plaintext, not TLS from the first byte, on this port: try "
-     "--tls starttls, or the implicit TLS port (995)"),
-    (TLSError, "certificate", _EXIT_CONNECTION,
+     "{plaintext_hint}"),
+    (TLSError, "certificate", _EXIT["CONNECTION"],
      "{error}; if the server uses a private CA, pass --cafile CA.pem (--insecure skips the "
      "check, which is unsafe)"),
-    (TLSError, "hostname", _EXIT_CONNECTION,
+    (TLSError, "hostname", _EXIT["CONNECTION"],
      "{error}; connect by the name the certificate was issued for (--insecure skips the "
      "check, which is unsafe)"),
-    (TLSError, "no-ssl", _EXIT_CONNECTION,
+    (TLSError, "no-ssl", _EXIT["CONNECTION"],
      "{error}; use --tls none on a trusted network, or a Python built with ssl"),
-    (TLSError, "", _EXIT_CONNECTION, "{error}"),
-    (Timeout, "", _EXIT_CONNECTION,
+    (TLSError, "", _EXIT["CONNECTION"], "{error}"),
+    (Timeout, "", _EXIT["CONNECTION"],
      "{error}; check the host and port, or raise --timeout{tls_hint}"),
-    (NetworkError, "resolve", _EXIT_CONNECTION, "{error}; check the host name"),
-    (NetworkError, "connect", _EXIT_CONNECTION,
+    (NetworkError, "resolve", _EXIT["CONNECTION"], "{error}; check the host name"),
+    (NetworkError, "connect", _EXIT["CONNECTION"],
      "{error}; check the host name and the port (HOST:PORT or -p PORT)"),
-    (NetworkError, "", _EXIT_CONNECTION, "{error}"),
-    (InsecureError, "", _EXIT_CONNECTION,
+    (NetworkError, "", _EXIT["CONNECTION"], "{error}"),
+    (InsecureError, "", _EXIT["CONNECTION"],
      "refusing to send {what} over an unencrypted connection to {where}; use TLS (--tls "
      "starttls or --tls implicit), or --tls none to allow it"),
-    (ProtocolError, "", _EXIT_SERVER, "the server broke the protocol: {error}"),
-    (Error, "", _EXIT_SERVER, "{error}"),
+    (ProtocolError, "", _EXIT["SERVER"], "the server broke the protocol: {error}"),
+    (OAuth2Error, "endpoint", _EXIT["CONNECTION"],
+     "{error}; check the network (and --token-url), or try again later"),
+    (OAuth2Error, "permissions", _EXIT["LOCAL"], "{error}"),
+    (OAuth2Error, "", _EXIT["AUTH"],
+     "{error}: run {sign_in} (with the --provider and --client-id of the first sign-in)"),
+    (Error, "", _EXIT["SERVER"], "{error}"),
 )
 
 
-def _failure(exc: Error, o: _Options | None = None) -> tuple[int, str]:
+def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
     """The exit status and the one line to print for a pop3lite error: what happened and
-    what to try (``o``, when given, adds what the command line knows: where the password
+    what to try (``run``, when given, adds what the command line knows: where the password
     came from, which TLS mode was used)."""
-    secret = "token" if o is not None and o.oauth2_token_file else "password"
+    secret = "token" if run is not None and _token_option(run.o) else "password"
     fields = {
         "error": str(exc),
         "text": getattr(exc, "text", ""),
-        "where": o.target_name if o is not None else "the server",
+        "where": run.target_name if run is not None else "the server",
         "what": getattr(exc, "what", "") or "a password",
         "secret": secret,
         "said": "",
         "source": "",
         "tls_hint": "",
+        "sign_in": f"{_program_name()} HOST USER oauth2 --oauth2 FILE",
+        "plaintext_hint": "--tls starttls, or the implicit TLS port (995)",
     }
+    if run is not None and run.o.oauth2:
+        o = run.o
+        where = f"{o.host}:{o.port}" if o.port else o.host
+        fields["sign_in"] = f"{_program_name()} {where} {o.user} oauth2 --oauth2 {o.oauth2}"
     if isinstance(exc, AuthenticationError) and exc.text:
         # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
         # told in the error's own words, which do not claim a -ERR.
         said = exc.text if exc.reason == "in-exchange" else f"the server said: {exc.text}"
         fields["said"] = f" ({said})"
-    if o is not None and o.password_source:
-        fields["source"] = f" (the {secret} came from {o.password_source})"
-    if o is not None and not o.implicit_tls and exc.reason in ("read", "handshake", ""):
-        fields["tls_hint"] = "; if the port expects TLS from the first byte, use --tls implicit"
+    if run is not None and run.source:
+        fields["source"] = f" (the {secret} came from {run.source})"
+    timed_out = exc.reason in ("read", "handshake", "greeting", "")
+    if run is not None and not run.implicit_tls and timed_out:
+        implicit = f"pop3s://{run.target_name}" if run.o.scheme else "--tls implicit"
+        fields["tls_hint"] = f"; if the port expects TLS from the first byte, use {implicit}"
+    if run is not None and run.o.scheme == "pop3s":  # an explicit scheme: name the other one
+        fields["plaintext_hint"] = f"pop3://{run.target_name} (STLS)"
     for cls, reason, status, template in _FAILURES:
         if isinstance(exc, cls) and reason in ("", exc.reason):
             return status, template.format_map(fields)
     raise AssertionError("the last row fits every Error")  # pragma: no cover
+
+
+def _stdout_closed() -> int:
+    """The exit status once stdout's reader has gone; stdout then points at /dev/null, so
+    that the interpreter's last flush has nowhere to fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
+        pass
+    return _EXIT["PIPE"]
 
 
 class _Signalled(KeyboardInterrupt):
@@ -6049,11 +7198,8 @@ def _catch_signals() -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     """The command line: ``python pop3lite.py HOST USER [ACTION]`` (``--help`` tells the rest).
 
-    Returns the exit status: 0 success; 1 a local file could not be read or written; 2 usage
-    error or no password available; 3 authentication failed; 4 connection, TLS or timeout
-    failure; 5 temporary server condition (IN-USE, LOGIN-DELAY, SYS/TEMP); 6 another server or
-    protocol error; 7 save skipped messages over --max-size; 130 interrupted by Ctrl-C, 143 by
-    SIGTERM, 129 by SIGHUP (the connection is closed without QUIT).
+    Returns the exit status: 0 on success, else one of those _EXIT_STATUSES lists (and
+    ``--help`` shows), such as 3 when the login was refused.
     """
     global _quiet
     restore = _catch_signals()
@@ -6068,7 +7214,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"stopped by {name}; no QUIT was sent, so nothing was deleted")
             return 128 + exc.signum
         _say("interrupted; no QUIT was sent, so nothing was deleted")
-        return _EXIT_INTERRUPTED
+        return _EXIT["INTERRUPTED"]
     finally:
         _quiet = False
         restore()
@@ -6081,7 +7227,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         o = _parse_command_line(argv)
     except SystemExit as exc:  # argparse has printed the help, the version or the error
-        return exc.code if isinstance(exc.code, int) else _EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else _EXIT["USAGE"]
+    run = _Run(o)
     if o.verbose:  # logging is imported only for -v: it costs a cron run 5 ms otherwise
         import logging
 
@@ -6097,24 +7244,26 @@ def _main(argv: list[str] | None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", SizeMismatchWarning)
                 warnings.showwarning = _show_warning
-                return _demo(o) if o.demo else _session(o)
+                status = _demo(run) if o.demo else _session(run)
+                sys.stdout.flush()  # a closed pipe is found here, not at the interpreter's exit
+                return status
         finally:
             _quiet = False  # from here on only errors are said, and they always are
     except _CommandLineError as exc:
         _say(str(exc))
         return exc.status
     except Error as exc:
-        status, message = _failure(exc, o)
+        status, message = _failure(exc, run)
         _say(message)
         return status
     except ValueError as exc:  # a caller mistake the client caught before sending anything
         _say(str(exc))
-        return _EXIT_USAGE
-    except BrokenPipeError:  # `| head` stopped reading: not worth a traceback
-        return _EXIT_LOCAL
+        return _EXIT["USAGE"]
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): nothing to say, to no one
+        return _stdout_closed()
     except OSError as exc:
         _say(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
-        return _EXIT_LOCAL
+        return _EXIT["LOCAL"]
     finally:
         if o.verbose:
             log.removeHandler(handler)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -26,10 +26,8 @@ SEED_SESSION = "STAT\nLIST\nTOP 2 5\nRETR 1\nDELE 1\nLIST\nRSET\nLIST\nQUIT\n"
 
 
 @pytest.fixture(autouse=True)
-def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> Path:
     """No real ~/.netrc, no inherited password, a wide table, a stdin that is not a TTY."""
-    home = tmp_path / "home"
-    home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("POP3_PASSWORD", raising=False)
     monkeypatch.setenv("COLUMNS", "200")
@@ -43,9 +41,10 @@ def password(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeServer]:
-    with FakeServer(idle_timeout=10) as running:
-        yield running
+def server(make_pop3_server: Callable[..., FakeServer]) -> FakeServer:
+    """The seed's OperaMail server (the plugin's fixture: stopped, and its errors reported, when
+    the test ends)."""
+    return make_pop3_server("operamail", idle_timeout=10)
 
 
 def address(server: FakeServer) -> str:
@@ -61,11 +60,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def messages_left(server: FakeServer, user: str = "hogehoge") -> int:
     return len(server.maildrops[user].messages)
-
-
-def commands(server: FakeServer, session: int = -1) -> list[str]:
-    """The verbs (with arguments) the client sent in one session."""
-    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]
 
 
 def ca_file(tmp_path: Path) -> str:
@@ -97,7 +91,7 @@ def test_check_shows_the_seed_mailbox_with_decoded_subjects(
     assert "3C4B82C800000001" in out and "3C4BC6A100000002" in out
     assert "2002-01-21 07:26" in out and "membership@atmarkit.co.jp" in out
     assert "Cyber Space Community" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert "TOP 1 0" in sent and "TOP 2 0" in sent
     assert not [c for c in sent if c.startswith(("DELE", "RETR"))]
     assert sent[-1] == "QUIT" and messages_left(server) == 2
@@ -157,7 +151,7 @@ def test_check_limit_shows_the_last_messages(
     assert status == 0
     report = json.loads(out)
     assert report["count"] == 2 and [m["number"] for m in report["messages"]] == [2]
-    assert "TOP 1 0" not in commands(server)
+    assert "TOP 1 0" not in server.sessions[-1].commands
     status, out, _ = run(capsys, address(server), "hogehoge", "--limit", "1")
     assert "(the last 1 of 2 shown; --limit 0 shows all)" in out
 
@@ -173,7 +167,7 @@ def test_check_against_a_modern_server_uses_sasl_and_pipelined_top(
     assert "PIPELINING" in out and "SASL PLAIN LOGIN" in out
     assert "3 messages" in out
     assert "こんにちは" in out and "Jörg" in out and "Dots" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert sent.index("TOP 2 0") < sent.index("TOP 3 0")
 
 
@@ -187,7 +181,7 @@ def test_check_degrades_when_the_server_has_no_uidl_and_no_top(
     assert "3 messages" in out
     assert "UID" not in out.split("\n\n", 1)[1]
     assert "Hello" not in out  # no TOP: no subjects, but the sizes are there
-    assert not [c for c in commands(server) if c.startswith(("TOP", "UIDL"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("TOP", "UIDL"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -198,7 +192,7 @@ def test_check_survives_top_refused_without_capa(
         status, out, _ = run(capsys, address(server), "hogehoge")
     assert status == 0
     assert "2 messages, 10180 octets" in out and "3C4BC6A100000002" in out
-    assert [c for c in commands(server) if c.startswith("TOP")] == ["TOP 1 0"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("TOP")] == ["TOP 1 0"]
 
 
 def test_header_decoding_falls_back_when_the_charset_lies() -> None:
@@ -270,7 +264,7 @@ def test_top_prints_the_header_and_lines(
     header, body = out.split(b"\r\n\r\n", 1)
     assert b"Subject: =?ISO-2022-JP?B?gXWC" in header
     assert len(body.split(b"\r\n")) == 6  # five lines, each ending in CRLF
-    assert "TOP 2 5" in commands(server)
+    assert "TOP 2 5" in server.sessions[-1].commands
 
 
 def test_message_rendering_decodes_for_a_terminal() -> None:
@@ -294,7 +288,7 @@ def test_capa_needs_no_password(capsys: pytest.CaptureFixture[str]) -> None:
         assert "EXPIRE NEVER" in out.splitlines()
         status, out, _ = run(capsys, address(server), "hogehoge", "capa", "--json")
     assert json.loads(out)["EXPIRE"] == ["NEVER"]
-    assert not [c for c in commands(server) if c.startswith(("USER", "PASS", "AUTH"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("USER", "PASS", "AUTH"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -333,19 +327,19 @@ def test_save_new_twice_fetches_nothing_the_second_time(
 
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 0 messages" in out and "2 messages already saved" in out
-    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert len(maildir_messages(target)) == 2 and messages_left(server) == 2
 
     server.maildrops["hogehoge"].add(b"Subject: third\r\n\r\nnew mail\r\n", uid="third-uid")
     status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert "saved 1 message (" in out
-    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 3"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 3"]
 
     # --delete also deletes what earlier runs saved, or --new would skip it forever.
     argv = [address(server), "hogehoge", "save", str(target), "--new", "--delete"]
     status, out, _ = run(capsys, *argv)
     assert status == 0 and "saved 0 messages" in out and "deleted 3 messages" in out
-    assert not [c for c in commands(server) if c.startswith("RETR")]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("RETR")]
     assert messages_left(server) == 0 and len(maildir_messages(target)) == 3
 
 
@@ -361,10 +355,11 @@ def test_save_delete_into_mbox_empties_the_server_after_writing(
         "<-2034930363.1011565565483.JavaMail.root@atmarkit-www.atmarkit.co.jp\n >",
         "<200201210744.QAA05582@platz.jp>",
     ]
+    box.close()
     assert messages_left(server) == 0
     if os.name == "posix":
         assert stat.S_IMODE(target.stat().st_mode) == 0o600  # mail is private
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     last_retr = max(i for i, c in enumerate(sent) if c.startswith("RETR"))
     first_dele = min(i for i, c in enumerate(sent) if c.startswith("DELE"))
     assert last_retr < first_dele and sent[-1] == "QUIT"
@@ -381,11 +376,11 @@ def test_save_delete_deletes_nothing_when_the_connection_drops(
         status, _, err = run(capsys, address(server), "hogehoge", "save", str(target), "--delete")
         assert status == 4 and "closed" in err
         assert messages_left(server) == 2
-        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+        assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
         assert len(maildir_messages(target)) == 1  # message 1 was saved before the drop
         status, out, _ = run(capsys, address(server), "hogehoge", "save", str(target), "--new")
     assert status == 0 and "saved 1 message" in out  # the state file remembered message 1
-    assert [c for c in commands(server) if c.startswith("RETR")] == ["RETR 2"]
+    assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] == ["RETR 2"]
 
 
 @pytest.mark.usefixtures("password")
@@ -395,22 +390,22 @@ def test_save_delete_deletes_nothing_when_a_write_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    original = pop3lite.Maildir._finish
+    original = pop3lite.Maildir.finish
     calls = []
 
-    def failing_finish(store: Any, sink: Any, key: Any, durable: bool) -> None:
-        calls.append(sink)
+    def failing_finish(store: Any) -> None:
+        calls.append(store)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(store, sink, key, durable)
+        original(store)
 
-    monkeypatch.setattr(pop3lite.Maildir, "_finish", failing_finish)
+    monkeypatch.setattr(pop3lite.Maildir, "finish", failing_finish)
     status, _, err = run(
         capsys, address(server), "hogehoge", "save", str(tmp_path / "M"), "--delete"
     )
     assert status == 1 and "No space left on device" in err
     assert messages_left(server) == 2
-    assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
 
 
 @pytest.mark.usefixtures("password")
@@ -421,7 +416,7 @@ def test_save_refuses_a_directory_that_is_not_a_maildir(
     status, _, err = run(capsys, address(server), "hogehoge", "save", str(tmp_path), "--delete")
     assert status == 1 and "not a Maildir" in err
     assert messages_left(server) == 2
-    assert not [c for c in commands(server) if c.startswith(("RETR", "DELE"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("RETR", "DELE"))]
 
 
 # -- passwords and login methods ---------------------------------------------------------------
@@ -507,7 +502,7 @@ def test_the_password_is_never_taken_from_argv(
     assert server.transcripts == []
     assert pop3lite.main(["--help"]) == 0
     options = [w for w in capsys.readouterr().out.split() if w.startswith("--pass")]
-    assert options and set(options) == {"--password-file"}
+    assert options and set(options) == {"--password-file", "--password-command"}
 
 
 @pytest.mark.usefixtures("password")
@@ -516,7 +511,7 @@ def test_apop_and_auth_and_oauth2(
 ) -> None:
     status, out, _ = run(capsys, address(server), "hogehoge", "--apop")
     assert status == 0 and "Login:         APOP as hogehoge" in out
-    logins = [c for c in commands(server) if c.startswith(("APOP", "USER", "PASS"))]
+    logins = [c for c in server.sessions[-1].commands if c.startswith(("APOP", "USER", "PASS"))]
     assert len(logins) == 1 and logins[0].startswith("APOP hogehoge ")
     with FakeServer("rfc") as modern:
         status, out, _ = run(capsys, address(modern), "hogehoge", "--auth", "plain")
@@ -572,7 +567,7 @@ def test_stls_upgrade_on_a_modern_server(
         argv = [address(server), "hogehoge", "--cafile", ca_file(tmp_path), "--json"]
         status, out, _ = run(capsys, *argv)
     assert status == 0 and json.loads(out)["tls"]["version"].startswith("TLSv1.")
-    assert commands(server)[:2] == ["CAPA", "STLS"]
+    assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
 
 # -- failures and exit codes -------------------------------------------------------------------
@@ -628,14 +623,13 @@ def test_ctrl_c_closes_without_quit_and_exits_130(
     monkeypatch.setattr(pop3lite.POP3, "stat", interrupted)
     status, _, err = run(capsys, address(server), "hogehoge")
     assert status == 130 and "no QUIT was sent" in err
-    assert "QUIT" not in commands(server)
+    assert "QUIT" not in server.sessions[-1].commands
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         [],
-        ["host"],
         ["host", "user", "frobnicate"],
         ["host", "user", "retr"],
         ["host", "user", "retr", "0"],
@@ -726,7 +720,8 @@ def test_help_shows_examples_exit_codes_and_json_fields(
 ) -> None:
     assert pop3lite.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for text in ("examples:", "--demo", "save ~/Maildir --new", "exit status:", "130", "subject"):
+    shown = ("examples:", "--demo", "save ~/Maildir", "save --mda", "exit status:", "130")
+    for text in (*shown, "subject"):
         assert text in out
 
 
@@ -759,7 +754,7 @@ def test_shell_follows_the_seed_session(
     ):
         assert text in out
     assert "\x1b" not in out
-    assert commands(server)[-9:] == [line for line in SEED_SESSION.splitlines()]
+    assert server.sessions[-1].commands[-9:] == [line for line in SEED_SESSION.splitlines()]
     assert messages_left(server) == 2
     logged = log.read_text(encoding="utf-8")
     assert "pop3> TOP 2 5" in logged and "@ITの新着記事をお届けします。" in logged
@@ -781,7 +776,7 @@ def test_shell_refuses_login_commands_and_leaves_without_quit_at_eof(
         "Subject: =?ISO-2022-JP?B?gXWCYoJygmKCqYLngsyOqILmguiCyIKokm2C54K5gXY8j2+J74KildI\n" in out
     )
     assert "Leaving without QUIT" in out
-    sent = commands(server)
+    sent = server.sessions[-1].commands
     assert "PASS ****" in sent[:3] and sent[-1] == "NOOP" and "QUIT" not in sent
     assert messages_left(server) == 2  # DELE 1 was never committed
 
@@ -852,7 +847,7 @@ def test_a_plaintext_server_on_another_port_gets_no_implicit_tls(
     status, out, err = run(capsys, address(server), "hogehoge", "--timeout", "20")
     assert status == 0 and "2 messages" in out
     assert "TLS" not in err  # it greeted at once: no probing said
-    assert commands(server)[-1] == "QUIT"
+    assert server.sessions[-1].commands[-1] == "QUIT"
     assert len(server.transcripts) == 1  # one connection: the short wait is on the session's
 
 
@@ -868,7 +863,7 @@ def test_a_slow_plaintext_greeting_ends_with_the_hint_to_wait_for_it(
         assert "speaks plaintext" in err and "--tls starttls" in err
         status, out, err = run(capsys, *argv, "--tls", "starttls")  # what the hint says
     assert status == 0 and "3 messages" in out and "TLS" not in err
-    assert commands(server)[:2] == ["CAPA", "STLS"]
+    assert server.sessions[-1].commands[:2] == ["CAPA", "STLS"]
 
 
 @pytest.mark.usefixtures("password")
@@ -967,7 +962,7 @@ def test_auth_with_a_mechanism_the_server_does_not_offer_lists_the_offered_ones(
     with FakeServer("rfc", capabilities=["USER", "SASL PLAIN LOGIN"]) as server:
         status, _, err = run(capsys, address(server), "hogehoge", "--auth", "CRAM-MD5")
     assert status == 3 and "does not offer AUTH CRAM-MD5" in err and "SASL PLAIN LOGIN" in err
-    assert not [c for c in commands(server) if c.startswith(("AUTH", "USER", "PASS"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "USER", "PASS"))]
     with FakeServer("rfc", capabilities=["USER"]) as server:
         status, _, err = run(capsys, address(server), "hogehoge", "--auth", "PLAIN")
     assert status == 3 and "no SASL mechanism" in err and "USER/PASS" in err
@@ -1001,7 +996,7 @@ def test_a_password_saslprep_refuses_names_the_position_and_the_source(
         status, _, err = run(capsys, *argv)
         assert status == 2 and "(U+E000) at character 3 of 5" in err
         assert f"--password-file {secret}" in err and "trailing newline" not in err
-    assert not [c for c in commands(server) if c.startswith(("AUTH", "PASS"))]
+    assert not [c for c in server.sessions[-1].commands if c.startswith(("AUTH", "PASS"))]
 
 
 def test_host_forms_urls_and_user_at_host() -> None:
@@ -1027,8 +1022,8 @@ def test_url_schemes_choose_the_port_and_the_tls_mode() -> None:
         o = pop3lite._parse_command_line(list(argv))
         return o.user, o.host, o.port, o.tls
 
-    assert options("pop3://alice@host") == ("alice", "host", 110, "auto")
-    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "auto")
+    assert options("pop3://alice@host") == ("alice", "host", 110, "starttls")
+    assert options("pop3://host", "alice", "-p", "1110") == ("alice", "host", 1110, "starttls")
     assert options("pop3://host", "alice", "--tls", "none") == ("alice", "host", 110, "none")
     assert options("pop3s://alice@host", "uidl") == ("alice", "host", None, "implicit")
     assert options("pop3s://host:1995", "alice") == ("alice", "host", 1995, "implicit")
@@ -1061,8 +1056,11 @@ def test_urls_and_user_at_host_reach_the_server(
 ) -> None:
     status, out, _ = run(capsys, f"hogehoge@{address(server)}", "uidl")
     assert status == 0 and out.splitlines()[0] == "1 3C4B82C800000001"
-    status, out, _ = run(capsys, f"pop3://hogehoge@{address(server)}", "--json")
-    assert status == 0 and json.loads(out)["user"] == "hogehoge"
+    with FakeServer("rfc", tls="stls") as stls:  # pop3:// means STLS
+        url = f"pop3://hogehoge@{address(stls)}"
+        status, out, _ = run(capsys, url, "--json", "--cafile", ca_file(tmp_path))
+        assert status == 0 and json.loads(out)["user"] == "hogehoge"
+        assert stls.sessions[-1].commands[:2] == ["CAPA", "STLS"]
     with FakeServer("rfc", tls="implicit") as secure:
         url = f"pop3s://{address(secure)}"
         status, out, err = run(capsys, url, "hogehoge", "--cafile", ca_file(tmp_path), "--json")
@@ -1139,3 +1137,224 @@ def test_one_escape_for_everything_shown(text: str, shown: str) -> None:
 
 def test_raw_view_escapes_non_ascii_bytes() -> None:
     assert pop3lite._escaped(b"\x1b\xe6\x97\xa5\t.") == "\\x1b\\xe6\\x97\\xa5\t."
+
+
+# -- the exit-status table ---------------------------------------------------------------------
+
+
+def test_readme_exit_status_table_is_the_programs_table() -> None:
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.strip("|").split("|")
+        for line in section.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    documented = [(int(code), meaning.strip()) for code, meaning in rows]
+    expected = [(code, meaning) for code, _, meaning in pop3lite._EXIT_STATUSES]
+    table = "\n".join(f"| {code} | {meaning} |" for code, meaning in expected)
+    assert documented == expected, f"the README's exit-status table should read:\n{table}"
+
+
+def test_help_and_failures_take_their_exit_statuses_from_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--help")
+    out = " ".join(out.split())  # the meanings are wrapped to the width of the help
+    assert status == 0
+    for code, _, meaning in pop3lite._EXIT_STATUSES:
+        assert f" {code} {meaning}" in out
+    codes = {code for code, _, _ in pop3lite._EXIT_STATUSES}
+    assert {status for _, _, status, _ in pop3lite._FAILURES} <= codes
+
+
+# -- issue 19: the command line as a new user meets it ----------------------------------------
+
+
+def netrc(home: Path, text: str) -> None:
+    path = home / ".netrc"
+    path.write_text(text)
+    path.chmod(0o600)
+
+
+@pytest.mark.usefixtures("password")
+def test_an_action_word_after_a_url_is_never_the_user(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, f"pop3://{address(server)}", "capa", "--tls", "none")
+    assert status == 0, err
+    sent = server.sessions[-1].commands
+    assert "capa" not in err and not [c for c in sent if c.startswith("USER")]
+    status, _, err = run(capsys, address(server), "uidl")  # no netrc, no terminal to ask at
+    assert status == 2 and "no user for 127.0.0.1" in err and "~/.netrc" in err
+    assert len(server.transcripts) == 1  # refused before connecting
+
+
+@pytest.mark.usefixtures("password")
+def test_the_user_comes_from_netrc_when_the_url_has_none(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
+) -> None:
+    # $POP3_PASSWORD comes before ~/.netrc's password, which Python 3.7-3.10 require
+    netrc(environment, f"machine {server.host} login hogehoge password unused\n")
+    status, out, err = run(capsys, address(server), "uidl")
+    assert status == 0, err
+    assert out.splitlines()[0] == "1 3C4B82C800000001"
+    assert "USER hogehoge" in server.sessions[-1].commands
+
+
+def test_the_user_and_password_both_come_from_netrc(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, environment: Path
+) -> None:
+    netrc(environment, f"machine {server.host} login hogehoge password fugafuga\n")
+    status, out, err = run(capsys, f"pop3://{address(server)}", "check", "--tls", "none")
+    assert status == 0, err
+    assert "USER/PASS as hogehoge" in out
+
+
+@pytest.mark.usefixtures("password")
+def test_the_user_is_asked_for_at_a_terminal_once_the_server_is_reached(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", _Terminal("hogehoge\n"))
+    status, out, err = run(capsys, address(server), "uidl")
+    assert status == 0, err
+    assert f"User on {address(server)}: " in err
+    assert "USER hogehoge" in server.sessions[-1].commands
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["pop://host", "alice"], ["imaps://alice@host"], ["pop://alice:secret@host"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_an_unknown_url_scheme_is_named(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    status, out, err = run(capsys, *argv)
+    scheme = argv[0].split(":", 1)[0]
+    assert status == 2 and f"unknown scheme {scheme}://" in err
+    assert "pop3://" in err and "pop3s://" in err
+    assert "password" not in err and "secret" not in err
+
+
+@pytest.mark.usefixtures("password", "short_greeting_wait")
+def test_pop3_url_means_stls_and_its_hint_names_pop3s(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc", tls="implicit") as server:
+        url = f"pop3://hogehoge@{address(server)}"
+        status, _, err = run(capsys, url, "--timeout", "0.6")
+    assert status == 4 and "trying implicit TLS" not in err  # explicit: no probing
+    assert f"use pop3s://{address(server)}" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_pop3s_url_on_a_plaintext_port_hints_pop3(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with FakeServer("rfc", tls="stls") as server:
+        url = f"pop3s://hogehoge@{address(server)}"
+        status, _, err = run(capsys, url, "--cafile", ca_file(tmp_path))
+    assert status == 4 and "speaks plaintext" in err
+    assert f"pop3://{address(server)} (STLS)" in err
+
+
+@pytest.mark.usefixtures("password")
+def test_a_short_timeout_still_probes_for_implicit_tls(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 5.0)  # longer than --timeout
+    with FakeServer("rfc", tls="implicit") as server:
+        argv = [address(server), "hogehoge", "--timeout", "0.4", "--cafile", ca_file(tmp_path)]
+        status, out, err = run(capsys, *argv, "--json")
+    assert status == 0, err
+    assert "within 0.4s" in err and "trying implicit TLS" in err
+    assert json.loads(out)["tls"]["verified"] is True
+
+
+@pytest.mark.parametrize(
+    "action", [["check", "--limit", "0"], ["uidl"], ["retr", "1"], ["--json"]], ids=" ".join
+)
+def test_a_closed_pipe_ends_every_action_quietly_with_141(
+    action: list[str], environment: Path
+) -> None:
+    message = b"Subject: many\r\n\r\n" + b"a line of the message body\r\n" * 20_000
+    many = fakeserver.Maildrop("fugafuga", [message] + [b"Subject: s\r\n\r\nx\r\n"] * 3000)
+    env = {**os.environ, "HOME": str(environment), "POP3_PASSWORD": "fugafuga"}
+    with FakeServer("rfc", users={"hogehoge": many}) as server:
+        argv = [address(server), "hogehoge", "--tls", "none", *action]
+        with subprocess.Popen(
+            [sys.executable, pop3lite.__file__, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        ) as child:
+            assert child.stdout is not None and child.stderr is not None
+            assert child.stdout.read(100)  # like `| head -c 100`, then the reader is gone
+            child.stdout.close()
+            err = child.stderr.read()
+            status = child.wait(timeout=60)
+    assert status == 141 and err == b""
+    assert len(many.messages) == 3001
+
+
+@pytest.mark.usefixtures("password")
+def test_quiet_check_keeps_its_table_and_json(
+    capsys: pytest.CaptureFixture[str], server: FakeServer
+) -> None:
+    status, out, err = run(capsys, address(server), "hogehoge", "-q")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("#") and "Subject" in lines[0] and len(lines) == 3
+    assert ATMARKIT_SUBJECT in out and "Server:" not in out and "Greeting:" not in out
+    status, out, err = run(capsys, address(server), "hogehoge", "-q", "--json")
+    assert status == 0 and json.loads(out)["count"] == 2
+
+
+def test_save_help_lists_max_size_and_speaks_of_the_journal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "save", "--help")
+    assert status == 0 and "--max-size SIZE" in out and "--new" in out and "--delete" in out
+    assert "state file" not in out and "journal" in out
+
+
+def test_the_version_tells_this_release_from_the_old_state_file_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"pop3lite {pop3lite.__version__}"
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    assert "A state file of pop3lite 0.1" in readme  # the old format, named by its release
+    assert not pop3lite.__version__.startswith("0.1")
+    pyproject = (Path(__file__).resolve().parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'version = "{pop3lite.__version__}"' in pyproject
+
+
+@pytest.mark.usefixtures("password")
+def test_verbose_shows_capa_and_listings_line_by_line_but_not_bodies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with FakeServer("rfc") as server:
+        argv = [address(server), "hogehoge", "--tls", "none", "-v"]
+        status, _, err = run(capsys, *argv, "uidl")
+        assert status == 0, err
+        lines = err.splitlines()
+        assert "S: PIPELINING" in lines and "S: IMPLEMENTATION fakeserver" in lines
+        uids = server.maildrops["hogehoge"].uids
+        assert f"S: 1 {uids[0]}" in lines and "S: ." in lines
+        assert "fugafuga" not in err
+        status, out, err = run(capsys, *argv, "retr", "1")
+    assert status == 0
+    assert "S: <" in err and "octets, then .>" in err  # a message body stays summarised
+    assert out.splitlines()[0] not in err.splitlines()
+
+
+def test_a_stored_password_that_is_refused_is_not_asked_again(
+    capsys: pytest.CaptureFixture[str], server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_PASSWORD", "wrong")
+    monkeypatch.setattr(sys, "stdin", _Terminal("fugafuga\n"))  # a terminal to ask at
+    status, _, err = run(capsys, address(server), "hogehoge")
+    assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
+    assert len([c for c in server.sessions[-1].commands if c.startswith("PASS")]) == 1

@@ -103,9 +103,7 @@ def _fork_on_pty() -> tuple[int, int]:
 
 
 @pytest.fixture
-def terminal_env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "home"
-    home.mkdir()
+def terminal_env(home: Path) -> dict[str, str]:
     return {
         "HOME": str(home),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -141,10 +139,6 @@ def address(server: FakeServer) -> str:
     return f"{server.host}:{server.port}"
 
 
-def commands(server: FakeServer) -> list[str]:
-    return [line[3:] for line in server.transcripts[-1] if line.startswith("C: ")]
-
-
 def test_retr_on_a_terminal_shows_lines_starting_with_a_dot_as_they_are(spawn: Spawn) -> None:
     with FakeServer("rfc") as server:
         terminal = spawn(address(server), "hogehoge", "retr", "1", "2")  # several: fine here
@@ -174,8 +168,8 @@ def test_shell_ctrl_c_at_the_prompt_cancels_the_line_not_the_session(spawn: Spaw
         terminal.type(b"QUIT\r")
         status, _ = terminal.wait()
     assert status == 0
-    assert commands(server)[-2:] == ["STAT", "QUIT"]
-    assert not [c for c in commands(server) if c.startswith("DELE")]
+    assert server.sessions[-1].commands[-2:] == ["STAT", "QUIT"]
+    assert not [c for c in server.sessions[-1].commands if c.startswith("DELE")]
     assert len(server.maildrops["hogehoge"].messages) == 3
 
 
@@ -198,7 +192,24 @@ def test_shell_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) 
         terminal.type(b"QUIT\r")
         status, _ = terminal.wait()
     assert status == 0
-    assert commands(server)[-3:] == ["RETR 1", "RETR 2", "QUIT"]
+    assert server.sessions[-1].commands[-3:] == ["RETR 1", "RETR 2", "QUIT"]
+
+
+def test_retr_asks_before_printing_a_large_message_on_a_terminal(spawn: Spawn) -> None:
+    lines = b"".join(b"line %07d of a large message\r\n" % n for n in range(50_000))
+    big = b"Subject: big\r\n\r\n" + lines  # 1650016 octets
+    drop = Maildrop("fugafuga", [big, fakeserver.RFC_MESSAGES[0]])
+    with FakeServer("rfc", users={"hogehoge": drop}) as server:
+        terminal = spawn(address(server), "hogehoge", "retr", "1", "2")
+        question = terminal.read_until(b"[y/N] ")
+        assert b"Print 1650016 octets (1.6 MiB) on the terminal?" in question  # as the shell
+        assert b"line 0000001" not in question
+        terminal.type(b"n\r")
+        status, shown = terminal.wait()
+    assert status == 0, shown
+    assert b"(message 1 not shown: 1650016 octets (1.6 MiB))" in shown
+    assert b"line 0000001" not in shown and b"this is the first test message." in shown
+    assert server.sessions[-1].commands[-1] == "QUIT" and len(drop.messages) == 2
 
 
 def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> None:
@@ -211,6 +222,25 @@ def test_the_password_prompt_comes_once_the_server_is_reached(spawn: Spawn) -> N
         terminal.read_until(b"Password for hogehoge on ")
         assert server.transcripts  # connected before asking
         terminal.type(b"wrong\r")
+        for _ in range(2):  # asked again after a refusal: three tries in all, as ssh gives
+            terminal.read_until(b"login refused")
+            terminal.read_until(b"Password for hogehoge on ")
+            terminal.type(b"wrong\r")
         status, shown = terminal.wait()
     assert status == 3 and b"(the password came from the prompt)" in shown
     assert b"wrong" not in shown  # not echoed
+    assert len(server.transcripts) == 1  # all three on the one connection
+
+
+def test_a_mistyped_password_is_asked_for_again(spawn: Spawn) -> None:
+    with FakeServer("rfc") as server:
+        terminal = spawn(address(server), "hogehoge", "uidl", password=None)
+        terminal.read_until(b"Password for hogehoge on ")
+        terminal.type(b"wrong\r")
+        refused = terminal.read_until(b"Password for hogehoge on ")
+        assert b"login refused" in refused and b"try again (1 of 3 tries)" in refused
+        terminal.type(b"fugafuga\r")
+        status, shown = terminal.wait()
+    assert status == 0, shown
+    assert b"1 " in shown and b"wrong" not in shown and b"fugafuga" not in shown
+    assert server.sessions[-1].commands[-1] == "QUIT"

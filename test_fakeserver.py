@@ -1,7 +1,8 @@
 """Tests of fakeserver.py: the seed replay, RFC 1939 behaviour, SASL, TLS, faults, command line.
 
-Clients here are a raw socket (`Raw`) and CPython's poplib, never pop3lite: the fake server must be
-right on its own. Every socket has a timeout; nothing sleeps to wait for a server.
+Clients here are a raw socket (`RawClient`, conftest.py) and CPython's poplib, never pop3lite:
+the fake server must be right on its own. Every socket has a timeout; nothing sleeps to wait
+for a server.
 """
 # SPDX-License-Identifier: MIT
 
@@ -26,76 +27,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import pytest
 
 import fakeserver
+from conftest import TIMEOUT, RawClient, login, wait_until
 from fakeserver import FakeServer, Fault, Maildrop
 
-TIMEOUT = 5.0
 HERE = Path(__file__).resolve().parent
-
-
-class Raw:
-    """A raw-socket POP3 client: send lines, read lines, nothing else."""
-
-    def __init__(self, server: FakeServer, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection(server.address, timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        """One line without its CRLF; b"<EOF>" at the end of input."""
-        data = self.file.readline(100000)
-        if not data:
-            return b"<EOF>"
-        assert data.endswith(b"\r\n"), data
-        return data[:-2]
-
-    def cmd(self, command: str) -> str:
-        self.send(command.encode() + b"\r\n")
-        return self.line().decode()
-
-    def body(self) -> list[bytes]:
-        """The lines of a multi-line reply up to the ".", as sent (still dot-stuffed)."""
-        lines: list[bytes] = []
-        for _ in range(100000):
-            line = self.line()
-            assert line != b"<EOF>"
-            if line == b".":
-                return lines
-            lines.append(line)
-        raise AssertionError("no terminator")
-
-    def eof(self) -> bool:
-        return self.file.read(1) == b""
-
-
-def login(client: Raw, user: str = "hogehoge", password: str = "fugafuga") -> None:
-    assert client.line().startswith(b"+OK")
-    assert client.cmd("USER " + user).startswith("+OK")
-    assert client.cmd("PASS " + password).startswith("+OK")
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll a condition that another thread makes true (bounded; no fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def unstuff(lines: list[bytes]) -> bytes:
@@ -185,7 +125,7 @@ def as_the_page_shows(line: bytes) -> str | None:
 
 
 def test_seed_replay_over_a_raw_socket() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         assert client.line().decode() == SEED_GREETING
         for command, shown in SEED_SESSION:
             expected = shown.split("\n")
@@ -208,7 +148,7 @@ def test_seed_replay_over_a_raw_socket() -> None:
 
 
 def test_seed_top_2_5_is_the_header_and_five_body_lines() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         client.cmd("USER hogehoge")
         client.cmd("PASS fugafuga")
@@ -387,11 +327,8 @@ def test_certificate_is_rejected_without_the_ca() -> None:
         with pytest.raises(ssl.SSLCertVerificationError):
             ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")
         sock.close()
-        with Raw(server) as client:  # the failed handshake did not disturb the server
-            client.sock = fakeserver.client_context().wrap_socket(
-                client.sock, server_hostname="localhost"
-            )
-            client.file = client.sock.makefile("rb")
+        with RawClient(server) as client:  # the failed handshake did not disturb the server
+            client.start_tls()
             assert client.line().decode() == SEED_GREETING
 
 
@@ -419,7 +356,7 @@ def test_certificate_is_rejected_without_the_ca() -> None:
     ],
 )
 def test_authorization_state_errors(command: str, reply: str) -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         assert client.cmd(command) == reply
         assert client.cmd("USER hogehoge").startswith("+OK")
@@ -458,14 +395,14 @@ def test_authorization_state_errors(command: str, reply: str) -> None:
     ],
 )
 def test_transaction_state_errors(command: str, reply: str) -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         login(client)
         assert client.cmd(command) == reply
         assert client.cmd("STAT") == "+OK 2 10180"  # still in step, still in TRANSACTION
 
 
 def test_non_ascii_and_invalid_utf8_arguments() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         client.send(b"USER \xff\xfe\r\n")
         assert client.line().startswith(b"+OK User \xff\xfe accepted, send PASS")
@@ -473,7 +410,7 @@ def test_non_ascii_and_invalid_utf8_arguments() -> None:
         client.send(b"APOP hogehoge \xff" + b"0" * 31 + b"\r\n")
         assert client.line() == b"-ERR Invalid user name or password"
         assert server.transcripts[0][1] == "C: USER \\xff\\xfe"
-    with FakeServer("rfc") as server, Raw(server) as client:
+    with FakeServer("rfc") as server, RawClient(server) as client:
         client.line()
         client.send(b"AUTH CRAM-MD5\r\n")
         challenge(client)
@@ -481,7 +418,7 @@ def test_non_ascii_and_invalid_utf8_arguments() -> None:
 
 
 def test_deleted_messages_and_stable_numbers() -> None:
-    with FakeServer("rfc") as server, Raw(server) as client:
+    with FakeServer("rfc") as server, RawClient(server) as client:
         login(client)
         assert client.cmd("DELE 1") == "+OK message 1 deleted"
         assert client.cmd("DELE 1") == "-ERR message 1 already deleted"
@@ -498,7 +435,7 @@ def test_deleted_messages_and_stable_numbers() -> None:
 def test_exactly_one_reply_per_pipelined_command() -> None:
     commands = ["USER hogehoge", "PASS fugafuga", "BOGUS", "STAT", "LIST 9", "RETR x", "NOOP",
                 "LIST", "USER again", "UIDL 2", "TOP 1 0", "RETR 2", "DELE 2", "QUIT"]
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         client.send(b"".join(c.encode() + b"\r\n" for c in commands))
         statuses = []
@@ -514,7 +451,7 @@ def test_exactly_one_reply_per_pipelined_command() -> None:
 
 
 def test_bare_lf_commands_are_accepted() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         client.send(b"USER hogehoge\nPASS fugafuga\nSTAT\n")
         assert [client.line() for _ in range(3)][2] == b"+OK 2 10180"
@@ -523,20 +460,20 @@ def test_bare_lf_commands_are_accepted() -> None:
 def test_a_dropped_connection_applies_no_deletion() -> None:
     with FakeServer() as server:
         drop = server.maildrops["hogehoge"]
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             assert client.cmd("DELE 1").startswith("+OK")
             assert client.cmd("DELE 2").startswith("+OK")
         wait_until(lambda: not drop._in_use)  # the lock goes with the connection
         assert drop.messages == list(fakeserver.OPERAMAIL_MESSAGES)
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             assert client.cmd("STAT") == "+OK 2 10180"
 
 
 def test_quit_from_transaction_applies_deletions() -> None:
     with FakeServer() as server:
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             client.cmd("DELE 1")
             assert client.cmd("QUIT") == "+OK InterChange POP3 Server Signing Off"
@@ -544,7 +481,7 @@ def test_quit_from_transaction_applies_deletions() -> None:
         drop = server.maildrops["hogehoge"]
         assert drop.messages == [fakeserver.OPERAMAIL_MESSAGES[1]]
         assert drop.uids == [fakeserver.OPERAMAIL_UIDS[1]]
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             assert client.cmd("STAT") == "+OK 1 4226"
             assert client.cmd("UIDL 1") == "+OK 1 " + fakeserver.OPERAMAIL_UIDS[1]
@@ -552,7 +489,7 @@ def test_quit_from_transaction_applies_deletions() -> None:
 
 def test_idle_timeout_closes_without_reply_or_update() -> None:
     with FakeServer(idle_timeout=0.3) as server:
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             client.cmd("DELE 1")
             started = time.monotonic()
@@ -563,7 +500,7 @@ def test_idle_timeout_closes_without_reply_or_update() -> None:
 
 
 def test_the_maildrop_lock() -> None:
-    with FakeServer("rfc") as server, Raw(server) as first, Raw(server) as second:
+    with FakeServer("rfc") as server, RawClient(server) as first, RawClient(server) as second:
         login(first)
         second.line()
         second.cmd("USER hogehoge")
@@ -577,8 +514,8 @@ def test_the_maildrop_lock() -> None:
 
 
 def test_the_lock_is_released_when_a_client_vanishes() -> None:
-    with FakeServer() as server, Raw(server) as second:
-        with Raw(server) as first:
+    with FakeServer() as server, RawClient(server) as second:
+        with RawClient(server) as first:
             login(first)
             second.line()
             second.cmd("USER hogehoge")
@@ -590,11 +527,11 @@ def test_the_lock_is_released_when_a_client_vanishes() -> None:
 
 def test_wait_idle_returns_once_a_vanished_client_has_let_go() -> None:
     with FakeServer() as server:
-        with Raw(server) as first:
+        with RawClient(server) as first:
             login(first)
         server.wait_idle()  # no polling of private state needed
         assert not server.maildrops["hogehoge"]._in_use
-        with Raw(server) as again:
+        with RawClient(server) as again:
             login(again)  # the lock is free: this login succeeds
             with pytest.raises(TimeoutError, match="still open"):
                 server.wait_idle(timeout=0.05)  # this session is still going
@@ -605,11 +542,11 @@ def test_maildrops_are_shared_and_visible() -> None:
     with FakeServer("rfc", users=users) as server:
         assert server.maildrops["bob"] is users["bob"]
         users["alice"].add(b"Subject: new\r\n\r\nbody\r\n", uid="first")
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client, "alice", "a")
             assert client.cmd("UIDL 1") == "+OK 1 first"
             assert client.cmd("QUIT").startswith("+OK")
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client, "bob", "b")
             assert client.cmd("RETR 1") == "+OK 18 octets"
             assert unstuff(client.body()) == b"Subject: x\r\n\r\nhi\r\n"
@@ -636,7 +573,7 @@ def test_maildrop_api() -> None:
 
 def test_empty_message_and_top_without_body() -> None:
     users = {"u": Maildrop("p", [b"", b"Subject: only a header\r\n"])}
-    with FakeServer("rfc", users=users) as server, Raw(server) as client:
+    with FakeServer("rfc", users=users) as server, RawClient(server) as client:
         login(client, "u", "p")
         assert client.cmd("LIST") == "+OK 2 messages (24 octets)"
         client.body()
@@ -652,7 +589,7 @@ def test_empty_message_and_top_without_body() -> None:
 
 
 def test_command_line_limit_keeps_the_session_in_step() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         login(client)
         longest = "NOOP " + "x" * (255 - 2 - 5)  # 255 octets with CRLF: allowed
         assert client.cmd(longest) == "-ERR Invalid command syntax"
@@ -664,7 +601,7 @@ def test_command_line_limit_keeps_the_session_in_step() -> None:
 
 
 def test_an_endless_line_is_hung_up_on() -> None:
-    with FakeServer() as server, Raw(server) as client:
+    with FakeServer() as server, RawClient(server) as client:
         client.line()
         try:
             client.send(b"x" * (fakeserver.MAX_DISCARD + 10000))
@@ -674,15 +611,15 @@ def test_an_endless_line_is_hung_up_on() -> None:
 
 
 def test_session_cap() -> None:
-    with FakeServer(max_sessions=1) as server, Raw(server) as first:
+    with FakeServer(max_sessions=1) as server, RawClient(server) as first:
         assert first.line().startswith(b"+OK")
-        with Raw(server) as second:
+        with RawClient(server) as second:
             assert second.line() == b"-ERR [SYS/TEMP] Too many sessions, try again later"
             assert second.eof()
         first.cmd("QUIT")
         assert first.eof()
         wait_until(lambda: not server._admitted)
-        with Raw(server) as third:
+        with RawClient(server) as third:
             assert third.line().startswith(b"+OK")
 
 
@@ -709,7 +646,7 @@ def test_garbage_from_one_client_never_disturbs_another() -> None:
     junk = [b"\x00" * 300 + b"\r\n", b"\xff\xfe\r\n" * 50, b"A" * 70000, b"\r\n" * 100,
             b"RETR " + b"1" * 300 + b"\r\n", b"PASS\r\nAPOP\r\nAUTH\r\n"]
     with FakeServer(idle_timeout=2) as server:
-        hostile = [Raw(server) for _ in junk]
+        hostile = [RawClient(server) for _ in junk]
         try:
             for client, data in zip(hostile, junk):
                 try:
@@ -727,7 +664,7 @@ def test_garbage_from_one_client_never_disturbs_another() -> None:
 
 
 def test_transcripts_are_recorded_before_writing_and_redacted() -> None:
-    with FakeServer("rfc") as server, Raw(server) as client:
+    with FakeServer("rfc") as server, RawClient(server) as client:
         login(client)
         assert server.transcripts[0][-2:] == ["C: PASS ****", "S: +OK maildrop locked and ready"]
         assert client.cmd("STAT").startswith("+OK 3")
@@ -743,7 +680,7 @@ def test_a_long_running_server_can_forget_transcripts(caplog: pytest.LogCaptureF
     caplog.set_level(logging.DEBUG, logger="fakeserver")
     with FakeServer(keep_transcripts=False) as server:
         for _ in range(2):
-            with Raw(server) as client:
+            with RawClient(server) as client:
                 login(client)
                 assert client.cmd("QUIT").startswith("+OK")
                 assert client.eof()
@@ -755,7 +692,7 @@ def test_fresh_timestamp_per_connection_outside_operamail() -> None:
     with FakeServer("rfc") as server:
         greetings = []
         for _ in range(2):
-            with Raw(server) as client:
+            with RawClient(server) as client:
                 greetings.append(client.line().decode())
                 stamp = re.search(r"<.*>", greetings[-1]).group(0)  # type: ignore[union-attr]
                 digest = hashlib.md5((stamp + "fugafuga").encode()).hexdigest()
@@ -764,7 +701,7 @@ def test_fresh_timestamp_per_connection_outside_operamail() -> None:
         assert greetings[0] != greetings[1]
     with FakeServer() as server:
         for _ in range(2):
-            with Raw(server) as client:
+            with RawClient(server) as client:
                 assert client.line().decode() == SEED_GREETING
 
 
@@ -774,7 +711,7 @@ def test_fresh_timestamp_per_connection_outside_operamail() -> None:
 
 
 def test_capa_of_the_rfc_preset() -> None:
-    with FakeServer("rfc", tls="stls") as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls") as server, RawClient(server) as client:
         client.line()
         assert client.cmd("CAPA") == "+OK Capability list follows"
         capabilities = [line.decode() for line in client.body()]
@@ -787,7 +724,7 @@ def test_capa_of_the_rfc_preset() -> None:
 
 def test_configured_capabilities() -> None:
     capabilities = ["TOP", "UIDL", "SASL PLAIN", "UTF8"]
-    with FakeServer(capabilities=capabilities) as server, Raw(server) as client:
+    with FakeServer(capabilities=capabilities) as server, RawClient(server) as client:
         client.line()
         assert client.cmd("CAPA").startswith("+OK")
         assert client.body() == [b"TOP", b"UIDL", b"SASL PLAIN", b"UTF8"]
@@ -798,14 +735,14 @@ def test_configured_capabilities() -> None:
         client.cmd("USER hogehoge")
         client.cmd("PASS fugafuga")
         assert client.cmd("UTF8") == "-ERR Command not valid in this state"
-    with FakeServer("rfc", capabilities=()) as server, Raw(server) as client:
+    with FakeServer("rfc", capabilities=()) as server, RawClient(server) as client:
         client.line()
         assert client.cmd("CAPA") == "-ERR unknown command"
 
 
 def test_utf8_user_names() -> None:
     users = {"jörg": Maildrop("pässword", [b"Subject: x\r\n\r\n"])}
-    with FakeServer("rfc", users=users) as server, Raw(server) as client:
+    with FakeServer("rfc", users=users) as server, RawClient(server) as client:
         client.line()
         assert client.cmd("UTF8") == "+OK UTF8 enabled"
         assert client.cmd("USER jörg").startswith("+OK")
@@ -814,19 +751,18 @@ def test_utf8_user_names() -> None:
 
 
 def test_stls_discards_plaintext_sent_after_it() -> None:
-    with FakeServer("rfc", tls="stls") as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls") as server, RawClient(server) as client:
         client.line()
         client.send(b"STLS\r\nNOOP\r\n")  # RFC 2595 section 4: the NOOP must be thrown away
         assert client.line() == b"+OK Begin TLS negotiation"
-        tls = fakeserver.client_context().wrap_socket(client.sock, server_hostname="localhost")
-        client.sock, client.file = tls, tls.makefile("rb")
+        client.start_tls()
         assert client.cmd("STLS") == "-ERR TLS already active"
         assert client.cmd("USER hogehoge") == "+OK send PASS"
     assert "C: NOOP" not in server.transcripts[0]
 
 
 def test_stls_in_transaction_state_is_refused() -> None:
-    with FakeServer("rfc", tls="stls") as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls") as server, RawClient(server) as client:
         login(client)
         assert client.cmd("STLS") == "-ERR command not valid in this state"
 
@@ -877,15 +813,15 @@ def test_the_tests_sasl_computations_match_the_rfc_examples() -> None:
           "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
 
 
-def challenge(client: Raw) -> bytes:
+def challenge(client: RawClient) -> bytes:
     line = client.line()
     assert line.startswith(b"+ "), line
     return base64.b64decode(line[2:], validate=True)
 
 
 @pytest.fixture
-def rfc_client() -> Iterator[tuple[FakeServer, Raw]]:
-    with FakeServer("rfc") as server, Raw(server) as client:
+def rfc_client() -> Iterator[tuple[FakeServer, RawClient]]:
+    with FakeServer("rfc") as server, RawClient(server) as client:
         assert client.line().startswith(b"+OK")
         yield server, client
 
@@ -894,7 +830,9 @@ PLAIN = b64(b"\0hogehoge\0fugafuga")
 
 
 @pytest.mark.parametrize("initial", [True, False])
-def test_auth_plain(rfc_client: tuple[FakeServer, Raw], initial: bool) -> None:
+def test_auth_plain(
+    rfc_client: tuple[FakeServer, RawClient], initial: bool
+) -> None:
     server, client = rfc_client
     if initial:
         assert client.cmd("AUTH PLAIN " + PLAIN) == "+OK maildrop locked and ready"
@@ -919,13 +857,17 @@ def test_auth_plain(rfc_client: tuple[FakeServer, Raw], initial: bool) -> None:
         ("AGhvZ2Vob2dlAGZ1Z2FmdWdh!", "-ERR Invalid base64 data"),
     ],
 )
-def test_auth_plain_failures(rfc_client: tuple[FakeServer, Raw], response: str, reply: str) -> None:
+def test_auth_plain_failures(
+    rfc_client: tuple[FakeServer, RawClient], response: str, reply: str
+) -> None:
     _, client = rfc_client
     assert client.cmd("AUTH PLAIN " + response) == reply
     assert client.cmd("AUTH PLAIN " + PLAIN).startswith("+OK")  # still in step
 
 
-def test_auth_cancel_and_strict_base64_in_continuations(rfc_client: tuple[FakeServer, Raw]) -> None:
+def test_auth_cancel_and_strict_base64_in_continuations(
+    rfc_client: tuple[FakeServer, RawClient]
+) -> None:
     server, client = rfc_client
     client.send(b"AUTH LOGIN\r\n")
     assert challenge(client) == b"Username:"
@@ -939,7 +881,9 @@ def test_auth_cancel_and_strict_base64_in_continuations(rfc_client: tuple[FakeSe
 
 
 @pytest.mark.parametrize("initial", [True, False])
-def test_auth_login(rfc_client: tuple[FakeServer, Raw], initial: bool) -> None:
+def test_auth_login(
+    rfc_client: tuple[FakeServer, RawClient], initial: bool
+) -> None:
     _, client = rfc_client
     client.send(b"AUTH LOGIN" + (b" " + b64(b"hogehoge").encode() if initial else b"") + b"\r\n")
     if not initial:
@@ -949,7 +893,9 @@ def test_auth_login(rfc_client: tuple[FakeServer, Raw], initial: bool) -> None:
     assert client.cmd(b64(b"fugafuga")) == "+OK maildrop locked and ready"
 
 
-def test_auth_cram_md5(rfc_client: tuple[FakeServer, Raw]) -> None:
+def test_auth_cram_md5(
+    rfc_client: tuple[FakeServer, RawClient]
+) -> None:
     _, client = rfc_client
     client.send(b"AUTH CRAM-MD5\r\n")
     stamp = challenge(client)
@@ -964,7 +910,9 @@ def test_auth_cram_md5(rfc_client: tuple[FakeServer, Raw]) -> None:
 
 @pytest.mark.parametrize("hash_name", ["sha1", "sha256"])
 @pytest.mark.parametrize("initial", [True, False])
-def test_auth_scram(rfc_client: tuple[FakeServer, Raw], hash_name: str, initial: bool) -> None:
+def test_auth_scram(
+    rfc_client: tuple[FakeServer, RawClient], hash_name: str, initial: bool
+) -> None:
     _, client = rfc_client
     mechanism = {"sha1": "SCRAM-SHA-1", "sha256": "SCRAM-SHA-256"}[hash_name]
     first_bare = "n=hogehoge,r=clientnonce0123"
@@ -985,7 +933,9 @@ def test_auth_scram(rfc_client: tuple[FakeServer, Raw], hash_name: str, initial:
     assert client.cmd("") == "+OK maildrop locked and ready"
 
 
-def test_auth_scram_wrong_password(rfc_client: tuple[FakeServer, Raw]) -> None:
+def test_auth_scram_wrong_password(
+    rfc_client: tuple[FakeServer, RawClient]
+) -> None:
     _, client = rfc_client
     first_bare = "n=hogehoge,r=abc"
     client.send(("AUTH SCRAM-SHA-256 " + b64(b"n,," + first_bare.encode()) + "\r\n").encode())
@@ -1003,7 +953,9 @@ def test_auth_scram_wrong_password(rfc_client: tuple[FakeServer, Raw]) -> None:
     )
 
 
-def test_auth_xoauth2(rfc_client: tuple[FakeServer, Raw]) -> None:
+def test_auth_xoauth2(
+    rfc_client: tuple[FakeServer, RawClient]
+) -> None:
     _, client = rfc_client
     bad = b64(b"user=hogehoge\x01auth=Bearer nope\x01\x01")
     client.send(b"AUTH XOAUTH2 " + bad.encode() + b"\r\n")
@@ -1014,7 +966,9 @@ def test_auth_xoauth2(rfc_client: tuple[FakeServer, Raw]) -> None:
 
 
 @pytest.mark.parametrize("initial", [True, False])
-def test_auth_oauthbearer(rfc_client: tuple[FakeServer, Raw], initial: bool) -> None:
+def test_auth_oauthbearer(
+    rfc_client: tuple[FakeServer, RawClient], initial: bool
+) -> None:
     _, client = rfc_client
     bad = b64(b"n,a=hogehoge,\x01host=localhost\x01auth=Bearer nope\x01\x01")
     client.send(b"AUTH OAUTHBEARER " + bad.encode() + b"\r\n")
@@ -1032,17 +986,19 @@ def test_auth_oauthbearer(rfc_client: tuple[FakeServer, Raw], initial: bool) -> 
 
 
 def test_auth_oauth_token_is_configurable() -> None:
-    with FakeServer("rfc", oauth_token="other") as server, Raw(server) as client:
+    with FakeServer("rfc", oauth_token="other") as server, RawClient(server) as client:
         client.line()
         token = b64(b"user=hogehoge\x01auth=Bearer other\x01\x01")
         assert client.cmd("AUTH XOAUTH2 " + token).startswith("+OK")
 
 
-def test_auth_lists_mechanisms_and_respects_the_lock(rfc_client: tuple[FakeServer, Raw]) -> None:
+def test_auth_lists_mechanisms_and_respects_the_lock(
+    rfc_client: tuple[FakeServer, RawClient]
+) -> None:
     server, client = rfc_client
     assert client.cmd("AUTH").startswith("+OK")
     assert b"SCRAM-SHA-256" in client.body()
-    with Raw(server) as other:
+    with RawClient(server) as other:
         login(other)
         assert client.cmd("AUTH PLAIN " + PLAIN).startswith("-ERR [IN-USE]")
 
@@ -1053,7 +1009,7 @@ def test_auth_lists_mechanisms_and_respects_the_lock(rfc_client: tuple[FakeServe
 
 
 def test_fault_delay() -> None:
-    with FakeServer(faults=[Fault("delay", "STAT", 0.3)]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("delay", "STAT", 0.3)]) as server, RawClient(server) as client:
         login(client)
         started = time.monotonic()
         assert client.cmd("NOOP") == "+OK"
@@ -1065,7 +1021,7 @@ def test_fault_delay() -> None:
 
 def test_fault_drop_after_n_bytes_of_a_reply() -> None:
     with FakeServer(faults=[Fault("drop", "RETR", 10)]) as server:
-        with Raw(server) as client:
+        with RawClient(server) as client:
             login(client)
             client.cmd("DELE 2")
             client.send(b"RETR 1\r\n")
@@ -1075,7 +1031,7 @@ def test_fault_drop_after_n_bytes_of_a_reply() -> None:
 
 
 def test_fault_drop_after_n_bytes_of_the_connection() -> None:
-    with FakeServer(faults=[Fault("drop", value=100)]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("drop", value=100)]) as server, RawClient(server) as client:
         assert client.line().decode() == SEED_GREETING  # 85 octets with CRLF
         client.send(b"USER hogehoge\r\n")
         assert client.file.read() == b"+OK User hogeh"  # 15 more octets
@@ -1095,7 +1051,7 @@ def test_fault_bytewise() -> None:
 
 
 def test_fault_lf_line_ends() -> None:
-    with FakeServer(faults=[Fault("lf", "LIST")]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("lf", "LIST")]) as server, RawClient(server) as client:
         login(client)
         client.send(b"LIST\r\nSTAT\r\n")
         assert client.file.readline() == b"+OK 2 messages 10180 octets\n"
@@ -1107,7 +1063,7 @@ def test_fault_lf_line_ends() -> None:
 
 def test_fault_long_line() -> None:
     faults = [Fault("long-line", "STAT", 1000), Fault("long-line", "LIST", 3000)]
-    with FakeServer(faults=faults) as server, Raw(server) as client:
+    with FakeServer(faults=faults) as server, RawClient(server) as client:
         login(client)
         status = client.cmd("STAT")
         assert len(status) == 1000 and status.startswith("+OK 2 10180 xxx")
@@ -1116,7 +1072,7 @@ def test_fault_long_line() -> None:
 
 
 def test_fault_no_terminator() -> None:
-    with FakeServer(faults=[Fault("no-terminator", "LIST")]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("no-terminator", "LIST")]) as server, RawClient(server) as client:
         login(client)
         client.send(b"LIST\r\n")
         assert client.file.read() == b"+OK 2 messages 10180 octets\r\n1 5954\r\n2 4226\r\n"
@@ -1124,7 +1080,7 @@ def test_fault_no_terminator() -> None:
 
 def test_fault_unstuffed_dot() -> None:
     faults = [Fault("unstuffed-dot", "RETR 2")]
-    with FakeServer("rfc", faults=faults) as server, Raw(server) as client:
+    with FakeServer("rfc", faults=faults) as server, RawClient(server) as client:
         login(client)
         assert client.cmd("RETR 2").startswith("+OK")
         body = client.body()  # ends early, at the message's own "." line
@@ -1139,7 +1095,7 @@ def test_fault_unstuffed_dot() -> None:
 
 def test_fault_8bit_and_nul() -> None:
     faults = [Fault("8bit", "NOOP"), Fault("8bit", "UIDL")]
-    with FakeServer(faults=faults) as server, Raw(server) as client:
+    with FakeServer(faults=faults) as server, RawClient(server) as client:
         login(client)
         client.send(b"NOOP\r\n")
         assert client.line() == b"+OK 8bit:\xe9\xff\x80 nul:\x00"
@@ -1150,7 +1106,7 @@ def test_fault_8bit_and_nul() -> None:
 
 def test_fault_wrong_octet_count() -> None:
     faults = [Fault("wrong-octets", "RETR 1"), Fault("wrong-octets", "RETR 2", 10)]
-    with FakeServer(faults=faults) as server, Raw(server) as client:
+    with FakeServer(faults=faults) as server, RawClient(server) as client:
         login(client)
         assert client.cmd("RETR 1") == "+OK 5955 octets"
         assert len(unstuff(client.body())) == 5954
@@ -1159,7 +1115,7 @@ def test_fault_wrong_octet_count() -> None:
 
 
 def test_fault_huge_sizes() -> None:
-    with FakeServer(faults=[Fault("huge-sizes")]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("huge-sizes")]) as server, RawClient(server) as client:
         login(client)
         assert client.cmd("STAT") == "+OK 2 %d" % (10180 + 2**32)
         assert client.cmd("LIST 2") == "+OK 2 %d" % (4226 + 2**32)
@@ -1174,7 +1130,7 @@ CODE_FAULTS = [("in-use", "IN-USE"), ("login-delay", "LOGIN-DELAY"), ("auth", "A
 
 @pytest.mark.parametrize("kind, code", CODE_FAULTS)
 def test_fault_response_codes_on_login(kind: str, code: str) -> None:
-    with FakeServer("rfc", faults=[Fault(kind, times=2)]) as server, Raw(server) as client:
+    with FakeServer("rfc", faults=[Fault(kind, times=2)]) as server, RawClient(server) as client:
         client.line()
         if kind.startswith("sys-"):  # per server: every command
             assert client.cmd("USER hogehoge").startswith("-ERR [%s] " % code)
@@ -1189,34 +1145,34 @@ def test_fault_response_codes_on_login(kind: str, code: str) -> None:
 
 def test_fault_response_code_per_command_with_text() -> None:
     faults = [Fault("sys-temp", "RETR 2", "disk on fire")]
-    with FakeServer(faults=faults) as server, Raw(server) as client:
+    with FakeServer(faults=faults) as server, RawClient(server) as client:
         login(client)
         assert client.cmd("RETR 2") == "-ERR [SYS/TEMP] disk on fire"
         assert client.cmd("RETR 1") == "+OK 5954 octets"
 
 
 def test_fault_bad_apop_timestamp() -> None:
-    with FakeServer(faults=[Fault("bad-timestamp")]) as server, Raw(server) as client:
+    with FakeServer(faults=[Fault("bad-timestamp")]) as server, RawClient(server) as client:
         greeting = client.line().decode()
         assert greeting == SEED_GREETING.replace(fakeserver.OPERAMAIL_TIMESTAMP,
                                                  "<1896.697170952@localhost")
         digest = hashlib.md5(b"<1896.697170952@localhostfugafuga").hexdigest()
         assert client.cmd("APOP hogehoge " + digest) == "-ERR APOP not available"
     faults = [Fault("bad-timestamp", value="<a b@c>")]
-    with FakeServer("rfc", faults=faults) as server, Raw(server) as client:
+    with FakeServer("rfc", faults=faults) as server, RawClient(server) as client:
         assert client.line().decode().endswith(" <a b@c>")
 
 
 def test_fault_stls_refused_and_absent() -> None:
     faults = [Fault("stls-refused")]
-    with FakeServer("rfc", tls="stls", faults=faults) as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls", faults=faults) as server, RawClient(server) as client:
         client.line()
         assert client.cmd("CAPA").startswith("+OK")
         assert b"STLS" in client.body()
         assert client.cmd("STLS") == "-ERR TLS not available"
         assert client.cmd("USER hogehoge") == "+OK send PASS"
     faults = [Fault("stls-absent")]
-    with FakeServer("rfc", tls="stls", faults=faults) as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls", faults=faults) as server, RawClient(server) as client:
         client.line()
         assert client.cmd("CAPA").startswith("+OK")
         assert b"STLS" not in client.body()
@@ -1225,7 +1181,7 @@ def test_fault_stls_refused_and_absent() -> None:
 
 def test_fault_plaintext_injected_after_stls() -> None:
     faults = [Fault("stls-inject")]
-    with FakeServer("rfc", tls="stls", faults=faults) as server, Raw(server) as client:
+    with FakeServer("rfc", tls="stls", faults=faults) as server, RawClient(server) as client:
         client.line()
         client.send(b"STLS\r\n")
         data = b""
@@ -1238,7 +1194,7 @@ def test_fault_plaintext_injected_after_stls() -> None:
 
 def test_fault_tls_stall() -> None:
     for mode, faults in [("implicit", [Fault("tls-stall")]), ("stls", [Fault("tls-stall")])]:
-        with FakeServer("rfc", tls=mode, faults=faults) as server, Raw(server, 0.3) as client:
+        with FakeServer("rfc", tls=mode, faults=faults) as server, RawClient(server, 0.3) as client:
             if mode == "stls":
                 client.line()
                 assert client.cmd("STLS") == "+OK Begin TLS negotiation"
@@ -1251,7 +1207,7 @@ def test_close_does_not_wait_for_a_client_that_never_starts_tls(mode: str) -> No
     """A plaintext client on the implicit TLS port (telnet, or a client waiting for a greeting)
     must not hold close() (or Ctrl-C on the command line) until the idle timeout."""
     server = FakeServer("rfc", tls=mode, idle_timeout=60).start()
-    with Raw(server) as client:
+    with RawClient(server) as client:
         if mode == "stls":
             client.line()
             assert client.cmd("STLS") == "+OK Begin TLS negotiation"
@@ -1268,7 +1224,7 @@ def test_fault_raw_overrides() -> None:
         Fault("raw", "PASS", b"+OK in\r\n"),  # the command still runs
         Fault("raw", "STAT", b"+OK 7 7\r\nsurprise\r\n", times=1),
     ]
-    with FakeServer(faults=faults) as server, Raw(server) as client:
+    with FakeServer(faults=faults) as server, RawClient(server) as client:
         assert client.line() == b"+OK hello <1.2@x>"
         client.cmd("USER hogehoge")
         assert client.cmd("PASS fugafuga") == "+OK in"
@@ -1279,7 +1235,8 @@ def test_fault_raw_overrides() -> None:
 
 
 def test_faults_on_auth_challenges() -> None:
-    with FakeServer("rfc", faults=[Fault("drop", "AUTH", 3)]) as server, Raw(server) as client:
+    faults = [Fault("drop", "AUTH", 3)]
+    with FakeServer("rfc", faults=faults) as server, RawClient(server) as client:
         client.line()
         client.send(b"AUTH LOGIN\r\n")
         assert client.file.read() == b"+ V"
@@ -1316,7 +1273,7 @@ def test_scripted_session_with_poplib() -> None:
 def test_scripted_sasl_responses_are_redacted() -> None:
     script = [(None, b"+OK hi\r\n"), ("AUTH LOGIN", b"+ VXNlcm5hbWU6\r\n"),
               ("Ym9i", b"+ UGFzc3dvcmQ6\r\n"), ("c2VjcmV0", b"+OK\r\n")]
-    with FakeServer(script=script) as server, Raw(server) as client:
+    with FakeServer(script=script) as server, RawClient(server) as client:
         client.line()
         for command in ("AUTH LOGIN", "Ym9i", "c2VjcmV0"):
             assert client.cmd(command).startswith("+")
@@ -1326,10 +1283,10 @@ def test_scripted_sasl_responses_are_redacted() -> None:
 
 def test_custom_greeting() -> None:
     with FakeServer(greeting="mail.example ready {timestamp}") as server:
-        with Raw(server) as first, Raw(server) as second:
+        with RawClient(server) as first, RawClient(server) as second:
             one, two = first.line(), second.line()
             assert one.startswith(b"+OK mail.example ready <") and one != two
-    with FakeServer("rfc", greeting="no timestamp here") as server, Raw(server) as client:
+    with FakeServer("rfc", greeting="no timestamp here") as server, RawClient(server) as client:
         assert client.line() == b"+OK no timestamp here"
         assert client.cmd("APOP hogehoge " + "0" * 32) == "-ERR APOP not available"
 
@@ -1337,7 +1294,7 @@ def test_custom_greeting() -> None:
 def test_script_mismatch_fails_at_exit() -> None:
     script = [(None, b"+OK hi\r\n"), ("USER bob", b"+OK\r\n")]
     mismatch = pytest.raises(AssertionError, match="script step 1: expected 'USER bob'")
-    with mismatch, FakeServer(script=script) as server, Raw(server) as client:
+    with mismatch, FakeServer(script=script) as server, RawClient(server) as client:
         client.line()
         client.send(b"USER eve\r\n")
         assert client.eof()
@@ -1347,13 +1304,13 @@ def test_a_handler_exception_is_raised_at_exit(monkeypatch: pytest.MonkeyPatch) 
     def broken(self: object, args: str) -> None:
         raise ZeroDivisionError("bug in a handler")
 
-    monkeypatch.setattr(fakeserver._Session, "cmd_noop", broken)
+    monkeypatch.setattr(fakeserver._Pop3, "cmd_noop", broken)
     bug = pytest.raises(ZeroDivisionError, match="bug in a handler")
-    with bug, FakeServer() as server, Raw(server) as client:
+    with bug, FakeServer() as server, RawClient(server) as client:
         login(client)
         client.send(b"NOOP\r\n")
         assert client.eof()
-        with Raw(server) as other:  # the server still serves others
+        with RawClient(server) as other:  # the server still serves others
             assert other.line().decode() == SEED_GREETING
 
 
@@ -1461,6 +1418,9 @@ class Cli:
             raise
         for reader in self.readers:
             reader.join(timeout=20)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
         err = "".join(self.err)
         assert self.process.returncode == 0, err
         assert "Traceback" not in err
@@ -1473,9 +1433,7 @@ def test_command_line_session_and_ctrl_c() -> None:
     try:
         host, _, port = where.rpartition(":")
         assert host == "127.0.0.1" and int(port) > 0
-        sock = socket.create_connection((host, int(port)), timeout=TIMEOUT)
-        client = Raw.__new__(Raw)
-        client.sock, client.file = sock, sock.makefile("rb")
+        client = RawClient((host, int(port)))
         assert client.line().decode() == SEED_GREETING
         assert client.cmd("USER hogehoge").startswith("+OK")
         assert client.cmd("PASS fugafuga") == "+OK Password accepted"
@@ -1504,5 +1462,83 @@ def test_command_line_implicit_tls_with_written_ca_and_eml_dir(tmp_path: Path) -
         pop.quit()
     finally:
         err = cli.interrupt()
-    assert "--cafile CA.pem" in out and err == ""
+    assert "--cafile %s" % ca in out and "-CAfile %s" % ca in out and err == ""
+    assert "CA.pem" not in out  # the banner names the file --write-ca wrote
     assert "pw" not in out.split()
+
+
+def test_a_reply_cut_by_a_drop_fault_looks_cut_in_the_transcript() -> None:
+    with FakeServer("rfc", faults=[Fault("drop", "RETR", 100)]) as server:
+        with RawClient(server) as client:
+            login(client)
+            client.send(b"RETR 1\r\n")
+            received = client.until_eof()
+        wait_until(lambda: server.sessions[0].closed)
+    assert len(received) == 100
+    transcript = server.transcripts[0]
+    start = transcript.index("C: RETR 1") + 1
+    shown = transcript[start:]
+    # Whole lines, then the part of the last line that was sent (a lone "\" ends it), then where
+    # and why it stopped; never the rest of the message or its "S: .".
+    assert "S: ." not in shown
+    assert shown[-1] == "S: (connection dropped by a fault after 100 of the reply's %d octets)" % (
+        len(b"+OK %d octets\r\n" % len(fakeserver.RFC_MESSAGES[0])) + len(
+            fakeserver.RFC_MESSAGES[0]) + 3)
+    assert shown[-2].endswith("\\")
+    lines = [line[3:] for line in shown[:-1]]
+    rebuilt = "\r\n".join(lines)[:-1].encode()  # without the lone "\"
+    assert rebuilt == received
+
+
+def test_command_line_replay_banner_suggests_what_the_recording_answers(tmp_path: Path) -> None:
+    path = tmp_path / "seed.pop3"
+    path.write_text(fakeserver.OPERAMAIL_RECORDING, encoding="utf-8")
+    cli = Cli("--replay", str(path), "-q")
+    where, out = cli.start()
+    cli.interrupt()
+    assert "pop3lite.py" not in out  # its commands (CAPA first, ...) are not all recorded
+    assert "the recording answers (session 1): CAPA, USER hogehoge, PASS ****, STAT, LIST" in out
+
+
+UTF8_MESSAGE = ("From: Jörg <joerg@example.org>\r\nSubject: Grüße\r\n"
+                "Date: Tue, 01 Apr 2025 12:00:00 +0000\r\n\r\nHallo\r\n").encode()
+
+
+def test_utf8_downconvert_serves_a_surrogate_to_clients_without_utf8() -> None:
+    users = {"hogehoge": Maildrop("fugafuga", [UTF8_MESSAGE, fakeserver.RFC_MESSAGES[0]])}
+    with FakeServer("rfc", users=users, utf8_downconvert=True) as server:
+        with RawClient(server) as client:
+            login(client)
+            sizes = [line.split() for line in (client.cmd("LIST"), *client.body())][1:]
+            client.send(b"RETR 1\r\n")
+            assert client.line().startswith(b"+OK")
+            surrogate = unstuff(client.body())
+            client.send(b"RETR 2\r\n")
+            assert client.line().startswith(b"+OK")
+            plain = unstuff(client.body())
+            stat = client.cmd("STAT")
+        with RawClient(server) as client:
+            assert client.line().startswith(b"+OK")
+            assert client.cmd("UTF8").startswith("+OK")
+            assert client.cmd("USER hogehoge").startswith("+OK")
+            assert client.cmd("PASS fugafuga").startswith("+OK")
+            assert client.cmd("LIST 1") == "+OK 1 %d" % len(UTF8_MESSAGE)
+            client.send(b"RETR 1\r\n")
+            assert client.line().startswith(b"+OK")
+            assert unstuff(client.body()) == UTF8_MESSAGE
+    header, _, body = surrogate.partition(b"\r\n\r\n")
+    assert all(byte < 0x80 for byte in header)
+    assert b"Subject: Cannot display Unicode content" in header
+    assert b"multipart/mixed" in header
+    assert b"Content-Type: message/global\r\n\r\n" + UTF8_MESSAGE in body
+    assert sizes == [[b"1", b"%d" % len(surrogate)], [b"2", b"%d" % len(plain)]]
+    assert plain == fakeserver.RFC_MESSAGES[0]  # 7-bit headers: served as they are
+    assert stat == "+OK 2 %d" % (len(surrogate) + len(plain))
+
+
+def test_without_utf8_downconvert_the_original_is_served() -> None:
+    users = {"hogehoge": Maildrop("fugafuga", [UTF8_MESSAGE])}
+    with FakeServer("rfc", users=users) as server:
+        with RawClient(server) as client:
+            login(client)
+            assert client.cmd("LIST 1") == "+OK 1 %d" % len(UTF8_MESSAGE)

@@ -121,3 +121,53 @@ def test_readme_library_tour_runs_as_written(
     assert saved == dict(enumerate(fakeserver.OPERAMAIL_MESSAGES, 1))
     with open("big.eml", "rb") as f:
         assert f.read() == fakeserver.OPERAMAIL_MESSAGES[0]
+
+
+def module_level_bindings(path: str) -> dict[str, list[int]]:
+    """Every name bound at a module's top level (including inside top-level if/try blocks),
+    with the lines that bind it."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    bound: dict[str, list[int]] = {}
+
+    def targets(node: ast.AST) -> list[str]:
+        return [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+
+    def visit(statements: list[ast.stmt], type_checking: bool) -> None:
+        for node in statements:
+            names: list[str] = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [name for target in node.targets for name in targets(target)]
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                names = targets(node.target)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and not type_checking:
+                # `import http.client` and `import http.server` both bind `http`, to the same
+                # package: each counts under its dotted name, so only a real rebinding shows.
+                names = [alias.asname or alias.name for alias in node.names]
+            elif isinstance(node, ast.If):
+                # `if TYPE_CHECKING:` imports exist only for the type checker
+                checking = isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                visit(node.body, type_checking or checking)
+                visit(node.orelse, type_checking)
+            elif isinstance(node, ast.Try):
+                for block in (node.body, node.orelse, node.finalbody):
+                    visit(block, type_checking)
+                for handler in node.handlers:
+                    visit(handler.body, type_checking)
+            for name in names:
+                bound.setdefault(name, []).append(node.lineno)
+
+    visit(tree.body, False)
+    return bound
+
+
+@pytest.mark.parametrize("module", ["pop3lite.py", "fakeserver.py"])
+def test_every_module_level_name_is_bound_once(module: str) -> None:
+    bindings = module_level_bindings(os.path.join(HERE, module))
+    assert "main" in bindings and len(bindings) > 50  # the walk sees the module's names
+    twice = {name: lines for name, lines in bindings.items() if len(lines) > 1}
+    assert twice == {}, f"bound more than once in {module}: {twice}"

@@ -1,16 +1,21 @@
 """The sans-I/O reply reader (pop3lite.ReplyReader) on its own: no sockets.
 
 Every input is fed whole, one byte at a time, split at every position into two pieces, and
-with the next pipelined reply (or surplus bytes) after it; the events must be the same.
+with the next pipelined reply (or surplus bytes) after it; the events must be the same. At the
+end, the same through the client: random bodies arriving in random pieces.
 """
 
 from __future__ import annotations
 
+import io
+import random
+import warnings
 from typing import Any
 
 import pytest
 
 import pop3lite
+from conftest import SOAK, MiB, Peer, connect, message_top, scripted
 from pop3lite import (
     NEED_DATA,
     BodyEnd,
@@ -21,6 +26,7 @@ from pop3lite import (
     StatusLine,
 )
 
+CRLF = b"\r\n"
 MULTI = Expected(multiline=True)
 SASL = Expected(sasl=True)
 
@@ -350,3 +356,73 @@ def test_unstuff_slice_is_unstuff_of_the_slice(body: bytes, eol: bytes) -> None:
         want = pop3lite.unstuff(body, eol, at_line_start)
         assert pop3lite.unstuff_slice(buf, 4, 4 + len(body), eol, at_line_start) == want
         buf.extend(b"x")  # no view of the buffer is left behind: it can still be resized
+
+
+# =============================================================================================
+# Through the client: bodies split at any point on the wire
+# =============================================================================================
+
+
+def random_message(rng: random.Random, bare_lf: bool) -> bytes:
+    """A CRLF message whose lines are the hard cases: dots, long lines, 8-bit and NUL, and
+    (unless it will be sent with bare LF) CR or LF alone inside a line."""
+    pieces = [b"", b".", b"..", b"...", b". ", b".x", b"x.", b"From x", b"\x00\xff\x80 \t",
+              b"\xe3\x81\x82"]
+    if not bare_lf:
+        pieces += [b"a\rb", b"a\nb", b"x\r", b"\n.", b"\r\n.\r"[1:]]
+    lines = [b"Subject: %d" % rng.randrange(10**6), b""]
+    for _ in range(rng.randrange(0, 40)):
+        if rng.random() < 0.1:
+            lines.append(b"y" * rng.randrange(100, 3000))
+        else:
+            lines.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 4))))
+    return b"".join(line + CRLF for line in lines)
+
+
+def on_the_wire(message: bytes, eol: bytes) -> bytes:
+    """A message as a multi-line body: dot-stuffed, lines ended by ``eol``, the terminator."""
+    lines = message.split(CRLF)[:-1]
+    return b"".join((b"." + line if line.startswith(b".") else line) + eol for line in lines) + (
+        b"." + eol
+    )
+
+
+@pytest.mark.parametrize("bare_lf", [False, True], ids=["CRLF", "bare LF"])
+def test_bodies_split_at_any_point(monkeypatch: pytest.MonkeyPatch, bare_lf: bool) -> None:
+    """With pop3lite receiving 1 to 13 octets at a time, streaming in pieces of 40 octets and
+    taking its large-body path from 64 octets, random bodies sent in random pieces come back
+    exactly as they were (retr, top, retr_to), with no size warning."""
+    rng = random.Random(f"split/{bare_lf}")
+    messages = [random_message(rng, bare_lf) for _ in range(40 * SOAK)]
+    eol = b"\n" if bare_lf else CRLF
+
+    def script(peer: Peer) -> None:
+        pieces = random.Random(f"pieces/{bare_lf}")
+        peer.send(b"+OK ready\r\n")
+        for _ in range(len(messages) * 3 + 1):
+            words = peer.line().split()
+            if not words or words[0] == b"QUIT":
+                peer.send(b"+OK\r\n")
+                return
+            message = messages[int(words[1]) - 1]
+            if words[0] == b"TOP":
+                message = message_top(message, int(words[2]))
+            data = b"+OK %d octets" % len(message) + eol + on_the_wire(message, eol)
+            view, index = memoryview(data), 0
+            while index < len(data):  # random pieces; the client may still join them
+                step = pieces.randrange(1, 200)
+                peer.send(view[index : index + step])
+                index += step
+
+    for name, value in (("RECV_SIZE", 13), ("STREAM_CHUNK", 40)):
+        monkeypatch.setattr(pop3lite, name, value)
+    with scripted(script) as port, connect(port, max_message_size=MiB) as pop:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pop3lite.SizeMismatchWarning)
+            for number, message in enumerate(messages, 1):
+                assert pop.retr(number) == message
+                out = io.BytesIO()
+                assert pop.retr_to(number, out) == len(message)
+                assert out.getvalue() == message
+                lines = rng.randrange(5)
+                assert pop.top(number, lines) == message_top(message, lines)

@@ -7,9 +7,11 @@ in a conftest.py, runs pytest on it, and checks the outcome and the report.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +29,12 @@ SECRET = "Sesame" + "-42"
 
 def login(server, password=SECRET, **kwargs):
     pop = poplib.POP3(server.host, server.port, timeout=5, **kwargs)
-    pop.user("hogehoge")
-    pop.pass_(password)
+    try:
+        pop.user("hogehoge")
+        pop.pass_(password)
+    except BaseException:
+        pop.close()
+        raise
     return pop
 """
 
@@ -64,7 +70,7 @@ def test_tls(pop3_server, pop3_ca_file):
     pop.quit()
     log = pop3_server.sessions[0]
     assert log.tls and log.login == "USER" and log.quit
-    assert open(pop3_ca_file).read() == __import__("fakeserver").CA_PEM
+    assert pop3_ca_file.read_text() == __import__("fakeserver").CA_PEM
 
 def test_default_is_rfc(pop3_server):
     assert pop3_server.preset == "rfc" and pop3_server.tls is None
@@ -109,8 +115,10 @@ def test_mail_from_a_maildir(make_pop3_server, tmp_path):
     server = make_pop3_server(maildir=tmp_path / "md", faults=[
         __import__("fakeserver").Fault("in-use", "PASS", times=1)])
     with pytest.raises(poplib.error_proto, match="IN-USE"):
-        login(server, "fugafuga")
-    assert login(server, "fugafuga").retr(1)[1][0] == b"Subject: from maildir"
+        login(server, "fugafuga")   # (login() closes what it opened when it fails)
+    pop = login(server, "fugafuga")
+    assert pop.retr(1)[1][0] == b"Subject: from maildir"
+    pop.quit()
 """)
     result.assert_outcomes(passed=2)
 
@@ -121,7 +129,9 @@ def test_a_failing_test_shows_the_transcript_without_secrets(run: object) -> Non
 def test_fails(pop3_server):
     pop = login(pop3_server)
     pop.retr(2)
-    assert pop.stat()[0] == 99
+    count = pop.stat()[0]
+    pop.close()
+    assert count == 99
 """, "--tb=short")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
@@ -152,10 +162,11 @@ import fakeserver
 def test_causes_it(pop3_server, monkeypatch):
     def broken(self, args):
         raise RuntimeError("the server broke on NOOP")
-    monkeypatch.setattr(fakeserver._Session, "cmd_noop", broken)
+    monkeypatch.setattr(fakeserver._Pop3, "cmd_noop", broken)
     pop = login(pop3_server, "fugafuga")
     with pytest.raises(Exception):
         pop.noop()                 # the client only sees the connection end
+    pop.close()
 
 def test_next_one_is_not_blamed(pop3_server):
     login(pop3_server, "fugafuga").quit()
@@ -177,6 +188,7 @@ def test_replayed(pop3_server):
     pop = login(pop3_server, "fugafuga")
     with pytest.raises(poplib.error_proto):
         pop.noop()
+    pop.close()
     assert pop3_server.mismatches == []
 """, "--tb=short")
     result.assert_outcomes(failed=1)
@@ -197,3 +209,71 @@ def test_the_module_imports_without_pytest() -> None:
 def test_pyproject_registers_the_plugin_for_installed_users() -> None:
     text = (HERE / "pyproject.toml").read_text(encoding="utf-8")
     assert '[project.entry-points.pytest11]\nfakeserver = "fakeserver"\n' in text
+
+
+def test_the_fixtures_are_clean_under_w_error(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_user=HEADER + """
+def test_every_fixture(pop3_server, make_pop3_server, pop3_ca_file):
+    assert pop3_ca_file.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    login(make_pop3_server(password=SECRET)).quit()
+    login(pop3_server, "fugafuga").quit()
+
+def test_the_session_fixture_again(pop3_ca_file):
+    assert pop3_ca_file.exists()
+""")
+    monkeypatch.setenv("PYTHONPATH", str(HERE))  # a process of its own, as above
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_relative_replay_path_is_the_test_files(pytester: pytest.Pytester) -> None:
+    import fakeserver
+
+    pytester.makeconftest(CONFTEST)
+    folder = pytester.mkpydir("tests")
+    (folder / "seed.pop3").write_text(fakeserver.OPERAMAIL_RECORDING, encoding="utf-8")
+    (folder / "test_replayed.py").write_text(HEADER + """
+@pytest.mark.pop3_server(replay="seed.pop3")
+def test_replayed(pop3_server):
+    pop = login(pop3_server, "fugafuga")
+    assert pop.stat() == (2, 10180)
+    pop.quit()
+""")
+    # Run from the directory above: the path is not the working directory's.
+    result = pytester.runpytest("-p", "no:cacheprovider", "tests")
+    result.assert_outcomes(passed=1)
+
+
+def readme_examples() -> str:
+    """The Python examples of the README's sections on the fake server, in order."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    start = text.index("## The fake server in your own tests")
+    sections = text[start : text.index("\n## Robustness", start)]  # and "Testing code that ..."
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", sections, re.S))
+
+
+def test_the_readme_examples_run_as_written(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fakeserver
+
+    source = readme_examples()
+    assert source.count("def test_") == 5 and "pytest.raises(poplib.error_proto)" in source
+    pytester.makeconftest(CONFTEST)
+    folder = pytester.mkpydir("tests")
+    (folder / "test_readme.py").write_text(source, encoding="utf-8")
+    # The recording the replay example serves: the README's fetch_new_mail through the proxy.
+    namespace: dict[str, Any] = {}
+    exec(compile(source.split("def test_my_mail_fetcher")[0], "README", "exec"), namespace)
+    with fakeserver.FakeServer("rfc") as server:
+        with fakeserver.Recorder("127.0.0.1:%d" % server.port, folder / "odd-server.pop3",
+                                 tls="none") as proxy:
+            namespace["fetch_new_mail"](*proxy.address, "hogehoge", "fugafuga")
+    # In a process of its own: in this one fakeserver is imported already, which pytest would
+    # warn about (it cannot rewrite its asserts), and -W error would make that an error.
+    monkeypatch.setenv("PYTHONPATH", str(HERE))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", "tests")
+    result.assert_outcomes(passed=5)

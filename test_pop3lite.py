@@ -6,17 +6,17 @@ checked against a scripted peer (exact bytes both ways) and against fakeserver.p
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
 import pop3lite
+from conftest import TIMEOUT, Peer, connect, scripted
 from pop3lite import (
     Capabilities,
     Stat,
@@ -40,127 +40,7 @@ from pop3lite import (
     unstuff,
 )
 
-TIMEOUT = 5.0  # every socket in these tests gives up after this long
-
-
-# =============================================================================================
-# A scripted peer: one connection, exact bytes both ways
-# =============================================================================================
-
-
-class Peer:
-    """The server side of one connection, driven by a test's script function."""
-
-    def __init__(self, conn: socket.socket, stop: threading.Event) -> None:
-        self.conn = conn
-        self.stop = stop  # set when the test is done: trickling and holding scripts end
-        self.buf = b""
-
-    def send(self, data: bytes | memoryview) -> bool:
-        """Send; False if the client has gone."""
-        try:
-            self.conn.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def send_bytewise(self, data: bytes) -> None:
-        for i in range(len(data)):
-            self.conn.sendall(data[i : i + 1])
-
-    def line(self) -> bytes:
-        """The next command line (CRLF included), or b"" when the client closed."""
-        for _ in range(10000):
-            if b"\n" in self.buf:
-                line, _, self.buf = self.buf.partition(b"\n")
-                return line + b"\n"
-            try:
-                chunk = self.conn.recv(65536)
-            except OSError:
-                return b""
-            if not chunk:
-                return b""
-            self.buf += chunk
-        raise AssertionError("no line from the client")
-
-    def expect(self, command: bytes, reply: bytes) -> None:
-        got = self.line()
-        assert got == command, (got, command)
-        self.send(reply)
-
-    def eof(self) -> bool:
-        """True if the client closed the connection without sending anything more."""
-        if self.buf:
-            return False
-        try:
-            return self.conn.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def trickle(self, data: bytes, every: float = 0.02) -> None:
-        """Send ``data`` one byte at a time, then keep sending ``data[-1:]``, until stopped."""
-        for index in range(100000):
-            if self.stop.wait(every):
-                return
-            piece = data[index : index + 1] or data[-1:]
-            if not self.send(piece):
-                return
-
-    def hold(self) -> None:
-        """Say nothing more; wait until the test is done or the client closes."""
-        self.conn.settimeout(0.05)
-        while not self.stop.is_set():
-            try:
-                if not self.conn.recv(65536):
-                    return
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-
-@contextlib.contextmanager
-def scripted(script: Callable[[Peer], None]) -> Iterator[int]:
-    """Run ``script`` as the server of one loopback connection; yield the port.
-
-    An assertion or error in the script fails the test at the end of the block."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(TIMEOUT)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(TIMEOUT)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                script(Peer(conn, stop))
-        except BaseException as exc:  # reported in the test's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(TIMEOUT * 2)
-        listener.close()
-    assert not thread.is_alive(), "scripted server did not finish"
-    if errors:
-        raise errors[0]
-
-
 GREETING = b"+OK POP3 ready <1896.697170952@dbc.mtview.ca.us>\r\n"
-
-
-def connect(port: int, **kwargs: Any) -> pop3lite.POP3:
-    kwargs.setdefault("timeout", TIMEOUT)
-    kwargs.setdefault("tls", "none")
-    return pop3lite.POP3("127.0.0.1", port, **kwargs)
 
 
 # =============================================================================================

@@ -399,7 +399,7 @@ def test_the_proxy_refuses_client_stls_and_verifies_the_server(tmp_path: Path) -
             assert replies[1].startswith(b"-ERR") and replies[2].startswith(b"-ERR")
         # Without the test CA the certificate does not verify: no session reaches the server.
         with Recorder("localhost:%d" % server.port, out, tls="implicit",
-                      timeout=TIMEOUT) as proxy:
+                      timeout=TIMEOUT, overwrite=True) as proxy:
             with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
                 assert sock.recv(100) == b""
     assert "CERTIFICATE_VERIFY_FAILED" in out.read_text() or "certificate" in out.read_text()
@@ -423,3 +423,50 @@ def test_command_line_replay(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.communicate(timeout=TIMEOUT)
+
+
+def test_an_existing_recording_is_never_overwritten_unasked(tmp_path: Path) -> None:
+    out = tmp_path / "kept.pop3"
+    out.write_text(fakeserver.OPERAMAIL_RECORDING, encoding="utf-8")
+    with pytest.raises(FileExistsError):
+        Recorder("127.0.0.1:1", out, tls="none")
+    done = subprocess.run(
+        [sys.executable, str(HERE / "fakeserver.py"), "--record", "127.0.0.1:1", "--port", "0",
+         "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "--force" in done.stderr and str(out) in done.stderr
+    assert out.read_text(encoding="utf-8") == fakeserver.OPERAMAIL_RECORDING
+    Recorder("127.0.0.1:1", out, tls="none", overwrite=True).server_close()
+    assert out.read_text(encoding="utf-8").startswith(fakeserver.TRANSCRIPT_HEADER)
+    assert "InterChange" not in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("tls", ["implicit", "stls"])
+def test_the_proxy_finds_out_the_tls_of_an_unusual_port(
+    tls: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fakeserver, "GREETING_WAIT", 0.3)  # the command line waits 3 s
+    out = tmp_path / "r.pop3"
+    caplog.set_level("INFO", logger="fakeserver")
+    with FakeServer("rfc", tls=tls) as server:
+        assert server.port not in (110, 995)
+        with Recorder("localhost:%d" % server.port, out, context=fakeserver.client_context(),
+                      timeout=TIMEOUT) as proxy:
+            assert proxy.tls == "auto"
+            replies = raw_lines(proxy.address, [b"NOOP", b"QUIT"])
+        assert server.sessions[0].tls
+    assert replies[0].startswith(b"+OK fakeserver") and replies[2].startswith(b"+OK")
+    text = out.read_text(encoding="utf-8")
+    assert "# the proxy chose TLS %s" % tls in text
+    assert fakeserver.load_transcript(out)[0].exchanges[-1].command == "QUIT"
+    assert "recorded session 1: 2 client lines into %s" % out in caplog.text
+
+
+def test_a_timed_out_stls_recording_says_what_to_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeServer("rfc", tls="implicit") as server:
+        with Recorder("localhost:%d" % server.port, tmp_path / "r.pop3", tls="stls",
+                      context=fakeserver.client_context(), timeout=0.3) as proxy:
+            with socket.create_connection(proxy.address, timeout=TIMEOUT) as sock:
+                assert sock.recv(100) == b""
+    assert "pass --tls implicit" in caplog.text

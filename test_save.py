@@ -22,6 +22,7 @@ import pytest
 
 import fakeserver
 import pop3lite
+from conftest import wait_until
 from fakeserver import FakeServer, Fault, Maildrop
 
 try:
@@ -206,21 +207,21 @@ def test_a_write_failure_cuts_the_mbox_back_and_deletes_nothing(
 ) -> None:
     messages = make_messages(3, seed=5)
     target = tmp_path / "mail.mbox"
-    original = pop3lite.Mbox._finish
+    original = pop3lite.Mbox.finish
     calls = []
 
-    def failing(box: Any, sink: Any, key: Any, durable: bool) -> None:
+    def failing(box: Any) -> None:
         calls.append(1)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        original(box, sink, key, durable)
+        original(box)
 
-    monkeypatch.setattr(pop3lite.Mbox, "_finish", failing)
+    monkeypatch.setattr(pop3lite.Mbox, "finish", failing)
     with server_with(messages) as server:
         with pytest.raises(OSError, match="No space"):
             save(server, target, new=True, delete=True)
         assert len(server.maildrops["alice"].messages) == 3
-        assert not [c for c in commands(server) if c.startswith(("DELE", "QUIT"))]
+        assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
     assert target.read_bytes().count(b"\nSubject: message") == 1  # the second was cut off
 
 
@@ -253,17 +254,26 @@ def test_a_failed_sync_journals_only_what_reached_new_and_loses_nothing(
     assert os.listdir(target / "tmp") == []
 
 
-def test_keep_mode_writes_no_records_and_a_later_new_run_fetches_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["Maildir", "mbox"])
+def test_every_save_records_so_a_second_one_saves_nothing_and_new_false_fetches_again(
+    tmp_path: Path, kind: str
+) -> None:
+    # Issue 19 item 9: `save DIR` then `save DIR --new` saved every message twice.
     messages = make_messages(3, seed=13)
-    target = tmp_path / "Mail"
+    target = tmp_path / ("mail.mbox" if kind == "mbox" else "Mail")
     with server_with(messages) as server:
         assert save(server, target).saved == 3
-        assert not list(target.glob(".pop3lite-*"))
-        assert not [n for n in os.listdir(target / "new") if ",pop3lite=" in n]
-        assert save(server, target, new=True).saved == 3  # unrecorded: fetched once more
+        second = save(server, target)
+        assert second.saved == 0 and second.already == 3
         assert save(server, target, new=True).saved == 0
+        again = save(server, target, new=False)  # asked for: every message once more
+        assert again.saved == 3 and again.already == 0
+        assert save(server, target).saved == 0
+    if kind == "mbox":
+        assert target.read_bytes().count(b"\nSubject: message") == 6
+        return
     names = os.listdir(target / "new")
-    assert len([n for n in names if ",pop3lite=" in n]) == 3
+    assert len([n for n in names if ",pop3lite=" in n]) == 6
     assert not [n for n in names if ",U=" in n or ",I=" in n]  # mbsync reads ",U="
 
 
@@ -465,7 +475,7 @@ def test_a_lock_from_before_the_boot_is_stale_and_a_live_holder_is_waited_for(
     finally:
         live.kill()
         live.wait(timeout=30)
-    assert target.read_bytes().count(b"\nSubject: message") == 4
+    assert target.read_bytes().count(b"\nSubject: message") == 2  # the second run: none new
 
 
 # -- streaming -------------------------------------------------------------------------------
@@ -587,7 +597,7 @@ def test_max_size_skips_reports_and_keeps_the_big_message(
         assert "saved 1 message" in out and "deleted 1 message" in out
         assert "skipped 1 message larger than --max-size 5.0 KiB" in err and "1 (5.8 KiB)" in err
         assert server.maildrops["hogehoge"].messages == [fakeserver.OPERAMAIL_MESSAGES[0]]
-        assert "RETR 1" not in commands(server)  # LIST said it was too large
+        assert "RETR 1" not in server.sessions[-1].commands  # LIST said it was too large
 
 
 # -- fsyncs and round trips ------------------------------------------------------------------
@@ -599,13 +609,13 @@ def test_max_size_skips_reports_and_keeps_the_big_message(
     [
         ("Maildir", True, 20 + 8),  # a file each; 5 for the new layout, 1 journal creation,
         #                             1 new/ and 1 journal before the end
-        ("Maildir", False, 0),  # keep mode without --new: nothing depends on durability
+        ("Maildir", False, 20 + 8),  # new=False (--all) records too, at the same cost
         ("mbox", True, 20 * 2 + 2),  # the mbox, then the journal after each message; the
         #                              folder twice (the mbox and the journal created)
-        ("mbox", False, 0),
+        ("mbox", False, 20 * 2 + 2),
     ],
 )
-def test_fsyncs_once_per_message_where_needed_and_never_in_keep_mode(
+def test_fsyncs_once_per_message_where_needed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, new: bool, expected: int
 ) -> None:
     calls = []
@@ -638,7 +648,7 @@ def test_one_capa_and_stat_list_uidl_in_one_write(
     monkeypatch.setattr(pop3lite._Transport, "send", recording)
     with server_with(make_messages(6, seed=4)) as server:
         report = save(server, tmp_path / "Mail", new=True, delete=True)
-        sent = commands(server)
+        sent = server.sessions[-1].commands
     assert report.saved == 6 and report.deleted == 6
     assert b"STAT\r\nLIST\r\nUIDL\r\n" in writes
     assert sent.count("CAPA") == 1  # PIPELINING before login holds after it (RFC 2449 5)
@@ -686,8 +696,10 @@ def test_quiet_prints_nothing_on_success(
     with server_with(make_messages(2, seed=9)) as server:
         address = f"{server.host}:{server.port}"
         assert pop3lite.main([address, "alice", "save", str(tmp_path / "M"), "-q"]) == 0
-        assert pop3lite.main([address, "alice", "-q"]) == 0  # check
         assert capsys.readouterr() == ("", "")
+        assert pop3lite.main([address, "alice", "-q"]) == 0  # check: its table, no report
+        out, err = capsys.readouterr()
+        assert out.startswith("#") and "Server:" not in out and err == ""
         monkeypatch.setenv("POP3_PASSWORD", "wrong")
         assert pop3lite.main([address, "alice", "-q"]) == 3
         assert "login refused" in capsys.readouterr().err  # errors are still said
@@ -750,6 +762,229 @@ def test_progress_moves_within_a_message_and_redraws_cleanly(
     assert last == " " * len(second.rstrip()) or last.strip() == ""
 
 
+# -- delivery to a command (MDA) ---------------------------------------------------------------
+
+# The delivery command the tests run: writes the message it reads into OUT (one file each, made
+# whole by a rename), with %F beside it; BEHAVIOUR says how it ends.
+MDA_SCRIPT = r"""
+import os, subprocess, sys, time
+out, behaviour, sender = sys.argv[1], sys.argv[2], sys.argv[3]
+data = sys.stdin.buffer.read()
+if behaviour == "hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(os.path.join(out, "child.pid"), "w") as file:
+        file.write(str(child.pid))
+    time.sleep(120)
+if behaviour == "tempfail":
+    sys.stderr.write("mailbox locked\n")
+    sys.exit(75)
+if behaviour.startswith("fail:") and behaviour[5:].encode() in data:
+    sys.stderr.write("no such folder\n")
+    sys.exit(1)
+name = os.path.join(out, "%d-%d" % (time.time_ns(), os.getpid()))
+with open(name + ".tmp", "wb") as file:
+    file.write(sender.encode() + b"\n" + data)
+os.rename(name + ".tmp", name + ".eml")
+"""
+
+
+def mda(tmp_path: Path, behaviour: str = "ok") -> list[str]:
+    """argv of the test's delivery command; what it delivers goes to tmp_path/delivered."""
+    script = tmp_path / "mda.py"
+    script.write_text(MDA_SCRIPT)
+    out = tmp_path / "delivered"
+    out.mkdir(exist_ok=True)
+    return [sys.executable, str(script), str(out), behaviour, "%F"]
+
+
+def delivered(tmp_path: Path) -> list[tuple[bytes, bytes]]:
+    """(sender, message) of every message the command received, in delivery order."""
+    found = []
+    for path in sorted((tmp_path / "delivered").glob("*.eml")):
+        sender, _, message = path.read_bytes().partition(b"\n")
+        found.append((sender, message))
+    return found
+
+
+def test_mda_delivers_each_message_once_on_stdin_and_journals_it(tmp_path: Path) -> None:
+    messages = make_messages(4, seed=30)
+    messages[1] = b"Return-Path: <bob@example.org>\r\nFrom: x@y\r\n\r\nhi\r\n"
+    state = tmp_path / "state"
+    with server_with(messages) as server:
+        command = pop3lite.MDA(mda(tmp_path), state_dir=str(state))
+        report = save(server, command)
+        assert (report.saved, report.kind) == (4, "MDA")
+        assert save(server, command).saved == 0
+        assert len(list(state.glob("mda-alice@localhost_*.journal"))) == 1
+    got = delivered(tmp_path)
+    assert [message for _, message in got] == [as_stored(m) for m in messages]  # LF, no From_
+    assert [sender for sender, _ in got][:2] == [b"MAILER-DAEMON", b"bob@example.org"]
+
+
+def test_mda_exit_75_is_try_again_later_and_keeps_everything(tmp_path: Path) -> None:
+    with server_with(make_messages(3, seed=31)) as server:
+        command = pop3lite.MDA(mda(tmp_path, "tempfail"), state_dir=str(tmp_path / "s"))
+        with pytest.raises(pop3lite.DeliveryError) as caught:
+            save(server, command, delete=True)
+        assert caught.value.reason == "tempfail" and caught.value.status == 75
+        assert "exited with 75" in str(caught.value) and "mailbox locked" in str(caught.value)
+        assert len(server.maildrops["alice"].messages) == 3
+        assert [c for c in server.sessions[-1].commands if c.startswith("RETR")] != []
+        assert not [c for c in server.sessions[-1].commands if c.startswith(("DELE", "QUIT"))]
+        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT["TEMPORARY"]
+        assert "try again later" in pop3lite._failure(caught.value)[1]
+
+
+def test_mda_failure_stops_the_run_and_a_rerun_delivers_the_rest(tmp_path: Path) -> None:
+    messages = make_messages(4, seed=32)
+    state = str(tmp_path / "s")
+    with server_with(messages) as server:
+        failing = pop3lite.MDA(mda(tmp_path, "fail:Subject: message 2"), state_dir=state)
+        with pytest.raises(pop3lite.DeliveryError) as caught:
+            save(server, failing, delete=True)
+        assert caught.value.reason == "failed" and caught.value.status == 1
+        assert "no such folder" in str(caught.value)
+        assert pop3lite._failure(caught.value)[0] == pop3lite._EXIT["LOCAL"]
+        assert len(delivered(tmp_path)) == 2 and len(server.maildrops["alice"].messages) == 4
+        report = save(server, pop3lite.MDA(mda(tmp_path), state_dir=state), delete=True)
+        assert (report.saved, report.already, report.deleted) == (2, 2, 4)
+        assert server.maildrops["alice"].messages == []
+    assert sorted(m for _, m in delivered(tmp_path)) == sorted(as_stored(m) for m in messages)
+
+
+@posix_only
+def test_a_hanging_mda_is_killed_with_its_children_at_the_timeout(tmp_path: Path) -> None:
+    with server_with(make_messages(2, seed=33)) as server:
+        command = pop3lite.MDA(mda(tmp_path, "hang"), timeout=2.0, state_dir=str(tmp_path / "s"))
+        started = time.monotonic()
+        with pytest.raises(pop3lite.DeliveryError, match="did not finish within 2 s") as caught:
+            save(server, command)
+        assert time.monotonic() - started < 30 and caught.value.reason == "timeout"
+        assert len(server.maildrops["alice"].messages) == 2
+    child = int((tmp_path / "delivered" / "child.pid").read_text())
+
+    def gone() -> bool:  # ended (a zombie until someone reaps it) or reaped
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    if Path("/proc").is_dir():
+        wait_until(gone)
+    assert delivered(tmp_path) == []
+
+
+def test_mda_delete_removes_an_earlier_runs_messages_by_their_journal_lines(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(3, seed=34)
+    state = str(tmp_path / "s")
+    with server_with(messages) as server:
+        assert save(server, pop3lite.MDA(mda(tmp_path), state_dir=state)).saved == 3
+        server.maildrops["alice"].add(b"Subject: later\r\n\r\nx\r\n")
+        report = save(server, pop3lite.MDA(mda(tmp_path), state_dir=state), delete=True)
+        assert (report.saved, report.already, report.deleted) == (1, 3, 4)
+        assert server.maildrops["alice"].messages == []
+        again = save(server, pop3lite.MDA(mda(tmp_path), state_dir=state), new=False)
+        assert again.saved == 0  # nothing left to fetch again
+    assert len(delivered(tmp_path)) == 4
+
+
+def test_mda_sender_is_quoted_for_the_shell_and_never_an_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    senders = [
+        "a`touch${IFS}pwned`b@example.com",
+        "o'brien@example.com",
+        '"a;touch${IFS}pwned;"@x.org',
+    ]
+    messages = [b"Return-Path: <%s>\r\n\r\nx\r\n" % s.encode() for s in senders]
+    messages.append(b"Return-Path: <-oQ/tmp/x@example.com>\r\n\r\nx\r\n")
+    argv = mda(tmp_path)
+    shell = " ".join(f"'{part}'" for part in argv[:-1]) + " %F"  # %F alone, quoted by save()
+    with server_with(messages) as server:
+        command = pop3lite.MDA(shell, state_dir=str(tmp_path / "s"))
+        monkeypatch.chdir(tmp_path)  # where an unquoted `touch pwned` would land
+        assert save(server, command).saved == 4
+    expected = [*(s.encode() for s in senders), b"MAILER-DAEMON"]
+    assert [s for s, _ in delivered(tmp_path)] == expected
+    assert not list(tmp_path.rglob("pwned"))
+
+
+def test_save_twice_saves_each_message_once_and_all_fetches_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 19 item 9, as a user types it: `save DIR`, then `save DIR --new`.
+    target = tmp_path / "Mail"
+    with server_with(make_messages(5, seed=35)) as server:
+        argv = [f"{server.host}:{server.port}", "alice", "save", str(target)]
+        assert pop3lite.main(argv) == 0
+        assert "saved 5 messages" in capsys.readouterr().out
+        for extra in ([], ["--new"]):
+            assert pop3lite.main([*argv, *extra]) == 0
+            out = capsys.readouterr().out
+            assert "saved 0 messages" in out and "5 messages already saved before" in out
+        assert len(maildir_contents(target)) == 5
+        assert pop3lite.main([*argv, "--all"]) == 0
+        assert "saved 5 messages" in capsys.readouterr().out
+        assert len(maildir_contents(target)) == 10
+        assert pop3lite.main([*argv, "--all", "--new"]) == 2
+        assert "choose one" in capsys.readouterr().err
+
+
+def mda_command_line(server: FakeServer, tmp_path: Path, behaviour: str, *extra: str) -> list[str]:
+    shell = " ".join(f"'{part}'" for part in mda(tmp_path, behaviour)[:-1]) + " %F"
+    return [f"{server.host}:{server.port}", "alice", "save", "--mda", shell, *extra]
+
+
+@pytest.mark.parametrize(
+    "behaviour, status, said",
+    [
+        ("ok", 0, "saved 3 messages"),
+        ("tempfail", 5, "exited with 75 (EX_TEMPFAIL): mailbox locked; the command says: try "
+         "again later"),
+        ("fail:Subject: message 1", 1, "exited with 1: no such folder; the message stays"),
+        ("hang", 1, "did not finish within 1 s; killed it"),
+    ],
+)  # fmt: skip
+def test_save_mda_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], behaviour: str, status: int, said: str
+) -> None:
+    with server_with(make_messages(3, seed=36)) as server:
+        argv = mda_command_line(server, tmp_path, behaviour, "--delete", "--timeout", "1")
+        assert pop3lite.main(argv) == status
+        out, err = capsys.readouterr()
+        assert said in (out if status == 0 else err)
+        assert len(server.maildrops["alice"].messages) == (0 if status == 0 else 3)
+    assert len(delivered(tmp_path)) == {"ok": 3, "fail:Subject: message 1": 1}.get(behaviour, 0)
+    state = Path(os.environ["HOME"]) / ".local" / "state" / "pop3lite"
+    assert len(list(state.glob("mda-alice@localhost_*.journal"))) == 1
+
+
+def test_save_mda_takes_no_destination(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["127.0.0.1:1", "alice", "save", "Mail", "--mda", "procmail"]
+    assert pop3lite.main(argv) == 2
+    assert "save --mda CMD takes no DIR or FILE.mbox: 'Mail'" in capsys.readouterr().err
+
+
+@posix_only
+def test_a_killed_mda_save_loses_nothing_and_delivers_at_most_the_one_in_flight_again(
+    tmp_path: Path,
+) -> None:
+    messages = make_messages(25, seed=37)
+    with server_with(messages, faults=[Fault("delay", "RETR", 0.03)]) as server:
+        argv = mda_command_line(server, tmp_path, "ok", "--delete")
+        argv = [sys.executable, str(HERE / "pop3lite.py"), *argv]
+        statuses, last = kill_and_rerun(argv, signal.SIGKILL, seed=4242, kills=6)
+        assert last.returncode == 0, last.stderr
+        assert server.maildrops["alice"].messages == []
+    killed = statuses.count(-signal.SIGKILL)
+    assert killed >= 3
+    got = [message for _, message in delivered(tmp_path)]
+    assert set(got) == {as_stored(m) for m in messages}  # nothing lost
+    assert len(got) <= len(messages) + killed  # at most the one in flight, per kill
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -760,10 +995,9 @@ def client(server: FakeServer) -> pop3lite.POP3:
     return pop
 
 
-def save(server: FakeServer, target: Path, **options: Any) -> pop3lite.SaveReport:
+def save(
+    server: FakeServer, target: Path | pop3lite.Destination, **options: Any
+) -> pop3lite.SaveReport:
     with client(server) as pop:
-        return pop3lite.save(pop, str(target), **options)
-
-
-def commands(server: FakeServer, session: int = -1) -> list[str]:
-    return [line[3:] for line in server.transcripts[session] if line.startswith("C: ")]
+        dest = target if isinstance(target, pop3lite.Destination) else str(target)
+        return pop3lite.save(pop, dest, **options)

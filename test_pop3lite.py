@@ -1438,17 +1438,18 @@ def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
     ended: list[str] = []
 
     def script(peer: Peer) -> None:
-        peer.conn = server_context.wrap_socket(
+        with server_context.wrap_socket(
             peer.conn, server_side=True, suppress_ragged_eofs=False
-        )
-        peer.send(GREETING)
-        peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
-        try:
-            peer.conn.unwrap()  # sends ours, then waits for the client's
-        except (ssl.SSLError, OSError) as exc:
-            ended.append(type(exc).__name__)
-        else:
-            ended.append("close_notify")
+        ) as tls:
+            peer.conn = tls
+            peer.send(GREETING)
+            peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
+            try:
+                tls.unwrap()  # sends ours, then waits for the client's
+            except (ssl.SSLError, OSError) as exc:
+                ended.append(type(exc).__name__)
+            else:
+                ended.append("close_notify")
 
     with scripted(script) as port:
         pop = pop3lite.POP3("localhost", port, tls="implicit", ssl_context=client_context(),

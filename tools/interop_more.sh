@@ -17,6 +17,8 @@
 #                                          offers it, so Courier replaces the message with 8-bit
 #                                          headers by a "Cannot display Unicode content" wrapper,
 #                                          and `save` stores the wrapper (issue 19, item 17)
+#   C:fakeserver-downconverts-as-courier   fakeserver's utf8_downconvert gives the wrapper's size
+#                                          in LIST (and STAT); Courier gives the original's
 # NOTE lines say what a peer did that is worth knowing (sizes it announced wrongly, header fields
 # it added, Courier's answers); Courier's raw sessions are kept as fakeserver transcripts
 # (tools/courier-1.0.16.pop3 is one such recording: `fakeserver.py --replay` serves it).
@@ -193,6 +195,13 @@ courier_probes() {
     echo "NOTE C:courier: UTF8 after login: '$(grep -A1 '^C: UTF8' "$t-utf8-after-login.pop3" | tail -n1 | cut -c4-)' (RFC 6856 section 2: AUTHORIZATION state only)"
     echo "NOTE C:courier: USER, then PASS + STAT + QUIT in one write: $(tail -n1 "$t-pipelined-pass.txt")"
     echo "NOTE C:courier: transcripts for fakeserver.py --replay in $C/courier.pop3"
+    # fakeserver's utf8_downconvert (the Courier emulation) answers as Courier did
+    mu fake-downconvert "$C/courier.json" utf8 "$C/fake-downconvert.pop3"
+    local courier_said fake_said
+    courier_said=$(mu downconverted "$t-no-utf8.pop3" 3 "$C/courier.json" utf8)
+    fake_said=$(mu downconverted "$C/fake-downconvert.pop3" 1 "$C/courier.json" utf8)
+    check "C:fakeserver-downconverts-as-courier" bash -c "[ '$courier_said' = '$fake_said' ] ||
+        { echo 'Courier: $courier_said; fakeserver: $fake_said'; exit 1; }"
 }
 
 # courier_close_notify PORT: couriertls logs "Unexpected SSL connection shutdown" when a client
@@ -497,6 +506,32 @@ def octets(path, verb):
     raise SystemExit("no %s in %s" % (verb, path))
 
 
+def fake_downconvert(manifest, name, path):
+    """The same raw session as with Courier, against fakeserver's utf8_downconvert with message
+    NAME of the manifest as its only message."""
+    with open(manifest) as f:
+        data = next(bytes.fromhex(m["expected"]) for m in json.load(f) if m["name"] == name)
+    users = {"hogehoge": fakeserver.Maildrop("fugafuga", [data])}
+    with fakeserver.FakeServer("rfc", users=users, utf8_downconvert=True) as server:
+        talk(server.port, path, ["CAPA", "USER hogehoge", "PASS fugafuga", "STAT", "LIST", "TOP 1 0",
+                                 "RETR 1", "QUIT"])
+
+
+def downconverted(path, number, manifest, name):
+    """How a transcript's server answered for message NUMBER (the manifest's NAME) without UTF8:
+    the size LIST gave, against the message's; the original inside, as it is."""
+    with open(manifest) as f:
+        data = next(bytes.fromhex(m["expected"]) for m in json.load(f) if m["name"] == name)
+    for session in fakeserver.load_transcript(path):
+        replies = {e.command.split()[0].upper(): e.reply for e in session.exchanges}
+        if "RETR" in replies and "LIST" in replies:
+            sizes = dict(line.split() for line in replies["LIST"].split(b"\r\n")[1:-2])
+            body = replies["RETR"].split(b"\r\n", 1)[1][:-3].replace(b"\r\n..", b"\r\n.")
+            return ("LIST %d of a %d-octet message; the original %s"
+                    % (int(sizes[str(number).encode()]), len(data), "inside" if data in body else "NOT inside"))
+    raise SystemExit("no LIST and RETR in " + path)
+
+
 def strip_fields(data, fields):
     """The message without the header fields named in FIELDS (lower case), folded lines too."""
     head, sep, body = data.partition(b"\n\n")
@@ -536,6 +571,10 @@ def main(argv):
         talk(int(argv[1]), argv[2], argv[3:])
     elif cmd == "pipelined-pass":  # pipelined-pass PORT USER PASSWORD
         pipelined_pass(int(argv[1]), argv[2], argv[3])
+    elif cmd == "fake-downconvert":  # fake-downconvert MANIFEST NAME TRANSCRIPT
+        fake_downconvert(argv[1], argv[2], argv[3])
+    elif cmd == "downconverted":  # downconverted TRANSCRIPT NUMBER MANIFEST NAME
+        print(downconverted(argv[1], int(argv[2]), argv[3], argv[4]))
     elif cmd == "octets":  # octets TRANSCRIPT VERB
         print(octets(argv[1], argv[2]))
     elif cmd in ("mbox-compare", "mbox-compare-ignoring"):  # [FIELDS,...] MBOX PRESET

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -1725,3 +1726,46 @@ def test_utf8_credentials_need_the_utf8_user_capability() -> None:
             pytest.fail("the rfc preset is expected to say UTF8 without USER")
         with pytest.raises(ValueError, match="UTF8 USER"):
             pop.login("j\u00f6rg", "p\u00e4ss")
+
+
+# -- replies without text (popa3d, tools/interop.sh) ---------------------------------------------
+
+# popa3d 1.0.3 answers "+OK" and "-ERR" with nothing after them.
+_POPA3D_SESSION = """\
+S: +OK
+C: CAPA
+S: -ERR
+C: USER hogehoge
+S: +OK
+C: PASS ****
+S: +OK
+C: STAT
+S: +OK 0 0
+C: TOP 9 0
+S: -ERR
+C: QUIT
+S: +OK
+"""
+
+
+@pytest.mark.parametrize(("action", "typed"), [("check", ""), ("shell", "UTF8\nTOP 9 0\nQUIT\n")])
+def test_command_line_shows_replies_without_text_as_sent(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+    action: str, typed: str,
+) -> None:
+    # The shell showed "+OK " and "-ERR " where popa3d sent "+OK" and "-ERR", and answered
+    # UTF8 with "use utf8() for UTF8, not command()", a library hint.
+    monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    recording = fakeserver.parse_transcript(_POPA3D_SESSION)
+    with fakeserver.FakeServer(replay=recording) as server:
+        argv = [f"{server.host}:{server.port}", "hogehoge", action, "--tls", "none"]
+        assert pop3lite.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.endswith(" ")] == []
+    if action == "shell":
+        assert lines.count("+OK") == 2 and "-ERR" in lines
+        assert "(not sent: UTF8 is only allowed before login (RFC 6856 section 2))" in lines
+    else:
+        assert "Greeting:      +OK" in lines

@@ -2033,11 +2033,21 @@ class _Transport:
     def check_open(self) -> None:
         self._live()
 
-    def close(self, reason: str = "closed by the client") -> None:
+    def close(self, reason: str = "closed by the client", graceful: bool = False) -> None:
         sock, self._sock = self._sock, None
         self.is_open = False
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
+            unwrap = getattr(sock, "unwrap", None) if graceful else None
+            if unwrap is not None:
+                # RFC 8446 section 6.1: close_notify first, so that the server can tell a
+                # finished session from a cut one (couriertls logs the latter as an error);
+                # unwrap() waits for the server's own close_notify, briefly.
+                sock.settimeout(min(self.timeout, 1.0))
+                try:
+                    unwrap()
+                except (OSError, ValueError):
+                    pass
             sock.close()
 
     def abort(self, reason: str = "aborted by the client") -> None:
@@ -3089,7 +3099,7 @@ class POP3:
         except ServerError as exc:
             self._quit_result = exc
         finally:
-            self._transport.close("QUIT sent")
+            self._transport.close("QUIT sent", graceful=True)
 
     # -- batches, pipelined where the server allows it ------------------------------------------
 
@@ -6382,7 +6392,7 @@ def _check(pop: POP3, run: _Run, caps: dict[str, list[str]], method: str) -> int
         return _EXIT["OK"]
     if not o.quiet:  # -q: the table alone, what the check exists to print
         _out(f"Server:        {run.target_name}")
-        _out(f"Greeting:      +OK {pop.greeting}")
+        _out(f"Greeting:      +OK {pop.greeting}".rstrip())  # popa3d's is a bare "+OK"
         _out(f"Security:      {_security_line(pop, run)}")
         _out(f"Capabilities:  {_capabilities_line(caps)}")
         _out(f"Login:         {_method_name(method)} as {printable(run.user or '')}")
@@ -6755,6 +6765,11 @@ Shell commands:
 USER, PASS, APOP, AUTH and STLS are not needed: TLS and the login were done at the start."""
 
 _LOGIN_VERBS = ("USER", "PASS", "APOP", "AUTH")
+# What the shell does not send, and why: both are settled before its prompt.
+_SHELL_NOT_SENT = {
+    "STLS": "TLS is chosen when the shell starts, with --tls",
+    "UTF8": "UTF8 is only allowed before login (RFC 6856 section 2)",
+}
 
 
 def _open_log(path: str) -> IO[str]:
@@ -6834,7 +6849,7 @@ class _Shell:
     def loop(self) -> int:
         pop = self.pop
         self.show(f"Connected to {self.facts.target_name}: {_security_line(pop, self.facts)}")
-        self.show(f"+OK {pop.greeting}")
+        self.show(f"+OK {pop.greeting}".rstrip())  # as on the wire: "+OK" may have no text
         self.show(
             f"Logged in as {printable(self.facts.user or '')} with {_method_name(self.method)} "
             "(the password is never shown)."
@@ -6867,12 +6882,12 @@ class _Shell:
                     "typed on screen or into the log; choose the method with --apop or --auth)"
                 )
                 continue
-            if verb == "STLS":
-                self.show("(not sent: TLS is chosen when the shell starts, with --tls)")
+            if verb in _SHELL_NOT_SENT:
+                self.show(f"(not sent: {_SHELL_NOT_SENT[verb]})")
                 continue
             if verb == "QUIT":
                 try:
-                    self.show(f"+OK {pop.quit()}")
+                    self.show(f"+OK {pop.quit()}".rstrip())
                 except ServerError as exc:
                     self.show(self.error_line(exc))
                     return _EXIT["SERVER"]
@@ -6880,7 +6895,7 @@ class _Shell:
             self.command(verb, words[1:])
 
     def error_line(self, exc: ServerError) -> str:
-        return "-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text
+        return ("-ERR " + (f"[{exc.code}] " if exc.code else "") + exc.text).rstrip()
 
     def command(self, verb: str, args: list[str]) -> None:
         try:

@@ -1347,3 +1347,44 @@ def test_a_stored_password_that_is_refused_is_not_asked_again(
     status, _, err = run_cli(capsys, address(server), "hogehoge")
     assert status == 3 and "$POP3_PASSWORD" in err and "try again" not in err
     assert len([c for c in server.sessions[-1].commands if c.startswith("PASS")]) == 1
+
+
+# -- replies without text (popa3d, tools/interop.sh) ---------------------------------------------
+
+# popa3d 1.0.3 answers "+OK" and "-ERR" with nothing after them.
+_POPA3D_SESSION = """\
+S: +OK
+C: CAPA
+S: -ERR
+C: USER hogehoge
+S: +OK
+C: PASS ****
+S: +OK
+C: STAT
+S: +OK 0 0
+C: TOP 9 0
+S: -ERR
+C: QUIT
+S: +OK
+"""
+
+
+@pytest.mark.parametrize(("action", "typed"), [("check", ""), ("shell", "UTF8\nTOP 9 0\nQUIT\n")])
+def test_command_line_shows_replies_without_text_as_sent(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, action: str, typed: str
+) -> None:
+    # The shell showed "+OK " and "-ERR " where popa3d sent "+OK" and "-ERR", and answered
+    # UTF8 with "use utf8() for UTF8, not command()", a library hint.
+    monkeypatch.setenv("POP3_PASSWORD", "fugafuga")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    recording = fakeserver.parse_transcript(_POPA3D_SESSION)
+    with fakeserver.FakeServer(replay=recording) as server:
+        argv = [f"{server.host}:{server.port}", "hogehoge", action, "--tls", "none"]
+        assert pop3lite.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.endswith(" ")] == []
+    if action == "shell":
+        assert lines.count("+OK") == 2 and "-ERR" in lines
+        assert "(not sent: UTF8 is only allowed before login (RFC 6856 section 2))" in lines
+    else:
+        assert "Greeting:      +OK" in lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -504,7 +505,6 @@ def test_a_session_does_not_import_logging_unless_the_program_did() -> None:
     # short session) is saved. Once the program imports logging, the log works (see below).
     import os
     import subprocess
-    import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run(
@@ -526,6 +526,26 @@ def test_apop_sends_digest_and_never_logs_it(caplog: pytest.LogCaptureFixture) -
         assert pop.apop("mrose", "tanstaaf") == "maildrop ready"
     assert "C: APOP mrose ****" in caplog.text
     assert "c4c9334b" not in caplog.text and "tanstaaf" not in caplog.text
+
+
+def test_auth_without_initial_response_is_logged_as_sent(caplog: pytest.LogCaptureFixture) -> None:
+    # "C: AUTH CRAM-MD5 ****" in a -v transcript (seen against Courier) claimed an initial
+    # response that was never sent; RFC 2195's example exchange.
+    def script(peer: Peer) -> None:
+        peer.send(GREETING)
+        peer.expect(b"CAPA\r\n", b"-ERR\r\n")  # as popa3d: no PIPELINING, no UTF8
+        peer.expect(
+            b"AUTH CRAM-MD5\r\n", b"+ PDE4OTYuNjk3MTcwOTUyQHBvc3RvZmZpY2UucmVzdG9uLm1jaS5uZXQ+\r\n"
+        )
+        peer.expect(b"dGltIGI5MTNhNjAyYzdlZGE3YTQ5NWI0ZTZlNzMzNGQzODkw\r\n", b"+OK\r\n")
+        peer.expect(b"QUIT\r\n", b"+OK\r\n")
+
+    caplog.set_level(logging.DEBUG, logger="pop3lite")
+    with scripted(script) as port, connect(port) as pop:
+        pop.auth("CRAM-MD5", "tim", "tanstaaftanstaaf")
+    commands = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C:")]
+    assert commands[:3] == ["C: CAPA", "C: AUTH CRAM-MD5", "C: ****"]
+    assert "dGlt" not in caplog.text and "tanstaaf" not in caplog.text
 
 
 def test_apop_without_timestamp_refuses_before_sending() -> None:
@@ -1411,6 +1431,35 @@ def test_untrusted_certificate_is_a_tls_error() -> None:
             pop3lite.POP3("localhost", server.port, tls="implicit", timeout=TIMEOUT)
         commands = [line for line in server.transcripts[0] if line.startswith("C:")]
     assert commands == []
+
+
+def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
+    # RFC 8446 section 6.1. Courier's couriertls logged "Unexpected SSL connection shutdown"
+    # after every pop3lite session (tools/interop.sh, C:courier-tls-closed-with-close_notify).
+    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(tmp_path / "server.pem"))
+    ended: list[str] = []
+
+    def script(peer: Peer) -> None:
+        with server_context.wrap_socket(
+            peer.conn, server_side=True, suppress_ragged_eofs=False
+        ) as tls:
+            peer.conn = tls
+            peer.send(GREETING)
+            peer.expect(b"QUIT\r\n", b"+OK bye\r\n")
+            try:
+                tls.unwrap()  # sends ours, then waits for the client's
+            except (ssl.SSLError, OSError) as exc:
+                ended.append(type(exc).__name__)
+            else:
+                ended.append("close_notify")
+
+    with scripted(script) as port:
+        pop = pop3lite.POP3("localhost", port, tls="implicit", ssl_context=client_context(),
+                            timeout=TIMEOUT)
+        pop.quit()
+    assert ended == ["close_notify"]
 
 
 def test_default_context_verifies_host_names_and_needs_tls12() -> None:

@@ -3,13 +3,17 @@
 # POP3 clients that nobody here wrote. "Follow the RFCs, not the tests you wrote yourself."
 #
 # A developer tool, NOT run by CI: it takes a few minutes, needs root and Debian's apt-get (it
-# installs dovecot-pop3d, fetchmail, mpop, getmail6, curl and openssl when they are missing).
+# installs dovecot-pop3d, fetchmail, mpop, getmail6, curl and openssl when they are missing, and
+# what parts C and D need: see tools/interop_more.sh).
 #
 #   A. Dovecot (its own instance, in the foreground, private config, 127.0.0.1 on free high
 #      ports: plain+STLS and implicit TLS; self-signed CA and "localhost" certificate made here
 #      with openssl) vs pop3lite's API and command line, and CPython's poplib as a reference.
 #   B. fakeserver.py (command line, --port 0, both presets, plain/STLS/implicit TLS) vs
 #      curl, fetchmail, mpop, getmail6 and openssl s_client.
+#   C. pop3lite vs popa3d, GNU Mailutils pop3d and Courier pop3d; D. fakeserver.py vs Perl's
+#      Net::POP3, Ruby's net-pop, s-nail, NeoMutt and PHP's imap: tools/interop_more.sh, which
+#      this script sources (it creates the system users p3linterop and popa3d).
 #
 # Usage:  sudo bash tools/interop.sh [--keep]
 #   --keep   keep the work directory (configs, logs, transcripts) even when everything passed
@@ -70,6 +74,23 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 die() { echo "interop.sh: $*" >&2; exit 2; }
+# parts C and D: functions only, called below
+. "$REPO/tools/interop_more.sh"
+
+# count_results NAME STATUS RESULTS STDERR: show a Python checker's lines and count its PASS and
+# FAIL lines; a checker that failed without a FAIL line is a FAIL of its own
+count_results() {
+    local line
+    cat "$3"
+    PASSES=$((PASSES + $(grep -c '^PASS ' "$3")))
+    while IFS= read -r line; do
+        FAILS=$((FAILS + 1))
+        FAILED+=("${line#FAIL }")
+    done < <(grep '^FAIL ' "$3")
+    if [ "$2" != 0 ] && ! grep -q '^FAIL ' "$3"; then
+        fail "$1" "exit $2: $(tail -n 3 "$4" | tr '\n' ' ')"
+    fi
+}
 
 # wait_for CONDITION-COMMAND... : up to 10 s
 wait_for() {
@@ -91,6 +112,8 @@ command -v getmail >/dev/null || need+=(getmail6)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
 command -v setpriv >/dev/null || need+=(util-linux)
+# shellcheck disable=SC2207  # package names, no spaces
+need+=($(more_packages))
 if [ ${#need[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || die "run as root: apt-get must install ${need[*]}"
     echo "installing: ${need[*]}"
@@ -278,6 +301,63 @@ dovecot -F -c "$DV/dovecot.conf" >"$DV/dovecot.out" 2>&1 &
 PIDS+=($!)
 wait_for port_open "$DV_PLAIN" && wait_for port_open "$DV_TLS" || die "Dovecot did not start (see $DV/dovecot.log)"
 echo "dovecot: 127.0.0.1:$DV_PLAIN (plain, STLS) and 127.0.0.1:$DV_TLS (implicit TLS), user $DV_USER"
+cat >"$WORK/interop_check.py" <<'PYEOF'
+"""PASS/FAIL/NOTE lines for the Python checks of tools/interop.sh (check_a.py, check_c.py)."""
+import os
+import sys
+import traceback
+import warnings
+
+PREFIX = []  # what goes before every check name ("A:"), set by the checker
+failures = 0
+notes = []
+
+
+def result(name, ok, why=""):
+    global failures
+    name = "".join(PREFIX) + name
+    if ok:
+        print("PASS " + name, flush=True)
+    else:
+        failures += 1
+        print("FAIL " + name + (": " + why if why else ""), flush=True)
+
+
+def check(name):
+    """Decorator: run the function now; PASS if it returns None/True, FAIL on False, a text or an
+    exception. Each warning becomes a NOTE, once (some come in every session)."""
+
+    def run(fn):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outcome = fn()
+            for w in caught:
+                text = "warning %s: %s" % (w.category.__name__, w.message)
+                if not any(line.endswith(text) for line in notes):
+                    notes.append("%s: %s" % (name, text))
+        except Exception as exc:  # noqa: BLE001
+            outcome = "%s: %s" % (type(exc).__name__, exc)
+            if os.environ.get("INTEROP_DEBUG"):
+                traceback.print_exc()
+        ok = outcome is None or outcome is True
+        result(name, ok, "" if ok else str(outcome))
+        return fn
+
+    return run
+
+
+def expect(cond, why):
+    if not cond:
+        raise AssertionError(why)
+
+
+def finish(note_prefix=None):
+    """The NOTE lines (after PREFIX, or NOTE_PREFIX), then exit: status 1 if any check failed."""
+    for line in notes:
+        print("NOTE " + ("".join(PREFIX) if note_prefix is None else note_prefix) + line)
+    sys.exit(1 if failures else 0)
+PYEOF
 cat >"$WORK/a/check_a.py" <<'PYEOF'
 """Part A: pop3lite (and poplib, as a reference) against a real Dovecot.
 
@@ -291,54 +371,20 @@ import poplib
 import ssl
 import subprocess
 import sys
-import traceback
 import warnings
 
 repo, host, plain_port, tls_port, cafile, user, password, manifest_path, work = sys.argv[1:10]
 plain_port, tls_port = int(plain_port), int(tls_port)
 sys.path.insert(0, repo)
 import pop3lite  # noqa: E402
+from interop_check import PREFIX, check, expect, finish, notes  # noqa: E402
 
 with open(manifest_path) as f:
     manifest = json.load(f)
 expected = [bytes.fromhex(m["expected"]) for m in manifest]
 names = [m["name"] for m in manifest]
 listed = [m["listed"] for m in manifest]
-failures = 0
-notes = []
-
-
-def result(name, ok, why=""):
-    global failures
-    if ok:
-        print("PASS A:" + name, flush=True)
-    else:
-        failures += 1
-        print("FAIL A:" + name + (": " + why if why else ""), flush=True)
-
-
-def check(name):
-    """Decorator: run the function now; PASS if it returns None/True, FAIL on False or exception."""
-
-    def run(fn):
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                outcome = fn()
-            for w in caught:
-                notes.append("%s: warning %s: %s" % (name, w.category.__name__, w.message))
-        except Exception as exc:  # noqa: BLE001
-            result(name, False, "%s: %s" % (type(exc).__name__, exc))
-            if os.environ.get("INTEROP_DEBUG"):
-                traceback.print_exc()
-            return fn
-        if outcome is None or outcome is True:
-            result(name, True)
-        else:
-            result(name, False, str(outcome))
-        return fn
-
-    return run
+PREFIX.append("A:")
 
 
 def ctx():
@@ -348,11 +394,6 @@ def ctx():
 def connect(tls="starttls", **kw):
     port = tls_port if tls == "implicit" else plain_port
     return pop3lite.POP3(host, port, tls=tls, ssl_context=ctx(), timeout=60, **kw)
-
-
-def expect(cond, why):
-    if not cond:
-        raise AssertionError(why)
 
 
 # -- connection, greeting, capabilities, TLS --------------------------------------------------
@@ -940,22 +981,11 @@ def _():
         expect(pop.retr(1) == expected[1], "renumbered message 1 is not the old message 2")
 
 
-for line in notes:
-    print("NOTE A:" + line)
-sys.exit(1 if failures else 0)
+finish()
 PYEOF
-"$PY" "$WORK/a/check_a.py" "$REPO" 127.0.0.1 "$DV_PLAIN" "$DV_TLS" "$CA" "$DV_USER" "$DV_PASSWORD" \
-    "$WORK/a/manifest.json" "$WORK/a" >"$WORK/a/results.txt" 2>"$WORK/a/stderr.txt"
-status_a=$?
-cat "$WORK/a/results.txt"
-PASSES=$((PASSES + $(grep -c '^PASS ' "$WORK/a/results.txt")))
-while IFS= read -r line; do
-    FAILS=$((FAILS + 1))
-    FAILED+=("${line#FAIL }")
-done < <(grep '^FAIL ' "$WORK/a/results.txt")
-if [ "$status_a" != 0 ] && ! grep -q '^FAIL ' "$WORK/a/results.txt"; then
-    fail "A:check_a.py" "exit $status_a: $(tail -n 3 "$WORK/a/stderr.txt" | tr '\n' ' ')"
-fi
+PYTHONPATH=$WORK "$PY" "$WORK/a/check_a.py" "$REPO" 127.0.0.1 "$DV_PLAIN" "$DV_TLS" "$CA" "$DV_USER" \
+    "$DV_PASSWORD" "$WORK/a/manifest.json" "$WORK/a" >"$WORK/a/results.txt" 2>"$WORK/a/stderr.txt"
+count_results A:check_a.py $? "$WORK/a/results.txt" "$WORK/a/stderr.txt"
 # Dovecot's side of the story: nothing it logged as an error or a protocol violation.
 check "A:dovecot-log-clean" bash -c "! grep -E 'Error:|Panic:|Fatal:|unexpected|BUG' '$DV/dovecot.log'"
 
@@ -1360,6 +1390,8 @@ else
     fail "B:fakeserver-stops-on-sigint" "$(cat "$B/sigint.txt")"
 fi
 check "B:fakeserver-sigint-no-traceback" bash -c "! grep -q Traceback $B/om.err"
+
+more_run
 
 # ---------------------------------------------------------------------------------------------
 echo "== $PASSES passed, $FAILS failed"

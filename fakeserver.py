@@ -35,9 +35,9 @@ greeting=None, keep_transcripts=True, replay=None, utf8_downconvert=False, oauth
     forgets each connection's transcript when it ends (a long-running server; the log still
     shows it). ``replay``: a recording to serve instead of a preset (below).
     ``utf8_downconvert``: as Courier, when UTF8 is offered and the client did not send it, a
-    message with 8-bit header bytes is served as a 7-bit "Cannot display Unicode content"
+    message with 8-bit header bytes is served (RETR, TOP) as a "Cannot display Unicode content"
     multipart with the original inside as ``message/global`` (RFC 6856 section 2.1, RFC 6532);
-    LIST and STAT announce that size; after UTF8 the original is served.
+    LIST and STAT count the original, as Courier does; after UTF8 the original is served.
     ``oauth2``: a fake OAuth2 authorization server to run beside it (below, "OAuth2").
 
 Attributes and methods: ``host``, ``port``, ``address`` (``(host, port)``), ``maildrops`` (name ->
@@ -2775,7 +2775,8 @@ class _Pop3:
     # ----- TRANSACTION -------------------------------------------------------------
     def totals(self, change: Callable[[int], int] = int) -> tuple[int, int]:
         """The number and the octets of the messages not marked (`change`: a size fault)."""
-        sizes = [len(data) for n, data in enumerate(self.shown, 1) if n not in self.marked]
+        # Sizes are the stored messages', also where RETR sends a surrogate (as Courier does).
+        sizes = [len(data) for n, (_, data) in enumerate(self.entries, 1) if n not in self.marked]
         return len(sizes), change(sum(sizes))
 
     def message(self, args: str, count: int) -> int | _Reply:
@@ -2807,8 +2808,8 @@ class _Pop3:
 
         def sized(change: Callable[[int], int]) -> _Reply:
             if n is not None:
-                return self.ok("list-one", n=n, size=change(len(self.shown[n - 1])))
-            sizes = [(n, change(len(data))) for n, data in enumerate(self.shown, 1)
+                return self.ok("list-one", n=n, size=change(len(self.entries[n - 1][1])))
+            sizes = [(n, change(len(data))) for n, (_, data) in enumerate(self.entries, 1)
                      if n not in self.marked]
             body = [b"%d %d" % pair for pair in sizes]
             key = "list-marked" if self.marked else "list"
@@ -2875,32 +2876,33 @@ def _sized(build: Callable[[Callable[[int], int]], _Reply]) -> _Reply:
 
 
 def _surrogate(message: bytes) -> bytes:
-    """What a down-converting server (Courier) sends instead of a message whose header has
-    8-bit bytes, to a client that did not send UTF8 (RFC 6856 section 2.1): a 7-bit note
-    with the original inside as message/global (RFC 6532 section 3.7). Others as they are."""
+    """What a down-converting server sends instead of a message whose header has 8-bit bytes,
+    to a client that did not send UTF8 (RFC 6856 section 2.1): Courier 1.0.16's wrapper, a
+    note with the original inside, unchanged, as message/global (RFC 6532 section 3.7); LIST
+    and STAT still count the original (see tools/courier-1.0.16.pop3). Others as they are."""
     header = message.split(b"\r\n\r\n", 1)[0]
     if all(byte < 0x80 for byte in header):
         return message
-    boundary = b"=_fakeserver_" + hashlib.md5(message).hexdigest().encode()
-    kept = (b"date:", b"message-id:")  # unfolded, 7-bit
-    headers = [line for line in header.split(b"\r\n")
-               if line.lower().startswith(kept) and all(byte < 0x80 for byte in line)]
-    return _crlf(b"\r\n".join(headers + [
-        b"From: Mail Delivery Subsystem <postmaster@localhost>",
+    boundary = b"=_fakeserver-" + hashlib.md5(message).hexdigest()[:10].encode()
+    return _crlf(b"\r\n".join([
+        b"From: Mail Delivery Subsystem <postmaster>",
         b"Subject: Cannot display Unicode content",
-        b"MIME-Version: 1.0",
+        b"Mime-Version: 1.0",
         b'Content-Type: multipart/mixed; boundary="' + boundary + b'"',
-        b"",
+        b"", b"", b"",
         b"--" + boundary,
-        b"Content-Type: text/plain; charset=us-ascii",
+        b"Content-Type: text/plain",
         b"",
-        b"This message contains Unicode content that your mail program cannot display.",
-        b"The original message is attached.",
+        b"This E-mail message was determined to be Unicode-formatted",
+        b"but your E-mail reader does not support Unicode E-mail.",
+        b"",
+        b"The original message is included as a separate attachment",
+        b"so that it can be downloaded manually.",
         b"",
         b"--" + boundary,
         b"Content-Type: message/global",
         b"",
-    ]) + b"\r\n" + message + b"--" + boundary + b"--\r\n")
+    ]) + b"\r\n" + message + b"\r\n--" + boundary + b"--\r\n")
 
 
 class _Sasl:

@@ -1527,9 +1527,12 @@ def test_utf8_downconvert_serves_a_surrogate_to_clients_without_utf8() -> None:
     assert b"Subject: Cannot display Unicode content" in header
     assert b"multipart/mixed" in header
     assert b"Content-Type: message/global\r\n\r\n" + UTF8_MESSAGE in body
-    assert sizes == [[b"1", b"%d" % len(surrogate)], [b"2", b"%d" % len(plain)]]
+    assert b"From: Mail Delivery Subsystem <postmaster>\r\n" in header  # as Courier 1.0.16
+    # LIST and STAT count the stored message, not what RETR sends (as Courier does: see
+    # tools/courier-1.0.16.pop3, where LIST says 287 and RETR sends the wrapper).
+    assert sizes == [[b"1", b"%d" % len(UTF8_MESSAGE)], [b"2", b"%d" % len(plain)]]
     assert plain == fakeserver.RFC_MESSAGES[0]  # 7-bit headers: served as they are
-    assert stat == "+OK 2 %d" % (len(surrogate) + len(plain))
+    assert stat == "+OK 2 %d" % (len(UTF8_MESSAGE) + len(plain))
 
 
 def test_without_utf8_downconvert_the_original_is_served() -> None:

@@ -35,6 +35,7 @@ except ImportError:  # PyPy: memory bounds are not measured there, behaviour sti
 pytest_plugins = ["fakeserver"]
 
 TIMEOUT = 5.0  # every socket in the tests gives up after this long
+MakeServer = Callable[..., "FakeServer"]  # the type of the plugin's make_pop3_server fixture
 MiB = 1024 * 1024
 SLACK = 2.0  # how far past its timeout a client may be (scheduling, not speed)
 # POP3LITE_SOAK=N multiplies every random case count of the hostile-input tests by N.

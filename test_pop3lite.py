@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 import pop3lite
-from conftest import TIMEOUT, Peer, connect, scripted
+from conftest import TIMEOUT, MakeServer, Peer, connect, scripted
 from pop3lite import (
     Capabilities,
     Stat,
@@ -1381,20 +1381,20 @@ def test_apop_against_the_fake_operamail() -> None:
             pop.apop(SEED_USER, "wrong")
 
 
-def test_exception_inside_with_deletes_nothing() -> None:
-    with fakeserver.FakeServer() as server:
-        with pytest.raises(KeyError), fake_connect(server) as pop:
-            pop.login(SEED_USER, SEED_PASSWORD)
-            pop.dele(1)
-            raise KeyError("the caller's own bug")
-        server.wait_idle()  # the aborted session has let go of the maildrop
-        with fake_connect(server) as pop:  # a second session sees both messages
-            pop.login(SEED_USER, SEED_PASSWORD)
-            assert pop.stat() == (2, 10180)
-            pop.dele(1)
-        with fake_connect(server) as pop:  # a clean exit sent QUIT: the deletion is committed
-            pop.login(SEED_USER, SEED_PASSWORD)
-            assert pop.list() == {1: 4226}
+def test_exception_inside_with_deletes_nothing(make_pop3_server: MakeServer) -> None:
+    server = make_pop3_server("operamail")
+    with pytest.raises(KeyError), fake_connect(server) as pop:
+        pop.login(SEED_USER, SEED_PASSWORD)
+        pop.dele(1)
+        raise KeyError("the caller's own bug")
+    server.wait_idle()  # the aborted session has let go of the maildrop
+    with fake_connect(server) as pop:  # a second session sees both messages
+        pop.login(SEED_USER, SEED_PASSWORD)
+        assert pop.stat() == (2, 10180)
+        pop.dele(1)
+    with fake_connect(server) as pop:  # a clean exit sent QUIT: the deletion is committed
+        pop.login(SEED_USER, SEED_PASSWORD)
+        assert pop.list() == {1: 4226}
 
 
 def test_retr_many_against_the_rfc_preset() -> None:
@@ -1415,14 +1415,14 @@ def test_retr_many_against_the_rfc_preset() -> None:
 # -- TLS --------------------------------------------------------------------------------------
 
 
-def test_implicit_tls_verifies_the_certificate() -> None:
-    with fakeserver.FakeServer(preset="rfc", tls="implicit") as server:
-        with fake_connect(server, tls="implicit") as pop:
-            assert pop.tls_version in ("TLSv1.2", "TLSv1.3")
-            assert pop.cipher
-            assert pop.peer_certificate and pop.peer_certificate.get("subjectAltName")
-            pop.login(SEED_USER, SEED_PASSWORD)
-            assert pop.stat().count == 3
+def test_implicit_tls_verifies_the_certificate(make_pop3_server: MakeServer) -> None:
+    server = make_pop3_server(preset="rfc", tls="implicit")
+    with fake_connect(server, tls="implicit") as pop:
+        assert pop.tls_version in ("TLSv1.2", "TLSv1.3")
+        assert pop.cipher
+        assert pop.peer_certificate and pop.peer_certificate.get("subjectAltName")
+        pop.login(SEED_USER, SEED_PASSWORD)
+        assert pop.stat().count == 3
 
 
 def test_untrusted_certificate_is_a_tls_error() -> None:
@@ -1515,31 +1515,31 @@ def test_required_stls_refused_or_absent_fails_before_credentials(kind: str) -> 
     assert not any(c.startswith(("C: USER", "C: PASS", "C: AUTH", "C: APOP")) for c in commands)
 
 
-def test_plaintext_injected_after_stls_aborts() -> None:
+def test_plaintext_injected_after_stls_aborts(make_pop3_server: MakeServer) -> None:
     fault = fakeserver.Fault("stls-inject", value=b"+OK injected\r\n")
-    with fakeserver.FakeServer(preset="rfc", tls="stls", faults=[fault]) as server:
-        with pytest.raises(pop3lite.TLSError, match="injection"):
-            pop3lite.POP3("localhost", server.port, tls="starttls", timeout=TIMEOUT,
-                          ssl_context=client_context())
+    server = make_pop3_server(preset="rfc", tls="stls", faults=[fault])
+    with pytest.raises(pop3lite.TLSError, match="injection"):
+        pop3lite.POP3("localhost", server.port, tls="starttls", timeout=TIMEOUT,
+                      ssl_context=client_context())
 
 
-def test_stalled_tls_handshake_times_out() -> None:
+def test_stalled_tls_handshake_times_out(make_pop3_server: MakeServer) -> None:
     fault = fakeserver.Fault("tls-stall")
-    with fakeserver.FakeServer(preset="rfc", tls="implicit", faults=[fault]) as server:
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            pop3lite.POP3("localhost", server.port, tls="implicit", timeout=0.5,
-                          ssl_context=client_context())
-        assert time.monotonic() - started < 3
+    server = make_pop3_server(preset="rfc", tls="implicit", faults=[fault])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        pop3lite.POP3("localhost", server.port, tls="implicit", timeout=0.5,
+                      ssl_context=client_context())
+    assert time.monotonic() - started < 3
 
 
-def test_no_stls_after_utf8() -> None:
-    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
-        pop = pop3lite.POP3(server.host, server.port, tls="none", timeout=TIMEOUT)
-        pop.utf8()
-        with pytest.raises(ValueError, match="UTF8"):
-            pop.stls()
-        pop.close()
+def test_no_stls_after_utf8(make_pop3_server: MakeServer) -> None:
+    server = make_pop3_server(preset="rfc", tls="stls")
+    pop = pop3lite.POP3(server.host, server.port, tls="none", timeout=TIMEOUT)
+    pop.utf8()
+    with pytest.raises(ValueError, match="UTF8"):
+        pop.stls()
+    pop.close()
 
 
 def test_password_never_crosses_plaintext_to_a_remote_host() -> None:
@@ -1580,15 +1580,17 @@ def test_sasl_password_mechanisms(mechanism: str) -> None:
 
 
 @pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
-def test_oauth2_mechanisms_and_their_json_errors(mechanism: str) -> None:
-    with fakeserver.FakeServer(preset="rfc") as server:
-        with fake_connect(server) as pop:
-            pop.login_oauth2(SEED_USER, lambda: "fake-oauth-token", mechanism=mechanism)
-        with fake_connect(server) as pop:
-            with pytest.raises(pop3lite.AuthenticationError) as info:
-                pop.login_oauth2(SEED_USER, "expired-token", mechanism=mechanism)
-            assert info.value.details is not None
-            assert "status" in info.value.details  # "401" (XOAUTH2) or "invalid_token" (RFC 7628)
+def test_oauth2_mechanisms_and_their_json_errors(
+    mechanism: str, make_pop3_server: MakeServer
+) -> None:
+    server = make_pop3_server(preset="rfc")
+    with fake_connect(server) as pop:
+        pop.login_oauth2(SEED_USER, lambda: "fake-oauth-token", mechanism=mechanism)
+    with fake_connect(server) as pop:
+        with pytest.raises(pop3lite.AuthenticationError) as info:
+            pop.login_oauth2(SEED_USER, "expired-token", mechanism=mechanism)
+        assert info.value.details is not None
+        assert "status" in info.value.details  # "401" (XOAUTH2) or "invalid_token" (RFC 7628)
 
 
 def test_long_initial_response_goes_after_the_empty_challenge() -> None:
@@ -1719,12 +1721,12 @@ def test_response_codes_become_exception_classes(kind: str, cls: type, code: str
         assert info.value.code == code
 
 
-def test_maildrop_lock_is_in_use_for_a_second_session() -> None:
-    with fakeserver.FakeServer(preset="rfc") as server:
-        with fake_connect(server) as first:
-            first.login(SEED_USER, SEED_PASSWORD)
-            with fake_connect(server) as second, pytest.raises(pop3lite.InUseError):
-                second.login(SEED_USER, SEED_PASSWORD)
+def test_maildrop_lock_is_in_use_for_a_second_session(make_pop3_server: MakeServer) -> None:
+    server = make_pop3_server(preset="rfc")
+    with fake_connect(server) as first:
+        first.login(SEED_USER, SEED_PASSWORD)
+        with fake_connect(server) as second, pytest.raises(pop3lite.InUseError):
+            second.login(SEED_USER, SEED_PASSWORD)
 
 
 def test_utf8_credentials_need_the_utf8_user_capability() -> None:
@@ -1869,16 +1871,16 @@ def test_auto_on_another_port_tries_implicit_tls_after_a_short_wait(
 
 
 def test_auto_on_another_port_keeps_a_plaintext_server_on_one_connection(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, make_pop3_server: MakeServer
 ) -> None:
     monkeypatch.setattr(pop3lite, "_GREETING_WAIT", 0.3)
-    with fakeserver.FakeServer(preset="rfc", tls="stls") as server:
-        with pop3lite.POP3(
-            "localhost", server.port, ssl_context=client_context(), timeout=TIMEOUT
-        ) as pop:
-            assert pop.tls_version is not None  # by STLS
-        assert len(server.transcripts) == 1
-        assert server.transcripts[0][1] == "C: CAPA"
+    server = make_pop3_server(preset="rfc", tls="stls")
+    with pop3lite.POP3(
+        "localhost", server.port, ssl_context=client_context(), timeout=TIMEOUT
+    ) as pop:
+        assert pop.tls_version is not None  # by STLS
+    assert len(server.transcripts) == 1
+    assert server.transcripts[0][1] == "C: CAPA"
 
 
 def test_a_greeting_timeout_says_the_port_may_expect_tls() -> None:

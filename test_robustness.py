@@ -40,6 +40,7 @@ from conftest import (
     SLACK,
     SOAK,
     TIMEOUT,
+    MakeServer,
     MiB,
     Peer,
     connect,
@@ -1300,16 +1301,16 @@ def test_a_greeting_that_never_ends_times_out(greeting: bytes) -> None:
 
 
 @pytest.mark.parametrize("fault", [Fault("delay", "RETR", 0.75), Fault("tls-stall")])
-def test_fake_server_stalls_time_out(fault: Fault) -> None:
+def test_fake_server_stalls_time_out(fault: Fault, make_pop3_server: MakeServer) -> None:
     tls = "implicit" if fault.kind == "tls-stall" else None
-    with FakeServer(tls=tls, faults=[fault], idle_timeout=5) as server:
-        started = time.monotonic()
-        with pytest.raises(pop3lite.Timeout):
-            with pop3lite.POP3(server.host, server.port, timeout=QUICK, tls=tls or "none",
-                               ssl_context=fakeserver.client_context()) as pop:
-                pop.login("hogehoge", "fugafuga")
-                pop.retr(1)
-        assert time.monotonic() - started < QUICK + SLACK
+    server = make_pop3_server("operamail", tls=tls, faults=[fault], idle_timeout=5)
+    started = time.monotonic()
+    with pytest.raises(pop3lite.Timeout):
+        with pop3lite.POP3(server.host, server.port, timeout=QUICK, tls=tls or "none",
+                           ssl_context=fakeserver.client_context()) as pop:
+            pop.login("hogehoge", "fugafuga")
+            pop.retr(1)
+    assert time.monotonic() - started < QUICK + SLACK
 
 
 LINES = (b"y" * 78 + b"\r\n") * 13108  # about 1 MiB of body lines
@@ -1503,31 +1504,33 @@ def test_fake_server_faults(name: str) -> None:
     assert not server.errors
 
 
-def test_size_disagreement_warns_or_raises_and_the_session_goes_on() -> None:
-    with FakeServer(faults=[Fault("wrong-octets", "RETR", 9999)]) as server:
-        with fake_pop(server) as pop:
-            pop.login("hogehoge", "fugafuga")
-            with pytest.warns(pop3lite.SizeMismatchWarning, match="announced 9999"):
-                assert pop.retr(1) == fakeserver.OPERAMAIL_MESSAGES[0]
-            pop.strict_size = True
-            with pytest.raises(pop3lite.ProtocolError, match="announced 9999"):
-                pop.retr(2)
-            assert pop.stat() == (2, 10180)  # in step: the whole response was read
+def test_size_disagreement_warns_or_raises_and_the_session_goes_on(
+    make_pop3_server: MakeServer,
+) -> None:
+    server = make_pop3_server("operamail", faults=[Fault("wrong-octets", "RETR", 9999)])
+    with fake_pop(server) as pop:
+        pop.login("hogehoge", "fugafuga")
+        with pytest.warns(pop3lite.SizeMismatchWarning, match="announced 9999"):
+            assert pop.retr(1) == fakeserver.OPERAMAIL_MESSAGES[0]
+        pop.strict_size = True
+        with pytest.raises(pop3lite.ProtocolError, match="announced 9999"):
+            pop.retr(2)
+        assert pop.stat() == (2, 10180)  # in step: the whole response was read
 
 
-def test_unstuffed_dots_are_kept_or_caught_by_the_size_check() -> None:
+def test_unstuffed_dots_are_kept_or_caught_by_the_size_check(make_pop3_server: MakeServer) -> None:
     """A server that forgets dot-stuffing: a line starting with one "." is kept as it is (as
     documented), a line starting with ".." loses a dot, which the octet count catches."""
     message = b"Subject: dots\r\n\r\n..two dots\r\n.one dot\r\nend\r\n"
     users = {"hogehoge": fakeserver.Maildrop("fugafuga", [message])}
-    with FakeServer(users=users, faults=[Fault("unstuffed-dot")]) as server:
-        with fake_pop(server) as pop:
-            pop.login("hogehoge", "fugafuga")
-            with pytest.warns(pop3lite.SizeMismatchWarning):
-                assert pop.retr(1) == message.replace(b"..two", b".two")
-            pop.strict_size = True
-            with pytest.raises(pop3lite.ProtocolError, match="announced"):
-                pop.retr(1)
+    server = make_pop3_server("operamail", users=users, faults=[Fault("unstuffed-dot")])
+    with fake_pop(server) as pop:
+        pop.login("hogehoge", "fugafuga")
+        with pytest.warns(pop3lite.SizeMismatchWarning):
+            assert pop.retr(1) == message.replace(b"..two", b".two")
+        pop.strict_size = True
+        with pytest.raises(pop3lite.ProtocolError, match="announced"):
+            pop.retr(1)
 
 
 def test_a_connection_dropped_anywhere_commits_nothing() -> None:

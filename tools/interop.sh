@@ -19,12 +19,7 @@
 #   --keep   keep the work directory (configs, logs, transcripts) even when everything passed
 #   INTEROP_WORK=DIR   use DIR as the work directory (default: a new /tmp/pop3lite-interop.*)
 #   INTEROP_DEBUG=1    print Python tracebacks of failed checks
-# Known FAILs when this was written (real deviations of fakeserver.py, reported, not yet fixed):
-#   B:openssl-tls-closed-with-close_notify  fakeserver closes TLS without close_notify (RFC 8446
-#                                           section 6.1); OpenSSL 3 says "unexpected eof"
-#   B:curl-operamail-stls-discoverable      --preset operamail --tls stls accepts STLS but has no
-#                                           CAPA to advertise it (RFC 2595 section 4), so no client
-#                                           that follows the RFCs (curl, fetchmail, pop3lite) uses it
+# Known FAILs: none at the last run (the README's "Tried with real peers" says what was met).
 # NOTE lines report what a real peer did that our own tests assume never happens.
 # Output: one "PASS name" or "FAIL name: why" line per check, then a summary. Exit status 0 when
 # every check passed, 1 otherwise (2: could not set up). Loopback only (127.0.0.1); every wait is

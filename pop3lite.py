@@ -725,6 +725,10 @@ def unstuff(data: bytes, eol: bytes = b"\r\n", at_line_start: bool = True) -> by
     return data.replace(eol + b"..", eol + b".")
 
 
+# A line end followed by a dot, per line end: the regular expression engine finds it faster
+# than bytes.find() does (it looks for the first octet, then compares).
+_DOT_LINE = {b"\r\n": re.compile(rb"\r\n\."), b"\n": re.compile(rb"\n\.")}
+
 # Below this many octets per stuffed line, one replace() over a copy beats a loop per line.
 _DENSE_STUFFING = 256
 
@@ -732,7 +736,8 @@ _DENSE_STUFFING = 256
 def cut_out(buf: bytearray, start: int, end: int, offsets: Iterable[int]) -> bytes:
     """``buf[start:end]`` without the octets at ``offsets`` (from ``start``, ascending), as
     bytes copied once. The slices between them are first moved together inside ``buf``, which
-    is overwritten: no memory is needed beyond the result."""
+    is overwritten: no memory is needed beyond the result. (The slices of ``view`` that are
+    moved are released as soon as they are moved: CPython frees them at once.)"""
     with memoryview(buf) as view:
         write = -1  # where the next kept slice goes, once the first octet is cut out
         read = start
@@ -741,15 +746,13 @@ def cut_out(buf: bytearray, start: int, end: int, offsets: Iterable[int]) -> byt
             if write < 0:
                 write = cut
             elif cut > read:
-                with view[read:cut] as part:
-                    view[write : write + len(part)] = part  # overlapping: a memmove
+                view[write : write + cut - read] = view[read:cut]  # overlapping: a memmove
                 write += cut - read
             read = cut + 1
         if write < 0:
             write = read = end
         elif end > read:
-            with view[read:end] as part:
-                view[write : write + len(part)] = part
+            view[write : write + end - read] = view[read:end]
             write += end - read
         with view[start:write] as part:
             return bytes(part)
@@ -984,13 +987,14 @@ class _WholeBody:
                     stuffed.append(0)
                 elif buf.startswith(eol, start + 1):
                     return start
-        marker = eol + b"."
-        find = buf.find
-        index = find(marker, max(start, rb.search), end)
-        while index >= 0:
+        search = _DOT_LINE[eol].search
+        found = search(buf, max(start, rb.search), end)
+        while found:
+            index = found.start()
             at = index + skip  # a line that starts with "."
-            if at > last:
-                break  # too close to the end to tell
+            if at > last:  # too close to the end to tell
+                rb.search = index
+                return -1
             if buf[at + 1] == 46:
                 stuffed.append(at - start)
                 if len(stuffed) >= 64 and at - start < _DENSE_STUFFING * len(stuffed):
@@ -999,8 +1003,8 @@ class _WholeBody:
                     return None
             elif buf.startswith(eol, at + 1):
                 return at
-            index = find(marker, at + 1, end)
-        rb.search = index if index >= 0 else max(start, end - skip)
+            found = search(buf, at + 1, end)
+        rb.search = max(start, end - skip)
         return -1
 
     def _find_end(self, rb: _ReceiveBuffer) -> int:
@@ -1093,7 +1097,7 @@ class ReplyReader:
         self._whole = _WholeBody()  # reads in WHOLE_BODY_MODE
         self._streamed = _StreamedBody(STREAM_CHUNK)  # reads in STREAMED_BODY_MODE
         self._octets = 0  # of the body being read
-        self._status = StatusLine(True, b"")  # of the body being read (next_reply)
+        self._status_text = b""  # of the body being read (next_reply)
 
     # -- what to expect, and what is left ---------------------------------------------------
 
@@ -1166,7 +1170,10 @@ class ReplyReader:
         if mode is STATUS_MODE:
             if not self._expected:
                 raise RuntimeError("next_event() with no reply expected")
-            return self._status_event()
+            status = self._read_status()
+            if isinstance(status, (Challenge, _NeedData)):
+                return status
+            return StatusLine(*status)
         if mode is WHOLE_BODY_MODE:
             data = self._whole.read(self._rb)
             if data is None:
@@ -1188,14 +1195,15 @@ class ReplyReader:
         if self.mode is STATUS_MODE:
             if not self._expected:
                 raise RuntimeError("next_reply() with no reply expected")
-            status = self._status_event()
-            if isinstance(status, _NeedData):
-                return NEED_DATA
-            if type(status) is not StatusLine:
+            status = self._read_status()
+            if isinstance(status, (Challenge, _NeedData)):
+                if isinstance(status, _NeedData):
+                    return NEED_DATA
                 raise RuntimeError("next_reply() in a SASL exchange: use next_event()")
+            ok, text = status
             if self.mode is not WHOLE_BODY_MODE:
-                return status.ok, status.text, None
-            self._status = status
+                return ok, text, None
+            self._status_text = text
         elif self.mode is not WHOLE_BODY_MODE:
             raise RuntimeError(f"next_reply() in the {self.mode} mode: use next_event()")
         data = self._whole.read(self._rb)
@@ -1203,7 +1211,7 @@ class ReplyReader:
             return NEED_DATA
         self._octets = len(data)
         self._complete()
-        return True, self._status.text, data
+        return True, self._status_text, data
 
     def _body_piece(self, data: bytes, last: bool) -> ReplyEvent:
         """A piece of the body (none for an empty end), and the mode that follows it."""
@@ -1215,7 +1223,9 @@ class ReplyReader:
                 return BodyEnd(self._octets)
         return BodyPiece(data)
 
-    def _status_event(self) -> ReplyEvent | _NeedData:
+    def _read_status(self) -> tuple[bool, bytes] | Challenge | _NeedData:
+        """The status line (ok, text), or a SASL challenge, of the reply at the head of the
+        queue; it sets the mode that reads what follows."""
         expected = self._expected[0]
         limit = MAX_SASL_LINE if expected.sasl else MAX_RESPONSE_LINE
         rb = self._rb
@@ -1233,9 +1243,9 @@ class ReplyReader:
             self.eol, line_end = b"\r\n", index - 1
         else:
             self.eol, line_end = b"\n", index
-        if buf.find(b"\r", start, line_end) >= 0:
-            raise ProtocolError("bare CR in a server line", bytes(buf[start : index + 1]))
         line = bytes(buf[start:line_end])
+        if b"\r" in line:
+            raise ProtocolError("bare CR in a server line", bytes(buf[start : index + 1]))
         # RFC 5034 section 4: continue-req = "+" SP [base64] CRLF; a bare "+" is tolerated as
         # an empty challenge. Anything else that starts with "+" must be a status line.
         if expected.sasl and (line == b"+" or line[:2] == b"+ "):
@@ -1252,7 +1262,7 @@ class ReplyReader:
                 self.mode = WHOLE_BODY_MODE
         else:
             self._complete()
-        return StatusLine(ok, text)
+        return ok, text
 
     def _complete(self) -> None:
         """The reply at the head of the queue is complete."""
@@ -3145,8 +3155,9 @@ class _Batch:
     commands through the session's one send path, keeps the books of what is in flight, and
     reads its replies, in order.
 
-    Up to ``window`` commands, PIPELINE_WINDOW_BYTES octets of them and PIPELINE_MEMORY octets
-    of expected responses are in flight. If the caller sends another command before the batch
+    Up to ``window`` commands (fewer when PIPELINE_WINDOW_BYTES octets of the batch's longest
+    command line would not hold that many) and PIPELINE_MEMORY octets of expected responses
+    are in flight. If the caller sends another command before the batch
     ends (a DELE after each RETR, say), the session calls absorb() first: the responses in
     flight are read into ``ready``, so the session never goes out of step; the response
     budget bounds that queue.
@@ -3165,17 +3176,20 @@ class _Batch:
         self.count = len(self.numbers)
         self.verb = verb
         self.multiline = verb != "DELE"
-        self.window = pop.pipeline_window if pop._may_pipeline() else 1
         self.format_line = format_numbered(verb, *extra, encoding=pop._encoding)
+        longest = len(self.format_line(max(self.numbers, default=1)))  # raises before sending
+        window = pop.pipeline_window if pop._may_pipeline() else 1
+        self.window = max(1, min(window, PIPELINE_WINDOW_BYTES // longest))
+        self.step = max(1, self.window // 8)  # top up once this many are free (or all unsent)
         self.expected = Expected(
             multiline=self.multiline, limit=pop.max_message_size, stream=sink is not None
         )
         self.sent = 0
         self.answered = 0
         self.received = 0  # octets of bodies so far, for the average response size
-        self.inflight: deque[tuple[int, int]] = deque()  # (command octets, expected octets)
-        self.inflight_command_octets = 0
-        self.inflight_response_octets = 0
+        # ends[i]: the response octets expected for the first i commands, a running sum: the
+        # octets in flight are ends[sent] - ends[answered], and a reply changes no books.
+        self.ends = [0]
         # Results read ahead while another command waited; a size error (strict_size) is kept
         # in its place and raised when the caller reaches it, not from the other command.
         self.ready: deque[Fetched | ProtocolError] = deque()
@@ -3202,8 +3216,9 @@ class _Batch:
             if pop._batch is not None:
                 pop._batch.absorb()
             pop._batch = self
-        if self.sent < self.count:
-            self._top_up()
+        free = self.window - (self.sent - self.answered)
+        if self.sent < self.count and (free >= self.step or free >= self.count - self.sent):
+            self._top_up()  # the window stays nearly full, in few, larger writes
         result = self._read_reply()
         if self.answered == self.sent:
             pop._batch = None  # nothing in flight: other commands need not wait for us
@@ -3222,55 +3237,40 @@ class _Batch:
         if self._pop._batch is self:
             self._pop._batch = None
 
-    def _expected_octets(self, number: int | None) -> int:
-        """What the response for ``number`` will probably take: its LIST size if known, else
-        the average so far. Before the first answer only two bounds are known: STAT's size of
-        the whole maildrop (trusted as LIST sizes are: when it fits the budget, so does any
-        batch) and max_message_size (the reader refuses more). Without a smaller one, half the
-        budget: two commands, until the first answer tells more."""
+    def _expected_octets(self) -> int:
+        """What a response will probably take where LIST has not said (LIST sizes are used
+        where known, TOP's being at most that): the average so far. Before the first answer
+        only two bounds are known: STAT's size of the whole maildrop (trusted as LIST sizes
+        are: when it fits the budget, so does any batch) and max_message_size (the reader
+        refuses more). Without a smaller one, half the budget: two commands, until the first
+        answer tells more."""
         pop = self._pop
         if not self.multiline:
             return 0
         if pop._maildrop_octets is not None and pop._maildrop_octets <= PIPELINE_MEMORY:
             return 0
-        if pop._sizes is not None and number in pop._sizes:  # TOP's is at most that
-            return pop._sizes[number]
         if self.answered:
             return self.received // self.answered
         return min(PIPELINE_MEMORY // 2, pop.max_message_size)
 
     def _top_up(self) -> None:
-        """Send more commands once an eighth of the window (or all that is left) is free:
-        the window stays nearly full, in few, larger writes."""
-        inflight = self.sent - self.answered
-        unsent = len(self.numbers) - self.sent
-        wanted = max(1, min(self.window // 8, unsent))
-        if not unsent or (inflight and self.window - inflight < wanted):
-            return
-        pop, numbers, window = self._pop, self.numbers, self.window
-        guess = self._expected_octets(None)  # for a number without a known size
+        """Send as many more commands as the window and the response budget allow."""
+        pop, numbers, ends = self._pop, self.numbers, self.ends
+        guess = self._expected_octets()  # for a number without a known size
         sizes = pop._sizes if self.multiline and pop._sizes is not None else {}
-        # The books are kept in locals and written back once nothing more can raise.
-        sent, answered = self.sent, self.answered
-        command_octets = self.inflight_command_octets
-        response_octets = self.inflight_response_octets
-        lines, books = [], []
-        while sent < len(numbers) and sent - answered < window:
-            line = self.format_line(numbers[sent])
-            octets = sizes.get(numbers[sent], guess)
-            if sent > answered and (
-                command_octets + len(line) > PIPELINE_WINDOW_BYTES
-                or response_octets + octets > PIPELINE_MEMORY
-            ):
+        first = sent = self.sent
+        stop = min(self.count, self.answered + self.window)
+        budget = ends[self.answered] + PIPELINE_MEMORY
+        total = ends[sent]
+        added = []
+        while sent < stop:
+            total += sizes.get(numbers[sent], guess)
+            if total > budget and sent > self.answered:
                 break
-            lines.append(line)
-            books.append((len(line), octets))
-            command_octets += len(line)
-            response_octets += octets
+            added.append(total)
             sent += 1
-        self.inflight.extend(books)
-        self.inflight_command_octets = command_octets
-        self.inflight_response_octets = response_octets
+        lines = [self.format_line(number) for number in numbers[first:sent]]
+        ends += added
         self.sent = sent
         expected = [self.expected] * len(lines)
         if self.then_quit and sent == len(numbers) and not pop._marked:
@@ -3301,9 +3301,6 @@ class _Batch:
                 pop._marked.add(number)  # DELE
         # The books first: the size check below may raise, and the batch must stay in step.
         self.answered += 1
-        command_octets, expected_octets = self.inflight.popleft()
-        self.inflight_command_octets -= command_octets
-        self.inflight_response_octets -= expected_octets
         if self.sink is not None:
             self.streamed.append((streamed, over))
         size = streamed if data is None else len(data)

@@ -4243,8 +4243,9 @@ class MDA(Destination):
     delivered when the command exits with 0. ``command`` is a string for the shell, or a list
     of arguments run without one; "%F" in it is replaced by the envelope sender (as the mbox
     From_ line has it: Return-Path, else From; MAILER-DAEMON for a bounce, when neither is
-    usable, or for an address that starts with "-", which a command would take for an option),
-    quoted for the shell in a string. The command runs in its own process group, with its
+    usable, or for an address with other characters than A-Z a-z 0-9 . _ % + = @ - or that
+    starts with "-", which a command would take for an option): safe for the shell as it is,
+    so put no quotes around %F. The command runs in its own process group, with its
     output kept apart (shown in the error when it fails); one that runs longer than
     ``timeout`` seconds is killed, group and all. A command that fails raises DeliveryError.
 
@@ -4328,12 +4329,12 @@ class MDA(Destination):
             self._finished = None
 
     def _argv(self, sender: str) -> str | list[str]:
-        import shlex
-
-        if sender.startswith("-"):
+        # Quoting cannot make any sender safe: a command may put %F inside its own quotes,
+        # where ` and $ still run. So only the characters of ordinary addresses pass.
+        if not re.fullmatch(r"[A-Za-z0-9._%+=@][A-Za-z0-9._%+=@-]*", sender):
             sender = "MAILER-DAEMON"
         if isinstance(self.command, str):
-            return self.command.replace("%F", shlex.quote(sender))
+            return self.command.replace("%F", sender)
         return [part.replace("%F", sender) for part in self.command]
 
     def _run(self, spool: IO[bytes], sender: str) -> None:
@@ -5639,9 +5640,9 @@ _OPTIONS = (
     _Option(("--all",), "retr, save, shell", "fetch every message again, also those earlier "
             "runs saved (and record them again)", actions=("save",), conflicts=("--new",)),
     _Option(("--mda",), "retr, save, shell", "deliver each message to the command CMD (run by "
-            "/bin/sh, the message on its stdin; %%F: the envelope sender, quoted) instead of "
-            "DIR or FILE.mbox; exit status 0 means delivered, 75 try again later; bounded by "
-            "--timeout", "CMD", actions=("save",)),
+            "/bin/sh, the message on its stdin; %%F: the envelope sender, with no quotes "
+            "around it) instead of DIR or FILE.mbox; exit status 0 means delivered, 75 try "
+            "again later; bounded by --timeout", "CMD", actions=("save",)),
     _Option(("--delete",), "retr, save, shell", "once every message is safely on disk (or "
             "delivered), delete them on the server, and those earlier runs saved (unless "
             "--all)", actions=("save",)),

@@ -4340,34 +4340,19 @@ class MDA(Destination):
     def _run(self, spool: IO[bytes], sender: str) -> None:
         import os
         import subprocess
-        import tempfile
 
         argv = self._argv(sender)
-        shown = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
-        with tempfile.TemporaryFile() as output:
-            try:
-                process = subprocess.Popen(
-                    argv,
-                    shell=isinstance(argv, str),
-                    stdin=spool,
-                    stdout=output,
-                    stderr=output,
-                    start_new_session=True,  # a group of its own, to kill it whole
-                )
-            except OSError as exc:
-                raise DeliveryError(
-                    f"cannot run {shown}: {exc.strerror or exc}", reason="start"
-                ) from None
-            try:
-                status = process.wait(self.timeout)
-            except BaseException as exc:  # the timeout, Ctrl-C, SIGTERM: never left running
-                _kill_group(process)
-                if isinstance(exc, subprocess.TimeoutExpired):
-                    raise DeliveryError(
-                        f"{shown} did not finish within {self.timeout:g} s; killed it",
-                        reason="timeout",
-                    ) from None
-                raise
+        command = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
+        shown = f"the command '{command}'"
+        try:
+            status, output = _run_command(argv, spool, self.timeout)
+        except subprocess.TimeoutExpired:
+            message = f"{shown} did not finish within {self.timeout:g} s; killed it"
+            raise DeliveryError(message, reason="timeout") from None
+        except OSError as exc:
+            message = f"cannot run {shown}: {exc.strerror or exc}"
+            raise DeliveryError(message, reason="start") from None
+        with output:
             if status == 0:
                 return
             size = output.seek(0, os.SEEK_END)
@@ -4381,6 +4366,39 @@ class MDA(Destination):
             reason="tempfail" if status == _EX_TEMPFAIL else "failed",
             status=status,
         )
+
+
+def _run_command(
+    command: str | list[str], stdin: IO[bytes] | None, timeout: float, stderr: bool = True
+) -> tuple[int, IO[bytes]]:
+    """Run ``command`` (a string: by /bin/sh) in a session of its own, stdin from ``stdin``
+    (None: closed), stdout (and stderr, else left to the user) into a temporary file, so that
+    a command printing without end cannot fill the memory. Returns the exit status and that
+    file, at its start. On the timeout (subprocess.TimeoutExpired), Ctrl-C or SIGTERM the
+    command and everything it started are killed; OSError if it cannot start."""
+    import subprocess
+    import tempfile
+
+    output = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the caller, who closes it)
+    try:
+        process = subprocess.Popen(
+            command,
+            shell=isinstance(command, str),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=output,
+            stderr=output if stderr else None,
+            start_new_session=True,  # a group of its own: a timeout ends its children too
+        )
+        try:
+            status = process.wait(timeout)
+        except BaseException:
+            _kill_group(process)
+            raise
+        output.seek(0)
+        return status, output
+    except BaseException:
+        output.close()
+        raise
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -4705,73 +4723,73 @@ def _endpoint_name(url: str) -> str:
     return f"the OAuth2 endpoint {urllib.parse.urlsplit(url).netloc}"
 
 
-def _oauth2_opener(url: str) -> Any:
-    """A urllib opener that never follows redirects and verifies TLS; plain http only to a
-    loopback address (tests), so a token or secret never crosses a network in clear."""
-    import urllib.parse
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(url)
-    if not (parts.scheme == "https" and parts.hostname) and not (
-        parts.scheme == "http" and is_loopback(parts.hostname or "")
-    ):
-        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None  # a 3xx becomes an HTTPError: the form is never re-sent elsewhere
-
-    handlers: list[Any] = [NoRedirect()]
-    if parts.scheme == "https":
-        handlers.append(urllib.request.HTTPSHandler(context=create_tls_context()))
-    return urllib.request.build_opener(*handlers)
-
-
-def _read_reply(response: Any, deadline: float, where: str) -> bytes:
-    """The reply's body, bounded in size (MAX_OAUTH2_REPLY) and in total time."""
-    data = bytearray()
-    while len(data) <= MAX_OAUTH2_REPLY:
-        if time.monotonic() > deadline:
-            raise OAuth2Error(f"{where} did not finish its reply in time", reason="endpoint")
-        chunk = response.read(16 * 1024)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise OAuth2Error(f"{where} sent more than 1 MiB, which is no OAuth2 reply", reason="endpoint")
-
-
 def oauth2_post(
     url: str, fields: dict[str, str], timeout: float = DEFAULT_TIMEOUT
 ) -> dict[str, Any]:
     """POST a form to an OAuth2 endpoint and return its JSON object (RFC 6749 section 5.1).
     An error reply (section 5.2) raises OAuth2Error (reason "sign-in") with the provider's
-    ``error`` and ``error_description``; no answer, a 5xx, HTML or a huge body raise
-    OAuth2Error with reason "endpoint"."""
-    import urllib.error
+    ``error`` and ``error_description``; no answer within ``timeout`` seconds in all, a 5xx,
+    HTML, broken HTTP or a huge body raise OAuth2Error with reason "endpoint". Redirects are
+    not followed (the form is never re-sent elsewhere); TLS is verified; plain http only to a
+    loopback address (tests), so a token or secret never crosses a network in clear."""
+    import contextlib
+    import http.client
+    import socket
+    import threading
     import urllib.parse
-    import urllib.request
 
+    parts = urllib.parse.urlsplit(url)
+    host, https = parts.hostname or "", parts.scheme == "https"
+    if not (https and host) and not (parts.scheme == "http" and is_loopback(host)):
+        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
     where = _endpoint_name(url)
-    opener = _oauth2_opener(url)
-    body = urllib.parse.urlencode(fields).encode("ascii")
-    request = urllib.request.Request(url, body, {"Accept": "application/json"}, method="POST")
+    # RFC 6749 appendix B: a parameter without a value counts as omitted (an empty scope).
+    body = urllib.parse.urlencode({k: v for k, v in fields.items() if v}).encode("ascii")
+    headers = {"Accept": "application/json"}
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    context = create_tls_context() if https else None
+    connection = http.client.HTTPSConnection(host, parts.port, context=context) if https else (
+        http.client.HTTPConnection(host, parts.port))
     deadline = time.monotonic() + timeout
+    raw: list[socket.socket] = []
+
+    def stop() -> None:  # the deadline bounds every read: a trickling server ends here
+        for sock in raw:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, stop)
+    watchdog.daemon = True
     try:
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                status, headers = response.status, response.headers
-                data = _read_reply(response, deadline, where)
-        except urllib.error.HTTPError as exc:
-            try:
-                status, headers = exc.code, exc.headers
-                data = _read_reply(exc, deadline, where) if exc.fp is not None else b""
-            finally:
-                exc.close()
-    except OSError as exc:  # URLError, a timeout, a refused connection, a TLS failure
-        cause = getattr(exc, "reason", None) or exc
-        message = f"cannot reach {where}: {printable(str(cause)) or type(cause).__name__}"
+        raw.append(socket.create_connection((host, connection.port), timeout))
+        watchdog.start()
+        wrap = context.wrap_socket if context else None
+        connection.sock = wrap(raw[0], server_hostname=host) if wrap else raw[0]
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request("POST", target, body, headers)
+        response = connection.getresponse()
+        data = response.read(MAX_OAUTH2_REPLY + 1)
+        if time.monotonic() >= deadline:
+            raise socket.timeout("no complete reply")
+        if response.length and len(data) <= MAX_OAUTH2_REPLY:  # read(amount) does not check
+            raise http.client.IncompleteRead(data, response.length)
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline or isinstance(exc, socket.timeout):
+            message = f"cannot reach {where}: no complete reply within {timeout:g} s"
+        elif isinstance(exc, http.client.HTTPException):
+            message = f"{where} sent broken HTTP ({type(exc).__name__})"
+        else:
+            message = f"cannot reach {where}: {printable(str(exc)) or type(exc).__name__}"
         raise OAuth2Error(message, reason="endpoint") from None
-    return _oauth2_reply(status, headers.get_content_type(), data, where)
+    finally:
+        watchdog.cancel()
+        connection.close()
+        for sock in raw:
+            sock.close()
+    if len(data) > MAX_OAUTH2_REPLY:
+        message = f"{where} sent more than 1 MiB, which is no OAuth2 reply"
+        raise OAuth2Error(message, reason="endpoint")
+    return _oauth2_reply(response.status, response.headers.get_content_type(), data, where)
 
 
 def _oauth2_reply(status: int, kind: str, data: bytes, where: str) -> dict[str, Any]:
@@ -6015,24 +6033,19 @@ def _first_line(data: bytes, where: str) -> str:
 
 def _command_secret(command: str, option: str, timeout: float) -> str:
     """The first line a shell command prints (as mpop's passwordeval, mbsync's PassCmd): stdin
-    closed, stderr left to the user, at most ``timeout`` seconds; its output goes to a
-    temporary file, so a command printing without end cannot fill the memory."""
+    closed, stderr left to the user, at most ``timeout`` seconds (see _run_command)."""
     import subprocess
-    import tempfile
 
     where = f"{option} {command!r}"
-    with tempfile.TemporaryFile() as output:
-        try:
-            done = subprocess.run(
-                command, shell=True, stdin=subprocess.DEVNULL, stdout=output, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
-        except OSError as exc:
-            raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
-        if done.returncode != 0:
-            raise _CommandLineError(f"{where} failed (exit status {done.returncode})")
-        output.seek(0)
+    try:
+        status, output = _run_command(command, None, timeout, stderr=False)
+    except subprocess.TimeoutExpired:
+        raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
+    except OSError as exc:
+        raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
+    with output:
+        if status != 0:
+            raise _CommandLineError(f"{where} failed (exit status {status})")
         data = output.read(_SECRET_FILE_LIMIT + 1)
     if not data.strip(b"\r\n"):
         raise _CommandLineError(f"{where} printed nothing")

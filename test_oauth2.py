@@ -198,6 +198,84 @@ def test_an_unreachable_endpoint_is_an_endpoint_error() -> None:
     assert "cannot reach the OAuth2 endpoint 127.0.0.1" in str(caught.value)
 
 
+class RawEndpoint:
+    """A token endpoint on 127.0.0.1 that answers one request with ``reply``, its bytes spaced
+    ``gap`` seconds apart (a trickle), then hangs up."""
+
+    def __init__(self, reply: bytes, gap: float = 0.0) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.listener.settimeout(TIMEOUT)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/token"
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.serve, args=(reply, gap), daemon=True)
+        self.thread.start()
+
+    def serve(self, reply: bytes, gap: float) -> None:
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(TIMEOUT)
+            try:
+                connection.recv(65536)
+                pieces = [reply[i : i + 1] for i in range(len(reply))] if gap else [reply]
+                for piece in pieces:
+                    connection.sendall(piece)
+                    if self.stopped.wait(gap):
+                        return
+            except OSError:
+                return
+
+    def __enter__(self) -> RawEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.listener.close()
+        self.thread.join(TIMEOUT)
+
+
+HEADERS = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "reply", [b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200, HEADERS + b" " * 200],
+    ids=["headers", "body"],
+)
+def test_a_trickling_endpoint_is_cut_off_at_the_timeout(reply: bytes) -> None:
+    with RawEndpoint(reply, gap=0.05) as endpoint:  # a byte every 50 ms: 10 s in all
+        started = time.monotonic()
+        with pytest.raises(m.OAuth2Error) as caught:
+            m.oauth2_post(endpoint.url, {"grant_type": "refresh_token"}, timeout=1.0)
+        assert time.monotonic() - started < 3
+    assert caught.value.reason == "endpoint"
+    assert "no complete reply within 1 s" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (b"garbage\r\n\r\n", "BadStatusLine"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "HTTPException"),
+        (HEADERS + b'{"access_token": ', "IncompleteRead"),
+    ],
+    ids=["status-line", "too-many-headers", "incomplete"],
+)
+def test_broken_http_is_an_endpoint_error(reply: bytes, words: str) -> None:
+    with RawEndpoint(reply) as endpoint:
+        with pytest.raises(m.OAuth2Error) as caught:
+            m.oauth2_post(endpoint.url, {"grant_type": "refresh_token"}, timeout=TIMEOUT)
+    assert caught.value.reason == "endpoint"
+    assert f"sent broken HTTP ({words})" in str(caught.value)
+
+
+
 # ---- provider presets and the token source's configuration ---------------------------------
 
 
@@ -404,6 +482,29 @@ def test_a_failing_password_command_is_named(
         assert server.transcripts == []  # nothing was sent: the password came first
     assert status == 2
     assert f"--password-command {command!r}" in err and words in err
+
+
+@pytest.mark.usefixtures("cli_environment")
+def test_a_command_that_times_out_is_killed_with_its_children(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from conftest import wait_until
+
+    pid_file = tmp_path / "child.pid"
+    command = f"sleep 60 & echo $! > {pid_file}; wait"  # sh waits for a grandchild
+    status, _, err = run_cli(
+        capsys, "127.0.0.1:9", "alice", "--timeout", "1", "--password-command", command
+    )
+    assert status == 2 and "did not finish within 1 s" in err
+    child = int(pid_file.read_text())
+
+    def gone() -> bool:  # killed: a zombie until init reaps it, or gone
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, 5.0)
 
 
 @pytest.mark.usefixtures("cli_environment")

@@ -849,6 +849,13 @@ def test_mda_failure_stops_the_run_and_a_rerun_delivers_the_rest(tmp_path: Path)
     assert sorted(m for _, m in delivered(tmp_path)) == sorted(as_stored(m) for m in messages)
 
 
+def test_a_failed_mda_is_named_in_quotes(tmp_path: Path) -> None:
+    with server_with(make_messages(1, seed=37)) as server:
+        with pytest.raises(pop3lite.DeliveryError) as caught:
+            save(server, pop3lite.MDA("exit 1", state_dir=str(tmp_path)))
+    assert str(caught.value) == "the command 'exit 1' exited with 1"
+
+
 @posix_only
 def test_a_hanging_mda_is_killed_with_its_children_at_the_timeout(tmp_path: Path) -> None:
     with server_with(make_messages(2, seed=33)) as server:

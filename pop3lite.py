@@ -14,6 +14,7 @@ RFC 1939 (POP3), 2449 (CAPA, response codes, PIPELINING), 2595 and 8314 (TLS), 5
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import sys
@@ -4379,10 +4380,8 @@ def _run_command(
     command: str | list[str], stdin: IO[bytes] | None, timeout: float, stderr: bool = True
 ) -> tuple[int, IO[bytes]]:
     """Run ``command`` (a string: by /bin/sh) in a session of its own, stdin from ``stdin``
-    (None: closed), stdout (and stderr, else left to the user) into a temporary file, so that
-    a command printing without end cannot fill the memory. Returns the exit status and that
-    file, at its start. On the timeout (subprocess.TimeoutExpired), Ctrl-C or SIGTERM the
-    command and everything it started are killed; OSError if it cannot start."""
+    (None: closed), stdout (and stderr) into a temporary file (not memory); return the exit
+    status and that file. A timeout (TimeoutExpired) or an interrupt kills the whole group."""
     import subprocess
     import tempfile
 
@@ -4739,9 +4738,7 @@ def oauth2_post(
     A provider's error (section 5.2): OAuth2Error "sign-in" with its ``error`` and
     ``error_description``; no reply within ``timeout`` seconds in all, a 5xx, HTML, broken
     HTTP or a huge body: "endpoint". No redirects; verified TLS; http only to loopback."""
-    import contextlib
     import http.client
-    import socket
     import threading
     import urllib.parse
 
@@ -4884,22 +4881,19 @@ def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> t
         def do_GET(self) -> None:
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
             if "state" not in query or arrived.is_set():
-                self._page(404, "This is not the sign-in redirect pop3lite waits for.")
+                _browser_page(self, 404, "This is not the sign-in redirect pop3lite waits for.")
                 return
             if not secrets.compare_digest(query["state"].encode(), state.encode()):
-                self._page(400, "The sign-in reply does not match the request; try again.")
+                _browser_page(self, 400, "The sign-in reply does not match the request; try again.")
                 result["problem"] = "the browser came back with another state (RFC 6749 10.12)"
             elif "code" in query:
                 result["code"] = query["code"]
-                self._page(200, "pop3lite is signed in. You can close this window.")
+                _browser_page(self, 200, "pop3lite is signed in. You can close this window.")
             else:  # RFC 6749 section 4.1.2.1: the provider's error and error_description
                 result.update(error=query.get("error", "no code"))
                 result.update(error_description=query.get("error_description", ""))
-                self._page(200, "The sign-in was not completed; see the terminal.")
+                _browser_page(self, 200, "The sign-in was not completed; see the terminal.")
             arrived.set()
-
-        def _page(self, status: int, text: str) -> None:
-            _browser_page(self, status, text)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # the request line holds the code: it never reaches stderr
@@ -4926,35 +4920,26 @@ def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> t
     raise OAuth2Error(f"{problem}; sign in again", reason="sign-in")
 
 
-class _TokenFileLock:
+@contextlib.contextmanager
+def _token_file_lock(path: str, wait: float) -> Iterator[None]:
     """An exclusive lock on PATH.lock while a run reads, refreshes and rewrites the token file
     (a refresh token may be spent once). Waits at most ``wait`` seconds; on systems without
     fcntl (Windows) there is no lock: do not share a token file between runs there."""
+    import os
 
-    def __init__(self, path: str, wait: float) -> None:
-        self.path = path + ".lock"
-        self.wait = wait
-        self.descriptor = -1
-
-    def __enter__(self) -> _TokenFileLock:
-        import os
-
+    try:
+        descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        message = f"cannot write the token file lock {path}.lock: {exc.strerror or exc}"
+        raise OAuth2Error(message, reason="token-file") from None
+    try:
         try:
-            self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            message = f"cannot write the token file lock {self.path}: {exc.strerror or exc}"
-            raise OAuth2Error(message, reason="token-file") from None
-        try:
-            _flock(self.descriptor, f"the token file lock {self.path}", self.wait)
+            _flock(descriptor, f"the token file lock {path}.lock", wait)
         except BlockingIOError as exc:
-            os.close(self.descriptor)
             raise OAuth2Error(str(exc), reason="busy") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        os.close(self.descriptor)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _read_token_file(path: str) -> dict[str, Any]:
@@ -5099,21 +5084,16 @@ class OAuth2:
     def refresh(self, spent: str | None = None) -> str:
         """A new access token, unless another run already replaced ``spent`` with one that is
         still fresh; the file is rewritten before this returns."""
-        with _TokenFileLock(self.path, self.timeout + 5.0):
+        with _token_file_lock(self.path, self.timeout + 5.0):
             state = self._load()  # after the lock: another run may have refreshed
             if state["access_token"] != spent and self._fresh(state):
                 return str(state["access_token"])
+            fields = {"grant_type": "client_credentials", "scope": state["scope"]}
             if state.get("refresh_token"):
-                fields = {"grant_type": "refresh_token", "refresh_token": state["refresh_token"]}
-                fields["scope"] = state["scope"]
-            elif state["grant"] == "client-credentials":
-                fields = {"grant_type": "client_credentials", "scope": state["scope"]}
-            else:
-                raise OAuth2Error(
-                    f"token file {self.path} has no refresh token (was offline_access in the "
-                    "scope?); sign in again",
-                    reason="sign-in",
-                )
+                fields.update(grant_type="refresh_token", refresh_token=state["refresh_token"])
+            elif state["grant"] != "client-credentials":
+                message = f"token file {self.path} has no refresh token; sign in again"
+                raise OAuth2Error(message, reason="sign-in")
             self._store(state, self._token_request(state, fields))
         return str(state["access_token"])
 
@@ -5198,7 +5178,7 @@ class OAuth2:
         }  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o700, exist_ok=True)
         self._secret = secret
-        with _TokenFileLock(self.path, self.timeout + 5.0):  # before the user is asked
+        with _token_file_lock(self.path, self.timeout + 5.0):  # before the user is asked
             if grant == "device":
                 reply = self._device_grant(state, prompt, wait)
             elif grant == "loopback":
@@ -5207,13 +5187,9 @@ class OAuth2:
                 fields = {"grant_type": "client_credentials", "scope": state["scope"]}
                 reply = self._token_request(state, fields)
             if grant != "client-credentials" and "refresh_token" not in reply:
-                raise OAuth2Error(
-                    f"{_endpoint_name(state['token_url'])} sent no refresh token, so the "
-                    "sign-in would last only until the access token expires (Microsoft: "
-                    "offline_access must be in the scope; Google: the consent must be given "
-                    "again); sign in again",
-                    reason="sign-in",
-                )
+                message = f"{_endpoint_name(state['token_url'])} sent no refresh token, so the "
+                message += "sign-in would last an hour only (Microsoft: is offline_access in "
+                raise OAuth2Error(message + "the scope?); sign in again", reason="sign-in")
             self._store(state, reply)
 
     def _settings(self) -> tuple[dict[str, str], str | None]:
@@ -7287,7 +7263,6 @@ def _session(run: _Run) -> int:
 
 def _no_stdout() -> ContextManager[object]:
     """-q: a report nobody reads goes nowhere."""
-    import contextlib
     import io
 
     return contextlib.redirect_stdout(io.StringIO())

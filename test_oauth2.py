@@ -465,7 +465,7 @@ def test_the_lock_wait_is_bounded(tmp_path: Path) -> None:
     holder = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        lock = m._TokenFileLock(path, 0.2)
+        lock = m._token_file_lock(path, 0.2)
         with pytest.raises(m.OAuth2Error) as caught:
             lock.__enter__()
     finally:

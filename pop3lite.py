@@ -4798,11 +4798,8 @@ def _oauth2_reply(status: int, kind: str, data: bytes, where: str) -> dict[str, 
     details = _json_object(data)
     if details is None:
         what = "an HTML page" if "html" in kind or data.lstrip()[:1] == b"<" else "no JSON"
-        raise OAuth2Error(
-            f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy or a captive "
-            "portal? check the URL)",
-            reason="endpoint",
-        )
+        message = f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy?)"
+        raise OAuth2Error(message, reason="endpoint")
     if "error" in details:
         raise _provider_error(details, where)
     if status != 200:
@@ -5288,8 +5285,9 @@ _EXIT_STATUSES = (
     (3, "AUTH", "authentication failed"),
     (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
      "unencrypted link)"),
-    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), or "
-     "the --mda command exited with 75 (EX_TEMPFAIL): try again later"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), "
+     "the --oauth2 FILE in use by another run, or the --mda command exited with 75 "
+     "(EX_TEMPFAIL): try again later"),
     (6, "SERVER", "other server or protocol error"),
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "

@@ -1494,6 +1494,9 @@ class _OAuth2Endpoints:
                                  "found in the directory." % client_id[:100], 700016, 401)
         if self.client_secret is None and not need_secret:
             return None
+        if self.client_secret is None and secret is not None:
+            return _oauth2_error("invalid_client", "Invalid client secret provided: this "
+                                 "application has no secret.", 7000215, 401)
         if self.client_secret is None or secret is None:
             return _missing("client_assertion' or 'client_secret", 7000218)
         if not hmac.compare_digest(_digest(secret), _digest(self.client_secret)):

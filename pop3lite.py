@@ -14,6 +14,7 @@ RFC 1939 (POP3), 2449 (CAPA, response codes, PIPELINING), 2595 and 8314 (TLS), 5
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import sys
@@ -41,6 +42,7 @@ from typing import (
 
 if TYPE_CHECKING:  # imported lazily at run time: a minimal Python may lack them
     import argparse
+    import http.server
     import logging
     import ssl
     import subprocess
@@ -3559,16 +3561,22 @@ def _boot_time() -> float | None:
     return None
 
 
-def _flock(descriptor: int, what: str) -> None:
-    """An exclusive advisory lock, or OSError naming ``what`` when another process has it."""
+def _flock(descriptor: int, what: str, wait: float = 0.0) -> None:
+    """An exclusive advisory lock, waiting up to ``wait`` seconds for another process to
+    release it; BlockingIOError naming ``what`` when it does not."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; the dot lock still guards mboxes
         return
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise BlockingIOError(f"{what} is in use by another process") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BlockingIOError(f"{what} is in use by another process") from None
+        time.sleep(_LOCK_POLL)  # bounded by the deadline
 
 
 class _Journal:
@@ -4240,8 +4248,9 @@ class MDA(Destination):
     delivered when the command exits with 0. ``command`` is a string for the shell, or a list
     of arguments run without one; "%F" in it is replaced by the envelope sender (as the mbox
     From_ line has it: Return-Path, else From; MAILER-DAEMON for a bounce, when neither is
-    usable, or for an address that starts with "-", which a command would take for an option),
-    quoted for the shell in a string. The command runs in its own process group, with its
+    usable, or for an address with other characters than A-Z a-z 0-9 . _ % + = @ - or that
+    starts with "-", which a command would take for an option): safe for the shell as it is,
+    so put no quotes around %F. The command runs in its own process group, with its
     output kept apart (shown in the error when it fails); one that runs longer than
     ``timeout`` seconds is killed, group and all. A command that fails raises DeliveryError.
 
@@ -4325,45 +4334,30 @@ class MDA(Destination):
             self._finished = None
 
     def _argv(self, sender: str) -> str | list[str]:
-        import shlex
-
-        if sender.startswith("-"):
+        # Quoting cannot make any sender safe: a command may put %F inside its own quotes,
+        # where ` and $ still run. So only the characters of ordinary addresses pass.
+        if not re.fullmatch(r"[A-Za-z0-9._%+=@][A-Za-z0-9._%+=@-]*", sender):
             sender = "MAILER-DAEMON"
         if isinstance(self.command, str):
-            return self.command.replace("%F", shlex.quote(sender))
+            return self.command.replace("%F", sender)
         return [part.replace("%F", sender) for part in self.command]
 
     def _run(self, spool: IO[bytes], sender: str) -> None:
         import os
         import subprocess
-        import tempfile
 
         argv = self._argv(sender)
-        shown = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
-        with tempfile.TemporaryFile() as output:
-            try:
-                process = subprocess.Popen(
-                    argv,
-                    shell=isinstance(argv, str),
-                    stdin=spool,
-                    stdout=output,
-                    stderr=output,
-                    start_new_session=True,  # a group of its own, to kill it whole
-                )
-            except OSError as exc:
-                raise DeliveryError(
-                    f"cannot run {shown}: {exc.strerror or exc}", reason="start"
-                ) from None
-            try:
-                status = process.wait(self.timeout)
-            except BaseException as exc:  # the timeout, Ctrl-C, SIGTERM: never left running
-                _kill_group(process)
-                if isinstance(exc, subprocess.TimeoutExpired):
-                    raise DeliveryError(
-                        f"{shown} did not finish within {self.timeout:g} s; killed it",
-                        reason="timeout",
-                    ) from None
-                raise
+        command = printable(argv if isinstance(argv, str) else " ".join(argv))[:200]
+        shown = f"the command '{command}'"
+        try:
+            status, output = _run_command(argv, spool, self.timeout)
+        except subprocess.TimeoutExpired:
+            message = f"{shown} did not finish within {self.timeout:g} s; killed it"
+            raise DeliveryError(message, reason="timeout") from None
+        except OSError as exc:
+            message = f"cannot run {shown}: {exc.strerror or exc}"
+            raise DeliveryError(message, reason="start") from None
+        with output:
             if status == 0:
                 return
             size = output.seek(0, os.SEEK_END)
@@ -4377,6 +4371,37 @@ class MDA(Destination):
             reason="tempfail" if status == _EX_TEMPFAIL else "failed",
             status=status,
         )
+
+
+def _run_command(
+    command: str | list[str], stdin: IO[bytes] | None, timeout: float, stderr: bool = True
+) -> tuple[int, IO[bytes]]:
+    """Run ``command`` (a string: by /bin/sh) in a session of its own, stdin from ``stdin``
+    (None: closed), stdout (and stderr) into a temporary file (not memory); return the exit
+    status and that file. A timeout (TimeoutExpired) or an interrupt kills the whole group."""
+    import subprocess
+    import tempfile
+
+    output = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the caller, who closes it)
+    try:
+        process = subprocess.Popen(
+            command,
+            shell=isinstance(command, str),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=output,
+            stderr=output if stderr else None,
+            start_new_session=True,  # a group of its own: a timeout ends its children too
+        )
+        try:
+            status = process.wait(timeout)
+        except BaseException:
+            _kill_group(process)
+            raise
+        output.seek(0)
+        return status, output
+    except BaseException:
+        output.close()
+        raise
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
@@ -4671,9 +4696,10 @@ _OAUTH2_HINTS = {
     "on 'Allow public client flows'); sign in again once it does",
     "invalid_scope": "the scope was refused (Google's device grant refuses the Gmail scope: "
     "use the loopback grant); sign in again with another scope or grant",
-    "server_error": "the provider has a passing problem: try again later",
-    "temporarily_unavailable": "the provider has a passing problem: try again later",
 }
+# Errors that say the provider has a passing problem (RFC 6749 section 4.1.2.1): reason
+# "endpoint", to be tried again later, not "sign-in".
+_PASSING_ERRORS = ("server_error", "temporarily_unavailable")
 
 
 def _oauth2_text(value: object) -> str:
@@ -4689,7 +4715,8 @@ def _provider_error(details: dict[str, Any], where: str) -> OAuth2Error:
     description = _oauth2_text(details.get("error_description"))
     said = f"{error}: {description}" if description else error
     hint = _OAUTH2_HINTS.get(error, "sign in again, or check the app registration")
-    reason = "endpoint" if hint.endswith("try again later") else "sign-in"
+    reason = "endpoint" if error in _PASSING_ERRORS else "sign-in"
+    hint = "the provider has a passing problem" if reason == "endpoint" else hint
     return OAuth2Error(
         f"{where} refused ({said}); {hint}", reason=reason, error=error, description=description
     )
@@ -4701,87 +4728,75 @@ def _endpoint_name(url: str) -> str:
     return f"the OAuth2 endpoint {urllib.parse.urlsplit(url).netloc}"
 
 
-def _oauth2_opener(url: str) -> Any:
-    """A urllib opener that never follows redirects and verifies TLS; plain http only to a
-    loopback address (tests), so a token or secret never crosses a network in clear."""
-    import urllib.parse
-    import urllib.request
-
-    parts = urllib.parse.urlsplit(url)
-    if not (parts.scheme == "https" and parts.hostname) and not (
-        parts.scheme == "http" and is_loopback(parts.hostname or "")
-    ):
-        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None  # a 3xx becomes an HTTPError: the form is never re-sent elsewhere
-
-    handlers: list[Any] = [NoRedirect()]
-    if parts.scheme == "https":
-        handlers.append(urllib.request.HTTPSHandler(context=create_tls_context()))
-    return urllib.request.build_opener(*handlers)
-
-
-def _read_reply(response: Any, deadline: float, where: str) -> bytes:
-    """The reply's body, bounded in size (MAX_OAUTH2_REPLY) and in total time."""
-    data = bytearray()
-    while len(data) <= MAX_OAUTH2_REPLY:
-        if time.monotonic() > deadline:
-            raise OAuth2Error(f"{where} did not finish its reply in time", reason="endpoint")
-        chunk = response.read(16 * 1024)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise OAuth2Error(f"{where} sent more than 1 MiB, which is no OAuth2 reply", reason="endpoint")
-
-
 def oauth2_post(
     url: str, fields: dict[str, str], timeout: float = DEFAULT_TIMEOUT
 ) -> dict[str, Any]:
     """POST a form to an OAuth2 endpoint and return its JSON object (RFC 6749 section 5.1).
-    An error reply (section 5.2) raises OAuth2Error (reason "sign-in") with the provider's
-    ``error`` and ``error_description``; no answer, a 5xx, HTML or a huge body raise
-    OAuth2Error with reason "endpoint"."""
-    import urllib.error
+    A provider's error (section 5.2): OAuth2Error "sign-in" with its ``error`` and
+    ``error_description``; no reply within ``timeout`` seconds in all, a 5xx, HTML, broken
+    HTTP or a huge body: "endpoint". No redirects; verified TLS; http only to loopback."""
+    import http.client
+    import threading
     import urllib.parse
-    import urllib.request
 
+    parts = urllib.parse.urlsplit(url)
+    host, https = parts.hostname or "", parts.scheme == "https"
+    if not (https and host) and not (parts.scheme == "http" and is_loopback(host)):
+        raise ValueError(f"OAuth2 endpoint {url!r} must be https:// (http only to 127.0.0.1)")
     where = _endpoint_name(url)
-    opener = _oauth2_opener(url)
-    body = urllib.parse.urlencode(fields).encode("ascii")
-    request = urllib.request.Request(url, body, {"Accept": "application/json"}, method="POST")
+    # RFC 6749 appendix B: a parameter without a value counts as omitted (an empty scope).
+    body = urllib.parse.urlencode({k: v for k, v in fields.items() if v}).encode("ascii")
+    headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
+    kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    connection = kind(host, parts.port)
     deadline = time.monotonic() + timeout
+
+    def stop() -> None:  # the deadline bounds every read: a trickling server ends here
+        with contextlib.suppress(OSError, TypeError):  # TypeError: not connected yet
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, stop)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        try:
-            with opener.open(request, timeout=timeout) as response:
-                status, headers = response.status, response.headers
-                data = _read_reply(response, deadline, where)
-        except urllib.error.HTTPError as exc:
-            try:
-                status, headers = exc.code, exc.headers
-                data = _read_reply(exc, deadline, where) if exc.fp is not None else b""
-            finally:
-                exc.close()
-    except OSError as exc:  # URLError, a timeout, a refused connection, a TLS failure
-        cause = getattr(exc, "reason", None) or exc
-        message = f"cannot reach {where}: {printable(str(cause)) or type(cause).__name__}"
+        connection.sock = socket.create_connection((host, connection.port), timeout)
+        if https:
+            context = create_tls_context()
+            connection.sock = context.wrap_socket(connection.sock, server_hostname=host)
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request("POST", target, body, headers)
+        response = connection.getresponse()
+        data = response.read(MAX_OAUTH2_REPLY + 1)
+        if time.monotonic() >= deadline:
+            raise socket.timeout("no complete reply")
+        if response.length and len(data) <= MAX_OAUTH2_REPLY:  # read(amount) does not check
+            raise http.client.IncompleteRead(data, response.length)
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline or isinstance(exc, socket.timeout):
+            message = f"cannot reach {where}: no complete reply within {timeout:g} s"
+        elif isinstance(exc, http.client.HTTPException):
+            message = f"{where} sent broken HTTP ({type(exc).__name__})"
+        else:
+            message = f"cannot reach {where}: {printable(str(exc)) or type(exc).__name__}"
         raise OAuth2Error(message, reason="endpoint") from None
-    return _oauth2_reply(status, headers.get_content_type(), data, where)
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if len(data) > MAX_OAUTH2_REPLY:
+        message = f"{where} sent more than 1 MiB, which is no OAuth2 reply"
+        raise OAuth2Error(message, reason="endpoint")
+    return _oauth2_reply(response.status, response.headers.get_content_type(), data, where)
 
 
 def _oauth2_reply(status: int, kind: str, data: bytes, where: str) -> dict[str, Any]:
     """Judge a token endpoint's reply: its JSON object, or the fitting OAuth2Error."""
     if status >= 500:
-        raise OAuth2Error(f"{where} failed (HTTP {status}); try again later", reason="endpoint")
+        raise OAuth2Error(f"{where} failed (HTTP {status})", reason="endpoint")
     details = _json_object(data)
     if details is None:
         what = "an HTML page" if "html" in kind or data.lstrip()[:1] == b"<" else "no JSON"
-        raise OAuth2Error(
-            f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy or a captive "
-            "portal? check the URL)",
-            reason="endpoint",
-        )
+        message = f"{where} answered HTTP {status} with {what}, not OAuth2 (a proxy?)"
+        raise OAuth2Error(message, reason="endpoint")
     if "error" in details:
         raise _provider_error(details, where)
     if status != 200:
@@ -4831,12 +4846,23 @@ def pkce_challenge(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def _browser_page(handler: http.server.BaseHTTPRequestHandler, status: int, text: str) -> None:
+    """Answer the browser that came back to the loopback redirect with a page saying ``text``."""
+    body = f"<!DOCTYPE html><title>pop3lite</title><p>{text}</p>\n".encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/html; charset=utf-8")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> tuple[str, str]:
     """Listen on 127.0.0.1 at a random port (RFC 8252 section 7.3), call ``show`` with the
-    redirect URI, and wait (at most ``wait`` seconds) for the browser to come back with
-    ``state`` and a code. Returns (code, redirect URI)."""
+    redirect URI, wait at most ``wait`` seconds for the browser to come back with ``state``
+    and a code, and return (code, redirect URI)."""
     import http.server
     import secrets
+    import socketserver
     import threading
     import urllib.parse
 
@@ -4849,32 +4875,27 @@ def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> t
         def do_GET(self) -> None:
             query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
             if "state" not in query or arrived.is_set():
-                self._page(404, "This is not the sign-in redirect pop3lite waits for.")
+                _browser_page(self, 404, "This is not the sign-in redirect pop3lite waits for.")
                 return
             if not secrets.compare_digest(query["state"].encode(), state.encode()):
-                self._page(400, "The sign-in reply does not match the request; try again.")
-                result["error"] = "the browser came back with another state (RFC 6749 10.12)"
+                _browser_page(self, 400, "The sign-in reply does not match the request; try again.")
+                result["problem"] = "the browser came back with another state (RFC 6749 10.12)"
             elif "code" in query:
                 result["code"] = query["code"]
-                self._page(200, "pop3lite is signed in. You can close this window.")
-            else:
-                said = _oauth2_text(query.get("error")) or "no code"
-                result["error"] = f"the sign-in was not completed ({said})"
-                self._page(200, "The sign-in was not completed; see the terminal.")
+                _browser_page(self, 200, "pop3lite is signed in. You can close this window.")
+            else:  # RFC 6749 section 4.1.2.1: the provider's error and error_description
+                result.update(error=query.get("error", "no code"))
+                result.update(error_description=query.get("error_description", ""))
+                _browser_page(self, 200, "The sign-in was not completed; see the terminal.")
             arrived.set()
-
-        def _page(self, status: int, text: str) -> None:
-            body = f"<!DOCTYPE html><title>pop3lite</title><p>{text}</p>\n".encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # the request line holds the code: it never reaches stderr
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    # Not HTTPServer, which looks up the host name; a thread per connection, so that an idle
+    # preconnect of a browser cannot hold up the redirect.
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     redirect_uri = f"http://127.0.0.1:{server.server_address[1]}/"
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -4887,50 +4908,50 @@ def _await_redirect(state: str, show: Callable[[str], object], wait: float) -> t
         thread.join(wait)
     if "code" in result:
         return result["code"], redirect_uri
-    problem = result.get("error", f"no browser came back within {wait:.0f} s")
+    if "error" in result:
+        raise _provider_error(result, "the sign-in in the browser")
+    problem = result.get("problem", f"no browser came back within {wait:.0f} s")
     raise OAuth2Error(f"{problem}; sign in again", reason="sign-in")
 
 
-class _TokenFileLock:
+@contextlib.contextmanager
+def _token_file_lock(path: str, wait: float) -> Iterator[None]:
     """An exclusive lock on PATH.lock while a run reads, refreshes and rewrites the token file
     (a refresh token may be spent once). Waits at most ``wait`` seconds; on systems without
     fcntl (Windows) there is no lock: do not share a token file between runs there."""
+    import os
 
-    def __init__(self, path: str, wait: float) -> None:
-        self.path = path + ".lock"
-        self.wait = wait
-        self.descriptor = -1
-
-    def __enter__(self) -> _TokenFileLock:
-        import os
-
-        self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                _flock(self.descriptor, f"the token file lock {self.path}")
-                return self
-            except BlockingIOError as exc:
-                if time.monotonic() > deadline:
-                    os.close(self.descriptor)
-                    raise OAuth2Error(f"{exc}; try again", reason="token-file") from None
-            time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        os.close(self.descriptor)
+    try:
+        descriptor = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        message = f"cannot write the token file lock {path}.lock: {exc.strerror or exc}"
+        raise OAuth2Error(message, reason="token-file") from None
+    try:
+        try:
+            _flock(descriptor, f"the token file lock {path}.lock", wait)
+        except BlockingIOError as exc:
+            raise OAuth2Error(str(exc), reason="busy") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _read_token_file(path: str) -> dict[str, Any]:
     """The token file's state; OAuth2Error if it is missing, open to others or damaged."""
     import os
+    import stat
 
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
+    try:  # O_NONBLOCK: a FIFO put in its place must not block the open
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         message = f"token file {path} does not exist; sign in first"
         raise OAuth2Error(message, reason="sign-in") from None
+    except OSError as exc:
+        message = f"cannot read token file {path}: {exc.strerror or exc}"
+        raise OAuth2Error(message, reason="token-file") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a directory, a FIFO, a device
+        os.close(descriptor)
+        raise OAuth2Error(f"token file {path} is not a regular file", reason="token-file")
     with open(descriptor, "rb") as file:
         mode = os.fstat(descriptor).st_mode & 0o777
         # Refused, not tightened: whoever could read it may already hold the refresh token.
@@ -4954,8 +4975,11 @@ def _read_token_file(path: str) -> dict[str, Any]:
 def _valid_state(state: dict[str, Any]) -> bool:
     texts = ("provider", "token_url", "client_id", "scope", "user", "grant", "access_token")
     numbers = ("expires_at", "lifetime")
-    return all(isinstance(state.get(key), str) for key in texts) and all(
-        isinstance(state.get(key), (int, float)) for key in numbers
+    return (
+        all(isinstance(state.get(key), str) for key in texts)
+        and all(isinstance(state.get(key), (int, float)) for key in numbers)
+        and isinstance(state.get("refresh_token", ""), str)
+        and not re.search("[\r\n\0]", state["access_token"])  # it goes on a command line
     )
 
 
@@ -5054,21 +5078,16 @@ class OAuth2:
     def refresh(self, spent: str | None = None) -> str:
         """A new access token, unless another run already replaced ``spent`` with one that is
         still fresh; the file is rewritten before this returns."""
-        with _TokenFileLock(self.path, self.timeout + 5.0):
+        with _token_file_lock(self.path, self.timeout + 5.0):
             state = self._load()  # after the lock: another run may have refreshed
             if state["access_token"] != spent and self._fresh(state):
                 return str(state["access_token"])
+            fields = {"grant_type": "client_credentials", "scope": state["scope"]}
             if state.get("refresh_token"):
-                fields = {"grant_type": "refresh_token", "refresh_token": state["refresh_token"]}
-                fields["scope"] = state["scope"]
-            elif state["grant"] == "client-credentials":
-                fields = {"grant_type": "client_credentials", "scope": state["scope"]}
-            else:
-                raise OAuth2Error(
-                    f"token file {self.path} has no refresh token (was offline_access in the "
-                    "scope?); sign in again",
-                    reason="sign-in",
-                )
+                fields.update(grant_type="refresh_token", refresh_token=state["refresh_token"])
+            elif state["grant"] != "client-credentials":
+                message = f"token file {self.path} has no refresh token; sign in again"
+                raise OAuth2Error(message, reason="sign-in")
             self._store(state, self._token_request(state, fields))
         return str(state["access_token"])
 
@@ -5097,16 +5116,22 @@ class OAuth2:
 
     def _store(self, state: dict[str, Any], reply: dict[str, Any]) -> None:
         """Take a token reply into ``state`` and write the file at once (RFC 6749 section 6:
-        a new refresh token replaces the old one, which may already be refused)."""
+        a new refresh token replaces the old one, which may already be refused), even when
+        the rest of the reply is unusable: the spent refresh token is lost either way."""
         where = _endpoint_name(state["token_url"])
-        state["access_token"] = _oauth2_token(reply, "access_token", where)
-        if str(reply.get("token_type", "")).lower() != "bearer":  # RFC 6750 tokens only
-            raise OAuth2Error(f"{where} sent a token that is not a bearer token", reason="endpoint")
-        lifetime = _reply_seconds(reply.get("expires_in"), 3600.0, where, "expires_in")
-        state["lifetime"] = lifetime
-        state["expires_at"] = time.time() + lifetime
         if "refresh_token" in reply:
             state["refresh_token"] = _oauth2_token(reply, "refresh_token", where)
+        try:
+            access = _oauth2_token(reply, "access_token", where)
+            if str(reply.get("token_type", "")).lower() != "bearer":  # RFC 6750 tokens only
+                message = f"{where} sent a token that is not a bearer token"
+                raise OAuth2Error(message, reason="endpoint")
+            lifetime = _reply_seconds(reply.get("expires_in"), 3600.0, where, "expires_in")
+        except OAuth2Error:
+            if "refresh_token" in reply:
+                _write_token_file(self.path, state)
+            raise
+        state.update(access_token=access, lifetime=lifetime, expires_at=time.time() + lifetime)
         _write_token_file(self.path, state)
         self._state = state
 
@@ -5123,36 +5148,59 @@ class OAuth2:
         redirect to 127.0.0.1, RFC 8252) or "client-credentials" (needs the secret); by
         default the provider's, else "device" when a device URL is known, else "loopback".
         ``prompt(message, url)`` tells the user what to open (and the device code); the wait
-        for the user ends after ``wait`` seconds at most."""
-        config = dict(self._config)
-        if "token_url" not in config or "client_id" not in config:
-            raise ValueError("sign_in() needs a provider or token_url, and a client_id")
+        for the user ends after ``wait`` seconds at most. Without a provider or token URL, an
+        existing token file's settings are used again."""
+        import os
+
+        config, secret = self._settings()
         grant = grant or config.get("grant") or ("device" if "device_url" in config else "loopback")
         if grant not in OAUTH2_GRANTS:
             raise ValueError(f"unknown grant {grant!r}; known: {', '.join(OAUTH2_GRANTS)}")
-        if grant == "client-credentials":
-            if not self._secret:
-                raise ValueError("the client-credentials grant needs the client secret")
-            config["scope"] = self._config.get("scope") or config.get("app_scope") or ""
-        state: dict[str, Any] = {key: config.get(key, "") for key in ("token_url", "client_id")}
-        state.update((key, config[key]) for key in ("device_url", "auth_url") if key in config)
-        state.update(provider=config.get("provider", ""), scope=config.get("scope", ""))
-        state.update(format=_TOKEN_FILE_FORMAT, grant=grant, access_token="", lifetime=0)
-        state.update(expires_at=0, user="" if grant == "client-credentials" else user)
-        if self._secret:
-            state["client_secret"] = self._secret
+        if grant == "client-credentials" and not secret:
+            raise ValueError("the client-credentials grant needs the client secret")
+        if grant != "client-credentials" and not user:
+            raise ValueError(f"the {grant} grant needs the user the tokens are for")
+        app_scope = config.get("app_scope") if grant == "client-credentials" else None
+        state: dict[str, Any] = {
+            **{key: config[key] for key in ("device_url", "auth_url") if key in config},
+            **({"client_secret": secret} if secret else {}),
+            "format": _TOKEN_FILE_FORMAT, "provider": config.get("provider", ""),
+            "token_url": config["token_url"], "client_id": config["client_id"], "grant": grant,
+            "scope": self._config.get("scope") or app_scope or config.get("scope", ""),
+            "user": "" if grant == "client-credentials" else user,
+            "access_token": "", "lifetime": 0, "expires_at": 0,
+        }  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o700, exist_ok=True)
+        self._secret = secret
+        with _token_file_lock(self.path, self.timeout + 5.0):  # before the user is asked
+            if grant == "device":
+                reply = self._device_grant(state, prompt, wait)
+            elif grant == "loopback":
+                reply = self._loopback_grant(state, prompt, wait)
+            else:
+                fields = {"grant_type": "client_credentials", "scope": state["scope"]}
+                reply = self._token_request(state, fields)
+            if grant != "client-credentials" and "refresh_token" not in reply:
+                message = f"{_endpoint_name(state['token_url'])} sent no refresh token, so the "
+                message += "sign-in would last an hour only (Microsoft: is offline_access in "
+                raise OAuth2Error(message + "the scope?); sign in again", reason="sign-in")
+            self._store(state, reply)
+
+    def _settings(self) -> tuple[dict[str, str], str | None]:
+        """The endpoints, client and scope to sign in with, and the client secret: those
+        given, else (signing in again) those of the token file."""
         import os
 
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o700, exist_ok=True)
-        if grant == "device":
-            reply = self._device_grant(state, prompt, wait)
-        elif grant == "loopback":
-            reply = self._loopback_grant(state, prompt, wait)
-        else:
-            fields = {"grant_type": "client_credentials", "scope": state["scope"]}
-            reply = self._token_request(state, fields)
-        with _TokenFileLock(self.path, self.timeout + 5.0):
-            self._store(state, reply)
+        config, secret = self._config, self._secret
+        if "token_url" not in config and os.path.exists(self.path):
+            old = _read_token_file(self.path)
+            keys = ("provider", "token_url", "device_url", "auth_url", "client_id", "scope")
+            config = {**{key: old[key] for key in keys if old.get(key)}, **config}
+            config.setdefault("grant", old["grant"])
+            secret = secret or old.get("client_secret")
+        if "token_url" not in config or "client_id" not in config:
+            raise ValueError("sign_in() needs a provider or token_url, and a client_id")
+        return config, secret
 
     def _device_grant(self, state: dict[str, Any], prompt: _Prompt, wait: float) -> _Reply:
         """RFC 8628 sections 3.1 to 3.5: ask for a code, show it, poll until approved."""
@@ -5198,11 +5246,14 @@ class OAuth2:
         query.update(scope=state["scope"], state=expected, code_challenge=challenge)
         query["code_challenge_method"] = "S256"
         if state["provider"] == "google":
-            query["access_type"] = "offline"  # Google's name for "send a refresh token"
+            # Google's "send a refresh token"; without the consent asked again, a second
+            # sign-in gets none.
+            query.update(access_type="offline", prompt="consent")
 
         def show(redirect_uri: str) -> None:
             query["redirect_uri"] = redirect_uri
-            url = state["auth_url"] + "?" + urllib.parse.urlencode(query)
+            given = {key: value for key, value in query.items() if value}  # no empty scope
+            url = state["auth_url"] + "?" + urllib.parse.urlencode(given)
             prompt(f"To sign in, open this address in a browser on this computer:\n{url}", url)
 
         code, redirect_uri = _await_redirect(expected, show, wait)
@@ -5231,8 +5282,9 @@ _EXIT_STATUSES = (
     (3, "AUTH", "authentication failed"),
     (4, "CONNECTION", "connection, TLS or timeout failure (or a password would cross an "
      "unencrypted link)"),
-    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), or "
-     "the --mda command exited with 75 (EX_TEMPFAIL): try again later"),
+    (5, "TEMPORARY", "temporary server condition (mailbox in use, login delay, SYS/TEMP), "
+     "the --oauth2 FILE in use by another run, or the --mda command exited with 75 "
+     "(EX_TEMPFAIL): try again later"),
     (6, "SERVER", "other server or protocol error"),
     (7, "SKIPPED", "save: messages larger than --max-size were skipped (the rest were saved)"),
     (130, "INTERRUPTED", "interrupted (Ctrl-C): the connection is closed without QUIT, "
@@ -5520,8 +5572,7 @@ _OAUTH2_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 
 def _token_option(o: Any) -> str | None:
     """The option that gives an OAuth 2.0 token, if one does."""
-    given: str | None = o.oauth2 or o.oauth2_token_file or o.oauth2_token_command
-    return given
+    return o.oauth2 or o.oauth2_token_file or o.oauth2_token_command  # type: ignore[no-any-return]
 
 
 def _token_check(o: Any) -> str:
@@ -5636,9 +5687,9 @@ _OPTIONS = (
     _Option(("--all",), "retr, save, shell", "fetch every message again, also those earlier "
             "runs saved (and record them again)", actions=("save",), conflicts=("--new",)),
     _Option(("--mda",), "retr, save, shell", "deliver each message to the command CMD (run by "
-            "/bin/sh, the message on its stdin; %%F: the envelope sender, quoted) instead of "
-            "DIR or FILE.mbox; exit status 0 means delivered, 75 try again later; bounded by "
-            "--timeout", "CMD", actions=("save",)),
+            "/bin/sh, the message on its stdin; %%F: the envelope sender, with no quotes "
+            "around it) instead of DIR or FILE.mbox; exit status 0 means delivered, 75 try "
+            "again later; bounded by --timeout", "CMD", actions=("save",)),
     _Option(("--delete",), "retr, save, shell", "once every message is safely on disk (or "
             "delivered), delete them on the server, and those earlier runs saved (unless "
             "--all)", actions=("save",)),
@@ -5841,7 +5892,8 @@ def _action_arguments(o: Any, words: list[str]) -> None:
     elif o.action == "oauth2" and not words:
         if not o.oauth2:
             raise _CommandLineError("oauth2 needs --oauth2 FILE: the token file to write")
-        if not o.client_id or not (o.provider or o.token_url):
+        again = os.path.exists(os.path.expanduser(o.oauth2))  # sign_in() reuses its settings
+        if not again and (not o.client_id or not (o.provider or o.token_url)):
             raise _CommandLineError("oauth2 needs --client-id ID and --provider (or --token-url)")
     elif words:
         raise _CommandLineError(f"{o.action} takes no arguments, but got {words[0]!r}")
@@ -5863,6 +5915,11 @@ class _Run:
     @property
     def implicit_tls(self) -> bool:
         return self.tls == "implicit" or (self.tls == "auto" and self.port in (None, POP3S_PORT))
+
+    @property
+    def where(self) -> str:
+        """HOST[:PORT] as given, for the command lines the run suggests."""
+        return f"{self.host}:{self.port}" if self.port else self.host
 
     @property
     def target_name(self) -> str:
@@ -6011,24 +6068,19 @@ def _first_line(data: bytes, where: str) -> str:
 
 def _command_secret(command: str, option: str, timeout: float) -> str:
     """The first line a shell command prints (as mpop's passwordeval, mbsync's PassCmd): stdin
-    closed, stderr left to the user, at most ``timeout`` seconds; its output goes to a
-    temporary file, so a command printing without end cannot fill the memory."""
+    closed, stderr left to the user, at most ``timeout`` seconds (see _run_command)."""
     import subprocess
-    import tempfile
 
     where = f"{option} {command!r}"
-    with tempfile.TemporaryFile() as output:
-        try:
-            done = subprocess.run(
-                command, shell=True, stdin=subprocess.DEVNULL, stdout=output, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
-        except OSError as exc:
-            raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
-        if done.returncode != 0:
-            raise _CommandLineError(f"{where} failed (exit status {done.returncode})")
-        output.seek(0)
+    try:
+        status, output = _run_command(command, None, timeout, stderr=False)
+    except subprocess.TimeoutExpired:
+        raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
+    except OSError as exc:
+        raise _CommandLineError(f"{where} could not run: {exc.strerror or exc}") from None
+    with output:
+        if status != 0:
+            raise _CommandLineError(f"{where} failed (exit status {status})")
         data = output.read(_SECRET_FILE_LIMIT + 1)
     if not data.strip(b"\r\n"):
         raise _CommandLineError(f"{where} printed nothing")
@@ -7104,16 +7156,17 @@ def _show_sign_in(message: str, url: str) -> None:
     _say(message, always=True)
 
 
-def _oauth2_sign_in(o: Any) -> int:
+def _oauth2_sign_in(run: _Run) -> int:
     """The oauth2 action: sign in once by the chosen grant and write the token file."""
-    secret = None
+    o, secret = run.o, None
     if o.client_secret_file:
         secret = _read_secret_file(o.client_secret_file, "client secret file")
-    source = _oauth2_source(o, secret)
-    source.sign_in(o.user, o.grant, _show_sign_in)
-    where = f"{o.host}:{o.port}" if o.port else o.host
+    if o.grant != "client-credentials":
+        _known_user(run)
+        run.user = run.user or _typed_user(run)
+    _oauth2_source(o, secret).sign_in(run.user or "", o.grant, _show_sign_in)
     _say(f"signed in; the tokens are in {o.oauth2} (keep it private)")
-    _say(f"from now on: {_program_name()} {where} {o.user} check --oauth2 {o.oauth2}")
+    _say(f"from now on: {_program_name()} {run.where} {run.user} check --oauth2 {o.oauth2}")
     return _EXIT["OK"]
 
 
@@ -7123,11 +7176,7 @@ def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
     o = run.o
     if o.action == "capa":
         return None, None
-    if run.user is None:  # a URL or HOST without USER: ~/.netrc's login, or asked for
-        entry = _netrc_entry(run.host)
-        run.user = entry[0] if entry and entry[0] else None
-        if run.user is None:
-            _check_prompt(run, "user")
+    _known_user(run)
     if o.oauth2:
         run.source = f"--oauth2 {o.oauth2}"
         tokens = _oauth2_source(o, None)
@@ -7147,6 +7196,15 @@ def _secret(run: _Run) -> tuple[str | None, str | Callable[[], str] | None]:
     return password, None
 
 
+def _known_user(run: _Run) -> None:
+    """A URL or HOST without USER: ~/.netrc's login; else one must be asked for."""
+    if run.user is None:
+        entry = _netrc_entry(run.host)
+        run.user = entry[0] if entry and entry[0] else None
+        if run.user is None:
+            _check_prompt(run, "user")
+
+
 def _session(run: _Run) -> int:
     """Connect, then ask for a password if none is stored, log in (except for capa), run the
     action; QUIT only if it succeeded."""
@@ -7154,7 +7212,7 @@ def _session(run: _Run) -> int:
 
     o = run.o
     if o.action == "oauth2":
-        return _oauth2_sign_in(o)
+        return _oauth2_sign_in(run)
     if o.action == "retr" and o.output and len(o.numbers) > 1 and not os.path.isdir(o.output):
         raise _CommandLineError("-o must name an existing directory for several messages")
     if o.action == "retr" and not o.output and len(o.numbers) > 1 and not sys.stdout.isatty():
@@ -7200,7 +7258,6 @@ def _session(run: _Run) -> int:
 
 def _no_stdout() -> ContextManager[object]:
     """-q: a report nobody reads goes nowhere."""
-    import contextlib
     import io
 
     return contextlib.redirect_stdout(io.StringIO())
@@ -7247,8 +7304,7 @@ def _demo(run: _Run) -> int:
 # say it with the command line's options instead.
 _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
     (AuthenticationError, "", _EXIT["AUTH"],
-     "login refused{said}; check the user name and the {secret}{source}, or choose another "
-     "login method with --auth MECH or --apop"),
+     "login refused{said}; check the user name and the {secret}{source}{other_login}"),
     (InUseError, "", _EXIT["TEMPORARY"],
      "the mailbox is in use by another session ({text}); try again once the other mail "
      "client has finished"),
@@ -7288,8 +7344,8 @@ _FAILURES: tuple[tuple[type[Error], str, int, str], ...] = (
     (OAuth2Error, "endpoint", _EXIT["CONNECTION"],
      "{error}; check the network (and --token-url), or try again later"),
     (OAuth2Error, "permissions", _EXIT["LOCAL"], "{error}"),
-    (OAuth2Error, "", _EXIT["AUTH"],
-     "{error}: run {sign_in} (with the --provider and --client-id of the first sign-in)"),
+    (OAuth2Error, "busy", _EXIT["TEMPORARY"], "{error}; try again once it has finished"),
+    (OAuth2Error, "", _EXIT["AUTH"], "{error}{sign_in}"),
     (Error, "", _EXIT["SERVER"], "{error}"),
 )
 
@@ -7308,13 +7364,15 @@ def _failure(exc: Error, run: _Run | None = None) -> tuple[int, str]:
         "said": "",
         "source": "",
         "tls_hint": "",
-        "sign_in": f"{_program_name()} HOST USER oauth2 --oauth2 FILE",
+        "sign_in": f": run {_program_name()} HOST USER oauth2 --oauth2 FILE",
+        "other_login": ", or choose another login method with --auth MECH or --apop",
         "plaintext_hint": "--tls starttls, or the implicit TLS port (995)",
     }
     if run is not None and run.o.oauth2:
-        o = run.o
-        where = f"{o.host}:{o.port}" if o.port else o.host
-        fields["sign_in"] = f"{_program_name()} {where} {o.user} oauth2 --oauth2 {o.oauth2}"
+        command = f"{_program_name()} {run.where} {run.user} oauth2 --oauth2 {run.o.oauth2}"
+        fields["sign_in"] = "" if run.o.action == "oauth2" else f": run {command}"
+    if secret == "token":
+        fields["other_login"] = ""
     if isinstance(exc, AuthenticationError) and exc.text:
         # A -ERR's text is the server's; a refusal inside the SASL exchange (SCRAM "e=") is
         # told in the error's own words, which do not claim a -ERR.

@@ -519,6 +519,10 @@ def test_client_credentials_need_a_registration_with_a_secret() -> None:
     with FakeOAuth2() as oauth2:
         reply = post(oauth2.token_url, grant_type="client_credentials", client_id=CLIENT,
                      client_secret="anything")
+        assert reply.status == 401 and reply.error == "invalid_client"
+        assert "has no secret" in reply.json["error_description"]
+        assert "must contain" not in reply.json["error_description"]
+        reply = post(oauth2.token_url, grant_type="client_credentials", client_id=CLIENT)
         assert reply.status == 401 and reply.json["error_codes"] == [7000218]
 
 

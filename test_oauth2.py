@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -133,8 +134,9 @@ def test_provider_errors_say_what_to_do(error: str, hint: str) -> None:
 @pytest.mark.parametrize("error", ["server_error", "temporarily_unavailable"])
 def test_a_passing_provider_problem_is_an_endpoint_error(error: str) -> None:
     exc = m._provider_error({"error": error}, "the OAuth2 endpoint x")
-    assert exc.reason == "endpoint" and "try again later" in str(exc)
-    assert m._failure(exc)[0] == 4
+    assert exc.reason == "endpoint" and "passing problem" in str(exc)
+    status, line = m._failure(exc)
+    assert status == 4 and line.count("try again later") == 1
 
 
 def test_provider_text_is_made_printable_and_bounded() -> None:
@@ -196,6 +198,90 @@ def test_an_unreachable_endpoint_is_an_endpoint_error() -> None:
             m.oauth2_post(f"http://127.0.0.1:{port}/token", {"x": "y"}, timeout=5)
     assert caught.value.reason == "endpoint"
     assert "cannot reach the OAuth2 endpoint 127.0.0.1" in str(caught.value)
+
+
+class RawEndpoint:
+    """A token endpoint on 127.0.0.1 that answers one request with ``reply``, its bytes spaced
+    ``gap`` seconds apart (a trickle), then hangs up."""
+
+    def __init__(self, reply: bytes, gap: float = 0.0) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.listener.settimeout(TIMEOUT)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/token"
+        self.stopped = threading.Event()
+        self.request = b""
+        self.thread = threading.Thread(target=self.serve, args=(reply, gap), daemon=True)
+        self.thread.start()
+
+    def serve(self, reply: bytes, gap: float) -> None:
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.settimeout(TIMEOUT)
+            try:
+                for _ in range(100):  # the request line and headers, then the form
+                    self.request += connection.recv(65536)
+                    head, end, body = self.request.partition(b"\r\n\r\n")
+                    length = re.search(rb"(?i)content-length: *(\d+)", head)
+                    if end and len(body) >= (int(length.group(1)) if length else 0):
+                        break
+                pieces = [reply[i : i + 1] for i in range(len(reply))] if gap else [reply]
+                for piece in pieces:
+                    connection.sendall(piece)
+                    if self.stopped.wait(gap):
+                        return
+            except OSError:
+                return
+
+    def __enter__(self) -> RawEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.listener.close()
+        self.thread.join(TIMEOUT)
+
+
+HEADERS = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "reply", [b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200, HEADERS + b" " * 200],
+    ids=["headers", "body"],
+)
+def test_a_trickling_endpoint_is_cut_off_at_the_timeout(reply: bytes) -> None:
+    with RawEndpoint(reply, gap=0.05) as endpoint:  # a byte every 50 ms: 10 s in all
+        started = time.monotonic()
+        with pytest.raises(m.OAuth2Error) as caught:
+            m.oauth2_post(endpoint.url, {"grant_type": "refresh_token"}, timeout=1.0)
+        assert time.monotonic() - started < 3
+    assert caught.value.reason == "endpoint"
+    assert "no complete reply within 1 s" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (b"garbage\r\n\r\n", "BadStatusLine"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n", "HTTPException"),
+        (HEADERS + b'{"access_token": ', "IncompleteRead"),
+    ],
+    ids=["status-line", "too-many-headers", "incomplete"],
+)
+def test_broken_http_is_an_endpoint_error(reply: bytes, words: str) -> None:
+    with RawEndpoint(reply) as endpoint:
+        with pytest.raises(m.OAuth2Error) as caught:
+            m.oauth2_post(endpoint.url, {"grant_type": "refresh_token"}, timeout=TIMEOUT)
+    assert caught.value.reason == "endpoint"
+    assert f"sent broken HTTP ({words})" in str(caught.value)
+
 
 
 # ---- provider presets and the token source's configuration ---------------------------------
@@ -275,8 +361,11 @@ def test_a_token_file_open_to_others_is_refused(tmp_path: Path, mode: int) -> No
         json.dumps(state(expires_at="tomorrow")).encode(),
         json.dumps(state(token_url=None)).encode(),
         b"\xff\xfe",
+        json.dumps(state(access_token="Access\r\nDELE 1")).encode(),
+        json.dumps(state(refresh_token=42)).encode(),
     ],
-    ids=["empty", "broken", "list", "foreign", "format", "expiry", "url", "binary"],
+    ids=["empty", "broken", "list", "foreign", "format", "expiry", "url", "binary", "crlf",
+         "refresh"],
 )
 def test_a_damaged_token_file_is_named_and_says_sign_in_again(
     tmp_path: Path, content: bytes
@@ -286,6 +375,32 @@ def test_a_damaged_token_file_is_named_and_says_sign_in_again(
         m.OAuth2(path)()
     assert caught.value.reason == "token-file"
     assert path in str(caught.value) and "sign in again" in str(caught.value)
+
+
+def test_a_token_file_that_is_no_regular_file_is_named(tmp_path: Path) -> None:
+    import threading
+
+    directory = tmp_path / "dir.json"
+    directory.mkdir()
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    caught: list[BaseException] = []
+
+    def read(path: Path) -> None:
+        try:
+            m.OAuth2(str(path))()
+        except BaseException as exc:  # noqa: BLE001 (inspected below)
+            caught.append(exc)
+
+    for path in (directory, fifo):
+        reader = threading.Thread(target=read, args=(path,), daemon=True)
+        reader.start()
+        reader.join(5.0)
+        assert not reader.is_alive(), "opening a FIFO blocked"
+    assert [type(exc) for exc in caught] == [m.OAuth2Error, m.OAuth2Error]
+    for exc, path in zip(caught, (directory, fifo)):
+        assert isinstance(exc, m.OAuth2Error) and exc.reason == "token-file"
+        assert f"token file {path} is not a regular file" in str(exc)
 
 
 def test_a_missing_token_file_says_sign_in_first(tmp_path: Path) -> None:
@@ -350,13 +465,73 @@ def test_the_lock_wait_is_bounded(tmp_path: Path) -> None:
     holder = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        lock = m._TokenFileLock(path, 0.2)
+        lock = m._token_file_lock(path, 0.2)
         with pytest.raises(m.OAuth2Error) as caught:
             lock.__enter__()
     finally:
         os.close(holder)
-    assert caught.value.reason == "token-file"
+    assert caught.value.reason == "busy"
     assert "in use by another process" in str(caught.value)
+    status, line = m._failure(caught.value)
+    assert status == m._EXIT["TEMPORARY"] and "sign in" not in line and "try again" in line
+
+
+def test_a_store_that_fails_keeps_the_new_refresh_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_state(tmp_path / "t.json", state(expires_at=0))
+    reply = {"access_token": "Access-2", "token_type": "mac", "refresh_token": "Refresh-2"}
+    monkeypatch.setattr(m, "oauth2_post", lambda url, fields, timeout: dict(reply))
+    with pytest.raises(m.OAuth2Error, match="not a bearer token"):
+        m.OAuth2(path).refresh()
+    assert json.loads(Path(path).read_text())["refresh_token"] == "Refresh-2"
+
+
+def test_sign_in_takes_the_lock_before_asking_the_user(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    (tmp_path / "t.json.lock").mkdir()  # the lock cannot be taken
+    asked: list[str] = []
+    source = m.OAuth2(str(path), token_url="http://127.0.0.1:9/token", client_id="x",
+                      device_url="http://127.0.0.1:9/devicecode")
+    with pytest.raises(m.OAuth2Error) as caught:
+        source.sign_in("alice", "device", lambda message, url: asked.append(url))
+    assert caught.value.reason == "token-file" and "t.json.lock" in str(caught.value)
+    assert asked == []
+
+
+def opened_url(source: m.OAuth2) -> str:
+    """The address sign_in() asks the user to open (the loopback grant; nobody comes back)."""
+    shown: list[str] = []
+    with pytest.raises(m.OAuth2Error, match="no browser came back"):
+        source.sign_in("alice", "loopback", lambda message, url: shown.append(url), wait=0.1)
+    return shown[0]
+
+
+def test_google_asks_for_consent_so_that_a_second_sign_in_gets_a_refresh_token(
+    tmp_path: Path,
+) -> None:
+    import urllib.parse
+
+    url = opened_url(m.OAuth2(str(tmp_path / "t.json"), "google", client_id="x"))
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+    assert query["access_type"] == "offline" and query["prompt"] == "consent"
+
+
+def test_an_empty_scope_is_not_sent(tmp_path: Path) -> None:
+    source = m.OAuth2(str(tmp_path / "t.json"), token_url="http://127.0.0.1:9/token",
+                      auth_url="http://127.0.0.1:9/authorize", client_id="x")
+    assert "scope" not in opened_url(source)
+    with RawEndpoint(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") as endpoint:
+        m.oauth2_post(endpoint.url, {"grant_type": "client_credentials", "scope": ""})
+    assert b"grant_type=client_credentials" in endpoint.request
+    assert b"scope" not in endpoint.request
+
+
+def test_sign_in_needs_the_user_for_a_user_grant(tmp_path: Path) -> None:
+    source = m.OAuth2(str(tmp_path / "t.json"), token_url="http://127.0.0.1:9/token",
+                      auth_url="http://127.0.0.1:9/authorize", client_id="x")
+    with pytest.raises(ValueError, match="needs the user"):
+        source.sign_in("", "loopback", lambda message, url: None, wait=0.1)
 
 
 # ---- the command line: secrets from commands ------------------------------------------------
@@ -407,6 +582,29 @@ def test_a_failing_password_command_is_named(
 
 
 @pytest.mark.usefixtures("cli_environment")
+def test_a_command_that_times_out_is_killed_with_its_children(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from conftest import wait_until
+
+    pid_file = tmp_path / "child.pid"
+    command = f"sleep 60 & echo $! > {pid_file}; wait"  # sh waits for a grandchild
+    status, _, err = run_cli(
+        capsys, "127.0.0.1:9", "alice", "--timeout", "1", "--password-command", command
+    )
+    assert status == 2 and "did not finish within 1 s" in err
+    child = int(pid_file.read_text())
+
+    def gone() -> bool:  # killed: a zombie until init reaps it, or gone
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, 5.0)
+
+
+@pytest.mark.usefixtures("cli_environment")
 def test_oauth2_token_command(capsys: pytest.CaptureFixture[str]) -> None:
     from fakeserver import FakeServer
 
@@ -419,7 +617,7 @@ def test_oauth2_token_command(capsys: pytest.CaptureFixture[str]) -> None:
         argv[-1] = "echo another-token"
         status, _, err = run_cli(capsys, *argv)
     assert status == 3 and "the token came from --oauth2-token-command" in err
-    assert "another-token" not in err
+    assert "another-token" not in err and "--apop" not in err
 
 
 @pytest.mark.usefixtures("cli_environment")
@@ -629,6 +827,51 @@ def test_loopback_listener_checks_state_and_its_wait_is_bounded() -> None:
     assert time.monotonic() - started < 3
 
 
+def test_loopback_redirect_error_keeps_the_providers_words_and_an_idle_connection_waits(
+) -> None:
+    import http.client
+    import socket
+    import urllib.parse
+
+    def browser(redirect_uri: str) -> None:
+        port = urllib.parse.urlsplit(redirect_uri).port
+        with socket.create_connection(("127.0.0.1", port), TIMEOUT):  # an idle preconnect
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+            try:
+                query = "state=expected&error=access_denied&error_description=AADSTS65004%3A+no"
+                connection.request("GET", "/?" + query)
+                assert connection.getresponse().status == 200
+            finally:
+                connection.close()
+
+    started = time.monotonic()
+    with pytest.raises(m.OAuth2Error) as caught:
+        m._await_redirect("expected", browser, 8.0)
+    assert time.monotonic() - started < 5  # not held up by the idle connection (10 s)
+    assert caught.value.error == "access_denied" and caught.value.reason == "sign-in"
+    assert caught.value.description == "AADSTS65004: no"
+    assert "AADSTS65004: no" in str(caught.value) and "declined" in str(caught.value)
+
+
+def test_a_user_grant_without_a_refresh_token_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = m.OAuth2._token_request
+
+    def without_refresh(self: m.OAuth2, state: Any, fields: Any) -> Any:
+        reply = asked(self, state, fields)
+        reply.pop("refresh_token", None)
+        return reply
+
+    monkeypatch.setattr(m.OAuth2, "_token_request", without_refresh)
+    path = tmp_path / "t.json"
+    with oauth_server() as server:
+        with pytest.raises(m.OAuth2Error) as caught:
+            source_for(server, path).sign_in(USER, "loopback", browse(server))
+    assert caught.value.reason == "sign-in" and "sent no refresh token" in str(caught.value)
+    assert not path.exists()
+
+
 def test_client_credentials_grant(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     with oauth_server(client_secret=SECRET) as server:
@@ -801,6 +1044,45 @@ def test_cli_client_credentials_sign_in_reads_the_secret_from_a_file(
 
 
 @pytest.mark.usefixtures("cli_environment")
+def test_cli_sign_in_needs_a_user(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "alice.json"
+    with oauth_server(approve_after=0) as server:
+        argv = cli_sign_in(server, path)
+        del argv[1]  # HOST oauth2 ...: no USER, no ~/.netrc, no terminal to ask at
+        status, _, err = run_cli(capsys, *argv)
+    assert status == 2 and "no user for" in err and not path.exists()
+
+
+@pytest.mark.usefixtures("cli_environment")
+def test_cli_signs_in_again_with_the_settings_of_the_token_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "alice.json"
+    with oauth_server(approve_after=0) as server:
+        assert run_cli(capsys, *cli_sign_in(server, path))[0] == 0
+        server.oauth2.revoke()
+        where = f"{server.host}:{server.port}"
+        status, _, err = run_cli(capsys, where, USER, "--oauth2", str(path))
+        assert status == 3
+        again = err.split(f"run {m._program_name()} ", 1)[1].split()  # the suggested line
+        assert again == [where, USER, "oauth2", "--oauth2", str(path)]
+        status, _, err = run_cli(capsys, *again)
+        assert status == 0, err
+        assert run_cli(capsys, where, USER, "--oauth2", str(path))[0] == 0
+
+
+@pytest.mark.usefixtures("cli_environment")
+def test_cli_sign_in_errors_say_no_run_oauth2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "alice.json"
+    with oauth_server() as server:
+        monkeypatch.setattr(m, "_show_sign_in", lambda message, url: server.oauth2.deny())
+        status, _, err = run_cli(capsys, *cli_sign_in(server, path))
+    assert status == 3 and "access_denied" in err and "run " not in err
+
+
+@pytest.mark.usefixtures("cli_environment")
 def test_twenty_unattended_save_runs_across_expiries(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -869,7 +1151,8 @@ def test_cli_refresh_failures_say_what_to_do(
         assert server.transcripts == []  # the token is refreshed before connecting
     assert got == status and words in err
     if status == 3:
-        assert f" {where} {USER} oauth2 --oauth2 {path} (with the --provider" in err
+        hint = f"sign in again: run {m._program_name()} {where} {USER} oauth2 --oauth2 {path}"
+        assert err.endswith(hint + "\n")
         assert "invalid_grant" in err
     for secret in secrets_in(path):
         assert secret not in out + err

@@ -849,6 +849,13 @@ def test_mda_failure_stops_the_run_and_a_rerun_delivers_the_rest(tmp_path: Path)
     assert sorted(m for _, m in delivered(tmp_path)) == sorted(as_stored(m) for m in messages)
 
 
+def test_a_failed_mda_is_named_in_quotes(tmp_path: Path) -> None:
+    with server_with(make_messages(1, seed=37)) as server:
+        with pytest.raises(pop3lite.DeliveryError) as caught:
+            save(server, pop3lite.MDA("exit 1", state_dir=str(tmp_path)))
+    assert str(caught.value) == "the command 'exit 1' exited with 1"
+
+
 @posix_only
 def test_a_hanging_mda_is_killed_with_its_children_at_the_timeout(tmp_path: Path) -> None:
     with server_with(make_messages(2, seed=33)) as server:
@@ -887,25 +894,38 @@ def test_mda_delete_removes_an_earlier_runs_messages_by_their_journal_lines(
     assert len(delivered(tmp_path)) == 4
 
 
-def test_mda_sender_is_quoted_for_the_shell_and_never_an_option(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("template", ["%F", '"%F"'], ids=["bare", "double-quoted"])
+def test_mda_sender_is_safe_for_the_shell_and_never_an_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, template: str
 ) -> None:
     senders = [
         "a`touch${IFS}pwned`b@example.com",
+        "a$(touch${IFS}pwned)b@example.com",
         "o'brien@example.com",
         '"a;touch${IFS}pwned;"@x.org',
+        "-oQ/tmp/x@example.com",
+        "bob.o+tag=x%y_z@ex-ample.org",
     ]
     messages = [b"Return-Path: <%s>\r\n\r\nx\r\n" % s.encode() for s in senders]
-    messages.append(b"Return-Path: <-oQ/tmp/x@example.com>\r\n\r\nx\r\n")
     argv = mda(tmp_path)
-    shell = " ".join(f"'{part}'" for part in argv[:-1]) + " %F"  # %F alone, quoted by save()
+    shell = " ".join(f"'{part}'" for part in argv[:-1]) + " " + template
     with server_with(messages) as server:
         command = pop3lite.MDA(shell, state_dir=str(tmp_path / "s"))
-        monkeypatch.chdir(tmp_path)  # where an unquoted `touch pwned` would land
-        assert save(server, command).saved == 4
-    expected = [*(s.encode() for s in senders), b"MAILER-DAEMON"]
+        monkeypatch.chdir(tmp_path)  # where a `touch pwned` that ran would land
+        assert save(server, command).saved == len(senders)
+    expected = [b"MAILER-DAEMON"] * 5 + [senders[-1].encode()]
     assert [s for s, _ in delivered(tmp_path)] == expected
     assert not list(tmp_path.rglob("pwned"))
+
+
+def test_mda_sender_in_quotes_runs_no_command(tmp_path: Path) -> None:
+    # The reviewer's case: %F inside double quotes, a sender with backticks.
+    out = tmp_path / "out"
+    messages = [b"Return-Path: <`id`@x.org>\r\n\r\nx\r\n"]
+    with server_with(messages) as server:
+        command = pop3lite.MDA(f'cat >/dev/null; echo "%F" > {out}', state_dir=str(tmp_path))
+        assert save(server, command).saved == 1
+    assert out.read_text() == "MAILER-DAEMON\n"
 
 
 def test_save_twice_saves_each_message_once_and_all_fetches_again(

@@ -4374,11 +4374,17 @@ class MDA(Destination):
 
 
 def _run_command(
-    command: str | list[str], stdin: IO[bytes] | None, timeout: float, stderr: bool = True
+    command: str | list[str],
+    stdin: IO[bytes] | None,
+    timeout: float,
+    stderr: bool = True,
+    own_session: bool = True,
 ) -> tuple[int, IO[bytes]]:
     """Run ``command`` (a string: by /bin/sh) in a session of its own, stdin from ``stdin``
     (None: closed), stdout (and stderr) into a temporary file (not memory); return the exit
-    status and that file. A timeout (TimeoutExpired) or an interrupt kills the whole group."""
+    status and that file. A timeout (TimeoutExpired) or an interrupt kills the whole group.
+    ``own_session`` False keeps our terminal (a pinentry may ask on it); only the command
+    itself is then killed."""
     import subprocess
     import tempfile
 
@@ -4390,12 +4396,16 @@ def _run_command(
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=output,
             stderr=output if stderr else None,
-            start_new_session=True,  # a group of its own: a timeout ends its children too
+            start_new_session=own_session,  # its own group: a timeout ends its children too
         )
         try:
             status = process.wait(timeout)
         except BaseException:
-            _kill_group(process)
+            if own_session:
+                _kill_group(process)
+            else:
+                process.kill()
+                process.wait()
             raise
         output.seek(0)
         return status, output
@@ -6073,7 +6083,11 @@ def _command_secret(command: str, option: str, timeout: float) -> str:
 
     where = f"{option} {command!r}"
     try:
-        status, output = _run_command(command, None, timeout, stderr=False)
+        # At a terminal the command keeps it, so that a pinentry (gpg, pass) can ask there.
+        on_terminal = sys.stderr is not None and sys.stderr.isatty()
+        status, output = _run_command(
+            command, None, timeout, stderr=False, own_session=not on_terminal
+        )
     except subprocess.TimeoutExpired:
         raise _CommandLineError(f"{where} did not finish within {timeout:g} s") from None
     except OSError as exc:

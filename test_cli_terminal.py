@@ -241,3 +241,17 @@ def test_a_mistyped_password_is_asked_for_again(spawn: Spawn) -> None:
     assert status == 0, shown
     assert b"1 " in shown and b"wrong" not in shown and b"fugafuga" not in shown
     assert server.sessions[-1].commands[-1] == "QUIT"
+
+
+def test_a_password_command_can_ask_on_the_terminal(spawn: Spawn) -> None:
+    # As `pass` or gpg with a terminal pinentry: the command asks on /dev/tty, which it can
+    # open only while it keeps our controlling terminal (no session of its own there).
+    ask = "printf 'PIN? ' >/dev/tty && read -r pin </dev/tty && echo \"$pin\""
+    with FakeServer("rfc") as server:
+        terminal = spawn(address(server), "hogehoge", "uidl", "--password-command", ask,
+                         password=None)
+        terminal.read_until(b"PIN? ")
+        terminal.type(b"fugafuga\r")
+        status, shown = terminal.wait()
+    assert status == 0, shown
+    assert server.sessions[-1].user == "hogehoge" and server.sessions[-1].quit

@@ -54,15 +54,15 @@ start_inetd() {
 # part C ---------------------------------------------------------------------------------------
 
 more_setup_servers() {
-    mkdir -p "$C/debs" "$C/root" "$C/home"
+    mkdir -p "$C/debs" "$C/unpacked" "$C/home"
     chmod 755 "$C" "$C/home"
     (cd "$C/debs" && timeout 300 apt-get download popa3d courier-pop mailutils-pop3d) >"$C/apt.log" 2>&1 ||
         { timeout 600 apt-get update -qq && (cd "$C/debs" && timeout 300 apt-get download popa3d courier-pop mailutils-pop3d); } \
             >>"$C/apt.log" 2>&1 || die "apt-get download failed (see $C/apt.log)"
     local deb missing
-    for deb in "$C"/debs/*.deb; do dpkg -x "$deb" "$C/root" || die "dpkg -x $deb failed"; done
-    missing=$(ldd "$C/root/usr/sbin/popa3d" "$C/root/usr/sbin/pop3d" "$C/root/usr/lib/courier/courier/courierpop3d" \
-        "$C/root/usr/lib/courier/courier/courierpop3login" 2>&1 | grep 'not found' | sort -u | tr '\n' ' ')
+    for deb in "$C"/debs/*.deb; do dpkg -x "$deb" "$C/unpacked" || die "dpkg -x $deb failed"; done
+    missing=$(ldd "$C/unpacked/usr/sbin/popa3d" "$C/unpacked/usr/sbin/pop3d" "$C/unpacked/usr/lib/courier/courier/courierpop3d" \
+        "$C/unpacked/usr/lib/courier/courier/courierpop3login" 2>&1 | grep 'not found' | sort -u | tr '\n' ' ')
     [ -z "$missing" ] || die "the unpacked servers need libraries that are not installed: $missing"
     echo "versions: $(for deb in "$C"/debs/*.deb; do printf '%s %s, ' "$(dpkg-deb -f "$deb" Package)" "$(dpkg-deb -f "$deb" Version)"; done)$(socat -V | sed -n 's/^socat version \([^ ]*\).*/\1/p') (socat)"
     C_USER=p3linterop
@@ -120,7 +120,7 @@ c_server() {
 more_servers() {
     echo "== C: pop3lite against popa3d, GNU Mailutils pop3d and Courier pop3d"
     more_setup_servers
-    local root=$C/root
+    local root=$C/unpacked
     # popa3d: inetd mode is its default; it reads /var/mail/USER and chroots to /var/lib/popa3d
     printf '#!/bin/sh\nexec %s\n' "$root/usr/sbin/popa3d" >"$C/popa3d.sh"
     # Mailutils: inetd mode, STLS offered (tls-mode stls), the test CA's certificate

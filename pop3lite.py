@@ -2050,12 +2050,12 @@ class _Transport:
         self.is_open = False
         if sock is not None:
             self.closed_reason = self.closed_reason or reason
-            unwrap = getattr(sock, "unwrap", None) if graceful else None
+            unwrap = getattr(sock, "unwrap", None)
             if unwrap is not None:
                 # RFC 8446 section 6.1: close_notify first, so that the server can tell a
-                # finished session from a cut one (couriertls logs the latter as an error);
-                # unwrap() waits for the server's own close_notify, briefly.
-                sock.settimeout(min(self.timeout, 1.0))
+                # closed connection from a cut one (couriertls logs the latter as an error);
+                # after QUIT unwrap() waits for the server's own briefly, else not at all.
+                sock.settimeout(min(self.timeout, 1.0) if graceful else 0.0)
                 try:
                     unwrap()
                 except (OSError, ValueError):
@@ -2409,7 +2409,7 @@ class POP3:
         if exc_type is None and self._transport.is_open and not self._quit_sent:
             self.quit()
         else:  # the block raised: close without QUIT, so nothing marked is deleted
-            self.abort()
+            self.close()
 
     def __repr__(self) -> str:
         if not self._transport.is_open:

@@ -1462,6 +1462,32 @@ def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
     assert ended == ["close_notify"]
 
 
+
+def test_a_session_left_without_quit_still_ends_tls_with_close_notify(tmp_path: Any) -> None:
+    # An exception in the with block closes without QUIT (nothing is committed), but the TLS
+    # layer still ends cleanly: the server reads close_notify, not a cut connection.
+    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(tmp_path / "server.pem"))
+    ended: list[object] = []
+
+    def script(peer: Peer) -> None:
+        with server_context.wrap_socket(
+            peer.conn, server_side=True, suppress_ragged_eofs=False
+        ) as tls:
+            tls.sendall(GREETING)
+            try:
+                ended.append(tls.recv(100))  # b"": close_notify came
+            except (ssl.SSLError, OSError) as exc:
+                ended.append(type(exc).__name__)
+
+    with scripted(script) as port:
+        with pytest.raises(KeyError):
+            with pop3lite.POP3("localhost", port, tls="implicit", ssl_context=client_context(),
+                               timeout=TIMEOUT):
+                raise KeyError("the caller's own bug")
+    assert ended == [b""]
+
 def test_default_context_verifies_host_names_and_needs_tls12() -> None:
     default = pop3lite.POP3.__new__(pop3lite.POP3)
     default._ssl_context = None

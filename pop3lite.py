@@ -26,7 +26,6 @@ from typing import (
     Any,
     Callable,
     ClassVar,
-    ContextManager,
     Dict,
     Iterable,
     Iterator,
@@ -1325,14 +1324,6 @@ def _protocol_error(message: str, data: bytes = b"") -> ProtocolError:
     return ProtocolError(message, data[:80])
 
 
-def _authentication_error(text: str) -> AuthenticationError:
-    """Build the exception for a failure the server reported inside the SASL exchange (not
-    as a -ERR line, so the message does not say it was one)."""
-    error = AuthenticationError(text, None, "AUTH", message=text)
-    error.reason = "in-exchange"
-    return error
-
-
 def _utf8(text: str, what: str) -> bytes:
     """Encode to UTF-8; a lone surrogate is the caller's mistake (ValueError)."""
     try:
@@ -1630,7 +1621,11 @@ class ScramMechanism(Mechanism):
             # Section 7, server-error; the grammar puts it only in server-final, but an
             # error is an error wherever a server sends it.
             reason = attributes[0][1][:200]
-            raise _authentication_error(f"server rejected SCRAM authentication: {reason}")
+            # Not a -ERR line, so the message does not say it was one.
+            text = f"server rejected SCRAM authentication: {reason}"
+            error = AuthenticationError(text, None, "AUTH", message=text)
+            error.reason = "in-exchange"
+            raise error
         return attributes
 
     def _client_final(self, server_first: bytes) -> bytes:
@@ -1744,14 +1739,6 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return details if isinstance(details, dict) else None
 
 
-def _json_error(challenge: bytes, mechanism: str) -> dict[str, Any]:
-    """Decode an OAuth error challenge: a JSON object (RFC 7628 section 3.2.2)."""
-    details = _json_object(challenge)
-    if details is None:
-        raise _protocol_error(f"{mechanism} challenge is not a JSON error object", challenge)
-    return details
-
-
 class _BearerMechanism(Mechanism):
     """A bearer-token mechanism: one message with the token, then at most one challenge, the
     server's JSON error, kept in ``error_details`` and answered with ``error_answer`` so the
@@ -1771,7 +1758,10 @@ class _BearerMechanism(Mechanism):
     def respond(self, challenge: bytes) -> bytes:
         if self.error_details is not None:
             raise _protocol_error(f"unexpected {self.name} challenge after the error", challenge)
-        self.error_details = _json_error(challenge, self.name)
+        # RFC 7628 section 3.2.2: the error challenge is a JSON object.
+        self.error_details = _json_object(challenge)
+        if self.error_details is None:
+            raise _protocol_error(f"{self.name} challenge is not a JSON error object", challenge)
         return self.error_answer
 
 
@@ -2188,12 +2178,6 @@ class _Transport:
 # =============================================================================================
 
 
-def _get_logger() -> logging.Logger:
-    import logging
-
-    return logging.getLogger("pop3lite")
-
-
 class _Log:
     """The "pop3lite" logger, looked up once something has imported logging. Until then no
     handler or level can have been set, so nothing would be logged, and the import (several
@@ -2206,7 +2190,9 @@ class _Log:
         if self._logger is None:
             if "logging" not in sys.modules:
                 return False
-            self._logger = _get_logger()
+            import logging
+
+            self._logger = logging.getLogger("pop3lite")
         return self._logger.isEnabledFor(level)
 
     def debug(self, message: str, *args: object) -> None:
@@ -2772,18 +2758,12 @@ class POP3:
             try:
                 self._status("USER")
             except ServerError:
-                self._status_anyway("PASS")  # read, so the session stays in step
+                with contextlib.suppress(ServerError):  # its answer no longer matters, but
+                    self._status("PASS")  # it is read, so the session stays in step
                 raise
             text = self._status("PASS")
         self._logged_in(user)
         return display_text(text)
-
-    def _status_anyway(self, command: str) -> None:
-        """Read a status line whose answer no longer matters (a -ERR is not raised)."""
-        try:
-            self._status(command)
-        except ServerError:
-            pass
 
     def apop(self, user: str, password: str) -> str:
         """APOP (RFC 1939 section 7) with the greeting's timestamp. The password is not sent,
@@ -5552,10 +5532,15 @@ def _parse_size(text: str) -> int:
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2).upper()]
 
 
-def _tls_mode(text: str) -> str:
-    if text not in TLS_MODES:
-        raise _CommandLineError(f"--tls must be one of {', '.join(TLS_MODES)}, not {text!r}")
-    return text
+def _choice(flag: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    """The reader of an option that takes one of ``choices``."""
+
+    def value(text: str) -> str:
+        if text not in choices:
+            raise _CommandLineError(f"{flag} {text!r}: choose from {', '.join(choices)}")
+        return text
+
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -5595,18 +5580,6 @@ def _needs_oauth2_file(o: Any) -> str:
     return "" if o.oauth2 else "--provider, --client-id and --token-url go with --oauth2 FILE"
 
 
-def _provider(text: str) -> str:
-    if text not in OAUTH2_PROVIDERS:
-        raise _CommandLineError(f"--provider {text!r}: choose from microsoft, google")
-    return text
-
-
-def _grant(text: str) -> str:
-    if text not in OAUTH2_GRANTS:
-        raise _CommandLineError(f"--grant {text!r}: choose from {', '.join(OAUTH2_GRANTS)}")
-    return text
-
-
 class _Option(NamedTuple):
     """One option of the command line: how it is read, what it goes with, how it is checked.
     Its value is the attribute its last flag names (--max-size: ``o.max_size``)."""
@@ -5635,7 +5608,8 @@ _OPTIONS = (
             "none)", "PORT", _port_number),
     _Option(("--tls",), "connection", "auto (default): implicit TLS on port 995, STLS on other "
             "ports (optional only on loopback); implicit; starttls; none: plaintext, the "
-            "password is sent in clear", "{" + ",".join(TLS_MODES) + "}", _tls_mode, "auto"),
+            "password is sent in clear", "{" + ",".join(TLS_MODES) + "}",
+            _choice("--tls", TLS_MODES), "auto"),
     _Option(("--cafile",), "connection", "trust the CA certificates in FILE (PEM)", "FILE"),
     _Option(("--insecure",), "connection", "do not verify the certificate (dangerous)",
             conflicts=("--cafile",),
@@ -5665,7 +5639,8 @@ _OPTIONS = (
             "that CMD prints (run by the shell, stdin closed)", "CMD",
             conflicts=("--password-file", "--oauth2-token-file"), check=_token_check),
     _Option(("--provider",), "oauth2", "microsoft (tenant common unless --tenant) or google: "
-            "their endpoints, scope and grant", "{microsoft,google}", _provider,
+            "their endpoints, scope and grant", "{microsoft,google}",
+            _choice("--provider", tuple(OAUTH2_PROVIDERS)),
             check=_needs_oauth2_file),
     _Option(("--client-id",), "oauth2", "the client (application) id of your app "
             "registration", "ID", check=_needs_oauth2_file),
@@ -5673,7 +5648,8 @@ _OPTIONS = (
             "has one (client-credentials needs it); kept in the --oauth2 FILE", "FILE",
             actions=("oauth2",)),
     _Option(("--grant",), "oauth2", "default: the provider's; with URLs given, device when "
-            "--device-url is, else loopback", "{" + ",".join(OAUTH2_GRANTS) + "}", _grant,
+            "--device-url is, else loopback", "{" + ",".join(OAUTH2_GRANTS) + "}",
+            _choice("--grant", OAUTH2_GRANTS),
             actions=("oauth2",)),
     _Option(("--tenant",), "oauth2", "microsoft: common (default), organizations, consumers, "
             "or a tenant id or domain", "TENANT", actions=("oauth2",)),
@@ -7007,19 +6983,13 @@ def _tls_context(o: Any) -> ssl.SSLContext | None:
     return context
 
 
-def _oauth2_mechanism(pop: POP3, o: Any) -> str:
-    if o.auth:
-        return str(o.auth)
-    return choose_oauth2_mechanism(pop.capa().sasl)
-
-
 def _log_in(
     pop: POP3, run: _Run, password: str | None, token: str | Callable[[], str] | None
 ) -> str:
     """Log in as the options say; return the method used ("USER", "APOP", a SASL name)."""
     o, user = run.o, run.user or ""
     if token is not None:
-        mechanism = _oauth2_mechanism(pop, o)
+        mechanism = str(o.auth or choose_oauth2_mechanism(pop.capa().sasl))
         if o.auth:  # XOAUTH2, the fallback, works on servers that do not list it
             _check_offered(pop, mechanism)
         pop.login_oauth2(user, token, mechanism)
@@ -7113,10 +7083,6 @@ def _log_in_with_password(pop: POP3, o: Any, user: str, password: str) -> str:
     return pop.login_best(user, password)
 
 
-def _greeting_probe_applies(run: _Run) -> bool:
-    return run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT
-
-
 def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     """Connect as the options say. In auto mode on a port other than 110 and 995 the server
     gets _GREETING_WAIT seconds to greet in plaintext: a silent one probably waits for a TLS
@@ -7124,7 +7090,7 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
     timeout = run.o.timeout
     wait = min(_GREETING_WAIT, timeout)  # a shorter --timeout shortens it, and still probes
-    if _greeting_probe_applies(run):
+    if run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT:
         _Log().debug(  # -v says why a silent server gets a second connection
             "(does %s greet in plaintext within %gs?)", run.target_name, wait
         )
@@ -7262,19 +7228,13 @@ def _session(run: _Run) -> int:
             return _show_messages(pop, o)
         if o.action == "uidl":
             return _uidl(pop, o)
-        if o.action == "save" and o.quiet:
-            with _no_stdout():
-                return _save(pop, o)
         if o.action == "save":
-            return _save(pop, o)
+            import io
+
+            quiet = contextlib.redirect_stdout(io.StringIO())  # -q: a report nobody reads
+            with quiet if o.quiet else contextlib.nullcontext():
+                return _save(pop, o)
         return _Shell(pop, run, password, method).run()
-
-
-def _no_stdout() -> ContextManager[object]:
-    """-q: a report nobody reads goes nowhere."""
-    import io
-
-    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _import_fakeserver() -> Any:

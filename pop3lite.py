@@ -3598,14 +3598,8 @@ class _Journal:
     def _read(self) -> set[str]:
         import os
 
-        chunks = []
         os.lseek(self.descriptor, 0, os.SEEK_SET)
-        while True:
-            chunk = os.read(self.descriptor, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        text = b"".join(chunks)
+        text = b"".join(iter(lambda: os.read(self.descriptor, 1 << 20), b""))
         if not text.startswith(_JOURNAL_MAGIC.encode()):
             raise OSError(f"{self.path} is not a pop3lite state file; move it away")
         header = text.split(b"\n", 1)[0].decode("utf-8", "replace")
@@ -3616,13 +3610,9 @@ class _Journal:
             )
         if not text.endswith(b"\n"):  # a line cut short by a crash: the record never was
             os.ftruncate(self.descriptor, text.rfind(b"\n") + 1)
-        keys = set()
         lines = text.split(b"\n")[1:-1]
-        for line in lines:
-            if line.startswith(b"+ "):
-                keys.add(line[2:].decode("ascii", "replace"))
         self.lines = len(lines)
-        return keys
+        return {line[2:].decode("ascii", "replace") for line in lines if line.startswith(b"+ ")}
 
     def append(self, keys: Iterable[str], sync: bool = False) -> None:
         """Record ``keys`` in one write (a kill cannot split a line from the next)."""
@@ -3681,9 +3671,8 @@ def _legacy_state(path: str) -> set[str]:
 
 class _LocalLines:
     """A binary sink that stores a message as local files hold it: CRLF becomes LF (also
-    when a CRLF is split between two pieces) and, for an mbox, mboxrd quoting of >*From lines.
-    ``header`` collects the message's first octets until its header ends (for the From_ line).
-    """
+    when a CRLF is split between two pieces) and, for an mbox, mboxrd quoting of >*From lines
+    (the From_ line is _MboxMessage's)."""
 
     def __init__(
         self, write: Callable[[bytes], None], quote_from: bool, counted: Callable[[int], None]
@@ -6350,11 +6339,7 @@ def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Su
 
 def _distinguished_name(rdns: Any) -> str:
     short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU"}
-    parts = []
-    for rdn in rdns or ():
-        for key, value in rdn:
-            parts.append(f"{short.get(key, key)}={value}")
-    return ", ".join(parts)
+    return ", ".join(f"{short.get(key, key)}={value}" for rdn in rdns or () for key, value in rdn)
 
 
 def _tls_report(pop: POP3, o: Any) -> dict[str, Any] | None:
@@ -7088,21 +7073,14 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
     gets _GREETING_WAIT seconds to greet in plaintext: a silent one probably waits for a TLS
     ClientHello (RFC 8314 section 3.3), so implicit TLS is tried, and said, on a second
     connection, instead of waiting out --timeout (``run.tls`` then says "implicit")."""
-    timeout = run.o.timeout
-    wait = min(_GREETING_WAIT, timeout)  # a shorter --timeout shortens it, and still probes
+    given = {"timeout": run.o.timeout, "ssl_context": context}
+    wait = min(_GREETING_WAIT, run.o.timeout)  # a shorter --timeout shortens it, and still probes
     if run.tls == "auto" and not run.implicit_tls and run.port != POP3_PORT:
         _Log().debug(  # -v says why a silent server gets a second connection
             "(does %s greet in plaintext within %gs?)", run.target_name, wait
         )
         try:
-            return POP3(
-                run.host,
-                run.port,
-                timeout=timeout,
-                tls=run.tls,
-                ssl_context=context,
-                greeting_timeout=wait,
-            )
+            return POP3(run.host, run.port, tls="auto", greeting_timeout=wait, **given)
         except Timeout as exc:
             if exc.reason != "greeting":
                 raise
@@ -7112,7 +7090,7 @@ def _connect(run: _Run, context: ssl.SSLContext | None) -> POP3:
                 "implicit skips this wait; --tls starttls waits for a slow plaintext server)"
             )
             run.tls = "implicit"
-    return POP3(run.host, run.port, timeout=timeout, tls=run.tls, ssl_context=context)
+    return POP3(run.host, run.port, tls=run.tls, **given)
 
 
 def _oauth2_source(o: Any, secret: str | None) -> OAuth2:

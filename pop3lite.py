@@ -2046,20 +2046,16 @@ class _Transport:
                 # closed connection from a cut one (couriertls logs the latter as an error);
                 # after QUIT unwrap() waits for the server's own briefly, else not at all.
                 sock.settimeout(min(self.timeout, 1.0) if graceful else 0.0)
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     unwrap()
-                except (OSError, ValueError):
-                    pass
             sock.close()
 
     def abort(self, reason: str = "aborted by the client") -> None:
         """Shut the socket down first, so that a call blocked on it in another thread returns
         at once, then close it."""
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.close(reason)
 
     def fail(self, error: Error) -> NoReturn:
@@ -3531,13 +3527,10 @@ def _record_keys(sizes: dict[int, int], uids: UIDList | None) -> dict[int, str]:
 
 def _boot_time() -> float | None:
     """When the system started (Linux: btime in /proc/stat), or None where that is unknown."""
-    try:
-        with open("/proc/stat", "rb") as file:
-            for line in file.read(1 << 16).splitlines():
-                if line.startswith(b"btime "):
-                    return float(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/stat", "rb") as file:
+        for line in file.read(1 << 16).splitlines():
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
     return None
 
 
@@ -4067,9 +4060,7 @@ class Mbox(Destination):
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return f"process {pid} that made it no longer runs; {age:.0f} s old"
-            except PermissionError:
-                pass  # alive, another user's
-            except OSError:  # Windows: no such signal check
+            except OSError:  # PermissionError: alive, another user's; Windows: no such check
                 pass
             raise BlockingIOError(
                 f"{lock} is held by process {pid}, which is still running (lock {age:.0f} s "
@@ -4147,10 +4138,8 @@ class Mbox(Destination):
                 self._descriptor = -1
             if self._locked:
                 self._locked = False
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self.path}.lock")
-                except FileNotFoundError:
-                    pass
 
 
 def _from_line(header: bytes) -> bytes:
@@ -4196,10 +4185,8 @@ def _envelope(header: bytes) -> tuple[str, str]:
                 break
     parsed = parsedate_tz(fields.get("date", ""))
     if parsed is not None and 1970 <= parsed[0] <= 9999:  # asctime() and readers stop there
-        try:
+        with contextlib.suppress(OverflowError, ValueError):
             when = float(mktime_tz(parsed))
-        except (OverflowError, ValueError):
-            pass
     try:
         stamp = time.asctime(time.gmtime(when))
     except (OverflowError, ValueError, OSError):
@@ -4407,15 +4394,13 @@ def _server_identity(pop: POP3) -> str:
     if pop.loopback:
         return f"localhost:{pop.port}"
     name = pop.host.lower()
-    try:
+    with contextlib.suppress(OSError):
         for *_, canonical, _ in socket.getaddrinfo(
             pop.host, pop.port, type=socket.SOCK_STREAM, flags=socket.AI_CANONNAME
         ):
             if canonical:
                 name = canonical.lower()
                 break
-    except OSError:
-        pass
     return f"[{name}]:{pop.port}" if ":" in name else f"{name}:{pop.port}"
 
 
@@ -4615,11 +4600,9 @@ def _give_up(destination: Destination) -> None:
     records from it (recorded()); elsewhere, and when that fails, it is fetched again."""
     destination.abandon()
     if destination.records_in_place:
-        try:
+        with contextlib.suppress(OSError):
             destination.sync()
             destination.deliver()
-        except OSError:
-            pass
 
 
 # =============================================================================================
@@ -6320,10 +6303,8 @@ def _summaries(pop: POP3, sizes: dict[int, int], numbers: list[int]) -> list[_Su
     caps = pop.capa()
     uids: dict[int, str] = {}
     if numbers and (not caps or "UIDL" in caps):
-        try:
+        with contextlib.suppress(ServerError):  # no UIDL: the table has no UID column
             uids = pop.uidl()
-        except ServerError:
-            pass  # no UIDL: the table has no UID column
     headers: dict[int, bytes] = {}
     if numbers and (not caps or "TOP" in caps):
         try:  # one TOP first: a server without TOP then costs one -ERR, not one per message
@@ -6646,10 +6627,8 @@ def _retr_to_file(pop: POP3, number: int, path: str) -> int:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
     return written
 
@@ -6845,10 +6824,8 @@ class _Shell:
     def read(self) -> str | None:
         """The next command line, or None at the end of input."""
         if self.terminal:
-            try:
+            with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
             try:
                 line = input(_SHELL_PROMPT)
             except EOFError:
@@ -7217,12 +7194,10 @@ def _session(run: _Run) -> int:
 
 def _import_fakeserver() -> Any:
     """fakeserver.py from the import path, else from beside this file."""
-    try:
+    with contextlib.suppress(ImportError):
         import fakeserver
 
         return fakeserver
-    except ImportError:
-        pass
     import importlib.util
     import os
 
@@ -7349,12 +7324,11 @@ def _stdout_closed() -> int:
     that the interpreter's last flush has nowhere to fail."""
     import os
 
-    try:
+    # ValueError, AttributeError: not a real file (a test's StringIO)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # not a real file (a test's StringIO)
-        pass
     return _EXIT["PIPE"]
 
 

@@ -5008,14 +5008,12 @@ class OAuth2:
         if provider is not None and preset is None:
             raise ValueError(f"unknown OAuth2 provider {provider!r}; known: microsoft, google")
         given = {"token_url": token_url, "device_url": device_url, "auth_url": auth_url}
+        given.update(client_id=client_id, scope=scope)
         tenant = tenant or "common"
         config = {key: value.format(tenant=tenant) for key, value in (preset or {}).items()}
         config.update({key: value for key, value in given.items() if value})
         if provider or token_url:
             config["provider"] = provider or "custom"
-        for key, value in (("client_id", client_id), ("scope", scope)):
-            if value:
-                config[key] = value
         self._config = config
         self._secret = client_secret
         self._state: dict[str, Any] | None = None

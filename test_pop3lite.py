@@ -1433,12 +1433,18 @@ def test_untrusted_certificate_is_a_tls_error() -> None:
     assert commands == []
 
 
+def fake_server_context(tmp_path: Any) -> ssl.SSLContext:
+    """A server-side TLS context with the fake server's certificate, for scripted TLS peers."""
+    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(tmp_path / "server.pem"))
+    return context
+
+
 def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
     # RFC 8446 section 6.1. Courier's couriertls logged "Unexpected SSL connection shutdown"
     # after every pop3lite session (tools/interop.sh, C:courier-tls-closed-with-close_notify).
-    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(str(tmp_path / "server.pem"))
+    server_context = fake_server_context(tmp_path)
     ended: list[str] = []
 
     def script(peer: Peer) -> None:
@@ -1466,9 +1472,7 @@ def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
 def test_a_session_left_without_quit_still_ends_tls_with_close_notify(tmp_path: Any) -> None:
     # An exception in the with block closes without QUIT (nothing is committed), but the TLS
     # layer still ends cleanly: the server reads close_notify, not a cut connection.
-    (tmp_path / "server.pem").write_text(fakeserver.SERVER_CERT_PEM + fakeserver.SERVER_KEY_PEM)
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(str(tmp_path / "server.pem"))
+    server_context = fake_server_context(tmp_path)
     ended: list[object] = []
 
     def script(peer: Peer) -> None:

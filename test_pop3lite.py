@@ -1468,7 +1468,6 @@ def test_quit_ends_tls_with_close_notify(tmp_path: Any) -> None:
     assert ended == ["close_notify"]
 
 
-
 def test_a_session_left_without_quit_still_ends_tls_with_close_notify(tmp_path: Any) -> None:
     # An exception in the with block closes without QUIT (nothing is committed), but the TLS
     # layer still ends cleanly: the server reads close_notify, not a cut connection.
